@@ -1,0 +1,41 @@
+# Builds (or reuses) everything the end-to-end tests need and exports its
+# location in COCOON_* variables. Sourced by test.sh and demo.sh.
+
+ensure_packages build-essential qemu-system-x86 busybox-static jq
+
+log "==> guest kernel"
+COCOON_KERNEL=$(kernel-config/build.sh)
+export COCOON_KERNEL
+
+log "==> test init (static)"
+RUSTFLAGS="-C target-feature=+crt-static" \
+    cargo build --quiet --release -p cocoon-test-init --target x86_64-unknown-linux-gnu
+COCOON_TEST_INIT=$PWD/target/x86_64-unknown-linux-gnu/release/cocoon-test-init
+ldd "$COCOON_TEST_INIT" 2>&1 | grep -qE 'not a dynamic|statically linked' \
+    || die "$COCOON_TEST_INIT is not statically linked"
+export COCOON_TEST_INIT
+
+log "==> nested test host kernel (Debian cloud kernel)"
+COCOON_TESTHOST_KERNEL_DIR=$(tests/testhost/fetch-kernel.sh)
+COCOON_CLOUD_KERNEL=$(ls "$COCOON_TESTHOST_KERNEL_DIR"/boot/vmlinuz-*)
+export COCOON_TESTHOST_KERNEL_DIR COCOON_CLOUD_KERNEL
+
+# Builds the e2e test binary and prints its path.
+e2e_test_binary() {
+    cargo test --quiet -p cocoon-e2e --no-run --message-format=json 2>/dev/null \
+        | jq -r 'select(.reason == "compiler-artifact" and .profile.test == true and .target.kind == ["test"]) | .executable' \
+        | tail -n 1
+}
+
+# Runs the e2e test binary with the given arguments where real guests boot:
+# directly on a native KVM host, or inside the nested test host.
+run_e2e() {
+    local binary
+    binary=$(e2e_test_binary)
+    [ -x "$binary" ] || die "could not build the e2e tests"
+    cargo build --quiet -p cocoon-testbed
+    COCOON_E2E_REQUIRED=1 target/debug/cocoon-testbed run \
+        --with /usr/bin/qemu-system-x86_64 --with /usr/share/qemu --with /usr/share/seabios \
+        --with "$COCOON_KERNEL" --with "$COCOON_TEST_INIT" --with "$COCOON_CLOUD_KERNEL" \
+        -- "$binary" "$@"
+}

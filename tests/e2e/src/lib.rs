@@ -1,0 +1,81 @@
+//! Shared set-up for cocoon's end-to-end tests.
+//!
+//! Every test starts with [`require_kvm`]: where this machine's KVM cannot boot
+//! a real guest the test says so and skips — unless `COCOON_E2E_REQUIRED=1`
+//! (set by `make test`, which runs these tests through `cocoon-testbed`), in
+//! which case it fails. Artefacts built by the project's scripts arrive in
+//! environment variables and are checked by [`artifact`].
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use cocoon_testbed::initramfs::Initramfs;
+use cocoon_testbed::probe::{Mode, Probe, probe};
+
+/// Whether real guests can boot here; prints the reason once per process.
+pub fn require_kvm(test: &str) -> bool {
+    static PROBE: OnceLock<Probe> = OnceLock::new();
+    let probe = PROBE.get_or_init(|| {
+        let probe = probe();
+        eprintln!("cocoon-e2e: {probe}");
+        probe
+    });
+    if probe.mode == Mode::Native {
+        return true;
+    }
+    assert!(
+        std::env::var("COCOON_E2E_REQUIRED").as_deref() != Ok("1"),
+        "{test}: needs a KVM that boots Linux guests, but this is {probe}"
+    );
+    eprintln!(
+        "SKIPPED {test}: this machine cannot boot a Linux guest ({probe}); \
+         `make test` runs it inside the nested test host"
+    );
+    false
+}
+
+/// A file the test needs, named by an environment variable set by `make test`.
+pub fn artifact(variable: &str) -> PathBuf {
+    let path = std::env::var_os(variable).unwrap_or_else(|| {
+        panic!("{variable} is not set: run the tests with `make test`, which builds it")
+    });
+    let path = PathBuf::from(path);
+    assert!(
+        path.is_file(),
+        "{variable}={} does not exist; rebuild with `make test`",
+        path.display()
+    );
+    path
+}
+
+/// Writes an initramfs whose `/init` is `init` (a static program).
+pub fn initramfs_with_init(init: &Path, out: &Path) -> PathBuf {
+    let mut archive = Initramfs::create(out).expect("create initramfs");
+    archive.file("/init", init).expect("add /init");
+    archive
+        .char_device("/dev/console", 5, 1, 0o600)
+        .expect("add /dev/console");
+    archive.dir("/proc").expect("add /proc");
+    archive.finish().expect("write initramfs");
+    out.to_owned()
+}
+
+/// The QEMU processes that are children of this process.
+pub fn qemu_children() -> Vec<u32> {
+    let me = std::process::id().to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // "pid (comm) state ppid ...": comm may contain spaces, so split after ')'.
+            let Some((comm, rest)) = stat.split_once(") ") else {
+                return false;
+            };
+            comm.contains("qemu") && rest.split_whitespace().nth(1) == Some(me.as_str())
+        })
+        .collect()
+}

@@ -1,0 +1,133 @@
+//! Boots guest kernels under QEMU's `microvm` machine, before cocoon's own VMM
+//! takes over: proves our kernel config and the test bed.
+
+use std::time::Duration;
+
+use cocoon_e2e::{artifact, initramfs_with_init, qemu_children, require_kvm};
+use cocoon_testbed::ScratchDir;
+use cocoon_testbed::microvm::{MicrovmBoot, MicrovmError};
+
+const MARKER: &str = "COCOON-TEST-INIT: ready";
+const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
+
+fn boot(kernel_var: &str, vcpus: u32, memory_mib: u32, scratch: &ScratchDir) -> MicrovmBoot {
+    let initrd = initramfs_with_init(&artifact("COCOON_TEST_INIT"), &scratch.join("init.cpio"));
+    MicrovmBoot {
+        kernel: artifact(kernel_var),
+        initrd,
+        cmdline: CMDLINE.into(),
+        vcpus,
+        memory_mib,
+        marker: MARKER.into(),
+        // Generous: in nested mode a boot takes 80-90 s of wall time.
+        timeout: Duration::from_secs(300),
+    }
+}
+
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+/// Boots `kernel_var` `boots` times, checks each boot, prints the times.
+fn boots_to_marker(name: &str, kernel_var: &str, expect_release: &str, boots: usize) {
+    let scratch = ScratchDir::new("cocoon-e2e").unwrap();
+    let guest = boot(kernel_var, 1, 256, &scratch);
+    let mut samples = Vec::new();
+    for _ in 0..boots {
+        let report = guest.boot(scratch.path()).unwrap();
+        assert!(
+            report.status.success(),
+            "QEMU exited with {} after the guest rebooted",
+            report.status
+        );
+        assert!(
+            report
+                .marker_line
+                .contains(&format!("kernel={expect_release}")),
+            "marker came from an unexpected kernel: {}",
+            report.marker_line
+        );
+        println!(
+            "{name}: {} (marker after {:.3} s, QEMU exit after {:.3} s)",
+            report.marker_line,
+            report.to_marker.as_secs_f64(),
+            report.to_exit.as_secs_f64()
+        );
+        samples.push(report.to_marker);
+    }
+    println!(
+        "{name}: boot to marker, median of {boots}: {:.3} s",
+        median(samples).as_secs_f64()
+    );
+}
+
+#[test]
+fn our_kernel_boots_to_init_and_reboots_cleanly() {
+    if !require_kvm("our_kernel_boots_to_init_and_reboots_cleanly") {
+        return;
+    }
+    boots_to_marker("cocoon kernel", "COCOON_KERNEL", "6.12", 2);
+}
+
+#[test]
+fn debian_cloud_kernel_boots_to_init_for_comparison() {
+    if !require_kvm("debian_cloud_kernel_boots_to_init_for_comparison") {
+        return;
+    }
+    boots_to_marker("debian cloud kernel", "COCOON_CLOUD_KERNEL", "6.1", 1);
+}
+
+#[test]
+fn our_kernel_sees_every_vcpu_and_its_memory() {
+    if !require_kvm("our_kernel_sees_every_vcpu_and_its_memory") {
+        return;
+    }
+    let scratch = ScratchDir::new("cocoon-e2e").unwrap();
+    let report = boot("COCOON_KERNEL", 2, 512, &scratch)
+        .boot(scratch.path())
+        .unwrap();
+    let line = &report.marker_line;
+    assert!(line.contains("cpus=2 "), "guest saw: {line}");
+    let mem_mib: u32 = line
+        .rsplit_once("mem_mib=")
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no mem_mib in {line}"));
+    assert!(
+        (400..=512).contains(&mem_mib),
+        "guest of 512 MiB reports {mem_mib} MiB: {line}"
+    );
+}
+
+#[test]
+fn a_guest_that_never_reaches_the_marker_fails_and_leaves_no_qemu() {
+    if !require_kvm("a_guest_that_never_reaches_the_marker_fails_and_leaves_no_qemu") {
+        return;
+    }
+    let scratch = ScratchDir::new("cocoon-e2e").unwrap();
+    // No such init: the kernel panics and, with panic=0, waits forever.
+    let mut guest = boot("COCOON_KERNEL", 1, 128, &scratch);
+    guest.cmdline = "console=ttyS0 rdinit=/no-such-init panic=0".into();
+    guest.timeout = Duration::from_secs(200);
+    match guest.boot(scratch.path()) {
+        Err(MicrovmError::NoMarker { console, .. }) => {
+            assert!(
+                console.contains("Kernel panic"),
+                "expected a kernel panic on the console, got:\n{console}"
+            );
+        }
+        other => panic!("expected NoMarker, got {other:?}"),
+    }
+    assert_eq!(qemu_children(), Vec::<u32>::new(), "QEMU left running");
+
+    // A guest that boots but never prints the expected marker also fails.
+    let mut guest = boot("COCOON_KERNEL", 1, 128, &scratch);
+    guest.marker = "A MARKER NOBODY PRINTS".into();
+    match guest.boot(scratch.path()) {
+        Err(MicrovmError::ExitedEarly { console, .. }) => {
+            assert!(console.contains(MARKER), "the guest did boot: {console}");
+        }
+        other => panic!("expected ExitedEarly, got {other:?}"),
+    }
+    assert_eq!(qemu_children(), Vec::<u32>::new(), "QEMU left running");
+}

@@ -1,0 +1,32 @@
+//! cocoon's test bed: the machinery that lets end-to-end tests boot real
+//! guests on any x86_64 Linux machine.
+//!
+//! - [`probe`] decides the mode: *native* when this machine's `/dev/kvm` runs
+//!   guests on the CPU, *nested* otherwise.
+//! - [`nested`] boots the nested test host (QEMU TCG + Debian's cloud kernel
+//!   with `kvm-amd`) and runs a command inside it, reporting its output and
+//!   exit code back; the `cocoon-testbed` binary wraps both.
+//! - [`microvm`], [`initramfs`], [`child`], [`scratch`], [`serial`] are the
+//!   pieces tests use to boot guests and leave nothing behind.
+
+pub mod child;
+pub mod initramfs;
+pub mod microvm;
+pub mod nested;
+pub mod probe;
+pub mod scratch;
+pub mod serial;
+pub mod tiny_guest;
+
+pub use scratch::ScratchDir;
+
+/// Formats an error with all its sources: `outer: inner: innermost`.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text += &format!(": {e}");
+        source = e.source();
+    }
+    text
+}

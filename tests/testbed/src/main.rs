@@ -1,0 +1,151 @@
+//! `cocoon-testbed`: runs a command where KVM can boot real guests.
+//!
+//! ```text
+//! cocoon-testbed probe
+//! cocoon-testbed run [--host-kernel DIR] [--with PATH]... -- COMMAND [ARGS]...
+//! ```
+//!
+//! In native mode the command runs directly. In nested mode it runs inside a
+//! test host booted for this one invocation; its output streams back and its
+//! exit code becomes ours. Ctrl-C or SIGTERM stops the host and removes every
+//! file made for it.
+
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use cocoon_testbed::child::ChildGuard;
+use cocoon_testbed::nested::{HostKernel, NestedError, NestedRun};
+use cocoon_testbed::probe::{Mode, probe};
+
+#[derive(Parser)]
+#[command(about = "Run cocoon's end-to-end tests where KVM can boot a real guest")]
+struct Cli {
+    #[command(subcommand)]
+    command: Verb,
+}
+
+#[derive(Subcommand)]
+enum Verb {
+    /// Say whether this machine runs guests natively or needs the nested test host.
+    Probe,
+    /// Run COMMAND natively, or inside the nested test host.
+    Run {
+        /// Extracted Debian cloud kernel package (tests/testhost/fetch-kernel.sh prints it).
+        #[arg(long, env = "COCOON_TESTHOST_KERNEL_DIR")]
+        host_kernel: Option<PathBuf>,
+        /// A file, program or directory the command needs inside the test host (repeatable).
+        #[arg(long = "with")]
+        with: Vec<PathBuf>,
+        /// vCPUs of the test host.
+        #[arg(long, default_value_t = 2)]
+        cpus: u32,
+        /// Memory of the test host, MiB.
+        #[arg(long, default_value_t = 6144)]
+        memory_mib: u32,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 2400)]
+        timeout_secs: u64,
+        #[arg(trailing_var_arg = true, required = true)]
+        command: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("cocoon-testbed: error: {e:#}");
+            ExitCode::from(125)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        signal_hook::flag::register(signal, Arc::clone(&stop))
+            .context("cannot install signal handlers")?;
+    }
+    let probe = probe();
+    eprintln!("cocoon-testbed: {probe}");
+    let Verb::Run {
+        host_kernel,
+        with,
+        cpus,
+        memory_mib,
+        timeout_secs,
+        command,
+    } = cli.command
+    else {
+        return Ok(ExitCode::SUCCESS);
+    };
+
+    if probe.mode == Mode::Native {
+        let mut child = ChildGuard::spawn(Command::new(&command[0]).args(&command[1..]))
+            .with_context(|| format!("cannot run {}", command[0]))?;
+        loop {
+            if let Some(status) = child.wait_timeout(Duration::from_millis(100))? {
+                return Ok(exit_code(status.code().unwrap_or(128)));
+            }
+            if stop.load(Ordering::Relaxed) {
+                child.kill()?;
+                return Ok(ExitCode::from(130));
+            }
+        }
+    }
+
+    let Some(dir) = host_kernel else {
+        bail!(
+            "nested mode needs Debian's cloud kernel: pass --host-kernel DIR \
+             (tests/testhost/fetch-kernel.sh downloads and prints it)"
+        );
+    };
+    let kernel = HostKernel::from_dir(&dir)?;
+    eprintln!(
+        "cocoon-testbed: booting the nested test host: QEMU TCG -cpu max, {cpus} vCPUs, \
+         {memory_mib} MiB, Debian kernel {}",
+        kernel.release
+    );
+    let env = std::env::vars()
+        .filter(|(k, _)| k.starts_with("COCOON_") || k.starts_with("RUST_") || k == "CI")
+        .filter(|(k, _)| k != "COCOON_TESTBED_MODE" && k != "COCOON_TESTHOST_KERNEL_DIR")
+        .collect();
+    let nested = NestedRun {
+        kernel: &kernel,
+        command,
+        with,
+        env,
+        cwd: std::env::current_dir().unwrap_or_else(|_| "/".into()),
+        cpus,
+        memory_mib,
+        timeout: Duration::from_secs(timeout_secs),
+        stop: &stop,
+    };
+    match nested.run() {
+        Ok(outcome) => {
+            eprintln!(
+                "cocoon-testbed: test host booted in {:.1} s (initramfs {} MiB); \
+                 command exited {} after {:.1} s in all",
+                outcome.boot_time.as_secs_f64(),
+                outcome.initramfs_bytes >> 20,
+                outcome.exit_code,
+                outcome.total_time.as_secs_f64()
+            );
+            Ok(exit_code(outcome.exit_code))
+        }
+        Err(NestedError::Interrupted) => {
+            eprintln!("cocoon-testbed: interrupted; test host stopped and cleaned up");
+            Ok(ExitCode::from(130))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn exit_code(code: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}

@@ -1,0 +1,133 @@
+//! Boots a kernel and initramfs under QEMU's `microvm` machine on this
+//! machine's KVM and waits for a marker line on the serial console.
+//!
+//! This is the peer our own VMM is measured against, and, before our VMM
+//! existed, the way to prove the guest kernel and the harness.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+use std::{fs, io, thread};
+
+use crate::child::ChildGuard;
+use crate::serial::SerialLog;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MicrovmError {
+    #[error("cannot start qemu-system-x86_64 (install Debian's qemu-system-x86)")]
+    Spawn(#[source] io::Error),
+    #[error("i/o error while watching the guest")]
+    Io(#[source] io::Error),
+    #[error("the guest did not print {marker:?} within {timeout:?}; console:\n{console}")]
+    NoMarker {
+        marker: String,
+        timeout: Duration,
+        console: String,
+    },
+    #[error("QEMU exited ({status}) before the guest printed {marker:?}; console:\n{console}")]
+    ExitedEarly {
+        marker: String,
+        status: String,
+        console: String,
+    },
+    #[error("the guest printed its marker but did not shut down within {0:?}")]
+    NoShutdown(Duration),
+}
+
+/// A guest to boot.
+#[derive(Debug, Clone)]
+pub struct MicrovmBoot {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub cmdline: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// The line the guest prints when it has booted.
+    pub marker: String,
+    /// Limit for reaching the marker, and again for shutting down after it.
+    pub timeout: Duration,
+}
+
+/// What one boot showed.
+#[derive(Debug)]
+pub struct BootReport {
+    /// The whole console line that contained the marker.
+    pub marker_line: String,
+    /// From QEMU's spawn to the marker appearing on the console.
+    pub to_marker: Duration,
+    /// From QEMU's spawn to its exit.
+    pub to_exit: Duration,
+    pub status: ExitStatus,
+    pub console: String,
+}
+
+impl MicrovmBoot {
+    /// Boots once; `scratch` holds the console log. QEMU never outlives this.
+    pub fn boot(&self, scratch: &Path) -> Result<BootReport, MicrovmError> {
+        let console_path = scratch.join("microvm-console.log");
+        let _ = fs::remove_file(&console_path);
+        let mut qemu = Command::new("qemu-system-x86_64");
+        qemu.args(["-M", "microvm,rtc=off", "-accel", "kvm", "-cpu", "host"])
+            .args([
+                "-smp",
+                &self.vcpus.to_string(),
+                "-m",
+                &self.memory_mib.to_string(),
+            ])
+            .args([
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+                "-no-reboot",
+            ])
+            .arg("-kernel")
+            .arg(&self.kernel)
+            .arg("-initrd")
+            .arg(&self.initrd)
+            .args(["-append", &self.cmdline])
+            .arg("-serial")
+            .arg(format!("file:{}", console_path.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let start = Instant::now();
+        let mut qemu = ChildGuard::spawn(&mut qemu).map_err(MicrovmError::Spawn)?;
+        let mut console = SerialLog::new(&console_path);
+        let (marker_line, to_marker) = loop {
+            console.poll().map_err(MicrovmError::Io)?;
+            if let Some(line) = console.line_with(&self.marker) {
+                break (line, start.elapsed());
+            }
+            if let Some(status) = qemu.try_wait().map_err(MicrovmError::Io)? {
+                console.poll().map_err(MicrovmError::Io)?;
+                return Err(MicrovmError::ExitedEarly {
+                    marker: self.marker.clone(),
+                    status: status.to_string(),
+                    console: console.text(),
+                });
+            }
+            if start.elapsed() > self.timeout {
+                return Err(MicrovmError::NoMarker {
+                    marker: self.marker.clone(),
+                    timeout: self.timeout,
+                    console: console.text(),
+                });
+            }
+            thread::sleep(Duration::from_millis(2));
+        };
+        let status = qemu
+            .wait_timeout(self.timeout)
+            .map_err(MicrovmError::Io)?
+            .ok_or(MicrovmError::NoShutdown(self.timeout))?;
+        let to_exit = start.elapsed();
+        console.poll().map_err(MicrovmError::Io)?;
+        Ok(BootReport {
+            marker_line,
+            to_marker,
+            to_exit,
+            status,
+            console: console.text(),
+        })
+    }
+}

@@ -1,0 +1,379 @@
+//! The nested test host: a QEMU TCG machine with `-cpu max` (which exposes AMD
+//! SVM with nested paging) running Debian's cloud kernel with `kvm-amd`, so a
+//! working `/dev/kvm` exists inside it even where the outer machine has none.
+//!
+//! Everything the command needs travels in the host's initramfs at its own
+//! absolute path (programs with their shared libraries), so the very same test
+//! binary runs inside unchanged:
+//!
+//! ```text
+//!  outer test-bed                         test host (QEMU TCG, cloud kernel)
+//!  ─────────────────                      ──────────────────────────────────
+//!  initramfs: busybox, kvm modules,  ──▶  /init: mount, insmod irqbypass kvm kvm-amd
+//!    the command, --with paths             run.sh: env, cwd, the command
+//!  ttyS0 → console.log (kernel)            kernel messages
+//!  ttyS1 → output.log, echoed live   ◀──   command stdout+stderr,
+//!                                          "COCOON-TESTBED-EXIT <code>", poweroff
+//! ```
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use std::{fs, io, thread};
+
+use crate::child::ChildGuard;
+use crate::initramfs::{Initramfs, InitramfsError};
+use crate::scratch::ScratchDir;
+use crate::serial::SerialLog;
+
+/// Printed by the test host's init when it is about to run the command.
+pub const READY_MARKER: &str = "COCOON-TESTBED-READY";
+/// Printed by the test host's init with the command's exit code.
+pub const EXIT_MARKER: &str = "COCOON-TESTBED-EXIT";
+/// The kernel modules that give the test host its `/dev/kvm`, in load order.
+const KVM_MODULES: [&str; 3] = ["irqbypass", "kvm", "kvm-amd"];
+const BUSYBOX: &str = "/bin/busybox";
+
+#[derive(Debug, thiserror::Error)]
+pub enum NestedError {
+    #[error("test host kernel: {0}")]
+    HostKernel(String),
+    #[error("cannot build the test host's initramfs")]
+    Initramfs(#[source] InitramfsError),
+    #[error("cannot start qemu-system-x86_64 (install Debian's qemu-system-x86)")]
+    Spawn(#[source] io::Error),
+    #[error("i/o error while running the test host")]
+    Io(#[source] io::Error),
+    #[error(
+        "the test host stopped ({status}) before the command finished; last console lines:\n{console}"
+    )]
+    HostDied { status: String, console: String },
+    #[error("the command did not finish within {timeout:?}; last console lines:\n{console}")]
+    Timeout { timeout: Duration, console: String },
+    #[error("interrupted")]
+    Interrupted,
+}
+
+/// Debian's cloud kernel and the KVM modules from its package.
+#[derive(Debug, Clone)]
+pub struct HostKernel {
+    pub vmlinuz: PathBuf,
+    pub modules: Vec<PathBuf>,
+    pub release: String,
+}
+
+impl HostKernel {
+    /// Finds the kernel in an extracted `linux-image-*-cloud-amd64` package
+    /// (the directory `tests/testhost/fetch-kernel.sh` prints).
+    pub fn from_dir(dir: &Path) -> Result<Self, NestedError> {
+        let missing = |what: String| {
+            NestedError::HostKernel(format!(
+                "{what} not found under {} (run tests/testhost/fetch-kernel.sh)",
+                dir.display()
+            ))
+        };
+        let vmlinuz = fs::read_dir(dir.join("boot"))
+            .map_err(|_| missing("boot/".into()))?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+            })
+            .ok_or_else(|| missing("boot/vmlinuz-*".into()))?;
+        let release = vmlinuz
+            .file_name()
+            .map(|n| {
+                n.to_string_lossy()
+                    .trim_start_matches("vmlinuz-")
+                    .to_owned()
+            })
+            .unwrap_or_default();
+        let module_dir = dir.join("lib/modules").join(&release).join("kernel");
+        let module_paths = [
+            "virt/lib/irqbypass.ko",
+            "arch/x86/kvm/kvm.ko",
+            "arch/x86/kvm/kvm-amd.ko",
+        ];
+        let modules = module_paths
+            .iter()
+            .map(|p| module_dir.join(p))
+            .map(|p| {
+                if p.exists() {
+                    Ok(p)
+                } else {
+                    Err(missing(p.display().to_string()))
+                }
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            vmlinuz,
+            modules,
+            release,
+        })
+    }
+}
+
+/// One command run inside a freshly booted test host.
+#[derive(Debug)]
+pub struct NestedRun<'a> {
+    pub kernel: &'a HostKernel,
+    /// The program and its arguments, as on the outer machine.
+    pub command: Vec<String>,
+    /// More host paths the command needs (programs, files, trees).
+    pub with: Vec<PathBuf>,
+    /// Environment for the command inside.
+    pub env: Vec<(String, String)>,
+    pub cwd: PathBuf,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    pub timeout: Duration,
+    /// Set from a signal handler to stop early; QEMU is killed, files removed.
+    pub stop: &'a AtomicBool,
+}
+
+/// What happened inside.
+#[derive(Debug)]
+pub struct NestedOutcome {
+    pub exit_code: i32,
+    pub initramfs_bytes: u64,
+    /// From QEMU's start until the host's init was about to run the command.
+    pub boot_time: Duration,
+    /// From QEMU's start until the command's exit was reported.
+    pub total_time: Duration,
+}
+
+impl NestedRun<'_> {
+    /// Boots the test host, runs the command there echoing its output to our
+    /// stdout, and returns its exit code. QEMU and every file made for the run
+    /// are gone when this returns, whatever the outcome.
+    pub fn run(&self) -> Result<NestedOutcome, NestedError> {
+        let scratch = ScratchDir::new("cocoon-testbed").map_err(NestedError::Io)?;
+        let initrd = scratch.join("testhost.cpio");
+        let initramfs_bytes = self.build_initramfs(&initrd)?;
+
+        let mut qemu = Command::new("qemu-system-x86_64");
+        qemu.args(["-accel", "tcg,thread=multi", "-cpu", "max"])
+            .args([
+                "-smp",
+                &self.cpus.to_string(),
+                "-m",
+                &self.memory_mib.to_string(),
+            ])
+            .args([
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+                "-no-reboot",
+            ])
+            .arg("-kernel")
+            .arg(&self.kernel.vmlinuz)
+            .arg("-initrd")
+            .arg(&initrd)
+            .args(["-append", "console=ttyS0 panic=-1 mitigations=off"])
+            .arg("-serial")
+            .arg(format!("file:{}", scratch.join("console.log").display()))
+            .arg("-serial")
+            .arg(format!("file:{}", scratch.join("output.log").display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(scratch.join("qemu.log")).map_err(NestedError::Io)?);
+        let start = Instant::now();
+        let mut qemu = ChildGuard::spawn(&mut qemu).map_err(NestedError::Spawn)?;
+
+        let mut console = SerialLog::new(&scratch.join("console.log"));
+        let mut output = SerialLog::new(&scratch.join("output.log"));
+        let mut boot_time = None;
+        let stdout = io::stdout();
+        loop {
+            let fresh = output.poll().map_err(NestedError::Io)?;
+            if !fresh.is_empty() {
+                let mut out = stdout.lock();
+                out.write_all(fresh).map_err(NestedError::Io)?;
+                out.flush().map_err(NestedError::Io)?;
+            }
+            if boot_time.is_none() && output.line_with(READY_MARKER).is_some() {
+                boot_time = Some(start.elapsed());
+            }
+            if let Some(code) = exit_code(&output) {
+                let total_time = start.elapsed();
+                // The host powers itself off; give it a moment, then force it.
+                if qemu
+                    .wait_timeout(Duration::from_secs(30))
+                    .map_err(NestedError::Io)?
+                    .is_none()
+                {
+                    qemu.kill().map_err(NestedError::Io)?;
+                }
+                return Ok(NestedOutcome {
+                    exit_code: code,
+                    initramfs_bytes,
+                    boot_time: boot_time.unwrap_or(total_time),
+                    total_time,
+                });
+            }
+            if let Some(status) = qemu.try_wait().map_err(NestedError::Io)? {
+                // Read what arrived between the last poll and the exit.
+                output.poll().map_err(NestedError::Io)?;
+                if let Some(code) = exit_code(&output) {
+                    return Ok(NestedOutcome {
+                        exit_code: code,
+                        initramfs_bytes,
+                        boot_time: boot_time.unwrap_or(start.elapsed()),
+                        total_time: start.elapsed(),
+                    });
+                }
+                console.poll().map_err(NestedError::Io)?;
+                let qemu_log = fs::read_to_string(scratch.join("qemu.log")).unwrap_or_default();
+                return Err(NestedError::HostDied {
+                    status: status.to_string(),
+                    console: format!("{}\n{}", console.tail(40), qemu_log.trim()),
+                });
+            }
+            if self.stop.load(Ordering::Relaxed) {
+                return Err(NestedError::Interrupted);
+            }
+            if start.elapsed() > self.timeout {
+                console.poll().map_err(NestedError::Io)?;
+                return Err(NestedError::Timeout {
+                    timeout: self.timeout,
+                    console: console.tail(40),
+                });
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn build_initramfs(&self, path: &Path) -> Result<u64, NestedError> {
+        let mut archive = Initramfs::create(path).map_err(NestedError::Initramfs)?;
+        let add = |archive: &mut Initramfs, path: &Path| {
+            archive.add_path(path).map_err(NestedError::Initramfs)
+        };
+        add(&mut archive, Path::new(BUSYBOX))?;
+        for (name, module) in KVM_MODULES.iter().zip(&self.kernel.modules) {
+            archive
+                .file(&format!("/lib/testbed/{name}.ko"), module)
+                .map_err(NestedError::Initramfs)?;
+        }
+        let program = resolve_program(&self.command[0])?;
+        add(&mut archive, &program)?;
+        for path in &self.with {
+            add(&mut archive, path)?;
+        }
+        archive
+            .bytes("/init", init_script().as_bytes(), 0o755)
+            .map_err(NestedError::Initramfs)?;
+        let mut command = self.command.clone();
+        command[0] = program.to_string_lossy().into_owned();
+        archive
+            .bytes(
+                "/testbed/run.sh",
+                run_script(&self.env, &self.cwd, &command).as_bytes(),
+                0o755,
+            )
+            .map_err(NestedError::Initramfs)?;
+        archive.finish().map_err(NestedError::Initramfs)
+    }
+}
+
+/// The exit code from the host's `COCOON-TESTBED-EXIT <code>` line, if seen.
+fn exit_code(output: &SerialLog) -> Option<i32> {
+    let line = output.line_with(EXIT_MARKER)?;
+    line.split_whitespace().last()?.parse().ok()
+}
+
+fn resolve_program(name: &str) -> Result<PathBuf, NestedError> {
+    let candidate = Path::new(name);
+    if candidate.components().count() > 1 {
+        return candidate
+            .canonicalize()
+            .map_err(|e| NestedError::HostKernel(format!("command {name}: {e}")));
+    }
+    std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .map(|dir| Path::new(dir).join(name))
+        .find(|p| p.is_file())
+        .ok_or_else(|| NestedError::HostKernel(format!("command {name} not found in PATH")))
+}
+
+/// Single-quotes a word for the POSIX shell.
+fn shell_quote(word: &str) -> String {
+    format!("'{}'", word.replace('\'', r"'\''"))
+}
+
+fn run_script(env: &[(String, String)], cwd: &Path, command: &[String]) -> String {
+    let mut script = String::from("#!/bin/sh\n");
+    for (key, value) in env {
+        script += &format!("export {key}={}\n", shell_quote(value));
+    }
+    let cwd = shell_quote(&cwd.to_string_lossy());
+    script += &format!("mkdir -p {cwd} && cd {cwd}\n");
+    let words: Vec<String> = command.iter().map(|w| shell_quote(w)).collect();
+    script += &format!("exec {}\n", words.join(" "));
+    script
+}
+
+fn init_script() -> String {
+    let modules: Vec<String> = KVM_MODULES
+        .iter()
+        .map(|m| format!("/lib/testbed/{m}.ko"))
+        .collect();
+    format!(
+        r#"#!/bin/busybox sh
+/bin/busybox mkdir -p /bin /sbin /usr/bin /usr/sbin /proc /sys /dev /tmp /run /root
+/bin/busybox --install -s
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts /dev/shm
+mount -t devpts devpts /dev/pts
+mount -t tmpfs tmpfs /dev/shm
+mount -t tmpfs tmpfs /run
+mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null
+# /tmp stays on the initramfs (a tmpfs itself), so --with paths under /tmp are visible.
+ip link set lo up 2>/dev/null
+out=/dev/ttyS1
+stty -F $out raw -echo
+for m in {modules}; do
+    insmod $m || echo "testbed: insmod $m failed" > $out
+done
+[ -c /dev/kvm ] || echo "testbed: the test host has no /dev/kvm" > $out
+echo "{READY_MARKER} kernel $(uname -r), $(nproc) vCPUs" > $out
+HOME=/root PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin TMPDIR=/tmp \
+    /bin/sh /testbed/run.sh > $out 2>&1 < /dev/null
+echo "{EXIT_MARKER} $?" > $out
+sync
+poweroff -f
+"#,
+        modules = modules.join(" ")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_script_quotes_everything() {
+        let script = run_script(
+            &[("COCOON_X".into(), "it's".into())],
+            Path::new("/work/a b"),
+            &["/bin/echo".into(), "$HOME".into()],
+        );
+        assert!(script.contains("export COCOON_X='it'\\''s'\n"));
+        assert!(script.contains("cd '/work/a b'\n"));
+        assert!(script.ends_with("exec '/bin/echo' '$HOME'\n"));
+    }
+
+    #[test]
+    fn init_loads_kvm_modules_in_dependency_order() {
+        let init = init_script();
+        let at = |m: &str| init.find(&format!("/lib/testbed/{m}.ko")).unwrap();
+        assert!(at("irqbypass") < at("kvm") && at("kvm") < at("kvm-amd"));
+        assert!(init.contains(EXIT_MARKER));
+    }
+}

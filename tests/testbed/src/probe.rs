@@ -1,0 +1,107 @@
+//! Decides where guests can boot: on this machine's KVM (native mode) or only
+//! inside a nested test host under QEMU TCG (nested mode).
+//!
+//! The decision is made by behaviour, not by name: a tiny long-mode guest
+//! ([`crate::tiny_guest`]) must finish a 1,000,000-iteration loop within
+//! [`NATIVE_LOOP_LIMIT`]. Hardware virtualization does it in about a
+//! millisecond (11 ms inside the nested test host); an instruction-emulating
+//! KVM such as the paravirtual `kvm_pvm` takes seconds, and a real Linux guest
+//! fails there. The presence of `kvm_pvm` is reported alongside, as a hint.
+//!
+//! `COCOON_TESTBED_MODE=native|nested` overrides the probe.
+
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::tiny_guest;
+
+/// Loop iterations the tiny guest runs.
+pub const LOOP_ITERATIONS: u32 = 1_000_000;
+/// A loop slower than this means the guest's instructions are emulated.
+pub const NATIVE_LOOP_LIMIT: Duration = Duration::from_millis(500);
+/// How long the probe waits for the tiny guest before giving up on it.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where the end-to-end tests can boot a real guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// This machine's `/dev/kvm` runs guests on the CPU.
+    Native,
+    /// It does not; guests boot inside a nested test host.
+    Nested,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Native => "native",
+            Mode::Nested => "nested",
+        })
+    }
+}
+
+/// The probe's verdict and the evidence for it.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    pub mode: Mode,
+    pub reason: String,
+}
+
+impl fmt::Display for Probe {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} mode: {}", self.mode, self.reason)
+    }
+}
+
+/// Probes this machine.
+pub fn probe() -> Probe {
+    if let Ok(forced) = std::env::var("COCOON_TESTBED_MODE") {
+        let mode = match forced.as_str() {
+            "native" => Some(Mode::Native),
+            "nested" => Some(Mode::Nested),
+            _ => None,
+        };
+        if let Some(mode) = mode {
+            return Probe {
+                mode,
+                reason: "forced by COCOON_TESTBED_MODE".into(),
+            };
+        }
+    }
+    let pvm_hint = if Path::new("/sys/module/kvm_pvm").exists() {
+        " (the kvm_pvm module is loaded: a paravirtual KVM)"
+    } else {
+        ""
+    };
+    if !Path::new("/dev/kvm").exists() {
+        return Probe {
+            mode: Mode::Nested,
+            reason: "there is no /dev/kvm".into(),
+        };
+    }
+    match tiny_guest::time_loop(LOOP_ITERATIONS, PROBE_TIMEOUT) {
+        Ok(elapsed) if elapsed <= NATIVE_LOOP_LIMIT => Probe {
+            mode: Mode::Native,
+            reason: format!(
+                "a KVM guest ran a {LOOP_ITERATIONS}-iteration loop in {elapsed:.1?} \
+                 (hardware virtualization){pvm_hint}"
+            ),
+        },
+        Ok(elapsed) => Probe {
+            mode: Mode::Nested,
+            reason: format!(
+                "a KVM guest needed {elapsed:.1?} for a {LOOP_ITERATIONS}-iteration loop \
+                 (hardware does it in ~1 ms): /dev/kvm emulates guest instructions \
+                 and cannot boot Linux{pvm_hint}"
+            ),
+        },
+        Err(e) => Probe {
+            mode: Mode::Nested,
+            reason: format!(
+                "/dev/kvm could not run a tiny long-mode guest: {}{pvm_hint}",
+                crate::error_chain(&e)
+            ),
+        },
+    }
+}
