@@ -2,7 +2,7 @@
 //!
 //! It proves a guest kernel reached user space: it mounts `/proc`, prints one
 //! marker line with what it sees (uptime, kernel release, CPUs, memory) on the
-//! console, and reboots the VM, which with `reboot=k` and `-no-reboot` ends
+//! console, and reboots the VM, which with `-no-reboot` (QEMU) or our VMM ends
 //! the VMM with status 0. Linked statically (`-C target-feature=+crt-static`)
 //! so the initramfs needs nothing else.
 

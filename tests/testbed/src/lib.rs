@@ -14,6 +14,7 @@ pub mod initramfs;
 pub mod microvm;
 pub mod nested;
 pub mod probe;
+pub mod qemu;
 pub mod scratch;
 pub mod serial;
 pub mod tiny_guest;

@@ -5,11 +5,12 @@
 //! existed, the way to prove the guest kernel and the harness.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 use std::{fs, io, thread};
 
 use crate::child::ChildGuard;
+use crate::qemu::DirectBoot;
 use crate::serial::SerialLog;
 
 #[derive(Debug, thiserror::Error)]
@@ -66,31 +67,17 @@ impl MicrovmBoot {
     pub fn boot(&self, scratch: &Path) -> Result<BootReport, MicrovmError> {
         let console_path = scratch.join("microvm-console.log");
         let _ = fs::remove_file(&console_path);
-        let mut qemu = Command::new("qemu-system-x86_64");
-        qemu.args(["-M", "microvm,rtc=off", "-accel", "kvm", "-cpu", "host"])
-            .args([
-                "-smp",
-                &self.vcpus.to_string(),
-                "-m",
-                &self.memory_mib.to_string(),
-            ])
-            .args([
-                "-nodefaults",
-                "-no-user-config",
-                "-display",
-                "none",
-                "-no-reboot",
-            ])
-            .arg("-kernel")
-            .arg(&self.kernel)
-            .arg("-initrd")
-            .arg(&self.initrd)
-            .args(["-append", &self.cmdline])
-            .arg("-serial")
-            .arg(format!("file:{}", console_path.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        let mut qemu = DirectBoot {
+            machine: &["-M", "microvm,rtc=off", "-accel", "kvm", "-cpu", "host"],
+            cpus: self.vcpus,
+            memory_mib: self.memory_mib,
+            kernel: &self.kernel,
+            initrd: &self.initrd,
+            cmdline: &self.cmdline,
+            serial_logs: &[&console_path],
+        }
+        .command();
+        qemu.stderr(Stdio::piped());
         let start = Instant::now();
         let mut qemu = ChildGuard::spawn(&mut qemu).map_err(MicrovmError::Spawn)?;
         let mut console = SerialLog::new(&console_path);

@@ -18,13 +18,13 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use std::{fs, io, thread};
 
 use crate::child::ChildGuard;
 use crate::initramfs::{Initramfs, InitramfsError};
+use crate::qemu::DirectBoot;
 use crate::scratch::ScratchDir;
 use crate::serial::SerialLog;
 
@@ -154,38 +154,24 @@ impl NestedRun<'_> {
         let initrd = scratch.join("testhost.cpio");
         let initramfs_bytes = self.build_initramfs(&initrd)?;
 
-        let mut qemu = Command::new("qemu-system-x86_64");
-        qemu.args(["-accel", "tcg,thread=multi", "-cpu", "max"])
-            .args([
-                "-smp",
-                &self.cpus.to_string(),
-                "-m",
-                &self.memory_mib.to_string(),
-            ])
-            .args([
-                "-nodefaults",
-                "-no-user-config",
-                "-display",
-                "none",
-                "-no-reboot",
-            ])
-            .arg("-kernel")
-            .arg(&self.kernel.vmlinuz)
-            .arg("-initrd")
-            .arg(&initrd)
-            .args(["-append", "console=ttyS0 panic=-1 mitigations=off"])
-            .arg("-serial")
-            .arg(format!("file:{}", scratch.join("console.log").display()))
-            .arg("-serial")
-            .arg(format!("file:{}", scratch.join("output.log").display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(scratch.join("qemu.log")).map_err(NestedError::Io)?);
+        let console_log = scratch.join("console.log");
+        let output_log = scratch.join("output.log");
+        let mut qemu = DirectBoot {
+            machine: &["-accel", "tcg,thread=multi", "-cpu", "max"],
+            cpus: self.cpus,
+            memory_mib: self.memory_mib,
+            kernel: &self.kernel.vmlinuz,
+            initrd: &initrd,
+            cmdline: "console=ttyS0 panic=-1 mitigations=off",
+            serial_logs: &[&console_log, &output_log],
+        }
+        .command();
+        qemu.stderr(fs::File::create(scratch.join("qemu.log")).map_err(NestedError::Io)?);
         let start = Instant::now();
         let mut qemu = ChildGuard::spawn(&mut qemu).map_err(NestedError::Spawn)?;
 
-        let mut console = SerialLog::new(&scratch.join("console.log"));
-        let mut output = SerialLog::new(&scratch.join("output.log"));
+        let mut console = SerialLog::new(&console_log);
+        let mut output = SerialLog::new(&output_log);
         let mut boot_time = None;
         let stdout = io::stdout();
         loop {
