@@ -10,6 +10,7 @@
 //! exit code becomes ours. Ctrl-C or SIGTERM stops the host and removes every
 //! file made for it.
 
+use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 use std::sync::Arc;
@@ -90,7 +91,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("cannot run {}", command[0]))?;
         loop {
             if let Some(status) = child.wait_timeout(Duration::from_millis(100))? {
-                return Ok(exit_code(status.code().unwrap_or(128)));
+                // A command killed by a signal exits 128 + signal, as in a shell.
+                let code = status.code().or(status.signal().map(|s| 128 + s));
+                return Ok(exit_code(code.unwrap_or(1)));
             }
             if stop.load(Ordering::Relaxed) {
                 child.kill()?;

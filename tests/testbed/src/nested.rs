@@ -40,6 +40,8 @@ const BUSYBOX: &str = "/bin/busybox";
 pub enum NestedError {
     #[error("test host kernel: {0}")]
     HostKernel(String),
+    #[error("command: {0}")]
+    Command(String),
     #[error("cannot build the test host's initramfs")]
     Initramfs(#[source] InitramfsError),
     #[error("cannot start qemu-system-x86_64 (install Debian's qemu-system-x86)")]
@@ -276,14 +278,14 @@ fn resolve_program(name: &str) -> Result<PathBuf, NestedError> {
     if candidate.components().count() > 1 {
         return candidate
             .canonicalize()
-            .map_err(|e| NestedError::HostKernel(format!("command {name}: {e}")));
+            .map_err(|e| NestedError::Command(format!("{name}: {e}")));
     }
     std::env::var("PATH")
         .unwrap_or_default()
         .split(':')
         .map(|dir| Path::new(dir).join(name))
         .find(|p| p.is_file())
-        .ok_or_else(|| NestedError::HostKernel(format!("command {name} not found in PATH")))
+        .ok_or_else(|| NestedError::Command(format!("{name} not found in PATH")))
 }
 
 /// Single-quotes a word for the POSIX shell.
