@@ -10,6 +10,10 @@ pub struct SerialLog {
     file: Option<File>,
     path: std::path::PathBuf,
     text: Vec<u8>,
+    /// Complete lines decoded so far (without line ends), and where the
+    /// first not-yet-complete line starts in `text`.
+    lines: Vec<String>,
+    complete_up_to: usize,
 }
 
 impl SerialLog {
@@ -19,6 +23,8 @@ impl SerialLog {
             file: None,
             path: path.to_owned(),
             text: Vec::new(),
+            lines: Vec::new(),
+            complete_up_to: 0,
         }
     }
 
@@ -35,6 +41,14 @@ impl SerialLog {
         if let Some(file) = self.file.as_mut() {
             file.read_to_end(&mut self.text)?;
         }
+        // Decode each line once, when its newline arrives.
+        if let Some(end) = self.text[start..].iter().rposition(|&b| b == b'\n') {
+            let end = start + end + 1;
+            let fresh = String::from_utf8_lossy(&self.text[self.complete_up_to..end]);
+            self.lines
+                .extend(fresh.lines().map(|l| l.trim_end_matches('\r').to_owned()));
+            self.complete_up_to = end;
+        }
         Ok(&self.text[start..])
     }
 
@@ -47,14 +61,7 @@ impl SerialLog {
     /// A line still being written is not returned, so callers never act on
     /// half a line.
     pub fn line_with(&self, marker: &str) -> Option<String> {
-        let complete = match self.text.iter().rposition(|&b| b == b'\n') {
-            Some(end) => &self.text[..end],
-            None => return None,
-        };
-        String::from_utf8_lossy(complete)
-            .lines()
-            .find(|l| l.contains(marker))
-            .map(|l| l.trim_end_matches('\r').to_owned())
+        self.lines.iter().find(|l| l.contains(marker)).cloned()
     }
 
     /// The last `n` lines read so far, for error reports.
