@@ -177,6 +177,9 @@ impl NestedRun<'_> {
         let mut boot_time = None;
         let stdout = io::stdout();
         loop {
+            // Checked before reading the output, so that output written just
+            // before an exit is read in this same round.
+            let exited = qemu.try_wait().map_err(NestedError::Io)?;
             let fresh = output.poll().map_err(NestedError::Io)?;
             if !fresh.is_empty() {
                 let mut out = stdout.lock();
@@ -203,17 +206,7 @@ impl NestedRun<'_> {
                     total_time,
                 });
             }
-            if let Some(status) = qemu.try_wait().map_err(NestedError::Io)? {
-                // Read what arrived between the last poll and the exit.
-                output.poll().map_err(NestedError::Io)?;
-                if let Some(code) = exit_code(&output) {
-                    return Ok(NestedOutcome {
-                        exit_code: code,
-                        initramfs_bytes,
-                        boot_time: boot_time.unwrap_or(start.elapsed()),
-                        total_time: start.elapsed(),
-                    });
-                }
+            if let Some(status) = exited {
                 console.poll().map_err(NestedError::Io)?;
                 let qemu_log = fs::read_to_string(scratch.join("qemu.log")).unwrap_or_default();
                 return Err(NestedError::HostDied {
