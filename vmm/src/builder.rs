@@ -1,0 +1,175 @@
+//! Assembling a VM, in boot order:
+//!
+//! 1. check the configuration (nothing is created for a bad one);
+//! 2. guest RAM, the KVM VM, its memory slots and in-kernel irqchip + PIT;
+//! 3. devices: serial, i8042 and boot marker on ports; virtio-blk disks and
+//!    virtio-vsock on MMIO, each with an irqfd and a queue-notify ioeventfd,
+//!    and announced on the kernel command line;
+//! 4. kernel, initrd, command line and boot parameters into guest memory,
+//!    then the MP table, GDT and page tables;
+//! 5. vCPUs, with CPUID, MSRs, FPU, LAPIC and the boot registers.
+//!
+//! [`Vmm::run`] then starts the vCPU threads.
+
+use std::fs::OpenOptions;
+use std::io::{LineWriter, Write};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::boot::{self, BootError};
+use crate::arch::layout::{
+    BOOT_MARKER_PORT, I8042_PORT, I8042_PORT_LEN, SERIAL_IRQ, SERIAL_PORT, SERIAL_PORT_LEN,
+    VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
+};
+use crate::config::{ConfigError, SerialConfig, VmConfig};
+use crate::devices::bus::{Bus, BusError};
+use crate::devices::legacy::{BootMarker, I8042, SerialConsole};
+use crate::devices::virtio::block::Block;
+use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
+use crate::devices::virtio::vsock::Vsock;
+use crate::devices::virtio::{Interrupt, VirtioDevice};
+use crate::memory::{GuestRam, MemoryError};
+use crate::vmm::{ExitNotifier, Vmm};
+use crate::vstate::vcpu::{Vcpu, VcpuThreads};
+use crate::vstate::vm::{Vm, VmError};
+
+/// Why a VM could not be built. Nothing the build made is left behind.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("invalid configuration")]
+    Config(#[from] ConfigError),
+    #[error("cannot set up guest memory")]
+    Memory(#[from] MemoryError),
+    #[error("KVM setup failed")]
+    Kvm(#[from] VmError),
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error("cannot open serial output {0}")]
+    SerialFile(String, #[source] std::io::Error),
+    #[error("cannot place a device")]
+    Bus(#[from] BusError),
+    #[error("cannot set up disk {0}")]
+    Disk(String, #[source] crate::devices::virtio::block::BlockError),
+    #[error("cannot set up vsock")]
+    Vsock(#[from] crate::devices::virtio::vsock::VsockError),
+    #[error("cannot set up virtio queues")]
+    Queue(String),
+    #[error("cannot load the guest")]
+    Boot(#[from] BootError),
+}
+
+/// Builds a VM from `config`. `started` is when the VMM process started; the
+/// boot marker is timed from it.
+pub fn build(config: &VmConfig, started: Instant) -> Result<Vmm, BuildError> {
+    config.validate()?;
+    let mem_bytes = u64::from(config.mem_mib) << 20;
+
+    let ram = Arc::new(GuestRam::new(mem_bytes)?);
+    let vm = Vm::new()?;
+    vm.register_memory(&ram)?;
+    vm.create_irqchip()?;
+    let exit = Arc::new(ExitNotifier::new().map_err(BuildError::EventFd)?);
+
+    // Legacy devices on ports.
+    let mut pio = Bus::new();
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+    vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
+    let serial = SerialConsole::new(serial_irq, serial_output(&config.serial)?);
+    pio.insert(
+        Arc::new(Mutex::new(serial)),
+        u64::from(SERIAL_PORT),
+        u64::from(SERIAL_PORT_LEN),
+    )?;
+    pio.insert(
+        Arc::new(Mutex::new(I8042::new(Arc::clone(&exit)))),
+        u64::from(I8042_PORT),
+        u64::from(I8042_PORT_LEN),
+    )?;
+    let boot_marker = Arc::new(Mutex::new(BootMarker::new(started)));
+    pio.insert(boot_marker.clone(), u64::from(BOOT_MARKER_PORT), 1)?;
+
+    // virtio devices on MMIO, each announced on the command line.
+    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    for disk in &config.disks {
+        let block = Block::open(&disk.path, disk.read_only, disk.id.as_deref())
+            .map_err(|e| BuildError::Disk(disk.path.display().to_string(), e))?;
+        devices.push(Box::new(block));
+    }
+    if let Some(vsock) = &config.vsock {
+        devices.push(Box::new(Vsock::new(vsock.cid, &vsock.uds)?));
+    }
+    let mut mmio = Bus::new();
+    let mut cmdline_devices = Vec::new();
+    for (index, device) in devices.into_iter().enumerate() {
+        let index = u32::try_from(index).unwrap_or(u32::MAX);
+        let base = VIRTIO_MMIO_BASE + u64::from(index) * VIRTIO_MMIO_SIZE;
+        let irq = VIRTIO_IRQ_BASE + index;
+        let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+        vm.register_irqfd(&irqfd, irq)?;
+        let mut queue_evts = Vec::new();
+        for queue in 0..device.queue_max_sizes().len() {
+            let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+            let queue = u32::try_from(queue).unwrap_or(u32::MAX);
+            vm.register_mmio_notify(&evt, base + REG_QUEUE_NOTIFY, queue)?;
+            queue_evts.push(evt);
+        }
+        let transport = MmioTransport::new(
+            device,
+            Arc::clone(&ram),
+            Arc::new(Interrupt::new(irqfd)),
+            queue_evts,
+        )
+        .map_err(|e| BuildError::Queue(format!("{e:?}")))?;
+        mmio.insert(Arc::new(Mutex::new(transport)), base, VIRTIO_MMIO_SIZE)?;
+        cmdline_devices.push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
+    }
+
+    // The guest itself.
+    let cmdline = boot::cmdline(&config.cmdline, &cmdline_devices)?;
+    let entry = boot::load_guest(
+        ram.memory(),
+        mem_bytes,
+        &config.kernel,
+        config.initrd.as_deref(),
+        &cmdline,
+    )?;
+    boot::write_arch_tables(ram.memory(), config.vcpus, entry.protocol)?;
+    tracing::debug!(?entry, cmdline = ?cmdline.as_cstring().ok(), "guest loaded");
+
+    let cpuid = vm
+        .kvm()
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| VmError("KVM_GET_SUPPORTED_CPUID", e))?;
+    let vcpus = (0..config.vcpus)
+        .map(|index| Vcpu::new(&vm, &cpuid, index, config.vcpus, entry))
+        .collect::<Result<Vec<_>, _>>()?;
+
+    Ok(Vmm {
+        vcpu_threads: VcpuThreads::default(),
+        vcpus,
+        pio: Arc::new(pio),
+        mmio: Arc::new(mmio),
+        boot_marker,
+        exit,
+        vm,
+        ram,
+        started,
+    })
+}
+
+fn serial_output(serial: &SerialConfig) -> Result<Box<dyn Write + Send>, BuildError> {
+    Ok(match serial {
+        SerialConfig::Stdout => Box::new(LineWriter::new(std::io::stdout())),
+        SerialConfig::None => Box::new(std::io::sink()),
+        SerialConfig::File(path) => Box::new(LineWriter::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| BuildError::SerialFile(path.display().to_string(), e))?,
+        )),
+    })
+}

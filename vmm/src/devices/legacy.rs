@@ -1,0 +1,221 @@
+//! The devices on I/O ports: the 8250 serial console, the i8042 (only as far
+//! as the reset line the kernel pulls for `reboot=k`), and the boot marker.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Instant;
+
+use vm_superio::{I8042Device, Serial, Trigger, serial::NoEvents};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::bus::BusDevice;
+use crate::arch::layout::BOOT_MARKER_VALUE;
+use crate::vmm::{ExitNotifier, ExitReason};
+
+/// An interrupt line: writing the eventfd raises the GSI it is registered at.
+#[derive(Debug)]
+pub struct IrqLine(pub EventFd);
+
+impl Trigger for IrqLine {
+    type E = std::io::Error;
+
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// The 8250 UART on 0x3f8, writing what the guest prints to `out`.
+pub struct SerialConsole {
+    uart: Serial<IrqLine, NoEvents, Box<dyn Write + Send>>,
+}
+
+impl std::fmt::Debug for SerialConsole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SerialConsole")
+    }
+}
+
+impl SerialConsole {
+    pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
+        Self {
+            uart: Serial::new(IrqLine(irq), out),
+        }
+    }
+}
+
+impl BusDevice for SerialConsole {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        match (u8::try_from(offset), data) {
+            (Ok(offset), [byte]) => *byte = self.uart.read(offset),
+            (_, data) => data.fill(0xff),
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let (Ok(offset), [byte]) = (u8::try_from(offset), data)
+            && let Err(e) = self.uart.write(offset, *byte)
+        {
+            crate::guest_warn!("serial console: {e:?}");
+        }
+    }
+}
+
+/// What the i8042's reset line does: end the VM as a guest reset.
+#[derive(Debug)]
+pub struct ResetLine(pub Arc<ExitNotifier>);
+
+impl Trigger for ResetLine {
+    type E = std::convert::Infallible;
+
+    fn trigger(&self) -> Result<(), Self::E> {
+        self.0.report(ExitReason::GuestShutdown);
+        Ok(())
+    }
+}
+
+/// The i8042 keyboard controller on ports 0x60-0x64. Linux resets the
+/// machine by writing 0xfe to port 0x64 (`reboot=k`).
+#[derive(Debug)]
+pub struct I8042 {
+    device: I8042Device<ResetLine>,
+}
+
+impl I8042 {
+    pub fn new(exit: Arc<ExitNotifier>) -> Self {
+        Self {
+            device: I8042Device::new(ResetLine(exit)),
+        }
+    }
+}
+
+impl BusDevice for I8042 {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        match (u8::try_from(offset), data) {
+            (Ok(offset), [byte]) => *byte = self.device.read(offset),
+            (_, data) => data.fill(0xff),
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let (Ok(offset), [byte]) = (u8::try_from(offset), data) {
+            let _ = self.device.write(offset, *byte);
+        }
+    }
+}
+
+/// Wall and CPU time of this process when the guest wrote the marker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BootTime {
+    pub wall_us: u64,
+    pub cpu_us: u64,
+}
+
+/// CPU time this process has used so far (all threads), in microseconds.
+pub fn process_cpu_us() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    let secs = u64::try_from(ts.tv_sec).unwrap_or(0);
+    let nanos = u64::try_from(ts.tv_nsec).unwrap_or(0);
+    secs * 1_000_000 + nanos / 1000
+}
+
+/// The boot-time marker: the guest writes [`BOOT_MARKER_VALUE`] to the
+/// marker port when it is up; the first write is logged with the time since
+/// the VMM process started. Later writes are counted, not logged.
+#[derive(Debug)]
+pub struct BootMarker {
+    started: Instant,
+    first: Option<BootTime>,
+    repeats: u64,
+}
+
+impl BootMarker {
+    pub fn new(started: Instant) -> Self {
+        Self {
+            started,
+            first: None,
+            repeats: 0,
+        }
+    }
+
+    pub fn first(&self) -> Option<BootTime> {
+        self.first
+    }
+}
+
+impl BusDevice for BootMarker {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset != 0 || data.first() != Some(&BOOT_MARKER_VALUE) {
+            return;
+        }
+        if self.first.is_some() {
+            self.repeats += 1;
+            return;
+        }
+        let time = BootTime {
+            wall_us: u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            cpu_us: process_cpu_us(),
+        };
+        self.first = Some(time);
+        tracing::info!(
+            wall_us = time.wall_us,
+            cpu_us = time.cpu_us,
+            "guest boot marker"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_marker_is_recorded_and_other_values_are_ignored() {
+        let mut marker = BootMarker::new(Instant::now());
+        marker.write(0, &[1]);
+        assert_eq!(marker.first(), None);
+        marker.write(0, &[BOOT_MARKER_VALUE]);
+        let first = marker.first().unwrap();
+        marker.write(0, &[BOOT_MARKER_VALUE]);
+        assert_eq!(marker.first(), Some(first));
+        assert_eq!(marker.repeats, 1);
+    }
+
+    #[test]
+    fn a_reset_through_the_i8042_ends_the_vm_as_a_guest_shutdown() {
+        let exit = Arc::new(ExitNotifier::new().unwrap());
+        let mut i8042 = I8042::new(Arc::clone(&exit));
+        // Port 0x64 is offset 4; 0xfe pulses the reset line.
+        i8042.write(4, &[0xfe]);
+        assert_eq!(exit.reason(), Some(ExitReason::GuestShutdown));
+    }
+
+    #[test]
+    fn serial_output_reaches_the_writer() {
+        #[derive(Clone, Default)]
+        struct Shared(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl Write for Shared {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let out = Shared::default();
+        let mut serial = SerialConsole::new(EventFd::new(0).unwrap(), Box::new(out.clone()));
+        for byte in b"hi\n" {
+            serial.write(0, &[*byte]);
+        }
+        assert_eq!(out.0.lock().unwrap().as_slice(), b"hi\n");
+    }
+}

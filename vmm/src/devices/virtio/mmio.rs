@@ -1,0 +1,553 @@
+//! The virtio-mmio transport, version 2 (virtio 1.2, 4.2.2): the register
+//! window through which the driver discovers a device, negotiates features,
+//! sets up queues and reads the configuration space.
+//!
+//! ```text
+//!  reset ──ACKNOWLEDGE──▶ DRIVER ──FEATURES_OK──▶ (queues set up) ──DRIVER_OK──▶ activated
+//!    ▲                                                                             │
+//!    └──────────────────────────── status = 0 (reset) ◀────────────────────────────┘
+//! ```
+//!
+//! Register accesses run on the vCPU threads. Queue notifications do not:
+//! KVM signals the queue's eventfd (an ioeventfd on `QueueNotify`) and the
+//! device's worker thread picks it up. Everything the driver writes is
+//! checked: a queue size above the maximum, a ring outside guest memory or
+//! a status out of order marks the device FAILED/NEEDS_RESET instead of
+//! activating it.
+
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{
+    ActivateContext, Interrupt, Memory, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK,
+    STATUS_FAILED, STATUS_FEATURES_OK, STATUS_NEEDS_RESET, VIRTIO_F_VERSION_1, VirtioDevice,
+    WorkerHandle,
+};
+use crate::devices::bus::BusDevice;
+
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VERSION: u32 = 2;
+const VENDOR_ID: u32 = 0;
+
+/// Register offsets.
+const REG_MAGIC: u64 = 0x000;
+const REG_VERSION: u64 = 0x004;
+const REG_DEVICE_ID: u64 = 0x008;
+const REG_VENDOR_ID: u64 = 0x00c;
+const REG_DEVICE_FEATURES: u64 = 0x010;
+const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
+const REG_DRIVER_FEATURES: u64 = 0x020;
+const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
+const REG_QUEUE_SEL: u64 = 0x030;
+const REG_QUEUE_NUM_MAX: u64 = 0x034;
+const REG_QUEUE_NUM: u64 = 0x038;
+const REG_QUEUE_READY: u64 = 0x044;
+/// The queue-notify register, served by ioeventfds.
+pub const REG_QUEUE_NOTIFY: u64 = 0x050;
+const REG_INTERRUPT_STATUS: u64 = 0x060;
+const REG_INTERRUPT_ACK: u64 = 0x064;
+const REG_STATUS: u64 = 0x070;
+const REG_QUEUE_DESC_LOW: u64 = 0x080;
+const REG_QUEUE_DESC_HIGH: u64 = 0x084;
+const REG_QUEUE_DRIVER_LOW: u64 = 0x090;
+const REG_QUEUE_DRIVER_HIGH: u64 = 0x094;
+const REG_QUEUE_DEVICE_LOW: u64 = 0x0a0;
+const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+const REG_CONFIG_GENERATION: u64 = 0x0fc;
+const REG_CONFIG: u64 = 0x100;
+
+/// One virtio device behind its MMIO register window.
+#[derive(Debug)]
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    memory: Memory,
+    interrupt: Arc<Interrupt>,
+    queues: Vec<Queue>,
+    queue_evts: Vec<EventFd>,
+    queue_select: u32,
+    device_features_select: u32,
+    driver_features_select: u32,
+    acked_features: u64,
+    status: u32,
+    worker: Option<WorkerHandle>,
+}
+
+impl MmioTransport {
+    /// Wraps `device`; `queue_evts` (one per queue) are the eventfds KVM
+    /// signals on `QueueNotify` writes, `interrupt` the device's interrupt line.
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        memory: Memory,
+        interrupt: Arc<Interrupt>,
+        queue_evts: Vec<EventFd>,
+    ) -> Result<Self, virtio_queue::Error> {
+        let queues = new_queues(device.as_ref())?;
+        Ok(Self {
+            device,
+            memory,
+            interrupt,
+            queues,
+            queue_evts,
+            queue_select: 0,
+            device_features_select: 0,
+            driver_features_select: 0,
+            acked_features: 0,
+            status: 0,
+            worker: None,
+        })
+    }
+
+    pub fn device_type(&self) -> u32 {
+        self.device.device_type()
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+
+    pub fn is_activated(&self) -> bool {
+        self.worker.is_some()
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        let index = usize::try_from(self.queue_select).ok()?;
+        self.queues.get_mut(index)
+    }
+
+    /// Queue registers may only change while the driver sets the device up.
+    fn queue_setup_allowed(&self) -> bool {
+        self.status & STATUS_FEATURES_OK != 0
+            && self.status & STATUS_DRIVER_OK == 0
+            && self.status & STATUS_FAILED == 0
+    }
+
+    fn read_u32(&self, offset: u64) -> u32 {
+        let queue = usize::try_from(self.queue_select)
+            .ok()
+            .and_then(|i| self.queues.get(i));
+        match offset {
+            REG_MAGIC => MAGIC,
+            REG_VERSION => VERSION,
+            REG_DEVICE_ID => self.device.device_type(),
+            REG_VENDOR_ID => VENDOR_ID,
+            REG_DEVICE_FEATURES => {
+                let features = self.device.features() | VIRTIO_F_VERSION_1;
+                match self.device_features_select {
+                    0 => u32::try_from(features & 0xffff_ffff).unwrap_or(0),
+                    1 => u32::try_from(features >> 32).unwrap_or(0),
+                    _ => 0,
+                }
+            }
+            REG_QUEUE_NUM_MAX => queue.map_or(0, |q| u32::from(q.max_size())),
+            REG_QUEUE_READY => queue.map_or(0, |q| u32::from(q.ready())),
+            REG_INTERRUPT_STATUS => self.interrupt.status(),
+            REG_STATUS => self.status,
+            REG_CONFIG_GENERATION => 0,
+            _ => {
+                crate::guest_warn!(offset, "guest read an unknown virtio-mmio register");
+                0
+            }
+        }
+    }
+
+    fn write_u32(&mut self, offset: u64, value: u32) {
+        let setup = self.queue_setup_allowed();
+        match offset {
+            REG_DEVICE_FEATURES_SEL => self.device_features_select = value,
+            REG_DRIVER_FEATURES_SEL => self.driver_features_select = value,
+            REG_DRIVER_FEATURES => self.write_driver_features(value),
+            REG_QUEUE_SEL => self.queue_select = value,
+            REG_QUEUE_NUM if setup => {
+                if let Some(q) = self.selected_queue() {
+                    // virtio-queue refuses sizes above the maximum or not a power of two.
+                    if q.try_set_size(u16::try_from(value).unwrap_or(0)).is_err() {
+                        crate::guest_warn!(value, "guest set an invalid virtio queue size");
+                        self.status |= STATUS_NEEDS_RESET;
+                    }
+                }
+            }
+            REG_QUEUE_READY if setup => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_ready(value == 1);
+                }
+            }
+            REG_QUEUE_DESC_LOW | REG_QUEUE_DESC_HIGH if setup => {
+                let (low, high) = split(offset == REG_QUEUE_DESC_LOW, value);
+                if let Some(q) = self.selected_queue() {
+                    q.set_desc_table_address(low, high);
+                }
+            }
+            REG_QUEUE_DRIVER_LOW | REG_QUEUE_DRIVER_HIGH if setup => {
+                let (low, high) = split(offset == REG_QUEUE_DRIVER_LOW, value);
+                if let Some(q) = self.selected_queue() {
+                    q.set_avail_ring_address(low, high);
+                }
+            }
+            REG_QUEUE_DEVICE_LOW | REG_QUEUE_DEVICE_HIGH if setup => {
+                let (low, high) = split(offset == REG_QUEUE_DEVICE_LOW, value);
+                if let Some(q) = self.selected_queue() {
+                    q.set_used_ring_address(low, high);
+                }
+            }
+            REG_INTERRUPT_ACK => self.interrupt.ack(value),
+            REG_STATUS => self.write_status(value),
+            REG_QUEUE_NOTIFY => {
+                // Served by the ioeventfd; an exit here means KVM did not match
+                // the queue index. Forward it so a notification is never lost.
+                if let Some(evt) = usize::try_from(value)
+                    .ok()
+                    .and_then(|i| self.queue_evts.get(i))
+                {
+                    let _ = evt.write(1);
+                }
+            }
+            _ => {
+                crate::guest_warn!(
+                    offset,
+                    value,
+                    status = self.status,
+                    "guest wrote a virtio-mmio register it may not write now"
+                );
+            }
+        }
+    }
+
+    fn write_driver_features(&mut self, value: u32) {
+        if self.status & STATUS_DRIVER == 0 || self.status & STATUS_FEATURES_OK != 0 {
+            crate::guest_warn!("guest wrote driver features outside feature negotiation");
+            return;
+        }
+        let offered = self.device.features() | VIRTIO_F_VERSION_1;
+        let value = u64::from(value);
+        let acked = match self.driver_features_select {
+            0 => value,
+            1 => value << 32,
+            _ => 0,
+        };
+        if acked & !offered != 0 {
+            crate::guest_warn!(
+                acked,
+                offered,
+                "guest acked features the device did not offer"
+            );
+        }
+        self.acked_features |= acked & offered;
+    }
+
+    fn write_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        let added = value & !self.status;
+        let removed = self.status & !value;
+        // The driver only ever adds bits, in order (virtio 1.2, 3.1.1).
+        let in_order = removed == 0
+            && match added {
+                STATUS_ACKNOWLEDGE => self.status == 0,
+                STATUS_DRIVER => self.status == STATUS_ACKNOWLEDGE,
+                STATUS_FEATURES_OK => self.status == STATUS_ACKNOWLEDGE | STATUS_DRIVER,
+                STATUS_DRIVER_OK => {
+                    self.status == STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK
+                }
+                STATUS_FAILED => true,
+                _ => false,
+            };
+        if !in_order {
+            crate::guest_warn!(
+                old = self.status,
+                new = value,
+                "guest changed the virtio device status out of order"
+            );
+            return;
+        }
+        if added == STATUS_FEATURES_OK && self.acked_features & VIRTIO_F_VERSION_1 == 0 {
+            // A legacy driver: refuse, so it does not set FEATURES_OK.
+            crate::guest_warn!("guest driver did not accept VIRTIO_F_VERSION_1");
+            return;
+        }
+        self.status = value;
+        if added == STATUS_DRIVER_OK {
+            self.activate();
+        }
+    }
+
+    fn activate(&mut self) {
+        let memory = self.memory.memory();
+        if let Some(index) = self.queues.iter().position(|q| !q.is_valid(memory)) {
+            crate::guest_warn!(
+                queue = index,
+                "guest activated a virtio device with an invalid queue"
+            );
+            self.status |= STATUS_NEEDS_RESET;
+            return;
+        }
+        let queue_evts = match self
+            .queue_evts
+            .iter()
+            .map(EventFd::try_clone)
+            .collect::<Result<Vec<_>, _>>()
+        {
+            Ok(evts) => evts,
+            Err(e) => {
+                tracing::error!("cannot clone queue eventfds: {e}");
+                self.status |= STATUS_NEEDS_RESET;
+                return;
+            }
+        };
+        // The device takes the queues; the transport keeps fresh ones for a reset.
+        let fresh = match new_queues(self.device.as_ref()) {
+            Ok(queues) => queues,
+            Err(e) => {
+                tracing::error!("cannot make virtio queues: {e:?}");
+                self.status |= STATUS_NEEDS_RESET;
+                return;
+            }
+        };
+        let ctx = ActivateContext {
+            memory: Arc::clone(&self.memory),
+            queues: std::mem::replace(&mut self.queues, fresh),
+            queue_evts,
+            interrupt: Arc::clone(&self.interrupt),
+            acked_features: self.acked_features,
+        };
+        match self.device.activate(ctx) {
+            Ok(worker) => self.worker = Some(worker),
+            Err(e) => {
+                tracing::error!(
+                    device = self.device.device_type(),
+                    "cannot activate a virtio device: {e}"
+                );
+                self.status |= STATUS_NEEDS_RESET;
+            }
+        }
+    }
+
+    /// Back to the state after power-on. A device that was running keeps its
+    /// worker stopped; our devices are not restarted after a reset (Linux
+    /// resets a device only when it shuts down).
+    fn reset(&mut self) {
+        self.worker = None;
+        self.status = 0;
+        self.acked_features = 0;
+        self.queue_select = 0;
+        self.device_features_select = 0;
+        self.driver_features_select = 0;
+        self.interrupt.ack(u32::MAX);
+        for queue in &mut self.queues {
+            queue.reset();
+        }
+    }
+}
+
+fn new_queues(device: &dyn VirtioDevice) -> Result<Vec<Queue>, virtio_queue::Error> {
+    device
+        .queue_max_sizes()
+        .iter()
+        .map(|max| Queue::new(*max))
+        .collect()
+}
+
+/// `(low, high)` halves for the virtio-queue address setters.
+fn split(low: bool, value: u32) -> (Option<u32>, Option<u32>) {
+    if low {
+        (Some(value), None)
+    } else {
+        (None, Some(value))
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= REG_CONFIG {
+            self.device.read_config(offset - REG_CONFIG, data);
+            return;
+        }
+        match <&mut [u8; 4]>::try_from(&mut *data) {
+            Ok(bytes) if offset.is_multiple_of(4) => *bytes = self.read_u32(offset).to_le_bytes(),
+            _ => {
+                crate::guest_warn!(
+                    offset,
+                    len = data.len(),
+                    "guest made a non-32-bit virtio-mmio register read"
+                );
+                data.fill(0);
+            }
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= REG_CONFIG {
+            self.device.write_config(offset - REG_CONFIG, data);
+            return;
+        }
+        match <[u8; 4]>::try_from(data) {
+            Ok(bytes) if offset.is_multiple_of(4) => {
+                self.write_u32(offset, u32::from_le_bytes(bytes))
+            }
+            _ => crate::guest_warn!(
+                offset,
+                len = data.len(),
+                "guest made a non-32-bit virtio-mmio register write"
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::{ActivateError, read_config_bytes};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[derive(Debug)]
+    struct Dummy {
+        activations: Arc<AtomicUsize>,
+    }
+
+    struct Idle;
+    impl super::super::Worker for Idle {
+        fn init(&mut self, _: &super::super::worker::EventSetup<'_>) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn handle(
+            &mut self,
+            _: u64,
+            _: vmm_sys_util::epoll::EventSet,
+            _: &super::super::worker::EventSetup<'_>,
+        ) {
+        }
+    }
+
+    impl VirtioDevice for Dummy {
+        fn device_type(&self) -> u32 {
+            42
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16]
+        }
+        fn features(&self) -> u64 {
+            1 << 5
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            read_config_bytes(&[1, 2, 3, 4], offset, data);
+        }
+        fn activate(&mut self, _: ActivateContext) -> Result<WorkerHandle, ActivateError> {
+            self.activations.fetch_add(1, Ordering::SeqCst);
+            Ok(WorkerHandle::spawn("dummy", Idle)?)
+        }
+    }
+
+    fn transport() -> (MmioTransport, Arc<AtomicUsize>) {
+        let activations = Arc::new(AtomicUsize::new(0));
+        let ram = Arc::new(crate::memory::GuestRam::new(1 << 20).unwrap());
+        let interrupt = Arc::new(Interrupt::new(EventFd::new(0).unwrap()));
+        let device = Box::new(Dummy {
+            activations: Arc::clone(&activations),
+        });
+        let evts = vec![EventFd::new(0).unwrap()];
+        (
+            MmioTransport::new(device, ram, interrupt, evts).unwrap(),
+            activations,
+        )
+    }
+
+    fn read(t: &mut MmioTransport, offset: u64) -> u32 {
+        let mut data = [0u8; 4];
+        t.read(offset, &mut data);
+        u32::from_le_bytes(data)
+    }
+
+    fn write(t: &mut MmioTransport, offset: u64, value: u32) {
+        t.write(offset, &value.to_le_bytes());
+    }
+
+    fn negotiate(t: &mut MmioTransport) {
+        write(t, REG_STATUS, STATUS_ACKNOWLEDGE);
+        write(t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        write(t, REG_DRIVER_FEATURES_SEL, 1);
+        write(t, REG_DRIVER_FEATURES, 1);
+        write(
+            t,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+    }
+
+    fn setup_queue(t: &mut MmioTransport, size: u32) {
+        write(t, REG_QUEUE_SEL, 0);
+        write(t, REG_QUEUE_NUM, size);
+        write(t, REG_QUEUE_DESC_LOW, 0x1000);
+        write(t, REG_QUEUE_DRIVER_LOW, 0x2000);
+        write(t, REG_QUEUE_DEVICE_LOW, 0x3000);
+        write(t, REG_QUEUE_READY, 1);
+    }
+
+    const ALL_OK: u32 = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
+
+    #[test]
+    fn a_driver_that_follows_the_protocol_activates_the_device() {
+        let (mut t, activations) = transport();
+        assert_eq!(read(&mut t, REG_MAGIC), MAGIC);
+        assert_eq!(read(&mut t, REG_VERSION), 2);
+        assert_eq!(read(&mut t, REG_DEVICE_ID), 42);
+        write(&mut t, REG_DEVICE_FEATURES_SEL, 1);
+        assert_eq!(read(&mut t, REG_DEVICE_FEATURES), 1, "VERSION_1 is offered");
+        assert_eq!(read(&mut t, REG_QUEUE_NUM_MAX), 16);
+        negotiate(&mut t);
+        setup_queue(&mut t, 16);
+        write(&mut t, REG_STATUS, ALL_OK);
+        assert_eq!(activations.load(Ordering::SeqCst), 1);
+        assert!(t.is_activated());
+        let mut config = [0u8; 2];
+        t.read(REG_CONFIG + 2, &mut config);
+        assert_eq!(config, [3, 4]);
+        write(&mut t, REG_STATUS, 0);
+        assert!(!t.is_activated());
+        assert_eq!(read(&mut t, REG_STATUS), 0);
+    }
+
+    #[test]
+    fn a_queue_outside_guest_memory_is_not_activated() {
+        let (mut t, activations) = transport();
+        negotiate(&mut t);
+        setup_queue(&mut t, 16);
+        // The used ring past the end of the 1 MiB of RAM.
+        write(&mut t, REG_QUEUE_DEVICE_LOW, 0x10_0000);
+        write(&mut t, REG_STATUS, ALL_OK);
+        assert_eq!(activations.load(Ordering::SeqCst), 0);
+        assert_ne!(read(&mut t, REG_STATUS) & STATUS_NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn out_of_order_status_and_oversized_queues_are_refused() {
+        let (mut t, activations) = transport();
+        write(&mut t, REG_STATUS, ALL_OK);
+        assert_eq!(read(&mut t, REG_STATUS), 0);
+        negotiate(&mut t);
+        setup_queue(&mut t, 1024);
+        assert_ne!(read(&mut t, REG_STATUS) & STATUS_NEEDS_RESET, 0);
+        write(&mut t, REG_STATUS, ALL_OK);
+        assert_eq!(activations.load(Ordering::SeqCst), 0);
+        // Queue registers are ignored before FEATURES_OK.
+        let (mut t, _) = transport();
+        write(&mut t, REG_QUEUE_NUM, 8);
+        write(&mut t, REG_QUEUE_SEL, 7);
+        assert_eq!(read(&mut t, REG_QUEUE_NUM_MAX), 0);
+    }
+
+    #[test]
+    fn a_driver_without_version_1_cannot_finish_negotiation() {
+        let (mut t, _) = transport();
+        write(&mut t, REG_STATUS, STATUS_ACKNOWLEDGE);
+        write(&mut t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        write(
+            &mut t,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        assert_eq!(read(&mut t, REG_STATUS) & STATUS_FEATURES_OK, 0);
+    }
+}

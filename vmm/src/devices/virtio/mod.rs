@@ -1,0 +1,191 @@
+//! virtio over MMIO: the transport ([`mmio`]), the devices ([`block`],
+//! [`vsock`]), and what they share: the device interface, interrupts, the
+//! worker thread that serves a device's queues, and descriptor-chain checks.
+//!
+//! Every device follows the same template (Firecracker's): `mod.rs` with the
+//! wire definitions, `device.rs` with the [`VirtioDevice`] and its worker's
+//! event handling, and the queue processing as pure code over `virtio-queue`
+//! (`request.rs`, `packet.rs`, `muxer.rs`), unit-tested with its mock queues.
+
+pub mod block;
+pub mod mmio;
+pub mod vsock;
+mod worker;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::memory::GuestRam;
+pub use worker::{Worker, WorkerError, WorkerHandle};
+
+/// `VIRTIO_F_VERSION_1`: the device speaks virtio 1.x (no legacy layout).
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// Device status bits (virtio 1.2, 2.1).
+pub const STATUS_ACKNOWLEDGE: u32 = 1;
+pub const STATUS_DRIVER: u32 = 2;
+pub const STATUS_DRIVER_OK: u32 = 4;
+pub const STATUS_FEATURES_OK: u32 = 8;
+pub const STATUS_NEEDS_RESET: u32 = 0x40;
+pub const STATUS_FAILED: u32 = 0x80;
+/// `InterruptStatus` bit: a used buffer was added.
+pub const INT_USED_RING: u32 = 1;
+/// `InterruptStatus` bit: the configuration changed.
+pub const INT_CONFIG: u32 = 2;
+
+/// The guest-memory view handed to devices: RAM kept alive by an `Arc`.
+pub type Memory = Arc<GuestRam>;
+
+/// Raises the device's interrupt and keeps its `InterruptStatus` register.
+#[derive(Debug)]
+pub struct Interrupt {
+    status: AtomicU32,
+    irqfd: EventFd,
+}
+
+impl Interrupt {
+    pub fn new(irqfd: EventFd) -> Self {
+        Self {
+            status: AtomicU32::new(0),
+            irqfd,
+        }
+    }
+
+    /// Tells the driver that used buffers are waiting.
+    pub fn signal_used_queue(&self) {
+        self.status.fetch_or(INT_USED_RING, Ordering::AcqRel);
+        if let Err(e) = self.irqfd.write(1) {
+            crate::guest_warn!("cannot raise a virtio interrupt: {e}");
+        }
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::Acquire)
+    }
+
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::AcqRel);
+    }
+
+    pub fn irqfd(&self) -> &EventFd {
+        &self.irqfd
+    }
+}
+
+/// What a device needs to start serving its queues.
+#[derive(Debug)]
+pub struct ActivateContext {
+    pub memory: Memory,
+    pub queues: Vec<Queue>,
+    /// Signalled (by KVM) when the driver notifies queue i.
+    pub queue_evts: Vec<EventFd>,
+    pub interrupt: Arc<Interrupt>,
+    pub acked_features: u64,
+}
+
+/// Why a device could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("the driver set up {got} queues, the device has {want}")]
+    QueueCount { got: usize, want: usize },
+    #[error("cannot start the device worker")]
+    Worker(#[from] WorkerError),
+    #[error("cannot set up the device: {0}")]
+    Setup(String),
+}
+
+/// A virtio device, as the MMIO transport sees it.
+pub trait VirtioDevice: Send + std::fmt::Debug {
+    /// The virtio device ID (2 = block, 19 = vsock).
+    fn device_type(&self) -> u32;
+    /// The largest size of each queue.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// The feature bits the device offers.
+    fn features(&self) -> u64;
+    /// Reads from the configuration space; bytes past its end read as 0.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes to the configuration space; none of our devices has a
+    /// writable field, so writes are dropped.
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        crate::guest_warn!(
+            device = self.device_type(),
+            offset,
+            len = data.len(),
+            "guest wrote read-only virtio config space"
+        );
+    }
+    /// Starts serving the queues; the returned handle stops the worker when dropped.
+    fn activate(&mut self, ctx: ActivateContext) -> Result<WorkerHandle, ActivateError>;
+}
+
+/// Copies `config[offset..]` into `data`, zero-filling past its end.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(offset) = usize::try_from(offset) else {
+        return;
+    };
+    if let Some(src) = config.get(offset..) {
+        let n = src.len().min(data.len());
+        data[..n].copy_from_slice(&src[..n]);
+    }
+}
+
+/// A descriptor chain the device refuses to look into.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ChainError {
+    #[error("descriptor chain loops, is longer than the queue, or points outside the table")]
+    Unterminated,
+}
+
+/// One descriptor, reduced to what a device needs. Its range is not yet
+/// known to be in guest memory: see [`Buffer::in_memory`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Buffer {
+    pub addr: GuestAddress,
+    pub len: u32,
+    /// Device-writable (the driver reads it back).
+    pub writable: bool,
+}
+
+impl Buffer {
+    /// Whether every byte of the buffer is guest RAM.
+    pub fn in_memory(&self, memory: &GuestMemoryMmap) -> bool {
+        use vm_memory::GuestMemoryBackend;
+        self.len == 0
+            || usize::try_from(self.len).is_ok_and(|len| memory.check_range(self.addr, len))
+    }
+}
+
+/// Reads a chain's descriptors once, before any is used, and checks that the
+/// chain ends: no loop, no more descriptors than the queue holds, no `next`
+/// outside the table. `virtio-queue` stops iterating such a chain silently;
+/// this turns it into an error the device can answer.
+pub fn read_chain(chain: DescriptorChain<&GuestMemoryMmap>) -> Result<Vec<Buffer>, ChainError> {
+    let mut buffers = Vec::new();
+    let mut last_has_next = false;
+    for desc in chain {
+        last_has_next = desc.has_next();
+        buffers.push(Buffer {
+            addr: desc.addr(),
+            len: desc.len(),
+            writable: desc.is_write_only(),
+        });
+    }
+    // The iterator stops on a descriptor that still points onwards only when
+    // the chain hit its length limit or its next descriptor was unreadable.
+    if last_has_next || buffers.is_empty() {
+        return Err(ChainError::Unterminated);
+    }
+    Ok(buffers)
+}
+
+/// Puts a chain on the used ring; a failure means the guest broke the ring
+/// itself, which is logged (rate-limited) and otherwise ignored.
+pub fn add_used(queue: &mut Queue, memory: &GuestMemoryMmap, head: u16, len: u32) {
+    if let Err(e) = queue.add_used(memory, head, len) {
+        crate::guest_warn!("cannot return a descriptor chain to the guest: {e:?}");
+    }
+}

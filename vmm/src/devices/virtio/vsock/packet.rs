@@ -1,0 +1,315 @@
+//! The vsock packet header and moving packets through descriptor chains.
+//!
+//! ```text
+//! 0       8       16    20    24    28   30   32    36        40       44
+//! src_cid dst_cid src_p dst_p len   type op   flags buf_alloc fwd_cnt  payload…
+//! ```
+//!
+//! A host-bound (TX) chain is read whole into a bounded buffer: a header of
+//! 44 bytes, then `len` bytes of payload, `len` at most [`MAX_PAYLOAD`]. A
+//! guest-bound (RX) chain must be device-writable and hold at least a header.
+
+use vm_memory::{Address, Bytes, GuestMemoryMmap};
+
+use super::{HEADER_LEN, MAX_PAYLOAD};
+use crate::devices::virtio::{Buffer, ChainError};
+
+/// The header, in host byte order.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Header {
+    pub src_cid: u64,
+    pub dst_cid: u64,
+    pub src_port: u32,
+    pub dst_port: u32,
+    pub len: u32,
+    pub type_: u16,
+    pub op: u16,
+    pub flags: u32,
+    pub buf_alloc: u32,
+    pub fwd_cnt: u32,
+}
+
+fn field<const N: usize>(bytes: &[u8; HEADER_LEN], at: usize) -> [u8; N] {
+    std::array::from_fn(|i| bytes[at + i])
+}
+
+impl Header {
+    pub fn from_bytes(b: &[u8; HEADER_LEN]) -> Self {
+        Self {
+            src_cid: u64::from_le_bytes(field(b, 0)),
+            dst_cid: u64::from_le_bytes(field(b, 8)),
+            src_port: u32::from_le_bytes(field(b, 16)),
+            dst_port: u32::from_le_bytes(field(b, 20)),
+            len: u32::from_le_bytes(field(b, 24)),
+            type_: u16::from_le_bytes(field(b, 28)),
+            op: u16::from_le_bytes(field(b, 30)),
+            flags: u32::from_le_bytes(field(b, 32)),
+            buf_alloc: u32::from_le_bytes(field(b, 36)),
+            fwd_cnt: u32::from_le_bytes(field(b, 40)),
+        }
+    }
+
+    pub fn to_bytes(self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[0..8].copy_from_slice(&self.src_cid.to_le_bytes());
+        b[8..16].copy_from_slice(&self.dst_cid.to_le_bytes());
+        b[16..20].copy_from_slice(&self.src_port.to_le_bytes());
+        b[20..24].copy_from_slice(&self.dst_port.to_le_bytes());
+        b[24..28].copy_from_slice(&self.len.to_le_bytes());
+        b[28..30].copy_from_slice(&self.type_.to_le_bytes());
+        b[30..32].copy_from_slice(&self.op.to_le_bytes());
+        b[32..36].copy_from_slice(&self.flags.to_le_bytes());
+        b[36..40].copy_from_slice(&self.buf_alloc.to_le_bytes());
+        b[40..44].copy_from_slice(&self.fwd_cnt.to_le_bytes());
+        b
+    }
+}
+
+/// A TX chain the device cannot take a packet from.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PacketError {
+    #[error(transparent)]
+    Chain(#[from] ChainError),
+    #[error("TX descriptor is device-writable")]
+    WritableTx,
+    #[error("RX descriptor is device-readable")]
+    ReadableRx,
+    #[error("descriptor {addr:#x}+{len:#x} is outside guest memory")]
+    OutsideMemory { addr: u64, len: u32 },
+    #[error("packet of {0} bytes is shorter than the {HEADER_LEN}-byte header")]
+    TruncatedHeader(usize),
+    #[error("packet header says {len} payload bytes, the chain holds {available}")]
+    TruncatedPayload { len: u32, available: usize },
+    #[error("packet payload of {0} bytes is over the {MAX_PAYLOAD}-byte limit")]
+    Oversized(u32),
+    #[error("RX buffer of {0} bytes cannot hold a header")]
+    SmallRx(usize),
+    #[error("guest memory access failed: {0}")]
+    Memory(String),
+}
+
+fn check(
+    buffers: &[Buffer],
+    memory: &GuestMemoryMmap,
+    writable: bool,
+) -> Result<usize, PacketError> {
+    let mut total = 0usize;
+    for b in buffers {
+        if b.writable != writable {
+            return Err(if writable {
+                PacketError::ReadableRx
+            } else {
+                PacketError::WritableTx
+            });
+        }
+        if !b.in_memory(memory) {
+            return Err(PacketError::OutsideMemory {
+                addr: b.addr.0,
+                len: b.len,
+            });
+        }
+        total = total.saturating_add(usize::try_from(b.len).unwrap_or(usize::MAX));
+    }
+    Ok(total)
+}
+
+/// Reads `len` bytes starting `skip` bytes into the chain.
+fn gather(
+    memory: &GuestMemoryMmap,
+    buffers: &[Buffer],
+    mut skip: usize,
+    out: &mut [u8],
+) -> Result<(), PacketError> {
+    let mut done = 0;
+    for b in buffers {
+        let len = usize::try_from(b.len).unwrap_or(0);
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        let n = (len - skip).min(out.len() - done);
+        let addr = b.addr.unchecked_add(u64::try_from(skip).unwrap_or(0));
+        memory
+            .read_slice(&mut out[done..done + n], addr)
+            .map_err(|e| PacketError::Memory(e.to_string()))?;
+        done += n;
+        skip = 0;
+        if done == out.len() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Takes one packet out of a TX chain: the header and its payload.
+pub fn read_tx(
+    buffers: &[Buffer],
+    memory: &GuestMemoryMmap,
+) -> Result<(Header, Vec<u8>), PacketError> {
+    let total = check(buffers, memory, false)?;
+    if total < HEADER_LEN {
+        return Err(PacketError::TruncatedHeader(total));
+    }
+    let mut raw = [0u8; HEADER_LEN];
+    gather(memory, buffers, 0, &mut raw)?;
+    let header = Header::from_bytes(&raw);
+    let len = usize::try_from(header.len).unwrap_or(usize::MAX);
+    if len > MAX_PAYLOAD {
+        return Err(PacketError::Oversized(header.len));
+    }
+    if len > total - HEADER_LEN {
+        return Err(PacketError::TruncatedPayload {
+            len: header.len,
+            available: total - HEADER_LEN,
+        });
+    }
+    let mut payload = vec![0u8; len];
+    gather(memory, buffers, HEADER_LEN, &mut payload)?;
+    Ok((header, payload))
+}
+
+/// How many payload bytes an RX chain can take after the header.
+pub fn rx_capacity(buffers: &[Buffer], memory: &GuestMemoryMmap) -> Result<usize, PacketError> {
+    let total = check(buffers, memory, true)?;
+    total
+        .checked_sub(HEADER_LEN)
+        .ok_or(PacketError::SmallRx(total))
+}
+
+/// Writes a packet into a checked RX chain; returns the bytes written.
+pub fn write_rx(
+    buffers: &[Buffer],
+    memory: &GuestMemoryMmap,
+    header: &Header,
+    payload: &[u8],
+) -> Result<u32, PacketError> {
+    let mut bytes = Vec::with_capacity(HEADER_LEN + payload.len());
+    bytes.extend_from_slice(&header.to_bytes());
+    bytes.extend_from_slice(payload);
+    let mut rest = &bytes[..];
+    for b in buffers {
+        if rest.is_empty() {
+            break;
+        }
+        let n = rest.len().min(usize::try_from(b.len).unwrap_or(0));
+        memory
+            .write_slice(&rest[..n], b.addr)
+            .map_err(|e| PacketError::Memory(e.to_string()))?;
+        rest = &rest[n..];
+    }
+    if !rest.is_empty() {
+        return Err(PacketError::SmallRx(bytes.len() - rest.len()));
+    }
+    Ok(u32::try_from(bytes.len()).unwrap_or(u32::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestAddress;
+
+    fn memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
+    }
+
+    fn buf(addr: u64, len: u32, writable: bool) -> Buffer {
+        Buffer {
+            addr: GuestAddress(addr),
+            len,
+            writable,
+        }
+    }
+
+    fn header(len: u32) -> Header {
+        Header {
+            src_cid: 3,
+            dst_cid: 2,
+            src_port: 1000,
+            dst_port: 52,
+            len,
+            type_: 1,
+            op: 5,
+            flags: 0,
+            buf_alloc: 4096,
+            fwd_cnt: 7,
+        }
+    }
+
+    #[test]
+    fn a_packet_split_across_descriptors_reads_back_whole() {
+        let mem = memory();
+        let mut bytes = header(5).to_bytes().to_vec();
+        bytes.extend_from_slice(b"hello");
+        // Header split at 10 bytes, payload in a third descriptor.
+        mem.write_slice(&bytes[..10], GuestAddress(0x1000)).unwrap();
+        mem.write_slice(&bytes[10..44], GuestAddress(0x2000))
+            .unwrap();
+        mem.write_slice(&bytes[44..], GuestAddress(0x3000)).unwrap();
+        let chain = [
+            buf(0x1000, 10, false),
+            buf(0x2000, 34, false),
+            buf(0x3000, 5, false),
+        ];
+        let (h, payload) = read_tx(&chain, &mem).unwrap();
+        assert_eq!(h, header(5));
+        assert_eq!(payload, b"hello");
+    }
+
+    #[test]
+    fn truncated_oversized_and_misdirected_packets_are_refused() {
+        let mem = memory();
+        mem.write_slice(&header(100).to_bytes(), GuestAddress(0x1000))
+            .unwrap();
+        assert_eq!(
+            read_tx(&[buf(0x1000, 20, false)], &mem),
+            Err(PacketError::TruncatedHeader(20))
+        );
+        assert_eq!(
+            read_tx(&[buf(0x1000, 44 + 10, false)], &mem),
+            Err(PacketError::TruncatedPayload {
+                len: 100,
+                available: 10
+            })
+        );
+        mem.write_slice(&header(u32::MAX).to_bytes(), GuestAddress(0x1000))
+            .unwrap();
+        assert_eq!(
+            read_tx(&[buf(0x1000, 0xf000, false)], &mem),
+            Err(PacketError::Oversized(u32::MAX))
+        );
+        assert_eq!(
+            read_tx(&[buf(0x1000, 44, true)], &mem),
+            Err(PacketError::WritableTx)
+        );
+        assert!(matches!(
+            read_tx(&[buf(0xf_fff0, 44, false)], &mem),
+            Err(PacketError::OutsideMemory { .. })
+        ));
+        assert_eq!(
+            rx_capacity(&[buf(0x1000, 40, true)], &mem),
+            Err(PacketError::SmallRx(40))
+        );
+        assert_eq!(
+            rx_capacity(&[buf(0x1000, 40, false)], &mem),
+            Err(PacketError::ReadableRx)
+        );
+    }
+
+    #[test]
+    fn an_rx_packet_fills_the_chain_in_order() {
+        let mem = memory();
+        let chain = [buf(0x1000, 30, true), buf(0x2000, 100, true)];
+        assert_eq!(rx_capacity(&chain, &mem), Ok(86));
+        let written = write_rx(&chain, &mem, &header(3), b"abc").unwrap();
+        assert_eq!(written, 47);
+        let mut raw = [0u8; 44];
+        mem.read_slice(&mut raw[..30], GuestAddress(0x1000))
+            .unwrap();
+        mem.read_slice(&mut raw[30..], GuestAddress(0x2000))
+            .unwrap();
+        assert_eq!(Header::from_bytes(&raw), header(3));
+        let mut payload = [0u8; 3];
+        mem.read_slice(&mut payload, GuestAddress(0x200e)).unwrap();
+        assert_eq!(&payload, b"abc");
+    }
+}

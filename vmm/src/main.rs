@@ -1,0 +1,164 @@
+//! `cocoon-vmm`: runs one micro-VM until the guest shuts down.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::Parser;
+use cocoon_vmm::config::{DiskConfig, SerialConfig, VmConfig, VsockConfig};
+use cocoon_vmm::vmm::{EXIT_VMM_ERROR, ExitReason};
+
+const EXIT_CODES: &str = "\
+Exit status:
+  0        the guest shut down or rebooted
+  1        VMM error (bad configuration, KVM unavailable, runtime failure)
+  2        bad command-line arguments
+  3        the guest crashed (triple fault, KVM internal or entry error)
+  128+N    stopped by signal N (SIGTERM: 143); the guest is stopped and
+           everything the VMM made is removed";
+
+/// Runs one KVM micro-VM: a Linux kernel with a serial console, an i8042
+/// reset line, a boot-time marker, virtio-blk disks and virtio-vsock.
+#[derive(Debug, Parser)]
+#[command(name = "cocoon-vmm", version, after_help = EXIT_CODES)]
+struct Args {
+    /// JSON file with the VM configuration; flags given as well override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Guest kernel: an ELF vmlinux (PVH entry used when present) or a bzImage.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// initramfs to load next to the kernel.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line [default: "console=ttyS0 reboot=k panic=-1 quiet"].
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Number of vCPUs (1-32) [default: 1].
+    #[arg(long)]
+    vcpus: Option<u8>,
+    /// Guest RAM in MiB [default: 128].
+    #[arg(long)]
+    mem_mib: Option<u32>,
+    /// A virtio-blk disk: PATH[,ro][,id=ID]. Repeatable; /dev/vda is the first.
+    #[arg(long = "disk", value_name = "PATH[,ro][,id=ID]")]
+    disks: Vec<DiskConfig>,
+    /// Unix socket for virtio-vsock (host side of hybrid vsock).
+    #[arg(long)]
+    vsock_uds: Option<PathBuf>,
+    /// The guest's vsock CID [default: 3].
+    #[arg(long)]
+    vsock_cid: Option<u32>,
+    /// Where the serial console goes: stdout, file:PATH or none [default: stdout].
+    #[arg(long)]
+    serial: Option<SerialConfig>,
+    /// Log filter for the VMM's own messages on stderr (error, warn, info, debug, trace).
+    #[arg(long, default_value = "warn", env = "COCOON_VMM_LOG")]
+    log_level: tracing::Level,
+}
+
+impl Args {
+    fn into_config(self) -> Result<VmConfig, cocoon_vmm::ConfigError> {
+        let mut config = match &self.config {
+            Some(path) => VmConfig::from_file(path)?,
+            None => VmConfig::default(),
+        };
+        if let Some(kernel) = self.kernel {
+            config.kernel = kernel;
+        }
+        if self.initrd.is_some() {
+            config.initrd = self.initrd;
+        }
+        if let Some(cmdline) = self.cmdline {
+            config.cmdline = cmdline;
+        }
+        if let Some(vcpus) = self.vcpus {
+            config.vcpus = vcpus;
+        }
+        if let Some(mem_mib) = self.mem_mib {
+            config.mem_mib = mem_mib;
+        }
+        config.disks.extend(self.disks);
+        match (self.vsock_uds, &mut config.vsock) {
+            (Some(uds), Some(vsock)) => vsock.uds = uds,
+            (Some(uds), None) => {
+                config.vsock = Some(VsockConfig {
+                    uds,
+                    cid: cocoon_vmm::config::DEFAULT_CID,
+                })
+            }
+            (None, _) => {}
+        }
+        if let (Some(cid), Some(vsock)) = (self.vsock_cid, &mut config.vsock) {
+            vsock.cid = cid;
+        }
+        if let Some(serial) = self.serial {
+            config.serial = serial;
+        }
+        Ok(config)
+    }
+}
+
+/// Prints an error and its causes on one line each.
+fn report(error: &dyn std::error::Error) {
+    eprintln!("cocoon-vmm: error: {error}");
+    let mut source = error.source();
+    while let Some(cause) = source {
+        eprintln!("  caused by: {cause}");
+        source = cause.source();
+    }
+}
+
+fn main() -> ExitCode {
+    let started = Instant::now();
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_max_level(args.log_level)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let config = match args.into_config() {
+        Ok(config) => config,
+        Err(e) => {
+            report(&e);
+            return exit_code(EXIT_VMM_ERROR);
+        }
+    };
+    let vmm = match cocoon_vmm::build(&config, started) {
+        Ok(vmm) => vmm,
+        Err(e) => {
+            report(&e);
+            return exit_code(EXIT_VMM_ERROR);
+        }
+    };
+    if let Err(e) = forward_signals(&vmm) {
+        report(&e);
+        return exit_code(EXIT_VMM_ERROR);
+    }
+    let reason = vmm.run();
+    match &reason {
+        ExitReason::GuestShutdown => tracing::info!("{reason}"),
+        _ => eprintln!("cocoon-vmm: {reason}"),
+    }
+    exit_code(reason.exit_code())
+}
+
+/// SIGTERM, SIGINT and SIGHUP end the VM; the VMM then cleans up and exits 128+N.
+fn forward_signals(vmm: &cocoon_vmm::Vmm) -> std::io::Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
+    let exit = vmm.exit_notifier();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(signal) = signals.forever().next() {
+                exit.report(ExitReason::Signal(signal));
+            }
+        })?;
+    Ok(())
+}
+
+fn exit_code(code: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX))
+}

@@ -1,0 +1,154 @@
+//! Guest RAM: anonymous private mappings, one per RAM range of the layout,
+//! each between two inaccessible guard pages so that a bug that runs off the
+//! end of a range faults instead of touching a neighbouring host mapping.
+//!
+//! The mappings are reserved `PROT_NONE` with the guard pages included, then
+//! the middle is made readable and writable; [`GuestRam`] unmaps the whole
+//! reservation when dropped. Pages are allocated only when the guest touches
+//! them (`MAP_NORESERVE`).
+
+use std::io;
+use std::sync::Arc;
+
+use vm_memory::mmap::MmapRegion;
+use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+
+use crate::arch::layout::ram_ranges;
+
+/// Why guest RAM could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("cannot reserve {0} bytes of address space for guest RAM")]
+    Reserve(usize, #[source] io::Error),
+    #[error("cannot map {0} bytes of guest RAM")]
+    Map(usize, #[source] io::Error),
+    #[error("cannot describe guest RAM to vm-memory: {0}")]
+    Region(String),
+    #[error("guest memory size {0} MiB does not fit in this host's address space")]
+    Size(u64),
+}
+
+/// One reservation: `len` bytes at `base`, guard pages included.
+#[derive(Debug)]
+struct Reservation {
+    base: *mut libc::c_void,
+    len: usize,
+}
+
+// SAFETY: the reservation is a plain address range; it is only unmapped in
+// `drop`, which needs exclusive ownership.
+unsafe impl Send for Reservation {}
+// SAFETY: no method reads or writes through the pointer.
+unsafe impl Sync for Reservation {}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        // SAFETY: `base`/`len` is a mapping this struct created and nothing
+        // else unmaps; the guest memory views of it are dropped before the
+        // `GuestRam` that owns this reservation (field order).
+        unsafe { libc::munmap(self.base, self.len) };
+    }
+}
+
+/// The guest's RAM and the host mappings behind it.
+#[derive(Debug)]
+pub struct GuestRam {
+    /// Dropped first: the views into the reservations.
+    memory: GuestMemoryMmap,
+    _reservations: Vec<Arc<Reservation>>,
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096)
+}
+
+impl GuestRam {
+    /// Maps `mem_bytes` of RAM at the guest addresses of the layout.
+    pub fn new(mem_bytes: u64) -> Result<Self, MemoryError> {
+        let page = page_size();
+        let mut regions = Vec::new();
+        let mut reservations = Vec::new();
+        for range in ram_ranges(mem_bytes) {
+            let len = usize::try_from(range.len).map_err(|_| MemoryError::Size(mem_bytes >> 20))?;
+            let total = len
+                .checked_add(2 * page)
+                .ok_or(MemoryError::Size(mem_bytes >> 20))?;
+            // SAFETY: a fresh anonymous mapping at an address of the kernel's
+            // choosing; the result is checked below.
+            let base = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    total,
+                    libc::PROT_NONE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                    -1,
+                    0,
+                )
+            };
+            if base == libc::MAP_FAILED {
+                return Err(MemoryError::Reserve(total, io::Error::last_os_error()));
+            }
+            let reservation = Arc::new(Reservation { base, len: total });
+            let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+            // SAFETY: `base + page` lies inside the reservation just made and
+            // `len + page <= total`; MAP_FIXED replaces only our own pages.
+            let ram = unsafe {
+                libc::mmap(
+                    base.cast::<u8>().add(page).cast(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    flags | libc::MAP_FIXED,
+                    -1,
+                    0,
+                )
+            };
+            if ram == libc::MAP_FAILED {
+                return Err(MemoryError::Map(len, io::Error::last_os_error()));
+            }
+            // SAFETY: `ram` is a valid mapping of `len` bytes with exactly
+            // this protection and these flags, and it lives as long as
+            // `reservation`, which `GuestRam` keeps until after the regions.
+            let mapping = unsafe {
+                MmapRegion::build_raw(ram.cast(), len, libc::PROT_READ | libc::PROT_WRITE, flags)
+            }
+            .map_err(|e| MemoryError::Region(e.to_string()))?;
+            let region = GuestRegionMmap::new(mapping, GuestAddress(range.start))
+                .ok_or_else(|| MemoryError::Region("region wraps the address space".into()))?;
+            regions.push(region);
+            reservations.push(reservation);
+        }
+        let memory = GuestMemoryMmap::from_regions(regions)
+            .map_err(|e| MemoryError::Region(e.to_string()))?;
+        Ok(Self {
+            memory,
+            _reservations: reservations,
+        })
+    }
+
+    /// The guest memory, to read and write guest physical addresses.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestMemoryBackend};
+
+    #[test]
+    fn ram_is_usable_to_its_last_byte_and_not_beyond() {
+        let ram = GuestRam::new(8 << 20).unwrap();
+        let memory = ram.memory();
+        memory
+            .write_obj(0xabu8, GuestAddress((8 << 20) - 1))
+            .unwrap();
+        assert_eq!(
+            memory.read_obj::<u8>(GuestAddress((8 << 20) - 1)).unwrap(),
+            0xab
+        );
+        assert!(memory.write_obj(0u8, GuestAddress(8 << 20)).is_err());
+        assert_eq!(memory.num_regions(), 1);
+    }
+}

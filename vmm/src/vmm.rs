@@ -1,0 +1,190 @@
+//! A built VM and how it ends.
+//!
+//! The main thread starts the vCPU threads and then waits on one eventfd,
+//! the [`ExitNotifier`]. Whatever ends the VM reports its reason there: a vCPU
+//! (triple fault, KVM error), the i8042 reset line (the guest rebooted), or
+//! the signal thread (SIGTERM, SIGINT, SIGHUP). The first reason wins. Then
+//! the vCPUs are stopped and joined, the device workers stopped, and the VM,
+//! its memory and its sockets are released, in that order.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::devices::bus::{Bus, lock};
+use crate::devices::legacy::{BootMarker, BootTime};
+use crate::memory::GuestRam;
+use crate::vstate::vcpu::{Vcpu, VcpuThreads};
+use crate::vstate::vm::Vm;
+
+/// Why the VM ended, and the process exit status that says so.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The guest rebooted or shut down (i8042 reset, KVM system event). Exit 0.
+    GuestShutdown,
+    /// The guest crashed: triple fault, KVM internal error, failed entry. Exit 3.
+    GuestCrash(String),
+    /// The VMM was told to stop by a signal. Exit 128 + the signal number.
+    Signal(i32),
+    /// The VMM failed while running the guest. Exit 1.
+    Error(String),
+}
+
+/// Exit status for an error before the guest ran (bad configuration, no KVM).
+pub const EXIT_VMM_ERROR: i32 = 1;
+/// Exit status when the guest crashed.
+pub const EXIT_GUEST_CRASH: i32 = 3;
+
+impl ExitReason {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ExitReason::GuestShutdown => 0,
+            ExitReason::GuestCrash(_) => EXIT_GUEST_CRASH,
+            ExitReason::Signal(signal) => 128 + signal,
+            ExitReason::Error(_) => EXIT_VMM_ERROR,
+        }
+    }
+}
+
+impl std::fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitReason::GuestShutdown => f.write_str("the guest shut down"),
+            ExitReason::GuestCrash(why) => write!(f, "the guest crashed: {why}"),
+            ExitReason::Signal(signal) => write!(f, "stopped by signal {signal}"),
+            ExitReason::Error(why) => write!(f, "VMM error: {why}"),
+        }
+    }
+}
+
+/// Where the reason the VM ends is reported; the first report wins.
+#[derive(Debug)]
+pub struct ExitNotifier {
+    evt: EventFd,
+    reason: Mutex<Option<ExitReason>>,
+}
+
+impl ExitNotifier {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            evt: EventFd::new(0)?,
+            reason: Mutex::new(None),
+        })
+    }
+
+    pub fn report(&self, reason: ExitReason) {
+        let mut slot = lock(&self.reason);
+        if slot.is_none() {
+            *slot = Some(reason);
+            let _ = self.evt.write(1);
+        }
+    }
+
+    pub fn reason(&self) -> Option<ExitReason> {
+        lock(&self.reason).clone()
+    }
+
+    /// Blocks until a reason has been reported and returns it.
+    pub fn wait(&self) -> ExitReason {
+        loop {
+            if let Some(reason) = self.reason() {
+                return reason;
+            }
+            if let Err(e) = self.evt.read()
+                && e.kind() != std::io::ErrorKind::Interrupted
+            {
+                return ExitReason::Error(format!("waiting for the VM to end: {e}"));
+            }
+        }
+    }
+}
+
+/// A VM ready to run, as [`crate::build`] made it.
+///
+/// Fields drop in declaration order: vCPUs before devices, devices before
+/// the VM, the VM before its memory.
+#[derive(Debug)]
+pub struct Vmm {
+    pub(crate) vcpu_threads: VcpuThreads,
+    pub(crate) vcpus: Vec<Vcpu>,
+    pub(crate) pio: Arc<Bus>,
+    pub(crate) mmio: Arc<Bus>,
+    pub(crate) boot_marker: Arc<Mutex<BootMarker>>,
+    pub(crate) exit: Arc<ExitNotifier>,
+    pub(crate) vm: Vm,
+    pub(crate) ram: Arc<GuestRam>,
+    pub(crate) started: Instant,
+}
+
+impl Vmm {
+    /// Where to report a reason to end the VM from outside (signals, tests).
+    pub fn exit_notifier(&self) -> Arc<ExitNotifier> {
+        Arc::clone(&self.exit)
+    }
+
+    /// Runs the guest until it ends, then frees everything. Returns why it ended.
+    pub fn run(mut self) -> ExitReason {
+        let vcpus = std::mem::take(&mut self.vcpus);
+        match VcpuThreads::start(
+            vcpus,
+            Arc::clone(&self.pio),
+            Arc::clone(&self.mmio),
+            Arc::clone(&self.exit),
+        ) {
+            Ok(threads) => self.vcpu_threads = threads,
+            Err(e) => return ExitReason::Error(format!("cannot start the vCPU threads: {e}")),
+        }
+        let ready_us = u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        tracing::info!(
+            ready_us,
+            cpu_us = crate::devices::legacy::process_cpu_us(),
+            "vCPUs running"
+        );
+        let reason = self.exit.wait();
+        self.vcpu_threads.stop();
+        reason
+    }
+
+    /// When the guest wrote the boot marker, if it has.
+    pub fn boot_time(&self) -> Option<BootTime> {
+        lock(&self.boot_marker).first()
+    }
+
+    /// The guest's RAM.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_reason_wins_and_wakes_the_waiter() {
+        let exit = Arc::new(ExitNotifier::new().unwrap());
+        let waiter = {
+            let exit = Arc::clone(&exit);
+            std::thread::spawn(move || exit.wait())
+        };
+        exit.report(ExitReason::GuestCrash("triple fault".into()));
+        exit.report(ExitReason::GuestShutdown);
+        assert_eq!(
+            waiter.join().unwrap(),
+            ExitReason::GuestCrash("triple fault".into())
+        );
+    }
+
+    #[test]
+    fn exit_codes_follow_the_documented_table() {
+        assert_eq!(ExitReason::GuestShutdown.exit_code(), 0);
+        assert_eq!(ExitReason::Error(String::new()).exit_code(), 1);
+        assert_eq!(ExitReason::GuestCrash(String::new()).exit_code(), 3);
+        assert_eq!(ExitReason::Signal(libc::SIGTERM).exit_code(), 143);
+    }
+}

@@ -1,0 +1,219 @@
+//! One vCPU: its boot state and its run loop.
+//!
+//! Each vCPU runs on its own thread. Port and MMIO exits go to the device
+//! buses; everything that ends the VM (a reset request, a triple fault, a
+//! KVM internal error) is reported through the [`ExitNotifier`] and the
+//! thread returns. The VMM stops a vCPU by setting the shared stop flag and
+//! kicking the thread with `SIGRTMIN`, which makes `KVM_RUN` return `EINTR`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use kvm_bindings::{CpuId, Msrs, kvm_lapic_state};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::arch::regs::{self, BootProtocol};
+use crate::arch::{boot::BootEntry, cpuid};
+use crate::devices::bus::Bus;
+use crate::vmm::{ExitNotifier, ExitReason};
+
+use super::vm::{Vm, VmError};
+
+/// KVM_SYSTEM_EVENT_* types.
+const SYSTEM_EVENT_SHUTDOWN: u32 = 1;
+const SYSTEM_EVENT_RESET: u32 = 2;
+
+/// A configured vCPU, ready to run.
+#[derive(Debug)]
+pub struct Vcpu {
+    index: u8,
+    fd: VcpuFd,
+}
+
+impl Vcpu {
+    /// Creates vCPU `index` of `count` and sets its CPUID, MSRs, FPU and
+    /// LAPIC. The bootstrap vCPU (0) also gets the boot registers; the
+    /// others wait for the guest's startup IPI in the in-kernel LAPIC.
+    pub fn new(
+        vm: &Vm,
+        base_cpuid: &CpuId,
+        index: u8,
+        count: u8,
+        boot: BootEntry,
+    ) -> Result<Self, VmError> {
+        let fd = vm
+            .fd()
+            .create_vcpu(u64::from(index))
+            .map_err(|e| VmError("KVM_CREATE_VCPU", e))?;
+        let mut cpuid = base_cpuid.clone();
+        cpuid::adjust(cpuid.as_mut_slice(), index, count);
+        fd.set_cpuid2(&cpuid)
+            .map_err(|e| VmError("KVM_SET_CPUID2", e))?;
+
+        let msrs = Msrs::from_entries(&regs::boot_msrs()).map_err(|_| {
+            VmError(
+                "building the MSR list",
+                kvm_ioctls::Error::new(libc::EINVAL),
+            )
+        })?;
+        let written = fd.set_msrs(&msrs).map_err(|e| VmError("KVM_SET_MSRS", e))?;
+        if written != msrs.as_slice().len() {
+            return Err(VmError(
+                "KVM_SET_MSRS",
+                kvm_ioctls::Error::new(libc::EINVAL),
+            ));
+        }
+        fd.set_fpu(&regs::boot_fpu())
+            .map_err(|e| VmError("KVM_SET_FPU", e))?;
+
+        let mut lapic: kvm_lapic_state = fd.get_lapic().map_err(|e| VmError("KVM_GET_LAPIC", e))?;
+        for register in [regs::APIC_LVT0, regs::APIC_LVT1] {
+            let value = read_lapic(&lapic, register);
+            write_lapic(&mut lapic, register, regs::lapic_lint(register, value));
+        }
+        fd.set_lapic(&lapic)
+            .map_err(|e| VmError("KVM_SET_LAPIC", e))?;
+
+        let mut sregs = fd.get_sregs().map_err(|e| VmError("KVM_GET_SREGS", e))?;
+        regs::set_boot_sregs(&mut sregs, boot.protocol);
+        fd.set_sregs(&sregs)
+            .map_err(|e| VmError("KVM_SET_SREGS", e))?;
+        if index == 0 {
+            fd.set_regs(&regs::boot_regs(boot.protocol, boot.entry))
+                .map_err(|e| VmError("KVM_SET_REGS", e))?;
+        } else if boot.protocol == BootProtocol::Pvh {
+            // APs are started by the guest through INIT/SIPI; nothing to set.
+        }
+        Ok(Self { index, fd })
+    }
+
+    pub fn index(&self) -> u8 {
+        self.index
+    }
+
+    /// Runs the guest until it ends the VM or `stop` is set. The reason the
+    /// VM ended, if this vCPU saw it, goes to `exit`.
+    pub fn run(mut self, pio: &Bus, mmio: &Bus, stop: &AtomicBool, exit: &ExitNotifier) {
+        while !stop.load(Ordering::Acquire) {
+            let reason = match self.fd.run() {
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    pio.write(u64::from(port), data);
+                    continue;
+                }
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    pio.read(u64::from(port), data);
+                    continue;
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    mmio.write(addr, data);
+                    continue;
+                }
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    mmio.read(addr, data);
+                    continue;
+                }
+                Ok(VcpuExit::Intr) => continue,
+                Ok(VcpuExit::Hlt) => ExitReason::GuestShutdown,
+                Ok(VcpuExit::Shutdown) => {
+                    ExitReason::GuestCrash(format!("vCPU {} triple-faulted", self.index))
+                }
+                Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+                    SYSTEM_EVENT_SHUTDOWN | SYSTEM_EVENT_RESET => ExitReason::GuestShutdown,
+                    other => ExitReason::GuestCrash(format!(
+                        "vCPU {} reported system event {other}",
+                        self.index
+                    )),
+                },
+                Ok(VcpuExit::InternalError) => {
+                    ExitReason::GuestCrash(format!("KVM internal error on vCPU {}", self.index))
+                }
+                Ok(VcpuExit::FailEntry(reason, cpu)) => ExitReason::GuestCrash(format!(
+                    "KVM could not enter vCPU {} (hardware reason {reason:#x}, cpu {cpu})",
+                    self.index
+                )),
+                Ok(other) => ExitReason::GuestCrash(format!(
+                    "vCPU {} stopped with an unexpected exit: {other:?}",
+                    self.index
+                )),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+                Err(e) => ExitReason::Error(format!("KVM_RUN on vCPU {} failed: {e}", self.index)),
+            };
+            exit.report(reason);
+            return;
+        }
+    }
+}
+
+fn read_lapic(lapic: &kvm_lapic_state, offset: usize) -> u32 {
+    let bytes: [u8; 4] = std::array::from_fn(|i| lapic.regs[offset + i].to_ne_bytes()[0]);
+    u32::from_le_bytes(bytes)
+}
+
+fn write_lapic(lapic: &mut kvm_lapic_state, offset: usize, value: u32) {
+    for (i, byte) in value.to_le_bytes().into_iter().enumerate() {
+        lapic.regs[offset + i] = i8::from_ne_bytes([byte]);
+    }
+}
+
+/// The vCPU threads of a running VM.
+#[derive(Debug, Default)]
+pub struct VcpuThreads {
+    handles: Vec<std::thread::JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+}
+
+extern "C" fn ignore_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+impl VcpuThreads {
+    /// Starts one thread per vCPU.
+    pub fn start(
+        vcpus: Vec<Vcpu>,
+        pio: Arc<Bus>,
+        mmio: Arc<Bus>,
+        exit: Arc<ExitNotifier>,
+    ) -> std::io::Result<Self> {
+        vmm_sys_util::signal::register_signal_handler(
+            vmm_sys_util::signal::SIGRTMIN(),
+            ignore_kick,
+        )
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Self {
+            handles: Vec::new(),
+            stop: Arc::clone(&stop),
+        };
+        for vcpu in vcpus {
+            let (pio, mmio, exit, stop) = (
+                Arc::clone(&pio),
+                Arc::clone(&mmio),
+                Arc::clone(&exit),
+                Arc::clone(&stop),
+            );
+            let handle = std::thread::Builder::new()
+                .name(format!("vcpu{}", vcpu.index()))
+                .spawn(move || vcpu.run(&pio, &mmio, &stop, &exit))?;
+            threads.handles.push(handle);
+        }
+        Ok(threads)
+    }
+
+    /// Stops every vCPU and waits for its thread.
+    pub fn stop(&mut self) {
+        use vmm_sys_util::signal::Killable;
+        self.stop.store(true, Ordering::Release);
+        for handle in self.handles.drain(..) {
+            // A kick that lands outside KVM_RUN is lost: keep kicking.
+            while !handle.is_finished() {
+                let _ = handle.kill(vmm_sys_util::signal::SIGRTMIN());
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for VcpuThreads {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
