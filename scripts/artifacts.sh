@@ -15,6 +15,11 @@ ldd "$COCOON_TEST_INIT" 2>&1 | grep -qE 'not a dynamic|statically linked' \
     || die "$COCOON_TEST_INIT is not statically linked"
 export COCOON_TEST_INIT
 
+log "==> cocoon-vmm (release)"
+cargo build --quiet --release -p cocoon-vmm
+COCOON_VMM=$PWD/target/release/cocoon-vmm
+export COCOON_VMM
+
 log "==> nested test host kernel (Debian cloud kernel)"
 COCOON_TESTHOST_KERNEL_DIR=$(tests/testhost/fetch-kernel.sh)
 COCOON_CLOUD_KERNEL=$(ls "$COCOON_TESTHOST_KERNEL_DIR"/boot/vmlinuz-*)
@@ -27,15 +32,28 @@ e2e_test_binary() {
         | tail -n 1
 }
 
-# Runs the e2e test binary with the given arguments where real guests boot:
-# directly on a native KVM host, or inside the nested test host.
-run_e2e() {
-    local binary
-    binary=$(e2e_test_binary)
-    [ -x "$binary" ] || die "could not build the e2e tests"
+# Runs a command where real guests boot: directly on a native KVM host, or
+# inside the nested test host. Usage: run_with_kvm [--with PATH]... -- CMD...
+# The artefacts above are always available to the command.
+run_with_kvm() {
     cargo build --quiet -p cocoon-testbed
     COCOON_E2E_REQUIRED=1 target/debug/cocoon-testbed run \
         --with /usr/bin/qemu-system-x86_64 --with /usr/share/qemu --with /usr/share/seabios \
         --with "$COCOON_KERNEL" --with "$COCOON_TEST_INIT" --with "$COCOON_CLOUD_KERNEL" \
-        -- "$binary" "$@"
+        --with "$COCOON_VMM" \
+        "$@"
+}
+
+# Runs the e2e test binary with the given arguments where real guests boot.
+run_e2e() {
+    local binary
+    binary=$(e2e_test_binary)
+    [ -x "$binary" ] || die "could not build the e2e tests"
+    run_with_kvm -- "$binary" "$@"
+}
+
+# Builds the boot benchmark and prints its path.
+boot_bench_binary() {
+    cargo build --quiet -p cocoon-e2e --bin cocoon-boot-bench
+    echo "$PWD/target/debug/cocoon-boot-bench"
 }

@@ -18,7 +18,11 @@ cargo clippy --quiet --workspace --all-targets --locked -- -D warnings
 log "==> unit and integration tests"
 COCOON_E2E_REQUIRED=1 cargo test --workspace --exclude cocoon-e2e --locked
 
-log "==> end-to-end tests"
-run_e2e --test-threads=1 --nocapture
+log "==> end-to-end tests, then a boot-benchmark smoke run (2 boots) so it cannot rot"
+e2e=$(e2e_test_binary)
+[ -x "$e2e" ] || die "could not build the e2e tests"
+bench=$(boot_bench_binary)
+run_with_kvm --with "$e2e" --with "$bench" -- \
+    sh -c '"$1" --test-threads=1 --nocapture && "$2" 2' sh "$e2e" "$bench"
 
 log "==> all tests passed in $(( $(date +%s) - started )) s"

@@ -67,10 +67,15 @@ pub fn build(config: &VmConfig, started: Instant) -> Result<Vmm, BuildError> {
     config.validate()?;
     let mem_bytes = u64::from(config.mem_mib) << 20;
 
+    let phase = |name: &str| {
+        tracing::debug!(us = started.elapsed().as_micros(), "build: {name}");
+    };
+    phase("configuration checked");
     let ram = Arc::new(GuestRam::new(mem_bytes)?);
     let vm = Vm::new()?;
     vm.register_memory(&ram)?;
     vm.create_irqchip()?;
+    phase("VM, memory and irqchip created");
     let exit = Arc::new(ExitNotifier::new().map_err(BuildError::EventFd)?);
 
     // Legacy devices on ports.
@@ -127,6 +132,7 @@ pub fn build(config: &VmConfig, started: Instant) -> Result<Vmm, BuildError> {
         cmdline_devices.push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
     }
 
+    phase("devices created");
     // The guest itself.
     let cmdline = boot::cmdline(&config.cmdline, &cmdline_devices)?;
     let entry = boot::load_guest(
@@ -137,6 +143,7 @@ pub fn build(config: &VmConfig, started: Instant) -> Result<Vmm, BuildError> {
         &cmdline,
     )?;
     boot::write_arch_tables(ram.memory(), config.vcpus, entry.protocol)?;
+    phase("guest loaded");
     tracing::debug!(?entry, cmdline = ?cmdline.as_cstring().ok(), "guest loaded");
 
     let cpuid = vm
@@ -146,6 +153,7 @@ pub fn build(config: &VmConfig, started: Instant) -> Result<Vmm, BuildError> {
     let vcpus = (0..config.vcpus)
         .map(|index| Vcpu::new(&vm, &cpuid, index, config.vcpus, entry))
         .collect::<Result<Vec<_>, _>>()?;
+    phase("vCPUs configured");
 
     Ok(Vmm {
         vcpu_threads: VcpuThreads::default(),

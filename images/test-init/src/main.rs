@@ -1,17 +1,40 @@
-//! PID 1 of the boot-test initramfs.
+//! PID 1 of cocoon's test initramfs.
 //!
-//! It proves a guest kernel reached user space: it mounts `/proc`, prints one
-//! marker line with what it sees (uptime, kernel release, CPUs, memory) on the
-//! console, and reboots the VM, which with `-no-reboot` (QEMU) or our VMM ends
-//! the VMM with status 0. Linked statically (`-C target-feature=+crt-static`)
-//! so the initramfs needs nothing else.
+//! It proves a guest kernel reached user space and exercises the VMM's
+//! devices from the inside. It mounts `/proc` and `/dev`, prints one marker
+//! line with what it sees (uptime, kernel release, CPUs, memory), runs the
+//! steps named in `cocoon_test=` on the kernel command line (which the kernel
+//! hands to init as an environment variable), printing one result line per
+//! step, and reboots the VM — which ends QEMU (`-no-reboot`) or cocoon-vmm
+//! with status 0. Linked statically so the initramfs needs nothing else.
+//!
+//! Steps (comma-separated):
+//!
+//! | step                  | what it does                                                    |
+//! |-----------------------|-----------------------------------------------------------------|
+//! | `marker`              | writes the boot-time marker (123 to port 0x3f0)                 |
+//! | `vsock-echo:P`        | connects to host CID 2 port P, sends a line, expects it back    |
+//! | `vsock-listen:P`      | accepts one host connection on port P, answers `guest got: …`   |
+//! | `blk-read:DEV:N`      | reads N bytes of DEV, checks the pattern `(i * 7 + 3) % 256`    |
+//! | `blk-ro:DEV`          | checks that DEV refuses writes                                  |
+//! | `blk-write:DEV`       | writes [`WRITE_PATTERN`] at offset 4096 of DEV and syncs        |
+//! | `hang`                | waits forever (for tests that stop the VM from outside)         |
 
 use std::ffi::CStr;
-use std::fs;
-use std::io::{self, Write};
+use std::fs::{self, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
 
 /// The line end-to-end tests wait for.
 const MARKER: &str = "COCOON-TEST-INIT: ready";
+/// Prefix of each step's result line: `COCOON-TEST-INIT: step NAME ok|FAILED …`.
+const STEP: &str = "COCOON-TEST-INIT: step";
+/// What `blk-write` writes.
+const WRITE_PATTERN: &[u8] = b"cocoon-test-init wrote this through virtio-blk\n";
+const BOOT_MARKER_PORT: u16 = 0x3f0;
+const BOOT_MARKER_VALUE: u8 = 123;
+const HOST_CID: u32 = 2;
 
 fn main() {
     // SAFETY: getpid has no preconditions.
@@ -23,10 +46,19 @@ fn main() {
         Ok(()) => describe_guest(),
         Err(e) => format!("error=mount-proc:{e}"),
     };
-    let mut stdout = io::stdout().lock();
-    let _ = writeln!(stdout, "{MARKER} {report}");
-    let _ = stdout.flush();
-    drop(stdout);
+    say(&format!("{MARKER} {report}"));
+    if let Ok(steps) = std::env::var("cocoon_test") {
+        if let Err(e) = mount("devtmpfs", c"/dev", c"devtmpfs") {
+            say(&format!("{STEP} mount-dev FAILED {e}"));
+        }
+        for step in steps.split(',').filter(|s| !s.is_empty()) {
+            match run_step(step) {
+                Ok(detail) => say(&format!("{STEP} {step} ok {detail}")),
+                Err(e) => say(&format!("{STEP} {step} FAILED {e}")),
+            }
+        }
+        say("COCOON-TEST-INIT: done");
+    }
     // SAFETY: sync has no preconditions.
     unsafe { libc::sync() };
     // SAFETY: reboot with a valid command; as PID 1 we own the machine.
@@ -36,17 +68,200 @@ fn main() {
         "cocoon-test-init: reboot failed: {}",
         io::Error::last_os_error()
     );
+    pause_forever();
+}
+
+fn say(line: &str) {
+    let mut stdout = io::stdout().lock();
+    let _ = writeln!(stdout, "{line}");
+    let _ = stdout.flush();
+}
+
+fn pause_forever() -> ! {
     loop {
         // SAFETY: pause has no preconditions.
         unsafe { libc::pause() };
     }
 }
 
+fn run_step(step: &str) -> io::Result<String> {
+    let mut parts = step.split(':');
+    let name = parts.next().unwrap_or_default();
+    let mut arg = || {
+        parts
+            .next()
+            .ok_or_else(|| io::Error::other(format!("{name}: missing argument")))
+    };
+    match name {
+        "marker" => write_boot_marker(),
+        "vsock-echo" => vsock_echo(parse(arg()?)?),
+        "vsock-listen" => vsock_listen(parse(arg()?)?),
+        "blk-read" => {
+            let device = arg()?;
+            blk_read(device, parse(arg()?)?)
+        }
+        "blk-ro" => blk_ro(arg()?),
+        "blk-write" => blk_write(arg()?),
+        "hang" => {
+            say(&format!("{STEP} hang waiting"));
+            pause_forever()
+        }
+        _ => Err(io::Error::other(format!("unknown step {name}"))),
+    }
+}
+
+fn parse<T: std::str::FromStr>(text: &str) -> io::Result<T> {
+    text.parse()
+        .map_err(|_| io::Error::other(format!("bad number {text}")))
+}
+
+fn write_boot_marker() -> io::Result<String> {
+    // SAFETY: ioperm only changes this process's I/O permission bitmap.
+    if unsafe { libc::ioperm(u64::from(BOOT_MARKER_PORT), 1, 1) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the port was just granted; writing it has no effect on memory.
+    unsafe {
+        std::arch::asm!("out dx, al", in("dx") BOOT_MARKER_PORT, in("al") BOOT_MARKER_VALUE);
+    }
+    Ok(String::new())
+}
+
+fn vsock_addr(cid: u32, port: u32) -> libc::sockaddr_vm {
+    // SAFETY: sockaddr_vm is plain data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    addr.svm_family = libc::sa_family_t::try_from(libc::AF_VSOCK).unwrap_or(0);
+    addr.svm_cid = cid;
+    addr.svm_port = port;
+    addr
+}
+
+fn vsock_socket() -> io::Result<OwnedFd> {
+    // SAFETY: socket has no memory preconditions; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh socket this function owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `sizeof(struct sockaddr_vm)`: 16 bytes, far below `socklen_t::MAX`.
+#[allow(clippy::cast_possible_truncation)]
+const ADDR_LEN: libc::socklen_t = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+
+fn read_line(stream: &mut fs::File) -> io::Result<String> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.len() < 4096 {
+        if stream.read(&mut byte)? == 0 {
+            break;
+        }
+        line.push(byte[0]);
+        if byte[0] == b'\n' {
+            break;
+        }
+    }
+    String::from_utf8(line).map_err(io::Error::other)
+}
+
+fn vsock_echo(port: u32) -> io::Result<String> {
+    let socket = vsock_socket()?;
+    let addr = vsock_addr(HOST_CID, port);
+    // SAFETY: addr is a valid sockaddr_vm of ADDR_LEN bytes.
+    let rc = unsafe { libc::connect(socket.as_raw_fd(), (&raw const addr).cast(), ADDR_LEN) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut stream = fs::File::from(socket);
+    let message = "hello from the guest\n";
+    stream.write_all(message.as_bytes())?;
+    let reply = read_line(&mut stream)?;
+    if reply != message {
+        return Err(io::Error::other(format!("echo came back as {reply:?}")));
+    }
+    Ok(format!("echoed {} bytes", message.len()))
+}
+
+fn vsock_listen(port: u32) -> io::Result<String> {
+    let socket = vsock_socket()?;
+    let addr = vsock_addr(libc::VMADDR_CID_ANY, port);
+    // SAFETY: addr is a valid sockaddr_vm of ADDR_LEN bytes.
+    if unsafe { libc::bind(socket.as_raw_fd(), (&raw const addr).cast(), ADDR_LEN) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: listen on a bound socket.
+    if unsafe { libc::listen(socket.as_raw_fd(), 1) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    say(&format!("{STEP} vsock-listen:{port} listening"));
+    // SAFETY: null address arguments are allowed.
+    let fd = unsafe {
+        libc::accept(
+            socket.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a freshly accepted connection this function owns.
+    let mut stream = fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    let line = read_line(&mut stream)?;
+    stream.write_all(format!("guest got: {line}").as_bytes())?;
+    // Wait for the host to close, so the reply is not cut off by the reboot.
+    let mut rest = [0u8; 64];
+    while stream.read(&mut rest)? > 0 {}
+    Ok(format!("answered {:?}", line.trim_end()))
+}
+
+fn pattern(i: u64) -> u8 {
+    u8::try_from((i * 7 + 3) % 256).unwrap_or(0)
+}
+
+fn blk_read(device: &str, len: u64) -> io::Result<String> {
+    let disk = fs::File::open(device)?;
+    let mut buf = vec![0u8; 64 << 10];
+    let mut offset = 0u64;
+    while offset < len {
+        let n = disk.read_at(&mut buf, offset)?;
+        if n == 0 {
+            return Err(io::Error::other(format!("{device} ended at {offset}")));
+        }
+        for (i, byte) in buf[..n].iter().enumerate() {
+            let at = offset + i as u64;
+            if at < len && *byte != pattern(at) {
+                return Err(io::Error::other(format!("byte {at} is {byte:#x}")));
+            }
+        }
+        offset += n as u64;
+    }
+    Ok(format!("{len} bytes match"))
+}
+
+fn blk_ro(device: &str) -> io::Result<String> {
+    match OpenOptions::new().write(true).open(device) {
+        Ok(disk) => match disk.write_at(b"x", 0).and_then(|_| disk.sync_all()) {
+            Ok(()) => Err(io::Error::other("a write to the read-only disk succeeded")),
+            Err(e) => Ok(format!("write refused: {e}")),
+        },
+        Err(e) => Ok(format!("open for writing refused: {e}")),
+    }
+}
+
+fn blk_write(device: &str) -> io::Result<String> {
+    let disk = OpenOptions::new().write(true).open(device)?;
+    disk.write_all_at(WRITE_PATTERN, 4096)?;
+    disk.sync_all()?;
+    Ok(format!("{} bytes at 4096", WRITE_PATTERN.len()))
+}
+
 fn mount(source: &str, target: &CStr, fstype: &CStr) -> io::Result<()> {
     let _ = fs::create_dir_all(target.to_string_lossy().as_ref());
     let source = std::ffi::CString::new(source).map_err(io::Error::other)?;
     // SAFETY: all pointers are valid NUL-terminated strings that outlive the
-    // call; data is null, which mount(2) accepts for proc.
+    // call; data is null, which mount(2) accepts for proc and devtmpfs.
     let rc = unsafe {
         libc::mount(
             source.as_ptr(),

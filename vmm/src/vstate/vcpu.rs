@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use kvm_bindings::{CpuId, Msrs, kvm_lapic_state};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
-use crate::arch::regs::{self, BootProtocol};
+use crate::arch::regs;
 use crate::arch::{boot::BootEntry, cpuid};
 use crate::devices::bus::Bus;
 use crate::vmm::{ExitNotifier, ExitReason};
@@ -74,15 +74,15 @@ impl Vcpu {
         fd.set_lapic(&lapic)
             .map_err(|e| VmError("KVM_SET_LAPIC", e))?;
 
-        let mut sregs = fd.get_sregs().map_err(|e| VmError("KVM_GET_SREGS", e))?;
-        regs::set_boot_sregs(&mut sregs, boot.protocol);
-        fd.set_sregs(&sregs)
-            .map_err(|e| VmError("KVM_SET_SREGS", e))?;
+        // Application processors keep their reset state: the guest starts
+        // them with INIT/SIPI, which the in-kernel LAPIC handles.
         if index == 0 {
+            let mut sregs = fd.get_sregs().map_err(|e| VmError("KVM_GET_SREGS", e))?;
+            regs::set_boot_sregs(&mut sregs, boot.protocol);
+            fd.set_sregs(&sregs)
+                .map_err(|e| VmError("KVM_SET_SREGS", e))?;
             fd.set_regs(&regs::boot_regs(boot.protocol, boot.entry))
                 .map_err(|e| VmError("KVM_SET_REGS", e))?;
-        } else if boot.protocol == BootProtocol::Pvh {
-            // APs are started by the guest through INIT/SIPI; nothing to set.
         }
         Ok(Self { index, fd })
     }
@@ -114,9 +114,11 @@ impl Vcpu {
                 }
                 Ok(VcpuExit::Intr) => continue,
                 Ok(VcpuExit::Hlt) => ExitReason::GuestShutdown,
-                Ok(VcpuExit::Shutdown) => {
-                    ExitReason::GuestCrash(format!("vCPU {} triple-faulted", self.index))
-                }
+                Ok(VcpuExit::Shutdown) => ExitReason::GuestCrash(format!(
+                    "vCPU {} triple-faulted ({})",
+                    self.index,
+                    self.describe_state()
+                )),
                 Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
                     SYSTEM_EVENT_SHUTDOWN | SYSTEM_EVENT_RESET => ExitReason::GuestShutdown,
                     other => ExitReason::GuestCrash(format!(
@@ -140,6 +142,19 @@ impl Vcpu {
             };
             exit.report(reason);
             return;
+        }
+    }
+}
+
+impl Vcpu {
+    /// The registers that tell where a crashed vCPU was, for the crash report.
+    fn describe_state(&self) -> String {
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(regs), Ok(sregs)) => format!(
+                "rip={:#x} rsp={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x}",
+                regs.rip, regs.rsp, sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer, sregs.cs.selector
+            ),
+            _ => "registers unavailable".into(),
         }
     }
 }

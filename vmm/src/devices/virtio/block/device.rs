@@ -156,6 +156,7 @@ impl Worker for BlockWorker {
 
 impl Drop for BlockWorker {
     fn drop(&mut self) {
-        tracing::debug!(metrics = ?self.metrics, "virtio-blk stops");
+        let metrics = serde_json::to_string(&self.metrics).unwrap_or_default();
+        tracing::info!(metrics = %metrics, "virtio-blk stops");
     }
 }

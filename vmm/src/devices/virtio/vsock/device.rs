@@ -221,6 +221,102 @@ impl Worker for VsockWorker {
 
 impl Drop for VsockWorker {
     fn drop(&mut self) {
-        tracing::debug!(metrics = ?self.muxer.metrics, "virtio-vsock stops");
+        let metrics = serde_json::to_string(&self.muxer.metrics).unwrap_or_default();
+        tracing::info!(metrics = %metrics, "virtio-vsock stops");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::vsock::packet::Header;
+    use crate::devices::virtio::vsock::{HEADER_LEN, HOST_CID, OP_REQUEST, OP_RST, TYPE_STREAM};
+    use std::sync::Arc;
+    use virtio_queue::desc::{RawDescriptor, split::Descriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::epoll::Epoll;
+
+    const W: u16 = 2; // VRING_DESC_F_WRITE
+    const CID: u64 = 3;
+
+    fn header(op: u16, len: u32) -> Header {
+        Header {
+            src_cid: CID,
+            dst_cid: HOST_CID,
+            src_port: 4000,
+            dst_port: 9,
+            len,
+            type_: TYPE_STREAM,
+            op,
+            buf_alloc: 4096,
+            ..Header::default()
+        }
+    }
+
+    #[test]
+    fn bad_tx_chains_are_dropped_and_good_ones_answered_on_rx() {
+        let ram = Arc::new(crate::memory::GuestRam::new(4 << 20).unwrap());
+        let mem = ram.memory();
+        let rx_mock = MockSplitQueue::create(mem, GuestAddress(0x1_0000), 16);
+        let tx_mock = MockSplitQueue::create(mem, GuestAddress(0x2_0000), 16);
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("v.sock");
+        let listener = UnixListener::bind(&uds).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let mut worker = VsockWorker {
+            memory: Arc::clone(&ram),
+            rx: (rx_mock.create_queue().unwrap(), EventFd::new(0).unwrap()),
+            tx: (tx_mock.create_queue().unwrap(), EventFd::new(0).unwrap()),
+            event: (Queue::new(16).unwrap(), EventFd::new(0).unwrap()),
+            interrupt: Arc::new(Interrupt::new(EventFd::new(0).unwrap())),
+            muxer: Muxer::new(CID, &uds, listener),
+        };
+
+        // TX, in one go: a truncated header (20 bytes), a header claiming
+        // 1 MiB of payload, a writable TX descriptor, a buffer outside RAM,
+        // then a REQUEST for a port nobody listens on.
+        let pkt = |addr: u64, h: Header| {
+            mem.write_slice(&h.to_bytes(), GuestAddress(addr)).unwrap();
+        };
+        pkt(0x10_0000, header(OP_REQUEST, 0));
+        pkt(0x10_1000, header(OP_REQUEST, 1 << 20));
+        pkt(0x10_2000, header(OP_REQUEST, 0));
+        let len = u32::try_from(HEADER_LEN).unwrap();
+        let descs = [
+            RawDescriptor::from(Descriptor::new(0x10_0000, 20, 0, 0)),
+            RawDescriptor::from(Descriptor::new(0x10_1000, len + 16, 0, 0)),
+            RawDescriptor::from(Descriptor::new(0x10_0000, len, W, 0)),
+            RawDescriptor::from(Descriptor::new(0x3ff_fff0, len, 0, 0)),
+            RawDescriptor::from(Descriptor::new(0x10_2000, len, 0, 0)),
+        ];
+        tx_mock.add_desc_chains(&descs, 0).unwrap();
+        // RX: two buffers, the first too small for a header.
+        rx_mock
+            .add_desc_chains(
+                &[
+                    RawDescriptor::from(Descriptor::new(0x20_0000, 16, W, 0)),
+                    RawDescriptor::from(Descriptor::new(0x20_1000, 4096, W, 0)),
+                ],
+                0,
+            )
+            .unwrap();
+
+        let epoll = Epoll::new().unwrap();
+        let setup = EventSetup::new(&epoll);
+        assert!(worker.process_tx(&setup));
+        assert_eq!(tx_mock.used().idx().load(), 5, "every TX chain is returned");
+        assert_eq!(worker.muxer.metrics.invalid_packets, 4);
+        assert!(worker.process_rx(&setup));
+        assert_eq!(rx_mock.used().idx().load(), 2);
+        let answer = rx_mock.used().ring().ref_at(1).unwrap().load();
+        assert_eq!(answer.len(), len);
+        let mut raw = [0u8; HEADER_LEN];
+        mem.read_slice(&mut raw, GuestAddress(0x20_1000)).unwrap();
+        let rst = Header::from_bytes(&raw);
+        assert_eq!(
+            (rst.op, rst.dst_port, rst.src_port, rst.dst_cid),
+            (OP_RST, 4000, 9, CID)
+        );
     }
 }

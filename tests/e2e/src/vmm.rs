@@ -1,0 +1,172 @@
+//! Running `cocoon-vmm` from a test: console and log to files in a scratch
+//! directory, waiting for console lines, and an exit within a bound.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use cocoon_testbed::child::ChildGuard;
+use cocoon_testbed::serial::SerialLog;
+
+/// A running `cocoon-vmm`.
+#[derive(Debug)]
+pub struct VmmRun {
+    child: ChildGuard,
+    console: SerialLog,
+    log_path: PathBuf,
+    started: Instant,
+}
+
+impl VmmRun {
+    /// Starts `vmm` with `args`; the serial console goes to
+    /// `<scratch>/<name>.console`, the VMM's log (level info) to `<name>.log`.
+    pub fn start(vmm: &Path, args: &[OsString], scratch: &Path, name: &str) -> Self {
+        let console_path = scratch.join(format!("{name}.console"));
+        let log_path = scratch.join(format!("{name}.log"));
+        let log = File::create(&log_path).expect("create VMM log");
+        let mut serial = OsString::from("file:");
+        serial.push(&console_path);
+        let mut command = Command::new(vmm);
+        command
+            .args(args)
+            .arg("--serial")
+            .arg(serial)
+            .args(["--log-level", "info"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        let started = Instant::now();
+        let child = ChildGuard::spawn(&mut command).expect("spawn cocoon-vmm");
+        Self {
+            child,
+            console: SerialLog::new(&console_path),
+            log_path,
+            started,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for a console line containing `marker`; returns it and the time
+    /// since the VMM was spawned. Panics with the console and log on timeout
+    /// or if the VMM exits first.
+    pub fn wait_for_line(&mut self, marker: &str, timeout: Duration) -> (String, Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let _ = self.console.poll();
+            if let Some(line) = self.console.line_with(marker) {
+                return (line, self.started.elapsed());
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                let _ = self.console.poll();
+                if let Some(line) = self.console.line_with(marker) {
+                    return (line, self.started.elapsed());
+                }
+                panic!(
+                    "cocoon-vmm exited with {status} before {marker:?}\n{}",
+                    self.describe()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {marker:?} within {timeout:?}\n{}",
+                self.describe()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Waits for the VMM to exit; panics (and kills it) after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        match self
+            .child
+            .wait_timeout(timeout)
+            .expect("wait for cocoon-vmm")
+        {
+            Some(status) => {
+                let _ = self.console.poll();
+                status
+            }
+            None => {
+                let _ = self.child.kill();
+                panic!(
+                    "cocoon-vmm still running after {timeout:?}\n{}",
+                    self.describe()
+                );
+            }
+        }
+    }
+
+    /// Everything the guest printed so far.
+    pub fn console(&mut self) -> String {
+        let _ = self.console.poll();
+        self.console.text()
+    }
+
+    /// The VMM's own log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Console tail and log, for failure messages.
+    pub fn describe(&mut self) -> String {
+        let _ = self.console.poll();
+        format!(
+            "--- console (tail) ---\n{}\n--- cocoon-vmm log ---\n{}",
+            self.console.tail(30),
+            self.log()
+        )
+    }
+}
+
+/// Boot-time figures the VMM logged, in microseconds since its start.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VmmTimes {
+    /// Ready to run vCPUs.
+    pub ready_us: Option<u64>,
+    /// The guest wrote the boot marker (wall and VMM CPU time).
+    pub marker_us: Option<u64>,
+    pub marker_cpu_us: Option<u64>,
+}
+
+/// Reads the `ready_us=` and `wall_us=`/`cpu_us=` fields from a VMM log.
+pub fn parse_times(log: &str) -> VmmTimes {
+    let field = |line: &str, name: &str| -> Option<u64> {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(name)?.parse().ok())
+    };
+    let mut times = VmmTimes::default();
+    for line in log.lines() {
+        if line.contains("vCPUs running") {
+            times.ready_us = field(line, "ready_us=");
+        }
+        if line.contains("guest boot marker") {
+            times.marker_us = field(line, "wall_us=");
+            times.marker_cpu_us = field(line, "cpu_us=");
+        }
+    }
+    times
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_read_from_the_log() {
+        let log = "2026 INFO vCPUs running ready_us=388223 cpu_us=406722\n\
+                   2026 INFO guest boot marker wall_us=1200000 cpu_us=500000\n";
+        assert_eq!(
+            parse_times(log),
+            VmmTimes {
+                ready_us: Some(388_223),
+                marker_us: Some(1_200_000),
+                marker_cpu_us: Some(500_000)
+            }
+        );
+    }
+}

@@ -1,0 +1,5 @@
+//! cocoon's end-to-end tests, in one binary so that `make test` boots the
+//! nested test host once for all of them.
+
+mod boot;
+mod vmm;

@@ -1,0 +1,250 @@
+//! cocoon-vmm end to end: our kernel and the test init in a micro-VM, every
+//! device used from inside the guest and checked from the host.
+
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use cocoon_e2e::vmm::{VmmRun, parse_times};
+use cocoon_e2e::{artifact, initramfs_with_init, require_kvm};
+use cocoon_testbed::ScratchDir;
+
+const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
+const STEP: &str = "COCOON-TEST-INIT: step";
+/// Generous bounds: nested mode is slow, and a hang must still end the test.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+const DISK_BYTES: usize = 1 << 20;
+const WRITE_PATTERN: &[u8] = b"cocoon-test-init wrote this through virtio-blk\n";
+
+fn os(text: impl Into<OsString>) -> OsString {
+    text.into()
+}
+
+/// `--kernel --initrd --cmdline` for our kernel and the test init running `steps`.
+fn base_args(scratch: &ScratchDir, steps: &str) -> Vec<OsString> {
+    let initrd = initramfs_with_init(&artifact("COCOON_TEST_INIT"), &scratch.join("init.cpio"));
+    let mut cmdline = CMDLINE.to_owned();
+    if !steps.is_empty() {
+        cmdline.push_str(&format!(" cocoon_test={steps}"));
+    }
+    vec![
+        os("--kernel"),
+        artifact("COCOON_KERNEL").into(),
+        os("--initrd"),
+        initrd.into(),
+        os("--cmdline"),
+        os(cmdline),
+    ]
+}
+
+fn pattern(i: usize) -> u8 {
+    u8::try_from((i * 7 + 3) % 256).unwrap()
+}
+
+/// Answers one connection on `<uds>_<port>` by echoing one line.
+fn echo_server(uds: &Path, port: u32) -> std::thread::JoinHandle<String> {
+    let mut path = uds.as_os_str().to_owned();
+    path.push(format!("_{port}"));
+    let listener = UnixListener::bind(PathBuf::from(path)).unwrap();
+    std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        stream.set_read_timeout(Some(BOOT_TIMEOUT)).unwrap();
+        let mut line = String::new();
+        BufReader::new(&stream).read_line(&mut line).unwrap();
+        (&stream).write_all(line.as_bytes()).unwrap();
+        line
+    })
+}
+
+/// Connects to guest port `port` through the hybrid-vsock socket, retrying
+/// until the guest listens, then sends a line and returns the reply.
+fn talk_to_guest(uds: &Path, port: u32, message: &str) -> String {
+    let deadline = Instant::now() + BOOT_TIMEOUT;
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "guest never accepted on port {port}"
+        );
+        let Ok(mut stream) = UnixStream::connect(uds) else {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        };
+        stream.set_read_timeout(Some(BOOT_TIMEOUT)).unwrap();
+        stream
+            .write_all(format!("CONNECT {port}\n").as_bytes())
+            .unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut ok = String::new();
+        // No listener yet: the guest answers RST and we read EOF. Retry.
+        if reader.read_line(&mut ok).unwrap_or(0) == 0 || !ok.starts_with("OK ") {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        let host_port: u32 = ok.trim_end()[3..].parse().expect("OK <port>");
+        assert!(host_port >= 1 << 30, "host port {host_port}");
+        stream.write_all(message.as_bytes()).unwrap();
+        let mut reply = String::new();
+        reader.read_line(&mut reply).unwrap();
+        // Close our side so the guest's read ends.
+        stream.shutdown(std::net::Shutdown::Both).unwrap();
+        return reply;
+    }
+}
+
+fn step_line<'a>(console: &'a str, step: &str) -> &'a str {
+    console
+        .lines()
+        .find(|l| l.starts_with(&format!("{STEP} {step} ")) && !l.ends_with(" listening"))
+        .unwrap_or_else(|| panic!("no result for step {step}:\n{console}"))
+}
+
+#[test]
+fn vmm_runs_a_guest_that_uses_every_device() {
+    if !require_kvm("vmm_runs_a_guest_that_uses_every_device") {
+        return;
+    }
+    let scratch = ScratchDir::new("cocoon-e2e").unwrap();
+    let ro_disk = scratch.join("ro.img");
+    let rw_disk = scratch.join("rw.img");
+    std::fs::write(&ro_disk, (0..DISK_BYTES).map(pattern).collect::<Vec<u8>>()).unwrap();
+    std::fs::write(&rw_disk, vec![0u8; DISK_BYTES]).unwrap();
+    let uds = scratch.join("vsock.sock");
+    let echo = echo_server(&uds, 1234);
+
+    let steps = format!(
+        "marker,vsock-echo:1234,vsock-listen:5000,blk-read:/dev/vda:{DISK_BYTES},blk-ro:/dev/vda,blk-write:/dev/vdb"
+    );
+    let mut args = base_args(&scratch, &steps);
+    args.extend([
+        os("--disk"),
+        os(format!("{},ro", ro_disk.display())),
+        os("--disk"),
+        rw_disk.clone().into(),
+        os("--vsock-uds"),
+        uds.clone().into(),
+        os("--vcpus"),
+        os("2"),
+    ]);
+    let vmm = artifact("COCOON_VMM");
+    let mut run = VmmRun::start(&vmm, &args, scratch.path(), "devices");
+    let reply = talk_to_guest(&uds, 5000, "ping from the host\n");
+    assert_eq!(reply, "guest got: ping from the host\n");
+    let status = run.wait_exit(BOOT_TIMEOUT);
+    let console = run.console();
+    let log = run.log();
+    assert_eq!(status.code(), Some(0), "{}", run.describe());
+
+    for step in [
+        "marker".to_owned(),
+        "vsock-echo:1234".to_owned(),
+        "vsock-listen:5000".to_owned(),
+        format!("blk-read:/dev/vda:{DISK_BYTES}"),
+        "blk-ro:/dev/vda".to_owned(),
+        "blk-write:/dev/vdb".to_owned(),
+    ] {
+        let line = step_line(&console, &step);
+        assert!(line.contains(" ok"), "{line}\n{console}");
+        println!("{line}");
+    }
+    assert_eq!(echo.join().unwrap(), "hello from the guest\n");
+    let written = std::fs::read(&rw_disk).unwrap();
+    assert_eq!(&written[4096..4096 + WRITE_PATTERN.len()], WRITE_PATTERN);
+    assert!(
+        written[..4096].iter().all(|b| *b == 0),
+        "nothing else was written"
+    );
+    let unchanged: Vec<u8> = (0..DISK_BYTES).map(pattern).collect();
+    assert!(
+        std::fs::read(&ro_disk).unwrap() == unchanged,
+        "the read-only disk changed"
+    );
+
+    let times = parse_times(&log);
+    let marker = times.marker_us.expect("the VMM logged the boot marker");
+    println!(
+        "cocoon-vmm: ready to run vCPUs after {} µs, boot marker after {marker} µs (VMM CPU {} µs)",
+        times.ready_us.unwrap_or(0),
+        times.marker_cpu_us.unwrap_or(0)
+    );
+    assert!(
+        !uds.exists(),
+        "the vsock socket is removed when the VMM ends"
+    );
+}
+
+#[test]
+fn vmm_guest_sees_the_vcpus_and_memory_it_was_given() {
+    if !require_kvm("vmm_guest_sees_the_vcpus_and_memory_it_was_given") {
+        return;
+    }
+    let scratch = ScratchDir::new("cocoon-e2e").unwrap();
+    let vmm = artifact("COCOON_VMM");
+    for (vcpus, mem_mib) in [(2u32, 64u64), (4, 1024)] {
+        let mut args = base_args(&scratch, "");
+        args.extend([
+            os("--vcpus"),
+            os(vcpus.to_string()),
+            os("--mem-mib"),
+            os(mem_mib.to_string()),
+        ]);
+        let name = format!("{vcpus}cpu-{mem_mib}mib");
+        let mut run = VmmRun::start(&vmm, &args, scratch.path(), &name);
+        let (line, after) = run.wait_for_line("COCOON-TEST-INIT: ready", BOOT_TIMEOUT);
+        let status = run.wait_exit(BOOT_TIMEOUT);
+        assert_eq!(status.code(), Some(0), "{}", run.describe());
+        println!("{name}: {line} ({:.3} s)", after.as_secs_f64());
+        assert!(line.contains(&format!("cpus={vcpus} ")), "{line}");
+        let seen: u64 = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("mem_mib=")?.parse().ok())
+            .expect("mem_mib in the marker");
+        // The kernel keeps some for itself: expect at least 75% of it.
+        assert!(seen <= mem_mib && seen * 4 >= mem_mib * 3, "{line}");
+    }
+}
+
+#[test]
+fn vmm_reports_a_guest_crash_with_status_3() {
+    if !require_kvm("vmm_reports_a_guest_crash_with_status_3") {
+        return;
+    }
+    let scratch = ScratchDir::new("cocoon-e2e").unwrap();
+    // `reboot=t` resets by triple fault: to the VMM, a crash.
+    let mut args = base_args(&scratch, "");
+    let cmdline = args.iter().position(|a| a == "--cmdline").unwrap() + 1;
+    args[cmdline] = os("console=ttyS0 reboot=t panic=-1 quiet");
+    let mut run = VmmRun::start(&artifact("COCOON_VMM"), &args, scratch.path(), "crash");
+    let status = run.wait_exit(BOOT_TIMEOUT);
+    assert_eq!(status.code(), Some(3), "{}", run.describe());
+    let log = run.log();
+    assert!(log.contains("triple-faulted"), "{log}");
+}
+
+#[test]
+fn vmm_stops_on_sigterm_and_removes_what_it_made() {
+    if !require_kvm("vmm_stops_on_sigterm_and_removes_what_it_made") {
+        return;
+    }
+    let scratch = ScratchDir::new("cocoon-e2e").unwrap();
+    let uds = scratch.join("vsock.sock");
+    let mut args = base_args(&scratch, "hang");
+    args.extend([os("--vsock-uds"), uds.clone().into()]);
+    let mut run = VmmRun::start(&artifact("COCOON_VMM"), &args, scratch.path(), "sigterm");
+    run.wait_for_line(&format!("{STEP} hang waiting"), BOOT_TIMEOUT);
+    assert!(uds.exists());
+    let pid = i32::try_from(run.pid()).unwrap();
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = run.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(143), "{}", run.describe());
+    assert!(!uds.exists(), "the vsock socket is removed");
+    let threads = std::fs::read_dir(format!("/proc/{pid}")).is_ok();
+    assert!(!threads, "the VMM process is gone");
+    let mut leftover = String::new();
+    if let Ok(mut f) = std::fs::File::open(scratch.join("sigterm.log")) {
+        f.read_to_string(&mut leftover).unwrap();
+    }
+    assert!(leftover.contains("stopped by signal 15"), "{leftover}");
+}
