@@ -25,6 +25,8 @@ impl VmmRun {
     pub fn start(vmm: &Path, args: &[OsString], scratch: &Path, name: &str) -> Self {
         let console_path = scratch.join(format!("{name}.console"));
         let log_path = scratch.join(format!("{name}.log"));
+        // The VMM appends to its console file: start from an empty one.
+        let _ = std::fs::remove_file(&console_path);
         let log = File::create(&log_path).expect("create VMM log");
         let mut serial = OsString::from("file:");
         serial.push(&console_path);

@@ -69,7 +69,7 @@ fn boot_ours(vmm: &Path, base: &[OsString], scratch: &Path, mem_mib: u32, s: &mu
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(pid, libc::SIGTERM) };
     let status = run.wait_exit(TIMEOUT);
-    assert_eq!(status.code(), Some(143), "{}", run.describe());
+    assert_eq!(status.code(), Some(143), "{status}\n{}", run.describe());
     let times = parse_times(&run.log());
     s.to_ready.push(ms(to_ready));
     s.vmm_ready
@@ -179,6 +179,7 @@ struct Bench {
 
 impl Bench {
     fn boot(&self, peer: Peer, samples: &mut Samples) {
+        eprintln!("cocoon-boot-bench: booting {peer:?}");
         let scratch = self.scratch.path();
         match peer {
             Peer::Cocoon => boot_ours(&self.vmm, &self.base, scratch, self.mem_mib, samples),
