@@ -3,9 +3,7 @@
 //! end of a range faults instead of touching a neighbouring host mapping.
 //!
 //! The mappings are reserved `PROT_NONE` with the guard pages included, then
-//! a 2 MiB-aligned middle is made readable and writable and advised for
-//! transparent huge pages (as QEMU does): loading a 13 MiB kernel then takes
-//! a handful of faults instead of thousands. [`GuestRam`] unmaps the whole
+//! the middle is made readable and writable; [`GuestRam`] unmaps the whole
 //! reservation when dropped. Pages are allocated only when the guest touches
 //! them (`MAP_NORESERVE`).
 
@@ -60,9 +58,6 @@ pub struct GuestRam {
     _reservations: Vec<Arc<Reservation>>,
 }
 
-/// The size of a transparent huge page on x86_64.
-const HUGE_PAGE: usize = 2 << 20;
-
 fn page_size() -> usize {
     // SAFETY: sysconf has no preconditions.
     usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096)
@@ -76,10 +71,8 @@ impl GuestRam {
         let mut reservations = Vec::new();
         for range in ram_ranges(mem_bytes) {
             let len = usize::try_from(range.len).map_err(|_| MemoryError::Size(mem_bytes >> 20))?;
-            // Room for a guard page on each side and for aligning the RAM to
-            // 2 MiB, so that the host can back it with transparent huge pages.
             let total = len
-                .checked_add(2 * page + HUGE_PAGE)
+                .checked_add(2 * page)
                 .ok_or(MemoryError::Size(mem_bytes >> 20))?;
             // SAFETY: a fresh anonymous mapping at an address of the kernel's
             // choosing; the result is checked below.
@@ -98,16 +91,11 @@ impl GuestRam {
             }
             let reservation = Arc::new(Reservation { base, len: total });
             let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
-            // The first 2 MiB boundary at least one page into the reservation:
-            // a guard page before it, and at least one after `start + len`.
-            let start = (base as usize + page).next_multiple_of(HUGE_PAGE);
-            // SAFETY: `start..start + len` lies inside the reservation just
-            // made (`start - base <= page + HUGE_PAGE - 1` and the reservation
-            // is `len + 2 * page + HUGE_PAGE` long); MAP_FIXED replaces only
-            // our own pages.
+            // SAFETY: `base + page` lies inside the reservation just made and
+            // `len + page <= total`; MAP_FIXED replaces only our own pages.
             let ram = unsafe {
                 libc::mmap(
-                    start as *mut libc::c_void,
+                    base.cast::<u8>().add(page).cast(),
                     len,
                     libc::PROT_READ | libc::PROT_WRITE,
                     flags | libc::MAP_FIXED,
@@ -118,10 +106,6 @@ impl GuestRam {
             if ram == libc::MAP_FAILED {
                 return Err(MemoryError::Map(len, io::Error::last_os_error()));
             }
-            // Huge pages cut the page faults of loading the kernel and of the
-            // guest's first touches; where THP is off this is a no-op.
-            // SAFETY: madvise on a mapping we own; it only changes paging policy.
-            unsafe { libc::madvise(ram, len, libc::MADV_HUGEPAGE) };
             // SAFETY: `ram` is a valid mapping of `len` bytes with exactly
             // this protection and these flags, and it lives as long as
             // `reservation`, which `GuestRam` keeps until after the regions.

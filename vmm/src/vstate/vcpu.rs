@@ -217,10 +217,17 @@ impl VcpuThreads {
         use vmm_sys_util::signal::Killable;
         self.stop.store(true, Ordering::Release);
         for handle in self.handles.drain(..) {
-            // A kick that lands outside KVM_RUN is lost: keep kicking.
+            // A kick that lands just before the thread enters KVM_RUN is lost,
+            // so kick again if it has not stopped, backing off: under nested
+            // virtualization every kick is an interrupt storm for the host.
+            let mut wait = std::time::Duration::from_micros(100);
             while !handle.is_finished() {
                 let _ = handle.kill(vmm_sys_util::signal::SIGRTMIN());
-                std::thread::sleep(std::time::Duration::from_micros(200));
+                let deadline = std::time::Instant::now() + wait;
+                while !handle.is_finished() && std::time::Instant::now() < deadline {
+                    std::thread::sleep(std::time::Duration::from_micros(50));
+                }
+                wait = (wait * 2).min(std::time::Duration::from_millis(50));
             }
             let _ = handle.join();
         }
