@@ -99,7 +99,13 @@ impl Initramfs {
 
     /// Adds a program at its own path, with every shared library it loads.
     pub fn add_program(&mut self, program: &Path) -> Result<(), InitramfsError> {
-        self.file(&program.to_string_lossy(), program)?;
+        self.add_program_as(&program.to_string_lossy(), program)
+    }
+
+    /// Adds a program at `dest`, with every shared library it loads at the
+    /// library's own path.
+    pub fn add_program_as(&mut self, dest: &str, program: &Path) -> Result<(), InitramfsError> {
+        self.file(dest, program)?;
         for library in shared_libraries(program)? {
             self.file(&library.to_string_lossy(), &library)?;
         }

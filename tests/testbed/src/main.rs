@@ -34,6 +34,9 @@ struct Cli {
 enum Verb {
     /// Say whether this machine runs guests natively or needs the nested test host.
     Probe,
+    /// Inside the test host: hold one idle VM open until killed (see `nested::hold_kvm`).
+    #[command(hide = true)]
+    HoldKvm,
     /// Run COMMAND natively, or inside the nested test host.
     Run {
         /// Extracted Debian cloud kernel package (tests/testhost/fetch-kernel.sh prints it).
@@ -67,6 +70,10 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Verb::HoldKvm = cli.command {
+        cocoon_testbed::nested::hold_kvm().context("cannot hold a VM open")?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
         signal_hook::flag::register(signal, Arc::clone(&stop))

@@ -34,6 +34,35 @@ pub const READY_MARKER: &str = "COCOON-TESTBED-READY";
 pub const EXIT_MARKER: &str = "COCOON-TESTBED-EXIT";
 /// The kernel modules that give the test host its `/dev/kvm`, in load order.
 const KVM_MODULES: [&str; 3] = ["irqbypass", "kvm", "kvm-amd"];
+/// Where the testbed binary itself goes in the test host, for `hold-kvm`.
+const HOLD_KVM_PROGRAM: &str = "/testbed/cocoon-testbed";
+
+/// Holds one idle VM (in-kernel irqchip, one vCPU that never runs) open
+/// until the process is killed. Run in the test host for the whole run.
+///
+/// Why: creating the first VM and destroying the last one makes KVM enable
+/// and disable SVM on every CPU by IPI, and a VM's LAPIC coming and going
+/// flips KVM's `apic_hw_disabled`/`apic_sw_disabled` static keys, which
+/// patches kernel text with int3 breakpoints. Under multi-threaded TCG that
+/// patching intermittently left one test-host CPU looping on the int3 while
+/// the other spun on a lock (seen with the QEMU monitor, after some tens of
+/// guest boots, with cocoon-vmm and QEMU alike). With one VM always alive,
+/// these counts never fall to zero and the kernel text is left alone.
+pub fn hold_kvm() -> Result<(), kvm_ioctls::Error> {
+    let kvm = kvm_ioctls::Kvm::new()?;
+    let vm = kvm.create_vm()?;
+    vm.create_irq_chip()?;
+    let _vcpu = vm.create_vcpu(0)?;
+    loop {
+        // SAFETY: pause has no preconditions.
+        unsafe { libc::pause() };
+    }
+}
+
+/// kvm-amd features the TCG-emulated SVM handles poorly: with virtual GIF and
+/// virtual VMLOAD/VMSAVE on, the test host wedged or crashed after some tens
+/// of guest boots.
+const KVM_AMD_ARGS: &str = "vgif=0 vls=0";
 const BUSYBOX: &str = "/bin/busybox";
 
 #[derive(Debug, thiserror::Error)]
@@ -164,10 +193,14 @@ impl NestedRun<'_> {
             memory_mib: self.memory_mib,
             kernel: &self.kernel.vmlinuz,
             initrd: &initrd,
-            cmdline: "console=ttyS0 panic=-1 mitigations=off",
+            cmdline: "console=ttyS0 panic=-1 mitigations=off nokaslr",
             serial_logs: &[&console_log, &output_log],
         }
         .command();
+        let mut monitor = std::ffi::OsString::from("unix:");
+        monitor.push(scratch.join("monitor.sock"));
+        monitor.push(",server=on,wait=off");
+        qemu.arg("-monitor").arg(monitor);
         qemu.stderr(fs::File::create(scratch.join("qemu.log")).map_err(NestedError::Io)?);
         let start = Instant::now();
         let mut qemu = ChildGuard::spawn(&mut qemu).map_err(NestedError::Spawn)?;
@@ -241,6 +274,10 @@ impl NestedRun<'_> {
         }
         let program = resolve_program(&self.command[0])?;
         add(&mut archive, &program)?;
+        let testbed = std::env::current_exe().map_err(NestedError::Io)?;
+        archive
+            .add_program_as(HOLD_KVM_PROGRAM, &testbed)
+            .map_err(NestedError::Initramfs)?;
         for path in &self.with {
             add(&mut archive, path)?;
         }
@@ -320,9 +357,13 @@ ip link set lo up 2>/dev/null
 out=/dev/ttyS1
 stty -F $out raw -echo
 for m in {modules}; do
-    insmod $m || echo "testbed: insmod $m failed" > $out
+    args=
+    case $m in */kvm-amd.ko) args="{kvm_amd_args}" ;; esac
+    insmod $m $args || echo "testbed: insmod $m failed" > $out
 done
 [ -c /dev/kvm ] || echo "testbed: the test host has no /dev/kvm" > $out
+# One idle VM held open for the whole run (see hold_kvm).
+{hold_kvm} hold-kvm &
 echo "{READY_MARKER} kernel $(uname -r), $(nproc) vCPUs" > $out
 HOME=/root PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin TMPDIR=/tmp \
     /bin/sh /testbed/run.sh > $out 2>&1 < /dev/null
@@ -330,7 +371,9 @@ echo "{EXIT_MARKER} $?" > $out
 sync
 poweroff -f
 "#,
-        modules = modules.join(" ")
+        modules = modules.join(" "),
+        kvm_amd_args = KVM_AMD_ARGS,
+        hold_kvm = HOLD_KVM_PROGRAM,
     )
 }
 
