@@ -8,19 +8,17 @@
 //! instructions/s, so the loop below, 2N instructions, takes seconds there and
 //! about a millisecond on hardware.
 //!
-//! Guest memory layout (one 2 MiB identity-mapped page covers all of it):
-//!
-//! ```text
-//! 0x0500  GDT: null, 64-bit code (0x08), data (0x10)
-//! 0x1000  code
-//! 0x8000  stack top
-//! 0x9000  PML4 -> 0xa000 PDPT -> 0xb000 PD (entry 0: 2 MiB page at 0)
-//! ```
+//! The vCPU starts in long mode exactly as cocoon-vmm starts a kernel through
+//! the 64-bit boot protocol (`cocoon_vmm::arch::regs`: its GDT at 0x500, its
+//! identity page tables at 0x9000), so this probe also checks that setup on
+//! any KVM. The code sits at 0x1000 in 2 MiB of RAM.
 
 use std::thread;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, kvm_segment, kvm_userspace_memory_region};
+use cocoon_vmm::arch::layout::GDT_ADDR;
+use cocoon_vmm::arch::regs::{self, BootProtocol};
+use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuExit};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
@@ -47,24 +45,10 @@ pub enum TinyGuestError {
 }
 
 const MEM_SIZE: usize = 2 << 20;
-const GDT_ADDR: u64 = 0x500;
 const CODE_ADDR: u64 = 0x1000;
-const STACK_TOP: u64 = 0x8000;
-const PML4_ADDR: u64 = 0x9000;
-const PDPT_ADDR: u64 = 0xa000;
-const PD_ADDR: u64 = 0xb000;
 /// The port the guest writes to when its loop is done.
 const DONE_PORT: u16 = 0x0cc0;
 const DONE_VALUE: u8 = 0x2a;
-
-const CR0_PE: u64 = 1;
-const CR0_ET: u64 = 1 << 4;
-const CR0_PG: u64 = 1 << 31;
-const CR4_PAE: u64 = 1 << 5;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
-const PAGE_PRESENT_RW: u64 = 0b11;
-const PAGE_SIZE_2M: u64 = 1 << 7;
 
 /// The guest's code: `mov ecx, N; 1: dec ecx; jnz 1b; mov dx, PORT; mov al, V; out dx, al; hlt`.
 fn code(iterations: u32) -> Vec<u8> {
@@ -113,11 +97,10 @@ pub fn time_loop(iterations: u32, timeout: Duration) -> Result<Duration, TinyGue
             .write_slice(bytes, GuestAddress(addr))
             .map_err(TinyGuestError::WriteMemory)
     };
-    let gdt: [u64; 3] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
-    write(GDT_ADDR, &gdt.map(u64::to_le_bytes).concat())?;
-    write(PML4_ADDR, &(PDPT_ADDR | PAGE_PRESENT_RW).to_le_bytes())?;
-    write(PDPT_ADDR, &(PD_ADDR | PAGE_PRESENT_RW).to_le_bytes())?;
-    write(PD_ADDR, &(PAGE_PRESENT_RW | PAGE_SIZE_2M).to_le_bytes())?;
+    write(GDT_ADDR, &regs::gdt_bytes())?;
+    for (addr, table) in regs::page_tables() {
+        write(addr, &table)?;
+    }
     write(CODE_ADDR, &code(iterations))?;
 
     let mut vcpu = vm
@@ -128,49 +111,11 @@ pub fn time_loop(iterations: u32, timeout: Duration) -> Result<Duration, TinyGue
     let mut sregs = vcpu
         .get_sregs()
         .map_err(|e| TinyGuestError::Setup("KVM_GET_SREGS", e))?;
-    let code_segment = kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector: 0x08,
-        type_: 0xb,
-        present: 1,
-        dpl: 0,
-        db: 0,
-        s: 1,
-        l: 1,
-        g: 1,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
-    };
-    let data_segment = kvm_segment {
-        selector: 0x10,
-        type_: 0x3,
-        db: 1,
-        l: 0,
-        ..code_segment
-    };
-    sregs.cs = code_segment;
-    sregs.ds = data_segment;
-    sregs.es = data_segment;
-    sregs.fs = data_segment;
-    sregs.gs = data_segment;
-    sregs.ss = data_segment;
-    sregs.gdt.base = GDT_ADDR;
-    sregs.gdt.limit = 3 * 8 - 1;
-    sregs.cr3 = PML4_ADDR;
-    sregs.cr4 = CR4_PAE;
-    sregs.cr0 = CR0_PE | CR0_ET | CR0_PG;
-    sregs.efer = EFER_LME | EFER_LMA;
+    regs::set_boot_sregs(&mut sregs, BootProtocol::Linux64);
     vcpu.set_sregs(&sregs)
         .map_err(|e| TinyGuestError::Setup("KVM_SET_SREGS", e))?;
-    let regs = kvm_bindings::kvm_regs {
-        rip: CODE_ADDR,
-        rsp: STACK_TOP,
-        rflags: 0x2,
-        ..Default::default()
-    };
-    vcpu.set_regs(&regs)
+    let registers = regs::boot_regs(BootProtocol::Linux64, CODE_ADDR);
+    vcpu.set_regs(&registers)
         .map_err(|e| TinyGuestError::Setup("KVM_SET_REGS", e))?;
 
     // The vCPU runs on its own thread so that a guest that never finishes can

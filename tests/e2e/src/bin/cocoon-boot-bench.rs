@@ -179,7 +179,6 @@ struct Bench {
 
 impl Bench {
     fn boot(&self, peer: Peer, samples: &mut Samples) {
-        eprintln!("cocoon-boot-bench: booting {peer:?}");
         let scratch = self.scratch.path();
         match peer {
             Peer::Cocoon => boot_ours(&self.vmm, &self.base, scratch, self.mem_mib, samples),
@@ -255,9 +254,8 @@ fn main() {
             };
             bench.boot(peer, samples);
         }
-        eprint!("\rcocoon-boot-bench: {}/{boots} boots of each", i + 1);
+        eprintln!("cocoon-boot-bench: {}/{boots} boots of each", i + 1);
     }
-    eprintln!();
 
     let ratio = percentile(&qemu.to_ready, 50) / percentile(&ours.to_ready, 50);
     println!("cocoon boot benchmark: {boots} boots each after one warm-up, 1 vCPU, {mem_mib} MiB,");

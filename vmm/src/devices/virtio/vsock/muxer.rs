@@ -694,15 +694,8 @@ mod tests {
 
         fn guest(&mut self, op: u16, local_port: u32, peer_port: u32, payload: &[u8]) {
             let header = Header {
-                src_cid: GUEST_CID,
-                dst_cid: HOST_CID,
-                src_port: peer_port,
-                dst_port: local_port,
                 len: u32::try_from(payload.len()).unwrap(),
-                type_: TYPE_STREAM,
-                op,
-                buf_alloc: 1 << 20,
-                ..Header::default()
+                ..guest_header(op, local_port, peer_port)
             };
             self.send(header, payload);
         }
