@@ -144,7 +144,8 @@ pub fn build(config: &VmConfig, started: Instant) -> Result<Vmm, BuildError> {
     )?;
     boot::write_arch_tables(ram.memory(), config.vcpus, entry.protocol)?;
     phase("guest loaded");
-    tracing::debug!(?entry, cmdline = ?cmdline.as_cstring().ok(), "guest loaded");
+    tracing::info!(protocol = ?entry.protocol, entry = entry.entry, "kernel loaded");
+    tracing::debug!(cmdline = ?cmdline.as_cstring().ok(), "command line");
 
     let cpuid = vm
         .kvm()

@@ -248,3 +248,25 @@ fn vmm_stops_on_sigterm_and_removes_what_it_made() {
     }
     assert!(leftover.contains("stopped by signal 15"), "{leftover}");
 }
+
+#[test]
+fn vmm_boots_a_bzimage_through_the_64_bit_boot_protocol() {
+    if !require_kvm("vmm_boots_a_bzimage_through_the_64_bit_boot_protocol") {
+        return;
+    }
+    // Debian's cloud kernel is a bzImage without a PVH entry: the other path
+    // of the loader, the zero page, e820 and the long-mode start.
+    let scratch = ScratchDir::new("cocoon-e2e").unwrap();
+    let mut args = base_args(&scratch, "");
+    let kernel = args.iter().position(|a| a == "--kernel").unwrap() + 1;
+    args[kernel] = artifact("COCOON_CLOUD_KERNEL").into();
+    args.extend([os("--mem-mib"), os("256")]);
+    let mut run = VmmRun::start(&artifact("COCOON_VMM"), &args, scratch.path(), "bzimage");
+    let (line, after) = run.wait_for_line("COCOON-TEST-INIT: ready", BOOT_TIMEOUT);
+    let status = run.wait_exit(BOOT_TIMEOUT);
+    assert_eq!(status.code(), Some(0), "{}", run.describe());
+    assert!(line.contains("kernel=6.1.0"), "{line}");
+    let log = run.log();
+    assert!(log.contains("protocol=Linux64"), "{log}");
+    println!("bzImage: {line} ({:.3} s)", after.as_secs_f64());
+}
