@@ -824,32 +824,28 @@ mod tests {
         // Unknown op, no connection.
         h.guest(99, 9, 10, b"");
         assert_eq!(h.rx().unwrap().0.op, OP_RST);
-        // Another destination CID, another type.
-        h.send(
+        // Another destination CID, another type: RST.
+        let request = guest_header(OP_REQUEST, 9, 10);
+        for bad in [
             Header {
                 dst_cid: 7,
-                ..guest_header(OP_REQUEST, 9, 10)
+                ..request
             },
-            b"",
-        );
-        assert_eq!(h.rx().unwrap().0.op, OP_RST);
-        h.send(
             Header {
                 type_: 2,
-                ..guest_header(OP_REQUEST, 9, 10)
+                ..request
             },
-            b"",
-        );
-        assert_eq!(h.rx().unwrap().0.op, OP_RST);
+        ] {
+            h.send(bad, b"");
+            assert_eq!(h.rx().unwrap().0.op, OP_RST);
+        }
         // An RST is never answered, and a spoofed source CID is dropped.
         h.guest(OP_RST, 9, 10, b"");
-        h.send(
-            Header {
-                src_cid: 2,
-                ..guest_header(OP_RW, 9, 10)
-            },
-            b"",
-        );
+        let spoofed = Header {
+            src_cid: 2,
+            ..guest_header(OP_RW, 9, 10)
+        };
+        h.send(spoofed, b"");
         assert!(h.rx().is_none());
         assert_eq!(h.muxer.metrics.invalid_packets, 5);
     }
