@@ -93,8 +93,11 @@ pub fn build(config: &VmConfig, started: Instant) -> Result<Vmm, BuildError> {
         u64::from(I8042_PORT),
         u64::from(I8042_PORT_LEN),
     )?;
-    let boot_marker = Arc::new(Mutex::new(BootMarker::new(started)));
-    pio.insert(boot_marker.clone(), u64::from(BOOT_MARKER_PORT), 1)?;
+    pio.insert(
+        Arc::new(Mutex::new(BootMarker::new(started))),
+        u64::from(BOOT_MARKER_PORT),
+        1,
+    )?;
 
     // virtio devices on MMIO, each announced on the command line.
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
@@ -129,7 +132,7 @@ pub fn build(config: &VmConfig, started: Instant) -> Result<Vmm, BuildError> {
         )
         .map_err(|e| BuildError::Queue(format!("{e:?}")))?;
         mmio.insert(Arc::new(Mutex::new(transport)), base, VIRTIO_MMIO_SIZE)?;
-        cmdline_devices.push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
+        cmdline_devices.push((base, irq));
     }
 
     phase("devices created");
@@ -161,10 +164,9 @@ pub fn build(config: &VmConfig, started: Instant) -> Result<Vmm, BuildError> {
         vcpus,
         pio: Arc::new(pio),
         mmio: Arc::new(mmio),
-        boot_marker,
         exit,
-        vm,
-        ram,
+        _vm: vm,
+        _ram: ram,
         started,
     })
 }

@@ -13,7 +13,6 @@ use std::time::Instant;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::bus::{Bus, lock};
-use crate::devices::legacy::{BootMarker, BootTime};
 use crate::memory::GuestRam;
 use crate::vstate::vcpu::{Vcpu, VcpuThreads};
 use crate::vstate::vm::Vm;
@@ -110,10 +109,10 @@ pub struct Vmm {
     pub(crate) vcpus: Vec<Vcpu>,
     pub(crate) pio: Arc<Bus>,
     pub(crate) mmio: Arc<Bus>,
-    pub(crate) boot_marker: Arc<Mutex<BootMarker>>,
     pub(crate) exit: Arc<ExitNotifier>,
-    pub(crate) vm: Vm,
-    pub(crate) ram: Arc<GuestRam>,
+    /// Held, not used: the VM and its RAM must outlive the vCPUs and devices.
+    pub(crate) _vm: Vm,
+    pub(crate) _ram: Arc<GuestRam>,
     pub(crate) started: Instant,
 }
 
@@ -144,20 +143,6 @@ impl Vmm {
         let reason = self.exit.wait();
         self.vcpu_threads.stop();
         reason
-    }
-
-    /// When the guest wrote the boot marker, if it has.
-    pub fn boot_time(&self) -> Option<BootTime> {
-        lock(&self.boot_marker).first()
-    }
-
-    /// The guest's RAM.
-    pub fn ram(&self) -> &GuestRam {
-        &self.ram
-    }
-
-    pub fn vm(&self) -> &Vm {
-        &self.vm
     }
 }
 

@@ -22,7 +22,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::layout::{
     CMDLINE_ADDR, CMDLINE_MAX_SIZE, HIMEM_START, PVH_INFO_ADDR, PVH_MEMMAP_ADDR, PVH_MODLIST_ADDR,
-    ZERO_PAGE_ADDR, e820_ram, low_ram_end,
+    VIRTIO_MMIO_SIZE, ZERO_PAGE_ADDR, e820_ram, low_ram_end,
 };
 use super::regs::BootProtocol;
 
@@ -67,16 +67,19 @@ struct Initrd {
     size: u64,
 }
 
-/// Builds a command line: the user's, then the VMM's own parameters.
-pub fn cmdline(base: &str, extra: &[String]) -> Result<Cmdline, BootError> {
+/// Builds a command line: the user's, then a `virtio_mmio.device=` entry for
+/// each virtio device, given as (MMIO base, interrupt line).
+pub fn cmdline(base: &str, virtio_devices: &[(u64, u32)]) -> Result<Cmdline, BootError> {
     let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).map_err(BootError::Cmdline)?;
     if !base.trim().is_empty() {
         cmdline
             .insert_str(base.trim())
             .map_err(BootError::Cmdline)?;
     }
-    for part in extra {
-        cmdline.insert_str(part).map_err(BootError::Cmdline)?;
+    for &(addr, irq) in virtio_devices {
+        cmdline
+            .add_virtio_mmio_device(VIRTIO_MMIO_SIZE, GuestAddress(addr), irq, None)
+            .map_err(BootError::Cmdline)?;
     }
     Ok(cmdline)
 }
@@ -268,4 +271,24 @@ pub fn write_arch_tables(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn virtio_devices_are_announced_after_the_users_command_line() {
+        let line = cmdline(
+            " console=ttyS0 quiet ",
+            &[(0xd000_0000, 5), (0xd000_1000, 6)],
+        )
+        .unwrap()
+        .as_cstring()
+        .unwrap();
+        assert_eq!(
+            line.to_str().unwrap(),
+            "console=ttyS0 quiet virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"
+        );
+    }
 }

@@ -12,6 +12,12 @@ use super::bus::BusDevice;
 use crate::arch::layout::BOOT_MARKER_VALUE;
 use crate::vmm::{ExitNotifier, ExitReason};
 
+/// The offset of a one-byte access; the UART and the i8042 have only
+/// byte-wide registers, so any other access reads as all ones and writes nothing.
+fn byte_register(offset: u64, len: usize) -> Option<u8> {
+    u8::try_from(offset).ok().filter(|_| len == 1)
+}
+
 /// An interrupt line: writing the eventfd raises the GSI it is registered at.
 #[derive(Debug)]
 pub struct IrqLine(pub EventFd);
@@ -45,15 +51,15 @@ impl SerialConsole {
 
 impl BusDevice for SerialConsole {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        match (u8::try_from(offset), data) {
-            (Ok(offset), [byte]) => *byte = self.uart.read(offset),
-            (_, data) => data.fill(0xff),
+        match byte_register(offset, data.len()) {
+            Some(offset) => data[0] = self.uart.read(offset),
+            None => data.fill(0xff),
         }
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        if let (Ok(offset), [byte]) = (u8::try_from(offset), data)
-            && let Err(e) = self.uart.write(offset, *byte)
+        if let Some(offset) = byte_register(offset, data.len())
+            && let Err(e) = self.uart.write(offset, data[0])
         {
             crate::guest_warn!("serial console: {e:?}");
         }
@@ -90,15 +96,15 @@ impl I8042 {
 
 impl BusDevice for I8042 {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        match (u8::try_from(offset), data) {
-            (Ok(offset), [byte]) => *byte = self.device.read(offset),
-            (_, data) => data.fill(0xff),
+        match byte_register(offset, data.len()) {
+            Some(offset) => data[0] = self.device.read(offset),
+            None => data.fill(0xff),
         }
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        if let (Ok(offset), [byte]) = (u8::try_from(offset), data) {
-            let _ = self.device.write(offset, *byte);
+        if let Some(offset) = byte_register(offset, data.len()) {
+            let _ = self.device.write(offset, data[0]);
         }
     }
 }

@@ -99,14 +99,6 @@ impl MmioTransport {
         })
     }
 
-    pub fn device_type(&self) -> u32 {
-        self.device.device_type()
-    }
-
-    pub fn status(&self) -> u32 {
-        self.status
-    }
-
     pub fn is_activated(&self) -> bool {
         self.worker.is_some()
     }

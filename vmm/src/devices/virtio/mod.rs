@@ -33,8 +33,6 @@ pub const STATUS_NEEDS_RESET: u32 = 0x40;
 pub const STATUS_FAILED: u32 = 0x80;
 /// `InterruptStatus` bit: a used buffer was added.
 pub const INT_USED_RING: u32 = 1;
-/// `InterruptStatus` bit: the configuration changed.
-pub const INT_CONFIG: u32 = 2;
 
 /// The guest-memory view handed to devices: RAM kept alive by an `Arc`.
 pub type Memory = Arc<GuestRam>;
@@ -68,10 +66,6 @@ impl Interrupt {
 
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::AcqRel);
-    }
-
-    pub fn irqfd(&self) -> &EventFd {
-        &self.irqfd
     }
 }
 

@@ -68,10 +68,6 @@ impl Block {
             config,
         })
     }
-
-    pub fn capacity_sectors(&self) -> u64 {
-        self.capacity_sectors
-    }
 }
 
 impl VirtioDevice for Block {

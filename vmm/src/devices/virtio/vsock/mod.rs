@@ -21,10 +21,8 @@ pub use device::{Vsock, VsockError};
 
 /// virtio device ID.
 pub const DEVICE_TYPE: u32 = 19;
-/// Queues: guest-bound packets, host-bound packets, events.
-pub const RX_QUEUE: usize = 0;
-pub const TX_QUEUE: usize = 1;
-pub const EVENT_QUEUE: usize = 2;
+/// Size of each of the three queues: guest-bound packets (RX), host-bound
+/// packets (TX), events, in that order.
 pub const QUEUE_SIZE: u16 = 256;
 
 /// The host's CID.
