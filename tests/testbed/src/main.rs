@@ -54,6 +54,10 @@ enum Verb {
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 2400)]
         timeout_secs: u64,
+        /// Seconds without any output after which the test host counts as
+        /// wedged; the run is then repeated once on a fresh test host.
+        #[arg(long, default_value_t = 600)]
+        stall_secs: u64,
         #[arg(trailing_var_arg = true, required = true)]
         command: Vec<String>,
     },
@@ -87,6 +91,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         cpus,
         memory_mib,
         timeout_secs,
+        stall_secs,
         command,
     } = cli.command
     else {
@@ -137,9 +142,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         cpus,
         memory_mib,
         timeout: Duration::from_secs(timeout_secs),
+        stall: Duration::from_secs(stall_secs),
         stop: &stop,
     };
-    match nested.run() {
+    // A wedged test host is a failure of the emulated machine, not of the
+    // command (the command's own steps time out and report themselves), so
+    // it gets one fresh test host. The wedge is printed in full either way.
+    let mut outcome = nested.run();
+    if let Err(wedge @ NestedError::Wedged { .. }) = &outcome {
+        eprintln!("cocoon-testbed: WARNING: {wedge}");
+        eprintln!("cocoon-testbed: WARNING: running the command again on a fresh test host");
+        outcome = nested.run();
+    }
+    match outcome {
         Ok(outcome) => {
             eprintln!(
                 "cocoon-testbed: test host booted in {:.1} s (initramfs {} MiB); \

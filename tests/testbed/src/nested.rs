@@ -83,6 +83,19 @@ pub enum NestedError {
     HostDied { status: String, console: String },
     #[error("the command did not finish within {timeout:?}; last console lines:\n{console}")]
     Timeout { timeout: Duration, console: String },
+    /// The test host itself stopped making progress: no output for
+    /// `silence` while the kernel reported a lockup or stall, or no output
+    /// at all for `NestedRun::stall`. Not a failure of the command.
+    #[error(
+        "the test host wedged (no output for {silence:?}{lockup}); \
+         last console lines:\n{console}\nCPU registers (QEMU monitor):\n{registers}"
+    )]
+    Wedged {
+        silence: Duration,
+        lockup: &'static str,
+        console: String,
+        registers: String,
+    },
     #[error("interrupted")]
     Interrupted,
 }
@@ -161,6 +174,9 @@ pub struct NestedRun<'a> {
     pub cpus: u32,
     pub memory_mib: u32,
     pub timeout: Duration,
+    /// No output at all for this long means the test host is wedged (the
+    /// command's own steps have shorter timeouts and report themselves).
+    pub stall: Duration,
     /// Set from a signal handler to stop early; QEMU is killed, files removed.
     pub stop: &'a AtomicBool,
 }
@@ -193,7 +209,10 @@ impl NestedRun<'_> {
             memory_mib: self.memory_mib,
             kernel: &self.kernel.vmlinuz,
             initrd: &initrd,
-            cmdline: "console=ttyS0 panic=-1 mitigations=off nokaslr",
+            // No transparent huge pages: khugepaged's TLB-flush IPIs are what
+            // a wedged test host was last seen waiting on (a CPU inside a
+            // nested guest never answered them).
+            cmdline: "console=ttyS0 panic=-1 mitigations=off nokaslr transparent_hugepage=never",
             serial_logs: &[&console_log, &output_log],
         }
         .command();
@@ -208,6 +227,7 @@ impl NestedRun<'_> {
         let mut console = SerialLog::new(&console_log);
         let mut output = SerialLog::new(&output_log);
         let mut boot_time = None;
+        let mut last_output = Instant::now();
         let stdout = io::stdout();
         loop {
             // Checked before reading the output, so that output written just
@@ -215,6 +235,7 @@ impl NestedRun<'_> {
             let exited = qemu.try_wait().map_err(NestedError::Io)?;
             let fresh = output.poll().map_err(NestedError::Io)?;
             if !fresh.is_empty() {
+                last_output = Instant::now();
                 let mut out = stdout.lock();
                 out.write_all(fresh).map_err(NestedError::Io)?;
                 out.flush().map_err(NestedError::Io)?;
@@ -249,6 +270,19 @@ impl NestedRun<'_> {
             }
             if self.stop.load(Ordering::Relaxed) {
                 return Err(NestedError::Interrupted);
+            }
+            let silence = last_output.elapsed();
+            if silence > LOCKUP_GRACE.min(self.stall) {
+                console.poll().map_err(NestedError::Io)?;
+                let lockup = LOCKUP_SIGNS.iter().find(|s| console.line_with(s).is_some());
+                if lockup.is_some() || silence > self.stall {
+                    return Err(NestedError::Wedged {
+                        silence,
+                        lockup: lockup.map_or("", |_| ", and the kernel reported a lockup"),
+                        console: console.tail(40),
+                        registers: monitor_registers(&scratch.join("monitor.sock")),
+                    });
+                }
             }
             if start.elapsed() > self.timeout {
                 console.poll().map_err(NestedError::Io)?;
@@ -295,6 +329,36 @@ impl NestedRun<'_> {
             .map_err(NestedError::Initramfs)?;
         archive.finish().map_err(NestedError::Initramfs)
     }
+}
+
+/// How long the output may be silent once the kernel has reported a lockup.
+const LOCKUP_GRACE: Duration = Duration::from_secs(120);
+/// Kernel messages of a CPU that stopped answering.
+const LOCKUP_SIGNS: [&str; 3] = [
+    "BUG: soft lockup",
+    "rcu_sched detected stalls",
+    "csd: CSD lock",
+];
+
+/// Every vCPU's registers from the QEMU monitor, for the report of a wedge.
+fn monitor_registers(socket: &Path) -> String {
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+    let ask = || -> io::Result<String> {
+        let mut monitor = UnixStream::connect(socket)?;
+        monitor.set_read_timeout(Some(Duration::from_secs(5)))?;
+        monitor.write_all(b"info registers -a\n")?;
+        thread::sleep(Duration::from_secs(2));
+        let mut answer = vec![0; 256 * 1024];
+        let n = monitor.read(&mut answer)?;
+        let text = String::from_utf8_lossy(&answer[..n]).into_owned();
+        Ok(text
+            .lines()
+            .filter(|l| l.starts_with("CPU#") || l.starts_with("RIP=") || l.starts_with("CR0="))
+            .collect::<Vec<_>>()
+            .join("\n"))
+    };
+    ask().unwrap_or_else(|e| format!("(monitor unavailable: {e})"))
 }
 
 /// The exit code from the host's `COCOON-TESTBED-EXIT <code>` line, if seen.
