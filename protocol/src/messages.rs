@@ -1,0 +1,337 @@
+//! The messages. Field names are the wire names; every enum is tagged by
+//! `"type"` so a dump reads on its own.
+
+use oci_spec::runtime::{Process, Spec};
+use serde::{Deserialize, Serialize};
+
+/// The first frame on every connection.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Hello {
+    /// Requests and responses follow.
+    Control { version: u32 },
+    /// After `Response::Ok`, plain bytes of one stream of one process.
+    Stdio {
+        version: u32,
+        process: ProcessRef,
+        stream: Stream,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stream {
+    Stdin,
+    Stdout,
+    Stderr,
+}
+
+/// A process of a container: its init (`exec_id: None`) or an exec.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessRef {
+    pub container_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec_id: Option<String>,
+}
+
+impl ProcessRef {
+    pub fn init(container_id: &str) -> Self {
+        Self {
+            container_id: container_id.to_owned(),
+            exec_id: None,
+        }
+    }
+
+    pub fn exec(container_id: &str, exec_id: &str) -> Self {
+        Self {
+            container_id: container_id.to_owned(),
+            exec_id: Some(exec_id.to_owned()),
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        validate_id("container id", &self.container_id)?;
+        match &self.exec_id {
+            Some(exec) => validate_id("exec id", exec),
+            None => Ok(()),
+        }
+    }
+}
+
+impl std::fmt::Display for ProcessRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.exec_id {
+            Some(exec) => write!(f, "{}/{exec}", self.container_id),
+            None => write!(f, "{}", self.container_id),
+        }
+    }
+}
+
+/// The longest container or exec id.
+pub const MAX_ID_LEN: usize = 128;
+
+/// Ids name directories in the guest, so they are plain words: 1 to 128 of
+/// `[A-Za-z0-9_.-]`, not starting with a dot.
+pub fn validate_id(what: &str, id: &str) -> Result<(), String> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} {id:?} is not 1 to {MAX_ID_LEN} of [A-Za-z0-9_.-] (not starting with '.')"
+        ))
+    }
+}
+
+/// Which standard streams the host will attach; the others are /dev/null.
+/// With `process.terminal` the process gets a pty, and its output comes on
+/// `stdout` only.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StdioRequest {
+    pub stdin: bool,
+    pub stdout: bool,
+    pub stderr: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Filesystem {
+    Erofs,
+    Ext4,
+}
+
+impl Filesystem {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Erofs => "erofs",
+            Self::Ext4 => "ext4",
+        }
+    }
+}
+
+/// The container's root filesystem: a virtio-blk disk found by its id
+/// (`--disk PATH,id=ID` on the VMM side).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rootfs {
+    pub disk_id: String,
+    pub filesystem: Filesystem,
+    /// True: the disk is read-only and writes go to an overlay on tmpfs.
+    /// False: the disk itself is mounted read-write.
+    pub overlay: bool,
+}
+
+/// `CreateContainer`: the OCI spec as the bundle has it. The agent uses
+/// `process`, `hostname`, `mounts` and `linux` (namespaces, resources,
+/// seccomp, masked and read-only paths, sysctl); `root.path` is replaced by
+/// `rootfs`, and hooks are refused (they would run host programs).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateContainer {
+    pub id: String,
+    pub rootfs: Rootfs,
+    pub spec: Spec,
+    pub stdio: StdioRequest,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecProcess {
+    pub process: ProcessRef,
+    pub spec: Process,
+    pub stdio: StdioRequest,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Prepares the container and its init process, stopped before exec.
+    /// Answer: `Pid`.
+    CreateContainer(Box<CreateContainer>),
+    /// Prepares a further process in a created container. Answer: `Pid`.
+    ExecProcess(Box<ExecProcess>),
+    /// Lets a created process run its program. Answer: `Ok`.
+    StartProcess(ProcessRef),
+    /// Blocks until the process has exited. Answer: `Exited`.
+    WaitProcess(ProcessRef),
+    /// Signals the process, or with `all` every process of the container.
+    SignalProcess {
+        process: ProcessRef,
+        signal: i32,
+        all: bool,
+    },
+    ResizeTty {
+        process: ProcessRef,
+        rows: u16,
+        cols: u16,
+    },
+    /// The process's stdin gets EOF (also when no stdin stream is attached).
+    CloseStdin(ProcessRef),
+    /// Answer: `Stats`.
+    Stats { container_id: String },
+    /// Answer: `Processes`.
+    ListProcesses { container_id: String },
+    /// Kills what is left of the container and removes it.
+    RemoveContainer { container_id: String },
+    /// Answers `Ok`, then stops every process, syncs and reboots the VM.
+    Shutdown,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Response {
+    Hello { version: u32, agent: String },
+    Ok,
+    Pid { pid: u32 },
+    Exited { status: ExitStatus },
+    Stats { stats: ContainerStats },
+    Processes { pids: Vec<u32> },
+    Error { code: ErrorCode, message: String },
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum ExitStatus {
+    Code(i32),
+    Signal(i32),
+}
+
+impl ExitStatus {
+    /// The status a shell reports: the code, or 128 + the signal.
+    pub fn shell_code(self) -> i32 {
+        match self {
+            Self::Code(code) => code,
+            Self::Signal(signal) => 128 + signal,
+        }
+    }
+
+    /// Codes are 0..=255 and signals 1..=64; anything else is a lie.
+    pub fn is_valid(self) -> bool {
+        match self {
+            Self::Code(code) => (0..=255).contains(&code),
+            Self::Signal(signal) => (1..=64).contains(&signal),
+        }
+    }
+}
+
+/// From the container's cgroup in the guest.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerStats {
+    pub memory_current_bytes: u64,
+    /// `None`: no limit.
+    pub memory_limit_bytes: Option<u64>,
+    pub memory_peak_bytes: u64,
+    /// Processes the OOM killer killed in this container.
+    pub oom_kills: u64,
+    pub pids_current: u64,
+    pub cpu_usage_usec: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    InvalidArgument,
+    NotFound,
+    AlreadyExists,
+    FailedPrecondition,
+    Unsupported,
+    Internal,
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn sample_requests() -> Vec<Request> {
+        let process = ProcessRef::exec("c1", "e1");
+        vec![
+            Request::CreateContainer(Box::new(CreateContainer {
+                id: "c1".into(),
+                rootfs: Rootfs {
+                    disk_id: "rootfs".into(),
+                    filesystem: Filesystem::Erofs,
+                    overlay: true,
+                },
+                spec: Spec::default(),
+                stdio: StdioRequest {
+                    stdin: true,
+                    stdout: true,
+                    stderr: false,
+                },
+            })),
+            Request::ExecProcess(Box::new(ExecProcess {
+                process: process.clone(),
+                spec: Process::default(),
+                stdio: StdioRequest::default(),
+            })),
+            Request::StartProcess(ProcessRef::init("c1")),
+            Request::WaitProcess(process.clone()),
+            Request::SignalProcess {
+                process: process.clone(),
+                signal: 9,
+                all: true,
+            },
+            Request::ResizeTty {
+                process: process.clone(),
+                rows: 24,
+                cols: 80,
+            },
+            Request::CloseStdin(process),
+            Request::Stats {
+                container_id: "c1".into(),
+            },
+            Request::ListProcesses {
+                container_id: "c1".into(),
+            },
+            Request::RemoveContainer {
+                container_id: "c1".into(),
+            },
+            Request::Shutdown,
+        ]
+    }
+
+    #[test]
+    fn ids_are_plain_words() {
+        for good in ["c1", "a.b-c_d", &"x".repeat(MAX_ID_LEN)] {
+            assert!(validate_id("id", good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../x",
+            "a/b",
+            "a b",
+            "a\0",
+            &"x".repeat(MAX_ID_LEN + 1),
+        ] {
+            assert!(validate_id("id", bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn exit_status_is_checked() {
+        assert_eq!(ExitStatus::Code(3).shell_code(), 3);
+        assert_eq!(ExitStatus::Signal(9).shell_code(), 137);
+        assert!(ExitStatus::Code(255).is_valid());
+        assert!(!ExitStatus::Code(256).is_valid());
+        assert!(!ExitStatus::Code(-1).is_valid());
+        assert!(!ExitStatus::Signal(0).is_valid());
+        assert!(!ExitStatus::Signal(65).is_valid());
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let text = r#"{"type":"stats","container_id":"c","extra":1}"#;
+        assert!(serde_json::from_str::<Request>(text).is_err());
+    }
+}
