@@ -10,7 +10,7 @@
 //!   pieces tests use to boot guests and leave nothing behind.
 
 pub mod child;
-pub mod initramfs;
+pub use cocoon_images::initramfs;
 pub mod microvm;
 pub mod nested;
 pub mod probe;

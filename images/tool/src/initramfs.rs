@@ -263,8 +263,8 @@ mod tests {
 
     #[test]
     fn archive_round_trips_through_cpio_reader() {
-        let dir = crate::ScratchDir::new("cocoon-testbed-unit").unwrap();
-        let path = dir.join("a.cpio");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.cpio");
         let mut archive = Initramfs::create(&path).unwrap();
         archive.bytes("/sbin/init", b"#!/bin/sh\n", 0o755).unwrap();
         archive.char_device("/dev/console", 5, 1, 0o600).unwrap();

@@ -1,0 +1,27 @@
+//! cocoon's image builders: the guest initramfs (the agent as `/init`) and
+//! container rootfs block images made from a directory, cached by content.
+
+pub mod initramfs;
+pub mod rootfs;
+
+use std::path::{Path, PathBuf};
+
+/// Writes the guest initramfs: `agent` as `/init`, `/dev/console` for its
+/// stdio, and the directories it mounts on. Reproducible: fixed inode
+/// numbers, owners and times. Returns its size in bytes.
+pub fn agent_initramfs(agent: &Path, out: &Path) -> Result<u64, initramfs::InitramfsError> {
+    let mut archive = initramfs::Initramfs::create(out)?;
+    archive.file("/init", agent)?;
+    archive.char_device("/dev/console", 5, 1, 0o600)?;
+    for dir in ["/proc", "/sys", "/run", "/tmp"] {
+        archive.dir(dir)?;
+    }
+    archive.finish()
+}
+
+/// Where cached images live: `$COCOON_CACHE` or `/var/cache/cocoon`.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("COCOON_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/var/cache/cocoon".into())
+}

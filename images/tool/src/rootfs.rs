@@ -1,0 +1,318 @@
+//! A container rootfs directory as a block image for virtio-blk: erofs
+//! (read-only, compact, fast to make; Debian's erofs-utils) or ext4 (`mkfs.ext4
+//! -d`, when erofs-utils is missing or a writable disk is wanted).
+//!
+//! Images are cached under `<cache>/rootfs/<key>.<fs>`, where the key hashes
+//! every entry's path, type, mode, owner, symlink target and contents (not
+//! times, so a copy of the same tree hits the cache). The image is written
+//! beside its final name and renamed into place, so a failed or interrupted
+//! build leaves nothing that looks finished.
+
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RootfsError {
+    #[error("{0} is not a directory")]
+    NotADirectory(PathBuf),
+    #[error("cannot read {0}")]
+    Read(PathBuf, #[source] io::Error),
+    #[error("cannot write {0}")]
+    Write(PathBuf, #[source] io::Error),
+    #[error("{tool} failed ({status}): {stderr} (install Debian's {package})")]
+    Tool {
+        tool: &'static str,
+        package: &'static str,
+        status: String,
+        stderr: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Erofs,
+    Ext4,
+}
+
+impl Format {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Erofs => "erofs",
+            Self::Ext4 => "ext4",
+        }
+    }
+}
+
+/// A built (or cached) image.
+#[derive(Debug, Clone)]
+pub struct RootfsImage {
+    pub path: PathBuf,
+    pub format: Format,
+    pub key: String,
+    /// False when it came from the cache.
+    pub built: bool,
+}
+
+/// The content key of a tree: stable across copies and times.
+pub fn content_key(dir: &Path) -> Result<String, RootfsError> {
+    let mut hasher = Sha256::new();
+    hash_tree(dir, Path::new(""), &mut hasher)?;
+    let digest = hasher.finalize();
+    Ok(digest.iter().take(12).map(|b| format!("{b:02x}")).collect())
+}
+
+fn hash_tree(root: &Path, rel: &Path, hasher: &mut Sha256) -> Result<(), RootfsError> {
+    let dir = root.join(rel);
+    let read = |e| RootfsError::Read(dir.clone(), e);
+    let mut entries: Vec<_> = fs::read_dir(&dir)
+        .map_err(read)?
+        .collect::<Result<_, _>>()
+        .map_err(read)?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let path = entry.path();
+        let rel = rel.join(entry.file_name());
+        let meta = fs::symlink_metadata(&path).map_err(|e| RootfsError::Read(path.clone(), e))?;
+        let kind = meta.file_type();
+        hasher.update(rel.as_os_str().as_encoded_bytes());
+        hasher.update([0]);
+        hasher.update(meta.mode().to_le_bytes());
+        hasher.update(meta.uid().to_le_bytes());
+        hasher.update(meta.gid().to_le_bytes());
+        if kind.is_symlink() {
+            let target = fs::read_link(&path).map_err(|e| RootfsError::Read(path.clone(), e))?;
+            hasher.update(target.as_os_str().as_encoded_bytes());
+        } else if kind.is_file() {
+            hasher.update(meta.len().to_le_bytes());
+            let mut file = File::open(&path).map_err(|e| RootfsError::Read(path.clone(), e))?;
+            let mut buffer = vec![0; 256 * 1024];
+            loop {
+                let n = file
+                    .read(&mut buffer)
+                    .map_err(|e| RootfsError::Read(path.clone(), e))?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buffer[..n]);
+            }
+        } else if kind.is_block_device() || kind.is_char_device() {
+            hasher.update(meta.rdev().to_le_bytes());
+        } else if kind.is_dir() {
+            hash_tree(root, &rel, hasher)?;
+        }
+        hasher.update([0xff]);
+    }
+    Ok(())
+}
+
+fn tool_available(tool: &str) -> bool {
+    Command::new(tool)
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success() || !o.stderr.is_empty())
+}
+
+/// The image of `dir` in `format` (None: erofs if mkfs.erofs is there, else
+/// ext4), built once per content.
+pub fn image(dir: &Path, format: Option<Format>, cache: &Path) -> Result<RootfsImage, RootfsError> {
+    if !dir.is_dir() {
+        return Err(RootfsError::NotADirectory(dir.to_owned()));
+    }
+    let format = format.unwrap_or(if tool_available("mkfs.erofs") {
+        Format::Erofs
+    } else {
+        Format::Ext4
+    });
+    let key = content_key(dir)?;
+    let cache = cache.join("rootfs");
+    let path = cache.join(format!("{key}.{}", format.name()));
+    if path.is_file() {
+        return Ok(RootfsImage {
+            path,
+            format,
+            key,
+            built: false,
+        });
+    }
+    fs::create_dir_all(&cache).map_err(|e| RootfsError::Write(cache.clone(), e))?;
+    let partial = cache.join(format!(".{key}.{}.{}", format.name(), std::process::id()));
+    let _ = fs::remove_file(&partial);
+    let built = match format {
+        Format::Erofs => make_erofs(dir, &partial),
+        Format::Ext4 => make_ext4(dir, &partial),
+    }
+    .and_then(|()| pad_to_sectors(&partial));
+    if let Err(e) = built {
+        let _ = fs::remove_file(&partial);
+        return Err(e);
+    }
+    fs::rename(&partial, &path).map_err(|e| RootfsError::Write(path.clone(), e))?;
+    Ok(RootfsImage {
+        path,
+        format,
+        key,
+        built: true,
+    })
+}
+
+fn run(
+    tool: &'static str,
+    package: &'static str,
+    command: &mut Command,
+) -> Result<(), RootfsError> {
+    let output = command.output().map_err(|e| RootfsError::Tool {
+        tool,
+        package,
+        status: "not started".into(),
+        stderr: e.to_string(),
+    })?;
+    if output.status.success() {
+        return Ok(());
+    }
+    Err(RootfsError::Tool {
+        tool,
+        package,
+        status: output.status.to_string(),
+        stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+    })
+}
+
+fn make_erofs(dir: &Path, out: &Path) -> Result<(), RootfsError> {
+    run(
+        "mkfs.erofs",
+        "erofs-utils",
+        Command::new("mkfs.erofs")
+            .args([
+                "--quiet",
+                "-T0",
+                "-U",
+                "00000000-0000-0000-0000-000000000000",
+            ])
+            .arg(out)
+            .arg(dir),
+    )
+}
+
+/// Size of the tree plus room for metadata and some writes.
+fn ext4_size_mib(dir: &Path) -> u64 {
+    fn walk(dir: &Path) -> u64 {
+        fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| match e.metadata() {
+                Ok(m) if m.is_dir() => 4096 + walk(&e.path()),
+                Ok(m) => m.len() + 4096,
+                Err(_) => 0,
+            })
+            .sum()
+    }
+    ((walk(dir) * 3 / 2) >> 20) + 16
+}
+
+fn make_ext4(dir: &Path, out: &Path) -> Result<(), RootfsError> {
+    run(
+        "mkfs.ext4",
+        "e2fsprogs",
+        Command::new("mkfs.ext4")
+            .args([
+                "-q",
+                "-F",
+                "-O",
+                "^has_journal",
+                "-U",
+                "clear",
+                "-E",
+                "hash_seed=00000000-0000-0000-0000-000000000000",
+            ])
+            .env("E2FSPROGS_FAKE_TIME", "0")
+            .arg("-d")
+            .arg(dir)
+            .arg(out)
+            .arg(format!("{}M", ext4_size_mib(dir))),
+    )
+}
+
+/// virtio-blk disks are whole 512-byte sectors.
+fn pad_to_sectors(path: &Path) -> Result<(), RootfsError> {
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| RootfsError::Write(path.to_owned(), e))?;
+    let len = file
+        .metadata()
+        .map_err(|e| RootfsError::Write(path.to_owned(), e))?
+        .len();
+    file.set_len(len.div_ceil(512) * 512)
+        .map_err(|e| RootfsError::Write(path.to_owned(), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tree(root: &Path) {
+        fs::create_dir_all(root.join("bin")).unwrap();
+        fs::write(root.join("bin/tool"), b"#!/bin/sh\necho hi\n").unwrap();
+        std::os::unix::fs::symlink("tool", root.join("bin/link")).unwrap();
+    }
+
+    #[test]
+    fn the_key_follows_content_not_times() {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        tree(a.path());
+        tree(b.path());
+        assert_eq!(
+            content_key(a.path()).unwrap(),
+            content_key(b.path()).unwrap()
+        );
+        fs::write(b.path().join("bin/tool"), b"#!/bin/sh\necho ho\n").unwrap();
+        assert_ne!(
+            content_key(a.path()).unwrap(),
+            content_key(b.path()).unwrap()
+        );
+    }
+
+    #[test]
+    fn an_image_is_built_once_and_reused() {
+        let src = tempfile::tempdir().unwrap();
+        let cache = tempfile::tempdir().unwrap();
+        tree(src.path());
+        for format in [Format::Erofs, Format::Ext4] {
+            let tool = match format {
+                Format::Erofs => "mkfs.erofs",
+                Format::Ext4 => "mkfs.ext4",
+            };
+            if !tool_available(tool) {
+                eprintln!("SKIPPED {tool}: not installed");
+                continue;
+            }
+            let first = image(src.path(), Some(format), cache.path()).unwrap();
+            assert!(first.built);
+            assert_eq!(fs::metadata(&first.path).unwrap().len() % 512, 0);
+            let again = image(src.path(), Some(format), cache.path()).unwrap();
+            assert!(!again.built);
+            assert_eq!(first.path, again.path);
+        }
+        // Nothing half-made is left beside the images.
+        let leftovers: Vec<_> = fs::read_dir(cache.path().join("rootfs"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    #[test]
+    fn a_missing_directory_is_named() {
+        let cache = tempfile::tempdir().unwrap();
+        let err = image(Path::new("/no/such/dir"), None, cache.path()).unwrap_err();
+        assert!(err.to_string().contains("/no/such/dir"), "{err}");
+    }
+}
