@@ -1,19 +1,32 @@
 # Builds (or reuses) everything the end-to-end tests need and exports its
 # location in COCOON_* variables. Sourced by test.sh and demo.sh.
 
-ensure_packages build-essential qemu-system-x86 busybox-static jq
+ensure_packages build-essential qemu-system-x86 busybox-static jq erofs-utils e2fsprogs libseccomp-dev
 
 log "==> guest kernel"
 COCOON_KERNEL=$(kernel-config/build.sh)
 export COCOON_KERNEL
 
-log "==> test init (static)"
+log "==> guest programs (static): cocoon-agent, test init, cocoon-check"
 RUSTFLAGS="-C target-feature=+crt-static" \
-    cargo build --quiet --release -p cocoon-test-init --target x86_64-unknown-linux-gnu
-COCOON_TEST_INIT=$PWD/target/x86_64-unknown-linux-gnu/release/cocoon-test-init
-ldd "$COCOON_TEST_INIT" 2>&1 | grep -qE 'not a dynamic|statically linked' \
-    || die "$COCOON_TEST_INIT is not statically linked"
+    cargo build --quiet --release -p cocoon-agent -p cocoon-test-init --target x86_64-unknown-linux-gnu
+static_dir=$PWD/target/x86_64-unknown-linux-gnu/release
+for program in cocoon-agent cocoon-test-init cocoon-check; do
+    ldd "$static_dir/$program" 2>&1 | grep -qE 'not a dynamic|statically linked' \
+        || die "$static_dir/$program is not statically linked"
+done
+COCOON_TEST_INIT=$static_dir/cocoon-test-init
 export COCOON_TEST_INIT
+
+log "==> images: agent initramfs, test images, test rootfs (erofs)"
+cargo build --quiet --release -p cocoon-images
+mkdir -p target/images
+COCOON_AGENT_INITRAMFS=$PWD/target/images/cocoon-initramfs.cpio
+initramfs_bytes=$(target/release/cocoon-image initramfs --agent "$static_dir/cocoon-agent" --out "$COCOON_AGENT_INITRAMFS")
+log "    guest initramfs: $((initramfs_bytes / 1024)) KiB (agent $(( $(stat -c %s "$static_dir/cocoon-agent") / 1024)) KiB)"
+images/test-images.sh target/images/test "$static_dir/cocoon-check"
+COCOON_TEST_ROOTFS_IMAGE=$(target/release/cocoon-image rootfs target/images/test/rootfs)
+export COCOON_AGENT_INITRAMFS COCOON_TEST_ROOTFS_IMAGE
 
 log "==> cocoon-vmm (release)"
 cargo build --quiet --release -p cocoon-vmm
@@ -40,7 +53,7 @@ run_with_kvm() {
     COCOON_E2E_REQUIRED=1 target/debug/cocoon-testbed run \
         --with /usr/bin/qemu-system-x86_64 --with /usr/share/qemu --with /usr/share/seabios \
         --with "$COCOON_KERNEL" --with "$COCOON_TEST_INIT" --with "$COCOON_CLOUD_KERNEL" \
-        --with "$COCOON_VMM" \
+        --with "$COCOON_VMM" --with "$COCOON_AGENT_INITRAMFS" --with "$COCOON_TEST_ROOTFS_IMAGE" \
         "$@"
 }
 

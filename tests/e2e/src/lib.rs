@@ -6,6 +6,7 @@
 //! which case it fails. Artefacts built by the project's scripts arrive in
 //! environment variables and are checked by [`artifact`].
 
+pub mod agent;
 pub mod vmm;
 
 use std::path::{Path, PathBuf};

@@ -49,6 +49,11 @@ impl VmmRun {
         }
     }
 
+    /// When the VMM was spawned.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

@@ -1,5 +1,6 @@
 //! cocoon's end-to-end tests, in one binary so that `make test` boots the
 //! nested test host once for all of them.
 
+mod agent;
 mod boot;
 mod vmm;

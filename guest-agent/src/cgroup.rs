@@ -1,0 +1,201 @@
+//! Each container's cgroup v2 in the guest, `/sys/fs/cgroup/cocoon/<id>`,
+//! with the limits of `linux.resources`: memory, pids, cpu. The OOM killer
+//! acts inside it, so a container over its limit loses a process while the
+//! agent (in the root cgroup) goes on.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cocoon_protocol::ContainerStats;
+use oci_spec::runtime::LinuxResources;
+
+const ROOT: &str = "/sys/fs/cgroup";
+const CONTROLLERS: &str = "+memory +pids +cpu";
+
+#[derive(Debug, thiserror::Error)]
+#[error("cgroup {path}: {what}")]
+pub struct CgroupError {
+    path: String,
+    what: String,
+    #[source]
+    source: io::Error,
+}
+
+#[derive(Debug)]
+pub struct Cgroup {
+    path: PathBuf,
+}
+
+/// A limit in cgroup v2's words: a number, or "max".
+fn limit(value: Option<i64>) -> String {
+    match value {
+        Some(v) if v >= 0 => v.to_string(),
+        _ => "max".into(),
+    }
+}
+
+/// The cgroup v1 cpu shares (2..262144) as a v2 weight (1..10000), the
+/// conversion runc and crun use.
+pub fn shares_to_weight(shares: u64) -> u64 {
+    if shares == 0 {
+        return 100;
+    }
+    1 + (shares.clamp(2, 262_144) - 2) * 9999 / 262_142
+}
+
+/// The files and values `resources` asks for, in the order they are written.
+pub fn settings(resources: &LinuxResources) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    if let Some(memory) = resources.memory() {
+        if let Some(max) = memory.limit() {
+            out.push(("memory.max", limit(Some(max))));
+        }
+        if let Some(low) = memory.reservation() {
+            out.push(("memory.low", limit(Some(low))));
+        }
+    }
+    if let Some(pids) = resources.pids() {
+        out.push(("pids.max", limit(Some(pids.limit()))));
+    }
+    if let Some(cpu) = resources.cpu() {
+        if cpu.quota().is_some() || cpu.period().is_some() {
+            let period = cpu.period().unwrap_or(100_000);
+            out.push(("cpu.max", format!("{} {period}", limit(cpu.quota()))));
+        }
+        if let Some(shares) = cpu.shares() {
+            out.push(("cpu.weight", shares_to_weight(shares).to_string()));
+        }
+    }
+    out
+}
+
+impl Cgroup {
+    /// Makes the cgroup and applies the limits.
+    pub fn create(id: &str, resources: Option<&LinuxResources>) -> Result<Self, CgroupError> {
+        let parent = Path::new(ROOT).join("cocoon");
+        let cgroup = Self {
+            path: parent.join(id),
+        };
+        let error = |path: &Path, what: &str| {
+            let (path, what) = (path.display().to_string(), what.to_owned());
+            move |source| CgroupError { path, what, source }
+        };
+        fs::write(Path::new(ROOT).join("cgroup.subtree_control"), CONTROLLERS)
+            .map_err(error(Path::new(ROOT), "enable controllers"))?;
+        match fs::create_dir(&parent) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+                return Err(error(&parent, "create")(e));
+            }
+            _ => {}
+        }
+        fs::write(parent.join("cgroup.subtree_control"), CONTROLLERS)
+            .map_err(error(&parent, "enable controllers"))?;
+        fs::create_dir(&cgroup.path).map_err(error(&cgroup.path, "create"))?;
+        for (file, value) in resources.map(settings).unwrap_or_default() {
+            if let Err(e) = fs::write(cgroup.path.join(file), &value) {
+                cgroup.remove();
+                return Err(error(&cgroup.path, &format!("set {file} to {value}"))(e));
+            }
+        }
+        Ok(cgroup)
+    }
+
+    /// The file a process writes "0" to, to join.
+    pub fn procs_file(&self) -> PathBuf {
+        self.path.join("cgroup.procs")
+    }
+
+    pub fn pids(&self) -> Vec<u32> {
+        fs::read_to_string(self.procs_file())
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+
+    /// SIGKILLs every process in it (`cgroup.kill`, race-free).
+    pub fn kill_all(&self) {
+        let _ = fs::write(self.path.join("cgroup.kill"), "1");
+    }
+
+    pub fn signal_all(&self, signal: i32) {
+        for pid in self.pids() {
+            // SAFETY: kill() takes no pointers.
+            unsafe { libc::kill(pid as libc::pid_t, signal) };
+        }
+    }
+
+    pub fn stats(&self) -> ContainerStats {
+        let read = |file: &str| fs::read_to_string(self.path.join(file)).unwrap_or_default();
+        let number = |file: &str| read(file).trim().parse().unwrap_or(0);
+        let keyed = |file: &str, key: &str| {
+            read(file)
+                .lines()
+                .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        ContainerStats {
+            memory_current_bytes: number("memory.current"),
+            memory_limit_bytes: read("memory.max").trim().parse().ok(),
+            memory_peak_bytes: number("memory.peak"),
+            oom_kills: keyed("memory.events", "oom_kill"),
+            pids_current: number("pids.current"),
+            cpu_usage_usec: keyed("cpu.stat", "usage_usec"),
+        }
+    }
+
+    /// Kills what is left and removes the directory (an emptied cgroup may
+    /// take a moment to let go).
+    pub fn remove(&self) {
+        self.kill_all();
+        for _ in 0..100 {
+            match fs::remove_dir(&self.path) {
+                Ok(()) => return,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+        tracing::warn!(path = %self.path.display(), "cgroup still busy; left in place");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resources_become_cgroup_v2_files() {
+        let resources: LinuxResources = serde_json::from_str(
+            r#"{"memory": {"limit": 33554432}, "pids": {"limit": 64},
+                "cpu": {"quota": 50000, "period": 100000, "shares": 1024}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            settings(&resources),
+            vec![
+                ("memory.max", "33554432".to_string()),
+                ("pids.max", "64".to_string()),
+                ("cpu.max", "50000 100000".to_string()),
+                ("cpu.weight", "39".to_string()),
+            ]
+        );
+        let unlimited: LinuxResources =
+            serde_json::from_str(r#"{"memory": {"limit": -1}, "cpu": {"period": 50000}}"#).unwrap();
+        assert_eq!(
+            settings(&unlimited),
+            vec![
+                ("memory.max", "max".to_string()),
+                ("cpu.max", "max 50000".to_string())
+            ]
+        );
+    }
+
+    #[test]
+    fn shares_map_onto_weights() {
+        assert_eq!(shares_to_weight(2), 1);
+        assert_eq!(shares_to_weight(262_144), 10_000);
+        assert_eq!(shares_to_weight(0), 100);
+    }
+}

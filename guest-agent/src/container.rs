@@ -1,0 +1,490 @@
+//! The sandbox: the containers of this VM and their processes.
+//!
+//! ```text
+//!  CreateContainer ─▶ created (init forked, stopped before exec)
+//!        StartProcess ─▶ running ─▶ exited (status kept for WaitProcess)
+//!  ExecProcess (while init runs) ─▶ created ─▶ running ─▶ exited
+//!  RemoveContainer ─▶ everything killed, rootfs unmounted, cgroup removed
+//! ```
+//!
+//! Each container's files live under `/run/cocoon/containers/<id>/`: the
+//! image disk at `lower/`, the overlay's `upper/` and `work/` on the VM's
+//! tmpfs, and the merged view at `rootfs/`.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use cocoon_protocol::{
+    ContainerStats, CreateContainer, ExecProcess, ExitStatus, ProcessRef, Stream, validate_id,
+};
+use oci_spec::runtime::{LinuxNamespaceType, LinuxSeccomp};
+
+use crate::cgroup::{Cgroup, CgroupError};
+use crate::process::{self, Namespaces, ProcessError, ProcessPlan, SpawnRequest, StartGate};
+use crate::reaper::{ExitCell, Reaper};
+use crate::rootfs::{RootfsError, RootfsPlan};
+use crate::stdio::{ProcessIo, StdioError};
+use crate::syscall::{LinuxSyscall, Syscall};
+use crate::vsock::VsockStream;
+
+const CONTAINERS_DIR: &str = "/run/cocoon/containers";
+/// Exited execs beyond this many are forgotten, oldest first.
+const MAX_EXECS: usize = 256;
+/// How long RemoveContainer waits for killed processes.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error(transparent)]
+    Process(#[from] ProcessError),
+    #[error(transparent)]
+    Rootfs(#[from] RootfsError),
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    #[error(transparent)]
+    Stdio(#[from] StdioError),
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_error(what: impl Into<String>) -> impl FnOnce(io::Error) -> SandboxError {
+    let what = what.into();
+    move |source| SandboxError::Io { what, source }
+}
+
+#[derive(Debug)]
+pub struct ContainerProcess {
+    pub pid: i32,
+    pidfd: Option<OwnedFd>,
+    pub io: ProcessIo,
+    pub exit: Arc<ExitCell>,
+    gate: Mutex<Option<StartGate>>,
+}
+
+impl ContainerProcess {
+    fn signal(&self, signal: i32) -> Result<(), SandboxError> {
+        if self.exit.get().is_some() {
+            return Err(SandboxError::FailedPrecondition(
+                "the process has already exited".into(),
+            ));
+        }
+        let result = match &self.pidfd {
+            Some(pidfd) => process::pidfd_signal(pidfd, signal),
+            None => Err(io::Error::from_raw_os_error(libc::ESRCH)),
+        };
+        result.map_err(io_error(format!("signal {signal} to pid {}", self.pid)))
+    }
+}
+
+#[derive(Debug)]
+pub struct Container {
+    id: String,
+    dir: PathBuf,
+    /// Agent-side mounts, undone in reverse order.
+    mounts: Vec<PathBuf>,
+    cgroup: Cgroup,
+    seccomp: Option<LinuxSeccomp>,
+    init: Arc<ContainerProcess>,
+    execs: Mutex<Vec<(String, Arc<ContainerProcess>)>>,
+}
+
+#[derive(Debug, Default)]
+pub struct Sandbox {
+    containers: Mutex<HashMap<String, Arc<Container>>>,
+    reaper: Arc<Reaper>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The virtio-blk disk whose serial (the VMM's `id=`) is `id`.
+pub fn find_disk(id: &str) -> Result<PathBuf, SandboxError> {
+    let blocks = fs::read_dir("/sys/block").map_err(io_error("list /sys/block"))?;
+    for entry in blocks.flatten() {
+        let name = entry.file_name();
+        let serial = fs::read_to_string(entry.path().join("serial")).unwrap_or_default();
+        if serial.trim_end_matches(['\n', '\0']) == id {
+            return Ok(Path::new("/dev").join(name));
+        }
+    }
+    Err(SandboxError::NotFound(format!(
+        "disk with id {id:?} (is it given to the VMM with --disk PATH,id={id}?)"
+    )))
+}
+
+/// Undoes what a failed create or a remove leaves mounted.
+fn unmount_all(mounts: &[PathBuf], dir: &Path) {
+    for mount in mounts.iter().rev() {
+        if let Err(e) = LinuxSyscall.umount(mount, libc::MNT_DETACH) {
+            tracing::warn!(path = %mount.display(), "unmount failed: {e}");
+        }
+    }
+    let _ = fs::remove_dir_all(dir);
+}
+
+impl Sandbox {
+    pub fn reaper(&self) -> Arc<Reaper> {
+        Arc::clone(&self.reaper)
+    }
+
+    fn container(&self, id: &str) -> Result<Arc<Container>, SandboxError> {
+        lock(&self.containers)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| SandboxError::NotFound(format!("container {id:?}")))
+    }
+
+    fn process(&self, process: &ProcessRef) -> Result<Arc<ContainerProcess>, SandboxError> {
+        process.validate().map_err(SandboxError::InvalidArgument)?;
+        let container = self.container(&process.container_id)?;
+        match &process.exec_id {
+            None => Ok(Arc::clone(&container.init)),
+            Some(exec) => lock(&container.execs)
+                .iter()
+                .find(|(id, _)| id == exec)
+                .map(|(_, p)| Arc::clone(p))
+                .ok_or_else(|| SandboxError::NotFound(format!("process {process}"))),
+        }
+    }
+
+    pub fn create(&self, request: CreateContainer) -> Result<u32, SandboxError> {
+        let id = request.id.clone();
+        validate_id("container id", &id).map_err(SandboxError::InvalidArgument)?;
+        validate_id("disk id", &request.rootfs.disk_id).map_err(SandboxError::InvalidArgument)?;
+        if lock(&self.containers).contains_key(&id) {
+            return Err(SandboxError::AlreadyExists(format!("container {id:?}")));
+        }
+        let spec = &request.spec;
+        if spec.hooks().is_some() {
+            tracing::warn!(container = %id, "OCI hooks are ignored: they would run host programs");
+        }
+        let process = spec
+            .process()
+            .as_ref()
+            .ok_or_else(|| SandboxError::InvalidArgument("the spec has no process".into()))?;
+        let linux = spec.linux().as_ref();
+        let mut flags = libc::CLONE_NEWNS;
+        let mut pid_ns = false;
+        let mut uts = false;
+        for ns in linux
+            .and_then(|l| l.namespaces().as_ref())
+            .into_iter()
+            .flatten()
+        {
+            if ns.path().is_some() {
+                return Err(SandboxError::Unsupported(format!(
+                    "joining an existing {:?} namespace by path",
+                    ns.typ()
+                )));
+            }
+            match ns.typ() {
+                LinuxNamespaceType::Pid => pid_ns = true,
+                LinuxNamespaceType::Uts => {
+                    uts = true;
+                    flags |= libc::CLONE_NEWUTS;
+                }
+                LinuxNamespaceType::Ipc => flags |= libc::CLONE_NEWIPC,
+                LinuxNamespaceType::Cgroup => flags |= libc::CLONE_NEWCGROUP,
+                LinuxNamespaceType::Mount => {}
+                // The VM is the network boundary; it has no network yet.
+                LinuxNamespaceType::Network => {}
+                other => {
+                    return Err(SandboxError::Unsupported(format!(
+                        "{other:?} namespaces (the VM is the isolation boundary)"
+                    )));
+                }
+            }
+        }
+        let plan = ProcessPlan::from_oci(process, linux.and_then(|l| l.seccomp().as_ref()))?;
+        let dir = Path::new(CONTAINERS_DIR).join(&id);
+        let rootfs = dir.join("rootfs");
+        let hostname = if uts { spec.hostname().clone() } else { None };
+        let readonly = spec
+            .root()
+            .as_ref()
+            .and_then(|r| r.readonly())
+            .unwrap_or(false);
+        let rootfs_plan = RootfsPlan::new(
+            rootfs.clone(),
+            spec.mounts().as_deref().unwrap_or_default(),
+            linux,
+            hostname,
+            readonly,
+        )?;
+        let disk = find_disk(&request.rootfs.disk_id)?;
+
+        let mut mounts = Vec::new();
+        let made = (|| -> Result<(), SandboxError> {
+            let fstype = request.rootfs.filesystem.name();
+            let sys = LinuxSyscall;
+            if request.rootfs.overlay {
+                let (lower, upper, work) = (dir.join("lower"), dir.join("upper"), dir.join("work"));
+                for d in [&lower, &upper, &work, &rootfs] {
+                    fs::create_dir_all(d).map_err(io_error(format!("mkdir {}", d.display())))?;
+                }
+                sys.mount(Some(&disk), &lower, Some(fstype), libc::MS_RDONLY, None)
+                    .map_err(io_error(format!("mount {} ({fstype})", disk.display())))?;
+                mounts.push(lower.clone());
+                let data = format!(
+                    "lowerdir={},upperdir={},workdir={}",
+                    lower.display(),
+                    upper.display(),
+                    work.display()
+                );
+                sys.mount(
+                    Some(Path::new("overlay")),
+                    &rootfs,
+                    Some("overlay"),
+                    0,
+                    Some(&data),
+                )
+                .map_err(io_error("mount the overlay"))?;
+            } else {
+                fs::create_dir_all(&rootfs).map_err(io_error("mkdir rootfs"))?;
+                sys.mount(Some(&disk), &rootfs, Some(fstype), 0, None)
+                    .map_err(io_error(format!("mount {} ({fstype})", disk.display())))?;
+            }
+            mounts.push(rootfs.clone());
+            Ok(())
+        })();
+        if let Err(e) = made {
+            unmount_all(&mounts, &dir);
+            return Err(e);
+        }
+        let cleanup = |mounts: &[PathBuf]| unmount_all(mounts, &dir);
+
+        let cgroup = match Cgroup::create(&id, linux.and_then(|l| l.resources().as_ref())) {
+            Ok(cgroup) => cgroup,
+            Err(e) => {
+                cleanup(&mounts);
+                return Err(e.into());
+            }
+        };
+        let spawned = (|| {
+            let (io, child_stdio) = ProcessIo::open(request.stdio, plan.terminal)
+                .map_err(io_error("open the process's stdio"))?;
+            let exit = Arc::new(ExitCell::default());
+            let spawned = process::spawn(
+                &self.reaper,
+                Arc::clone(&exit),
+                SpawnRequest {
+                    plan: &plan,
+                    namespaces: Namespaces::New { flags, pid: pid_ns },
+                    rootfs: Some(&rootfs_plan),
+                    cgroup_procs: &cgroup.procs_file(),
+                    stdio: child_stdio,
+                },
+            )?;
+            if let Some(master) = spawned.terminal {
+                io.set_terminal(master).map_err(io_error("keep the pty"))?;
+            }
+            Ok::<_, SandboxError>(ContainerProcess {
+                pid: spawned.pid,
+                pidfd: spawned.pidfd,
+                io,
+                exit,
+                gate: Mutex::new(Some(spawned.gate)),
+            })
+        })();
+        let init = match spawned {
+            Ok(init) => init,
+            Err(e) => {
+                cgroup.remove();
+                cleanup(&mounts);
+                return Err(e);
+            }
+        };
+        let pid = init.pid;
+        let container = Container {
+            id: id.clone(),
+            dir,
+            mounts,
+            cgroup,
+            seccomp: linux.and_then(|l| l.seccomp().clone()),
+            init: Arc::new(init),
+            execs: Mutex::default(),
+        };
+        tracing::info!(container = %id, pid, "container created");
+        lock(&self.containers).insert(id, Arc::new(container));
+        Ok(pid.unsigned_abs())
+    }
+
+    pub fn exec(&self, request: ExecProcess) -> Result<u32, SandboxError> {
+        request
+            .process
+            .validate()
+            .map_err(SandboxError::InvalidArgument)?;
+        let Some(exec_id) = request.process.exec_id.clone() else {
+            return Err(SandboxError::InvalidArgument(
+                "an exec needs an exec id".into(),
+            ));
+        };
+        let container = self.container(&request.process.container_id)?;
+        if container.init.exit.get().is_some() || lock(&container.init.gate).is_some() {
+            return Err(SandboxError::FailedPrecondition(format!(
+                "container {:?} is not running",
+                container.id
+            )));
+        }
+        if lock(&container.execs).iter().any(|(id, _)| *id == exec_id) {
+            return Err(SandboxError::AlreadyExists(format!(
+                "process {}",
+                request.process
+            )));
+        }
+        let plan = ProcessPlan::from_oci(&request.spec, container.seccomp.as_ref())?;
+        let (io, child_stdio) = ProcessIo::open(request.stdio, plan.terminal)
+            .map_err(io_error("open the process's stdio"))?;
+        let exit = Arc::new(ExitCell::default());
+        let spawned = process::spawn(
+            &self.reaper,
+            Arc::clone(&exit),
+            SpawnRequest {
+                plan: &plan,
+                namespaces: Namespaces::Join {
+                    init_pid: container.init.pid,
+                },
+                rootfs: None,
+                cgroup_procs: &container.cgroup.procs_file(),
+                stdio: child_stdio,
+            },
+        )?;
+        let pid = spawned.pid;
+        if let Some(master) = spawned.terminal {
+            io.set_terminal(master).map_err(io_error("keep the pty"))?;
+        }
+        let mut execs = lock(&container.execs);
+        while execs.len() >= MAX_EXECS {
+            match execs.iter().position(|(_, p)| p.exit.get().is_some()) {
+                Some(oldest) => drop(execs.remove(oldest)),
+                None => break,
+            }
+        }
+        execs.push((
+            exec_id,
+            Arc::new(ContainerProcess {
+                pid,
+                pidfd: spawned.pidfd,
+                io,
+                exit,
+                gate: Mutex::new(Some(spawned.gate)),
+            }),
+        ));
+        Ok(pid.unsigned_abs())
+    }
+
+    pub fn start(&self, process: &ProcessRef) -> Result<(), SandboxError> {
+        let target = self.process(process)?;
+        let gate = lock(&target.gate).take().ok_or_else(|| {
+            SandboxError::FailedPrecondition(format!("process {process} was already started"))
+        })?;
+        gate.start()?;
+        Ok(())
+    }
+
+    /// Blocks until the process exits.
+    pub fn wait(&self, process: &ProcessRef) -> Result<ExitStatus, SandboxError> {
+        let target = self.process(process)?;
+        let status = target.exit.wait();
+        target.io.release();
+        Ok(status)
+    }
+
+    pub fn signal(&self, process: &ProcessRef, signal: i32, all: bool) -> Result<(), SandboxError> {
+        if !(1..=64).contains(&signal) {
+            return Err(SandboxError::InvalidArgument(format!(
+                "signal {signal} is not 1 to 64"
+            )));
+        }
+        if all {
+            let container = self.container(&process.container_id)?;
+            if signal == libc::SIGKILL {
+                container.cgroup.kill_all();
+            } else {
+                container.cgroup.signal_all(signal);
+            }
+            return Ok(());
+        }
+        self.process(process)?.signal(signal)
+    }
+
+    pub fn attach(
+        &self,
+        process: &ProcessRef,
+        stream: Stream,
+        connection: VsockStream,
+        ack: impl FnOnce(&mut VsockStream) -> io::Result<()>,
+    ) -> Result<(), SandboxError> {
+        Ok(self.process(process)?.io.attach(stream, connection, ack)?)
+    }
+
+    pub fn resize(&self, process: &ProcessRef, rows: u16, cols: u16) -> Result<(), SandboxError> {
+        Ok(self.process(process)?.io.resize(rows, cols)?)
+    }
+
+    pub fn close_stdin(&self, process: &ProcessRef) -> Result<(), SandboxError> {
+        self.process(process)?.io.close_stdin();
+        Ok(())
+    }
+
+    pub fn stats(&self, id: &str) -> Result<ContainerStats, SandboxError> {
+        Ok(self.container(id)?.cgroup.stats())
+    }
+
+    pub fn pids(&self, id: &str) -> Result<Vec<u32>, SandboxError> {
+        Ok(self.container(id)?.cgroup.pids())
+    }
+
+    /// Kills every process of the container, waits for its init, and
+    /// removes its mounts, directory and cgroup.
+    pub fn remove(&self, id: &str) -> Result<(), SandboxError> {
+        validate_id("container id", id).map_err(SandboxError::InvalidArgument)?;
+        let container = lock(&self.containers)
+            .remove(id)
+            .ok_or_else(|| SandboxError::NotFound(format!("container {id:?}")))?;
+        container.cgroup.kill_all();
+        // A created-but-not-started init waits on its start pipe: dropping
+        // the gate ends it.
+        drop(lock(&container.init.gate).take());
+        for (_, exec) in lock(&container.execs).iter() {
+            drop(lock(&exec.gate).take());
+        }
+        if container.init.exit.wait_timeout(KILL_WAIT).is_none() {
+            tracing::warn!(container = %id, "init did not exit after SIGKILL");
+        }
+        container.cgroup.remove();
+        unmount_all(&container.mounts, &container.dir);
+        tracing::info!(container = %id, "container removed");
+        Ok(())
+    }
+
+    /// Removes every container (for Shutdown).
+    pub fn remove_all(&self) {
+        let ids: Vec<String> = lock(&self.containers).keys().cloned().collect();
+        for id in ids {
+            if let Err(e) = self.remove(&id) {
+                tracing::warn!(container = %id, "remove failed: {e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,262 @@
+//! The seam between container setup and the kernel (youki's `Syscall`): the
+//! few privileged calls rootfs and namespace setup make. [`LinuxSyscall`]
+//! makes them; the recording implementation in tests writes them down, so
+//! the setup logic is tested without root.
+
+use std::ffi::CString;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+/// What is at a path (not following a final symlink).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathKind {
+    Missing,
+    Dir,
+    File,
+    Symlink,
+}
+
+pub trait Syscall {
+    fn mount(
+        &self,
+        source: Option<&Path>,
+        target: &Path,
+        fstype: Option<&str>,
+        flags: libc::c_ulong,
+        data: Option<&str>,
+    ) -> io::Result<()>;
+    fn umount(&self, target: &Path, flags: libc::c_int) -> io::Result<()>;
+    /// Makes `new_root` the root of this mount namespace and detaches the
+    /// old root (`pivot_root(".", ".")`, as runc does).
+    fn pivot_root(&self, new_root: &Path) -> io::Result<()>;
+    fn mkdir_all(&self, path: &Path) -> io::Result<()>;
+    /// Creates an empty file (a bind-mount target) if nothing is there.
+    fn create_file(&self, path: &Path) -> io::Result<()>;
+    fn symlink(&self, target: &Path, link: &Path) -> io::Result<()>;
+    fn sethostname(&self, name: &str) -> io::Result<()>;
+    fn write_file(&self, path: &Path, contents: &str) -> io::Result<()>;
+    /// Creates a device node; `kind` is `libc::S_IFCHR` or `S_IFBLK`.
+    fn mknod(&self, path: &Path, kind: u32, mode: u32, major: u32, minor: u32) -> io::Result<()>;
+    fn kind(&self, path: &Path) -> io::Result<PathKind>;
+    fn read_link(&self, path: &Path) -> io::Result<PathBuf>;
+}
+
+/// The real calls.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LinuxSyscall;
+
+pub fn cstring(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path with a NUL byte"))
+}
+
+fn check(result: libc::c_int) -> io::Result<()> {
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+impl Syscall for LinuxSyscall {
+    fn mount(
+        &self,
+        source: Option<&Path>,
+        target: &Path,
+        fstype: Option<&str>,
+        flags: libc::c_ulong,
+        data: Option<&str>,
+    ) -> io::Result<()> {
+        let source = source.map(cstring).transpose()?;
+        let target = cstring(target)?;
+        let fstype = fstype
+            .map(|t| CString::new(t).map_err(|_| io::ErrorKind::InvalidInput))
+            .transpose()?;
+        let data = data
+            .map(|d| CString::new(d).map_err(|_| io::ErrorKind::InvalidInput))
+            .transpose()?;
+        let ptr = |s: &Option<CString>| s.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
+        // SAFETY: every pointer is null or a NUL-terminated string that
+        // outlives the call.
+        check(unsafe {
+            libc::mount(
+                ptr(&source),
+                target.as_ptr(),
+                ptr(&fstype),
+                flags,
+                ptr(&data).cast(),
+            )
+        })
+    }
+
+    fn umount(&self, target: &Path, flags: libc::c_int) -> io::Result<()> {
+        let target = cstring(target)?;
+        // SAFETY: `target` is a NUL-terminated string.
+        check(unsafe { libc::umount2(target.as_ptr(), flags) })
+    }
+
+    fn pivot_root(&self, new_root: &Path) -> io::Result<()> {
+        std::env::set_current_dir(new_root)?;
+        let dot = c".";
+        // SAFETY: both arguments are NUL-terminated strings.
+        if unsafe { libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // The old root is stacked under the new one; keep its unmount from
+        // propagating anywhere, then detach it.
+        self.mount(
+            None,
+            Path::new("."),
+            None,
+            libc::MS_SLAVE | libc::MS_REC,
+            None,
+        )?;
+        self.umount(Path::new("."), libc::MNT_DETACH)?;
+        std::env::set_current_dir("/")
+    }
+
+    fn mkdir_all(&self, path: &Path) -> io::Result<()> {
+        std::fs::create_dir_all(path)
+    }
+
+    fn create_file(&self, path: &Path) -> io::Result<()> {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map(drop)
+    }
+
+    fn symlink(&self, target: &Path, link: &Path) -> io::Result<()> {
+        std::os::unix::fs::symlink(target, link)
+    }
+
+    fn sethostname(&self, name: &str) -> io::Result<()> {
+        // SAFETY: the pointer and length describe `name`.
+        check(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) })
+    }
+
+    fn write_file(&self, path: &Path, contents: &str) -> io::Result<()> {
+        std::fs::write(path, contents)
+    }
+
+    fn mknod(&self, path: &Path, kind: u32, mode: u32, major: u32, minor: u32) -> io::Result<()> {
+        let path = cstring(path)?;
+        // SAFETY: `path` is a NUL-terminated string.
+        check(unsafe {
+            libc::mknod(
+                path.as_ptr(),
+                kind | (mode & 0o7777),
+                libc::makedev(major, minor),
+            )
+        })
+    }
+
+    fn kind(&self, path: &Path) -> io::Result<PathKind> {
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if m.is_dir() => Ok(PathKind::Dir),
+            Ok(m) if m.file_type().is_symlink() => Ok(PathKind::Symlink),
+            Ok(_) => Ok(PathKind::File),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(PathKind::Missing),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn read_link(&self, path: &Path) -> io::Result<PathBuf> {
+        std::fs::read_link(path)
+    }
+}
+
+#[cfg(test)]
+pub mod recording {
+    //! Writes calls down instead of making them. The file system it answers
+    //! `kind` and `read_link` from is a real directory (no root needed).
+    use super::*;
+    use std::cell::RefCell;
+
+    #[derive(Debug, Default)]
+    pub struct RecordingSyscall {
+        pub calls: RefCell<Vec<String>>,
+    }
+
+    impl RecordingSyscall {
+        fn note(&self, call: String) {
+            self.calls.borrow_mut().push(call);
+        }
+
+        pub fn calls(&self) -> Vec<String> {
+            self.calls.borrow().clone()
+        }
+    }
+
+    impl Syscall for RecordingSyscall {
+        fn mount(
+            &self,
+            source: Option<&Path>,
+            target: &Path,
+            fstype: Option<&str>,
+            flags: libc::c_ulong,
+            data: Option<&str>,
+        ) -> io::Result<()> {
+            self.note(format!(
+                "mount {} {} {} {:#x} {}",
+                source.map_or("-".into(), |s| s.display().to_string()),
+                target.display(),
+                fstype.unwrap_or("-"),
+                flags,
+                data.unwrap_or("-")
+            ));
+            Ok(())
+        }
+        fn umount(&self, target: &Path, flags: libc::c_int) -> io::Result<()> {
+            self.note(format!("umount {} {flags}", target.display()));
+            Ok(())
+        }
+        fn pivot_root(&self, new_root: &Path) -> io::Result<()> {
+            self.note(format!("pivot_root {}", new_root.display()));
+            Ok(())
+        }
+        fn mkdir_all(&self, path: &Path) -> io::Result<()> {
+            self.note(format!("mkdir {}", path.display()));
+            std::fs::create_dir_all(path)
+        }
+        fn create_file(&self, path: &Path) -> io::Result<()> {
+            self.note(format!("touch {}", path.display()));
+            LinuxSyscall.create_file(path)
+        }
+        fn symlink(&self, target: &Path, link: &Path) -> io::Result<()> {
+            self.note(format!("symlink {} {}", target.display(), link.display()));
+            Ok(())
+        }
+        fn sethostname(&self, name: &str) -> io::Result<()> {
+            self.note(format!("sethostname {name}"));
+            Ok(())
+        }
+        fn write_file(&self, path: &Path, contents: &str) -> io::Result<()> {
+            self.note(format!("write {} {contents}", path.display()));
+            Ok(())
+        }
+        fn mknod(
+            &self,
+            path: &Path,
+            kind: u32,
+            mode: u32,
+            major: u32,
+            minor: u32,
+        ) -> io::Result<()> {
+            self.note(format!(
+                "mknod {} {kind:#o} {mode:#o} {major}:{minor}",
+                path.display()
+            ));
+            Ok(())
+        }
+        fn kind(&self, path: &Path) -> io::Result<PathKind> {
+            LinuxSyscall.kind(path)
+        }
+        fn read_link(&self, path: &Path) -> io::Result<PathBuf> {
+            LinuxSyscall.read_link(path)
+        }
+    }
+}
