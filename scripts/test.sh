@@ -7,6 +7,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/lib.sh
 started=$(date +%s)
 
+# Build dependencies first: clippy compiles everything (libseccomp for the agent).
+ensure_packages build-essential libseccomp-dev erofs-utils e2fsprogs
+
 log "==> cargo fmt --check"
 cargo fmt --all -- --check
 

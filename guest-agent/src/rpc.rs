@@ -217,6 +217,118 @@ fn agent_name() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    /// Feeds `input` to a served connection; returns what came back.
+    fn serve_bytes(input: &[u8]) -> Vec<u8> {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let sandbox = Arc::new(Sandbox::default());
+        let server = std::thread::spawn(move || {
+            serve(VsockStream::from_fd(theirs.into()), sandbox);
+        });
+        let mut ours = ours;
+        let _ = ours.write_all(input);
+        let _ = ours.shutdown(std::net::Shutdown::Write);
+        let mut reply = Vec::new();
+        let _ = ours.read_to_end(&mut reply);
+        server.join().unwrap();
+        reply
+    }
+
+    fn frame<T: serde::Serialize>(message: &T) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        write_frame(&mut bytes, message).unwrap();
+        bytes
+    }
+
+    #[test]
+    fn hostile_frames_get_an_error_and_a_hang_up() {
+        let hello = frame(&Hello::Control {
+            version: PROTOCOL_VERSION,
+        });
+        let oversized = u32::MAX.to_be_bytes().to_vec();
+        let garbage = b"\x00\x00\x00\x03{{{".to_vec();
+        for bad in [oversized, garbage] {
+            // As the first frame, and after a good hello.
+            for input in [bad.clone(), [hello.clone(), bad.clone()].concat()] {
+                let reply = serve_bytes(&input);
+                let mut reader = reply.as_slice();
+                let mut responses = Vec::new();
+                while let Ok(r) = read_frame::<_, Response>(&mut reader) {
+                    responses.push(r);
+                }
+                assert!(
+                    matches!(
+                        responses.last(),
+                        Some(Response::Error {
+                            code: ErrorCode::InvalidArgument,
+                            ..
+                        })
+                    ),
+                    "{responses:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn requests_for_unknown_containers_are_not_found() {
+        let input = [
+            frame(&Hello::Control {
+                version: PROTOCOL_VERSION,
+            }),
+            frame(&Request::Stats {
+                container_id: "nope".into(),
+            }),
+            frame(&Request::RemoveContainer {
+                container_id: "../x".into(),
+            }),
+        ]
+        .concat();
+        let reply = serve_bytes(&input);
+        let mut reader = reply.as_slice();
+        assert!(matches!(read_frame(&mut reader), Ok(Response::Hello { .. })));
+        assert!(matches!(
+            read_frame(&mut reader),
+            Ok(Response::Error {
+                code: ErrorCode::NotFound,
+                ..
+            })
+        ));
+        assert!(matches!(
+            read_frame(&mut reader),
+            Ok(Response::Error {
+                code: ErrorCode::InvalidArgument,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn fuzzed_connections_never_panic() {
+        let mut seed = 0x1234_5678_9abc_def0_u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let hello = frame(&Hello::Control {
+            version: PROTOCOL_VERSION,
+        });
+        let request = frame(&Request::ListProcesses {
+            container_id: "c".into(),
+        });
+        for _ in 0..300 {
+            let mut input = [hello.clone(), request.clone()].concat();
+            for _ in 0..(1 + next() % 4) {
+                let at = usize::try_from(next() % input.len() as u64).unwrap();
+                input[at] = next().to_le_bytes()[0];
+            }
+            let _ = serve_bytes(&input);
+        }
+    }
 
     #[test]
     fn every_error_has_one_code() {

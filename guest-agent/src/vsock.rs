@@ -80,6 +80,12 @@ pub struct VsockStream {
 }
 
 impl VsockStream {
+    /// Any connected stream socket (tests use a Unix socket pair).
+    #[cfg(test)]
+    pub fn from_fd(fd: OwnedFd) -> Self {
+        Self { fd }
+    }
+
     pub fn try_clone(&self) -> io::Result<Self> {
         Ok(Self {
             fd: self.fd.try_clone()?,
