@@ -26,7 +26,11 @@ initramfs_bytes=$(target/release/cocoon-image initramfs --agent "$static_dir/coc
 log "    guest initramfs: $((initramfs_bytes / 1024)) KiB (agent $(( $(stat -c %s "$static_dir/cocoon-agent") / 1024)) KiB)"
 images/test-images.sh target/images/test "$static_dir/cocoon-check"
 COCOON_TEST_ROOTFS_IMAGE=$(target/release/cocoon-image rootfs target/images/test/rootfs)
-export COCOON_AGENT_INITRAMFS COCOON_TEST_ROOTFS_IMAGE
+# A small writable data disk (ext4) for the extra-disk mount test.
+mkdir -p target/images/data
+echo "seed from the host" > target/images/data/seed.txt
+COCOON_TEST_DATA_IMAGE=$(target/release/cocoon-image rootfs --format ext4 target/images/data)
+export COCOON_AGENT_INITRAMFS COCOON_TEST_ROOTFS_IMAGE COCOON_TEST_DATA_IMAGE
 
 log "==> cocoon-vmm (release)"
 cargo build --quiet --release -p cocoon-vmm
@@ -53,7 +57,7 @@ run_with_kvm() {
     COCOON_E2E_REQUIRED=1 target/debug/cocoon-testbed run \
         --with /usr/bin/qemu-system-x86_64 --with /usr/share/qemu --with /usr/share/seabios \
         --with "$COCOON_KERNEL" --with "$COCOON_TEST_INIT" --with "$COCOON_CLOUD_KERNEL" \
-        --with "$COCOON_VMM" --with "$COCOON_AGENT_INITRAMFS" --with "$COCOON_TEST_ROOTFS_IMAGE" \
+        --with "$COCOON_VMM" --with "$COCOON_AGENT_INITRAMFS" --with "$COCOON_TEST_ROOTFS_IMAGE" --with "$COCOON_TEST_DATA_IMAGE" \
         "$@"
 }
 

@@ -22,7 +22,7 @@ use std::time::Duration;
 use cocoon_protocol::{
     ContainerStats, CreateContainer, ExecProcess, ExitStatus, ProcessRef, Stream, validate_id,
 };
-use oci_spec::runtime::{LinuxNamespaceType, LinuxSeccomp};
+use oci_spec::runtime::{LinuxNamespaceType, LinuxSeccomp, Mount};
 
 use crate::cgroup::{Cgroup, CgroupError};
 use crate::process::{self, Namespaces, ProcessError, ProcessPlan, SpawnRequest, StartGate};
@@ -33,6 +33,8 @@ use crate::syscall::{LinuxSyscall, Syscall};
 use crate::vsock::VsockStream;
 
 const CONTAINERS_DIR: &str = "/run/cocoon/containers";
+/// A mount source naming a virtio-blk disk by id.
+pub const DISK_SOURCE: &str = "disk:";
 /// Exited execs beyond this many are forgotten, oldest first.
 const MAX_EXECS: usize = 256;
 /// How long RemoveContainer waits for killed processes.
@@ -132,6 +134,34 @@ pub fn find_disk(id: &str) -> Result<PathBuf, SandboxError> {
     )))
 }
 
+/// Mount sources `disk:ID` name further virtio-blk disks (`--disk
+/// IMG,id=ID` on the VMM); they become the device's path, mounted with the
+/// mount's type (ext4 or erofs) in the container.
+fn with_disks(mounts: &[Mount]) -> Result<Vec<Mount>, SandboxError> {
+    let mut out = mounts.to_vec();
+    for mount in &mut out {
+        let Some(id) = mount
+            .source()
+            .as_ref()
+            .and_then(|s| s.to_str())
+            .and_then(|s| s.strip_prefix(DISK_SOURCE))
+            .map(str::to_owned)
+        else {
+            continue;
+        };
+        validate_id("disk id", &id).map_err(SandboxError::InvalidArgument)?;
+        let typ = mount.typ().clone().unwrap_or_default();
+        if !["ext4", "erofs"].contains(&typ.as_str()) {
+            return Err(SandboxError::InvalidArgument(format!(
+                "mount of disk {id:?} at {}: type {typ:?} should be ext4 or erofs",
+                mount.destination().display()
+            )));
+        }
+        mount.set_source(Some(find_disk(&id)?));
+    }
+    Ok(out)
+}
+
 /// Undoes what a failed create or a remove leaves mounted.
 fn unmount_all(mounts: &[PathBuf], dir: &Path) {
     for mount in mounts.iter().rev() {
@@ -224,13 +254,8 @@ impl Sandbox {
             .as_ref()
             .and_then(|r| r.readonly())
             .unwrap_or(false);
-        let rootfs_plan = RootfsPlan::new(
-            rootfs.clone(),
-            spec.mounts().as_deref().unwrap_or_default(),
-            linux,
-            hostname,
-            readonly,
-        )?;
+        let mounts = with_disks(spec.mounts().as_deref().unwrap_or_default())?;
+        let rootfs_plan = RootfsPlan::new(rootfs.clone(), &mounts, linux, hostname, readonly)?;
         let disk = find_disk(&request.rootfs.disk_id)?;
 
         let mut mounts = Vec::new();

@@ -288,7 +288,10 @@ mod tests {
         .concat();
         let reply = serve_bytes(&input);
         let mut reader = reply.as_slice();
-        assert!(matches!(read_frame(&mut reader), Ok(Response::Hello { .. })));
+        assert!(matches!(
+            read_frame(&mut reader),
+            Ok(Response::Hello { .. })
+        ));
         assert!(matches!(
             read_frame(&mut reader),
             Ok(Response::Error {

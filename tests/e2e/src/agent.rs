@@ -55,10 +55,29 @@ impl Outcome {
 impl AgentVm {
     /// Boots the agent initramfs with the test image as a read-only disk.
     pub fn boot(name: &str, vcpus: u32, mem_mib: u32) -> Self {
+        Self::boot_with_disks(name, vcpus, mem_mib, &[])
+    }
+
+    /// Also gives the VM a writable copy of each `(image, id)` (the image
+    /// itself is left alone).
+    pub fn boot_with_disks(
+        name: &str,
+        vcpus: u32,
+        mem_mib: u32,
+        disks: &[(PathBuf, &str)],
+    ) -> Self {
         let scratch = ScratchDir::new("cocoon-e2e").expect("scratch dir");
         let uds = scratch.join("vsock.sock");
         let mut disk = OsString::from(artifact("COCOON_TEST_ROOTFS_IMAGE"));
         disk.push(format!(",ro,id={ROOTFS_DISK}"));
+        let mut extra = Vec::new();
+        for (image, id) in disks {
+            let copy = scratch.join(&format!("{id}.img"));
+            std::fs::copy(image, &copy).expect("copy a disk image");
+            let mut arg = OsString::from(copy);
+            arg.push(format!(",id={id}"));
+            extra.extend([OsString::from("--disk"), arg]);
+        }
         let args: Vec<OsString> = vec![
             "--kernel".into(),
             artifact("COCOON_KERNEL").into(),
@@ -74,7 +93,10 @@ impl AgentVm {
             disk,
             "--vsock-uds".into(),
             uds.clone().into(),
-        ];
+        ]
+        .into_iter()
+        .chain(extra)
+        .collect();
         let mut vmm = VmmRun::start(&artifact("COCOON_VMM"), &args, scratch.path(), name);
         let client = AgentClient::connect(&uds, DEFAULT_AGENT_PORT, AGENT_WAIT, AGENT_WAIT)
             .unwrap_or_else(|e| panic!("agent never answered: {e}\n{}", vmm.describe()));

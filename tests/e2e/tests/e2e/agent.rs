@@ -385,6 +385,72 @@ fn a_terminal_process_gets_a_pty_of_the_size_asked() {
 }
 
 #[test]
+fn a_writable_disk_mounted_in_two_containers_keeps_what_was_written() {
+    if !require_kvm("a_writable_disk_mounted_in_two_containers_keeps_what_was_written") {
+        return;
+    }
+    let data = cocoon_e2e::artifact("COCOON_TEST_DATA_IMAGE");
+    let vm = AgentVm::boot_with_disks("agent-disk", 1, 256, &[(data, "data")]);
+    let with_data = |args: &[&str]| {
+        let mut spec = AgentVm::spec(args);
+        let mut mounts = spec.mounts().clone().unwrap();
+        mounts.push(json(
+            r#"{"destination": "/data", "type": "ext4", "source": "disk:data", "options": ["rw", "nosuid"]}"#,
+        ));
+        spec.set_mounts(Some(mounts));
+        spec
+    };
+    let outcome = vm.run(
+        "writer",
+        with_data(&[
+            "sh",
+            "-c",
+            "cat /data/seed.txt && echo persisted > /data/hello && sync",
+        ]),
+        None,
+    );
+    assert_eq!(
+        outcome.status,
+        ExitStatus::Code(0),
+        "{}",
+        outcome.stderr_text()
+    );
+    assert_eq!(outcome.stdout_text(), "seed from the host\n");
+    // The first container is gone and its mount with it; a second one mounts
+    // the same disk again.
+    let outcome = vm.run("reader", with_data(&["cat", "/data/hello"]), None);
+    assert_eq!(
+        outcome.stdout_text(),
+        "persisted\n",
+        "{}",
+        outcome.stderr_text()
+    );
+
+    // A disk mount without a file system type is refused with the reason.
+    let mut bad = AgentVm::spec(&["true"]);
+    let mut mounts = bad.mounts().clone().unwrap();
+    mounts.push(json(
+        r#"{"destination": "/x", "type": "bind", "source": "disk:data"}"#,
+    ));
+    bad.set_mounts(Some(mounts));
+    let err = vm
+        .client
+        .create_container(cocoon_protocol::CreateContainer {
+            id: "bad".into(),
+            rootfs: cocoon_protocol::Rootfs {
+                disk_id: cocoon_e2e::agent::ROOTFS_DISK.into(),
+                filesystem: cocoon_protocol::Filesystem::Erofs,
+                overlay: true,
+            },
+            spec: bad,
+            stdio: StdioRequest::default(),
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("should be ext4 or erofs"), "{err}");
+    vm.shutdown();
+}
+
+#[test]
 fn the_oom_killer_acts_inside_the_guest_and_the_vm_survives() {
     if !require_kvm("the_oom_killer_acts_inside_the_guest_and_the_vm_survives") {
         return;
