@@ -168,7 +168,10 @@ impl AgentVm {
                 let _ = stream.read_to_end(&mut Vec::new());
             })
         });
-        let status = self.client.wait_process(process).expect("wait");
+        let status = self
+            .client
+            .wait_process(process)
+            .unwrap_or_else(|e| panic!("wait for {process}: {e}\n{}", self.vmm.snapshot()));
         let join = |h: Option<thread::JoinHandle<Vec<u8>>>| {
             h.map(|h| h.join().expect("reader")).unwrap_or_default()
         };

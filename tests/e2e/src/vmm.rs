@@ -15,6 +15,7 @@ use cocoon_testbed::serial::SerialLog;
 pub struct VmmRun {
     child: ChildGuard,
     console: SerialLog,
+    console_path: PathBuf,
     log_path: PathBuf,
     started: Instant,
 }
@@ -44,6 +45,7 @@ impl VmmRun {
         Self {
             child,
             console: SerialLog::new(&console_path),
+            console_path,
             log_path,
             started,
         }
@@ -117,6 +119,18 @@ impl VmmRun {
     /// The VMM's own log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The whole console and log as they are on disk now (no `&mut`).
+    pub fn snapshot(&self) -> String {
+        let console = std::fs::read_to_string(&self.console_path).unwrap_or_default();
+        let tail: Vec<&str> = console.lines().rev().take(40).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        format!(
+            "--- console (tail) ---\n{}\n--- cocoon-vmm log ---\n{}",
+            tail.join("\n"),
+            self.log()
+        )
     }
 
     /// Console tail and log, for failure messages.

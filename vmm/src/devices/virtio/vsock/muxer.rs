@@ -6,7 +6,8 @@
 //!                                        (REQUEST sent)             └──RST──▶ closed
 //!  guest-initiated: REQUEST ──connect <uds>_p ok──▶ Established (RESPONSE sent)
 //!                           └──refused──▶ RST sent
-//!  Established ──SHUTDOWN both / RST / socket error──▶ closed (RST sent unless received)
+//!  Established ──SHUTDOWN both──▶ draining (what the guest sent reaches the host) ──▶ closed, RST sent
+//!  Established ──RST / socket error──▶ closed (RST sent unless received)
 //! ```
 //!
 //! Nothing here trusts the guest: a packet with the wrong CIDs, type or op,
@@ -86,6 +87,8 @@ struct Connection {
     /// Bytes sent to the guest.
     tx_cnt: u32,
     guest_shut_send: bool,
+    /// The guest shut both directions: close once `to_host` is written.
+    guest_done: bool,
     host_eof: bool,
     /// Waiting in `rx_ready` or for credit; not polled for input meanwhile.
     reading: bool,
@@ -105,6 +108,7 @@ impl Connection {
             peer_fwd_cnt: 0,
             tx_cnt: 0,
             guest_shut_send: false,
+            guest_done: false,
             host_eof: false,
             reading: false,
             interest: EventSet::empty(),
@@ -422,7 +426,12 @@ impl Muxer {
         let Some(conn) = self.conns.get_mut(&key) else {
             return;
         };
-        let reading_in = if conn.reading || conn.host_eof {
+        if conn.to_host.is_empty() && conn.guest_done {
+            // Everything the guest sent is with the host: now close.
+            self.reset(key, setup);
+            return;
+        }
+        let reading_in = if conn.reading || conn.host_eof || conn.guest_done {
             EventSet::empty()
         } else {
             EventSet::IN
@@ -523,12 +532,14 @@ impl Muxer {
                     conn.guest_shut_send = true;
                 }
                 if header.flags & (SHUTDOWN_RCV | SHUTDOWN_SEND) == SHUTDOWN_RCV | SHUTDOWN_SEND {
-                    // Both directions are done: hand over what we hold, then close.
-                    self.flush_to_host(key, setup);
-                    self.reset(key, setup);
-                } else {
-                    self.flush_to_host(key, setup);
+                    // Both directions are done: hand over what we hold, then
+                    // close (flush_to_host closes once the buffer is empty;
+                    // a host that does not read keeps it until the guest's
+                    // own close timeout sends RST).
+                    conn.guest_shut_send = true;
+                    conn.guest_done = true;
                 }
+                self.flush_to_host(key, setup);
             }
             (OP_RST, _) => self.close(key, setup),
             (op, state) => {
@@ -775,6 +786,46 @@ mod tests {
         let mut rest = Vec::new();
         client.read_to_end(&mut rest).unwrap();
         assert!(rest.is_empty(), "the host sees EOF");
+    }
+
+    #[test]
+    fn data_buffered_at_shutdown_still_reaches_the_host() {
+        let mut h = Harness::new();
+        let mut client = UnixStream::connect(&h.uds).unwrap();
+        client.write_all(b"CONNECT 52\n").unwrap();
+        h.poll();
+        let (request, _) = h.rx().unwrap();
+        let local = request.src_port;
+        h.guest(OP_RESPONSE, local, 52, b"");
+        assert_eq!(read_line(&client), format!("OK {local}\n"));
+        // The host reads nothing yet: the guest fills its whole credit, more
+        // than the socket takes, then shuts down both directions.
+        let chunk = vec![7u8; MAX_PAYLOAD];
+        let chunks = CONN_BUF_ALLOC as usize / chunk.len();
+        for _ in 0..chunks {
+            h.guest(OP_RW, local, 52, &chunk);
+        }
+        let header = Header {
+            flags: SHUTDOWN_RCV | SHUTDOWN_SEND,
+            ..guest_header(OP_SHUTDOWN, local, 52)
+        };
+        h.send(header, b"");
+        assert_eq!(h.muxer.connection_count(), 1, "kept open while draining");
+        let reader = std::thread::spawn(move || {
+            let mut all = Vec::new();
+            client.read_to_end(&mut all).unwrap();
+            all.len()
+        });
+        while h.muxer.connection_count() > 0 {
+            h.poll();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(reader.join().unwrap(), chunks * chunk.len());
+        let mut ops = Vec::new();
+        while let Some((packet, _)) = h.rx() {
+            ops.push(packet.op);
+        }
+        assert_eq!(ops.last(), Some(&OP_RST), "{ops:?}");
     }
 
     fn guest_header(op: u16, local_port: u32, peer_port: u32) -> Header {
