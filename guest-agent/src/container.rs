@@ -305,32 +305,13 @@ impl Sandbox {
                 return Err(e.into());
             }
         };
-        let spawned = (|| {
-            let (io, child_stdio) = ProcessIo::open(request.stdio, plan.terminal)
-                .map_err(io_error("open the process's stdio"))?;
-            let exit = Arc::new(ExitCell::default());
-            let spawned = process::spawn(
-                &self.reaper,
-                Arc::clone(&exit),
-                SpawnRequest {
-                    plan: &plan,
-                    namespaces: Namespaces::New { flags, pid: pid_ns },
-                    rootfs: Some(&rootfs_plan),
-                    cgroup_procs: &cgroup.procs_file(),
-                    stdio: child_stdio,
-                },
-            )?;
-            if let Some(master) = spawned.terminal {
-                io.set_terminal(master).map_err(io_error("keep the pty"))?;
-            }
-            Ok::<_, SandboxError>(ContainerProcess {
-                pid: spawned.pid,
-                pidfd: spawned.pidfd,
-                io,
-                exit,
-                gate: Mutex::new(Some(spawned.gate)),
-            })
-        })();
+        let spawned = self.spawn(
+            &plan,
+            request.stdio,
+            Namespaces::New { flags, pid: pid_ns },
+            Some(&rootfs_plan),
+            &cgroup,
+        );
         let init = match spawned {
             Ok(init) => init,
             Err(e) => {
@@ -378,26 +359,11 @@ impl Sandbox {
             )));
         }
         let plan = ProcessPlan::from_oci(&request.spec, container.seccomp.as_ref())?;
-        let (io, child_stdio) = ProcessIo::open(request.stdio, plan.terminal)
-            .map_err(io_error("open the process's stdio"))?;
-        let exit = Arc::new(ExitCell::default());
-        let spawned = process::spawn(
-            &self.reaper,
-            Arc::clone(&exit),
-            SpawnRequest {
-                plan: &plan,
-                namespaces: Namespaces::Join {
-                    init_pid: container.init.pid,
-                },
-                rootfs: None,
-                cgroup_procs: &container.cgroup.procs_file(),
-                stdio: child_stdio,
-            },
-        )?;
-        let pid = spawned.pid;
-        if let Some(master) = spawned.terminal {
-            io.set_terminal(master).map_err(io_error("keep the pty"))?;
-        }
+        let namespaces = Namespaces::Join {
+            init_pid: container.init.pid,
+        };
+        let process = self.spawn(&plan, request.stdio, namespaces, None, &container.cgroup)?;
+        let pid = process.pid;
         let mut execs = lock(&container.execs);
         while execs.len() >= MAX_EXECS {
             match execs.iter().position(|(_, p)| p.exit.get().is_some()) {
@@ -405,17 +371,44 @@ impl Sandbox {
                 None => break,
             }
         }
-        execs.push((
-            exec_id,
-            Arc::new(ContainerProcess {
-                pid,
-                pidfd: spawned.pidfd,
-                io,
-                exit,
-                gate: Mutex::new(Some(spawned.gate)),
-            }),
-        ));
+        execs.push((exec_id, Arc::new(process)));
         Ok(pid.unsigned_abs())
+    }
+
+    /// Opens the stdio, forks, and waits until the process is ready to
+    /// exec (see `process::spawn`).
+    fn spawn(
+        &self,
+        plan: &ProcessPlan,
+        stdio: cocoon_protocol::StdioRequest,
+        namespaces: Namespaces,
+        rootfs: Option<&RootfsPlan>,
+        cgroup: &Cgroup,
+    ) -> Result<ContainerProcess, SandboxError> {
+        let (io, child_stdio) =
+            ProcessIo::open(stdio, plan.terminal).map_err(io_error("open the process's stdio"))?;
+        let exit = Arc::new(ExitCell::default());
+        let spawned = process::spawn(
+            &self.reaper,
+            Arc::clone(&exit),
+            SpawnRequest {
+                plan,
+                namespaces,
+                rootfs,
+                cgroup_procs: &cgroup.procs_file(),
+                stdio: child_stdio,
+            },
+        )?;
+        if let Some(master) = spawned.terminal {
+            io.set_terminal(master).map_err(io_error("keep the pty"))?;
+        }
+        Ok(ContainerProcess {
+            pid: spawned.pid,
+            pidfd: spawned.pidfd,
+            io,
+            exit,
+            gate: Mutex::new(Some(spawned.gate)),
+        })
     }
 
     pub fn start(&self, process: &ProcessRef) -> Result<(), SandboxError> {

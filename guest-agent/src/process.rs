@@ -337,19 +337,34 @@ fn read_status(status: &mut UnixStream) -> Result<(Status, Option<OwnedFd>), Pro
 /// Space for one descriptor's control message.
 const CMSG_SPACE: usize = 64;
 
-/// Sends one byte, and `fd` with it as SCM_RIGHTS.
-fn send_with_fd(socket: RawFd, byte: u8, fd: RawFd) -> io::Result<()> {
-    let mut data = [byte];
-    let mut iov = libc::iovec {
-        iov_base: data.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    let mut control = [0u8; CMSG_SPACE];
+/// A message header over one byte and a control buffer.
+fn one_byte_message(
+    byte: &mut [u8; 1],
+    iov: &mut libc::iovec,
+    control: &mut [u8; CMSG_SPACE],
+) -> libc::msghdr {
+    iov.iov_base = byte.as_mut_ptr().cast();
+    iov.iov_len = 1;
     // SAFETY: msghdr is plain data; all-zero is a valid value.
     let mut message: libc::msghdr = unsafe { std::mem::zeroed() };
-    message.msg_iov = &raw mut iov;
+    message.msg_iov = iov;
     message.msg_iovlen = 1;
     message.msg_control = control.as_mut_ptr().cast();
+    message.msg_controllen = control.len();
+    message
+}
+
+fn empty_iovec() -> libc::iovec {
+    libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }
+}
+
+/// Sends one byte, and `fd` with it as SCM_RIGHTS.
+fn send_with_fd(socket: RawFd, byte: u8, fd: RawFd) -> io::Result<()> {
+    let (mut data, mut iov, mut control) = ([byte], empty_iovec(), [0u8; CMSG_SPACE]);
+    let mut message = one_byte_message(&mut data, &mut iov, &mut control);
     // SAFETY: CMSG_SPACE computes a size from a size.
     message.msg_controllen = unsafe { libc::CMSG_SPACE(4) } as usize;
     // SAFETY: the control buffer is large enough for one header (checked
@@ -374,18 +389,8 @@ fn send_with_fd(socket: RawFd, byte: u8, fd: RawFd) -> io::Result<()> {
 /// Receives one byte and the descriptor that came with it, if any. None:
 /// end of stream.
 fn receive_with_fd(socket: &UnixStream) -> io::Result<(Option<u8>, Option<OwnedFd>)> {
-    let mut data = [0u8];
-    let mut iov = libc::iovec {
-        iov_base: data.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    let mut control = [0u8; CMSG_SPACE];
-    // SAFETY: msghdr is plain data; all-zero is a valid value.
-    let mut message: libc::msghdr = unsafe { std::mem::zeroed() };
-    message.msg_iov = &raw mut iov;
-    message.msg_iovlen = 1;
-    message.msg_control = control.as_mut_ptr().cast();
-    message.msg_controllen = control.len();
+    let (mut data, mut iov, mut control) = ([0u8], empty_iovec(), [0u8; CMSG_SPACE]);
+    let mut message = one_byte_message(&mut data, &mut iov, &mut control);
     // SAFETY: `message` points at live buffers described by their lengths.
     let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &raw mut message, libc::MSG_CMSG_CLOEXEC) };
     if n < 0 {
@@ -617,7 +622,9 @@ fn prepare(request: &SpawnRequest<'_>) -> Result<(), String> {
         }
     }
     if let Some(rootfs) = request.rootfs {
-        rootfs.apply(&LinuxSyscall).map_err(|e| error_chain(&e))?;
+        rootfs
+            .apply(&LinuxSyscall)
+            .map_err(|e| cocoon_protocol::error_chain(&e))?;
     }
     Ok(())
 }
@@ -662,16 +669,6 @@ fn open_terminal() -> Result<OwnedFd, String> {
         unsafe { libc::close(slave) };
     }
     Ok(master)
-}
-
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text += &format!(": {cause}");
-        source = cause.source();
-    }
-    text
 }
 
 /// Identity, limits, privileges, then exec. Runs in the container's root.

@@ -6,11 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cocoon_protocol::{
-    CodecError, ErrorCode, Hello, PROTOCOL_VERSION, Request, Response, read_frame, write_frame,
+    CodecError, ErrorCode, Hello, PROTOCOL_VERSION, Request, Response, error_chain, read_frame,
+    write_frame,
 };
 
 use crate::container::{Sandbox, SandboxError};
-use crate::process::{ProcessError, error_chain};
+use crate::process::ProcessError;
 use crate::vsock::VsockStream;
 
 /// How long a new connection may take to say what it is.

@@ -357,7 +357,8 @@ fn clean_text(text: &str) -> String {
         .collect()
 }
 
-fn error_chain(error: &dyn std::error::Error) -> String {
+/// An error and its sources on one line: "what: why: because".
+pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
