@@ -188,6 +188,41 @@ fn signals_exec_and_an_unreachable_agent() {
     );
     assert_eq!(outcome.stdout_text(), "sleep 1000 \nexec-ok\n");
 
+    // CloseStdin ends a stdin the host keeps open (containerd's CloseIO).
+    let reader = ProcessRef::exec("sleeper", "reader");
+    let stdio_in = StdioRequest {
+        stdin: true,
+        stdout: true,
+        stderr: false,
+    };
+    let cat = with_process(AgentVm::spec(&["cat"]), |_| {});
+    vm.client
+        .exec_process(cocoon_protocol::ExecProcess {
+            process: reader.clone(),
+            spec: cat.process().clone().unwrap(),
+            stdio: stdio_in,
+        })
+        .unwrap();
+    let mut stdout = vm
+        .client
+        .attach(&reader, cocoon_protocol::Stream::Stdout)
+        .unwrap();
+    let mut stdin = vm
+        .client
+        .attach(&reader, cocoon_protocol::Stream::Stdin)
+        .unwrap();
+    vm.client.start_process(&reader).unwrap();
+    std::io::Write::write_all(&mut stdin, b"kept open\n").unwrap();
+    let mut line = [0u8; 10];
+    std::io::Read::read_exact(&mut stdout, &mut line).unwrap();
+    assert_eq!(&line, b"kept open\n");
+    vm.client.close_stdin(&reader).unwrap();
+    assert_eq!(
+        vm.client.wait_process(&reader).unwrap(),
+        ExitStatus::Code(0)
+    );
+    drop(stdin);
+
     let waiter = {
         let client = &vm.client;
         let init = &init;
