@@ -13,6 +13,7 @@ pub mod config;
 pub mod devices;
 pub mod logging;
 pub mod memory;
+pub mod probe;
 pub mod vmm;
 pub mod vstate;
 

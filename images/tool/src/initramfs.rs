@@ -80,16 +80,35 @@ impl Initramfs {
         self.entry(&name, S_IFREG | mode, (0, 0), &contents)
     }
 
-    /// Adds a host directory tree at the same path.
+    /// Adds a host directory tree at the same path. A relative symlink that
+    /// stays inside the tree stays a symlink (a busybox rootfs is hundreds
+    /// of links to one binary); any other symlink is followed.
     pub fn tree(&mut self, src: &Path) -> Result<(), InitramfsError> {
+        self.tree_within(src, src)
+    }
+
+    fn tree_within(&mut self, src: &Path, top: &Path) -> Result<(), InitramfsError> {
         let entries = fs::read_dir(src).map_err(|e| InitramfsError::Read(src.to_owned(), e))?;
         self.dir(&src.to_string_lossy())?;
         for entry in entries {
             let path = entry
                 .map_err(|e| InitramfsError::Read(src.to_owned(), e))?
                 .path();
+            if let Ok(target) = fs::read_link(&path) {
+                let inside = target.is_relative()
+                    && path
+                        .parent()
+                        .map(|p| p.join(&target))
+                        .and_then(|t| t.canonicalize().ok())
+                        .zip(top.canonicalize().ok())
+                        .is_some_and(|(t, top)| t.starts_with(top));
+                if inside {
+                    self.symlink(&path.to_string_lossy(), &target.to_string_lossy())?;
+                    continue;
+                }
+            }
             if path.is_dir() {
-                self.tree(&path)?;
+                self.tree_within(&path, top)?;
             } else if path.exists() {
                 self.file(&path.to_string_lossy(), &path)?;
             }

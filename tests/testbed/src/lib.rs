@@ -1,8 +1,8 @@
 //! cocoon's test bed: the machinery that lets end-to-end tests boot real
 //! guests on any x86_64 Linux machine.
 //!
-//! - [`probe`] decides the mode: *native* when this machine's `/dev/kvm` runs
-//!   guests on the CPU, *nested* otherwise.
+//! - [`probe`] (from `cocoon_vmm`) decides the mode: *native* when this
+//!   machine's `/dev/kvm` runs guests on the CPU, *nested* otherwise.
 //! - [`nested`] boots the nested test host (QEMU TCG + Debian's cloud kernel
 //!   with `kvm-amd`) and runs a command inside it, reporting its output and
 //!   exit code back; the `cocoon-testbed` binary wraps both.
@@ -13,11 +13,11 @@ pub mod child;
 pub use cocoon_images::initramfs;
 pub mod microvm;
 pub mod nested;
-pub mod probe;
+pub use cocoon_vmm::probe;
 pub mod qemu;
 pub mod scratch;
 pub mod serial;
-pub mod tiny_guest;
+pub use cocoon_vmm::probe::tiny_guest;
 
 pub use scratch::ScratchDir;
 

@@ -1,8 +1,10 @@
-//! Decides where guests can boot: on this machine's KVM (native mode) or only
-//! inside a nested test host under QEMU TCG (nested mode).
+//! Can this machine's KVM boot a Linux guest? *Native*: yes. *Nested*: no
+//! (missing, or an instruction-emulating KVM); the tests then boot guests
+//! inside a nested test host under QEMU TCG, and `cocoon run` refuses at
+//! once instead of hanging in an emulated boot.
 //!
 //! The decision is made by behaviour, not by name: a tiny long-mode guest
-//! ([`crate::tiny_guest`]) must finish a 1,000,000-iteration loop within
+//! ([`tiny_guest`]) must finish a 1,000,000-iteration loop within
 //! [`NATIVE_LOOP_LIMIT`]. Hardware virtualization does it in about a
 //! millisecond (11 ms inside the nested test host); an instruction-emulating
 //! KVM such as the paravirtual `kvm_pvm` takes seconds, and a real Linux guest
@@ -14,7 +16,7 @@ use std::fmt;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::tiny_guest;
+pub mod tiny_guest;
 
 /// Loop iterations the tiny guest runs.
 pub const LOOP_ITERATIONS: u32 = 1_000_000;
@@ -54,6 +56,22 @@ impl fmt::Display for Probe {
     }
 }
 
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text += &format!(": {e}");
+        source = e.source();
+    }
+    text
+}
+
+/// Whether the `kvm_pvm` module (a paravirtual, instruction-emulating KVM)
+/// is loaded.
+pub fn paravirtual_kvm() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}
+
 /// Probes this machine.
 pub fn probe() -> Probe {
     if let Ok(forced) = std::env::var("COCOON_TESTBED_MODE") {
@@ -69,7 +87,7 @@ pub fn probe() -> Probe {
             };
         }
     }
-    let pvm_hint = if Path::new("/sys/module/kvm_pvm").exists() {
+    let pvm_hint = if paravirtual_kvm() {
         " (the kvm_pvm module is loaded: a paravirtual KVM)"
     } else {
         ""
@@ -100,7 +118,7 @@ pub fn probe() -> Probe {
             mode: Mode::Nested,
             reason: format!(
                 "/dev/kvm could not run a tiny long-mode guest: {}{pvm_hint}",
-                crate::error_chain(&e)
+                error_chain(&e)
             ),
         },
     }

@@ -16,8 +16,8 @@
 use std::thread;
 use std::time::{Duration, Instant};
 
-use cocoon_vmm::arch::layout::GDT_ADDR;
-use cocoon_vmm::arch::regs::{self, BootProtocol};
+use crate::arch::layout::GDT_ADDR;
+use crate::arch::regs::{self, BootProtocol};
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuExit};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
