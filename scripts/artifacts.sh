@@ -32,10 +32,13 @@ echo "seed from the host" > target/images/data/seed.txt
 COCOON_TEST_DATA_IMAGE=$(target/release/cocoon-image rootfs --format ext4 target/images/data)
 export COCOON_AGENT_INITRAMFS COCOON_TEST_ROOTFS_IMAGE COCOON_TEST_DATA_IMAGE
 
-log "==> cocoon-vmm (release)"
+log "==> cocoon-vmm (release), cocoon CLI"
 cargo build --quiet --release -p cocoon-vmm
 COCOON_VMM=$PWD/target/release/cocoon-vmm
-export COCOON_VMM
+cargo build --quiet -p cocoon-cli
+COCOON_CLI=$PWD/target/debug/cocoon
+COCOON_TEST_ROOTFS_DIR=$PWD/target/images/test/rootfs
+export COCOON_VMM COCOON_CLI COCOON_TEST_ROOTFS_DIR
 
 log "==> nested test host kernel (Debian cloud kernel)"
 COCOON_TESTHOST_KERNEL_DIR=$(tests/testhost/fetch-kernel.sh)
@@ -58,6 +61,7 @@ run_with_kvm() {
         --with /usr/bin/qemu-system-x86_64 --with /usr/share/qemu --with /usr/share/seabios \
         --with "$COCOON_KERNEL" --with "$COCOON_TEST_INIT" --with "$COCOON_CLOUD_KERNEL" \
         --with "$COCOON_VMM" --with "$COCOON_AGENT_INITRAMFS" --with "$COCOON_TEST_ROOTFS_IMAGE" --with "$COCOON_TEST_DATA_IMAGE" \
+        --with "$COCOON_CLI" --with "$COCOON_TEST_ROOTFS_DIR" --with /usr/bin/mkfs.erofs \
         "$@"
 }
 

@@ -3,4 +3,5 @@
 
 mod agent;
 mod boot;
+mod cli;
 mod vmm;

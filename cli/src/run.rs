@@ -1,0 +1,494 @@
+//! `cocoon run`: one command in a fresh micro-VM, attached.
+//!
+//! ```text
+//!  probe KVM ─▶ rootfs DIR → erofs image (cached) ─▶ scratch dir
+//!   ─▶ spawn cocoon-vmm (kernel, agent initramfs, image as disk "rootfs",
+//!      vsock socket in the scratch dir) ─▶ agent answers
+//!   ─▶ CreateContainer ─▶ attach stdin/stdout/stderr ─▶ Start ─▶ Wait
+//!   ─▶ Shutdown ─▶ VMM exits ─▶ scratch dir removed ─▶ exit with the status
+//! ```
+//!
+//! Whatever happens (an error, a timeout, SIGINT/SIGTERM), the VMM is killed
+//! and the scratch directory removed before `cocoon` exits.
+
+use std::io::{self, IsTerminal, Read, Write};
+use std::net::Shutdown;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use cocoon_protocol::{
+    AgentClient, CreateContainer, DEFAULT_AGENT_PORT, Filesystem, ProcessRef, Rootfs, StdioRequest,
+    Stream,
+};
+use cocoon_vmm::probe::{self, Mode};
+use oci_spec::runtime::Spec;
+
+/// Where the guest kernel, initramfs and VMM are.
+#[derive(Args, Debug)]
+pub struct Artifacts {
+    /// Guest kernel (vmlinux).
+    #[arg(long, env = "COCOON_KERNEL")]
+    kernel: Option<PathBuf>,
+    /// Guest initramfs with cocoon-agent as /init.
+    #[arg(long, env = "COCOON_AGENT_INITRAMFS")]
+    initrd: Option<PathBuf>,
+    /// The cocoon-vmm binary (default: next to cocoon, then PATH).
+    #[arg(long, env = "COCOON_VMM")]
+    vmm: Option<PathBuf>,
+}
+
+impl Artifacts {
+    pub fn kernel(&self) -> anyhow::Result<PathBuf> {
+        self.kernel
+            .clone()
+            .context("no guest kernel: pass --kernel or set COCOON_KERNEL (`make demo` builds one)")
+    }
+
+    pub fn initrd(&self) -> anyhow::Result<PathBuf> {
+        self.initrd.clone().context(
+            "no guest initramfs: pass --initrd or set COCOON_AGENT_INITRAMFS (`make demo` builds one)",
+        )
+    }
+
+    pub fn vmm(&self) -> anyhow::Result<PathBuf> {
+        if let Some(vmm) = &self.vmm {
+            return Ok(vmm.clone());
+        }
+        crate::doctor::beside_me("cocoon-vmm")
+            .or_else(|| {
+                std::env::var_os("PATH").and_then(|path| {
+                    std::env::split_paths(&path)
+                        .map(|d| d.join("cocoon-vmm"))
+                        .find(|p| p.is_file())
+                })
+            })
+            .context("cocoon-vmm not found: pass --vmm or set COCOON_VMM")
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// The container's root file system, a directory (converted to an erofs
+    /// image once per content, cached in $COCOON_CACHE).
+    #[arg(long)]
+    rootfs: PathBuf,
+    /// vCPUs of the micro-VM.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=32))]
+    cpus: u32,
+    /// Memory of the micro-VM: a number with an optional K, M or G suffix.
+    #[arg(long, default_value = "256M", value_parser = parse_mib)]
+    memory: u32,
+    /// An environment variable for the command (repeatable).
+    #[arg(long = "env", short = 'e', value_parser = parse_env)]
+    env: Vec<String>,
+    /// UID[:GID] to run the command as.
+    #[arg(long, short = 'u', value_parser = parse_user)]
+    user: Option<(u32, u32)>,
+    /// Give the command a terminal.
+    #[arg(long, short = 't')]
+    tty: bool,
+    /// Kill the command after this long (e.g. 30s, 5m); exit status 124.
+    #[arg(long, value_parser = parse_duration)]
+    timeout: Option<Duration>,
+    #[command(flatten)]
+    artifacts: Artifacts,
+    /// The command and its arguments.
+    #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
+    command: Vec<String>,
+}
+
+fn parse_mib(text: &str) -> Result<u32, String> {
+    let text = text.trim();
+    let (number, unit) = text
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((text, ""), |at| text.split_at(at));
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size like 512M or 1G"))?;
+    let mib = match unit
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
+        "" | "M" => number,
+        "K" => number / 1024,
+        "G" => number * 1024,
+        _ => return Err(format!("{text:?}: the unit must be K, M or G")),
+    };
+    u32::try_from(mib)
+        .ok()
+        .filter(|m| (32..=65536).contains(m))
+        .ok_or_else(|| format!("{text:?}: memory must be between 32M and 64G"))
+}
+
+fn parse_env(text: &str) -> Result<String, String> {
+    match text.split_once('=') {
+        Some((key, _)) if !key.is_empty() => Ok(text.to_owned()),
+        _ => Err(format!("{text:?} is not KEY=VALUE")),
+    }
+}
+
+fn parse_user(text: &str) -> Result<(u32, u32), String> {
+    let number = |s: &str| {
+        s.parse::<u32>()
+            .map_err(|_| format!("{text:?}: use numeric UID[:GID] (names are not looked up)"))
+    };
+    match text.split_once(':') {
+        Some((uid, gid)) => Ok((number(uid)?, number(gid)?)),
+        None => number(text).map(|uid| (uid, uid)),
+    }
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (number, unit) = text
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((text, "s"), |at| text.split_at(at));
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 30s or 5m"))?;
+    let seconds = match unit {
+        "s" => number,
+        "m" => number * 60,
+        "h" => number * 3600,
+        _ => return Err(format!("{text:?}: the unit must be s, m or h")),
+    };
+    Ok(Duration::from_secs(seconds))
+}
+
+/// Progress lines on stderr when COCOON_DEBUG is set.
+macro_rules! debug {
+    ($($arg:tt)*) => {
+        if std::env::var_os("COCOON_DEBUG").is_some() {
+            eprintln!("cocoon: {}", format_args!($($arg)*));
+        }
+    };
+}
+
+/// How long the agent may take to answer (nested test hosts boot slowly).
+const AGENT_WAIT: Duration = Duration::from_secs(180);
+const CONTAINER_ID: &str = "run";
+
+/// The VMM process; killed when dropped unless it has exited.
+struct Vmm(Child);
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// The terminal in raw mode while the command has a tty; restored on drop.
+struct RawTerminal(Option<libc::termios>);
+
+impl RawTerminal {
+    fn enter(wanted: bool) -> Self {
+        if !wanted || !io::stdin().is_terminal() {
+            return Self(None);
+        }
+        // SAFETY: termios is plain data; tcgetattr fills it.
+        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: fd 0 and a valid termios to fill.
+        if unsafe { libc::tcgetattr(0, &mut saved) } != 0 {
+            return Self(None);
+        }
+        let mut raw = saved;
+        // SAFETY: cfmakeraw edits the struct it is given.
+        unsafe { libc::cfmakeraw(&mut raw) };
+        // SAFETY: fd 0 and a valid termios.
+        unsafe { libc::tcsetattr(0, libc::TCSANOW, &raw) };
+        Self(Some(saved))
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        if let Some(saved) = &self.0 {
+            // SAFETY: fd 0 and the termios saved before.
+            unsafe { libc::tcsetattr(0, libc::TCSANOW, saved) };
+        }
+    }
+}
+
+fn window_size() -> Option<(u16, u16)> {
+    // SAFETY: winsize is plain data; TIOCGWINSZ fills it.
+    let mut size: libc::winsize = unsafe { std::mem::zeroed() };
+    // SAFETY: fd 1 and a valid winsize to fill.
+    let ok = unsafe { libc::ioctl(1, libc::TIOCGWINSZ, &mut size) } == 0;
+    (ok && size.ws_row > 0).then_some((size.ws_row, size.ws_col))
+}
+
+pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    if !args.rootfs.is_dir() {
+        bail!("--rootfs {}: not a directory", args.rootfs.display());
+    }
+    let kernel = args.artifacts.kernel()?;
+    let initrd = args.artifacts.initrd()?;
+    let vmm_path = args.artifacts.vmm()?;
+    for (what, path) in [
+        ("kernel", &kernel),
+        ("initramfs", &initrd),
+        ("cocoon-vmm", &vmm_path),
+    ] {
+        if !path.is_file() {
+            bail!("{what} {} does not exist", path.display());
+        }
+    }
+    debug!("probing KVM");
+    let verdict = probe::probe();
+    if verdict.mode != Mode::Native {
+        bail!(
+            "this host's KVM cannot boot a Linux guest ({}). Run cocoon on a host with \
+             hardware virtualization; on this one, `make demo` runs inside a nested test host",
+            verdict.reason
+        );
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        signal_hook::flag::register(signal, Arc::clone(&stop))
+            .context("cannot install signal handlers")?;
+    }
+
+    let started = Instant::now();
+    debug!("rootfs image for {}", args.rootfs.display());
+    let image = cocoon_images::rootfs::image(&args.rootfs, None, &cocoon_images::cache_dir())
+        .context("cannot make the rootfs image")?;
+    if image.built {
+        eprintln!(
+            "cocoon: converted {} to a {} image in {:.1} s (cached for next time)",
+            args.rootfs.display(),
+            image.format.name(),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    let scratch = tempfile::Builder::new()
+        .prefix("cocoon-run-")
+        .tempdir()
+        .context("cannot make a scratch directory")?;
+    let uds = scratch.path().join("vsock.sock");
+    let log = std::fs::File::create(scratch.path().join("vmm.log"))?;
+    let mut disk = image.path.clone().into_os_string();
+    disk.push(",ro,id=rootfs");
+    let mut vmm = Vmm(Command::new(&vmm_path)
+        .arg("--kernel")
+        .arg(&kernel)
+        .arg("--initrd")
+        .arg(&initrd)
+        .args(["--vcpus", &args.cpus.to_string()])
+        .args(["--mem-mib", &args.memory.to_string()])
+        .arg("--disk")
+        .arg(&disk)
+        .arg("--vsock-uds")
+        .arg(&uds)
+        .args(["--serial", "none", "--log-level", "warn"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("cannot start {}", vmm_path.display()))?);
+
+    debug!("cocoon-vmm started with {}", image.path.display());
+    let outcome = drive(&args, &image, &uds, &mut vmm, &stop);
+    let vmm_log = || std::fs::read_to_string(scratch.path().join("vmm.log")).unwrap_or_default();
+    match outcome {
+        Ok(code) => Ok(code),
+        Err(e) => {
+            let log = vmm_log();
+            if log.trim().is_empty() {
+                Err(e)
+            } else {
+                Err(e.context(format!("cocoon-vmm said:\n{}", log.trim())))
+            }
+        }
+    }
+}
+
+fn drive(
+    args: &RunArgs,
+    image: &cocoon_images::rootfs::RootfsImage,
+    uds: &Path,
+    vmm: &mut Vmm,
+    stop: &AtomicBool,
+) -> anyhow::Result<ExitCode> {
+    // Wait for the agent, but notice a VMM that died and a signal meanwhile.
+    let deadline = Instant::now() + AGENT_WAIT;
+    let client = loop {
+        match AgentClient::connect(uds, DEFAULT_AGENT_PORT, Duration::from_secs(1), AGENT_WAIT) {
+            Ok(client) => break client,
+            Err(e) => {
+                if let Some(status) = vmm.0.try_wait()? {
+                    bail!("cocoon-vmm exited ({status}) before the agent answered");
+                }
+                if stop.load(Ordering::Relaxed) {
+                    bail!("interrupted while the micro-VM booted");
+                }
+                if Instant::now() > deadline {
+                    return Err(e).context("the micro-VM's agent never answered");
+                }
+            }
+        }
+    };
+
+    debug!("agent answered: {}", client.agent());
+    let mut spec = Spec::default();
+    let mut process = spec.process().clone().unwrap_or_default();
+    process.set_args(Some(args.command.clone()));
+    let mut env = process.env().clone().unwrap_or_default();
+    env.extend(args.env.iter().cloned());
+    process.set_env(Some(env));
+    process.set_terminal(Some(args.tty));
+    if let Some((uid, gid)) = args.user {
+        let mut user = process.user().clone();
+        user.set_uid(uid);
+        user.set_gid(gid);
+        process.set_user(user);
+    }
+    spec.set_process(Some(process));
+    if let Some(mut root) = spec.root().clone() {
+        root.set_readonly(Some(false));
+        spec.set_root(Some(root));
+    }
+    let stdio = StdioRequest {
+        stdin: true,
+        stdout: true,
+        stderr: !args.tty,
+    };
+    client.create_container(CreateContainer {
+        id: CONTAINER_ID.into(),
+        rootfs: Rootfs {
+            disk_id: "rootfs".into(),
+            filesystem: match image.format {
+                cocoon_images::rootfs::Format::Erofs => Filesystem::Erofs,
+                cocoon_images::rootfs::Format::Ext4 => Filesystem::Ext4,
+            },
+            overlay: true,
+        },
+        spec,
+        stdio,
+    })?;
+    debug!("container created");
+    let process = ProcessRef::init(CONTAINER_ID);
+    if args.tty
+        && let Some((rows, cols)) = window_size()
+    {
+        client.resize_tty(&process, rows, cols)?;
+    }
+    let copy_out = |stream: Stream, mut to: Box<dyn Write + Send>| -> anyhow::Result<_> {
+        let mut from = client.attach(&process, stream)?;
+        Ok(thread::spawn(move || {
+            let mut buffer = vec![0; 64 * 1024];
+            while let Ok(n) = from.read(&mut buffer) {
+                if n == 0
+                    || to
+                        .write_all(&buffer[..n])
+                        .and_then(|()| to.flush())
+                        .is_err()
+                {
+                    break;
+                }
+            }
+        }))
+    };
+    let stdout = copy_out(Stream::Stdout, Box::new(io::stdout()))?;
+    let stderr = if stdio.stderr {
+        Some(copy_out(Stream::Stderr, Box::new(io::stderr()))?)
+    } else {
+        None
+    };
+    let mut stdin_stream = client.attach(&process, Stream::Stdin)?;
+    let raw = RawTerminal::enter(args.tty);
+    client.start_process(&process)?;
+    debug!("command started");
+    // Stdin is copied by a thread that may block in read forever; it is not
+    // joined (the process exits without it).
+    thread::spawn(move || {
+        let mut buffer = vec![0; 64 * 1024];
+        let mut stdin = io::stdin();
+        while let Ok(n) = stdin.read(&mut buffer) {
+            if n == 0 || stdin_stream.write_all(&buffer[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = stdin_stream.shutdown(Shutdown::Write);
+    });
+
+    let (status_tx, status_rx) = std::sync::mpsc::channel();
+    {
+        let waiter = AgentClient::connect(uds, DEFAULT_AGENT_PORT, AGENT_WAIT, AGENT_WAIT)?;
+        let process = process.clone();
+        thread::spawn(move || {
+            let _ = status_tx.send(waiter.wait_process(&process));
+        });
+    }
+    let started = Instant::now();
+    let mut timed_out = false;
+    let status = loop {
+        match status_rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(status) => break status?,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => bail!("lost the wait"),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        if let Some(status) = vmm.0.try_wait()? {
+            bail!("cocoon-vmm exited ({status}) while the command ran");
+        }
+        let expired = args.timeout.is_some_and(|t| started.elapsed() > t);
+        if (expired && !timed_out) || stop.load(Ordering::Relaxed) {
+            timed_out |= expired;
+            client.signal_process(&process, libc::SIGKILL, true)?;
+            stop.store(false, Ordering::Relaxed);
+        }
+    };
+    debug!("command exited: {status:?}");
+    let _ = stdout.join();
+    if let Some(stderr) = stderr {
+        let _ = stderr.join();
+    }
+    drop(raw);
+    debug!("output streams ended; shutting down");
+    client.shutdown()?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while vmm.0.try_wait()?.is_none() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
+    }
+    if timed_out {
+        eprintln!(
+            "cocoon: timed out after {:?}; the command was killed",
+            args.timeout.unwrap_or_default()
+        );
+        return Ok(ExitCode::from(124));
+    }
+    Ok(ExitCode::from(
+        u8::try_from(status.shell_code()).unwrap_or(255),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_durations_users_and_env_parse_or_say_why() {
+        assert_eq!(parse_mib("512M"), Ok(512));
+        assert_eq!(parse_mib("1G"), Ok(1024));
+        assert_eq!(parse_mib("256"), Ok(256));
+        assert_eq!(parse_mib("2GiB"), Ok(2048));
+        assert!(parse_mib("8M").unwrap_err().contains("between"));
+        assert!(parse_mib("1T").unwrap_err().contains("unit"));
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert!(parse_duration("5d").is_err());
+        assert_eq!(parse_user("1000"), Ok((1000, 1000)));
+        assert_eq!(parse_user("1000:2000"), Ok((1000, 2000)));
+        assert!(parse_user("nobody").unwrap_err().contains("numeric"));
+        assert!(parse_env("A=1").is_ok());
+        assert!(parse_env("=1").is_err() && parse_env("A").is_err());
+    }
+}
