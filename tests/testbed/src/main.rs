@@ -148,10 +148,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     // A wedged test host is a failure of the emulated machine, not of the
     // command (the command's own steps time out and report themselves), so
     // it gets one fresh test host. The wedge is printed in full either way.
+    // A kernel panic of the test host is the same kind of failure (a
+    // process cannot crash a sound kernel; TCG's emulated SVM can).
     let mut outcome = nested.run();
-    if let Err(wedge @ NestedError::Wedged { .. }) = &outcome {
-        eprintln!("cocoon-testbed: WARNING: {wedge}");
-        eprintln!("cocoon-testbed: WARNING: running the command again on a fresh test host");
+    let host_failed = match &outcome {
+        Err(NestedError::Wedged { .. }) => true,
+        Err(NestedError::HostDied { console, .. }) => console.contains("Kernel panic"),
+        _ => false,
+    };
+    if host_failed {
+        if let Err(failure) = &outcome {
+            eprintln!("cocoon-testbed: WARNING: {failure}");
+        }
+        eprintln!(
+            "cocoon-testbed: WARNING: the test host itself failed (not the command); \
+             running the command again on a fresh test host"
+        );
         outcome = nested.run();
     }
     match outcome {

@@ -127,7 +127,7 @@ fn stdin_and_stdout_are_byte_exact_and_fast() {
         elapsed.as_secs_f64()
     );
 
-    let bytes = 32 << 20;
+    let bytes = 16 << 20;
     let start = Instant::now();
     let outcome = vm.run(
         "out",
@@ -139,8 +139,8 @@ fn stdin_and_stdout_are_byte_exact_and_fast() {
     assert_eq!(outcome.stdout.len(), bytes);
     assert!(outcome.stdout.iter().all(|&b| b == 0));
     eprintln!(
-        "stdout throughput guest→host: {:.1} MiB/s (32 MiB in {:.2} s, create to exit)",
-        32.0 / elapsed.as_secs_f64(),
+        "stdout throughput guest→host: {:.1} MiB/s (16 MiB in {:.2} s, create to exit)",
+        16.0 / elapsed.as_secs_f64(),
         elapsed.as_secs_f64()
     );
     vm.shutdown();
