@@ -21,13 +21,4 @@ pub use cocoon_vmm::probe::tiny_guest;
 
 pub use scratch::ScratchDir;
 
-/// Formats an error with all its sources: `outer: inner: innermost`.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        text += &format!(": {e}");
-        source = e.source();
-    }
-    text
-}
+pub use cocoon_vmm::error_chain;

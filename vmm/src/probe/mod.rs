@@ -56,16 +56,6 @@ impl fmt::Display for Probe {
     }
 }
 
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        text += &format!(": {e}");
-        source = e.source();
-    }
-    text
-}
-
 /// Whether the `kvm_pvm` module (a paravirtual, instruction-emulating KVM)
 /// is loaded.
 pub fn paravirtual_kvm() -> bool {
@@ -118,7 +108,7 @@ pub fn probe() -> Probe {
             mode: Mode::Nested,
             reason: format!(
                 "/dev/kvm could not run a tiny long-mode guest: {}{pvm_hint}",
-                error_chain(&e)
+                crate::error_chain(&e)
             ),
         },
     }
