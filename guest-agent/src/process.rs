@@ -415,16 +415,6 @@ fn receive_with_fd(socket: &UnixStream) -> io::Result<(Option<u8>, Option<OwnedF
     Ok((Some(data[0]), fd))
 }
 
-fn pipe() -> io::Result<(File, File)> {
-    let mut fds = [0; 2];
-    // SAFETY: `fds` has room for the two descriptors.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: pipe2 returned two new descriptors that we now own.
-    Ok(unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) })
-}
-
 fn ns_file(pid: i32, ns: &str) -> io::Result<File> {
     File::open(format!("/proc/{pid}/ns/{ns}"))
 }
@@ -446,7 +436,7 @@ pub fn spawn(
 ) -> Result<Spawned, ProcessError> {
     let (status_read, status_write) =
         UnixStream::pair().map_err(io_error("create a socket pair"))?;
-    let (start_read, start_write) = pipe().map_err(io_error("create a pipe"))?;
+    let (start_read, start_write) = crate::stdio::pipe().map_err(io_error("create a pipe"))?;
     let namespaces = request.namespaces;
     // A thread of its own: a PID namespace chosen with unshare or setns
     // applies to the children of the calling thread only.

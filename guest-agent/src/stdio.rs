@@ -56,7 +56,8 @@ pub enum StdioError {
     Io(#[source] io::Error),
 }
 
-fn pipe() -> io::Result<(File, File)> {
+/// A pipe whose both ends close on exec: (read, write).
+pub fn pipe() -> io::Result<(File, File)> {
     let mut fds = [0; 2];
     // SAFETY: `fds` has room for the two descriptors.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
