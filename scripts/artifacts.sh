@@ -1,7 +1,7 @@
 # Builds (or reuses) everything the end-to-end tests need and exports its
 # location in COCOON_* variables. Sourced by test.sh and demo.sh.
 
-ensure_packages build-essential qemu-system-x86 busybox-static jq erofs-utils e2fsprogs libseccomp-dev
+ensure_packages build-essential qemu-system-x86 busybox-static jq erofs-utils e2fsprogs libseccomp-dev containerd
 
 log "==> guest kernel"
 COCOON_KERNEL=$(kernel-config/build.sh)
@@ -32,13 +32,15 @@ echo "seed from the host" > target/images/data/seed.txt
 COCOON_TEST_DATA_IMAGE=$(target/release/cocoon-image rootfs --format ext4 target/images/data)
 export COCOON_AGENT_INITRAMFS COCOON_TEST_ROOTFS_IMAGE COCOON_TEST_DATA_IMAGE
 
-log "==> cocoon-vmm (release), cocoon CLI"
+log "==> cocoon-vmm (release), cocoon CLI, containerd shim"
 cargo build --quiet --release -p cocoon-vmm
 COCOON_VMM=$PWD/target/release/cocoon-vmm
-cargo build --quiet -p cocoon-cli
+cargo build --quiet -p cocoon-cli -p cocoon-shim
 COCOON_CLI=$PWD/target/debug/cocoon
+COCOON_SHIM=$PWD/target/debug/containerd-shim-cocoon-v2
 COCOON_TEST_ROOTFS_DIR=$PWD/target/images/test/rootfs
-export COCOON_VMM COCOON_CLI COCOON_TEST_ROOTFS_DIR
+COCOON_TEST_IMAGES_DIR=$PWD/target/images/test
+export COCOON_VMM COCOON_CLI COCOON_SHIM COCOON_TEST_ROOTFS_DIR COCOON_TEST_IMAGES_DIR
 
 log "==> nested test host kernel (Debian cloud kernel)"
 COCOON_TESTHOST_KERNEL_DIR=$(tests/testhost/fetch-kernel.sh)
@@ -62,6 +64,7 @@ run_with_kvm() {
         --with "$COCOON_KERNEL" --with "$COCOON_TEST_INIT" --with "$COCOON_CLOUD_KERNEL" \
         --with "$COCOON_VMM" --with "$COCOON_AGENT_INITRAMFS" --with "$COCOON_TEST_ROOTFS_IMAGE" --with "$COCOON_TEST_DATA_IMAGE" \
         --with "$COCOON_CLI" --with "$COCOON_TEST_ROOTFS_DIR" --with /usr/bin/mkfs.erofs \
+        --with "$COCOON_SHIM" --with "$COCOON_TEST_IMAGES_DIR/busybox.oci.tar" --with "$COCOON_TEST_IMAGES_DIR/busybox-user.oci.tar" --with /usr/bin/containerd --with /usr/bin/ctr \
         "$@"
 }
 

@@ -4,4 +4,5 @@
 mod agent;
 mod boot;
 mod cli;
+mod containerd;
 mod vmm;

@@ -1,0 +1,366 @@
+//! The runtime's configuration: one TOML file with documented defaults
+//! (`/etc/cocoon/config.toml`, or the file `COCOON_CONFIG` names), a few
+//! environment overrides for the paths, and per-container `io.cocoon.*`
+//! annotations for the VM's size.
+//!
+//! ```text
+//!  defaults ─▶ config file ─▶ COCOON_KERNEL / COCOON_AGENT_INITRAMFS / COCOON_VMM
+//!           ─▶ per container: linux.resources (CPU quota, memory limit)
+//!           ─▶ io.cocoon.vcpus / io.cocoon.memory annotations
+//! ```
+//!
+//! Annotations can only size the VM: a pod author must not be able to point
+//! the runtime at another kernel or VMM binary on the host.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use oci_spec::runtime::Spec;
+use serde::Deserialize;
+
+/// Names the configuration file, instead of [`DEFAULT_CONFIG_PATH`].
+pub const CONFIG_ENV: &str = "COCOON_CONFIG";
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/cocoon/config.toml";
+/// Annotations under this prefix are ours; an unknown one is an error.
+pub const ANNOTATION_PREFIX: &str = "io.cocoon.";
+pub const ANNOTATION_VCPUS: &str = "io.cocoon.vcpus";
+pub const ANNOTATION_MEMORY: &str = "io.cocoon.memory";
+
+/// The most vCPUs and memory one micro-VM may be given.
+pub const MAX_VCPUS: u32 = 32;
+pub const MIN_MEMORY_MIB: u32 = 32;
+pub const MAX_MEMORY_MIB: u32 = 65536;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the configuration {0}")]
+    Read(PathBuf, #[source] std::io::Error),
+    #[error("configuration {0}: {1}")]
+    Parse(PathBuf, String),
+    #[error("configuration {path}: {key} = {value}: {reason}")]
+    Value {
+        path: PathBuf,
+        key: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("annotation {key}={value:?}: {reason}")]
+    Annotation {
+        key: String,
+        value: String,
+        reason: String,
+    },
+}
+
+/// Everything the configuration file may say; every key is optional.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The guest kernel (an uncompressed `vmlinux`, or a bzImage).
+    pub kernel: PathBuf,
+    /// The guest initramfs, with cocoon-agent as `/init`.
+    pub initramfs: PathBuf,
+    /// The cocoon-vmm binary; a bare name is looked up in PATH.
+    pub vmm: PathBuf,
+    /// vCPUs of a VM whose container sets no CPU quota.
+    pub vcpus: u32,
+    /// Memory (MiB) of a VM whose container sets no memory limit.
+    pub memory_mib: u32,
+    /// Added to a container's memory limit to size its VM: the guest kernel,
+    /// the agent and the page cache of the rootfs.
+    pub overhead_mib: u32,
+    /// The shim's log level (error, warn, info, debug, trace).
+    pub log_level: String,
+    /// How long a booting VM's agent may take to answer.
+    pub agent_timeout_secs: u64,
+    /// Where each VM's scratch directory (vsock socket, VMM log) goes.
+    pub run_dir: PathBuf,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            kernel: "/usr/share/cocoon/vmlinux".into(),
+            initramfs: "/usr/share/cocoon/cocoon-initramfs.cpio".into(),
+            vmm: "cocoon-vmm".into(),
+            vcpus: 1,
+            memory_mib: 256,
+            overhead_mib: 64,
+            log_level: "info".into(),
+            agent_timeout_secs: 180,
+            run_dir: "/run/cocoon".into(),
+        }
+    }
+}
+
+/// The size of one micro-VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmSize {
+    pub vcpus: u32,
+    pub memory_mib: u32,
+}
+
+impl Config {
+    /// Reads the file `COCOON_CONFIG` names (which must exist), else
+    /// [`DEFAULT_CONFIG_PATH`] if it exists, else the defaults; then applies
+    /// the environment's path overrides.
+    pub fn load() -> Result<Self, ConfigError> {
+        let mut config = match std::env::var_os(CONFIG_ENV) {
+            Some(path) => Self::from_file(Path::new(&path))?,
+            None if Path::new(DEFAULT_CONFIG_PATH).exists() => {
+                Self::from_file(Path::new(DEFAULT_CONFIG_PATH))?
+            }
+            None => Self::default(),
+        };
+        for (variable, field) in [
+            ("COCOON_KERNEL", &mut config.kernel),
+            ("COCOON_AGENT_INITRAMFS", &mut config.initramfs),
+            ("COCOON_VMM", &mut config.vmm),
+            ("COCOON_RUN_DIR", &mut config.run_dir),
+        ] {
+            if let Some(value) = std::env::var_os(variable).filter(|v| !v.is_empty()) {
+                *field = value.into();
+            }
+        }
+        Ok(config)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.into(), e))?;
+        Self::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse(path.into(), e.message().to_owned()))?;
+        let bad = |key, value: String, reason: &str| ConfigError::Value {
+            path: path.into(),
+            key,
+            value,
+            reason: reason.into(),
+        };
+        if !(1..=MAX_VCPUS).contains(&config.vcpus) {
+            return Err(bad("vcpus", config.vcpus.to_string(), "must be 1 to 32"));
+        }
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&config.memory_mib) {
+            return Err(bad(
+                "memory_mib",
+                config.memory_mib.to_string(),
+                "must be 32 to 65536",
+            ));
+        }
+        if config.overhead_mib > MAX_MEMORY_MIB {
+            return Err(bad(
+                "overhead_mib",
+                config.overhead_mib.to_string(),
+                "must be at most 65536",
+            ));
+        }
+        if !["error", "warn", "info", "debug", "trace"].contains(&config.log_level.as_str()) {
+            return Err(bad(
+                "log_level",
+                config.log_level.clone(),
+                "must be error, warn, info, debug or trace",
+            ));
+        }
+        if config.agent_timeout_secs == 0 {
+            return Err(bad("agent_timeout_secs", "0".into(), "must be at least 1"));
+        }
+        Ok(config)
+    }
+
+    pub fn agent_timeout(&self) -> Duration {
+        Duration::from_secs(self.agent_timeout_secs)
+    }
+
+    /// The VMM binary: the configured path, or the bare name looked up
+    /// beside the running binary and then in PATH.
+    pub fn vmm_path(&self) -> Option<PathBuf> {
+        if self.vmm.components().count() > 1 {
+            return Some(self.vmm.clone());
+        }
+        let beside_me = std::env::current_exe()
+            .ok()
+            .and_then(|me| Some(me.parent()?.join(&self.vmm)))
+            .filter(|p| p.is_file());
+        beside_me.or_else(|| {
+            std::env::var_os("PATH").and_then(|path| {
+                std::env::split_paths(&path)
+                    .map(|dir| dir.join(&self.vmm))
+                    .find(|p| p.is_file())
+            })
+        })
+    }
+
+    /// Sizes the VM for a container: its CPU quota (rounded up to whole
+    /// vCPUs) and memory limit (plus the overhead), else the defaults; then
+    /// the `io.cocoon.*` annotations, which win.
+    pub fn size_for(&self, spec: &Spec) -> Result<VmSize, ConfigError> {
+        let mut size = VmSize {
+            vcpus: self.vcpus,
+            memory_mib: self.memory_mib,
+        };
+        let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
+        if let Some(cpu) = resources.and_then(|r| r.cpu().as_ref())
+            && let (Some(quota), Some(period)) = (cpu.quota(), cpu.period())
+            && quota > 0
+            && period > 0
+        {
+            let vcpus = quota.unsigned_abs().div_ceil(period);
+            size.vcpus = u32::try_from(vcpus)
+                .unwrap_or(MAX_VCPUS)
+                .clamp(1, MAX_VCPUS);
+        }
+        if let Some(limit) = resources
+            .and_then(|r| r.memory().as_ref())
+            .and_then(|m| m.limit())
+            .filter(|&l| l > 0)
+        {
+            let mib = limit.unsigned_abs().div_ceil(1 << 20) + u64::from(self.overhead_mib);
+            size.memory_mib = u32::try_from(mib)
+                .unwrap_or(MAX_MEMORY_MIB)
+                .clamp(MIN_MEMORY_MIB, MAX_MEMORY_MIB);
+        }
+        let no_annotations = HashMap::new();
+        let annotations = spec.annotations().as_ref().unwrap_or(&no_annotations);
+        for (key, value) in annotations {
+            if !key.starts_with(ANNOTATION_PREFIX) {
+                continue;
+            }
+            let bad = |reason: &str| ConfigError::Annotation {
+                key: key.clone(),
+                value: value.clone(),
+                reason: reason.into(),
+            };
+            match key.as_str() {
+                ANNOTATION_VCPUS => {
+                    size.vcpus = value
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=MAX_VCPUS).contains(n))
+                        .ok_or_else(|| bad("must be a number of vCPUs, 1 to 32"))?;
+                }
+                ANNOTATION_MEMORY => {
+                    size.memory_mib = parse_size_mib(value).map_err(|e| bad(&e))?;
+                }
+                _ => {
+                    return Err(bad(&format!(
+                        "unknown cocoon annotation (known: {ANNOTATION_VCPUS}, {ANNOTATION_MEMORY})"
+                    )));
+                }
+            }
+        }
+        Ok(size)
+    }
+}
+
+/// Parses a memory size like `512M`, `1G`, `2GiB` or `256` (MiB) into MiB,
+/// within [`MIN_MEMORY_MIB`]..=[`MAX_MEMORY_MIB`].
+pub fn parse_size_mib(text: &str) -> Result<u32, String> {
+    let text = text.trim();
+    let (number, unit) = text
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((text, ""), |at| text.split_at(at));
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size like 512M or 1G"))?;
+    let mib = match unit
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
+        "" | "M" => Some(number),
+        "K" => Some(number / 1024),
+        "G" => number.checked_mul(1024),
+        _ => return Err(format!("{text:?}: the unit must be K, M or G")),
+    };
+    mib.and_then(|m| u32::try_from(m).ok())
+        .filter(|m| (MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(m))
+        .ok_or_else(|| format!("{text:?}: memory must be between 32M and 64G"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(json: &str) -> Spec {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn sizes_parse_or_say_why() {
+        assert_eq!(parse_size_mib("512M"), Ok(512));
+        assert_eq!(parse_size_mib("1G"), Ok(1024));
+        assert_eq!(parse_size_mib("256"), Ok(256));
+        assert_eq!(parse_size_mib("2GiB"), Ok(2048));
+        assert!(parse_size_mib("8M").unwrap_err().contains("between"));
+        assert!(parse_size_mib("1T").unwrap_err().contains("unit"));
+        assert!(parse_size_mib("99999999999999999G").is_err());
+    }
+
+    #[test]
+    fn the_file_overrides_defaults_and_names_a_bad_key() {
+        let path = Path::new("/etc/cocoon/config.toml");
+        let config = Config::parse(path, "vcpus = 2\nmemory_mib = 512\n").unwrap();
+        assert_eq!((config.vcpus, config.memory_mib), (2, 512));
+        assert_eq!(config.overhead_mib, Config::default().overhead_mib);
+        let unknown = Config::parse(path, "vpcus = 2\n").unwrap_err().to_string();
+        assert!(unknown.contains("vpcus"), "{unknown}");
+        let range = Config::parse(path, "vcpus = 0\n").unwrap_err().to_string();
+        assert!(range.contains("vcpus = 0"), "{range}");
+        let level = Config::parse(path, "log_level = \"loud\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(level.contains("log_level = loud"), "{level}");
+        let kind = Config::parse(path, "memory_mib = \"lots\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(kind.contains("config.toml"), "{kind}");
+    }
+
+    #[test]
+    fn the_vm_is_sized_from_resources_then_annotations() {
+        let config = Config::default();
+        let plain = spec(r#"{"ociVersion":"1.0.2"}"#);
+        assert_eq!(
+            config.size_for(&plain).unwrap(),
+            VmSize {
+                vcpus: 1,
+                memory_mib: 256
+            }
+        );
+        let limited = spec(
+            r#"{"ociVersion":"1.0.2","linux":{"resources":{
+                "cpu":{"quota":150000,"period":100000},
+                "memory":{"limit":134217728}}}}"#,
+        );
+        assert_eq!(
+            config.size_for(&limited).unwrap(),
+            VmSize {
+                vcpus: 2,
+                memory_mib: 128 + 64
+            }
+        );
+        let annotated = spec(
+            r#"{"ociVersion":"1.0.2","annotations":{
+                "io.cocoon.vcpus":"4","io.cocoon.memory":"1G","other.key":"x"}}"#,
+        );
+        assert_eq!(
+            config.size_for(&annotated).unwrap(),
+            VmSize {
+                vcpus: 4,
+                memory_mib: 1024
+            }
+        );
+        let bad = spec(r#"{"ociVersion":"1.0.2","annotations":{"io.cocoon.vcpus":"lots"}}"#);
+        let error = config.size_for(&bad).unwrap_err().to_string();
+        assert!(
+            error.contains("io.cocoon.vcpus") && error.contains("lots"),
+            "{error}"
+        );
+        let unknown = spec(r#"{"ociVersion":"1.0.2","annotations":{"io.cocoon.kernel":"/x"}}"#);
+        let error = config.size_for(&unknown).unwrap_err().to_string();
+        assert!(error.contains("unknown cocoon annotation"), "{error}");
+    }
+}

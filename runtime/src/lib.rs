@@ -1,0 +1,8 @@
+//! What the `cocoon` CLI and `containerd-shim-cocoon-v2` share: the
+//! configuration ([`config`]) and a micro-VM with its agent ([`vm`]).
+
+pub mod config;
+pub mod vm;
+
+pub use config::{Config, ConfigError, VmSize};
+pub use vm::{Disk, MicroVm, VmError, VmSpec};

@@ -1,0 +1,305 @@
+//! One micro-VM as its user sees it: a `cocoon-vmm` process booting our
+//! kernel with the agent initramfs and the given disks, and the agent
+//! answering on the VM's hybrid-vsock socket.
+//!
+//! ```text
+//!  MicroVm::launch ─▶ cocoon-vmm (stderr → DIR/vmm.log, vsock → DIR/vsock.sock)
+//!  MicroVm::connect ─▶ retry the agent's hello until it answers, noticing a
+//!                      VMM that died or a caller that gave up meanwhile
+//!  drop / kill ─▶ SIGKILL the VMM and reap it
+//! ```
+//!
+//! The VMM child is reaped only through [`MicroVm`], so a pid it signals is
+//! never a recycled one.
+
+use std::fs::File;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use cocoon_protocol::{AgentClient, ClientError, DEFAULT_AGENT_PORT};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("{what} {path} does not exist")]
+    Missing { what: &'static str, path: PathBuf },
+    #[error("cannot create {0}")]
+    Scratch(PathBuf, #[source] std::io::Error),
+    #[error("cannot start {0}")]
+    Spawn(PathBuf, #[source] std::io::Error),
+    #[error("cocoon-vmm exited ({status}) before the agent answered{log}")]
+    DiedBooting { status: String, log: String },
+    #[error("interrupted while the micro-VM booted")]
+    Interrupted,
+    #[error("the micro-VM's agent never answered{log}")]
+    Unreachable {
+        #[source]
+        source: ClientError,
+        log: String,
+    },
+    #[error("cannot wait for cocoon-vmm")]
+    Wait(#[source] std::io::Error),
+}
+
+/// A disk for the VM; the agent finds it by `id` (its virtio-blk serial).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disk {
+    pub path: PathBuf,
+    pub read_only: bool,
+    pub id: String,
+}
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    pub vmm: PathBuf,
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub disks: Vec<Disk>,
+    /// Where the vsock socket and the VMM's log go; it must exist.
+    pub dir: PathBuf,
+    /// The VMM's `--log-level`.
+    pub log_level: String,
+}
+
+#[derive(Debug)]
+pub struct MicroVm {
+    child: Child,
+    uds: PathBuf,
+    log: PathBuf,
+    exited: Option<ExitStatus>,
+}
+
+/// The VMM's log, indented, for an error message; empty if it said nothing.
+fn log_suffix(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let text = text.trim();
+    if text.is_empty() {
+        return String::new();
+    }
+    // The last lines say why; a hostile guest cannot make them long, the
+    // VMM rate-limits what it logs.
+    let tail: Vec<&str> = text.lines().rev().take(20).collect();
+    let mut out = String::from("; cocoon-vmm said:");
+    for line in tail.into_iter().rev() {
+        out.push_str("\n  ");
+        out.push_str(line);
+    }
+    out
+}
+
+impl MicroVm {
+    pub fn launch(spec: &VmSpec) -> Result<Self, VmError> {
+        for (what, path) in [
+            ("guest kernel", &spec.kernel),
+            ("guest initramfs", &spec.initramfs),
+            ("cocoon-vmm", &spec.vmm),
+        ] {
+            if !path.is_file() {
+                return Err(VmError::Missing {
+                    what,
+                    path: path.clone(),
+                });
+            }
+        }
+        let uds = spec.dir.join("vsock.sock");
+        let log = spec.dir.join("vmm.log");
+        let log_file = File::create(&log).map_err(|e| VmError::Scratch(log.clone(), e))?;
+        let mut command = Command::new(&spec.vmm);
+        command
+            .arg("--kernel")
+            .arg(&spec.kernel)
+            .arg("--initrd")
+            .arg(&spec.initramfs)
+            .args(["--vcpus", &spec.vcpus.to_string()])
+            .args(["--mem-mib", &spec.memory_mib.to_string()])
+            .arg("--vsock-uds")
+            .arg(&uds)
+            .args(["--serial", "none", "--log-level", &spec.log_level]);
+        for disk in &spec.disks {
+            let mut arg = disk.path.clone().into_os_string();
+            if disk.read_only {
+                arg.push(",ro");
+            }
+            arg.push(",id=");
+            arg.push(&disk.id);
+            command.arg("--disk").arg(arg);
+        }
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .map_err(|e| VmError::Spawn(spec.vmm.clone(), e))?;
+        Ok(Self {
+            child,
+            uds,
+            log,
+            exited: None,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The hybrid-vsock socket of the VM.
+    pub fn uds(&self) -> &Path {
+        &self.uds
+    }
+
+    /// What the VMM logged, for an error message.
+    pub fn log_suffix(&self) -> String {
+        log_suffix(&self.log)
+    }
+
+    /// Waits for the agent to answer, for at most `wait`, giving up early
+    /// if the VMM dies or `interrupted` says so.
+    pub fn connect(
+        &mut self,
+        wait: Duration,
+        io_timeout: Duration,
+        interrupted: &dyn Fn() -> bool,
+    ) -> Result<AgentClient, VmError> {
+        let deadline = Instant::now() + wait;
+        loop {
+            match AgentClient::connect(
+                &self.uds,
+                DEFAULT_AGENT_PORT,
+                Duration::from_millis(500),
+                io_timeout,
+            ) {
+                Ok(client) => return Ok(client),
+                Err(e) => {
+                    if let Some(status) = self.try_wait()? {
+                        return Err(VmError::DiedBooting {
+                            status: describe(status),
+                            log: self.log_suffix(),
+                        });
+                    }
+                    if interrupted() {
+                        return Err(VmError::Interrupted);
+                    }
+                    if Instant::now() >= deadline {
+                        return Err(VmError::Unreachable {
+                            source: e,
+                            log: self.log_suffix(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// The VMM's exit status if it has exited (reaping it).
+    pub fn try_wait(&mut self) -> Result<Option<ExitStatus>, VmError> {
+        if self.exited.is_none() {
+            self.exited = self.child.try_wait().map_err(VmError::Wait)?;
+        }
+        Ok(self.exited)
+    }
+
+    /// Waits up to `timeout` for the VMM to exit by itself.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<ExitStatus>, VmError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_wait()? {
+                return Ok(Some(status));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGKILLs the VMM (if it still runs) and reaps it.
+    pub fn kill(&mut self) {
+        if let Ok(None) = self.try_wait() {
+            let _ = self.child.kill();
+            if let Ok(status) = self.child.wait() {
+                self.exited = Some(status);
+            }
+        }
+    }
+}
+
+impl Drop for MicroVm {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// "exit status 1" or "killed by signal 9".
+pub fn describe(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit status {code}"),
+        (None, Some(signal)) => format!("killed by signal {signal}"),
+        _ => status.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(dir: &Path, vmm: &Path) -> VmSpec {
+        VmSpec {
+            vmm: vmm.into(),
+            kernel: vmm.into(),
+            initramfs: vmm.into(),
+            vcpus: 1,
+            memory_mib: 64,
+            disks: vec![],
+            dir: dir.into(),
+            log_level: "warn".into(),
+        }
+    }
+
+    #[test]
+    fn a_missing_binary_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let error = MicroVm::launch(&spec(dir.path(), Path::new("/nonexistent/cocoon-vmm")))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("/nonexistent/cocoon-vmm"), "{error}");
+    }
+
+    #[test]
+    fn a_vmm_that_dies_while_booting_is_reported_with_its_log() {
+        let dir = tempfile::tempdir().unwrap();
+        // A stand-in "VMM" that complains and exits, as a VMM does on a bad kernel.
+        let script = dir.path().join("fake-vmm");
+        std::fs::write(
+            &script,
+            "#!/bin/sh\necho 'cannot load kernel: bad ELF' >&2\nexit 3\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let mut vm = MicroVm::launch(&spec(dir.path(), &script)).unwrap();
+        let error = vm
+            .connect(Duration::from_secs(20), Duration::from_secs(1), &|| false)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("exit status 3"), "{error}");
+        assert!(error.contains("bad ELF"), "{error}");
+    }
+
+    #[test]
+    fn dropping_kills_the_vmm() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("sleepy-vmm");
+        std::fs::write(&script, "#!/bin/sh\nexec sleep 600\n").unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let vm = MicroVm::launch(&spec(dir.path(), &script)).unwrap();
+        let pid = vm.pid();
+        drop(vm);
+        let alive = Path::new(&format!("/proc/{pid}")).exists();
+        assert!(!alive, "the VMM {pid} outlived its MicroVm");
+    }
+}

@@ -1,0 +1,385 @@
+//! One container: its micro-VM, its agent, its init process and execs.
+//!
+//! Each process goes through this state machine; `Wait` blocks until
+//! `Stopped`, and the exit is published once the output streams ended:
+//!
+//! ```text
+//!  Created ──Start──▶ Running ──agent's WaitProcess answers──▶ Stopped
+//!     │                  └──the VM died (the wait connection broke)──▶ Stopped(255)
+//!     └──Delete (never started)──▶ gone
+//! ```
+//!
+//! Everything the container made on the host is listed in `cocoon.json` in
+//! its bundle (the VMM's pid, the scratch directory), so `delete` after a
+//! shim crash finds and removes it.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use cocoon_protocol::{
+    AgentClient, CreateContainer, DEFAULT_AGENT_PORT, ExecProcess, ExitStatus, Filesystem,
+    ProcessRef, Rootfs,
+};
+use cocoon_runtime::{Config, Disk, MicroVm, VmSpec};
+use containerd_shim::protos::types::mount::Mount;
+use oci_spec::runtime::{Process, Spec};
+use serde::{Deserialize, Serialize};
+
+use crate::stdio::{Copiers, StdioPaths};
+use crate::{rootfs, trans};
+
+/// The exit status reported when the VM died under a process.
+pub const VM_DIED_STATUS: u32 = 255;
+/// How long an exit waits for the process's output to reach containerd.
+const OUTPUT_DRAIN: Duration = Duration::from_secs(60);
+/// Every agent call but WaitProcess must answer within this.
+const AGENT_IO_TIMEOUT: Duration = Duration::from_secs(60);
+const STATE_FILE: &str = "cocoon.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerError {
+    #[error("cannot read the bundle's config.json")]
+    Spec(#[source] oci_spec::OciSpecError),
+    #[error(transparent)]
+    Config(#[from] cocoon_runtime::ConfigError),
+    #[error(transparent)]
+    Trans(#[from] trans::TransError),
+    #[error(transparent)]
+    Rootfs(#[from] rootfs::RootfsError),
+    #[error("cannot make a scratch directory in {0}")]
+    Scratch(PathBuf, #[source] std::io::Error),
+    #[error("cocoon-vmm not found: set vmm in the configuration or COCOON_VMM")]
+    NoVmm,
+    #[error(transparent)]
+    Vm(#[from] cocoon_runtime::VmError),
+    #[error(transparent)]
+    Agent(#[from] cocoon_protocol::ClientError),
+    #[error(transparent)]
+    Stdio(#[from] crate::stdio::StdioError),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProcState {
+    Created,
+    Running,
+    Stopped { status: u32, at: SystemTime },
+}
+
+/// The init process or an exec.
+#[derive(Debug)]
+pub struct Proc {
+    pub process: ProcessRef,
+    pub pid: u32,
+    pub stdio: StdioPaths,
+    pub copiers: Copiers,
+    state: Mutex<ProcState>,
+    changed: Condvar,
+}
+
+impl Proc {
+    fn new(process: ProcessRef, pid: u32, stdio: StdioPaths, copiers: Copiers) -> Self {
+        Self {
+            process,
+            pid,
+            stdio,
+            copiers,
+            state: Mutex::new(ProcState::Created),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ProcState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn state(&self) -> ProcState {
+        *self.lock()
+    }
+
+    pub fn set_running(&self) {
+        *self.lock() = ProcState::Running;
+    }
+
+    pub fn set_stopped(&self, status: u32) -> ProcState {
+        let mut state = self.lock();
+        if !matches!(*state, ProcState::Stopped { .. }) {
+            *state = ProcState::Stopped {
+                status,
+                at: SystemTime::now(),
+            };
+            self.changed.notify_all();
+        }
+        *state
+    }
+
+    /// Blocks until the process has stopped; its status and when.
+    pub fn wait(&self) -> (u32, SystemTime) {
+        let mut state = self.lock();
+        loop {
+            if let ProcState::Stopped { status, at } = *state {
+                return (status, at);
+            }
+            state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// What `delete` needs to clean up after a shim that died.
+#[derive(Debug, Serialize, Deserialize)]
+struct Leftovers {
+    vmm_pid: u32,
+    scratch: PathBuf,
+}
+
+#[derive(Debug)]
+pub struct Container {
+    pub id: String,
+    pub bundle: PathBuf,
+    pub client: AgentClient,
+    pub vm: Mutex<MicroVm>,
+    pub vmm_pid: u32,
+    scratch: PathBuf,
+    pub init: Arc<Proc>,
+    pub execs: Mutex<HashMap<String, Arc<Proc>>>,
+}
+
+/// Removes the scratch directory and state file unless disarmed.
+struct ScratchGuard<'a> {
+    scratch: PathBuf,
+    bundle: &'a Path,
+    armed: bool,
+}
+
+impl Drop for ScratchGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = std::fs::remove_dir_all(&self.scratch);
+            let _ = std::fs::remove_file(self.bundle.join(STATE_FILE));
+        }
+    }
+}
+
+impl Container {
+    /// Boots the container's VM and creates the container in it (not
+    /// started). On an error nothing it made is left.
+    pub fn create(
+        config: &Config,
+        id: &str,
+        bundle: &Path,
+        mounts: &[Mount],
+        stdio: StdioPaths,
+    ) -> Result<Self, ContainerError> {
+        let spec = Spec::load(bundle.join("config.json")).map_err(ContainerError::Spec)?;
+        let size = config.size_for(&spec)?;
+        let root_path = spec
+            .root()
+            .as_ref()
+            .map_or_else(|| PathBuf::from("rootfs"), |r| r.path().clone());
+        let agent_spec = trans::container_spec(spec)?;
+        let image = rootfs::image(bundle, mounts, &root_path)?;
+        std::fs::create_dir_all(&config.run_dir)
+            .map_err(|e| ContainerError::Scratch(config.run_dir.clone(), e))?;
+        let scratch = tempfile::Builder::new()
+            .prefix("vm-")
+            .tempdir_in(&config.run_dir)
+            .map_err(|e| ContainerError::Scratch(config.run_dir.clone(), e))?
+            .keep();
+        let mut guard = ScratchGuard {
+            scratch: scratch.clone(),
+            bundle,
+            armed: true,
+        };
+        let mut vm = MicroVm::launch(&VmSpec {
+            vmm: config.vmm_path().ok_or(ContainerError::NoVmm)?,
+            kernel: config.kernel.clone(),
+            initramfs: config.initramfs.clone(),
+            vcpus: size.vcpus,
+            memory_mib: size.memory_mib,
+            disks: vec![Disk {
+                path: image.path.clone(),
+                read_only: true,
+                id: "rootfs".into(),
+            }],
+            dir: scratch.clone(),
+            log_level: "warn".into(),
+        })?;
+        let leftovers = Leftovers {
+            vmm_pid: vm.pid(),
+            scratch: scratch.clone(),
+        };
+        if let Ok(json) = serde_json::to_vec(&leftovers) {
+            let _ = std::fs::write(bundle.join(STATE_FILE), json);
+        }
+        log::info!(
+            "{id}: micro-VM {} ({} vCPUs, {} MiB) booting with {}",
+            vm.pid(),
+            size.vcpus,
+            size.memory_mib,
+            image.path.display()
+        );
+        let client = vm.connect(config.agent_timeout(), AGENT_IO_TIMEOUT, &|| false)?;
+        let pid = client.create_container(CreateContainer {
+            id: id.to_owned(),
+            rootfs: Rootfs {
+                disk_id: "rootfs".into(),
+                filesystem: match image.format {
+                    cocoon_images::rootfs::Format::Erofs => Filesystem::Erofs,
+                    cocoon_images::rootfs::Format::Ext4 => Filesystem::Ext4,
+                },
+                overlay: true,
+            },
+            spec: agent_spec,
+            stdio: stdio.request(),
+        })?;
+        let process = ProcessRef::init(id);
+        let copiers = Copiers::attach(&client, &process, &stdio)?;
+        guard.armed = false;
+        Ok(Self {
+            id: id.to_owned(),
+            bundle: bundle.to_owned(),
+            vmm_pid: vm.pid(),
+            vm: Mutex::new(vm),
+            client,
+            scratch,
+            init: Arc::new(Proc::new(process, pid, stdio, copiers)),
+            execs: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn exec(
+        &self,
+        exec_id: &str,
+        spec: Process,
+        stdio: StdioPaths,
+    ) -> Result<Arc<Proc>, ContainerError> {
+        let process = ProcessRef::exec(&self.id, exec_id);
+        let pid = self.client.exec_process(ExecProcess {
+            process: process.clone(),
+            spec,
+            stdio: stdio.request(),
+        })?;
+        let copiers = Copiers::attach(&self.client, &process, &stdio)?;
+        let proc = Arc::new(Proc::new(process, pid, stdio, copiers));
+        self.execs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(exec_id.to_owned(), Arc::clone(&proc));
+        Ok(proc)
+    }
+
+    pub fn find(&self, exec_id: &str) -> Option<Arc<Proc>> {
+        if exec_id.is_empty() {
+            return Some(Arc::clone(&self.init));
+        }
+        self.execs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(exec_id)
+            .cloned()
+    }
+
+    /// Starts `proc` and, on a thread of its own, waits for it to exit; then
+    /// waits for its output to drain, marks it stopped and calls `on_exit`
+    /// with its status.
+    pub fn start(
+        &self,
+        proc: &Arc<Proc>,
+        on_exit: impl FnOnce(u32, SystemTime) + Send + 'static,
+    ) -> Result<(), ContainerError> {
+        // The wait gets its own connection, made before the start so a
+        // quick exit cannot be missed.
+        let waiter = AgentClient::connect(
+            &self.client_uds(),
+            DEFAULT_AGENT_PORT,
+            AGENT_IO_TIMEOUT,
+            AGENT_IO_TIMEOUT,
+        )?;
+        self.client.start_process(&proc.process)?;
+        proc.set_running();
+        let proc = Arc::clone(proc);
+        std::thread::spawn(move || {
+            let status = match waiter.wait_process(&proc.process) {
+                Ok(ExitStatus::Code(code)) => u32::try_from(code).unwrap_or(VM_DIED_STATUS),
+                Ok(status) => u32::try_from(status.shell_code()).unwrap_or(VM_DIED_STATUS),
+                Err(e) => {
+                    log::error!(
+                        "{:?}: lost the process (the micro-VM died?): {}",
+                        proc.process,
+                        cocoon_protocol::error_chain(&e)
+                    );
+                    VM_DIED_STATUS
+                }
+            };
+            proc.copiers.wait_outputs(OUTPUT_DRAIN);
+            if let ProcState::Stopped { status, at } = proc.set_stopped(status) {
+                on_exit(status, at);
+            }
+        });
+        Ok(())
+    }
+
+    fn client_uds(&self) -> PathBuf {
+        self.scratch.join("vsock.sock")
+    }
+
+    /// Marks every process stopped (the VM is gone or going).
+    pub fn stop_all(&self) {
+        self.init.set_stopped(VM_DIED_STATUS);
+        for proc in self
+            .execs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
+            proc.set_stopped(VM_DIED_STATUS);
+        }
+    }
+
+    /// Takes the VM down (asking the agent first) and removes everything
+    /// this container made on the host.
+    pub fn destroy(&self) {
+        let mut vm = self.vm.lock().unwrap_or_else(|e| e.into_inner());
+        if matches!(vm.try_wait(), Ok(None)) {
+            let _ = self.client.remove_container(&self.id);
+            if self.client.shutdown().is_ok() {
+                let _ = vm.wait_timeout(Duration::from_secs(5));
+            }
+            vm.kill();
+        }
+        self.stop_all();
+        if let Err(e) = std::fs::remove_dir_all(&self.scratch) {
+            log::warn!("cannot remove {}: {e}", self.scratch.display());
+        }
+        let _ = std::fs::remove_file(self.bundle.join(STATE_FILE));
+    }
+}
+
+/// After a shim died: kill its VMM if it still runs and remove its scratch
+/// directory, its state file and a rootfs mount it may have left.
+pub fn cleanup_leftovers(bundle: &Path, id: &str) {
+    let state = bundle.join(STATE_FILE);
+    if let Some(leftovers) = std::fs::read(&state)
+        .ok()
+        .and_then(|json| serde_json::from_slice::<Leftovers>(&json).ok())
+    {
+        // Only a cocoon-vmm serving this very scratch directory is ours.
+        let cmdline =
+            std::fs::read(format!("/proc/{}/cmdline", leftovers.vmm_pid)).unwrap_or_default();
+        let scratch = leftovers.scratch.to_string_lossy();
+        let ours = String::from_utf8_lossy(&cmdline).contains(&*scratch);
+        if ours && let Ok(pid) = i32::try_from(leftovers.vmm_pid) {
+            // SAFETY: kill() takes plain integers; the pid was checked above
+            // to be the VMM serving our scratch directory.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            log::warn!("{id}: killed the leftover cocoon-vmm {pid}");
+        }
+        if leftovers.scratch.starts_with("/") && scratch.contains("/vm-") {
+            let _ = std::fs::remove_dir_all(&leftovers.scratch);
+        }
+        let _ = std::fs::remove_file(&state);
+    }
+    let _ =
+        containerd_shim::mount::umount_recursive(bundle.join("rootfs").to_str(), libc::MNT_DETACH);
+}

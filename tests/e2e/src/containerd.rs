@@ -1,0 +1,295 @@
+//! A private containerd for the tests: Debian's `containerd` with its own
+//! root, state directory and sockets in a temporary directory, our shim on
+//! its PATH, the locally built test images imported, driven with `ctr`.
+//!
+//! ```text
+//!  DIR/config.toml   root=DIR/root state=DIR/state grpc=DIR/containerd.sock
+//!  DIR/bin/containerd-shim-cocoon-v2 → $COCOON_SHIM
+//!  DIR/cocoon.toml   kernel, initramfs, vmm from the test artefacts;
+//!                    run_dir=DIR/run (the VMs' scratch directories)
+//! ```
+//!
+//! Dropping it stops containerd and removes the directory.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::artifact;
+
+pub const RUNTIME: &str = "io.containerd.cocoon.v2";
+pub const BUSYBOX: &str = "docker.io/cocoon/busybox:latest";
+pub const BUSYBOX_USER: &str = "docker.io/cocoon/busybox-user:latest";
+/// A `ctr` call that takes longer has hung (nested guests boot in seconds).
+const CTR_BOUND: Duration = Duration::from_secs(240);
+
+#[derive(Debug)]
+pub struct Containerd {
+    dir: PathBuf,
+    daemon: Child,
+    /// Shim sockets that were there before (another containerd's).
+    sockets_before: Vec<PathBuf>,
+}
+
+fn shim_sockets() -> Vec<PathBuf> {
+    std::fs::read_dir("/run/containerd/s")
+        .map(|entries| entries.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
+
+impl Containerd {
+    pub fn start() -> Self {
+        let dir = std::env::temp_dir().join(format!("cocoon-ctd-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("bin")).unwrap();
+        std::os::unix::fs::symlink(
+            artifact("COCOON_SHIM"),
+            dir.join("bin/containerd-shim-cocoon-v2"),
+        )
+        .unwrap();
+        let d = dir.display();
+        std::fs::write(
+            dir.join("config.toml"),
+            format!(
+                "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n\
+                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+                 [grpc]\n  address = \"{d}/containerd.sock\"\n\
+                 [ttrpc]\n  address = \"{d}/containerd.sock.ttrpc\"\n"
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("cocoon.toml"),
+            format!(
+                "kernel = {:?}\ninitramfs = {:?}\nvmm = {:?}\nrun_dir = \"{d}/run\"\n\
+                 agent_timeout_secs = 200\nlog_level = \"debug\"\n",
+                artifact("COCOON_KERNEL"),
+                artifact("COCOON_AGENT_INITRAMFS"),
+                artifact("COCOON_VMM"),
+            ),
+        )
+        .unwrap();
+        let path = format!(
+            "{}:{}",
+            dir.join("bin").display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
+        let daemon = Command::new("containerd")
+            .arg("--config")
+            .arg(dir.join("config.toml"))
+            .args(["--log-level", "debug"])
+            .env("PATH", path)
+            .env("COCOON_CONFIG", dir.join("cocoon.toml"))
+            .env_remove("COCOON_KERNEL")
+            .env_remove("COCOON_AGENT_INITRAMFS")
+            .env_remove("COCOON_VMM")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start containerd (Debian's containerd package; `make test` installs it)");
+        let containerd = Self {
+            dir,
+            daemon,
+            sockets_before: shim_sockets(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !containerd.ctr(&["version"]).status.success() {
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not answer in 60 s:\n{}",
+                containerd.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        for image in ["busybox.oci.tar", "busybox-user.oci.tar"] {
+            let dir = std::env::var_os("COCOON_TEST_IMAGES_DIR")
+                .expect("COCOON_TEST_IMAGES_DIR is set by `make test`");
+            let tar = PathBuf::from(dir).join(image);
+            let tar = tar.to_str().unwrap();
+            containerd.ctr_ok(&["images", "import", "--snapshotter", "native", tar]);
+        }
+        containerd
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default()
+    }
+
+    /// `ctr` against this containerd, with `stdin` as its input.
+    pub fn ctr_with_input(&self, args: &[&str], stdin: &[u8]) -> Output {
+        let mut child = self
+            .ctr_command(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run ctr");
+        let mut input = child.stdin.take().unwrap();
+        let bytes = stdin.to_vec();
+        let feeder = std::thread::spawn(move || {
+            let _ = input.write_all(&bytes);
+        });
+        let output = wait_bounded(child, args);
+        feeder.join().unwrap();
+        output
+    }
+
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        self.ctr_with_input(args, b"")
+    }
+
+    /// `ctr`, which must succeed; its stdout.
+    pub fn ctr_ok(&self, args: &[&str]) -> String {
+        let output = self.ctr(args);
+        assert!(
+            output.status.success(),
+            "ctr {args:?}: {}\nstdout: {}\nstderr: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    pub fn ctr_command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new("ctr");
+        command
+            .arg("--address")
+            .arg(self.dir.join("containerd.sock"))
+            .args(args);
+        command
+    }
+
+    /// `ctr run` with our runtime and the native snapshotter: `ctr run
+    /// [options] IMAGE ID CMD...`.
+    pub fn run_args<'a>(
+        options: &[&'a str],
+        image: &'a str,
+        id: &'a str,
+        command: &[&'a str],
+    ) -> Vec<&'a str> {
+        let mut args = vec!["run", "--runtime", RUNTIME, "--snapshotter", "native"];
+        args.extend_from_slice(options);
+        args.push(image);
+        args.push(id);
+        args.extend_from_slice(command);
+        args
+    }
+
+    /// What our runtime left on the host: processes, VM scratch
+    /// directories, shim sockets, mounts under our directory.
+    pub fn leftovers(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let program = cmdline.split(|&b| b == 0).next().unwrap_or_default();
+            let program = String::from_utf8_lossy(program);
+            if program.ends_with("cocoon-vmm") || program.ends_with("containerd-shim-cocoon-v2") {
+                found.push(format!(
+                    "process {} ({program})",
+                    entry.file_name().to_string_lossy()
+                ));
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir(self.dir.join("run")) {
+            for entry in entries.flatten() {
+                found.push(entry.path().display().to_string());
+            }
+        }
+        for socket in shim_sockets() {
+            if !self.sockets_before.contains(&socket) {
+                found.push(format!("shim socket {}", socket.display()));
+            }
+        }
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let ours = self.dir.to_string_lossy().into_owned();
+        found.extend(
+            mounts
+                .lines()
+                .filter(|l| l.contains(&ours))
+                .map(|l| format!("mount {l}")),
+        );
+        found
+    }
+
+    /// Nothing of ours remains; shims exit right after containerd's
+    /// Shutdown, so they get a short grace.
+    pub fn assert_no_leftovers(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.leftovers().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let left = self.leftovers();
+        assert!(
+            left.is_empty(),
+            "left behind: {left:#?}\ncontainerd's log:\n{}",
+            self.log()
+        );
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        // SAFETY: kill() takes plain integers; the child is ours and unreaped.
+        unsafe { libc::kill(i32::try_from(self.daemon.id()).unwrap_or(0), libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while matches!(self.daemon.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.daemon.kill();
+        let _ = self.daemon.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Waits for `child` (its stdout and stderr piped) at most [`CTR_BOUND`].
+pub fn wait_bounded(mut child: Child, args: &[&str]) -> Output {
+    let pipe = |from: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut from) = from {
+                let _ = from.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    };
+    let stdout = pipe(
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    );
+    let stderr = pipe(
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    );
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > CTR_BOUND {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "ctr {args:?} hung for {CTR_BOUND:?}; stderr: {}",
+                String::from_utf8_lossy(&stderr.join().unwrap())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Output {
+        status,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    }
+}

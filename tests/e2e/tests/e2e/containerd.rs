@@ -1,0 +1,262 @@
+//! Real containerd, real `ctr`, our shim: each container in a micro-VM.
+//! The harness (`cocoon_e2e::containerd`) runs a private containerd with the
+//! locally built busybox images imported.
+
+use std::io::Read;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use cocoon_e2e::containerd::{BUSYBOX, BUSYBOX_USER, Containerd, wait_bounded};
+use cocoon_e2e::require_kvm;
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// PSS of a process in KiB, from smaps_rollup.
+fn pss_kib(pid: &str) -> Option<u64> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    rollup
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+fn pids_named(name: &str) -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim().starts_with(name))
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// Runs `ctr` on a new pty (ctr -t needs a terminal); what it printed and
+/// its exit code.
+fn ctr_on_a_pty(containerd: &Containerd, args: &[&str]) -> (String, Option<i32>) {
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty fills two fds; the name, termios and size are optional.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both fds were just opened and are owned here alone.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let mut command = containerd.ctr_command(args);
+    command
+        .stdin(Stdio::from(slave.try_clone().unwrap()))
+        .stdout(Stdio::from(slave.try_clone().unwrap()))
+        .stderr(Stdio::from(slave));
+    // SAFETY: setsid and ioctl(TIOCSCTTY) are async-signal-safe.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+            libc::setsid();
+            libc::ioctl(0, libc::TIOCSCTTY, 0);
+            Ok(())
+        });
+    }
+    let child = command.spawn().expect("run ctr");
+    drop(command);
+    let reader = std::thread::spawn(move || {
+        let mut file = std::fs::File::from(master);
+        let mut bytes = Vec::new();
+        let mut buffer = [0; 4096];
+        // EIO once the last slave fd closes.
+        while let Ok(n) = file.read(&mut buffer) {
+            if n == 0 {
+                break;
+            }
+            bytes.extend_from_slice(&buffer[..n]);
+        }
+        bytes
+    });
+    let output = wait_bounded(child, args);
+    let printed = reader.join().unwrap();
+    (text(&printed), output.status.code())
+}
+
+#[test]
+fn ctr_run_gives_output_exit_code_stdin_and_a_tty() {
+    if !require_kvm("ctr_run_gives_output_exit_code_stdin_and_a_tty") {
+        return;
+    }
+    let containerd = Containerd::start();
+
+    // Output, its two streams, the exit code; and the time to the first byte.
+    let args = Containerd::run_args(
+        &["--rm"],
+        BUSYBOX,
+        "c1",
+        &["sh", "-c", "echo out; echo err >&2; exit 3"],
+    );
+    let started = Instant::now();
+    let mut child = containerd
+        .ctr_command(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut first = [0u8; 1];
+    let first_byte = match stdout.read(&mut first) {
+        Ok(1) => Some(started.elapsed()),
+        _ => None,
+    };
+    let mut rest = Vec::new();
+    let _ = stdout.read_to_end(&mut rest);
+    let output = wait_bounded(child, &args);
+    let stderr = text(&output.stderr);
+    let mut printed = first[..usize::from(first_byte.is_some())].to_vec();
+    printed.extend_from_slice(&rest);
+    assert_eq!(
+        text(&printed),
+        "out\n",
+        "stderr: {stderr}\n{}",
+        containerd.log()
+    );
+    assert!(stderr.lines().any(|l| l == "err"), "{stderr}");
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
+    eprintln!(
+        "figure: ctr run → first output byte {:.2} s, → exit {:.2} s",
+        first_byte.unwrap_or_default().as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+
+    // Stdin without a terminal (ctr always attaches it), byte-exact; the
+    // user of the image.
+    let input: Vec<u8> = (0..=255u8).cycle().take(128 * 1024).collect();
+    let args = Containerd::run_args(&["--rm"], BUSYBOX, "c2", &["cat"]);
+    let output = containerd.ctr_with_input(&args, &input);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    assert!(
+        output.stdout == input,
+        "stdin came back changed ({} bytes)",
+        output.stdout.len()
+    );
+    let args = Containerd::run_args(&["--rm"], BUSYBOX_USER, "c3", &["id"]);
+    let id = containerd.ctr_ok(&args);
+    assert!(id.starts_with("uid=1000(cocoon) gid=1000(cocoon)"), "{id}");
+
+    // A terminal: the process sees a pty, input reaches it, the code returns.
+    let args = Containerd::run_args(&["--rm", "-t"], BUSYBOX, "c4", &["sh", "-c", "tty; exit 5"]);
+    let (printed, code) = ctr_on_a_pty(&containerd, &args);
+    assert!(printed.contains("/dev/pts/"), "{printed:?}");
+    assert_eq!(code, Some(5), "{printed:?}");
+
+    // Two at once.
+    let spawn = |id: &'static str| {
+        let args = Containerd::run_args(&["--rm"], BUSYBOX, id, &["echo", id]);
+        let child = containerd
+            .ctr_command(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        (child, args)
+    };
+    let (a, args_a) = spawn("c5");
+    let (b, args_b) = spawn("c6");
+    let (a, b) = (wait_bounded(a, &args_a), wait_bounded(b, &args_b));
+    assert_eq!(text(&a.stdout), "c5\n", "{}", text(&a.stderr));
+    assert_eq!(text(&b.stdout), "c6\n", "{}", text(&b.stderr));
+
+    // A bundle the runtime refuses: the error says why, nothing is left.
+    let args = Containerd::run_args(&["--rm"], BUSYBOX, "c7", &["no-such-program"]);
+    let output = containerd.ctr(&args);
+    assert!(!output.status.success());
+    assert!(
+        text(&output.stderr).contains("no-such-program"),
+        "{}",
+        text(&output.stderr)
+    );
+    let _ = containerd.ctr(&["containers", "rm", "c7"]);
+
+    containerd.assert_no_leftovers();
+}
+
+#[test]
+fn ctr_task_exec_ps_metrics_kill_and_delete_leave_nothing() {
+    if !require_kvm("ctr_task_exec_ps_metrics_kill_and_delete_leave_nothing") {
+        return;
+    }
+    let containerd = Containerd::start();
+    let args = Containerd::run_args(&["-d"], BUSYBOX, "d1", &["sleep", "1000"]);
+    containerd.ctr_ok(&args);
+
+    let exec = containerd.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e1",
+        "d1",
+        "sh",
+        "-c",
+        "echo from exec; exit 2",
+    ]);
+    assert_eq!(text(&exec.stdout), "from exec\n", "{}", text(&exec.stderr));
+    assert_eq!(exec.status.code(), Some(2));
+    let input = b"exec stdin\n";
+    let exec = containerd.ctr_with_input(&["task", "exec", "--exec-id", "e2", "d1", "cat"], input);
+    assert_eq!(exec.stdout, input, "{}", text(&exec.stderr));
+
+    let ps = containerd.ctr_ok(&["task", "ps", "d1"]);
+    assert!(
+        ps.lines().count() >= 2,
+        "ctr task ps lists the container's processes:\n{ps}"
+    );
+    let metrics = containerd.ctr_ok(&["task", "metrics", "d1"]);
+    assert!(
+        metrics.contains("memory") && metrics.contains("pids"),
+        "ctr task metrics:\n{metrics}"
+    );
+    let ls = containerd.ctr_ok(&["task", "ls"]);
+    assert!(
+        ls.lines()
+            .any(|l| l.starts_with("d1") && l.contains("RUNNING")),
+        "{ls}"
+    );
+
+    // Host memory of one sandbox: the shim and the VMM (guest RAM it touched
+    // included).
+    let shim: u64 = pids_named("containerd-shim")
+        .iter()
+        .filter_map(|p| pss_kib(p))
+        .sum();
+    let vmm: u64 = pids_named("cocoon-vmm")
+        .iter()
+        .filter_map(|p| pss_kib(p))
+        .sum();
+    eprintln!(
+        "figure: one sandbox's PSS: shim {shim} KiB + cocoon-vmm {vmm} KiB (guest RAM touched included) = {} KiB",
+        shim + vmm
+    );
+
+    containerd.ctr_ok(&["task", "kill", "-s", "SIGKILL", "d1"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ls = containerd.ctr_ok(&["task", "ls"]);
+        if ls
+            .lines()
+            .any(|l| l.starts_with("d1") && l.contains("STOPPED"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "d1 did not stop after SIGKILL:\n{ls}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    containerd.ctr_ok(&["task", "delete", "d1"]);
+    containerd.ctr_ok(&["containers", "rm", "d1"]);
+    containerd.assert_no_leftovers();
+}
