@@ -148,6 +148,14 @@ fn start(flags: &Flags) -> anyhow::Result<()> {
 /// container goes (container::cleanup_leftovers says what).
 fn delete(flags: &Flags) -> anyhow::Result<()> {
     container::cleanup_leftovers(&bundle_dir(flags), &flags.id);
+    // A shim that died could not remove its socket; a live one (serving
+    // the rest of a pod) still answers on it and keeps it.
+    let address =
+        containerd_shim::socket_address(&flags.address, &flags.namespace, &grouping(flags));
+    let path = socket_path(&address);
+    if path.exists() && UnixStream::connect(path).is_err() {
+        let _ = std::fs::remove_file(path);
+    }
     let response = api::DeleteResponse {
         exit_status: 128 + 9,
         exited_at: containerd_shim::util::timestamp().ok().into(),

@@ -34,6 +34,43 @@ fn pids_named(name: &str) -> Vec<String> {
         .collect()
 }
 
+/// Pids of processes whose program (argv[0]) ends with `name` and whose
+/// command line contains `with`.
+fn pids_of(name: &str, with: &str) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let args: Vec<String> = cmdline
+                .split(|&b| b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            let matches = args.first()?.ends_with(name) && args.iter().any(|a| a.contains(with));
+            if matches {
+                e.file_name().to_str()?.parse().ok()
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
+fn wait_for_status(containerd: &Containerd, id: &str, status: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ls = containerd.ctr_ok(&["task", "ls"]);
+        if ls.lines().any(|l| l.starts_with(id) && l.contains(status)) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{id} never became {status}:\n{ls}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Runs `ctr` on a new pty (ctr -t needs a terminal); what it printed and
 /// its exit code.
 fn ctr_on_a_pty(containerd: &Containerd, args: &[&str]) -> (String, Option<i32>) {
@@ -184,8 +221,8 @@ fn ctr_run_gives_output_exit_code_stdin_and_a_tty() {
 }
 
 #[test]
-fn ctr_task_exec_ps_metrics_kill_and_delete_leave_nothing() {
-    if !require_kvm("ctr_task_exec_ps_metrics_kill_and_delete_leave_nothing") {
+fn ctr_task_exec_ps_metrics_kill_delete_and_deaths_leave_nothing() {
+    if !require_kvm("ctr_task_exec_ps_metrics_kill_delete_and_deaths_leave_nothing") {
         return;
     }
     let containerd = Containerd::start();
@@ -241,22 +278,52 @@ fn ctr_task_exec_ps_metrics_kill_and_delete_leave_nothing() {
     );
 
     containerd.ctr_ok(&["task", "kill", "-s", "SIGKILL", "d1"]);
+    wait_for_status(&containerd, "d1", "STOPPED");
+    containerd.ctr_ok(&["task", "delete", "d1"]);
+    containerd.ctr_ok(&["containers", "rm", "d1"]);
+    containerd.assert_no_leftovers();
+
+    // The VMM dies under a running task: the task stops (255), never hangs.
+    containerd.ctr_ok(&Containerd::run_args(
+        &["-d"],
+        BUSYBOX,
+        "d2",
+        &["sleep", "1000"],
+    ));
+    let vmms = pids_of("cocoon-vmm", "");
+    assert_eq!(vmms.len(), 1, "{vmms:?}");
+    // SAFETY: kill() takes plain integers.
+    unsafe { libc::kill(vmms[0], libc::SIGKILL) };
+    wait_for_status(&containerd, "d2", "STOPPED");
+    containerd.ctr_ok(&["task", "delete", "d2"]);
+    containerd.ctr_ok(&["containers", "rm", "d2"]);
+    containerd.assert_no_leftovers();
+
+    // The shim dies: containerd runs `shim delete`, which kills the VM and
+    // removes what the shim left.
+    containerd.ctr_ok(&Containerd::run_args(
+        &["-d"],
+        BUSYBOX,
+        "d3",
+        &["sleep", "1000"],
+    ));
+    let shims = pids_of("containerd-shim-cocoon-v2", "d3");
+    assert_eq!(shims.len(), 1, "{shims:?}");
+    // SAFETY: kill() takes plain integers.
+    unsafe { libc::kill(shims[0], libc::SIGKILL) };
     let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let ls = containerd.ctr_ok(&["task", "ls"]);
-        if ls
-            .lines()
-            .any(|l| l.starts_with("d1") && l.contains("STOPPED"))
-        {
-            break;
-        }
+    while containerd
+        .ctr_ok(&["task", "ls"])
+        .lines()
+        .any(|l| l.starts_with("d3") && l.contains("RUNNING"))
+    {
         assert!(
             Instant::now() < deadline,
-            "d1 did not stop after SIGKILL:\n{ls}"
+            "d3 still RUNNING after its shim died"
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    containerd.ctr_ok(&["task", "delete", "d1"]);
-    containerd.ctr_ok(&["containers", "rm", "d1"]);
+    let _ = containerd.ctr(&["task", "delete", "d3"]);
+    containerd.ctr_ok(&["containers", "rm", "d3"]);
     containerd.assert_no_leftovers();
 }
