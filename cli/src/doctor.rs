@@ -1,6 +1,6 @@
 //! `cocoon doctor`: what this host has, and for each problem the fix.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, ExitCode};
 
 use clap::Args;
@@ -50,31 +50,54 @@ pub fn doctor(args: &DoctorArgs) -> anyhow::Result<ExitCode> {
         "run on a host with hardware virtualization (VT-x/AMD-V, or nested virtualization \
          enabled); here, `make demo` and `make test` boot guests inside a nested test host",
     );
-    let artifacts = &args.artifacts;
-    report(
-        "guest kernel",
-        artifacts
-            .kernel()
-            .map_err(|e| e.to_string())
-            .and_then(|p| file(&p)),
-        "`make demo` builds it (kernel-config/build.sh); pass --kernel or set COCOON_KERNEL",
-    );
-    report(
-        "guest initramfs",
-        artifacts
-            .initrd()
-            .map_err(|e| e.to_string())
-            .and_then(|p| file(&p)),
-        "`make demo` builds it (cocoon-image initramfs); pass --initrd or set COCOON_AGENT_INITRAMFS",
-    );
-    report(
-        "cocoon-vmm",
-        artifacts
-            .vmm()
-            .map_err(|e| e.to_string())
-            .and_then(|p| file(&p)),
-        "build it with `cargo build --release -p cocoon-vmm`; pass --vmm or set COCOON_VMM",
-    );
+    match args.artifacts.config() {
+        Ok(config) => {
+            report(
+                "configuration",
+                Ok(
+                    std::env::var_os(cocoon_runtime::config::CONFIG_ENV).map_or_else(
+                        || {
+                            cocoon_runtime::config::DEFAULT_CONFIG_PATH.to_owned()
+                                + " (or defaults)"
+                        },
+                        |p| p.to_string_lossy().into_owned(),
+                    ),
+                ),
+                "",
+            );
+            report(
+                "guest kernel",
+                file(&config.kernel),
+                "`make demo` builds it (kernel-config/build.sh); set kernel in the configuration, \
+                 COCOON_KERNEL or --kernel",
+            );
+            report(
+                "guest initramfs",
+                file(&config.initramfs),
+                "`make demo` builds it (cocoon-image initramfs); set initramfs in the \
+                 configuration, COCOON_AGENT_INITRAMFS or --initrd",
+            );
+            report(
+                "cocoon-vmm",
+                config
+                    .vmm_path()
+                    .ok_or_else(|| {
+                        format!(
+                            "{} not found beside cocoon or in PATH",
+                            config.vmm.display()
+                        )
+                    })
+                    .and_then(|p| file(&p)),
+                "build it with `cargo build --release -p cocoon-vmm`; set vmm in the \
+                 configuration, COCOON_VMM or --vmm",
+            );
+        }
+        Err(e) => report(
+            "configuration",
+            Err(format!("{e:#}")),
+            "fix the key it names (docs/containerd.md lists them)",
+        ),
+    }
     report(
         "rootfs images",
         tool("mkfs.erofs", "-V")
@@ -94,11 +117,4 @@ pub fn doctor(args: &DoctorArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
-}
-
-/// Used by `Artifacts` to look next to the `cocoon` binary.
-pub fn beside_me(name: &str) -> Option<PathBuf> {
-    let me = std::env::current_exe().ok()?;
-    let candidate = me.parent()?.join(name);
-    candidate.is_file().then_some(candidate)
 }

@@ -13,8 +13,8 @@
 
 use std::io::{self, IsTerminal, Read, Write};
 use std::net::Shutdown;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
@@ -26,49 +26,40 @@ use cocoon_protocol::{
     AgentClient, CreateContainer, DEFAULT_AGENT_PORT, Filesystem, ProcessRef, Rootfs, StdioRequest,
     Stream,
 };
+use cocoon_runtime::config::parse_size_mib;
+use cocoon_runtime::{Config, Disk, MicroVm, VmSpec};
 use cocoon_vmm::probe::{self, Mode};
 use oci_spec::runtime::Spec;
 
-/// Where the guest kernel, initramfs and VMM are.
+/// Where the guest kernel, initramfs and VMM are: these flags, else the
+/// environment (COCOON_KERNEL, COCOON_AGENT_INITRAMFS, COCOON_VMM), else the
+/// configuration file (COCOON_CONFIG or /etc/cocoon/config.toml).
 #[derive(Args, Debug)]
 pub struct Artifacts {
     /// Guest kernel (vmlinux).
-    #[arg(long, env = "COCOON_KERNEL")]
+    #[arg(long)]
     kernel: Option<PathBuf>,
     /// Guest initramfs with cocoon-agent as /init.
-    #[arg(long, env = "COCOON_AGENT_INITRAMFS")]
+    #[arg(long)]
     initrd: Option<PathBuf>,
     /// The cocoon-vmm binary (default: next to cocoon, then PATH).
-    #[arg(long, env = "COCOON_VMM")]
+    #[arg(long)]
     vmm: Option<PathBuf>,
 }
 
 impl Artifacts {
-    pub fn kernel(&self) -> anyhow::Result<PathBuf> {
-        self.kernel
-            .clone()
-            .context("no guest kernel: pass --kernel or set COCOON_KERNEL (`make demo` builds one)")
-    }
-
-    pub fn initrd(&self) -> anyhow::Result<PathBuf> {
-        self.initrd.clone().context(
-            "no guest initramfs: pass --initrd or set COCOON_AGENT_INITRAMFS (`make demo` builds one)",
-        )
-    }
-
-    pub fn vmm(&self) -> anyhow::Result<PathBuf> {
-        if let Some(vmm) = &self.vmm {
-            return Ok(vmm.clone());
+    pub fn config(&self) -> anyhow::Result<Config> {
+        let mut config = Config::load()?;
+        if let Some(kernel) = &self.kernel {
+            config.kernel = kernel.clone();
         }
-        crate::doctor::beside_me("cocoon-vmm")
-            .or_else(|| {
-                std::env::var_os("PATH").and_then(|path| {
-                    std::env::split_paths(&path)
-                        .map(|d| d.join("cocoon-vmm"))
-                        .find(|p| p.is_file())
-                })
-            })
-            .context("cocoon-vmm not found: pass --vmm or set COCOON_VMM")
+        if let Some(initrd) = &self.initrd {
+            config.initramfs = initrd.clone();
+        }
+        if let Some(vmm) = &self.vmm {
+            config.vmm = vmm.clone();
+        }
+        Ok(config)
     }
 }
 
@@ -78,12 +69,13 @@ pub struct RunArgs {
     /// image once per content, cached in $COCOON_CACHE).
     #[arg(long)]
     rootfs: PathBuf,
-    /// vCPUs of the micro-VM.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=32))]
-    cpus: u32,
-    /// Memory of the micro-VM: a number with an optional K, M or G suffix.
-    #[arg(long, default_value = "256M", value_parser = parse_mib)]
-    memory: u32,
+    /// vCPUs of the micro-VM (default: the configuration's, 1).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=32))]
+    cpus: Option<u32>,
+    /// Memory of the micro-VM: a number with an optional K, M or G suffix
+    /// (default: the configuration's, 256M).
+    #[arg(long, value_parser = parse_size_mib)]
+    memory: Option<u32>,
     /// An environment variable for the command (repeatable).
     #[arg(long = "env", short = 'e', value_parser = parse_env)]
     env: Vec<String>,
@@ -101,30 +93,6 @@ pub struct RunArgs {
     /// The command and its arguments.
     #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
     command: Vec<String>,
-}
-
-fn parse_mib(text: &str) -> Result<u32, String> {
-    let text = text.trim();
-    let (number, unit) = text
-        .find(|c: char| !c.is_ascii_digit())
-        .map_or((text, ""), |at| text.split_at(at));
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size like 512M or 1G"))?;
-    let mib = match unit
-        .to_ascii_uppercase()
-        .trim_end_matches("IB")
-        .trim_end_matches('B')
-    {
-        "" | "M" => number,
-        "K" => number / 1024,
-        "G" => number * 1024,
-        _ => return Err(format!("{text:?}: the unit must be K, M or G")),
-    };
-    u32::try_from(mib)
-        .ok()
-        .filter(|m| (32..=65536).contains(m))
-        .ok_or_else(|| format!("{text:?}: memory must be between 32M and 64G"))
 }
 
 fn parse_env(text: &str) -> Result<String, String> {
@@ -170,21 +138,7 @@ macro_rules! debug {
     };
 }
 
-/// How long the agent may take to answer (nested test hosts boot slowly).
-const AGENT_WAIT: Duration = Duration::from_secs(180);
 const CONTAINER_ID: &str = "run";
-
-/// The VMM process; killed when dropped unless it has exited.
-struct Vmm(Child);
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
 
 /// The terminal in raw mode while the command has a tty; restored on drop.
 struct RawTerminal(Option<libc::termios>);
@@ -230,16 +184,25 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     if !args.rootfs.is_dir() {
         bail!("--rootfs {}: not a directory", args.rootfs.display());
     }
-    let kernel = args.artifacts.kernel()?;
-    let initrd = args.artifacts.initrd()?;
-    let vmm_path = args.artifacts.vmm()?;
-    for (what, path) in [
-        ("kernel", &kernel),
-        ("initramfs", &initrd),
-        ("cocoon-vmm", &vmm_path),
+    let config = args.artifacts.config()?;
+    let vmm_path = config
+        .vmm_path()
+        .context("cocoon-vmm not found: pass --vmm or set COCOON_VMM")?;
+    for (what, path, fix) in [
+        (
+            "guest kernel",
+            &config.kernel,
+            "pass --kernel or set COCOON_KERNEL (`make demo` builds one)",
+        ),
+        (
+            "guest initramfs",
+            &config.initramfs,
+            "pass --initrd or set COCOON_AGENT_INITRAMFS (`make demo` builds one)",
+        ),
+        ("cocoon-vmm", &vmm_path, "pass --vmm or set COCOON_VMM"),
     ] {
         if !path.is_file() {
-            bail!("{what} {} does not exist", path.display());
+            bail!("{what} {} does not exist: {fix}", path.display());
         }
     }
     debug!("probing KVM");
@@ -263,7 +226,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .context("cannot make the rootfs image")?;
     if image.built {
         eprintln!(
-            "cocoon: converted {} to a {} image in {:.1} s (cached for next time)",
+            "cocoon: converted {} to an {} image in {:.1} s (cached for next time)",
             args.rootfs.display(),
             image.format.name(),
             started.elapsed().as_secs_f64()
@@ -273,70 +236,42 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .prefix("cocoon-run-")
         .tempdir()
         .context("cannot make a scratch directory")?;
-    let uds = scratch.path().join("vsock.sock");
-    let log = std::fs::File::create(scratch.path().join("vmm.log"))?;
-    let mut disk = image.path.clone().into_os_string();
-    disk.push(",ro,id=rootfs");
-    let mut vmm = Vmm(Command::new(&vmm_path)
-        .arg("--kernel")
-        .arg(&kernel)
-        .arg("--initrd")
-        .arg(&initrd)
-        .args(["--vcpus", &args.cpus.to_string()])
-        .args(["--mem-mib", &args.memory.to_string()])
-        .arg("--disk")
-        .arg(&disk)
-        .arg("--vsock-uds")
-        .arg(&uds)
-        .args(["--serial", "none", "--log-level", "warn"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .with_context(|| format!("cannot start {}", vmm_path.display()))?);
-
+    let mut vm = MicroVm::launch(&VmSpec {
+        vmm: vmm_path,
+        kernel: config.kernel.clone(),
+        initramfs: config.initramfs.clone(),
+        vcpus: args.cpus.unwrap_or(config.vcpus),
+        memory_mib: args.memory.unwrap_or(config.memory_mib),
+        disks: vec![Disk {
+            path: image.path.clone(),
+            read_only: true,
+            id: "rootfs".into(),
+        }],
+        dir: scratch.path().to_owned(),
+        log_level: "warn".into(),
+    })?;
     debug!("cocoon-vmm started with {}", image.path.display());
-    let outcome = drive(&args, &image, &uds, &mut vmm, &stop);
-    let vmm_log = || std::fs::read_to_string(scratch.path().join("vmm.log")).unwrap_or_default();
-    match outcome {
-        Ok(code) => Ok(code),
-        Err(e) => {
-            let log = vmm_log();
-            if log.trim().is_empty() {
-                Err(e)
-            } else {
-                Err(e.context(format!("cocoon-vmm said:\n{}", log.trim())))
-            }
+    let outcome = drive(&args, &config, &image, &mut vm, &stop);
+    outcome.map_err(|e| {
+        let log = vm.log_suffix();
+        if log.is_empty() {
+            e
+        } else {
+            e.context(log.trim_start_matches("; ").to_owned())
         }
-    }
+    })
 }
 
 fn drive(
     args: &RunArgs,
+    config: &Config,
     image: &cocoon_images::rootfs::RootfsImage,
-    uds: &Path,
-    vmm: &mut Vmm,
+    vm: &mut MicroVm,
     stop: &AtomicBool,
 ) -> anyhow::Result<ExitCode> {
     // Wait for the agent, but notice a VMM that died and a signal meanwhile.
-    let deadline = Instant::now() + AGENT_WAIT;
-    let client = loop {
-        match AgentClient::connect(uds, DEFAULT_AGENT_PORT, Duration::from_secs(1), AGENT_WAIT) {
-            Ok(client) => break client,
-            Err(e) => {
-                if let Some(status) = vmm.0.try_wait()? {
-                    bail!("cocoon-vmm exited ({status}) before the agent answered");
-                }
-                if stop.load(Ordering::Relaxed) {
-                    bail!("interrupted while the micro-VM booted");
-                }
-                if Instant::now() > deadline {
-                    return Err(e).context("the micro-VM's agent never answered");
-                }
-            }
-        }
-    };
-
+    let wait = config.agent_timeout();
+    let client = vm.connect(wait, wait, &|| stop.load(Ordering::Relaxed))?;
     debug!("agent answered: {}", client.agent());
     let mut spec = Spec::default();
     let mut process = spec.process().clone().unwrap_or_default();
@@ -422,7 +357,7 @@ fn drive(
 
     let (status_tx, status_rx) = std::sync::mpsc::channel();
     {
-        let waiter = AgentClient::connect(uds, DEFAULT_AGENT_PORT, AGENT_WAIT, AGENT_WAIT)?;
+        let waiter = AgentClient::connect(vm.uds(), DEFAULT_AGENT_PORT, wait, wait)?;
         let process = process.clone();
         thread::spawn(move || {
             let _ = status_tx.send(waiter.wait_process(&process));
@@ -436,7 +371,7 @@ fn drive(
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => bail!("lost the wait"),
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
         }
-        if let Some(status) = vmm.0.try_wait()? {
+        if let Some(status) = vm.try_wait()? {
             bail!("cocoon-vmm exited ({status}) while the command ran");
         }
         let expired = args.timeout.is_some_and(|t| started.elapsed() > t);
@@ -454,10 +389,7 @@ fn drive(
     drop(raw);
     debug!("output streams ended; shutting down");
     client.shutdown()?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while vmm.0.try_wait()?.is_none() && Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(10));
-    }
+    vm.wait_timeout(Duration::from_secs(10))?;
     if timed_out {
         eprintln!(
             "cocoon: timed out after {:?}; the command was killed",
@@ -475,13 +407,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sizes_durations_users_and_env_parse_or_say_why() {
-        assert_eq!(parse_mib("512M"), Ok(512));
-        assert_eq!(parse_mib("1G"), Ok(1024));
-        assert_eq!(parse_mib("256"), Ok(256));
-        assert_eq!(parse_mib("2GiB"), Ok(2048));
-        assert!(parse_mib("8M").unwrap_err().contains("between"));
-        assert!(parse_mib("1T").unwrap_err().contains("unit"));
+    fn durations_users_and_env_parse_or_say_why() {
         assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert!(parse_duration("5d").is_err());
