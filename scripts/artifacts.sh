@@ -32,14 +32,18 @@ echo "seed from the host" > target/images/data/seed.txt
 COCOON_TEST_DATA_IMAGE=$(target/release/cocoon-image rootfs --format ext4 target/images/data)
 export COCOON_AGENT_INITRAMFS COCOON_TEST_ROOTFS_IMAGE COCOON_TEST_DATA_IMAGE
 
-log "==> cocoon-vmm (release), cocoon CLI, containerd shim"
-cargo build --quiet --release -p cocoon-vmm
+log "==> cocoon-vmm and containerd shim (release, as deployed), cocoon CLI"
+cargo build --quiet --release -p cocoon-vmm -p cocoon-shim
 COCOON_VMM=$PWD/target/release/cocoon-vmm
-cargo build --quiet -p cocoon-cli -p cocoon-shim
+COCOON_SHIM=$PWD/target/release/containerd-shim-cocoon-v2
+cargo build --quiet -p cocoon-cli
 COCOON_CLI=$PWD/target/debug/cocoon
-COCOON_SHIM=$PWD/target/debug/containerd-shim-cocoon-v2
 COCOON_TEST_ROOTFS_DIR=$PWD/target/images/test/rootfs
 COCOON_TEST_IMAGES_DIR=$PWD/target/images/test
+# An OCI layout directory (what `cocoon run --image` takes), from the tar.
+rm -rf "$COCOON_TEST_IMAGES_DIR/busybox-user.oci"
+mkdir -p "$COCOON_TEST_IMAGES_DIR/busybox-user.oci"
+tar -xf "$COCOON_TEST_IMAGES_DIR/busybox-user.oci.tar" -C "$COCOON_TEST_IMAGES_DIR/busybox-user.oci"
 export COCOON_VMM COCOON_CLI COCOON_SHIM COCOON_TEST_ROOTFS_DIR COCOON_TEST_IMAGES_DIR
 
 log "==> nested test host kernel (Debian cloud kernel)"
@@ -64,7 +68,7 @@ run_with_kvm() {
         --with "$COCOON_KERNEL" --with "$COCOON_TEST_INIT" --with "$COCOON_CLOUD_KERNEL" \
         --with "$COCOON_VMM" --with "$COCOON_AGENT_INITRAMFS" --with "$COCOON_TEST_ROOTFS_IMAGE" --with "$COCOON_TEST_DATA_IMAGE" \
         --with "$COCOON_CLI" --with "$COCOON_TEST_ROOTFS_DIR" --with /usr/bin/mkfs.erofs \
-        --with "$COCOON_SHIM" --with "$COCOON_TEST_IMAGES_DIR/busybox.oci.tar" --with "$COCOON_TEST_IMAGES_DIR/busybox-user.oci.tar" --with /usr/bin/containerd --with /usr/bin/ctr \
+        --with "$COCOON_SHIM" --with "$COCOON_TEST_IMAGES_DIR/busybox.oci.tar" --with "$COCOON_TEST_IMAGES_DIR/busybox-user.oci.tar" --with "$COCOON_TEST_IMAGES_DIR/busybox-user.oci" --with /usr/bin/containerd --with /usr/bin/ctr \
         "$@"
 }
 

@@ -1,11 +1,17 @@
 //! `cocoon`: the daemonless CLI.
 //!
-//! - `cocoon run --rootfs DIR [...] -- CMD...` runs one command in a fresh
-//!   micro-VM, attached, and exits with its status (see `run.rs`).
+//! - `cocoon run --rootfs DIR | --image LAYOUT[:TAG] [...] -- CMD...` runs one
+//!   command in a fresh micro-VM, attached, and exits with its status (see
+//!   `run.rs`, `workload.rs`).
 //! - `cocoon doctor` checks the host and says how to fix each problem.
+//! - `cocoon create|start|state|kill|delete|exec`: the OCI runtime verbs on a
+//!   bundle, with runc's conventions (see `oci.rs`).
 
+mod attach;
 mod doctor;
+mod oci;
 mod run;
+mod workload;
 
 use std::process::ExitCode;
 
@@ -24,12 +30,34 @@ enum Verb {
     Run(run::RunArgs),
     /// Check this host (KVM, kernel, initramfs, tools) and say how to fix it.
     Doctor(doctor::DoctorArgs),
+    /// OCI: create a container from a bundle, in its own micro-VM (not started).
+    Create(oci::CreateArgs),
+    /// OCI: start a created container.
+    Start(oci::IdArgs),
+    /// OCI: print a container's state as JSON.
+    State(oci::IdArgs),
+    /// OCI: send a signal to a container's init process (or all processes).
+    Kill(oci::KillArgs),
+    /// OCI: delete a container and its micro-VM.
+    Delete(oci::DeleteArgs),
+    /// OCI: run a process in a running container, attached.
+    Exec(oci::ExecArgs),
+    /// Holds a created container's micro-VM (started by `create`).
+    #[command(hide = true)]
+    Monitor(oci::MonitorArgs),
 }
 
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Verb::Run(args) => run::run(args),
         Verb::Doctor(args) => doctor::doctor(&args),
+        Verb::Create(args) => oci::create(&args),
+        Verb::Start(args) => oci::start(&args),
+        Verb::State(args) => oci::state(&args),
+        Verb::Kill(args) => oci::kill(&args),
+        Verb::Delete(args) => oci::delete(&args),
+        Verb::Exec(args) => oci::exec(&args),
+        Verb::Monitor(args) => oci::monitor(&args),
     };
     match result {
         Ok(code) => code,

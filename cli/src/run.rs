@@ -11,24 +11,21 @@
 //! Whatever happens (an error, a timeout, SIGINT/SIGTERM), the VMM is killed
 //! and the scratch directory removed before `cocoon` exits.
 
-use std::io::{self, IsTerminal, Read, Write};
-use std::net::Shutdown;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
-use cocoon_protocol::{
-    AgentClient, CreateContainer, DEFAULT_AGENT_PORT, Filesystem, ProcessRef, Rootfs, StdioRequest,
-    Stream,
-};
+use cocoon_protocol::{CreateContainer, Filesystem, ProcessRef, Rootfs};
 use cocoon_runtime::config::parse_size_mib;
 use cocoon_runtime::{Config, Disk, MicroVm, VmSpec};
 use cocoon_vmm::probe::{self, Mode};
+
+use crate::attach;
+use crate::workload::{self, Workload};
 use oci_spec::runtime::Spec;
 
 /// Where the guest kernel, initramfs and VMM are: these flags, else the
@@ -38,13 +35,13 @@ use oci_spec::runtime::Spec;
 pub struct Artifacts {
     /// Guest kernel (vmlinux).
     #[arg(long)]
-    kernel: Option<PathBuf>,
+    pub kernel: Option<PathBuf>,
     /// Guest initramfs with cocoon-agent as /init.
     #[arg(long)]
-    initrd: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
     /// The cocoon-vmm binary (default: next to cocoon, then PATH).
     #[arg(long)]
-    vmm: Option<PathBuf>,
+    pub vmm: Option<PathBuf>,
 }
 
 impl Artifacts {
@@ -67,8 +64,13 @@ impl Artifacts {
 pub struct RunArgs {
     /// The container's root file system, a directory (converted to an erofs
     /// image once per content, cached in $COCOON_CACHE).
-    #[arg(long)]
-    rootfs: PathBuf,
+    #[arg(long, required_unless_present = "image", conflicts_with = "image")]
+    rootfs: Option<PathBuf>,
+    /// An OCI image layout directory, with :TAG when it holds several
+    /// (unpacked once, cached in $COCOON_CACHE); its Entrypoint, Cmd, Env,
+    /// WorkingDir and User apply unless the command line says otherwise.
+    #[arg(long, value_name = "OCI-LAYOUT[:TAG]")]
+    image: Option<String>,
     /// vCPUs of the micro-VM (default: the configuration's, 1).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=32))]
     cpus: Option<u32>,
@@ -90,19 +92,19 @@ pub struct RunArgs {
     timeout: Option<Duration>,
     #[command(flatten)]
     artifacts: Artifacts,
-    /// The command and its arguments.
-    #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
+    /// The command and its arguments (with --image: the image's Cmd if none).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     command: Vec<String>,
 }
 
-fn parse_env(text: &str) -> Result<String, String> {
+pub fn parse_env(text: &str) -> Result<String, String> {
     match text.split_once('=') {
         Some((key, _)) if !key.is_empty() => Ok(text.to_owned()),
         _ => Err(format!("{text:?} is not KEY=VALUE")),
     }
 }
 
-fn parse_user(text: &str) -> Result<(u32, u32), String> {
+pub fn parse_user(text: &str) -> Result<(u32, u32), String> {
     let number = |s: &str| {
         s.parse::<u32>()
             .map_err(|_| format!("{text:?}: use numeric UID[:GID] (names are not looked up)"))
@@ -140,50 +142,17 @@ macro_rules! debug {
 
 const CONTAINER_ID: &str = "run";
 
-/// The terminal in raw mode while the command has a tty; restored on drop.
-struct RawTerminal(Option<libc::termios>);
-
-impl RawTerminal {
-    fn enter(wanted: bool) -> Self {
-        if !wanted || !io::stdin().is_terminal() {
-            return Self(None);
-        }
-        // SAFETY: termios is plain data; tcgetattr fills it.
-        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
-        // SAFETY: fd 0 and a valid termios to fill.
-        if unsafe { libc::tcgetattr(0, &mut saved) } != 0 {
-            return Self(None);
-        }
-        let mut raw = saved;
-        // SAFETY: cfmakeraw edits the struct it is given.
-        unsafe { libc::cfmakeraw(&mut raw) };
-        // SAFETY: fd 0 and a valid termios.
-        unsafe { libc::tcsetattr(0, libc::TCSANOW, &raw) };
-        Self(Some(saved))
-    }
-}
-
-impl Drop for RawTerminal {
-    fn drop(&mut self) {
-        if let Some(saved) = &self.0 {
-            // SAFETY: fd 0 and the termios saved before.
-            unsafe { libc::tcsetattr(0, libc::TCSANOW, saved) };
-        }
-    }
-}
-
-fn window_size() -> Option<(u16, u16)> {
-    // SAFETY: winsize is plain data; TIOCGWINSZ fills it.
-    let mut size: libc::winsize = unsafe { std::mem::zeroed() };
-    // SAFETY: fd 1 and a valid winsize to fill.
-    let ok = unsafe { libc::ioctl(1, libc::TIOCGWINSZ, &mut size) } == 0;
-    (ok && size.ws_row > 0).then_some((size.ws_row, size.ws_col))
-}
-
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    if !args.rootfs.is_dir() {
-        bail!("--rootfs {}: not a directory", args.rootfs.display());
-    }
+    let workload = workload::resolve(
+        &workload::Overrides {
+            rootfs: args.rootfs.as_deref(),
+            image: args.image.as_deref(),
+            command: &args.command,
+            env: &args.env,
+            user: args.user,
+        },
+        &cocoon_images::cache_dir(),
+    )?;
     let config = args.artifacts.config()?;
     let vmm_path = config
         .vmm_path()
@@ -221,13 +190,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
 
     let started = Instant::now();
-    debug!("rootfs image for {}", args.rootfs.display());
-    let image = cocoon_images::rootfs::image(&args.rootfs, None, &cocoon_images::cache_dir())
+    debug!("rootfs image for {}", workload.rootfs.display());
+    let image = cocoon_images::rootfs::image(&workload.rootfs, None, &cocoon_images::cache_dir())
         .context("cannot make the rootfs image")?;
     if image.built {
         eprintln!(
             "cocoon: converted {} to an {} image in {:.1} s (cached for next time)",
-            args.rootfs.display(),
+            workload.rootfs.display(),
             image.format.name(),
             started.elapsed().as_secs_f64()
         );
@@ -251,7 +220,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         log_level: "warn".into(),
     })?;
     debug!("cocoon-vmm started with {}", image.path.display());
-    let outcome = drive(&args, &config, &image, &mut vm, &stop);
+    let outcome = drive(&args, &workload, &config, &image, &mut vm, &stop);
     outcome.map_err(|e| {
         let log = vm.log_suffix();
         if log.is_empty() {
@@ -264,6 +233,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 
 fn drive(
     args: &RunArgs,
+    workload: &Workload,
     config: &Config,
     image: &cocoon_images::rootfs::RootfsImage,
     vm: &mut MicroVm,
@@ -275,12 +245,15 @@ fn drive(
     debug!("agent answered: {}", client.agent());
     let mut spec = Spec::default();
     let mut process = spec.process().clone().unwrap_or_default();
-    process.set_args(Some(args.command.clone()));
+    process.set_args(Some(workload.args.clone()));
     let mut env = process.env().clone().unwrap_or_default();
-    env.extend(args.env.iter().cloned());
+    env.extend(workload.env.iter().cloned());
     process.set_env(Some(env));
     process.set_terminal(Some(args.tty));
-    if let Some((uid, gid)) = args.user {
+    if let Some(cwd) = &workload.cwd {
+        process.set_cwd(cwd.into());
+    }
+    if let Some((uid, gid)) = workload.user {
         let mut user = process.user().clone();
         user.set_uid(uid);
         user.set_gid(gid);
@@ -291,11 +264,7 @@ fn drive(
         root.set_readonly(Some(false));
         spec.set_root(Some(root));
     }
-    let stdio = StdioRequest {
-        stdin: true,
-        stdout: true,
-        stderr: !args.tty,
-    };
+    let stdio = attach::stdio_request(args.tty);
     client.create_container(CreateContainer {
         id: CONTAINER_ID.into(),
         rootfs: Rootfs {
@@ -311,95 +280,27 @@ fn drive(
     })?;
     debug!("container created");
     let process = ProcessRef::init(CONTAINER_ID);
-    if args.tty
-        && let Some((rows, cols)) = window_size()
-    {
-        client.resize_tty(&process, rows, cols)?;
-    }
-    let copy_out = |stream: Stream, mut to: Box<dyn Write + Send>| -> anyhow::Result<_> {
-        let mut from = client.attach(&process, stream)?;
-        Ok(thread::spawn(move || {
-            let mut buffer = vec![0; 64 * 1024];
-            while let Ok(n) = from.read(&mut buffer) {
-                if n == 0
-                    || to
-                        .write_all(&buffer[..n])
-                        .and_then(|()| to.flush())
-                        .is_err()
-                {
-                    break;
-                }
-            }
-        }))
-    };
-    let stdout = copy_out(Stream::Stdout, Box::new(io::stdout()))?;
-    let stderr = if stdio.stderr {
-        Some(copy_out(Stream::Stderr, Box::new(io::stderr()))?)
-    } else {
-        None
-    };
-    let mut stdin_stream = client.attach(&process, Stream::Stdin)?;
-    let raw = RawTerminal::enter(args.tty);
-    client.start_process(&process)?;
-    debug!("command started");
-    // Stdin is copied by a thread that may block in read forever; it is not
-    // joined (the process exits without it).
-    thread::spawn(move || {
-        let mut buffer = vec![0; 64 * 1024];
-        let mut stdin = io::stdin();
-        while let Ok(n) = stdin.read(&mut buffer) {
-            if n == 0 || stdin_stream.write_all(&buffer[..n]).is_err() {
-                break;
-            }
-        }
-        let _ = stdin_stream.shutdown(Shutdown::Write);
-    });
-
-    let (status_tx, status_rx) = std::sync::mpsc::channel();
-    {
-        let waiter = AgentClient::connect(vm.uds(), DEFAULT_AGENT_PORT, wait, wait)?;
-        let process = process.clone();
-        thread::spawn(move || {
-            let _ = status_tx.send(waiter.wait_process(&process));
-        });
-    }
-    let started = Instant::now();
-    let mut timed_out = false;
-    let status = loop {
-        match status_rx.recv_timeout(Duration::from_millis(50)) {
-            Ok(status) => break status?,
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => bail!("lost the wait"),
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-        }
-        if let Some(status) = vm.try_wait()? {
-            bail!("cocoon-vmm exited ({status}) while the command ran");
-        }
-        let expired = args.timeout.is_some_and(|t| started.elapsed() > t);
-        if (expired && !timed_out) || stop.load(Ordering::Relaxed) {
-            timed_out |= expired;
-            client.signal_process(&process, libc::SIGKILL, true)?;
-            stop.store(false, Ordering::Relaxed);
-        }
-    };
-    debug!("command exited: {status:?}");
-    let _ = stdout.join();
-    if let Some(stderr) = stderr {
-        let _ = stderr.join();
-    }
-    drop(raw);
+    let uds = vm.uds().to_owned();
+    let ended = attach::run_attached(
+        &attach::Session {
+            client: &client,
+            uds: &uds,
+            process: &process,
+            tty: args.tty,
+            timeout: args.timeout,
+            stop,
+            io_wait: wait,
+        },
+        &mut || {
+            vm.try_wait()?.map_or(Ok(()), |status| {
+                bail!("cocoon-vmm exited ({status}) while the command ran")
+            })
+        },
+    )?;
     debug!("output streams ended; shutting down");
     client.shutdown()?;
     vm.wait_timeout(Duration::from_secs(10))?;
-    if timed_out {
-        eprintln!(
-            "cocoon: timed out after {:?}; the command was killed",
-            args.timeout.unwrap_or_default()
-        );
-        return Ok(ExitCode::from(124));
-    }
-    Ok(ExitCode::from(
-        u8::try_from(status.shell_code()).unwrap_or(255),
-    ))
+    Ok(ended.exit_code())
 }
 
 #[cfg(test)]

@@ -1,7 +1,9 @@
 //! What the `cocoon` CLI and `containerd-shim-cocoon-v2` share: the
-//! configuration ([`config`]) and a micro-VM with its agent ([`vm`]).
+//! configuration ([`config`]), the bundle's spec for the guest ([`spec`]),
+//! and a micro-VM with its agent ([`vm`]).
 
 pub mod config;
+pub mod spec;
 pub mod vm;
 
 pub use config::{Config, ConfigError, VmSize};

@@ -27,8 +27,8 @@ use containerd_shim::protos::types::mount::Mount;
 use oci_spec::runtime::{Process, Spec};
 use serde::{Deserialize, Serialize};
 
+use crate::rootfs;
 use crate::stdio::{Copiers, StdioPaths};
-use crate::{rootfs, trans};
 
 /// The exit status reported when the VM died under a process.
 pub const VM_DIED_STATUS: u32 = 255;
@@ -41,11 +41,11 @@ const STATE_FILE: &str = "cocoon.json";
 #[derive(Debug, thiserror::Error)]
 pub enum ContainerError {
     #[error("cannot read the bundle's config.json")]
-    Spec(#[source] oci_spec::OciSpecError),
+    Bundle(#[source] oci_spec::OciSpecError),
     #[error(transparent)]
     Config(#[from] cocoon_runtime::ConfigError),
     #[error(transparent)]
-    Trans(#[from] trans::TransError),
+    Spec(#[from] cocoon_runtime::spec::SpecError),
     #[error(transparent)]
     Rootfs(#[from] rootfs::RootfsError),
     #[error("cannot make a scratch directory in {0}")]
@@ -171,13 +171,13 @@ impl Container {
         mounts: &[Mount],
         stdio: StdioPaths,
     ) -> Result<Self, ContainerError> {
-        let spec = Spec::load(bundle.join("config.json")).map_err(ContainerError::Spec)?;
+        let spec = Spec::load(bundle.join("config.json")).map_err(ContainerError::Bundle)?;
         let size = config.size_for(&spec)?;
         let root_path = spec
             .root()
             .as_ref()
             .map_or_else(|| PathBuf::from("rootfs"), |r| r.path().clone());
-        let agent_spec = trans::container_spec(spec)?;
+        let agent_spec = cocoon_runtime::spec::container_spec(spec)?;
         let image = rootfs::image(bundle, mounts, &root_path)?;
         std::fs::create_dir_all(&config.run_dir)
             .map_err(|e| ContainerError::Scratch(config.run_dir.clone(), e))?;

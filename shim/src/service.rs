@@ -57,7 +57,7 @@ fn from_container(e: ContainerError) -> ttrpc::Error {
             ErrorCode::Unsupported => Code::UNIMPLEMENTED,
             ErrorCode::Internal => Code::INTERNAL,
         },
-        ContainerError::Config(_) | ContainerError::Trans(_) | ContainerError::Spec(_) => {
+        ContainerError::Config(_) | ContainerError::Spec(_) | ContainerError::Bundle(_) => {
             Code::INVALID_ARGUMENT
         }
         _ => Code::INTERNAL,

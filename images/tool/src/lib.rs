@@ -2,6 +2,7 @@
 //! container rootfs block images made from a directory, cached by content.
 
 pub mod initramfs;
+pub mod oci;
 pub mod rootfs;
 
 use std::path::{Path, PathBuf};

@@ -22,11 +22,15 @@ fn cocoon_run(args: &[&str], stdin: &[u8]) -> (Output, Duration) {
     let rootfs = std::env::var_os("COCOON_TEST_ROOTFS_DIR")
         .map(PathBuf::from)
         .expect("COCOON_TEST_ROOTFS_DIR is set by `make test`");
+    cocoon_run_from(&["--rootfs".as_ref(), rootfs.as_os_str()], args, stdin)
+}
+
+/// `cocoon run SOURCE... ARGS...` (SOURCE: `--rootfs DIR` or `--image ...`).
+fn cocoon_run_from(source: &[&std::ffi::OsStr], args: &[&str], stdin: &[u8]) -> (Output, Duration) {
     let start = Instant::now();
     let mut child = Command::new(artifact("COCOON_CLI"))
         .arg("run")
-        .arg("--rootfs")
-        .arg(&rootfs)
+        .args(source)
         .args(args)
         .env("TMPDIR", std::env::temp_dir())
         .env("COCOON_DEBUG", "1")
@@ -80,8 +84,14 @@ fn leftovers() -> Vec<String> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
-        if comm.trim() == "cocoon-vmm" {
-            found.push(format!("process {}", entry.file_name().to_string_lossy()));
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let monitor = cmdline.split(|&b| b == 0).nth(1) == Some(b"monitor".as_slice());
+        if comm.trim() == "cocoon-vmm" || (comm.trim() == "cocoon" && monitor) {
+            found.push(format!(
+                "process {} ({})",
+                entry.file_name().to_string_lossy(),
+                comm.trim()
+            ));
         }
     }
     for entry in std::fs::read_dir(std::env::temp_dir()).unwrap().flatten() {
@@ -141,4 +151,172 @@ fn cocoon_run_gives_the_commands_output_and_exit_code() {
     assert_eq!(output.status.code(), Some(125));
     assert!(String::from_utf8_lossy(&output.stderr).contains("no-such-program"));
     assert_eq!(leftovers(), Vec::<String>::new());
+}
+
+#[test]
+fn cocoon_run_from_an_oci_layout_uses_the_images_config() {
+    if !require_kvm("cocoon_run_from_an_oci_layout_uses_the_images_config") {
+        return;
+    }
+    let layout = std::env::var_os("COCOON_TEST_IMAGES_DIR")
+        .map(|d| PathBuf::from(d).join("busybox-user.oci"))
+        .expect("COCOON_TEST_IMAGES_DIR is set by `make test`");
+    // No command: the image's Cmd (/bin/sh, reading stdin) as its User.
+    let image = format!("{}:latest", layout.display());
+    let (output, _) = cocoon_run_from(
+        &["--image".as_ref(), image.as_ref()],
+        &[],
+        b"id; pwd; echo $PATH; exit 6\n",
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(6), "{stdout}{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(
+        lines[0].starts_with("uid=1000(cocoon) gid=1000(cocoon)"),
+        "{stdout}"
+    );
+    assert_eq!(lines[1], "/", "{stdout}");
+    assert!(lines[2].contains("/usr/local/sbin"), "{stdout}");
+    // The command line wins over the image's config.
+    let (output, _) = cocoon_run_from(
+        &["--image".as_ref(), layout.as_os_str()],
+        &["--user", "0:0", "--", "id", "-u"],
+        b"",
+    );
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "0\n");
+    let (output, _) = cocoon_run_from(
+        &["--image".as_ref(), "/no/such/layout".as_ref()],
+        &["--", "true"],
+        b"",
+    );
+    assert_eq!(output.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("not an OCI layout"));
+    assert_eq!(leftovers(), Vec::<String>::new());
+}
+
+/// `cocoon ARGS`, bounded; stdout, stderr, exit code. The output goes to
+/// files: `create` leaves a monitor holding them, as runc's container does.
+fn cocoon(args: &[&str], scratch: &std::path::Path) -> (String, String, Option<i32>) {
+    let out = scratch.join(format!("out-{}", args[0]));
+    let err = scratch.join(format!("err-{}", args[0]));
+    let mut child = Command::new(artifact("COCOON_CLI"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .expect("spawn cocoon");
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(start.elapsed() < RUN_BOUND, "cocoon {args:?} hung");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
+    (read(&out), read(&err), status.code())
+}
+
+fn oci_status(root: &str, id: &str, scratch: &std::path::Path) -> String {
+    let (out, err, code) = cocoon(&["state", "--root", root, id], scratch);
+    assert_eq!(code, Some(0), "{err}");
+    let state: serde_json::Value = serde_json::from_str(&out).unwrap();
+    state["status"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn cocoon_oci_verbs_follow_runcs_conventions() {
+    if !require_kvm("cocoon_oci_verbs_follow_runcs_conventions") {
+        return;
+    }
+    let scratch = tempfile_dir("cocoon-oci-test");
+    let bundle = scratch.join("bundle");
+    std::fs::create_dir_all(&bundle).unwrap();
+    let rootfs = std::env::var_os("COCOON_TEST_ROOTFS_DIR").expect("set by `make test`");
+    std::os::unix::fs::symlink(rootfs, bundle.join("rootfs")).unwrap();
+    let mut spec = oci_spec::runtime::Spec::default();
+    let mut process = spec.process().clone().unwrap();
+    process.set_args(Some(vec![
+        "sh".into(),
+        "-c".into(),
+        "echo started; exec sleep 1000".into(),
+    ]));
+    process.set_terminal(Some(false));
+    spec.set_process(Some(process));
+    spec.save(bundle.join("config.json")).unwrap();
+    let root = scratch.join("state");
+    let root = root.to_str().unwrap();
+    let bundle = bundle.to_str().unwrap();
+
+    let (_, err, code) = cocoon(
+        &["create", "--root", root, "--bundle", bundle, "c1"],
+        &scratch,
+    );
+    assert_eq!(code, Some(0), "create: {err}");
+    assert_eq!(oci_status(root, "c1", &scratch), "created");
+    let (_, err, code) = cocoon(
+        &["create", "--root", root, "--bundle", bundle, "c1"],
+        &scratch,
+    );
+    assert_eq!(code, Some(125));
+    assert!(err.contains("already exists"), "{err}");
+
+    let (_, err, code) = cocoon(&["start", "--root", root, "c1"], &scratch);
+    assert_eq!(code, Some(0), "start: {err}");
+    assert_eq!(oci_status(root, "c1", &scratch), "running");
+    let (out, err, code) = cocoon(
+        &[
+            "exec",
+            "--root",
+            root,
+            "c1",
+            "--",
+            "sh",
+            "-c",
+            "echo in-exec; exit 3",
+        ],
+        &scratch,
+    );
+    assert_eq!((out.as_str(), code), ("in-exec\n", Some(3)), "exec: {err}");
+    let (_, err, code) = cocoon(&["delete", "--root", root, "c1"], &scratch);
+    assert_eq!(code, Some(125));
+    assert!(err.contains("running"), "{err}");
+
+    let (_, err, code) = cocoon(&["kill", "--root", root, "c1", "KILL"], &scratch);
+    assert_eq!(code, Some(0), "kill: {err}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while oci_status(root, "c1", &scratch) != "stopped" {
+        assert!(Instant::now() < deadline, "c1 did not stop after SIGKILL");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The container's stdout was create's.
+    let created_out = std::fs::read_to_string(scratch.join("out-create")).unwrap_or_default();
+    assert!(created_out.contains("started"), "{created_out:?}");
+    let (_, err, code) = cocoon(&["delete", "--root", root, "c1"], &scratch);
+    assert_eq!(code, Some(0), "delete: {err}");
+    let (_, err, code) = cocoon(&["state", "--root", root, "c1"], &scratch);
+    assert_eq!(code, Some(125));
+    assert!(err.contains("does not exist"), "{err}");
+
+    // delete --force takes a running container's VM down.
+    let (_, err, code) = cocoon(
+        &["create", "--root", root, "--bundle", bundle, "c2"],
+        &scratch,
+    );
+    assert_eq!(code, Some(0), "create: {err}");
+    cocoon(&["start", "--root", root, "c2"], &scratch);
+    let (_, err, code) = cocoon(&["delete", "--force", "--root", root, "c2"], &scratch);
+    assert_eq!(code, Some(0), "delete --force: {err}");
+    assert_eq!(leftovers(), Vec::<String>::new());
+    assert_eq!(std::fs::read_dir(root).unwrap().count(), 0);
+    let _ = std::fs::remove_dir_all(&scratch);
+}
+
+fn tempfile_dir(prefix: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }

@@ -1,0 +1,686 @@
+//! The OCI runtime verbs on a bundle, daemonless, with runc's arguments and
+//! output: `create`, `start`, `state`, `kill`, `delete`, `exec`.
+//!
+//! ```text
+//!  create --bundle B ID ─▶ forks `cocoon monitor` (its own session, the
+//!      caller's stdio) ─▶ the monitor boots the VM, creates the container,
+//!      copies its stdio, writes ROOT/ID/state.json ─▶ "ok" on the ready
+//!      pipe ─▶ create exits 0 (or prints the monitor's error, exit 1)
+//!  start ID  ─▶ StartProcess; ROOT/ID/started
+//!  monitor   ─▶ WaitProcess returns ─▶ output drained ─▶ exit status into
+//!      state.json ─▶ the VM shut down ─▶ the monitor exits
+//!  state ID  ─▶ runc's JSON (created / running / stopped)
+//!  kill ID [SIGNAL] [--all] ─▶ SignalProcess
+//!  exec ID -- CMD ─▶ ExecProcess, attached, its exit status
+//!  delete [--force] ID ─▶ SIGTERM the monitor (it takes the VM down), then
+//!      SIGKILL whatever is left, remove ROOT/ID
+//! ```
+//!
+//! The container's status is derived, never stored twice: stopped once
+//! `state.json` has an exit status or the monitor is gone, running once
+//! `started` exists, created before.
+
+use std::fs::File;
+use std::io::{BufRead, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use cocoon_protocol::{
+    AgentClient, CreateContainer, DEFAULT_AGENT_PORT, ExecProcess, Filesystem, ProcessRef, Rootfs,
+    StdioRequest, Stream,
+};
+use cocoon_runtime::{Disk, MicroVm, VmSpec};
+use oci_spec::runtime::Spec;
+use serde::{Deserialize, Serialize};
+
+use crate::attach;
+use crate::run::{Artifacts, parse_env, parse_user};
+
+const DEFAULT_ROOT: &str = "/run/cocoon/oci";
+/// The fd the monitor's ready pipe arrives on.
+const READY_FD: i32 = 3;
+const AGENT_IO_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Args, Debug)]
+pub struct Root {
+    /// Where container state lives (like runc's --root).
+    #[arg(long, default_value = DEFAULT_ROOT)]
+    root: PathBuf,
+}
+
+impl Root {
+    fn dir(&self, id: &str) -> anyhow::Result<PathBuf> {
+        cocoon_protocol::validate_id("container id", id).map_err(anyhow::Error::msg)?;
+        let dir = self.root.join(id);
+        // The VM's vsock socket (and its `_PORT` siblings) must fit sun_path.
+        if dir.join("vsock.sock_4294967295").as_os_str().len() > 107 {
+            bail!(
+                "--root {} with id {id} makes socket paths too long",
+                self.root.display()
+            );
+        }
+        Ok(dir)
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct CreateArgs {
+    #[command(flatten)]
+    root: Root,
+    /// The bundle directory (config.json and the root file system).
+    #[arg(long, short = 'b', default_value = ".")]
+    bundle: PathBuf,
+    /// Write the VMM's pid here.
+    #[arg(long)]
+    pid_file: Option<PathBuf>,
+    #[command(flatten)]
+    artifacts: Artifacts,
+    id: String,
+}
+
+#[derive(Args, Debug)]
+pub struct IdArgs {
+    #[command(flatten)]
+    root: Root,
+    id: String,
+}
+
+#[derive(Args, Debug)]
+pub struct KillArgs {
+    #[command(flatten)]
+    root: Root,
+    /// Signal every process of the container.
+    #[arg(long, short = 'a')]
+    all: bool,
+    id: String,
+    /// A signal name (TERM, SIGKILL) or number.
+    #[arg(default_value = "SIGTERM")]
+    signal: String,
+}
+
+#[derive(Args, Debug)]
+pub struct DeleteArgs {
+    #[command(flatten)]
+    root: Root,
+    /// Kill a running container first.
+    #[arg(long, short = 'f')]
+    force: bool,
+    id: String,
+}
+
+#[derive(Args, Debug)]
+pub struct ExecArgs {
+    #[command(flatten)]
+    root: Root,
+    /// Give the process a terminal.
+    #[arg(long, short = 't')]
+    tty: bool,
+    /// An environment variable (repeatable).
+    #[arg(long = "env", short = 'e', value_parser = parse_env)]
+    env: Vec<String>,
+    /// UID[:GID] to run as.
+    #[arg(long, short = 'u', value_parser = parse_user)]
+    user: Option<(u32, u32)>,
+    /// Working directory inside the container.
+    #[arg(long)]
+    cwd: Option<String>,
+    /// An OCI process.json instead of the command line.
+    #[arg(long, short = 'p')]
+    process: Option<PathBuf>,
+    id: String,
+    /// The command and its arguments.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    command: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct MonitorArgs {
+    #[command(flatten)]
+    root: Root,
+    #[arg(long)]
+    bundle: PathBuf,
+    #[command(flatten)]
+    artifacts: Artifacts,
+    id: String,
+}
+
+/// What the monitor records; read by every other verb.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct State {
+    id: String,
+    bundle: PathBuf,
+    monitor_pid: u32,
+    vmm_pid: u32,
+    created: u64,
+    exit_status: Option<i32>,
+}
+
+fn read_state(dir: &Path) -> anyhow::Result<State> {
+    let path = dir.join("state.json");
+    let bytes = std::fs::read(&path).with_context(|| {
+        format!(
+            "container {} does not exist",
+            dir.file_name().unwrap_or_default().to_string_lossy()
+        )
+    })?;
+    serde_json::from_slice(&bytes).with_context(|| format!("{} is damaged", path.display()))
+}
+
+fn write_state(dir: &Path, state: &State) -> anyhow::Result<()> {
+    let tmp = dir.join("state.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec(state)?)?;
+    std::fs::rename(&tmp, dir.join("state.json"))?;
+    Ok(())
+}
+
+/// Whether `pid` is a live process whose arguments include every one of
+/// `needles` (so a recycled pid is never taken for ours).
+fn alive_with(pid: u32, needles: &[&str]) -> bool {
+    pid != 0
+        && std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+            let args: Vec<String> = cmdline
+                .split(|&b| b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            needles.iter().all(|n| args.iter().any(|a| a.contains(n)))
+        })
+}
+
+/// The monitor of the container in `dir` (`cocoon monitor --root R ... ID`).
+fn monitor_alive(pid: u32, dir: &Path) -> bool {
+    let root = dir.parent().unwrap_or(dir).to_string_lossy();
+    let id = dir.file_name().unwrap_or_default().to_string_lossy();
+    alive_with(pid, &["monitor", &root, &id])
+}
+
+/// The VMM of the container in `dir` (its vsock socket is in `dir`).
+fn vmm_alive(pid: u32, dir: &Path) -> bool {
+    alive_with(pid, &[&dir.to_string_lossy()])
+}
+
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+enum Status {
+    Created,
+    Running,
+    Stopped,
+}
+
+impl Status {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Created => "created",
+            Self::Running => "running",
+            Self::Stopped => "stopped",
+        }
+    }
+}
+
+fn status(dir: &Path, state: &State) -> Status {
+    if state.exit_status.is_some() || !monitor_alive(state.monitor_pid, dir) {
+        Status::Stopped
+    } else if dir.join("started").exists() {
+        Status::Running
+    } else {
+        Status::Created
+    }
+}
+
+fn client(dir: &Path) -> anyhow::Result<AgentClient> {
+    AgentClient::connect(
+        &dir.join("vsock.sock"),
+        DEFAULT_AGENT_PORT,
+        Duration::from_secs(5),
+        AGENT_IO_TIMEOUT,
+    )
+    .context("cannot reach the container's micro-VM")
+}
+
+pub fn create(args: &CreateArgs) -> anyhow::Result<ExitCode> {
+    let dir = args.root.dir(&args.id)?;
+    let bundle = std::fs::canonicalize(&args.bundle)
+        .with_context(|| format!("bundle {}", args.bundle.display()))?;
+    if !bundle.join("config.json").is_file() {
+        bail!("bundle {}: no config.json", bundle.display());
+    }
+    std::fs::create_dir_all(&args.root.root)
+        .with_context(|| format!("cannot create {}", args.root.root.display()))?;
+    match std::fs::create_dir(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            bail!("container {} already exists", args.id)
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot create {}", dir.display())),
+    }
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two fds.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        let _ = std::fs::remove_dir_all(&dir);
+        bail!("pipe: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: both were just opened and are owned here alone.
+    let (read_end, write_end) =
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let me = std::env::current_exe()?;
+    let mut command = Command::new(me);
+    command
+        .arg("monitor")
+        .arg("--root")
+        .arg(&args.root.root)
+        .arg("--bundle")
+        .arg(&bundle);
+    for (flag, value) in [
+        ("--kernel", &args.artifacts.kernel),
+        ("--initrd", &args.artifacts.initrd),
+        ("--vmm", &args.artifacts.vmm),
+    ] {
+        if let Some(value) = value {
+            command.arg(flag).arg(value);
+        }
+    }
+    command.arg(&args.id);
+    let write_fd = write_end.as_raw_fd();
+    // SAFETY: dup2 and setsid are async-signal-safe; the fd is open.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
+            if libc::dup2(write_fd, READY_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let spawned = command.spawn();
+    drop(write_end);
+    if let Err(e) = spawned {
+        let _ = std::fs::remove_dir_all(&dir);
+        return Err(e).context("cannot start the monitor");
+    }
+    // One line: "ok", or the error.
+    let mut answer = String::new();
+    let _ = std::io::BufReader::new(File::from(read_end)).read_line(&mut answer);
+    if answer.trim() != "ok" {
+        // The monitor removed what it made; say what it said.
+        let _ = std::fs::remove_dir_all(&dir);
+        bail!("{}", answer.trim().trim_start_matches("error: "));
+    }
+    if let Some(pid_file) = &args.pid_file {
+        let state = read_state(&dir)?;
+        std::fs::write(pid_file, state.vmm_pid.to_string())
+            .with_context(|| format!("cannot write {}", pid_file.display()))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The monitor: owns the VM from create to exit. Errors before "ok" go to
+/// the ready pipe, and nothing it made is left.
+pub fn monitor(args: &MonitorArgs) -> anyhow::Result<ExitCode> {
+    // SAFETY: fcntl on a plain fd number; create's pre_exec put the ready
+    // pipe there. Close-on-exec, so the VMM does not inherit it.
+    if unsafe { libc::fcntl(READY_FD, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+        bail!("no ready pipe: `cocoon monitor` is started by `cocoon create`");
+    }
+    // SAFETY: the fd is open (checked above) and owned here alone.
+    let mut ready = unsafe { File::from_raw_fd(READY_FD) };
+    let dir = args.root.dir(&args.id)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        signal_hook::flag::register(signal, Arc::clone(&stop))?;
+    }
+    let set_up = || -> anyhow::Result<(MicroVm, AgentClient, Vec<std::thread::JoinHandle<()>>)> {
+        let config = args.artifacts.config()?;
+        let spec =
+            Spec::load(args.bundle.join("config.json")).context("cannot read config.json")?;
+        if spec
+            .process()
+            .as_ref()
+            .and_then(|p| p.terminal())
+            .unwrap_or(false)
+        {
+            bail!(
+                "process.terminal needs a console socket, which cocoon does not support yet; \
+                 use `cocoon run -t` or `cocoon exec -t`"
+            );
+        }
+        let size = config.size_for(&spec)?;
+        let root = spec
+            .root()
+            .as_ref()
+            .map_or_else(|| PathBuf::from("rootfs"), |r| r.path().clone());
+        let image = cocoon_images::rootfs::image(
+            &args.bundle.join(root),
+            None,
+            &cocoon_images::cache_dir(),
+        )
+        .context("cannot make the rootfs image")?;
+        let agent_spec = cocoon_runtime::spec::container_spec(spec)?;
+        let mut vm = MicroVm::launch(&VmSpec {
+            vmm: config
+                .vmm_path()
+                .context("cocoon-vmm not found: pass --vmm or set COCOON_VMM")?,
+            kernel: config.kernel.clone(),
+            initramfs: config.initramfs.clone(),
+            vcpus: size.vcpus,
+            memory_mib: size.memory_mib,
+            disks: vec![Disk {
+                path: image.path.clone(),
+                read_only: true,
+                id: "rootfs".into(),
+            }],
+            dir: dir.clone(),
+            log_level: "warn".into(),
+        })?;
+        let client = vm.connect(config.agent_timeout(), AGENT_IO_TIMEOUT, &|| {
+            stop.load(Ordering::Relaxed)
+        })?;
+        client.create_container(CreateContainer {
+            id: args.id.clone(),
+            rootfs: Rootfs {
+                disk_id: "rootfs".into(),
+                filesystem: match image.format {
+                    cocoon_images::rootfs::Format::Erofs => Filesystem::Erofs,
+                    cocoon_images::rootfs::Format::Ext4 => Filesystem::Ext4,
+                },
+                overlay: true,
+            },
+            spec: agent_spec,
+            stdio: StdioRequest {
+                stdin: true,
+                stdout: true,
+                stderr: true,
+            },
+        })?;
+        // runc's detached create: the container's stdio is create's.
+        let process = ProcessRef::init(&args.id);
+        let mut copies = Vec::new();
+        for (stream, fd) in [(Stream::Stdout, 1), (Stream::Stderr, 2)] {
+            let mut from = client.attach(&process, stream)?;
+            // SAFETY: fds 1 and 2 are ours for the monitor's life.
+            let mut to = unsafe { File::from_raw_fd(libc::dup(fd)) };
+            copies.push(std::thread::spawn(move || {
+                let _ = std::io::copy(&mut from, &mut to);
+            }));
+        }
+        let mut to = client.attach(&process, Stream::Stdin)?;
+        // SAFETY: fd 0 is ours for the monitor's life.
+        let mut from = unsafe { File::from_raw_fd(libc::dup(0)) };
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut from, &mut to);
+            let _ = to.shutdown(std::net::Shutdown::Write);
+        });
+        let state = State {
+            id: args.id.clone(),
+            bundle: args.bundle.clone(),
+            monitor_pid: std::process::id(),
+            vmm_pid: vm.pid(),
+            created: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs(),
+            exit_status: None,
+        };
+        write_state(&dir, &state)?;
+        Ok((vm, client, copies))
+    };
+    let (mut vm, client, copies) = match set_up() {
+        Ok(parts) => parts,
+        Err(e) => {
+            let _ = writeln!(ready, "error: {e:#}");
+            let _ = std::fs::remove_dir_all(&dir);
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let _ = writeln!(ready, "ok");
+    drop(ready);
+
+    let process = ProcessRef::init(&args.id);
+    let (status_tx, status_rx) = std::sync::mpsc::channel();
+    let waiter = AgentClient::connect(
+        vm.uds(),
+        DEFAULT_AGENT_PORT,
+        AGENT_IO_TIMEOUT,
+        AGENT_IO_TIMEOUT,
+    )?;
+    std::thread::spawn(move || {
+        let _ = status_tx.send(waiter.wait_process(&process));
+    });
+    let code = loop {
+        match status_rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(Ok(status)) => break status.shell_code(),
+            Ok(Err(_)) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break 255,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        if stop.load(Ordering::Relaxed) || !matches!(vm.try_wait(), Ok(None)) {
+            // `delete --force` (or the VM died): no output is owed anymore.
+            vm.kill();
+            break 128 + libc::SIGKILL;
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for copy in copies {
+        while !copy.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    if let Ok(mut state) = read_state(&dir) {
+        state.exit_status = Some(code);
+        let _ = write_state(&dir, &state);
+    }
+    if client.shutdown().is_ok() {
+        let _ = vm.wait_timeout(Duration::from_secs(5));
+    }
+    vm.kill();
+    // The VM's socket and log go with it; the state stays until delete.
+    let _ = std::fs::remove_file(dir.join("vsock.sock"));
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn start(args: &IdArgs) -> anyhow::Result<ExitCode> {
+    let dir = args.root.dir(&args.id)?;
+    let state = read_state(&dir)?;
+    if status(&dir, &state) != Status::Created {
+        bail!(
+            "container {} is {}, not created",
+            args.id,
+            status(&dir, &state).name()
+        );
+    }
+    client(&dir)?.start_process(&ProcessRef::init(&args.id))?;
+    std::fs::write(dir.join("started"), b"")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn state(args: &IdArgs) -> anyhow::Result<ExitCode> {
+    let dir = args.root.dir(&args.id)?;
+    let state = read_state(&dir)?;
+    let status = status(&dir, &state);
+    let annotations = Spec::load(state.bundle.join("config.json"))
+        .ok()
+        .and_then(|s| s.annotations().clone())
+        .unwrap_or_default();
+    let json = serde_json::json!({
+        "ociVersion": "1.0.2",
+        "id": state.id,
+        "status": status.name(),
+        "pid": if status == Status::Stopped { 0 } else { state.vmm_pid },
+        "bundle": state.bundle,
+        "annotations": annotations,
+    });
+    println!("{}", serde_json::to_string_pretty(&json)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn parse_signal(text: &str) -> anyhow::Result<i32> {
+    if let Ok(number) = text.parse::<i32>() {
+        if (1..=64).contains(&number) {
+            return Ok(number);
+        }
+        bail!("signal {number} is not 1 to 64");
+    }
+    let name = text.to_ascii_uppercase();
+    let name = name.strip_prefix("SIG").unwrap_or(&name);
+    let number = match name {
+        "HUP" => libc::SIGHUP,
+        "INT" => libc::SIGINT,
+        "QUIT" => libc::SIGQUIT,
+        "KILL" => libc::SIGKILL,
+        "USR1" => libc::SIGUSR1,
+        "USR2" => libc::SIGUSR2,
+        "TERM" => libc::SIGTERM,
+        "CONT" => libc::SIGCONT,
+        "STOP" => libc::SIGSTOP,
+        "WINCH" => libc::SIGWINCH,
+        _ => bail!("unknown signal {text:?}"),
+    };
+    Ok(number)
+}
+
+pub fn kill(args: &KillArgs) -> anyhow::Result<ExitCode> {
+    let signal = parse_signal(&args.signal)?;
+    let dir = args.root.dir(&args.id)?;
+    let state = read_state(&dir)?;
+    if status(&dir, &state) == Status::Stopped {
+        bail!("container {} is not running", args.id);
+    }
+    client(&dir)?.signal_process(&ProcessRef::init(&args.id), signal, args.all)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn delete(args: &DeleteArgs) -> anyhow::Result<ExitCode> {
+    let dir = args.root.dir(&args.id)?;
+    let state = match read_state(&dir) {
+        Ok(state) => state,
+        // A create that died half-way: remove what there is.
+        Err(_) if dir.is_dir() => State::default(),
+        Err(e) => return Err(e),
+    };
+    if status(&dir, &state) == Status::Running && !args.force {
+        bail!(
+            "container {} is running: kill it first or use --force",
+            args.id
+        );
+    }
+    if monitor_alive(state.monitor_pid, &dir) {
+        let pid = i32::try_from(state.monitor_pid)?;
+        // SAFETY: kill() takes plain integers; the pid is our monitor's.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while monitor_alive(state.monitor_pid, &dir) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if monitor_alive(state.monitor_pid, &dir) {
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+    if vmm_alive(state.vmm_pid, &dir) {
+        // SAFETY: kill() takes plain integers; the pid serves our directory.
+        unsafe { libc::kill(i32::try_from(state.vmm_pid)?, libc::SIGKILL) };
+    }
+    std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn exec(args: &ExecArgs) -> anyhow::Result<ExitCode> {
+    let dir = args.root.dir(&args.id)?;
+    let state = read_state(&dir)?;
+    if status(&dir, &state) != Status::Running {
+        bail!("container {} is not running", args.id);
+    }
+    let mut process = match &args.process {
+        Some(path) => {
+            let text =
+                std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+            serde_json::from_slice(&text)
+                .with_context(|| format!("{} is not an OCI process", path.display()))?
+        }
+        None => {
+            if args.command.is_empty() {
+                bail!("no command: `cocoon exec ID -- CMD...` or --process FILE");
+            }
+            let mut process = Spec::default().process().clone().unwrap_or_default();
+            process.set_args(Some(args.command.clone()));
+            process.set_terminal(Some(args.tty));
+            process
+        }
+    };
+    let mut env = process.env().clone().unwrap_or_default();
+    env.extend(args.env.iter().cloned());
+    process.set_env(Some(env));
+    if let Some(cwd) = &args.cwd {
+        process.set_cwd(cwd.into());
+    }
+    if let Some((uid, gid)) = args.user {
+        let mut user = process.user().clone();
+        user.set_uid(uid);
+        user.set_gid(gid);
+        process.set_user(user);
+    }
+    let tty = process.terminal().unwrap_or(false);
+    let client = client(&dir)?;
+    let exec_id = format!(
+        "exec-{}-{}",
+        std::process::id(),
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .subsec_nanos()
+    );
+    let target = ProcessRef::exec(&args.id, &exec_id);
+    client.exec_process(ExecProcess {
+        process: target.clone(),
+        spec: process,
+        stdio: attach::stdio_request(tty),
+    })?;
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        signal_hook::flag::register(signal, Arc::clone(&stop))?;
+    }
+    let uds = dir.join("vsock.sock");
+    let ended = attach::run_attached(
+        &attach::Session {
+            client: &client,
+            uds: &uds,
+            process: &target,
+            tty,
+            timeout: None,
+            stop: &stop,
+            io_wait: AGENT_IO_TIMEOUT,
+        },
+        &mut || Ok(()),
+    )?;
+    Ok(ended.exit_code())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals_parse_by_name_or_number() {
+        assert_eq!(parse_signal("KILL").unwrap(), libc::SIGKILL);
+        assert_eq!(parse_signal("SIGTERM").unwrap(), libc::SIGTERM);
+        assert_eq!(parse_signal("9").unwrap(), 9);
+        assert!(parse_signal("0").is_err() && parse_signal("BOGUS").is_err());
+    }
+
+    #[test]
+    fn long_roots_are_refused_before_a_socket_path_overflows() {
+        let root = Root {
+            root: PathBuf::from("/run/".to_owned() + &"x".repeat(90)),
+        };
+        assert!(root.dir("c1").unwrap_err().to_string().contains("too long"));
+        assert!(
+            Root {
+                root: DEFAULT_ROOT.into()
+            }
+            .dir("../x")
+            .is_err()
+        );
+    }
+}
