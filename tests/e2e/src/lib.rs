@@ -83,3 +83,24 @@ pub fn qemu_children() -> Vec<u32> {
         })
         .collect()
 }
+
+/// Rss and Pss (KiB) of `pid`, leaving out mappings of at least `guest_kib`
+/// (guest RAM is the only mapping that big).
+pub fn memory_outside_guest(pid: u32, guest_kib: u64) -> (u64, u64) {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let (mut rss, mut pss, mut skip) = (0, 0, false);
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let (Some(key), Some(value)) = (words.next(), words.next()) else {
+            continue;
+        };
+        let kib: u64 = value.parse().unwrap_or(0);
+        match key {
+            "Size:" => skip = kib >= guest_kib,
+            "Rss:" if !skip => rss += kib,
+            "Pss:" if !skip => pss += kib,
+            _ => {}
+        }
+    }
+    (rss, pss)
+}

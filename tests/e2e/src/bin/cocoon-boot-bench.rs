@@ -35,27 +35,6 @@ struct Samples {
     pss: Vec<f64>,
 }
 
-/// Rss and Pss (KiB) of `pid`, leaving out mappings of at least `guest_kib`
-/// (guest RAM is the only mapping that big).
-fn memory_outside_guest(pid: u32, guest_kib: u64) -> (u64, u64) {
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
-    let (mut rss, mut pss, mut skip) = (0, 0, false);
-    for line in smaps.lines() {
-        let mut words = line.split_whitespace();
-        let (Some(key), Some(value)) = (words.next(), words.next()) else {
-            continue;
-        };
-        let kib: u64 = value.parse().unwrap_or(0);
-        match key {
-            "Size:" => skip = kib >= guest_kib,
-            "Rss:" if !skip => rss += kib,
-            "Pss:" if !skip => pss += kib,
-            _ => {}
-        }
-    }
-    (rss, pss)
-}
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -64,7 +43,7 @@ fn boot_ours(vmm: &Path, base: &[OsString], scratch: &Path, mem_mib: u32, s: &mu
     let mut run = VmmRun::start(vmm, base, scratch, "bench-cocoon");
     let (_, to_ready) = run.wait_for_line(READY, TIMEOUT);
     run.wait_for_line(IDLE, TIMEOUT);
-    let (rss, pss) = memory_outside_guest(run.pid(), u64::from(mem_mib) << 10);
+    let (rss, pss) = cocoon_e2e::memory_outside_guest(run.pid(), u64::from(mem_mib) << 10);
     let pid = i32::try_from(run.pid()).unwrap_or(0);
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(pid, libc::SIGTERM) };
@@ -127,7 +106,7 @@ fn boot_qemu(
         );
         std::thread::sleep(Duration::from_millis(1));
     }
-    let (rss, pss) = memory_outside_guest(qemu.id(), u64::from(mem_mib) << 10);
+    let (rss, pss) = cocoon_e2e::memory_outside_guest(qemu.id(), u64::from(mem_mib) << 10);
     let _ = qemu.kill();
     s.to_ready.push(ms(to_ready.unwrap_or_default()));
     s.rss.push(rss as f64 / 1024.0);
