@@ -56,6 +56,30 @@ fn window_size() -> Option<(u16, u16)> {
     (ok && size.ws_row > 0).then_some((size.ws_row, size.ws_col))
 }
 
+/// A spinner on stderr for a long step (image conversion, boot), when
+/// stderr is a terminal; cleared when dropped.
+pub struct Progress(Option<indicatif::ProgressBar>);
+
+impl Progress {
+    pub fn start(message: &str) -> Self {
+        if !io::stderr().is_terminal() {
+            return Self(None);
+        }
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_message(format!("cocoon: {message}"));
+        bar.enable_steady_tick(Duration::from_millis(100));
+        Self(Some(bar))
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        if let Some(bar) = &self.0 {
+            bar.finish_and_clear();
+        }
+    }
+}
+
 /// The streams to ask for: with a tty, everything comes on stdout.
 pub fn stdio_request(tty: bool) -> StdioRequest {
     StdioRequest {

@@ -32,15 +32,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, bail};
 use clap::Args;
 use cocoon_protocol::{
-    AgentClient, CreateContainer, DEFAULT_AGENT_PORT, ExecProcess, Filesystem, ProcessRef, Rootfs,
-    StdioRequest, Stream,
+    AgentClient, CreateContainer, DEFAULT_AGENT_PORT, ExecProcess, ProcessRef, StdioRequest, Stream,
 };
-use cocoon_runtime::{Disk, MicroVm, VmSpec};
+use cocoon_runtime::{MicroVm, VmSpec, rootfs_disk};
 use oci_spec::runtime::Spec;
 use serde::{Deserialize, Serialize};
 
-use crate::attach;
 use crate::run::{Artifacts, parse_env, parse_user};
+use crate::{attach, workload};
 
 const DEFAULT_ROOT: &str = "/run/cocoon/oci";
 /// The fd the monitor's ready pipe arrives on.
@@ -359,6 +358,7 @@ pub fn monitor(args: &MonitorArgs) -> anyhow::Result<ExitCode> {
         )
         .context("cannot make the rootfs image")?;
         let agent_spec = cocoon_runtime::spec::container_spec(spec)?;
+        let (disk, rootfs) = rootfs_disk(&image);
         let mut vm = MicroVm::launch(&VmSpec {
             vmm: config
                 .vmm_path()
@@ -367,11 +367,7 @@ pub fn monitor(args: &MonitorArgs) -> anyhow::Result<ExitCode> {
             initramfs: config.initramfs.clone(),
             vcpus: size.vcpus,
             memory_mib: size.memory_mib,
-            disks: vec![Disk {
-                path: image.path.clone(),
-                read_only: true,
-                id: "rootfs".into(),
-            }],
+            disks: vec![disk],
             dir: dir.clone(),
             log_level: "warn".into(),
         })?;
@@ -380,14 +376,7 @@ pub fn monitor(args: &MonitorArgs) -> anyhow::Result<ExitCode> {
         })?;
         client.create_container(CreateContainer {
             id: args.id.clone(),
-            rootfs: Rootfs {
-                disk_id: "rootfs".into(),
-                filesystem: match image.format {
-                    cocoon_images::rootfs::Format::Erofs => Filesystem::Erofs,
-                    cocoon_images::rootfs::Format::Ext4 => Filesystem::Ext4,
-                },
-                overlay: true,
-            },
+            rootfs,
             spec: agent_spec,
             stdio: StdioRequest {
                 stdin: true,
@@ -609,18 +598,7 @@ pub fn exec(args: &ExecArgs) -> anyhow::Result<ExitCode> {
             process
         }
     };
-    let mut env = process.env().clone().unwrap_or_default();
-    env.extend(args.env.iter().cloned());
-    process.set_env(Some(env));
-    if let Some(cwd) = &args.cwd {
-        process.set_cwd(cwd.into());
-    }
-    if let Some((uid, gid)) = args.user {
-        let mut user = process.user().clone();
-        user.set_uid(uid);
-        user.set_gid(gid);
-        process.set_user(user);
-    }
+    workload::apply(&mut process, &args.env, args.cwd.as_deref(), args.user);
     let tty = process.terminal().unwrap_or(false);
     let client = client(&dir)?;
     let exec_id = format!(

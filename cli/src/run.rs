@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
-use cocoon_protocol::{CreateContainer, Filesystem, ProcessRef, Rootfs};
+use cocoon_protocol::{CreateContainer, ProcessRef, Rootfs};
 use cocoon_runtime::config::parse_size_mib;
-use cocoon_runtime::{Config, Disk, MicroVm, VmSpec};
+use cocoon_runtime::{Config, MicroVm, VmSpec, rootfs_disk};
 use cocoon_vmm::probe::{self, Mode};
 
 use crate::attach;
@@ -143,16 +143,6 @@ macro_rules! debug {
 const CONTAINER_ID: &str = "run";
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let workload = workload::resolve(
-        &workload::Overrides {
-            rootfs: args.rootfs.as_deref(),
-            image: args.image.as_deref(),
-            command: &args.command,
-            env: &args.env,
-            user: args.user,
-        },
-        &cocoon_images::cache_dir(),
-    )?;
     let config = args.artifacts.config()?;
     let vmm_path = config
         .vmm_path()
@@ -183,6 +173,16 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             verdict.reason
         );
     }
+    let workload = workload::resolve(
+        &workload::Overrides {
+            rootfs: args.rootfs.as_deref(),
+            image: args.image.as_deref(),
+            command: &args.command,
+            env: &args.env,
+            user: args.user,
+        },
+        &cocoon_images::cache_dir(),
+    )?;
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
         signal_hook::flag::register(signal, Arc::clone(&stop))
@@ -191,8 +191,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 
     let started = Instant::now();
     debug!("rootfs image for {}", workload.rootfs.display());
+    let progress = attach::Progress::start("making the rootfs image");
     let image = cocoon_images::rootfs::image(&workload.rootfs, None, &cocoon_images::cache_dir())
         .context("cannot make the rootfs image")?;
+    drop(progress);
     if image.built {
         eprintln!(
             "cocoon: converted {} to an {} image in {:.1} s (cached for next time)",
@@ -205,22 +207,19 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .prefix("cocoon-run-")
         .tempdir()
         .context("cannot make a scratch directory")?;
+    let (disk, rootfs) = rootfs_disk(&image);
     let mut vm = MicroVm::launch(&VmSpec {
         vmm: vmm_path,
         kernel: config.kernel.clone(),
         initramfs: config.initramfs.clone(),
         vcpus: args.cpus.unwrap_or(config.vcpus),
         memory_mib: args.memory.unwrap_or(config.memory_mib),
-        disks: vec![Disk {
-            path: image.path.clone(),
-            read_only: true,
-            id: "rootfs".into(),
-        }],
+        disks: vec![disk],
         dir: scratch.path().to_owned(),
         log_level: "warn".into(),
     })?;
     debug!("cocoon-vmm started with {}", image.path.display());
-    let outcome = drive(&args, &workload, &config, &image, &mut vm, &stop);
+    let outcome = drive(&args, &workload, &config, rootfs, &mut vm, &stop);
     outcome.map_err(|e| {
         let log = vm.log_suffix();
         if log.is_empty() {
@@ -235,30 +234,26 @@ fn drive(
     args: &RunArgs,
     workload: &Workload,
     config: &Config,
-    image: &cocoon_images::rootfs::RootfsImage,
+    rootfs: Rootfs,
     vm: &mut MicroVm,
     stop: &AtomicBool,
 ) -> anyhow::Result<ExitCode> {
     // Wait for the agent, but notice a VMM that died and a signal meanwhile.
     let wait = config.agent_timeout();
+    let progress = attach::Progress::start("booting the micro-VM");
     let client = vm.connect(wait, wait, &|| stop.load(Ordering::Relaxed))?;
+    drop(progress);
     debug!("agent answered: {}", client.agent());
     let mut spec = Spec::default();
     let mut process = spec.process().clone().unwrap_or_default();
     process.set_args(Some(workload.args.clone()));
-    let mut env = process.env().clone().unwrap_or_default();
-    env.extend(workload.env.iter().cloned());
-    process.set_env(Some(env));
     process.set_terminal(Some(args.tty));
-    if let Some(cwd) = &workload.cwd {
-        process.set_cwd(cwd.into());
-    }
-    if let Some((uid, gid)) = workload.user {
-        let mut user = process.user().clone();
-        user.set_uid(uid);
-        user.set_gid(gid);
-        process.set_user(user);
-    }
+    workload::apply(
+        &mut process,
+        &workload.env,
+        workload.cwd.as_deref(),
+        workload.user,
+    );
     spec.set_process(Some(process));
     if let Some(mut root) = spec.root().clone() {
         root.set_readonly(Some(false));
@@ -267,14 +262,7 @@ fn drive(
     let stdio = attach::stdio_request(args.tty);
     client.create_container(CreateContainer {
         id: CONTAINER_ID.into(),
-        rootfs: Rootfs {
-            disk_id: "rootfs".into(),
-            filesystem: match image.format {
-                cocoon_images::rootfs::Format::Erofs => Filesystem::Erofs,
-                cocoon_images::rootfs::Format::Ext4 => Filesystem::Ext4,
-            },
-            overlay: true,
-        },
+        rootfs,
         spec,
         stdio,
     })?;

@@ -61,6 +61,28 @@ fn resolve_user(rootfs: &Path, user: &str) -> anyhow::Result<(u32, u32)> {
     Ok((uid, gid))
 }
 
+/// The environment (appended), working directory and user the command line
+/// (or the image) asks for, on an OCI process.
+pub fn apply(
+    process: &mut oci_spec::runtime::Process,
+    env: &[String],
+    cwd: Option<&str>,
+    user: Option<(u32, u32)>,
+) {
+    let mut all = process.env().clone().unwrap_or_default();
+    all.extend(env.iter().cloned());
+    process.set_env(Some(all));
+    if let Some(cwd) = cwd {
+        process.set_cwd(cwd.into());
+    }
+    if let Some((uid, gid)) = user {
+        let mut spec_user = process.user().clone();
+        spec_user.set_uid(uid);
+        spec_user.set_gid(gid);
+        process.set_user(spec_user);
+    }
+}
+
 pub struct Overrides<'a> {
     pub rootfs: Option<&'a Path>,
     pub image: Option<&'a str>,
@@ -88,8 +110,10 @@ pub fn resolve(overrides: &Overrides<'_>, cache: &Path) -> anyhow::Result<Worklo
         }
         (None, Some(image)) => {
             let (layout, tag) = parse_image_ref(image)?;
+            let progress = crate::attach::Progress::start("unpacking the image");
             let unpacked = cocoon_images::oci::unpack(&layout, tag.as_deref(), cache)
                 .with_context(|| format!("cannot use the image {image}"))?;
+            drop(progress);
             if unpacked.unpacked {
                 eprintln!("cocoon: unpacked {image} (cached for next time)");
             }

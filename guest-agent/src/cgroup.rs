@@ -127,6 +127,18 @@ impl Cgroup {
         }
     }
 
+    /// Writes the limits `resources` asks for; the others stay.
+    pub fn update(&self, resources: &LinuxResources) -> Result<(), CgroupError> {
+        for (file, value) in settings(resources) {
+            fs::write(self.path.join(file), &value).map_err(|source| CgroupError {
+                path: self.path.display().to_string(),
+                what: format!("set {file} to {value}"),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
     pub fn stats(&self) -> ContainerStats {
         let read = |file: &str| fs::read_to_string(self.path.join(file)).unwrap_or_default();
         let number = |file: &str| read(file).trim().parse().unwrap_or(0);

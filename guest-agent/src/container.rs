@@ -22,7 +22,7 @@ use std::time::Duration;
 use cocoon_protocol::{
     ContainerStats, CreateContainer, ExecProcess, ExitStatus, ProcessRef, Stream, validate_id,
 };
-use oci_spec::runtime::{LinuxNamespaceType, LinuxSeccomp, Mount};
+use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, LinuxSeccomp, Mount};
 
 use crate::cgroup::{Cgroup, CgroupError};
 use crate::process::{self, Namespaces, ProcessError, ProcessPlan, SpawnRequest, StartGate};
@@ -467,6 +467,12 @@ impl Sandbox {
 
     pub fn stats(&self, id: &str) -> Result<ContainerStats, SandboxError> {
         Ok(self.container(id)?.cgroup.stats())
+    }
+
+    /// New cgroup limits for a container (`ctr task update`).
+    pub fn update(&self, id: &str, resources: &LinuxResources) -> Result<(), SandboxError> {
+        self.container(id)?.cgroup.update(resources)?;
+        Ok(())
     }
 
     pub fn pids(&self, id: &str) -> Result<Vec<u32>, SandboxError> {

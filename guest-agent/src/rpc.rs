@@ -94,6 +94,13 @@ fn dispatch(sandbox: &Sandbox, request: Request) -> Result<Response, SandboxErro
         Request::Stats { container_id } => Response::Stats {
             stats: sandbox.stats(&container_id)?,
         },
+        Request::UpdateResources {
+            container_id,
+            resources,
+        } => {
+            sandbox.update(&container_id, &resources)?;
+            Response::Ok
+        }
         Request::ListProcesses { container_id } => Response::Processes {
             pids: sandbox.pids(&container_id)?,
         },

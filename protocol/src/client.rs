@@ -200,6 +200,22 @@ impl AgentClient {
         }
     }
 
+    pub fn update_resources(
+        &self,
+        container_id: &str,
+        resources: oci_spec::runtime::LinuxResources,
+    ) -> Result<(), ClientError> {
+        let call = "UpdateResources";
+        let request = Request::UpdateResources {
+            container_id: container_id.into(),
+            resources: Box::new(resources),
+        };
+        match self.call(call, &request)? {
+            Response::Ok => Ok(()),
+            other => Err(bad_reply(call, &other)),
+        }
+    }
+
     pub fn list_processes(&self, container_id: &str) -> Result<Vec<u32>, ClientError> {
         let call = "ListProcesses";
         let request = Request::ListProcesses {

@@ -1,7 +1,7 @@
 //! The messages. Field names are the wire names; every enum is tagged by
 //! `"type"` so a dump reads on its own.
 
-use oci_spec::runtime::{Process, Spec};
+use oci_spec::runtime::{LinuxResources, Process, Spec};
 use serde::{Deserialize, Serialize};
 
 /// The first frame on every connection.
@@ -176,6 +176,12 @@ pub enum Request {
     CloseStdin(ProcessRef),
     /// Answer: `Stats`.
     Stats { container_id: String },
+    /// New cgroup limits (memory, pids, cpu) for a running container.
+    /// Answer: `Ok`.
+    UpdateResources {
+        container_id: String,
+        resources: Box<LinuxResources>,
+    },
     /// Answer: `Processes`.
     ListProcesses { container_id: String },
     /// Kills what is left of the container and removes it.

@@ -7,4 +7,4 @@ pub mod spec;
 pub mod vm;
 
 pub use config::{Config, ConfigError, VmSize};
-pub use vm::{Disk, MicroVm, VmError, VmSpec};
+pub use vm::{Disk, MicroVm, VmError, VmSpec, rootfs_disk};

@@ -18,7 +18,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use cocoon_protocol::{AgentClient, ClientError, DEFAULT_AGENT_PORT};
+use cocoon_images::rootfs::{Format, RootfsImage};
+use cocoon_protocol::{AgentClient, ClientError, DEFAULT_AGENT_PORT, Filesystem, Rootfs};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -48,6 +49,28 @@ pub struct Disk {
     pub path: PathBuf,
     pub read_only: bool,
     pub id: String,
+}
+
+/// The disk id a container's rootfs image has in its VM.
+pub const ROOTFS_DISK: &str = "rootfs";
+
+/// A container's rootfs image as the VM's read-only disk, and as the agent
+/// is told to mount it (with a writable overlay on tmpfs in the guest).
+pub fn rootfs_disk(image: &RootfsImage) -> (Disk, Rootfs) {
+    let disk = Disk {
+        path: image.path.clone(),
+        read_only: true,
+        id: ROOTFS_DISK.into(),
+    };
+    let rootfs = Rootfs {
+        disk_id: ROOTFS_DISK.into(),
+        filesystem: match image.format {
+            Format::Erofs => Filesystem::Erofs,
+            Format::Ext4 => Filesystem::Ext4,
+        },
+        overlay: true,
+    };
+    (disk, rootfs)
 }
 
 /// What to boot.

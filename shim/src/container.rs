@@ -19,10 +19,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use cocoon_protocol::{
-    AgentClient, CreateContainer, DEFAULT_AGENT_PORT, ExecProcess, ExitStatus, Filesystem,
-    ProcessRef, Rootfs,
+    AgentClient, CreateContainer, DEFAULT_AGENT_PORT, ExecProcess, ExitStatus, ProcessRef,
 };
-use cocoon_runtime::{Config, Disk, MicroVm, VmSpec};
+use cocoon_runtime::{Config, MicroVm, VmSpec, rootfs_disk};
 use containerd_shim::protos::types::mount::Mount;
 use oci_spec::runtime::{Process, Spec};
 use serde::{Deserialize, Serialize};
@@ -191,17 +190,14 @@ impl Container {
             bundle,
             armed: true,
         };
+        let (disk, rootfs) = rootfs_disk(&image);
         let mut vm = MicroVm::launch(&VmSpec {
             vmm: config.vmm_path().ok_or(ContainerError::NoVmm)?,
             kernel: config.kernel.clone(),
             initramfs: config.initramfs.clone(),
             vcpus: size.vcpus,
             memory_mib: size.memory_mib,
-            disks: vec![Disk {
-                path: image.path.clone(),
-                read_only: true,
-                id: "rootfs".into(),
-            }],
+            disks: vec![disk],
             dir: scratch.clone(),
             log_level: "warn".into(),
         })?;
@@ -222,14 +218,7 @@ impl Container {
         let client = vm.connect(config.agent_timeout(), AGENT_IO_TIMEOUT, &|| false)?;
         let pid = client.create_container(CreateContainer {
             id: id.to_owned(),
-            rootfs: Rootfs {
-                disk_id: "rootfs".into(),
-                filesystem: match image.format {
-                    cocoon_images::rootfs::Format::Erofs => Filesystem::Erofs,
-                    cocoon_images::rootfs::Format::Ext4 => Filesystem::Ext4,
-                },
-                overlay: true,
-            },
+            rootfs,
             spec: agent_spec,
             stdio: stdio.request(),
         })?;

@@ -423,11 +423,16 @@ impl containerd_shim::Task for Service {
     }
 
     fn update(&self, _ctx: &TtrpcContext, req: api::UpdateTaskRequest) -> TtrpcResult<api::Empty> {
-        self.container(&req.id)?;
-        Err(status(
-            Code::UNIMPLEMENTED,
-            "cocoon cannot change the resources of a running micro-VM yet",
-        ))
+        let container = self.container(&req.id)?;
+        let resources = trans::resources(&req.resources.value)
+            .map_err(|e| status(Code::INVALID_ARGUMENT, cocoon_protocol::error_chain(&e)))?;
+        // The VM's own size is fixed at boot; the container's cgroup in it
+        // takes the new limits (memory beyond the VM's is no limit at all).
+        container
+            .client
+            .update_resources(&req.id, resources)
+            .map_err(|e| from_container(e.into()))?;
+        Ok(api::Empty::new())
     }
 
     fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {

@@ -7,17 +7,24 @@ use cocoon_protocol::ContainerStats;
 use containerd_shim::protos::cgroups_v2::metrics::{
     CPUStat, MemoryEvents, MemoryStat, Metrics, PidsStat,
 };
-use oci_spec::runtime::Process;
+use oci_spec::runtime::{LinuxResources, Process};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransError {
     #[error("the exec spec is not an OCI process")]
     ExecSpec(#[source] serde_json::Error),
+    #[error("the update is not OCI Linux resources")]
+    Resources(#[source] serde_json::Error),
 }
 
 /// An exec's process spec, as containerd sends it (JSON in an Any).
 pub fn exec_spec(value: &[u8]) -> Result<Process, TransError> {
     serde_json::from_slice(value).map_err(TransError::ExecSpec)
+}
+
+/// An update's resources, as containerd sends them (JSON in an Any).
+pub fn resources(value: &[u8]) -> Result<LinuxResources, TransError> {
+    serde_json::from_slice(value).map_err(TransError::Resources)
 }
 
 /// The agent's stats as containerd's `io.containerd.cgroups.v2.Metrics`.
@@ -49,6 +56,16 @@ mod tests {
         let process = exec_spec(br#"{"args":["sh"],"cwd":"/","user":{"uid":0,"gid":0}}"#).unwrap();
         assert_eq!(process.args().as_deref(), Some(&["sh".to_owned()][..]));
         assert!(exec_spec(b"{not json").is_err());
+    }
+
+    #[test]
+    fn updates_parse_or_say_why() {
+        let update = resources(br#"{"memory":{"limit":67108864},"pids":{"limit":64}}"#).unwrap();
+        assert_eq!(
+            update.memory().as_ref().and_then(|m| m.limit()),
+            Some(67_108_864)
+        );
+        assert!(resources(b"[]").is_err());
     }
 
     #[test]

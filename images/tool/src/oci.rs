@@ -420,36 +420,30 @@ mod tests {
         }
     }
 
-    fn file(builder: &mut tar::Builder<Vec<u8>>, path: &str, contents: &[u8]) {
+    /// A root-owned header of `kind` with `mode` and `size`, time 0.
+    fn header(kind: tar::EntryType, mode: u32, size: usize) -> tar::Header {
         let mut header = tar::Header::new_gnu();
-        header.set_size(contents.len() as u64);
-        header.set_mode(0o644);
-        header.set_entry_type(tar::EntryType::Regular);
+        header.set_size(size as u64);
+        header.set_mode(mode);
+        header.set_entry_type(kind);
         header.set_uid(0);
         header.set_gid(0);
         header.set_mtime(0);
+        header
+    }
+
+    fn file(builder: &mut tar::Builder<Vec<u8>>, path: &str, contents: &[u8]) {
+        let mut header = header(tar::EntryType::Regular, 0o644, contents.len());
         builder.append_data(&mut header, path, contents).unwrap();
     }
 
     fn dir(builder: &mut tar::Builder<Vec<u8>>, path: &str) {
-        let mut header = tar::Header::new_gnu();
-        header.set_size(0);
-        header.set_mode(0o755);
-        header.set_entry_type(tar::EntryType::Directory);
-        header.set_uid(0);
-        header.set_gid(0);
-        header.set_mtime(0);
+        let mut header = header(tar::EntryType::Directory, 0o755, 0);
         builder.append_data(&mut header, path, &[][..]).unwrap();
     }
 
     fn symlink(builder: &mut tar::Builder<Vec<u8>>, path: &str, target: &str) {
-        let mut header = tar::Header::new_gnu();
-        header.set_size(0);
-        header.set_mode(0o777);
-        header.set_entry_type(tar::EntryType::Symlink);
-        header.set_uid(0);
-        header.set_gid(0);
-        header.set_mtime(0);
+        let mut header = header(tar::EntryType::Symlink, 0o777, 0);
         builder.append_link(&mut header, path, target).unwrap();
     }
 

@@ -10,7 +10,10 @@ pub mod agent;
 pub mod containerd;
 pub mod vmm;
 
+use std::io::Read;
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
 use cocoon_testbed::initramfs::Initramfs;
@@ -103,4 +106,61 @@ pub fn memory_outside_guest(pid: u32, guest_kib: u64) -> (u64, u64) {
         }
     }
     (rss, pss)
+}
+
+/// Runs `command` on a new pty as its controlling terminal (`ctr -t` and
+/// `cocoon run -t` need one); what it printed and its exit code. `args`
+/// name it in a failure.
+pub fn on_a_pty(command: &mut Command, args: &[&str]) -> (String, Option<i32>) {
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty fills two fds; the name, termios and size are optional.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both fds were just opened and are owned here alone.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    command
+        .stdin(Stdio::from(slave.try_clone().unwrap()))
+        .stdout(Stdio::from(slave.try_clone().unwrap()))
+        .stderr(Stdio::from(slave));
+    // SAFETY: setsid and ioctl(TIOCSCTTY) are async-signal-safe.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(command, || {
+            libc::setsid();
+            libc::ioctl(0, libc::TIOCSCTTY, 0);
+            Ok(())
+        });
+    }
+    let child = command.spawn().expect("run the command");
+    // The parent's copies of the slave must go, or the reader never ends.
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let reader = std::thread::spawn(move || {
+        let mut file = std::fs::File::from(master);
+        let mut bytes = Vec::new();
+        let mut buffer = [0; 4096];
+        // EIO once the last slave fd closes.
+        while let Ok(n) = file.read(&mut buffer) {
+            if n == 0 {
+                break;
+            }
+            bytes.extend_from_slice(&buffer[..n]);
+        }
+        bytes
+    });
+    let output = containerd::wait_bounded(child, args);
+    let printed = reader.join().unwrap();
+    (
+        String::from_utf8_lossy(&printed).into_owned(),
+        output.status.code(),
+    )
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use cocoon_e2e::{artifact, require_kvm};
+use cocoon_e2e::{artifact, on_a_pty, require_kvm};
 
 /// Generous (nested mode), but a hang must end the test with what was said.
 const RUN_BOUND: Duration = Duration::from_secs(150);
@@ -146,6 +146,22 @@ fn cocoon_run_gives_the_commands_output_and_exit_code() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(took < Duration::from_secs(90), "{took:?}");
+
+    // A terminal: the command sees a pty and its exit code comes back.
+    let rootfs = std::env::var("COCOON_TEST_ROOTFS_DIR").unwrap();
+    let args = [
+        "run",
+        "--rootfs",
+        &rootfs,
+        "-t",
+        "--",
+        "sh",
+        "-c",
+        "tty; exit 5",
+    ];
+    let (printed, code) = on_a_pty(Command::new(artifact("COCOON_CLI")).args(args), &args);
+    assert!(printed.contains("/dev/pts/"), "{printed:?}");
+    assert_eq!(code, Some(5), "{printed:?}");
 
     let (output, _) = cocoon_run(&["--", "no-such-program"], b"");
     assert_eq!(output.status.code(), Some(125));

@@ -3,12 +3,11 @@
 //! locally built busybox images imported.
 
 use std::io::Read;
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use cocoon_e2e::containerd::{BUSYBOX, BUSYBOX_USER, Containerd, wait_bounded};
-use cocoon_e2e::{memory_outside_guest, require_kvm};
+use cocoon_e2e::{memory_outside_guest, on_a_pty, require_kvm};
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
@@ -69,56 +68,6 @@ fn wait_for_status(containerd: &Containerd, id: &str, status: &str) {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-}
-
-/// Runs `ctr` on a new pty (ctr -t needs a terminal); what it printed and
-/// its exit code.
-fn ctr_on_a_pty(containerd: &Containerd, args: &[&str]) -> (String, Option<i32>) {
-    let (mut master, mut slave) = (0, 0);
-    // SAFETY: openpty fills two fds; the name, termios and size are optional.
-    let rc = unsafe {
-        libc::openpty(
-            &mut master,
-            &mut slave,
-            std::ptr::null_mut(),
-            std::ptr::null(),
-            std::ptr::null(),
-        )
-    };
-    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
-    // SAFETY: both fds were just opened and are owned here alone.
-    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
-    let mut command = containerd.ctr_command(args);
-    command
-        .stdin(Stdio::from(slave.try_clone().unwrap()))
-        .stdout(Stdio::from(slave.try_clone().unwrap()))
-        .stderr(Stdio::from(slave));
-    // SAFETY: setsid and ioctl(TIOCSCTTY) are async-signal-safe.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut command, || {
-            libc::setsid();
-            libc::ioctl(0, libc::TIOCSCTTY, 0);
-            Ok(())
-        });
-    }
-    let child = command.spawn().expect("run ctr");
-    drop(command);
-    let reader = std::thread::spawn(move || {
-        let mut file = std::fs::File::from(master);
-        let mut bytes = Vec::new();
-        let mut buffer = [0; 4096];
-        // EIO once the last slave fd closes.
-        while let Ok(n) = file.read(&mut buffer) {
-            if n == 0 {
-                break;
-            }
-            bytes.extend_from_slice(&buffer[..n]);
-        }
-        bytes
-    });
-    let output = wait_bounded(child, args);
-    let printed = reader.join().unwrap();
-    (text(&printed), output.status.code())
 }
 
 #[test]
@@ -185,7 +134,7 @@ fn ctr_run_gives_output_exit_code_stdin_and_a_tty() {
 
     // A terminal: the process sees a pty, input reaches it, the code returns.
     let args = Containerd::run_args(&["--rm", "-t"], BUSYBOX, "c4", &["sh", "-c", "tty; exit 5"]);
-    let (printed, code) = ctr_on_a_pty(&containerd, &args);
+    let (printed, code) = on_a_pty(&mut containerd.ctr_command(&args), &args);
     assert!(printed.contains("/dev/pts/"), "{printed:?}");
     assert_eq!(code, Some(5), "{printed:?}");
 
