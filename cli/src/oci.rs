@@ -357,7 +357,7 @@ pub fn monitor(args: &MonitorArgs) -> anyhow::Result<ExitCode> {
             &cocoon_images::cache_dir(),
         )
         .context("cannot make the rootfs image")?;
-        let agent_spec = cocoon_runtime::spec::container_spec(spec)?;
+        let (agent_spec, files) = cocoon_runtime::spec::container_spec(spec)?;
         let (disk, rootfs) = rootfs_disk(&image);
         let mut vm = MicroVm::launch(&VmSpec {
             vmm: config
@@ -383,6 +383,7 @@ pub fn monitor(args: &MonitorArgs) -> anyhow::Result<ExitCode> {
                 stdout: true,
                 stderr: true,
             },
+            files,
         })?;
         // runc's detached create: the container's stdio is create's.
         let process = ProcessRef::init(&args.id);

@@ -265,6 +265,7 @@ fn drive(
         rootfs,
         spec,
         stdio,
+        files: Vec::new(),
     })?;
     debug!("container created");
     let process = ProcessRef::init(CONTAINER_ID);

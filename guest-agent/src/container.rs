@@ -20,7 +20,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use cocoon_protocol::{
-    ContainerStats, CreateContainer, ExecProcess, ExitStatus, ProcessRef, Stream, validate_id,
+    ContainerStats, CreateContainer, ExecProcess, ExitStatus, FILE_SOURCE, MAX_COPIED_BYTES,
+    MAX_COPIED_FILES, ProcessRef, Stream, validate_id,
 };
 use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, LinuxSeccomp, Mount};
 
@@ -162,6 +163,57 @@ fn with_disks(mounts: &[Mount]) -> Result<Vec<Mount>, SandboxError> {
     Ok(out)
 }
 
+/// Bind sources `file:N` name the N-th file the host copied in
+/// (`CreateContainer::files`); they become its path under the container's
+/// directory, where `write_files` puts it.
+fn with_files(mounts: &[Mount], files: &[Vec<u8>], dir: &Path) -> Result<Vec<Mount>, SandboxError> {
+    let total: usize = files.iter().map(Vec::len).sum();
+    if files.len() > MAX_COPIED_FILES || total > MAX_COPIED_BYTES {
+        return Err(SandboxError::InvalidArgument(format!(
+            "{} copied files of {total} bytes: at most {MAX_COPIED_FILES} and {MAX_COPIED_BYTES} bytes",
+            files.len()
+        )));
+    }
+    let mut out = mounts.to_vec();
+    for mount in &mut out {
+        let Some(index) = mount
+            .source()
+            .as_ref()
+            .and_then(|s| s.to_str())
+            .and_then(|s| s.strip_prefix(FILE_SOURCE))
+            .map(str::to_owned)
+        else {
+            continue;
+        };
+        let n = index
+            .parse::<usize>()
+            .ok()
+            .filter(|&n| n < files.len())
+            .ok_or_else(|| {
+                SandboxError::InvalidArgument(format!(
+                    "mount at {}: source {FILE_SOURCE}{index} names no copied file ({} given)",
+                    mount.destination().display(),
+                    files.len()
+                ))
+            })?;
+        mount.set_source(Some(dir.join("files").join(n.to_string())));
+    }
+    Ok(out)
+}
+
+fn write_files(files: &[Vec<u8>], dir: &Path) -> Result<(), SandboxError> {
+    if files.is_empty() {
+        return Ok(());
+    }
+    let at = dir.join("files");
+    fs::create_dir_all(&at).map_err(io_error(format!("mkdir {}", at.display())))?;
+    for (n, contents) in files.iter().enumerate() {
+        let path = at.join(n.to_string());
+        fs::write(&path, contents).map_err(io_error(format!("write {}", path.display())))?;
+    }
+    Ok(())
+}
+
 /// Undoes what a failed create or a remove leaves mounted.
 fn unmount_all(mounts: &[PathBuf], dir: &Path) {
     for mount in mounts.iter().rev() {
@@ -254,7 +306,11 @@ impl Sandbox {
             .as_ref()
             .and_then(|r| r.readonly())
             .unwrap_or(false);
-        let mounts = with_disks(spec.mounts().as_deref().unwrap_or_default())?;
+        let mounts = with_files(
+            &with_disks(spec.mounts().as_deref().unwrap_or_default())?,
+            &request.files,
+            &dir,
+        )?;
         let rootfs_plan = RootfsPlan::new(rootfs.clone(), &mounts, linux, hostname, readonly)?;
         let disk = find_disk(&request.rootfs.disk_id)?;
 
@@ -292,7 +348,7 @@ impl Sandbox {
             mounts.push(rootfs.clone());
             Ok(())
         })();
-        if let Err(e) = made {
+        if let Err(e) = made.and_then(|()| write_files(&request.files, &dir)) {
             unmount_all(&mounts, &dir);
             return Err(e);
         }
@@ -510,5 +566,36 @@ impl Sandbox {
                 tracing::warn!(container = %id, "remove failed: {e}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copied_files_map_to_the_containers_directory_and_bad_indexes_are_refused() {
+        let mount = |source: &str| {
+            oci_spec::runtime::MountBuilder::default()
+                .destination("/etc/hosts")
+                .typ("bind")
+                .source(source)
+                .options(vec!["rbind".to_string()])
+                .build()
+                .unwrap()
+        };
+        let dir = Path::new("/run/cocoon/containers/c1");
+        let files = vec![b"127.0.0.1 localhost\n".to_vec()];
+        let mapped = with_files(&[mount("file:0")], &files, dir).unwrap();
+        assert_eq!(
+            mapped[0].source().as_deref(),
+            Some(Path::new("/run/cocoon/containers/c1/files/0"))
+        );
+        assert!(with_files(&[mount("file:1")], &files, dir).is_err());
+        assert!(with_files(&[mount("file:-1")], &files, dir).is_err());
+        let too_many = vec![Vec::new(); MAX_COPIED_FILES + 1];
+        assert!(with_files(&[], &too_many, dir).is_err());
+        let too_big = vec![vec![0; MAX_COPIED_BYTES + 1]];
+        assert!(with_files(&[], &too_big, dir).is_err());
     }
 }

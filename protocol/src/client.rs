@@ -503,6 +503,7 @@ mod tests {
                     },
                     spec: Default::default(),
                     stdio: StdioRequest::default(),
+                    files: Vec::new(),
                 })
                 .unwrap_err();
             assert!(error_chain(&err).contains(check), "{}", error_chain(&err));

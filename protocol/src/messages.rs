@@ -139,7 +139,19 @@ pub struct CreateContainer {
     pub rootfs: Rootfs,
     pub spec: Spec,
     pub stdio: StdioRequest,
+    /// Small host files the container sees at bind mounts whose source is
+    /// `file:N` (N indexes this list): what CRI binds (`/etc/hosts`,
+    /// `/etc/resolv.conf`, …), copied in because the VM shares no file
+    /// system with the host. At most [`MAX_COPIED_FILES`] files and
+    /// [`MAX_COPIED_BYTES`] bytes in all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<Vec<u8>>,
 }
+
+/// A bind mount source naming the N-th of [`CreateContainer::files`].
+pub const FILE_SOURCE: &str = "file:";
+pub const MAX_COPIED_FILES: usize = 16;
+pub const MAX_COPIED_BYTES: usize = 128 * 1024;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -273,6 +285,7 @@ pub(crate) mod tests {
                     stdout: true,
                     stderr: false,
                 },
+                files: vec![b"127.0.0.1 localhost\n".to_vec()],
             })),
             Request::ExecProcess(Box::new(ExecProcess {
                 process: process.clone(),

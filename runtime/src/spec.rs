@@ -3,10 +3,19 @@
 //! The agent applies a spec inside the guest, so anything in it that names
 //! a host resource must be dealt with on the host. A bind mount's source is
 //! a host path: the guest cannot see it, and passing it through would bind
-//! whatever the guest has at that path. Such mounts are refused with the
-//! reason; `disk:ID` sources (guest disks) pass. Hooks name host programs
-//! and are dropped.
+//! whatever the guest has at that path. So:
+//!
+//! ```text
+//!  bind of a small host file (CRI's /etc/hosts, resolv.conf, hostname)
+//!      ─▶ its contents go along (CreateContainer.files), source `file:N`
+//!  bind of `disk:ID` (a disk of the VM)              ─▶ as it is
+//!  bind of a host directory, or too much to copy      ─▶ refused, with why
+//! ```
+//!
+//! The copy is one-way, taken at create: the host does not see what the
+//! container writes there. Hooks name host programs and are dropped.
 
+use cocoon_protocol::{FILE_SOURCE, MAX_COPIED_BYTES, MAX_COPIED_FILES};
 use oci_spec::runtime::Spec;
 
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +28,12 @@ pub enum SpecError {
         destination: String,
         host_path: String,
     },
+    #[error("mount at {destination}: cannot copy {host_path} into the micro-VM: {reason}")]
+    Copy {
+        destination: String,
+        host_path: String,
+        reason: String,
+    },
 }
 
 fn is_bind(mount: &oci_spec::runtime::Mount) -> bool {
@@ -30,22 +45,49 @@ fn is_bind(mount: &oci_spec::runtime::Mount) -> bool {
             .any(|o| o == "bind" || o == "rbind")
 }
 
-/// The bundle's spec as the agent should apply it in the guest.
-pub fn container_spec(mut spec: Spec) -> Result<Spec, SpecError> {
-    if let Some(mounts) = spec.mounts() {
-        for mount in mounts {
+/// The bundle's spec as the agent should apply it in the guest, and the
+/// host files copied in for its `file:N` mounts.
+pub fn container_spec(mut spec: Spec) -> Result<(Spec, Vec<Vec<u8>>), SpecError> {
+    let mut files: Vec<Vec<u8>> = Vec::new();
+    if let Some(mut mounts) = spec.mounts().clone() {
+        for mount in &mut mounts {
             let source = mount
                 .source()
                 .as_ref()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            if is_bind(mount) && !source.starts_with("disk:") {
+            if !is_bind(mount) || source.starts_with("disk:") {
+                continue;
+            }
+            let destination = mount.destination().display().to_string();
+            let copy_error = |reason: String| SpecError::Copy {
+                destination: destination.clone(),
+                host_path: source.clone(),
+                reason,
+            };
+            let meta = std::fs::metadata(&source).map_err(|e| copy_error(e.to_string()))?;
+            if !meta.is_file() {
                 return Err(SpecError::HostBind {
-                    destination: mount.destination().display().to_string(),
+                    destination,
                     host_path: source,
                 });
             }
+            let used: usize = files.iter().map(Vec::len).sum();
+            let fits = usize::try_from(meta.len()).is_ok_and(|len| used + len <= MAX_COPIED_BYTES);
+            if files.len() >= MAX_COPIED_FILES || !fits {
+                return Err(copy_error(format!(
+                    "at most {MAX_COPIED_FILES} files and {} KiB in all are copied",
+                    MAX_COPIED_BYTES / 1024
+                )));
+            }
+            let contents = std::fs::read(&source).map_err(|e| copy_error(e.to_string()))?;
+            if used + contents.len() > MAX_COPIED_BYTES {
+                return Err(copy_error("it grew while being read".into()));
+            }
+            mount.set_source(Some(format!("{FILE_SOURCE}{}", files.len()).into()));
+            files.push(contents);
         }
+        spec.set_mounts(Some(mounts));
     }
     // The rootfs is the VM's disk; the bundle's path means nothing inside.
     if let Some(mut root) = spec.root().clone() {
@@ -54,7 +96,7 @@ pub fn container_spec(mut spec: Spec) -> Result<Spec, SpecError> {
     }
     // Host hooks would run on the host with the container's say-so.
     spec.set_hooks(None);
-    Ok(spec)
+    Ok((spec, files))
 }
 
 #[cfg(test)]
@@ -71,23 +113,49 @@ mod tests {
     }
 
     #[test]
-    fn host_binds_are_refused_and_guest_things_pass() {
-        let ok = container_spec(spec(
-            r#"[{"destination":"/proc","type":"proc","source":"proc"},
-                {"destination":"/data","type":"bind","source":"disk:data"}]"#,
-        ))
+    fn small_host_files_are_copied_and_directories_refused() {
+        let host = tempfile::tempdir().unwrap();
+        let hosts = host.path().join("hosts");
+        std::fs::write(&hosts, "127.0.0.1 localhost\n").unwrap();
+        let (ok, files) = container_spec(spec(&format!(
+            r#"[{{"destination":"/proc","type":"proc","source":"proc"}},
+                {{"destination":"/data","type":"bind","source":"disk:data"}},
+                {{"destination":"/etc/hosts","type":"bind","source":"{}","options":["rbind","ro"]}}]"#,
+            hosts.display()
+        )))
         .unwrap();
         assert_eq!(ok.root().as_ref().unwrap().path().to_str(), Some("rootfs"));
         assert!(ok.hooks().is_none(), "host hooks must not reach anything");
-        let error = container_spec(spec(
-            r#"[{"destination":"/etc/hosts","type":"none","source":"/var/lib/x/hosts",
-                 "options":["rbind","ro"]}]"#,
-        ))
+        let mounts = ok.mounts().as_ref().unwrap();
+        assert_eq!(
+            mounts[1].source().as_ref().unwrap().to_str(),
+            Some("disk:data")
+        );
+        assert_eq!(
+            mounts[2].source().as_ref().unwrap().to_str(),
+            Some("file:0")
+        );
+        assert_eq!(files, vec![b"127.0.0.1 localhost\n".to_vec()]);
+
+        let error = container_spec(spec(&format!(
+            r#"[{{"destination":"/srv","type":"none","source":"{}","options":["rbind"]}}]"#,
+            host.path().display()
+        )))
         .unwrap_err()
         .to_string();
         assert!(
-            error.contains("/etc/hosts") && error.contains("/var/lib/x/hosts"),
+            error.contains("/srv") && error.contains("host bind mounts"),
             "{error}"
         );
+
+        let big = host.path().join("big");
+        std::fs::write(&big, vec![0u8; MAX_COPIED_BYTES + 1]).unwrap();
+        let error = container_spec(spec(&format!(
+            r#"[{{"destination":"/big","type":"bind","source":"{}"}}]"#,
+            big.display()
+        )))
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("KiB in all"), "{error}");
     }
 }

@@ -176,7 +176,7 @@ impl Container {
             .root()
             .as_ref()
             .map_or_else(|| PathBuf::from("rootfs"), |r| r.path().clone());
-        let agent_spec = cocoon_runtime::spec::container_spec(spec)?;
+        let (agent_spec, files) = cocoon_runtime::spec::container_spec(spec)?;
         let image = rootfs::image(bundle, mounts, &root_path)?;
         std::fs::create_dir_all(&config.run_dir)
             .map_err(|e| ContainerError::Scratch(config.run_dir.clone(), e))?;
@@ -221,6 +221,7 @@ impl Container {
             rootfs,
             spec: agent_spec,
             stdio: stdio.request(),
+            files,
         })?;
         let process = ProcessRef::init(id);
         let copiers = Copiers::attach(&client, &process, &stdio)?;

@@ -65,7 +65,7 @@ mod tests {
             update.memory().as_ref().and_then(|m| m.limit()),
             Some(67_108_864)
         );
-        assert!(resources(b"[]").is_err());
+        assert!(resources(b"{\"memory\": 5}").is_err());
     }
 
     #[test]

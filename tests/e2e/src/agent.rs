@@ -135,6 +135,7 @@ impl AgentVm {
                 },
                 spec,
                 stdio,
+                files: Vec::new(),
             })
             .unwrap_or_else(|e| panic!("create {id}: {e}"))
     }

@@ -155,6 +155,35 @@ fn ctr_run_gives_output_exit_code_stdin_and_a_tty() {
     assert_eq!(text(&a.stdout), "c5\n", "{}", text(&a.stderr));
     assert_eq!(text(&b.stdout), "c6\n", "{}", text(&b.stderr));
 
+    // A small host file bind-mounted, as CRI does with /etc/hosts: copied in.
+    let greeting = containerd.dir().join("greeting");
+    std::fs::write(&greeting, "hello from the host\n").unwrap();
+    let mount = format!(
+        "type=bind,src={},dst=/etc/greeting,options=rbind:ro",
+        greeting.display()
+    );
+    let args = Containerd::run_args(
+        &["--rm", "--mount", &mount],
+        BUSYBOX,
+        "c8",
+        &["cat", "/etc/greeting"],
+    );
+    assert_eq!(containerd.ctr_ok(&args), "hello from the host\n");
+    // A host directory cannot be: refused at create with the reason.
+    let mount = format!(
+        "type=bind,src={},dst=/srv,options=rbind",
+        containerd.dir().display()
+    );
+    let args = Containerd::run_args(&["--rm", "--mount", &mount], BUSYBOX, "c9", &["true"]);
+    let output = containerd.ctr(&args);
+    assert!(!output.status.success());
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains("host bind mounts are not supported"),
+        "{stderr}"
+    );
+    let _ = containerd.ctr(&["containers", "rm", "c9"]);
+
     // A bundle the runtime refuses: the error says why, nothing is left.
     let args = Containerd::run_args(&["--rm"], BUSYBOX, "c7", &["no-such-program"]);
     let output = containerd.ctr(&args);
