@@ -109,7 +109,9 @@ impl Containerd {
                 .expect("COCOON_TEST_IMAGES_DIR is set by `make test`");
             let tar = PathBuf::from(dir).join(image);
             let tar = tar.to_str().unwrap();
-            containerd.ctr_ok(&["images", "import", "--snapshotter", "native", tar]);
+            for snapshotter in ["native", "overlayfs"] {
+                containerd.ctr_ok(&["images", "import", "--snapshotter", snapshotter, tar]);
+            }
         }
         containerd
     }

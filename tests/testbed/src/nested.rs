@@ -9,7 +9,7 @@
 //! ```text
 //!  outer test-bed                         test host (QEMU TCG, cloud kernel)
 //!  ─────────────────                      ──────────────────────────────────
-//!  initramfs: busybox, kvm modules,  ──▶  /init: mount, insmod irqbypass kvm kvm-amd
+//!  initramfs: busybox, modules,      ──▶  /init: mount, insmod irqbypass kvm kvm-amd overlay
 //!    the command, --with paths             run.sh: env, cwd, the command
 //!  ttyS0 → console.log (kernel)            kernel messages
 //!  ttyS1 → output.log, echoed live   ◀──   command stdout+stderr,
@@ -32,8 +32,15 @@ use crate::serial::SerialLog;
 pub const READY_MARKER: &str = "COCOON-TESTBED-READY";
 /// Printed by the test host's init with the command's exit code.
 pub const EXIT_MARKER: &str = "COCOON-TESTBED-EXIT";
-/// The kernel modules that give the test host its `/dev/kvm`, in load order.
-const KVM_MODULES: [&str; 3] = ["irqbypass", "kvm", "kvm-amd"];
+/// The test host's kernel modules, in load order, and where Debian's
+/// package has them: the three that give it `/dev/kvm`, and overlayfs (for
+/// containerd's default snapshotter).
+const HOST_MODULES: [(&str, &str); 4] = [
+    ("irqbypass", "virt/lib/irqbypass.ko"),
+    ("kvm", "arch/x86/kvm/kvm.ko"),
+    ("kvm-amd", "arch/x86/kvm/kvm-amd.ko"),
+    ("overlay", "fs/overlayfs/overlay.ko"),
+];
 /// Where the testbed binary itself goes in the test host, for `hold-kvm`.
 const HOLD_KVM_PROGRAM: &str = "/testbed/cocoon-testbed";
 
@@ -100,7 +107,7 @@ pub enum NestedError {
     Interrupted,
 }
 
-/// Debian's cloud kernel and the KVM modules from its package.
+/// Debian's cloud kernel and the modules the test host loads, from its package.
 #[derive(Debug, Clone)]
 pub struct HostKernel {
     pub vmlinuz: PathBuf,
@@ -136,14 +143,9 @@ impl HostKernel {
             })
             .unwrap_or_default();
         let module_dir = dir.join("lib/modules").join(&release).join("kernel");
-        let module_paths = [
-            "virt/lib/irqbypass.ko",
-            "arch/x86/kvm/kvm.ko",
-            "arch/x86/kvm/kvm-amd.ko",
-        ];
-        let modules = module_paths
+        let modules = HOST_MODULES
             .iter()
-            .map(|p| module_dir.join(p))
+            .map(|(_, p)| module_dir.join(p))
             .map(|p| {
                 if p.exists() {
                     Ok(p)
@@ -301,7 +303,7 @@ impl NestedRun<'_> {
             archive.add_path(path).map_err(NestedError::Initramfs)
         };
         add(&mut archive, Path::new(BUSYBOX))?;
-        for (name, module) in KVM_MODULES.iter().zip(&self.kernel.modules) {
+        for ((name, _), module) in HOST_MODULES.iter().zip(&self.kernel.modules) {
             archive
                 .file(&format!("/lib/testbed/{name}.ko"), module)
                 .map_err(NestedError::Initramfs)?;
@@ -400,9 +402,9 @@ fn run_script(env: &[(String, String)], cwd: &Path, command: &[String]) -> Strin
 }
 
 fn init_script() -> String {
-    let modules: Vec<String> = KVM_MODULES
+    let modules: Vec<String> = HOST_MODULES
         .iter()
-        .map(|m| format!("/lib/testbed/{m}.ko"))
+        .map(|(m, _)| format!("/lib/testbed/{m}.ko"))
         .collect();
     format!(
         r#"#!/bin/busybox sh

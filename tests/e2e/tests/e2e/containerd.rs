@@ -6,7 +6,7 @@ use std::io::Read;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use cocoon_e2e::containerd::{BUSYBOX, BUSYBOX_USER, Containerd, wait_bounded};
+use cocoon_e2e::containerd::{BUSYBOX, BUSYBOX_USER, Containerd, RUNTIME, wait_bounded};
 use cocoon_e2e::{memory_outside_guest, on_a_pty, require_kvm};
 
 fn text(bytes: &[u8]) -> String {
@@ -116,6 +116,30 @@ fn ctr_run_gives_output_exit_code_stdin_and_a_tty() {
         first_byte.unwrap_or_default().as_secs_f64(),
         started.elapsed().as_secs_f64()
     );
+
+    // The overlayfs snapshotter (containerd's default): the shim reads the
+    // layers through a read-only overlay of its own.
+    let args = [
+        "run",
+        "--runtime",
+        RUNTIME,
+        "--snapshotter",
+        "overlayfs",
+        "--rm",
+        BUSYBOX,
+        "c10",
+        "sh",
+        "-c",
+        "echo overlay; exit 4",
+    ];
+    let output = containerd.ctr(&args);
+    assert_eq!(
+        text(&output.stdout),
+        "overlay\n",
+        "{}",
+        text(&output.stderr)
+    );
+    assert_eq!(output.status.code(), Some(4));
 
     // Stdin without a terminal (ctr always attaches it), byte-exact; the
     // user of the image.
