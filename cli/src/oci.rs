@@ -178,29 +178,11 @@ fn write_state(dir: &Path, state: &State) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Whether `pid` is a live process whose arguments include every one of
-/// `needles` (so a recycled pid is never taken for ours).
-fn alive_with(pid: u32, needles: &[&str]) -> bool {
-    pid != 0
-        && std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
-            let args: Vec<String> = cmdline
-                .split(|&b| b == 0)
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect();
-            needles.iter().all(|n| args.iter().any(|a| a.contains(n)))
-        })
-}
-
 /// The monitor of the container in `dir` (`cocoon monitor --root R ... ID`).
 fn monitor_alive(pid: u32, dir: &Path) -> bool {
     let root = dir.parent().unwrap_or(dir).to_string_lossy();
     let id = dir.file_name().unwrap_or_default().to_string_lossy();
-    alive_with(pid, &["monitor", &root, &id])
-}
-
-/// The VMM of the container in `dir` (its vsock socket is in `dir`).
-fn vmm_alive(pid: u32, dir: &Path) -> bool {
-    alive_with(pid, &[&dir.to_string_lossy()])
+    cocoon_runtime::vm::alive_with(pid, &["monitor", &root, &id])
 }
 
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
@@ -347,12 +329,8 @@ pub fn monitor(args: &MonitorArgs) -> anyhow::Result<ExitCode> {
             );
         }
         let size = config.size_for(&spec)?;
-        let root = spec
-            .root()
-            .as_ref()
-            .map_or_else(|| PathBuf::from("rootfs"), |r| r.path().clone());
         let image = cocoon_images::rootfs::image(
-            &args.bundle.join(root),
+            &args.bundle.join(cocoon_runtime::spec::root_path(&spec)),
             None,
             &cocoon_images::cache_dir(),
         )
@@ -360,11 +338,7 @@ pub fn monitor(args: &MonitorArgs) -> anyhow::Result<ExitCode> {
         let (agent_spec, files) = cocoon_runtime::spec::container_spec(spec)?;
         let (disk, rootfs) = rootfs_disk(&image);
         let mut vm = MicroVm::launch(&VmSpec {
-            vmm: config
-                .vmm_path()
-                .context("cocoon-vmm not found: pass --vmm or set COCOON_VMM")?,
-            kernel: config.kernel.clone(),
-            initramfs: config.initramfs.clone(),
+            boot: config.boot_files()?,
             vcpus: size.vcpus,
             memory_mib: size.memory_mib,
             disks: vec![disk],
@@ -568,10 +542,7 @@ pub fn delete(args: &DeleteArgs) -> anyhow::Result<ExitCode> {
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
     }
-    if vmm_alive(state.vmm_pid, &dir) {
-        // SAFETY: kill() takes plain integers; the pid serves our directory.
-        unsafe { libc::kill(i32::try_from(state.vmm_pid)?, libc::SIGKILL) };
-    }
+    cocoon_runtime::vm::kill_orphan(state.vmm_pid, &dir);
     std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
     Ok(ExitCode::SUCCESS)
 }

@@ -144,26 +144,7 @@ const CONTAINER_ID: &str = "run";
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = args.artifacts.config()?;
-    let vmm_path = config
-        .vmm_path()
-        .context("cocoon-vmm not found: pass --vmm or set COCOON_VMM")?;
-    for (what, path, fix) in [
-        (
-            "guest kernel",
-            &config.kernel,
-            "pass --kernel or set COCOON_KERNEL (`make demo` builds one)",
-        ),
-        (
-            "guest initramfs",
-            &config.initramfs,
-            "pass --initrd or set COCOON_AGENT_INITRAMFS (`make demo` builds one)",
-        ),
-        ("cocoon-vmm", &vmm_path, "pass --vmm or set COCOON_VMM"),
-    ] {
-        if !path.is_file() {
-            bail!("{what} {} does not exist: {fix}", path.display());
-        }
-    }
+    let boot = config.boot_files()?;
     debug!("probing KVM");
     let verdict = probe::probe();
     if verdict.mode != Mode::Native {
@@ -209,9 +190,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .context("cannot make a scratch directory")?;
     let (disk, rootfs) = rootfs_disk(&image);
     let mut vm = MicroVm::launch(&VmSpec {
-        vmm: vmm_path,
-        kernel: config.kernel.clone(),
-        initramfs: config.initramfs.clone(),
+        boot,
         vcpus: args.cpus.unwrap_or(config.vcpus),
         memory_mib: args.memory.unwrap_or(config.memory_mib),
         disks: vec![disk],

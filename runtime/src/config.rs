@@ -45,6 +45,14 @@ pub enum ConfigError {
         value: String,
         reason: String,
     },
+    #[error("{what} {path} does not exist: set {key} in the configuration or {env}{hint}")]
+    Missing {
+        what: &'static str,
+        path: PathBuf,
+        key: &'static str,
+        env: &'static str,
+        hint: &'static str,
+    },
     #[error("annotation {key}={value:?}: {reason}")]
     Annotation {
         key: String,
@@ -92,6 +100,14 @@ impl Default for Config {
             run_dir: "/run/cocoon".into(),
         }
     }
+}
+
+/// What a micro-VM boots, each found on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootFiles {
+    pub vmm: PathBuf,
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
 }
 
 /// The size of one micro-VM.
@@ -190,6 +206,51 @@ impl Config {
                     .map(|dir| dir.join(&self.vmm))
                     .find(|p| p.is_file())
             })
+        })
+    }
+
+    /// The VMM, kernel and initramfs, each checked to exist; the error
+    /// names the missing one and where to point at it.
+    pub fn boot_files(&self) -> Result<BootFiles, ConfigError> {
+        const BUILT_BY_DEMO: &str = " (`make demo` builds it)";
+        let vmm = self.vmm_path().ok_or_else(|| ConfigError::Missing {
+            what: "cocoon-vmm (looked for beside this program and in PATH)",
+            path: self.vmm.clone(),
+            key: "vmm",
+            env: "COCOON_VMM",
+            hint: " (`cargo build --release -p cocoon-vmm` builds it)",
+        })?;
+        for (what, path, key, env, hint) in [
+            (
+                "guest kernel",
+                &self.kernel,
+                "kernel",
+                "COCOON_KERNEL",
+                BUILT_BY_DEMO,
+            ),
+            (
+                "guest initramfs",
+                &self.initramfs,
+                "initramfs",
+                "COCOON_AGENT_INITRAMFS",
+                BUILT_BY_DEMO,
+            ),
+            ("cocoon-vmm", &vmm, "vmm", "COCOON_VMM", ""),
+        ] {
+            if !path.is_file() {
+                return Err(ConfigError::Missing {
+                    what,
+                    path: path.clone(),
+                    key,
+                    env,
+                    hint,
+                });
+            }
+        }
+        Ok(BootFiles {
+            vmm,
+            kernel: self.kernel.clone(),
+            initramfs: self.initramfs.clone(),
         })
     }
 
@@ -317,6 +378,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(kind.contains("config.toml"), "{kind}");
+    }
+
+    #[test]
+    fn boot_files_must_exist_and_the_error_says_where_to_set_them() {
+        let config = Config {
+            kernel: "/nonexistent/vmlinux".into(),
+            vmm: "/bin/sh".into(),
+            ..Config::default()
+        };
+        let error = config.boot_files().unwrap_err().to_string();
+        assert!(
+            error.contains("/nonexistent/vmlinux") && error.contains("COCOON_KERNEL"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -6,5 +6,5 @@ pub mod config;
 pub mod spec;
 pub mod vm;
 
-pub use config::{Config, ConfigError, VmSize};
+pub use config::{BootFiles, Config, ConfigError, VmSize};
 pub use vm::{Disk, MicroVm, VmError, VmSpec, rootfs_disk};

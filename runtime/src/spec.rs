@@ -45,6 +45,14 @@ fn is_bind(mount: &oci_spec::runtime::Mount) -> bool {
             .any(|o| o == "bind" || o == "rbind")
 }
 
+/// The container's root in the bundle, as the spec names it (runc's
+/// default: `rootfs`).
+pub fn root_path(spec: &Spec) -> std::path::PathBuf {
+    spec.root()
+        .as_ref()
+        .map_or_else(|| "rootfs".into(), |r| r.path().clone())
+}
+
 /// The bundle's spec as the agent should apply it in the guest, and the
 /// host files copied in for its `file:N` mounts.
 pub fn container_spec(mut spec: Spec) -> Result<(Spec, Vec<Vec<u8>>), SpecError> {

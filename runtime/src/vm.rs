@@ -21,10 +21,10 @@ use std::time::{Duration, Instant};
 use cocoon_images::rootfs::{Format, RootfsImage};
 use cocoon_protocol::{AgentClient, ClientError, DEFAULT_AGENT_PORT, Filesystem, Rootfs};
 
+use crate::config::BootFiles;
+
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
-    #[error("{what} {path} does not exist")]
-    Missing { what: &'static str, path: PathBuf },
     #[error("cannot create {0}")]
     Scratch(PathBuf, #[source] std::io::Error),
     #[error("cannot start {0}")]
@@ -76,9 +76,8 @@ pub fn rootfs_disk(image: &RootfsImage) -> (Disk, Rootfs) {
 /// What to boot.
 #[derive(Debug, Clone)]
 pub struct VmSpec {
-    pub vmm: PathBuf,
-    pub kernel: PathBuf,
-    pub initramfs: PathBuf,
+    /// Checked to exist by [`crate::Config::boot_files`].
+    pub boot: BootFiles,
     pub vcpus: u32,
     pub memory_mib: u32,
     pub disks: Vec<Disk>,
@@ -116,27 +115,16 @@ fn log_suffix(log: &Path) -> String {
 
 impl MicroVm {
     pub fn launch(spec: &VmSpec) -> Result<Self, VmError> {
-        for (what, path) in [
-            ("guest kernel", &spec.kernel),
-            ("guest initramfs", &spec.initramfs),
-            ("cocoon-vmm", &spec.vmm),
-        ] {
-            if !path.is_file() {
-                return Err(VmError::Missing {
-                    what,
-                    path: path.clone(),
-                });
-            }
-        }
         let uds = spec.dir.join("vsock.sock");
         let log = spec.dir.join("vmm.log");
         let log_file = File::create(&log).map_err(|e| VmError::Scratch(log.clone(), e))?;
-        let mut command = Command::new(&spec.vmm);
+        let boot = &spec.boot;
+        let mut command = Command::new(&boot.vmm);
         command
             .arg("--kernel")
-            .arg(&spec.kernel)
+            .arg(&boot.kernel)
             .arg("--initrd")
-            .arg(&spec.initramfs)
+            .arg(&boot.initramfs)
             .args(["--vcpus", &spec.vcpus.to_string()])
             .args(["--mem-mib", &spec.memory_mib.to_string()])
             .arg("--vsock-uds")
@@ -156,7 +144,7 @@ impl MicroVm {
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
-            .map_err(|e| VmError::Spawn(spec.vmm.clone(), e))?;
+            .map_err(|e| VmError::Spawn(boot.vmm.clone(), e))?;
         Ok(Self {
             child,
             uds,
@@ -256,6 +244,33 @@ impl Drop for MicroVm {
     }
 }
 
+/// Whether `pid` is a live process each of `needles` is part of one of
+/// its arguments: how a pid recorded in a state file is told from a
+/// recycled one before it is signalled.
+pub fn alive_with(pid: u32, needles: &[&str]) -> bool {
+    pid != 0
+        && std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+            let args: Vec<String> = cmdline
+                .split(|&b| b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            needles.iter().all(|n| args.iter().any(|a| a.contains(n)))
+        })
+}
+
+/// SIGKILLs the VMM `pid` left by a process that died (a shim, a
+/// monitor), if it still runs and is the one whose socket is in `dir`.
+pub fn kill_orphan(pid: u32, dir: &Path) -> bool {
+    let ours = alive_with(pid, &[&dir.to_string_lossy()]);
+    if let (true, Ok(pid)) = (ours, i32::try_from(pid)) {
+        // SAFETY: kill() takes plain integers; the pid was just checked to
+        // be the VMM serving `dir`.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        return true;
+    }
+    false
+}
+
 /// "exit status 1" or "killed by signal 9".
 pub fn describe(status: ExitStatus) -> String {
     match (status.code(), status.signal()) {
@@ -271,9 +286,11 @@ mod tests {
 
     fn spec(dir: &Path, vmm: &Path) -> VmSpec {
         VmSpec {
-            vmm: vmm.into(),
-            kernel: vmm.into(),
-            initramfs: vmm.into(),
+            boot: BootFiles {
+                vmm: vmm.into(),
+                kernel: vmm.into(),
+                initramfs: vmm.into(),
+            },
             vcpus: 1,
             memory_mib: 64,
             disks: vec![],

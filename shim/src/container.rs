@@ -49,8 +49,6 @@ pub enum ContainerError {
     Rootfs(#[from] rootfs::RootfsError),
     #[error("cannot make a scratch directory in {0}")]
     Scratch(PathBuf, #[source] std::io::Error),
-    #[error("cocoon-vmm not found: set vmm in the configuration or COCOON_VMM")]
-    NoVmm,
     #[error(transparent)]
     Vm(#[from] cocoon_runtime::VmError),
     #[error(transparent)]
@@ -172,10 +170,7 @@ impl Container {
     ) -> Result<Self, ContainerError> {
         let spec = Spec::load(bundle.join("config.json")).map_err(ContainerError::Bundle)?;
         let size = config.size_for(&spec)?;
-        let root_path = spec
-            .root()
-            .as_ref()
-            .map_or_else(|| PathBuf::from("rootfs"), |r| r.path().clone());
+        let root_path = cocoon_runtime::spec::root_path(&spec);
         let (agent_spec, files) = cocoon_runtime::spec::container_spec(spec)?;
         let image = rootfs::image(bundle, mounts, &root_path)?;
         std::fs::create_dir_all(&config.run_dir)
@@ -192,9 +187,7 @@ impl Container {
         };
         let (disk, rootfs) = rootfs_disk(&image);
         let mut vm = MicroVm::launch(&VmSpec {
-            vmm: config.vmm_path().ok_or(ContainerError::NoVmm)?,
-            kernel: config.kernel.clone(),
-            initramfs: config.initramfs.clone(),
+            boot: config.boot_files()?,
             vcpus: size.vcpus,
             memory_mib: size.memory_mib,
             disks: vec![disk],
@@ -354,17 +347,10 @@ pub fn cleanup_leftovers(bundle: &Path, id: &str) {
         .ok()
         .and_then(|json| serde_json::from_slice::<Leftovers>(&json).ok())
     {
-        // Only a cocoon-vmm serving this very scratch directory is ours.
-        let cmdline =
-            std::fs::read(format!("/proc/{}/cmdline", leftovers.vmm_pid)).unwrap_or_default();
-        let scratch = leftovers.scratch.to_string_lossy();
-        let ours = String::from_utf8_lossy(&cmdline).contains(&*scratch);
-        if ours && let Ok(pid) = i32::try_from(leftovers.vmm_pid) {
-            // SAFETY: kill() takes plain integers; the pid was checked above
-            // to be the VMM serving our scratch directory.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            log::warn!("{id}: killed the leftover cocoon-vmm {pid}");
+        if cocoon_runtime::vm::kill_orphan(leftovers.vmm_pid, &leftovers.scratch) {
+            log::warn!("{id}: killed the leftover cocoon-vmm {}", leftovers.vmm_pid);
         }
+        let scratch = leftovers.scratch.to_string_lossy();
         if leftovers.scratch.starts_with("/") && scratch.contains("/vm-") {
             let _ = std::fs::remove_dir_all(&leftovers.scratch);
         }
