@@ -299,6 +299,31 @@ mod tests {
         }
     }
 
+    /// A stand-in VMM: a shell script with `body`.
+    fn fake_vmm(dir: &Path, body: &str) -> PathBuf {
+        let script = dir.join("fake-vmm");
+        std::fs::write(&script, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        script
+    }
+
+    /// Launches a script written a moment ago. A child that another test thread
+    /// forked while the script's write descriptor was open holds that
+    /// descriptor until it execs, and exec then fails with ETXTBSY; that
+    /// window is short, so retry.
+    fn launch_fake(spec: &VmSpec) -> MicroVm {
+        for _ in 0..100 {
+            match MicroVm::launch(spec) {
+                Err(VmError::Spawn(_, e)) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                other => return other.unwrap(),
+            }
+        }
+        panic!("{} stayed busy for 2 s", spec.boot.vmm.display());
+    }
+
     #[test]
     fn a_missing_binary_is_named() {
         let dir = tempfile::tempdir().unwrap();
@@ -312,15 +337,8 @@ mod tests {
     fn a_vmm_that_dies_while_booting_is_reported_with_its_log() {
         let dir = tempfile::tempdir().unwrap();
         // A stand-in "VMM" that complains and exits, as a VMM does on a bad kernel.
-        let script = dir.path().join("fake-vmm");
-        std::fs::write(
-            &script,
-            "#!/bin/sh\necho 'cannot load kernel: bad ELF' >&2\nexit 3\n",
-        )
-        .unwrap();
-        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
-        let mut vm = MicroVm::launch(&spec(dir.path(), &script)).unwrap();
+        let script = fake_vmm(dir.path(), "echo 'cannot load kernel: bad ELF' >&2\nexit 3");
+        let mut vm = launch_fake(&spec(dir.path(), &script));
         let error = vm
             .connect(Duration::from_secs(20), Duration::from_secs(1), &|| false)
             .unwrap_err()
@@ -332,11 +350,8 @@ mod tests {
     #[test]
     fn dropping_kills_the_vmm() {
         let dir = tempfile::tempdir().unwrap();
-        let script = dir.path().join("sleepy-vmm");
-        std::fs::write(&script, "#!/bin/sh\nexec sleep 600\n").unwrap();
-        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
-        let vm = MicroVm::launch(&spec(dir.path(), &script)).unwrap();
+        let script = fake_vmm(dir.path(), "exec sleep 600");
+        let vm = launch_fake(&spec(dir.path(), &script));
         let pid = vm.pid();
         drop(vm);
         let alive = Path::new(&format!("/proc/{pid}")).exists();
