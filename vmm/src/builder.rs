@@ -4,7 +4,8 @@
 //! 2. guest RAM, the KVM VM, its memory slots and in-kernel irqchip + PIT;
 //! 3. devices: serial, i8042 and boot marker on ports; virtio-blk disks and
 //!    virtio-vsock on MMIO, each with an irqfd and a queue-notify ioeventfd,
-//!    and announced on the kernel command line;
+//!    and announced on the kernel command line; spare disk slots and the
+//!    API socket that attaches images to them;
 //! 4. kernel, initrd, command line and boot parameters into guest memory,
 //!    then the MP table, GDT and page tables;
 //! 5. vCPUs, with CPUID, MSRs, FPU, LAPIC and the boot registers.
@@ -19,6 +20,7 @@ use std::time::Instant;
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::api::ApiServer;
 use crate::arch::boot::{self, BootError};
 use crate::arch::layout::{
     BOOT_MARKER_PORT, I8042_PORT, I8042_PORT_LEN, SERIAL_IRQ, SERIAL_PORT, SERIAL_PORT_LEN,
@@ -27,7 +29,7 @@ use crate::arch::layout::{
 use crate::config::{ConfigError, SerialConfig, VmConfig};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::{BootMarker, I8042, SerialConsole};
-use crate::devices::virtio::block::Block;
+use crate::devices::virtio::block::{Block, DiskSlot, DiskSlots};
 use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
@@ -57,6 +59,8 @@ pub enum BuildError {
     Vsock(#[from] crate::devices::virtio::vsock::VsockError),
     #[error("cannot set up virtio queues")]
     Queue(String),
+    #[error("cannot serve the API socket {0}")]
+    Api(String, #[source] std::io::Error),
     #[error("cannot load the guest")]
     Boot(#[from] BootError),
 }
@@ -100,10 +104,18 @@ pub fn build(config: &VmConfig, started: Instant) -> Result<Vmm, BuildError> {
     )?;
 
     // virtio devices on MMIO, each announced on the command line.
+    // Disks first (the first is /dev/vda), then the spare slots, then vsock.
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     for disk in &config.disks {
         let block = Block::open(&disk.path, disk.read_only, disk.id.as_deref())
             .map_err(|e| BuildError::Disk(disk.path.display().to_string(), e))?;
+        devices.push(Box::new(block));
+    }
+    let spare_from = devices.len();
+    let mut spare_backings = Vec::new();
+    for _ in 0..config.spare_disks {
+        let block = Block::spare();
+        spare_backings.push(block.backing());
         devices.push(Box::new(block));
     }
     if let Some(vsock) = &config.vsock {
@@ -111,8 +123,10 @@ pub fn build(config: &VmConfig, started: Instant) -> Result<Vmm, BuildError> {
     }
     let mut mmio = Bus::new();
     let mut cmdline_devices = Vec::new();
-    for (index, device) in devices.into_iter().enumerate() {
-        let index = u32::try_from(index).unwrap_or(u32::MAX);
+    let mut spare_backings = spare_backings.into_iter();
+    let mut slots = Vec::new();
+    for (position, device) in devices.into_iter().enumerate() {
+        let index = u32::try_from(position).unwrap_or(u32::MAX);
         let base = VIRTIO_MMIO_BASE + u64::from(index) * VIRTIO_MMIO_SIZE;
         let irq = VIRTIO_IRQ_BASE + index;
         let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
@@ -124,17 +138,25 @@ pub fn build(config: &VmConfig, started: Instant) -> Result<Vmm, BuildError> {
             vm.register_mmio_notify(&evt, base + REG_QUEUE_NOTIFY, queue)?;
             queue_evts.push(evt);
         }
-        let transport = MmioTransport::new(
-            device,
-            Arc::clone(&ram),
-            Arc::new(Interrupt::new(irqfd)),
-            queue_evts,
-        )
-        .map_err(|e| BuildError::Queue(format!("{e:?}")))?;
+        let interrupt = Arc::new(Interrupt::new(irqfd));
+        if position >= spare_from
+            && let Some(backing) = spare_backings.next()
+        {
+            slots.push(DiskSlot::new(backing, Arc::clone(&interrupt)));
+        }
+        let transport = MmioTransport::new(device, Arc::clone(&ram), interrupt, queue_evts)
+            .map_err(|e| BuildError::Queue(format!("{e:?}")))?;
         mmio.insert(Arc::new(Mutex::new(transport)), base, VIRTIO_MMIO_SIZE)?;
         cmdline_devices.push((base, irq));
     }
 
+    let api = match &config.api_uds {
+        Some(path) => Some(
+            ApiServer::start(path, Arc::new(DiskSlots::new(slots)))
+                .map_err(|e| BuildError::Api(path.display().to_string(), e))?,
+        ),
+        None => None,
+    };
     phase("devices created");
     // The guest itself.
     let cmdline = boot::cmdline(&config.cmdline, &cmdline_devices)?;
@@ -160,6 +182,7 @@ pub fn build(config: &VmConfig, started: Instant) -> Result<Vmm, BuildError> {
     phase("vCPUs configured");
 
     Ok(Vmm {
+        _api: api,
         vcpu_threads: VcpuThreads::default(),
         vcpus,
         pio: Arc::new(pio),

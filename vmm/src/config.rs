@@ -51,10 +51,12 @@ pub enum ConfigError {
     Memory(u32),
     #[error("vsock cid = {0}: give 3 or more (0-2 are reserved)")]
     Cid(u32),
-    #[error("vsock socket {0} already exists: remove it or choose another path")]
+    #[error("socket {0} already exists: remove it or choose another path")]
     SocketExists(PathBuf),
-    #[error("vsock socket directory {0} does not exist")]
+    #[error("socket directory {0} does not exist")]
     SocketDir(PathBuf),
+    #[error("spare_disks = {0} needs an API socket to attach images through: give --api-uds PATH")]
+    SpareWithoutApi(u8),
     #[error("too many devices: {0} virtio devices, at most {max}", max = IOAPIC_PINS - VIRTIO_IRQ_BASE)]
     TooManyDevices(usize),
     #[error("invalid --disk {0:?}: {1} (expected PATH[,ro][,id=ID])")]
@@ -200,6 +202,13 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     #[serde(default)]
     pub serial: SerialConfig,
+    /// Empty read-only disk slots after `disks`, for images attached later
+    /// through the API socket.
+    #[serde(default)]
+    pub spare_disks: u8,
+    /// The API socket ([`crate::api`]); needed for `spare_disks`.
+    #[serde(default)]
+    pub api_uds: Option<PathBuf>,
 }
 
 impl Default for VmConfig {
@@ -213,6 +222,8 @@ impl Default for VmConfig {
             disks: Vec::new(),
             vsock: None,
             serial: SerialConfig::Stdout,
+            spare_disks: 0,
+            api_uds: None,
         }
     }
 }
@@ -227,6 +238,18 @@ fn readable(what: &'static str, path: &Path) -> Result<(), ConfigError> {
         })
 }
 
+/// A socket is made at `path`: nothing may be there, its directory must.
+fn socket_path_free(path: &Path) -> Result<(), ConfigError> {
+    if path.symlink_metadata().is_ok() {
+        return Err(ConfigError::SocketExists(path.to_owned()));
+    }
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    if let Some(dir) = dir.filter(|d| !d.is_dir()) {
+        return Err(ConfigError::SocketDir(dir.to_owned()));
+    }
+    Ok(())
+}
+
 impl VmConfig {
     /// Reads a JSON configuration file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
@@ -237,7 +260,7 @@ impl VmConfig {
 
     /// How many virtio devices this VM has.
     pub fn virtio_devices(&self) -> usize {
-        self.disks.len() + usize::from(self.vsock.is_some())
+        self.disks.len() + usize::from(self.spare_disks) + usize::from(self.vsock.is_some())
     }
 
     /// Checks everything that can be checked before touching KVM, so that a
@@ -259,16 +282,19 @@ impl VmConfig {
         for disk in &self.disks {
             readable("disk", &disk.path)?;
         }
+        if self.spare_disks > 0 && self.api_uds.is_none() {
+            return Err(ConfigError::SpareWithoutApi(self.spare_disks));
+        }
+        if let Some(api) = &self.api_uds {
+            socket_path_free(api)?;
+        }
         if let Some(vsock) = &self.vsock {
             if vsock.cid < 3 || vsock.cid == u32::MAX {
                 return Err(ConfigError::Cid(vsock.cid));
             }
-            if vsock.uds.symlink_metadata().is_ok() {
+            socket_path_free(&vsock.uds)?;
+            if self.api_uds.as_ref() == Some(&vsock.uds) {
                 return Err(ConfigError::SocketExists(vsock.uds.clone()));
-            }
-            let dir = vsock.uds.parent().filter(|d| !d.as_os_str().is_empty());
-            if let Some(dir) = dir.filter(|d| !d.is_dir()) {
-                return Err(ConfigError::SocketDir(dir.to_owned()));
             }
         }
         let max = usize::try_from(IOAPIC_PINS - VIRTIO_IRQ_BASE).unwrap_or(0);
@@ -379,8 +405,32 @@ mod tests {
         };
         let disks = vec![disk; 20];
         assert!(matches!(
-            bad(VmConfig { disks, ..ok }),
+            bad(VmConfig {
+                disks,
+                ..ok.clone()
+            }),
             ConfigError::TooManyDevices(20)
         ));
+        assert!(matches!(
+            bad(VmConfig {
+                spare_disks: 2,
+                ..ok.clone()
+            }),
+            ConfigError::SpareWithoutApi(2)
+        ));
+        assert!(matches!(
+            bad(VmConfig {
+                spare_disks: 30,
+                api_uds: Some(dir.path().join("api")),
+                ..ok.clone()
+            }),
+            ConfigError::TooManyDevices(30)
+        ));
+        let same = VmConfig {
+            vsock: vsock(dir.path().join("s"), 3),
+            api_uds: Some(dir.path().join("s")),
+            ..ok
+        };
+        assert!(matches!(bad(same), ConfigError::SocketExists(_)));
     }
 }

@@ -7,6 +7,7 @@
 //! through checked `vm-memory` accessors, and every device validates what the
 //! guest hands it before acting on it.
 
+pub mod api;
 pub mod arch;
 pub mod builder;
 pub mod config;

@@ -18,7 +18,8 @@ Exit status:
            everything the VMM made is removed";
 
 /// Runs one KVM micro-VM: a Linux kernel with a serial console, an i8042
-/// reset line, a boot-time marker, virtio-blk disks and virtio-vsock.
+/// reset line, a boot-time marker, virtio-blk disks (images can be attached
+/// to spare slots while it runs) and virtio-vsock.
 #[derive(Debug, Parser)]
 #[command(name = "cocoon-vmm", version, after_help = EXIT_CODES)]
 struct Args {
@@ -49,6 +50,13 @@ struct Args {
     /// The guest's vsock CID [default: 3].
     #[arg(long)]
     vsock_cid: Option<u32>,
+    /// Empty read-only disk slots (after the --disk ones), for images
+    /// attached while the VM runs, through --api-uds.
+    #[arg(long)]
+    spare_disks: Option<u8>,
+    /// Unix socket on which the VMM takes attach/detach requests (JSON lines).
+    #[arg(long)]
+    api_uds: Option<PathBuf>,
     /// Where the serial console goes: stdout, file:PATH or none [default: stdout].
     #[arg(long)]
     serial: Option<SerialConfig>,
@@ -94,6 +102,12 @@ impl Args {
         }
         if let Some(serial) = self.serial {
             config.serial = serial;
+        }
+        if let Some(spare) = self.spare_disks {
+            config.spare_disks = spare;
+        }
+        if self.api_uds.is_some() {
+            config.api_uds = self.api_uds;
         }
         Ok(config)
     }

@@ -101,10 +101,12 @@ impl ExitNotifier {
 
 /// A VM ready to run, as [`crate::build`] made it.
 ///
-/// Fields drop in declaration order: vCPUs before devices, devices before
-/// the VM, the VM before its memory.
+/// Fields drop in declaration order: the API before vCPUs, vCPUs before
+/// devices, devices before the VM, the VM before its memory.
 #[derive(Debug)]
 pub struct Vmm {
+    /// Held, not used: dropping it closes and removes the API socket.
+    pub(crate) _api: Option<crate::api::ApiServer>,
     pub(crate) vcpu_threads: VcpuThreads,
     pub(crate) vcpus: Vec<Vcpu>,
     pub(crate) pio: Arc<Bus>,

@@ -136,7 +136,7 @@ impl MmioTransport {
             REG_QUEUE_READY => queue.map_or(0, |q| u32::from(q.ready())),
             REG_INTERRUPT_STATUS => self.interrupt.status(),
             REG_STATUS => self.status,
-            REG_CONFIG_GENERATION => 0,
+            REG_CONFIG_GENERATION => self.device.config_generation(),
             _ => {
                 crate::guest_warn!(offset, "guest read an unknown virtio-mmio register");
                 0

@@ -31,8 +31,9 @@ pub const STATUS_DRIVER_OK: u32 = 4;
 pub const STATUS_FEATURES_OK: u32 = 8;
 pub const STATUS_NEEDS_RESET: u32 = 0x40;
 pub const STATUS_FAILED: u32 = 0x80;
-/// `InterruptStatus` bit: a used buffer was added.
+/// `InterruptStatus` bits: a used buffer was added; the configuration changed.
 pub const INT_USED_RING: u32 = 1;
+pub const INT_CONFIG: u32 = 2;
 
 /// The guest-memory view handed to devices: RAM kept alive by an `Arc`.
 pub type Memory = Arc<GuestRam>;
@@ -57,6 +58,14 @@ impl Interrupt {
         self.status.fetch_or(INT_USED_RING, Ordering::AcqRel);
         if let Err(e) = self.irqfd.write(1) {
             crate::guest_warn!("cannot raise a virtio interrupt: {e}");
+        }
+    }
+
+    /// Tells the driver to re-read the configuration space.
+    pub fn signal_config_change(&self) {
+        self.status.fetch_or(INT_CONFIG, Ordering::AcqRel);
+        if let Err(e) = self.irqfd.write(1) {
+            tracing::warn!("cannot raise a virtio configuration interrupt: {e}");
         }
     }
 
@@ -101,6 +110,10 @@ pub trait VirtioDevice: Send + std::fmt::Debug {
     fn features(&self) -> u64;
     /// Reads from the configuration space; bytes past its end read as 0.
     fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Changes whenever the configuration space does (`ConfigGeneration`).
+    fn config_generation(&self) -> u32 {
+        0
+    }
     /// Writes to the configuration space; none of our devices has a
     /// writable field, so writes are dropped.
     fn write_config(&mut self, offset: u64, data: &[u8]) {

@@ -3,6 +3,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use virtio_queue::Queue;
 use vmm_sys_util::epoll::EventSet;
@@ -10,6 +11,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::request::{BlockMetrics, Disk, process_queue};
 use super::{DEVICE_TYPE, F_FLUSH, F_RO, F_SEG_MAX, ID_LEN, QUEUE_SIZE, SECTOR_SHIFT};
+use crate::devices::bus::lock;
 use crate::devices::virtio::worker::EventSetup;
 use crate::devices::virtio::{
     ActivateContext, ActivateError, Interrupt, Memory, VirtioDevice, Worker, WorkerHandle,
@@ -25,19 +27,19 @@ pub enum BlockError {
     Size(String, u64),
 }
 
-/// A raw disk image as a virtio-blk device.
-#[derive(Debug)]
-pub struct Block {
+/// What a disk slot serves: an image file, or nothing (a spare slot that
+/// the host has not attached an image to yet, or detached one from).
+#[derive(Debug, Default)]
+pub struct Backing {
     file: Option<File>,
     capacity_sectors: u64,
-    read_only: bool,
     id: Vec<u8>,
-    /// The configuration space: `capacity` (u64, sectors), `size_max` (u32),
-    /// `seg_max` (u32).
-    config: [u8; 16],
+    /// Bumped on every change, so the driver can tell a torn read of the
+    /// configuration space (virtio 1.2, 2.5.1).
+    generation: u32,
 }
 
-impl Block {
+impl Backing {
     /// Opens `path`, read-only if asked. `id` is what GET_ID returns.
     pub fn open(path: &Path, read_only: bool, id: Option<&str>) -> Result<Self, BlockError> {
         let name = path.display().to_string();
@@ -53,20 +55,76 @@ impl Block {
         if size % (1 << SECTOR_SHIFT) != 0 {
             return Err(BlockError::Size(name, size));
         }
-        let capacity_sectors = size >> SECTOR_SHIFT;
-        let mut config = [0u8; 16];
-        config[..8].copy_from_slice(&capacity_sectors.to_le_bytes());
-        // seg_max: data descriptors per request (the queue less header and status).
-        config[12..16].copy_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes());
         let mut disk_id = id.unwrap_or_default().as_bytes().to_vec();
         disk_id.truncate(ID_LEN);
         Ok(Self {
             file: Some(file),
-            capacity_sectors,
-            read_only,
+            capacity_sectors: size >> SECTOR_SHIFT,
             id: disk_id,
-            config,
+            generation: 0,
         })
+    }
+
+    /// The serial of the attached image, if there is one.
+    pub fn id(&self) -> Option<&[u8]> {
+        self.file.as_ref().map(|_| self.id.as_slice())
+    }
+
+    pub fn capacity_sectors(&self) -> u64 {
+        self.capacity_sectors
+    }
+
+    /// Puts `other`'s image in this slot (or empties it when `other` is
+    /// empty) and bumps the generation.
+    pub fn replace(&mut self, other: Backing) {
+        let generation = self.generation.wrapping_add(1);
+        *self = Backing {
+            generation,
+            ..other
+        };
+    }
+
+    fn disk(&self, read_only: bool) -> Disk<'_> {
+        Disk {
+            file: self.file.as_ref(),
+            capacity_sectors: self.capacity_sectors,
+            read_only,
+            id: &self.id,
+        }
+    }
+}
+
+/// A disk slot as a virtio-blk device. Its [`Backing`] is shared with the
+/// VMM's API, which changes it while the guest runs and then raises a
+/// configuration-change interrupt; the driver re-reads the capacity.
+#[derive(Debug)]
+pub struct Block {
+    backing: Arc<Mutex<Backing>>,
+    read_only: bool,
+    activated: bool,
+}
+
+impl Block {
+    /// A disk with `path` attached for the life of the VM.
+    pub fn open(path: &Path, read_only: bool, id: Option<&str>) -> Result<Self, BlockError> {
+        Ok(Self {
+            backing: Arc::new(Mutex::new(Backing::open(path, read_only, id)?)),
+            read_only,
+            activated: false,
+        })
+    }
+
+    /// An empty, read-only slot that images are attached to later.
+    pub fn spare() -> Self {
+        Self {
+            backing: Arc::default(),
+            read_only: true,
+            activated: false,
+        }
+    }
+
+    pub fn backing(&self) -> Arc<Mutex<Backing>> {
+        Arc::clone(&self.backing)
     }
 }
 
@@ -84,7 +142,16 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config, offset, data);
+        // `capacity` (u64, sectors), `size_max` (u32, unused), `seg_max`
+        // (u32: data descriptors per request, the queue less header and status).
+        let mut config = [0u8; 16];
+        config[..8].copy_from_slice(&lock(&self.backing).capacity_sectors.to_le_bytes());
+        config[12..16].copy_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes());
+        read_config_bytes(&config, offset, data);
+    }
+
+    fn config_generation(&self) -> u32 {
+        lock(&self.backing).generation
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<WorkerHandle, ActivateError> {
@@ -95,19 +162,18 @@ impl VirtioDevice for Block {
         ) else {
             return Err(ActivateError::QueueCount { got, want: 1 });
         };
-        let file = self
-            .file
-            .take()
-            .ok_or_else(|| ActivateError::Setup("the disk was already activated once".into()))?;
+        if std::mem::replace(&mut self.activated, true) {
+            return Err(ActivateError::Setup(
+                "the disk was already activated once".into(),
+            ));
+        }
         let worker = BlockWorker {
             memory: ctx.memory,
             queue,
             queue_evt,
             interrupt: ctx.interrupt,
-            file,
-            capacity_sectors: self.capacity_sectors,
+            backing: Arc::clone(&self.backing),
             read_only: self.read_only,
-            id: self.id.clone(),
             metrics: BlockMetrics::default(),
         };
         Ok(WorkerHandle::spawn("virtio-blk", worker)?)
@@ -118,11 +184,9 @@ struct BlockWorker {
     memory: Memory,
     queue: Queue,
     queue_evt: EventFd,
-    interrupt: std::sync::Arc<Interrupt>,
-    file: File,
-    capacity_sectors: u64,
+    interrupt: Arc<Interrupt>,
+    backing: Arc<Mutex<Backing>>,
     read_only: bool,
-    id: Vec<u8>,
     metrics: BlockMetrics,
 }
 
@@ -133,16 +197,11 @@ impl Worker for BlockWorker {
 
     fn handle(&mut self, _token: u64, _events: EventSet, _setup: &EventSetup<'_>) {
         let _ = self.queue_evt.read();
-        let disk = Disk {
-            file: &self.file,
-            capacity_sectors: self.capacity_sectors,
-            read_only: self.read_only,
-            id: &self.id,
-        };
+        let backing = lock(&self.backing);
         if process_queue(
             &mut self.queue,
             self.memory.memory(),
-            &disk,
+            &backing.disk(self.read_only),
             &mut self.metrics,
         ) {
             self.interrupt.signal_used_queue();

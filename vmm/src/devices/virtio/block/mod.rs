@@ -10,9 +10,11 @@
 
 mod device;
 mod request;
+mod slot;
 
-pub use device::{Block, BlockError};
+pub use device::{Backing, Block, BlockError};
 pub use request::{BlockMetrics, RequestError, process_queue};
+pub use slot::{DiskSlot, DiskSlots, SlotError};
 
 /// virtio device ID.
 pub const DEVICE_TYPE: u32 = 2;

@@ -43,6 +43,8 @@ pub enum RequestError {
         sectors: u64,
         capacity: u64,
     },
+    #[error("no image is attached to this disk slot")]
+    Empty,
     #[error("write to a read-only disk")]
     ReadOnly,
     #[error("unsupported request type {0}")]
@@ -74,7 +76,8 @@ pub struct BlockMetrics {
 /// The disk a queue works on.
 #[derive(Debug)]
 pub struct Disk<'a> {
-    pub file: &'a File,
+    /// None: an empty slot.
+    pub file: Option<&'a File>,
     pub capacity_sectors: u64,
     pub read_only: bool,
     pub id: &'a [u8],
@@ -151,6 +154,7 @@ fn serve(
     let data_len: u64 = data.iter().map(|b| u64::from(b.len)).sum();
 
     let written = match kind {
+        T_IN | T_OUT | T_FLUSH if disk.file.is_none() => return Err(fail(RequestError::Empty)),
         T_IN | T_OUT => {
             let writing = kind == T_OUT;
             if data.iter().any(|b| b.writable == writing) {
@@ -175,7 +179,9 @@ fn serve(
             }
             let mut offset = sector << SECTOR_SHIFT;
             for buffer in data {
-                transfer(memory, disk.file, *buffer, offset, writing).map_err(fail)?;
+                if let Some(file) = disk.file {
+                    transfer(memory, file, *buffer, offset, writing).map_err(fail)?;
+                }
                 offset += u64::from(buffer.len);
             }
             if writing {
@@ -187,9 +193,8 @@ fn serve(
             }
         }
         T_FLUSH => {
-            if !disk.read_only {
-                disk.file
-                    .sync_data()
+            if let Some(file) = disk.file.filter(|_| !disk.read_only) {
+                file.sync_data()
                     .map_err(|e| fail(RequestError::Io(e.to_string())))?;
             }
             metrics.flushes += 1;
@@ -284,6 +289,8 @@ mod tests {
     struct Setup {
         file: tempfile::NamedTempFile,
         read_only: bool,
+        /// Serve as an empty slot (no image attached).
+        empty: bool,
     }
 
     impl Setup {
@@ -293,7 +300,11 @@ mod tests {
                 .map(|i| u8::try_from(i % 251).unwrap())
                 .collect();
             std::fs::write(file.path(), pattern).unwrap();
-            Self { file, read_only }
+            Self {
+                file,
+                read_only,
+                empty: false,
+            }
         }
 
         /// Runs one chain and returns (status byte, used length, metrics).
@@ -312,10 +323,10 @@ mod tests {
             mock.build_desc_chain(descs).unwrap();
             let file = self.file.reopen().unwrap();
             let disk = Disk {
-                file: &file,
+                file: (!self.empty).then_some(&file),
                 capacity_sectors: 8,
                 read_only: self.read_only,
-                id: b"disk-one",
+                id: if self.empty { b"" } else { b"disk-one" },
             };
             let mut metrics = BlockMetrics::default();
             process_queue(&mut queue, mem, &disk, &mut metrics);
@@ -360,6 +371,26 @@ mod tests {
         let mut id = [0u8; 20];
         mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
         assert_eq!(&id[..9], b"disk-one\0");
+    }
+
+    #[test]
+    fn an_empty_slot_answers_io_with_ioerr_and_an_empty_id() {
+        let mem = memory();
+        let setup = Setup {
+            empty: true,
+            ..Setup::new(true)
+        };
+        let (status, used, metrics) = setup.run(&mem, T_IN, 0, &chain(desc(DATA, 512, W)));
+        assert_eq!((status, used, metrics.invalid_requests), (S_IOERR, 1, 1));
+        let (status, _, _) =
+            setup.run(&mem, T_FLUSH, 0, &[desc(HEADER, 16, 0), desc(STATUS, 1, W)]);
+        assert_eq!(status, S_IOERR);
+        mem.write_slice(&[0xff; 20], GuestAddress(DATA)).unwrap();
+        let (status, used, _) = setup.run(&mem, T_GET_ID, 0, &chain(desc(DATA, 20, W)));
+        assert_eq!((status, used), (S_OK, 21));
+        let mut id = [0u8; 20];
+        mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+        assert_eq!(id, [0u8; 20]);
     }
 
     #[test]
@@ -429,7 +460,7 @@ mod tests {
         let setup = Setup::new(false);
         let file = setup.file.reopen().unwrap();
         let disk = Disk {
-            file: &file,
+            file: Some(&file),
             capacity_sectors: 8,
             read_only: false,
             id: b"",
