@@ -17,7 +17,7 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cocoon_protocol::{
     ContainerStats, CreateContainer, ExecProcess, ExitStatus, FILE_SOURCE, MAX_COPIED_BYTES,
@@ -120,19 +120,36 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The virtio-blk disk whose serial (the VMM's `id=`) is `id`.
+/// How long a disk may take to appear: one the host attaches to a spare
+/// slot while the VM runs shows up when the guest has handled the
+/// configuration-change interrupt.
+const DISK_WAIT: Duration = Duration::from_secs(10);
+
+/// The virtio-blk disk whose serial (the VMM's `id=`) is `id`, once it has
+/// an image (a non-zero size), with no stale pages cached.
 pub fn find_disk(id: &str) -> Result<PathBuf, SandboxError> {
-    let blocks = fs::read_dir("/sys/block").map_err(io_error("list /sys/block"))?;
-    for entry in blocks.flatten() {
-        let name = entry.file_name();
-        let serial = fs::read_to_string(entry.path().join("serial")).unwrap_or_default();
-        if serial.trim_end_matches(['\n', '\0']) == id {
-            return Ok(Path::new("/dev").join(name));
+    let deadline = Instant::now() + DISK_WAIT;
+    loop {
+        let blocks = fs::read_dir("/sys/block").map_err(io_error("list /sys/block"))?;
+        for entry in blocks.flatten() {
+            let serial = fs::read_to_string(entry.path().join("serial")).unwrap_or_default();
+            let size = fs::read_to_string(entry.path().join("size")).unwrap_or_default();
+            let attached = size.trim().parse::<u64>().is_ok_and(|sectors| sectors > 0);
+            if serial.trim_end_matches(['\n', '\0']) == id && attached {
+                let disk = Path::new("/dev").join(entry.file_name());
+                crate::syscall::flush_block_device(&disk)
+                    .map_err(io_error(format!("flush {}", disk.display())))?;
+                return Ok(disk);
+            }
         }
+        if Instant::now() >= deadline {
+            return Err(SandboxError::NotFound(format!(
+                "disk with id {id:?} after {} s (is it given to the VMM with --disk PATH,id={id}, or attached to a spare slot?)",
+                DISK_WAIT.as_secs()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
-    Err(SandboxError::NotFound(format!(
-        "disk with id {id:?} (is it given to the VMM with --disk PATH,id={id}?)"
-    )))
 }
 
 /// Mount sources `disk:ID` name further virtio-blk disks (`--disk

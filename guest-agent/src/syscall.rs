@@ -42,6 +42,18 @@ pub trait Syscall {
     fn read_link(&self, path: &Path) -> io::Result<PathBuf>;
 }
 
+/// Drops the page cache of the block device at `path` (`BLKFLSBUF`). A
+/// disk slot the host re-attaches to holds another image than before, and
+/// pages cached from the old one must not be read as the new one's.
+pub fn flush_block_device(path: &Path) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    const BLKFLSBUF: libc::c_ulong = 0x1261; // _IO(0x12, 97)
+    let device = std::fs::File::open(path)?;
+    // SAFETY: BLKFLSBUF takes no argument and only acts on the open block
+    // device `device`, which lives until after the call.
+    check(unsafe { libc::ioctl(device.as_raw_fd(), BLKFLSBUF, 0) })
+}
+
 /// The real calls.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct LinuxSyscall;
