@@ -342,6 +342,7 @@ pub fn monitor(args: &MonitorArgs) -> anyhow::Result<ExitCode> {
             vcpus: size.vcpus,
             memory_mib: size.memory_mib,
             disks: vec![disk],
+            spare_disks: 0,
             dir: dir.clone(),
             log_level: "warn".into(),
         })?;

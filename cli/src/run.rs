@@ -194,6 +194,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         vcpus: args.cpus.unwrap_or(config.vcpus),
         memory_mib: args.memory.unwrap_or(config.memory_mib),
         disks: vec![disk],
+        spare_disks: 0,
         dir: scratch.path().to_owned(),
         log_level: "warn".into(),
     })?;

@@ -31,6 +31,15 @@ pub const ANNOTATION_MEMORY: &str = "io.cocoon.memory";
 pub const MAX_VCPUS: u32 = 32;
 pub const MIN_MEMORY_MIB: u32 = 32;
 pub const MAX_MEMORY_MIB: u32 = 65536;
+/// The most containers a pod's VM holds besides its sandbox container
+/// (the VMM's interrupt lines bound its disks).
+pub const MAX_POD_CONTAINERS: u8 = 16;
+
+/// What containerd's CRI (1.7 and later) passes on a pod's sandbox
+/// container: the pod's summed limits, which size the pod's VM.
+pub const CRI_SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
+pub const CRI_SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
+pub const CRI_SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -84,6 +93,9 @@ pub struct Config {
     pub agent_timeout_secs: u64,
     /// Where each VM's scratch directory (vsock socket, VMM log) goes.
     pub run_dir: PathBuf,
+    /// How many containers a pod's VM holds at once besides the sandbox
+    /// (pause) container: the VM's spare disk slots for their rootfs images.
+    pub pod_containers: u8,
 }
 
 impl Default for Config {
@@ -98,6 +110,7 @@ impl Default for Config {
             log_level: "info".into(),
             agent_timeout_secs: 180,
             run_dir: "/run/cocoon".into(),
+            pod_containers: 8,
         }
     }
 }
@@ -180,6 +193,13 @@ impl Config {
                 "must be error, warn, info, debug or trace",
             ));
         }
+        if !(1..=MAX_POD_CONTAINERS).contains(&config.pod_containers) {
+            return Err(bad(
+                "pod_containers",
+                config.pod_containers.to_string(),
+                "must be 1 to 16",
+            ));
+        }
         if config.agent_timeout_secs == 0 {
             return Err(bad("agent_timeout_secs", "0".into(), "must be at least 1"));
         }
@@ -255,16 +275,24 @@ impl Config {
     }
 
     /// Sizes the VM for a container: its CPU quota (rounded up to whole
-    /// vCPUs) and memory limit (plus the overhead), else the defaults; then
-    /// the `io.cocoon.*` annotations, which win.
+    /// vCPUs) and memory limit (plus the overhead), or for a pod's sandbox
+    /// container the pod's limits CRI passes in annotations, else the
+    /// defaults; then the `io.cocoon.*` annotations, which win.
     pub fn size_for(&self, spec: &Spec) -> Result<VmSize, ConfigError> {
         let mut size = VmSize {
             vcpus: self.vcpus,
             memory_mib: self.memory_mib,
         };
         let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
-        if let Some(cpu) = resources.and_then(|r| r.cpu().as_ref())
-            && let (Some(quota), Some(period)) = (cpu.quota(), cpu.period())
+        let no_annotations = HashMap::new();
+        let annotations = spec.annotations().as_ref().unwrap_or(&no_annotations);
+        let number = |key: &str| annotations.get(key).and_then(|v| v.parse::<i64>().ok());
+        let cpu = resources.and_then(|r| r.cpu().as_ref());
+        let quota = number(CRI_SANDBOX_CPU_QUOTA).or_else(|| cpu.and_then(|c| c.quota()));
+        let period = number(CRI_SANDBOX_CPU_PERIOD)
+            .and_then(|p| u64::try_from(p).ok())
+            .or_else(|| cpu.and_then(|c| c.period()));
+        if let (Some(quota), Some(period)) = (quota, period)
             && quota > 0
             && period > 0
         {
@@ -273,9 +301,12 @@ impl Config {
                 .unwrap_or(MAX_VCPUS)
                 .clamp(1, MAX_VCPUS);
         }
-        if let Some(limit) = resources
-            .and_then(|r| r.memory().as_ref())
-            .and_then(|m| m.limit())
+        if let Some(limit) = number(CRI_SANDBOX_MEMORY)
+            .or_else(|| {
+                resources
+                    .and_then(|r| r.memory().as_ref())
+                    .and_then(|m| m.limit())
+            })
             .filter(|&l| l > 0)
         {
             let mib = limit.unsigned_abs().div_ceil(1 << 20) + u64::from(self.overhead_mib);
@@ -283,8 +314,6 @@ impl Config {
                 .unwrap_or(MAX_MEMORY_MIB)
                 .clamp(MIN_MEMORY_MIB, MAX_MEMORY_MIB);
         }
-        let no_annotations = HashMap::new();
-        let annotations = spec.annotations().as_ref().unwrap_or(&no_annotations);
         for (key, value) in annotations {
             if !key.starts_with(ANNOTATION_PREFIX) {
                 continue;
@@ -378,6 +407,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(kind.contains("config.toml"), "{kind}");
+        let pods = Config::parse(path, "pod_containers = 40\n")
+            .unwrap_err()
+            .to_string();
+        assert!(pods.contains("pod_containers = 40"), "{pods}");
     }
 
     #[test]
@@ -415,6 +448,19 @@ mod tests {
             VmSize {
                 vcpus: 2,
                 memory_mib: 128 + 64
+            }
+        );
+        let pod = spec(
+            r#"{"ociVersion":"1.0.2","annotations":{
+                "io.kubernetes.cri.sandbox-cpu-quota":"250000",
+                "io.kubernetes.cri.sandbox-cpu-period":"100000",
+                "io.kubernetes.cri.sandbox-memory":"536870912"}}"#,
+        );
+        assert_eq!(
+            config.size_for(&pod).unwrap(),
+            VmSize {
+                vcpus: 3,
+                memory_mib: 512 + 64
             }
         );
         let annotated = spec(

@@ -6,6 +6,8 @@
 //!  MicroVm::launch ─▶ cocoon-vmm (stderr → DIR/vmm.log, vsock → DIR/vsock.sock)
 //!  MicroVm::connect ─▶ retry the agent's hello until it answers, noticing a
 //!                      VMM that died or a caller that gave up meanwhile
+//!  MicroVm::attach ─▶ a container joining a pod: its rootfs image goes to
+//!                     a spare disk slot, through the VMM's API socket
 //!  drop / kill ─▶ SIGKILL the VMM and reap it
 //! ```
 //!
@@ -41,6 +43,16 @@ pub enum VmError {
     },
     #[error("cannot wait for cocoon-vmm")]
     Wait(#[source] std::io::Error),
+    #[error("the micro-VM was started without spare disk slots")]
+    NoSpareSlots,
+    #[error("cannot reach the VMM's API socket {0}")]
+    Api(PathBuf, #[source] std::io::Error),
+    #[error("cocoon-vmm refused to {op} disk {id:?}: {reason}")]
+    Refused {
+        op: &'static str,
+        id: String,
+        reason: String,
+    },
 }
 
 /// A disk for the VM; the agent finds it by `id` (its virtio-blk serial).
@@ -50,6 +62,9 @@ pub struct Disk {
     pub read_only: bool,
     pub id: String,
 }
+
+/// How long the VMM's API may take to answer.
+const API_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The disk id a container's rootfs image has in its VM.
 pub const ROOTFS_DISK: &str = "rootfs";
@@ -62,15 +77,19 @@ pub fn rootfs_disk(image: &RootfsImage) -> (Disk, Rootfs) {
         read_only: true,
         id: ROOTFS_DISK.into(),
     };
-    let rootfs = Rootfs {
-        disk_id: ROOTFS_DISK.into(),
+    (disk, rootfs_on(image, ROOTFS_DISK))
+}
+
+/// How the agent mounts `image` when it is the disk `id`.
+fn rootfs_on(image: &RootfsImage, id: &str) -> Rootfs {
+    Rootfs {
+        disk_id: id.into(),
         filesystem: match image.format {
             Format::Erofs => Filesystem::Erofs,
             Format::Ext4 => Filesystem::Ext4,
         },
         overlay: true,
-    };
-    (disk, rootfs)
+    }
 }
 
 /// What to boot.
@@ -81,6 +100,9 @@ pub struct VmSpec {
     pub vcpus: u32,
     pub memory_mib: u32,
     pub disks: Vec<Disk>,
+    /// Empty slots for rootfs images of containers that join later (a pod's
+    /// VM); 0 for a VM that runs one container.
+    pub spare_disks: u8,
     /// Where the vsock socket and the VMM's log go; it must exist.
     pub dir: PathBuf,
     /// The VMM's `--log-level`.
@@ -91,6 +113,8 @@ pub struct VmSpec {
 pub struct MicroVm {
     child: Child,
     uds: PathBuf,
+    /// The VMM's API socket, when it has spare disk slots.
+    api: Option<PathBuf>,
     log: PathBuf,
     exited: Option<ExitStatus>,
 }
@@ -139,6 +163,13 @@ impl MicroVm {
             arg.push(&disk.id);
             command.arg("--disk").arg(arg);
         }
+        let api = (spec.spare_disks > 0).then(|| spec.dir.join("api.sock"));
+        if let Some(api) = &api {
+            command
+                .args(["--spare-disks", &spec.spare_disks.to_string()])
+                .arg("--api-uds")
+                .arg(api);
+        }
         let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -148,6 +179,7 @@ impl MicroVm {
         Ok(Self {
             child,
             uds,
+            api,
             log,
             exited: None,
         })
@@ -203,6 +235,65 @@ impl MicroVm {
                 }
             }
         }
+    }
+
+    /// Attaches `image` to a spare disk slot of the running VM as disk `id`
+    /// (at most 20 letters, digits, '-', '_', '.'); returns how the agent
+    /// mounts it. The agent waits for the disk to appear.
+    pub fn attach(&self, image: &RootfsImage, id: &str) -> Result<Rootfs, VmError> {
+        let path = image.path.to_string_lossy();
+        self.api_call(
+            "attach",
+            id,
+            &serde_json::json!({"op": "attach", "path": path, "id": id}),
+        )?;
+        Ok(rootfs_on(image, id))
+    }
+
+    /// Detaches disk `id`; the agent must have unmounted it.
+    pub fn detach(&self, id: &str) -> Result<(), VmError> {
+        self.api_call("detach", id, &serde_json::json!({"op": "detach", "id": id}))
+    }
+
+    /// One request on the VMM's API socket: a JSON line out, a JSON line
+    /// back, `{"slot":N}` or `{"error":"…"}`.
+    fn api_call(
+        &self,
+        op: &'static str,
+        id: &str,
+        request: &serde_json::Value,
+    ) -> Result<(), VmError> {
+        use std::io::{BufRead, Read, Write};
+        let api = self.api.as_ref().ok_or(VmError::NoSpareSlots)?;
+        let io = |e| VmError::Api(api.clone(), e);
+        let stream = std::os::unix::net::UnixStream::connect(api).map_err(io)?;
+        stream.set_read_timeout(Some(API_TIMEOUT)).map_err(io)?;
+        stream.set_write_timeout(Some(API_TIMEOUT)).map_err(io)?;
+        let mut line = request.to_string();
+        line.push('\n');
+        (&stream).write_all(line.as_bytes()).map_err(io)?;
+        let mut reply = String::new();
+        std::io::BufReader::new((&stream).take(4096))
+            .read_line(&mut reply)
+            .map_err(io)?;
+        let reply: serde_json::Value = serde_json::from_str(&reply).unwrap_or_default();
+        if reply
+            .get("slot")
+            .and_then(serde_json::Value::as_u64)
+            .is_some()
+        {
+            return Ok(());
+        }
+        let reason = reply
+            .get("error")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("no answer")
+            .to_owned();
+        Err(VmError::Refused {
+            op,
+            id: id.to_owned(),
+            reason,
+        })
     }
 
     /// The VMM's exit status if it has exited (reaping it).
@@ -294,6 +385,7 @@ mod tests {
             vcpus: 1,
             memory_mib: 64,
             disks: vec![],
+            spare_disks: 0,
             dir: dir.into(),
             log_level: "warn".into(),
         }

@@ -1,4 +1,5 @@
-//! One container: its micro-VM, its agent, its init process and execs.
+//! One container: the micro-VM it runs in (its own or its pod's, see
+//! `sandbox.rs`), its init process and execs.
 //!
 //! Each process goes through this state machine; `Wait` blocks until
 //! `Stopped`, and the exit is published once the output streams ended:
@@ -9,7 +10,7 @@
 //!     └──Delete (never started)──▶ gone
 //! ```
 //!
-//! Everything the container made on the host is listed in `cocoon.json` in
+//! What the container's VM left on the host is listed in `cocoon.json` in
 //! its bundle (the VMM's pid, the scratch directory), so `delete` after a
 //! shim crash finds and removes it.
 
@@ -21,12 +22,13 @@ use std::time::{Duration, SystemTime};
 use cocoon_protocol::{
     AgentClient, CreateContainer, DEFAULT_AGENT_PORT, ExecProcess, ExitStatus, ProcessRef,
 };
-use cocoon_runtime::{Config, MicroVm, VmSpec, rootfs_disk};
+use cocoon_runtime::Config;
 use containerd_shim::protos::types::mount::Mount;
 use oci_spec::runtime::{Process, Spec};
 use serde::{Deserialize, Serialize};
 
 use crate::rootfs;
+use crate::sandbox::{Role, Sandbox};
 use crate::stdio::{Copiers, StdioPaths};
 
 /// The exit status reported when the VM died under a process.
@@ -34,7 +36,7 @@ pub const VM_DIED_STATUS: u32 = 255;
 /// How long an exit waits for the process's output to reach containerd.
 const OUTPUT_DRAIN: Duration = Duration::from_secs(60);
 /// Every agent call but WaitProcess must answer within this.
-const AGENT_IO_TIMEOUT: Duration = Duration::from_secs(60);
+pub const AGENT_IO_TIMEOUT: Duration = Duration::from_secs(60);
 const STATE_FILE: &str = "cocoon.json";
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +57,8 @@ pub enum ContainerError {
     Agent(#[from] cocoon_protocol::ClientError),
     #[error(transparent)]
     Stdio(#[from] crate::stdio::StdioError),
+    #[error("pod sandbox {0} does not run in this shim: create its sandbox container first")]
+    NoPod(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,101 +138,92 @@ struct Leftovers {
 pub struct Container {
     pub id: String,
     pub bundle: PathBuf,
-    pub client: AgentClient,
-    pub vm: Mutex<MicroVm>,
-    pub vmm_pid: u32,
-    scratch: PathBuf,
+    /// The VM it runs in, shared with the rest of its pod.
+    pub sandbox: Arc<Sandbox>,
+    /// The disk its rootfs image was attached as, when it joined a pod's VM.
+    disk: Option<String>,
     pub init: Arc<Proc>,
     pub execs: Mutex<HashMap<String, Arc<Proc>>>,
 }
 
-/// Removes the scratch directory and state file unless disarmed.
-struct ScratchGuard<'a> {
-    scratch: PathBuf,
-    bundle: &'a Path,
-    armed: bool,
-}
-
-impl Drop for ScratchGuard<'_> {
-    fn drop(&mut self) {
-        if self.armed {
-            let _ = std::fs::remove_dir_all(&self.scratch);
-            let _ = std::fs::remove_file(self.bundle.join(STATE_FILE));
-        }
-    }
-}
-
 impl Container {
-    /// Boots the container's VM and creates the container in it (not
-    /// started). On an error nothing it made is left.
+    /// Creates the container (not started): in a VM of its own, or for a
+    /// pod's container in the pod's VM, which `pod` finds by sandbox id.
+    /// On an error nothing it made is left.
     pub fn create(
         config: &Config,
         id: &str,
         bundle: &Path,
         mounts: &[Mount],
         stdio: StdioPaths,
+        pod: &dyn Fn(&str) -> Option<Arc<Sandbox>>,
     ) -> Result<Self, ContainerError> {
         let spec = Spec::load(bundle.join("config.json")).map_err(ContainerError::Bundle)?;
+        let role = Role::of(&spec);
         let size = config.size_for(&spec)?;
         let root_path = cocoon_runtime::spec::root_path(&spec);
         let (agent_spec, files) = cocoon_runtime::spec::container_spec(spec)?;
         let image = rootfs::image(bundle, mounts, &root_path)?;
-        std::fs::create_dir_all(&config.run_dir)
-            .map_err(|e| ContainerError::Scratch(config.run_dir.clone(), e))?;
-        let scratch = tempfile::Builder::new()
-            .prefix("vm-")
-            .tempdir_in(&config.run_dir)
-            .map_err(|e| ContainerError::Scratch(config.run_dir.clone(), e))?
-            .keep();
-        let mut guard = ScratchGuard {
-            scratch: scratch.clone(),
-            bundle,
-            armed: true,
+        let (sandbox, disk, rootfs) = match role {
+            Role::PodMember { sandbox_id } => {
+                let sandbox = pod(&sandbox_id).ok_or(ContainerError::NoPod(sandbox_id))?;
+                let (disk, rootfs) = sandbox.join(id, &image)?;
+                (sandbox, Some(disk), rootfs)
+            }
+            Role::Alone | Role::PodSandbox => {
+                let spare = if role == Role::PodSandbox {
+                    config.pod_containers
+                } else {
+                    0
+                };
+                let (sandbox, rootfs) = Sandbox::boot(config, id, size, &image, spare)?;
+                (Arc::new(sandbox), None, rootfs)
+            }
         };
-        let (disk, rootfs) = rootfs_disk(&image);
-        let mut vm = MicroVm::launch(&VmSpec {
-            boot: config.boot_files()?,
-            vcpus: size.vcpus,
-            memory_mib: size.memory_mib,
-            disks: vec![disk],
-            dir: scratch.clone(),
-            log_level: "warn".into(),
-        })?;
+        // From here a failure takes the container out of the VM again (and
+        // the VM down, if it was the VM's only container).
+        let leave = |e: ContainerError| {
+            sandbox.leave(id, disk.as_deref());
+            let _ = std::fs::remove_file(bundle.join(STATE_FILE));
+            e
+        };
         let leftovers = Leftovers {
-            vmm_pid: vm.pid(),
-            scratch: scratch.clone(),
+            vmm_pid: sandbox.vmm_pid,
+            scratch: sandbox.scratch().to_owned(),
         };
         if let Ok(json) = serde_json::to_vec(&leftovers) {
             let _ = std::fs::write(bundle.join(STATE_FILE), json);
         }
-        log::info!(
-            "{id}: micro-VM {} ({} vCPUs, {} MiB) booting with {}",
-            vm.pid(),
-            size.vcpus,
-            size.memory_mib,
-            image.path.display()
-        );
-        let client = vm.connect(config.agent_timeout(), AGENT_IO_TIMEOUT, &|| false)?;
-        let pid = client.create_container(CreateContainer {
-            id: id.to_owned(),
-            rootfs,
-            spec: agent_spec,
-            stdio: stdio.request(),
-            files,
-        })?;
+        let pid = sandbox
+            .client
+            .create_container(CreateContainer {
+                id: id.to_owned(),
+                rootfs,
+                spec: agent_spec,
+                stdio: stdio.request(),
+                files,
+            })
+            .map_err(|e| leave(e.into()))?;
         let process = ProcessRef::init(id);
-        let copiers = Copiers::attach(&client, &process, &stdio)?;
-        guard.armed = false;
+        let copiers = match Copiers::attach(&sandbox.client, &process, &stdio) {
+            Ok(copiers) => copiers,
+            Err(e) => {
+                let _ = sandbox.client.remove_container(id);
+                return Err(leave(e.into()));
+            }
+        };
         Ok(Self {
             id: id.to_owned(),
             bundle: bundle.to_owned(),
-            vmm_pid: vm.pid(),
-            vm: Mutex::new(vm),
-            client,
-            scratch,
+            sandbox,
+            disk,
             init: Arc::new(Proc::new(process, pid, stdio, copiers)),
             execs: Mutex::new(HashMap::new()),
         })
+    }
+
+    pub fn client(&self) -> &AgentClient {
+        &self.sandbox.client
     }
 
     pub fn exec(
@@ -238,12 +233,12 @@ impl Container {
         stdio: StdioPaths,
     ) -> Result<Arc<Proc>, ContainerError> {
         let process = ProcessRef::exec(&self.id, exec_id);
-        let pid = self.client.exec_process(ExecProcess {
+        let pid = self.client().exec_process(ExecProcess {
             process: process.clone(),
             spec,
             stdio: stdio.request(),
         })?;
-        let copiers = Copiers::attach(&self.client, &process, &stdio)?;
+        let copiers = Copiers::attach(self.client(), &process, &stdio)?;
         let proc = Arc::new(Proc::new(process, pid, stdio, copiers));
         self.execs
             .lock()
@@ -274,12 +269,12 @@ impl Container {
         // The wait gets its own connection, made before the start so a
         // quick exit cannot be missed.
         let waiter = AgentClient::connect(
-            &self.client_uds(),
+            &self.sandbox.uds(),
             DEFAULT_AGENT_PORT,
             AGENT_IO_TIMEOUT,
             AGENT_IO_TIMEOUT,
         )?;
-        self.client.start_process(&proc.process)?;
+        self.client().start_process(&proc.process)?;
         proc.set_running();
         let proc = Arc::clone(proc);
         std::thread::spawn(move || {
@@ -303,10 +298,6 @@ impl Container {
         Ok(())
     }
 
-    fn client_uds(&self) -> PathBuf {
-        self.scratch.join("vsock.sock")
-    }
-
     /// Marks every process stopped (the VM is gone or going).
     pub fn stop_all(&self) {
         self.init.set_stopped(VM_DIED_STATUS);
@@ -320,21 +311,16 @@ impl Container {
         }
     }
 
-    /// Takes the VM down (asking the agent first) and removes everything
-    /// this container made on the host.
+    /// Removes the container from its VM (the VM goes down with its last
+    /// container) and everything it made on the host.
     pub fn destroy(&self) {
-        let mut vm = self.vm.lock().unwrap_or_else(|e| e.into_inner());
-        if matches!(vm.try_wait(), Ok(None)) {
-            let _ = self.client.remove_container(&self.id);
-            if self.client.shutdown().is_ok() {
-                let _ = vm.wait_timeout(Duration::from_secs(5));
-            }
-            vm.kill();
+        if self.sandbox.running()
+            && let Err(e) = self.client().remove_container(&self.id)
+        {
+            log::warn!("{}: {}", self.id, cocoon_protocol::error_chain(&e));
         }
         self.stop_all();
-        if let Err(e) = std::fs::remove_dir_all(&self.scratch) {
-            log::warn!("cannot remove {}: {e}", self.scratch.display());
-        }
+        self.sandbox.leave(&self.id, self.disk.as_deref());
         let _ = std::fs::remove_file(self.bundle.join(STATE_FILE));
     }
 }

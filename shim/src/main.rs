@@ -18,6 +18,7 @@
 
 mod container;
 mod rootfs;
+mod sandbox;
 mod service;
 mod stdio;
 mod trans;
@@ -41,9 +42,6 @@ use oci_spec::runtime::Spec;
 const RUNTIME_ID: &str = "io.containerd.cocoon.v2";
 /// The ttrpc service name of each task API version containerd may call.
 const TASK_SERVICES: [&str; 2] = ["containerd.task.v2.Task", "containerd.task.v3.Task"];
-/// CRI's annotations that put a pod's containers in one shim.
-const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
-const CRI_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
 
 fn main() -> ExitCode {
     let args: Vec<_> = std::env::args_os().collect();
@@ -85,12 +83,8 @@ fn bundle_dir(flags: &Flags) -> PathBuf {
 /// The shim that serves this container: the pod's, for a CRI container.
 fn grouping(flags: &Flags) -> String {
     let spec = Spec::load(bundle_dir(flags).join("config.json")).ok();
-    let annotations = spec.as_ref().and_then(|s| s.annotations().as_ref());
-    match annotations {
-        Some(a) if a.get(CRI_CONTAINER_TYPE).map(String::as_str) == Some("container") => a
-            .get(CRI_SANDBOX_ID)
-            .cloned()
-            .unwrap_or_else(|| flags.id.clone()),
+    match spec.as_ref().map(sandbox::Role::of) {
+        Some(sandbox::Role::PodMember { sandbox_id }) => sandbox_id,
         _ => flags.id.clone(),
     }
 }

@@ -161,7 +161,7 @@ impl Service {
         move |exit_status, at| {
             let is_init = proc.process.exec_id.is_none();
             if is_init
-                && let Ok(stats) = container.client.stats(&container.id)
+                && let Ok(stats) = container.client().stats(&container.id)
                 && stats.oom_kills > 0
             {
                 let _ = events.send(Box::new(TaskOOM {
@@ -216,7 +216,12 @@ impl containerd_shim::Task for Service {
         }
         let stdio = stdio_paths(&req.stdin, &req.stdout, &req.stderr, req.terminal);
         let bundle = PathBuf::from(&req.bundle);
-        let container = Container::create(&self.config, &req.id, &bundle, &req.rootfs, stdio)
+        let pod = |sandbox_id: &str| {
+            self.containers()
+                .get(sandbox_id)
+                .map(|sandbox| Arc::clone(&sandbox.sandbox))
+        };
+        let container = Container::create(&self.config, &req.id, &bundle, &req.rootfs, stdio, &pod)
             .map_err(|e| {
                 log::error!(
                     "{}: create failed: {}",
@@ -330,7 +335,7 @@ impl containerd_shim::Task for Service {
     fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
         let container = self.container(&req.id)?;
         let pids = container
-            .client
+            .client()
             .list_processes(&req.id)
             .map_err(|e| from_container(e.into()))?;
         Ok(api::PidsResponse {
@@ -359,7 +364,7 @@ impl containerd_shim::Task for Service {
                 // Never started: it ends here, as runc's would, killed by
                 // the signal (nothing waits on it in the guest yet).
                 let _ = container
-                    .client
+                    .client()
                     .signal_process(&proc.process, libc::SIGKILL, false);
                 if let ProcState::Stopped { status, at } = proc.set_stopped(128 + req.signal) {
                     (self.exit_event(&container, &proc))(status, at);
@@ -369,7 +374,7 @@ impl containerd_shim::Task for Service {
             ProcState::Running => {}
         }
         container
-            .client
+            .client()
             .signal_process(&proc.process, signal, req.all)
             .map_err(|e| from_container(e.into()))?;
         Ok(api::Empty::new())
@@ -408,7 +413,7 @@ impl containerd_shim::Task for Service {
         let rows = u16::try_from(req.height).unwrap_or(u16::MAX);
         let cols = u16::try_from(req.width).unwrap_or(u16::MAX);
         container
-            .client
+            .client()
             .resize_tty(&proc.process, rows, cols)
             .map_err(|e| from_container(e.into()))?;
         Ok(api::Empty::new())
@@ -429,7 +434,7 @@ impl containerd_shim::Task for Service {
         // The VM's own size is fixed at boot; the container's cgroup in it
         // takes the new limits (memory beyond the VM's is no limit at all).
         container
-            .client
+            .client()
             .update_resources(&req.id, resources)
             .map_err(|e| from_container(e.into()))?;
         Ok(api::Empty::new())
@@ -494,7 +499,7 @@ impl containerd_shim::Task for Service {
     ) -> TtrpcResult<api::StatsResponse> {
         let container = self.container(&req.id)?;
         let stats = container
-            .client
+            .client()
             .stats(&req.id)
             .map_err(|e| from_container(e.into()))?;
         let metrics = trans::metrics(&stats);
@@ -511,7 +516,10 @@ impl containerd_shim::Task for Service {
         _ctx: &TtrpcContext,
         req: api::ConnectRequest,
     ) -> TtrpcResult<api::ConnectResponse> {
-        let task_pid = self.containers().get(&req.id).map_or(0, |c| c.vmm_pid);
+        let task_pid = self
+            .containers()
+            .get(&req.id)
+            .map_or(0, |c| c.sandbox.vmm_pid);
         Ok(api::ConnectResponse {
             shim_pid: std::process::id(),
             task_pid,

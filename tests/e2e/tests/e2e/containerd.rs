@@ -334,3 +334,127 @@ fn ctr_task_exec_ps_metrics_kill_delete_and_deaths_leave_nothing() {
     containerd.ctr_ok(&["containers", "rm", "d3"]);
     containerd.assert_no_leftovers();
 }
+
+/// `ctr run` options that make a container part of pod `pod`, as
+/// containerd's CRI annotates it; `kind` is `sandbox` or `container`.
+fn in_pod(kind: &str, pod: &str) -> [String; 4] {
+    [
+        "--annotation".into(),
+        format!("io.kubernetes.cri.container-type={kind}"),
+        "--annotation".into(),
+        format!("io.kubernetes.cri.sandbox-id={pod}"),
+    ]
+}
+
+/// A pod's containers share one micro-VM: the sandbox container boots it,
+/// the others join it (their rootfs images attached to spare disk slots of
+/// the running VM) and leave it, and it goes with the last of them.
+#[test]
+fn a_pods_containers_share_one_micro_vm() {
+    if !require_kvm("a_pods_containers_share_one_micro_vm") {
+        return;
+    }
+    let containerd = Containerd::start();
+    let sandbox = in_pod("sandbox", "pod1");
+    let member = in_pod("container", "pod1");
+    let opts = |extra: &[&'static str], pod: &[String; 4]| -> Vec<String> {
+        extra
+            .iter()
+            .map(|s| (*s).to_owned())
+            .chain(pod.iter().cloned())
+            .collect()
+    };
+    let run = |options: &[String], image: &str, id: &str, command: &[&str]| {
+        let options: Vec<&str> = options.iter().map(String::as_str).collect();
+        containerd.ctr(&Containerd::run_args(&options, image, id, command))
+    };
+    let boot_id = "/proc/sys/kernel/random/boot_id";
+
+    let started = Instant::now();
+    let out = run(
+        &opts(&["-d"], &sandbox),
+        BUSYBOX,
+        "pod1",
+        &["sleep", "1000"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let boot = started.elapsed();
+    let vmms = pids_of("cocoon-vmm", "");
+    assert_eq!(vmms.len(), 1, "the pod's VM: {vmms:?}");
+    let exec = containerd.ctr(&["task", "exec", "--exec-id", "b", "pod1", "cat", boot_id]);
+    let pod_boot_id = text(&exec.stdout);
+    assert_eq!(pod_boot_id.trim().len(), 36, "{}", text(&exec.stderr));
+
+    // A container joins: same kernel (boot id), its own image and user, its
+    // exit code; no second VM or shim.
+    let started = Instant::now();
+    let script = format!("cat {boot_id}; id -un; exit 6");
+    let out = run(
+        &opts(&["--rm"], &member),
+        BUSYBOX_USER,
+        "c1",
+        &["sh", "-c", &script],
+    );
+    let join = started.elapsed();
+    assert_eq!(
+        text(&out.stdout),
+        format!("{pod_boot_id}cocoon\n"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(6));
+    assert_eq!(pids_of("cocoon-vmm", ""), vmms, "c1 ran in the pod's VM");
+    assert_eq!(pids_of("containerd-shim-cocoon-v2", "").len(), 1);
+    eprintln!(
+        "figure: ctr run → exit: the pod's sandbox {:.2} s (boots the VM), a container joining it {:.2} s",
+        boot.as_secs_f64(),
+        join.as_secs_f64()
+    );
+
+    // Two at once, one after the other reusing c1's freed disk slot; both
+    // running side by side with the sandbox.
+    for id in ["c2", "c3"] {
+        let out = run(&opts(&["-d"], &member), BUSYBOX, id, &["sleep", "1000"]);
+        assert!(out.status.success(), "{id}: {}", text(&out.stderr));
+    }
+    for id in ["c2", "c3"] {
+        let exec = containerd.ctr(&["task", "exec", "--exec-id", "b", id, "cat", boot_id]);
+        assert_eq!(
+            text(&exec.stdout),
+            pod_boot_id,
+            "{id}: {}",
+            text(&exec.stderr)
+        );
+        containerd.ctr_ok(&["task", "kill", "-s", "SIGKILL", id]);
+        wait_for_status(&containerd, id, "STOPPED");
+        containerd.ctr_ok(&["task", "delete", id]);
+        containerd.ctr_ok(&["containers", "rm", id]);
+    }
+    assert_eq!(
+        pids_of("cocoon-vmm", ""),
+        vmms,
+        "the VM stays with its sandbox"
+    );
+
+    // A container of a pod whose sandbox is not running: refused, with the
+    // reason, and nothing left of it.
+    let out = run(
+        &opts(&["--rm"], &in_pod("container", "nopod")),
+        BUSYBOX,
+        "c4",
+        &["true"],
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("create its sandbox container first"),
+        "{}",
+        text(&out.stderr)
+    );
+    let _ = containerd.ctr(&["containers", "rm", "c4"]);
+
+    containerd.ctr_ok(&["task", "kill", "-s", "SIGKILL", "pod1"]);
+    wait_for_status(&containerd, "pod1", "STOPPED");
+    containerd.ctr_ok(&["task", "delete", "pod1"]);
+    containerd.ctr_ok(&["containers", "rm", "pod1"]);
+    containerd.assert_no_leftovers();
+}
