@@ -16,6 +16,7 @@
 //! | `vsock-echo:P`        | connects to host CID 2 port P, sends a line, expects it back    |
 //! | `vsock-listen:P`      | accepts one host connection on port P, answers `guest got: …`   |
 //! | `blk-read:DEV:N`      | reads N bytes of DEV, checks the pattern `(i * 7 + 3) % 256`    |
+//! | `blk-speed:DEV`       | reads all of DEV in 1 MiB reads, reports bytes and microseconds |
 //! | `blk-ro:DEV`          | checks that DEV refuses writes                                  |
 //! | `blk-write:DEV`       | writes [`WRITE_PATTERN`] at offset 4096 of DEV and syncs        |
 //! | `hang`                | waits forever (for tests that stop the VM from outside)         |
@@ -100,6 +101,7 @@ fn run_step(step: &str) -> io::Result<String> {
             let device = arg()?;
             blk_read(device, parse(arg()?)?)
         }
+        "blk-speed" => blk_speed(arg()?),
         "blk-ro" => blk_ro(arg()?),
         "blk-write" => blk_write(arg()?),
         "hang" => {
@@ -238,6 +240,26 @@ fn blk_read(device: &str, len: u64) -> io::Result<String> {
         offset += n as u64;
     }
     Ok(format!("{len} bytes match"))
+}
+
+/// For the throughput benchmark: `bytes=N us=T`, a cold read of the whole
+/// device (nothing read it before in this boot).
+fn blk_speed(device: &str) -> io::Result<String> {
+    let mut disk = fs::File::open(device)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let started = std::time::Instant::now();
+    let mut bytes = 0u64;
+    loop {
+        let n = disk.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        bytes += n as u64;
+    }
+    Ok(format!(
+        "bytes={bytes} us={}",
+        started.elapsed().as_micros()
+    ))
 }
 
 fn blk_ro(device: &str) -> io::Result<String> {
