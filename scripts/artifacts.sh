@@ -1,7 +1,7 @@
 # Builds (or reuses) everything the end-to-end tests need and exports its
 # location in COCOON_* variables. Sourced by test.sh and demo.sh.
 
-ensure_packages build-essential qemu-system-x86 busybox-static jq erofs-utils e2fsprogs libseccomp-dev containerd
+ensure_packages build-essential qemu-system-x86 busybox-static jq erofs-utils e2fsprogs libseccomp-dev containerd runc
 
 log "==> guest kernel"
 COCOON_KERNEL=$(kernel-config/build.sh)
@@ -33,11 +33,10 @@ COCOON_TEST_DATA_IMAGE=$(target/release/cocoon-image rootfs --format ext4 target
 export COCOON_AGENT_INITRAMFS COCOON_TEST_ROOTFS_IMAGE COCOON_TEST_DATA_IMAGE
 
 log "==> cocoon-vmm and containerd shim (release, as deployed), cocoon CLI"
-cargo build --quiet --release -p cocoon-vmm -p cocoon-shim
+cargo build --quiet --release -p cocoon-vmm -p cocoon-shim -p cocoon-cli
 COCOON_VMM=$PWD/target/release/cocoon-vmm
 COCOON_SHIM=$PWD/target/release/containerd-shim-cocoon-v2
-cargo build --quiet -p cocoon-cli
-COCOON_CLI=$PWD/target/debug/cocoon
+COCOON_CLI=$PWD/target/release/cocoon
 COCOON_TEST_ROOTFS_DIR=$PWD/target/images/test/rootfs
 COCOON_TEST_IMAGES_DIR=$PWD/target/images/test
 # An OCI layout directory (what `cocoon run --image` takes), from the tar.
@@ -80,8 +79,14 @@ run_e2e() {
     run_with_kvm -- "$binary" "$@"
 }
 
-# Builds the boot benchmark and prints its path.
-boot_bench_binary() {
-    cargo build --quiet -p cocoon-e2e --bin cocoon-boot-bench
-    echo "$PWD/target/debug/cocoon-boot-bench"
+# Builds the benchmark harness and prints its path.
+bench_binary() {
+    cargo build --quiet -p cocoon-e2e --bin cocoon-bench
+    echo "$PWD/target/debug/cocoon-bench"
+}
+
+# The benchmark's peers, as run_with_kvm options: runc itself and
+# containerd's runc shim (Debian's runc and containerd, installed above).
+bench_peers() {
+    echo --with /usr/sbin/runc --with /usr/bin/containerd-shim-runc-v2
 }

@@ -6,6 +6,8 @@
 //! - `cocoon doctor` checks the host and says how to fix each problem.
 //! - `cocoon create|start|state|kill|delete|exec`: the OCI runtime verbs on a
 //!   bundle, with runc's conventions (see `oci.rs`).
+//! - `cocoon bench …` runs `cocoon-bench` (the benchmark harness, built from
+//!   `tests/e2e`; its peers and containerd harness stay out of this binary).
 
 mod attach;
 mod doctor;
@@ -42,9 +44,32 @@ enum Verb {
     Delete(oci::DeleteArgs),
     /// OCI: run a process in a running container, attached.
     Exec(oci::ExecArgs),
+    /// Measure start-up, footprint and throughput against peers (runs
+    /// cocoon-bench; `make bench` builds it and runs it where guests boot).
+    #[command(disable_help_flag = true)]
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
     /// Holds a created container's micro-VM (started by `create`).
     #[command(hide = true)]
     Monitor(oci::MonitorArgs),
+}
+
+/// Hands over to `cocoon-bench`, found beside this binary or in PATH.
+fn bench(args: &[std::ffi::OsString]) -> anyhow::Result<ExitCode> {
+    use std::os::unix::process::CommandExt;
+    let beside_me = std::env::current_exe()
+        .ok()
+        .and_then(|me| Some(me.parent()?.join("cocoon-bench")))
+        .filter(|p| p.is_file());
+    let program = beside_me.unwrap_or_else(|| "cocoon-bench".into());
+    let error = std::process::Command::new(&program).args(args).exec();
+    anyhow::bail!(
+        "cannot run {}: {error}; build it with `cargo build --release -p cocoon-e2e --bin cocoon-bench`, \
+         or run `make bench`, which builds it and runs it where guests can boot",
+        program.display()
+    )
 }
 
 fn main() -> ExitCode {
@@ -58,6 +83,7 @@ fn main() -> ExitCode {
         Verb::Delete(args) => oci::delete(&args),
         Verb::Exec(args) => oci::exec(&args),
         Verb::Monitor(args) => oci::monitor(&args),
+        Verb::Bench { args } => bench(&args),
     };
     match result {
         Ok(code) => code,

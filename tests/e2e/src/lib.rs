@@ -7,6 +7,7 @@
 //! environment variables and are checked by [`artifact`].
 
 pub mod agent;
+pub mod bench;
 pub mod containerd;
 pub mod vmm;
 

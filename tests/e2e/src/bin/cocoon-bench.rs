@@ -1,0 +1,969 @@
+//! `cocoon-bench` (`cocoon bench`, `make bench`): start-up latency,
+//! footprint, density and throughput of cocoon, each measured side by side
+//! with a peer on the same host in the same run.
+//!
+//! | scenario     | ours                                         | peer                              |
+//! |--------------|----------------------------------------------|-----------------------------------|
+//! | `boot`       | cocoon-vmm spawn → test init ready; → agent  | QEMU `microvm`, same kernel+initrd |
+//! | `run`        | `cocoon run -- true`, `-- echo hi`           | runc, same rootfs                 |
+//! | `ctr`        | `ctr run --rm` with our shim                 | the same with `io.containerd.runc.v2` |
+//! | `concurrent` | K `cocoon run` at once                       | K `runc run` at once              |
+//! | `footprint`  | shim + VMM PSS per sandbox; how many fit     | runc's shim + container           |
+//! | `throughput` | guest stdout → host, virtio-blk cold read    | runc stdout; QEMU virtio-blk      |
+//!
+//! Method: every time is taken here, outside the measured processes
+//! (spawn → first byte on the pipe → exit), except the VMM's own boot
+//! marker. Ours and the peer alternate (A B B A …) so drift hits both, each
+//! after one warm-up that is not counted. Every sample is kept and printed
+//! in the JSON; nothing passes or fails on a time.
+//!
+//! `cocoon-bench render FILE.json --out DIR` renders a report measured
+//! elsewhere (the nested test host) into the table and SVG.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use cocoon_e2e::agent::AgentVm;
+use cocoon_e2e::bench::{Host, Report, Scenario, Series, Who};
+use cocoon_e2e::containerd::{BUSYBOX, Containerd, RUNTIME};
+use cocoon_e2e::vmm::{VmmRun, parse_times};
+use cocoon_e2e::{artifact, initramfs_with_init, memory_outside_guest};
+use cocoon_testbed::ScratchDir;
+use cocoon_testbed::child::ChildGuard;
+use cocoon_testbed::probe::{Mode, probe};
+use cocoon_testbed::qemu::DirectBoot;
+use cocoon_testbed::serial::SerialLog;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+const READY: &str = "COCOON-TEST-INIT: ready";
+const IDLE: &str = "COCOON-TEST-INIT: step hang waiting";
+const TIMEOUT: Duration = Duration::from_secs(180);
+/// Guest memory of the sandboxes the benchmark starts.
+const MEM_MIB: u32 = 128;
+/// Guest memory of the sandboxes the density count starts.
+const DENSITY_MIB: u32 = 64;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cocoon-bench",
+    about = "cocoon's start-up, footprint and throughput, side by side with peers"
+)]
+struct Args {
+    #[command(subcommand)]
+    render: Option<Render>,
+    /// Measured runs per series, after one warm-up.
+    #[arg(long, default_value_t = 20)]
+    runs: usize,
+    /// Scenarios to run, comma-separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "boot,run,ctr,concurrent,footprint,throughput"
+    )]
+    scenarios: Vec<Which>,
+    /// Sandbox counts for `concurrent`, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,5,10")]
+    concurrency: Vec<usize>,
+    /// The most 64 MiB sandboxes `footprint` starts when counting how many fit.
+    #[arg(long, default_value_t = 32)]
+    density_cap: usize,
+    /// Bytes the guest writes to stdout in `throughput`.
+    #[arg(long, default_value_t = 32 << 20)]
+    stdout_bytes: u64,
+    /// Where bench.json and bench.svg are written.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum Render {
+    /// Renders a report (JSON) into the table and bench.svg, without measuring.
+    Render {
+        json: PathBuf,
+        #[arg(long, default_value = "target/bench")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Which {
+    Boot,
+    Run,
+    Ctr,
+    Concurrent,
+    Footprint,
+    Throughput,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// A progress bar on a terminal; plain lines otherwise (the nested test
+/// host's output is a serial line).
+struct Progress {
+    bar: ProgressBar,
+    plain: bool,
+}
+
+impl Progress {
+    /// `plain`: lines instead of a bar (the nested test host's stderr is a
+    /// serial line that ends up in a log).
+    fn new(total: u64, plain: bool) -> Self {
+        let target = if plain {
+            ProgressDrawTarget::hidden()
+        } else {
+            ProgressDrawTarget::stderr()
+        };
+        let bar = ProgressBar::with_draw_target(Some(total), target);
+        if let Ok(style) =
+            ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
+        {
+            bar.set_style(style);
+        }
+        Self {
+            plain: bar.is_hidden(),
+            bar,
+        }
+    }
+
+    fn step(&self, what: &str) {
+        self.bar.inc(1);
+        self.bar.set_message(what.to_owned());
+        if self.plain {
+            eprintln!(
+                "cocoon-bench: {}/{} {what}",
+                self.bar.position(),
+                self.bar.length().unwrap_or(0)
+            );
+        }
+    }
+}
+
+/// The A B B A order of run `i`.
+fn ours_first(i: usize) -> bool {
+    i.is_multiple_of(2)
+}
+
+/// One process whose output the harness times: spawn → first stdout byte
+/// → end of stdout → exit.
+struct Timed {
+    first_byte: Option<Duration>,
+    exit: Duration,
+    bytes: u64,
+    /// From the first byte to the end of stdout.
+    streaming: Duration,
+    code: Option<i32>,
+    stderr: String,
+}
+
+fn timed(command: &mut Command) -> Timed {
+    let started = Instant::now();
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
+    let stderr = drain(&mut child);
+    let mut stdout = child.stdout.take().expect("piped stdout");
+    let mut buf = vec![0u8; 1 << 16];
+    let mut first_byte = None;
+    let mut bytes = 0u64;
+    loop {
+        match stdout.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                first_byte.get_or_insert_with(|| started.elapsed());
+                bytes += n as u64;
+            }
+        }
+    }
+    let eof = started.elapsed();
+    let status = child.wait().expect("wait");
+    let exit = started.elapsed();
+    Timed {
+        first_byte,
+        exit,
+        bytes,
+        streaming: eof.saturating_sub(first_byte.unwrap_or(eof)),
+        code: status.code(),
+        stderr: stderr.join().unwrap_or_default(),
+    }
+}
+
+fn drain(child: &mut Child) -> std::thread::JoinHandle<String> {
+    let mut stderr = child.stderr.take().expect("piped stderr");
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    })
+}
+
+fn check(what: &str, t: &Timed) {
+    assert_eq!(t.code, Some(0), "{what} failed: {}", t.stderr);
+}
+
+/// What every scenario shares.
+struct Bench {
+    args: Args,
+    scratch: ScratchDir,
+    rootfs: PathBuf,
+    progress: Progress,
+    counter: std::cell::Cell<usize>,
+    /// runc cannot pivot_root out of an initramfs (the nested test host's
+    /// root): it then runs with `--no-pivot`.
+    no_pivot: bool,
+}
+
+impl Bench {
+    fn unique(&self, prefix: &str) -> String {
+        let n = self.counter.get();
+        self.counter.set(n + 1);
+        format!("{prefix}-{}-{n}", std::process::id())
+    }
+
+    fn cocoon_run(&self, command: &[&str]) -> Command {
+        let mut cmd = Command::new(artifact("COCOON_CLI"));
+        cmd.args(["run", "--memory", &format!("{MEM_MIB}M"), "--rootfs"])
+            .arg(&self.rootfs)
+            .arg("--")
+            .args(command);
+        cmd
+    }
+
+    /// A runc bundle over the same rootfs (read-only), running `command`.
+    fn runc_run(&self, command: &[&str]) -> Command {
+        let id = self.unique("runc");
+        let bundle = self.scratch.join(&id);
+        std::fs::create_dir_all(&bundle).expect("bundle dir");
+        let spec = Command::new("runc")
+            .args(["spec", "--bundle"])
+            .arg(&bundle)
+            .output()
+            .expect("runc spec (Debian's runc)");
+        assert!(spec.status.success(), "runc spec: {spec:?}");
+        let path = bundle.join("config.json");
+        let mut config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).expect("config.json")).expect("json");
+        config["process"]["terminal"] = false.into();
+        config["process"]["args"] = command
+            .iter()
+            .map(|s| (*s).into())
+            .collect::<Vec<serde_json::Value>>()
+            .into();
+        config["root"]["path"] = self.rootfs.to_string_lossy().into_owned().into();
+        config["root"]["readonly"] = true.into();
+        std::fs::write(&path, config.to_string()).expect("write config.json");
+        let mut cmd = Command::new("runc");
+        cmd.args(["run", "--bundle"]).arg(&bundle);
+        if self.no_pivot {
+            cmd.arg("--no-pivot");
+        }
+        cmd.arg(id);
+        cmd
+    }
+
+    fn scenarios(&self) -> Vec<Scenario> {
+        let mut out = Vec::new();
+        for which in &self.args.scenarios {
+            let scenario = match which {
+                Which::Boot => self.boot(),
+                Which::Run => self.run(),
+                Which::Ctr => self.ctr(),
+                Which::Concurrent => self.concurrent(),
+                Which::Footprint => self.footprint(),
+                Which::Throughput => self.throughput(),
+            };
+            out.push(scenario);
+        }
+        out
+    }
+
+    fn boot(&self) -> Scenario {
+        let mut scenario = Scenario::new(
+            "boot",
+            "spawn → the test init's ready line on the console (same kernel, initramfs, 1 vCPU, 128 MiB); \
+             cocoon-vmm's own start → boot marker; spawn → the cocoon agent answers on vsock",
+        );
+        let init = initramfs_with_init(
+            &artifact("COCOON_TEST_INIT"),
+            &self.scratch.join("init.cpio"),
+        );
+        let kernel = artifact("COCOON_KERNEL");
+        let steps = "cocoon_test=marker,hang";
+        let base: Vec<OsString> = vec![
+            "--kernel".into(),
+            kernel.clone().into(),
+            "--initrd".into(),
+            init.clone().into(),
+            "--cmdline".into(),
+            format!("console=ttyS0 reboot=k panic=-1 quiet {steps}").into(),
+            "--mem-mib".into(),
+            MEM_MIB.to_string().into(),
+        ];
+        // microvm has no i8042; the guest never reboots here anyway.
+        let qemu_cmdline = format!("console=ttyS0 reboot=t panic=-1 quiet {steps}");
+        let mut ours = Series::new("cocoon-vmm: spawn → init ready", "ms", Who::Ours);
+        let mut qemu = Series::new("QEMU microvm: spawn → init ready", "ms", Who::Peer);
+        let mut marker = Series::new("cocoon-vmm: process start → boot marker", "ms", Who::Ours);
+        let mut vcpus = Series::new("cocoon-vmm: process start → vCPUs running", "ms", Who::Ours);
+        let mut agent = Series::new("cocoon-vmm + agent: spawn → agent answers", "ms", Who::Ours);
+        for i in 0..=self.args.runs {
+            let warm_up = i == 0;
+            for ours_turn in [ours_first(i), !ours_first(i)] {
+                if ours_turn {
+                    let mut run = VmmRun::start(
+                        &artifact("COCOON_VMM"),
+                        &base,
+                        self.scratch.path(),
+                        "bench-boot",
+                    );
+                    let (_, ready) = run.wait_for_line(READY, TIMEOUT);
+                    run.wait_for_line(IDLE, TIMEOUT);
+                    let times = parse_times(&run.log());
+                    drop(run);
+                    if !warm_up {
+                        ours.samples.push(ms(ready));
+                        marker
+                            .samples
+                            .push(times.marker_us.unwrap_or(0) as f64 / 1000.0);
+                        vcpus
+                            .samples
+                            .push(times.ready_us.unwrap_or(0) as f64 / 1000.0);
+                    }
+                } else {
+                    let (ready, _) = boot_qemu(
+                        &kernel,
+                        &init,
+                        &qemu_cmdline,
+                        None,
+                        self.scratch.path(),
+                        READY,
+                    );
+                    if !warm_up {
+                        qemu.samples.push(ms(ready));
+                    }
+                }
+            }
+            let vm = AgentVm::boot("bench-agent", 1, MEM_MIB);
+            if !warm_up {
+                agent.samples.push(ms(vm.ready_after));
+            }
+            vm.shutdown();
+            self.progress.step("boot");
+        }
+        scenario.compare("spawn → init ready", ours, qemu);
+        scenario.series.extend([marker, vcpus, agent]);
+        scenario
+    }
+
+    fn run(&self) -> Scenario {
+        let mut scenario = Scenario::new(
+            "run",
+            "`cocoon run --rootfs DIR -- CMD` (a fresh micro-VM each time) against `runc run` of a bundle over the same rootfs",
+        );
+        let mut true_ours = Series::new("cocoon run -- true: → exit", "ms", Who::Ours);
+        let mut true_runc = Series::new("runc run -- true: → exit", "ms", Who::Peer);
+        let mut hi_ours = Series::new("cocoon run -- echo hi: → first byte", "ms", Who::Ours);
+        let mut hi_runc = Series::new("runc run -- echo hi: → first byte", "ms", Who::Peer);
+        let mut hi_exit_ours = Series::new("cocoon run -- echo hi: → exit", "ms", Who::Ours);
+        let mut hi_exit_runc = Series::new("runc run -- echo hi: → exit", "ms", Who::Peer);
+        for i in 0..=self.args.runs {
+            for ours_turn in [ours_first(i), !ours_first(i)] {
+                let (t, h) = if ours_turn {
+                    (
+                        timed(&mut self.cocoon_run(&["true"])),
+                        timed(&mut self.cocoon_run(&["echo", "hi"])),
+                    )
+                } else {
+                    (
+                        timed(&mut self.runc_run(&["true"])),
+                        timed(&mut self.runc_run(&["echo", "hi"])),
+                    )
+                };
+                check("true", &t);
+                check("echo hi", &h);
+                assert_eq!(h.bytes, 3, "echo hi printed {} bytes", h.bytes);
+                if i == 0 {
+                    continue;
+                }
+                let (a, b, c) = if ours_turn {
+                    (&mut true_ours, &mut hi_ours, &mut hi_exit_ours)
+                } else {
+                    (&mut true_runc, &mut hi_runc, &mut hi_exit_runc)
+                };
+                a.samples.push(ms(t.exit));
+                b.samples.push(ms(h.first_byte.unwrap_or(h.exit)));
+                c.samples.push(ms(h.exit));
+            }
+            self.progress.step("run");
+        }
+        scenario.compare("true → exit", true_ours, true_runc);
+        scenario.compare("echo hi → first byte", hi_ours, hi_runc);
+        scenario.compare("echo hi → exit", hi_exit_ours, hi_exit_runc);
+        scenario
+    }
+
+    fn ctr(&self) -> Scenario {
+        let mut scenario = Scenario::new(
+            "ctr",
+            "`ctr run --rm IMAGE ID echo hi` through one private containerd, with our shim and with runc's (io.containerd.runc.v2)",
+        );
+        let containerd = Containerd::start();
+        let mut first_ours = Series::new("ctr run (cocoon): → first byte", "ms", Who::Ours);
+        let mut first_runc = Series::new("ctr run (runc): → first byte", "ms", Who::Peer);
+        let mut exit_ours = Series::new("ctr run --rm (cocoon): → exit", "ms", Who::Ours);
+        let mut exit_runc = Series::new("ctr run --rm (runc): → exit", "ms", Who::Peer);
+        for i in 0..=self.args.runs {
+            for ours_turn in [ours_first(i), !ours_first(i)] {
+                let runtime = if ours_turn {
+                    RUNTIME
+                } else {
+                    "io.containerd.runc.v2"
+                };
+                let id = self.unique("ctr");
+                let mut args = vec![
+                    "run",
+                    "--rm",
+                    "--runtime",
+                    runtime,
+                    "--snapshotter",
+                    "native",
+                ];
+                if !ours_turn && self.no_pivot {
+                    args.push("--no-pivot");
+                }
+                args.extend([BUSYBOX, id.as_str(), "echo", "hi"]);
+                let t = timed(&mut containerd.ctr_command(&args));
+                check(&format!("ctr run with {runtime}"), &t);
+                if i == 0 {
+                    continue;
+                }
+                let (first, exit) = if ours_turn {
+                    (&mut first_ours, &mut exit_ours)
+                } else {
+                    (&mut first_runc, &mut exit_runc)
+                };
+                first.samples.push(ms(t.first_byte.unwrap_or(t.exit)));
+                exit.samples.push(ms(t.exit));
+            }
+            self.progress.step("ctr");
+        }
+        containerd.assert_no_leftovers();
+        scenario.compare("→ first byte", first_ours, first_runc);
+        scenario.compare("→ exit", exit_ours, exit_runc);
+        scenario
+    }
+
+    fn concurrent(&self) -> Scenario {
+        let mut scenario = Scenario::new(
+            "concurrent",
+            "K sandboxes started at once (`cocoon run -- echo hi` against `runc run`): each one's time to its output, and the time until all had printed",
+        );
+        for &k in &self.args.concurrency {
+            let mut each_ours =
+                Series::new(format!("K={k} cocoon: each → output"), "ms", Who::Ours);
+            let mut each_runc = Series::new(format!("K={k} runc: each → output"), "ms", Who::Peer);
+            let mut all_ours = Series::new(format!("K={k} cocoon: all → output"), "ms", Who::Ours);
+            let mut all_runc = Series::new(format!("K={k} runc: all → output"), "ms", Who::Peer);
+            // Fewer rounds: each round is K sandboxes.
+            let rounds = self.args.runs.div_ceil(k.max(1)).max(1);
+            for i in 0..=rounds {
+                for ours_turn in [ours_first(i), !ours_first(i)] {
+                    let commands: Vec<Command> = (0..k)
+                        .map(|_| {
+                            if ours_turn {
+                                self.cocoon_run(&["echo", "hi"])
+                            } else {
+                                self.runc_run(&["echo", "hi"])
+                            }
+                        })
+                        .collect();
+                    let threads: Vec<_> = commands
+                        .into_iter()
+                        .map(|mut c| std::thread::spawn(move || timed(&mut c)))
+                        .collect();
+                    let results: Vec<Timed> = threads
+                        .into_iter()
+                        .map(|t| t.join().expect("thread"))
+                        .collect();
+                    for t in &results {
+                        check("concurrent echo hi", t);
+                    }
+                    if i == 0 {
+                        continue;
+                    }
+                    let (each, all) = if ours_turn {
+                        (&mut each_ours, &mut all_ours)
+                    } else {
+                        (&mut each_runc, &mut all_runc)
+                    };
+                    let firsts: Vec<f64> = results
+                        .iter()
+                        .map(|t| ms(t.first_byte.unwrap_or(t.exit)))
+                        .collect();
+                    all.samples.push(firsts.iter().copied().fold(0.0, f64::max));
+                    each.samples.extend(firsts);
+                }
+                self.progress.step(&format!("concurrent K={k}"));
+            }
+            scenario.compare(&format!("K={k} each → output"), each_ours, each_runc);
+            scenario.compare(&format!("K={k} all → output"), all_ours, all_runc);
+        }
+        scenario
+    }
+
+    fn footprint(&self) -> Scenario {
+        let mut scenario = Scenario::new(
+            "footprint",
+            "host memory per running sandbox (`ctr run -d … sleep`), 64 MiB guests: shim + VMM PSS outside guest RAM, VMM RSS, guest RAM touched; runc's shim + container as the peer; then how many 64 MiB sandboxes start before one fails",
+        );
+        let containerd = Containerd::start();
+        let mut ours_total = Series::new(
+            "cocoon: shim + VMM PSS, guest RAM included",
+            "MiB",
+            Who::Ours,
+        );
+        let mut ours_pss =
+            Series::new("cocoon: shim + VMM PSS outside guest RAM", "MiB", Who::Ours);
+        let mut runc_pss = Series::new("runc: shim + container PSS", "MiB", Who::Peer);
+        let mut vmm_rss = Series::new("cocoon-vmm RSS outside guest RAM", "MiB", Who::Ours);
+        let mut guest = Series::new("guest RAM touched", "MiB", Who::Ours);
+        let mem = format!("io.cocoon.memory={DENSITY_MIB}M");
+        for i in 0..self.args.runs.clamp(1, 5) {
+            for ours_turn in [ours_first(i), !ours_first(i)] {
+                let id = self.unique("fp");
+                let mut args = vec![
+                    "run",
+                    "-d",
+                    "--snapshotter",
+                    "native",
+                    "--annotation",
+                    &mem,
+                    "--runtime",
+                ];
+                args.push(if ours_turn {
+                    RUNTIME
+                } else {
+                    "io.containerd.runc.v2"
+                });
+                if !ours_turn && self.no_pivot {
+                    args.push("--no-pivot");
+                }
+                args.extend([BUSYBOX, &id, "sleep", "1000"]);
+                containerd.ctr_ok(&args);
+                // Let the guest settle before measuring it.
+                std::thread::sleep(Duration::from_secs(2));
+                let shim = pids_with("containerd-shim", &id);
+                let shim_kib: u64 = shim.iter().filter_map(|&p| pss_kib(p)).sum();
+                if ours_turn {
+                    let vmm = pids_with("cocoon-vmm", "");
+                    let (rss, pss) = vmm.first().map_or((0, 0), |&p| {
+                        memory_outside_guest(p, u64::from(DENSITY_MIB) << 10)
+                    });
+                    let total = vmm.first().and_then(|&p| pss_kib(p)).unwrap_or(0);
+                    ours_pss.samples.push((shim_kib + pss) as f64 / 1024.0);
+                    ours_total.samples.push((shim_kib + total) as f64 / 1024.0);
+                    vmm_rss.samples.push(rss as f64 / 1024.0);
+                    guest
+                        .samples
+                        .push(total.saturating_sub(pss) as f64 / 1024.0);
+                } else {
+                    let task = containerd.ctr_ok(&["task", "ls"]);
+                    let pid = task
+                        .lines()
+                        .find(|l| l.starts_with(&id))
+                        .and_then(|l| l.split_whitespace().nth(1))
+                        .and_then(|p| p.parse::<u32>().ok());
+                    let container = pid.and_then(pss_kib).unwrap_or(0);
+                    runc_pss
+                        .samples
+                        .push((shim_kib + container) as f64 / 1024.0);
+                }
+                containerd.ctr_ok(&["task", "kill", "-s", "SIGKILL", &id]);
+                wait_stopped(&containerd, &id);
+                containerd.ctr_ok(&["task", "delete", &id]);
+                containerd.ctr_ok(&["containers", "rm", &id]);
+            }
+            self.progress.step("footprint");
+        }
+        scenario.compare("host PSS per sandbox, all of it", ours_total, runc_pss);
+        scenario.series.extend([ours_pss, vmm_rss, guest]);
+
+        // Density: 64 MiB sandboxes, one after another, until one fails or the cap.
+        let mut started = Vec::new();
+        let mut failure = None;
+        while started.len() < self.args.density_cap {
+            let id = self.unique("dense");
+            let out = containerd.ctr(&[
+                "run",
+                "-d",
+                "--snapshotter",
+                "native",
+                "--annotation",
+                &mem,
+                "--runtime",
+                RUNTIME,
+                BUSYBOX,
+                &id,
+                "sleep",
+                "1000",
+            ]);
+            if !out.status.success() {
+                failure = Some(String::from_utf8_lossy(&out.stderr).trim().to_owned());
+                let _ = containerd.ctr(&["containers", "rm", &id]);
+                break;
+            }
+            started.push(id);
+            self.progress.step("density");
+        }
+        let fitted = started.len();
+        scenario.notes.push(match &failure {
+            Some(why) => format!("density: {fitted} sandboxes of {DENSITY_MIB} MiB ran at once; the next failed: {why}"),
+            None => format!(
+                "density: {fitted} sandboxes of {DENSITY_MIB} MiB ran at once, the cap (--density-cap); the host did not run out"
+            ),
+        });
+        for id in &started {
+            let _ = containerd.ctr(&["task", "kill", "-s", "SIGKILL", id]);
+        }
+        for id in &started {
+            wait_stopped(&containerd, id);
+            containerd.ctr_ok(&["task", "delete", id]);
+            containerd.ctr_ok(&["containers", "rm", id]);
+        }
+        containerd.assert_no_leftovers();
+        scenario
+    }
+
+    fn throughput(&self) -> Scenario {
+        let mut scenario = Scenario::new(
+            "throughput",
+            "guest stdout → host (`head -c N /dev/zero`, first byte to end of stream); a cold read of a 64 MiB virtio-blk disk in the guest (1 MiB reads)",
+        );
+        let bytes = self.args.stdout_bytes.to_string();
+        let mut ours = Series::new("cocoon run: stdout", "MB/s", Who::Ours);
+        let mut runc = Series::new("runc run: stdout", "MB/s", Who::Peer);
+        let rounds = self.args.runs.clamp(1, 5);
+        for i in 0..=rounds {
+            for ours_turn in [ours_first(i), !ours_first(i)] {
+                let command = ["head", "-c", bytes.as_str(), "/dev/zero"];
+                let t = if ours_turn {
+                    timed(&mut self.cocoon_run(&command))
+                } else {
+                    timed(&mut self.runc_run(&command))
+                };
+                check("head -c", &t);
+                assert_eq!(t.bytes, self.args.stdout_bytes, "stdout bytes");
+                if i > 0 {
+                    let rate = t.bytes as f64 / t.streaming.as_secs_f64().max(1e-9) / 1e6;
+                    if ours_turn { &mut ours } else { &mut runc }
+                        .samples
+                        .push(rate);
+                }
+            }
+            self.progress.step("throughput");
+        }
+        scenario.compare("stdout MB/s (higher is better)", ours, runc);
+
+        let disk = self.scratch.join("bench-disk.img");
+        let data: Vec<u8> = (0..64u32 << 20).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&disk, data).expect("write the disk image");
+        let init = initramfs_with_init(
+            &artifact("COCOON_TEST_INIT"),
+            &self.scratch.join("init-blk.cpio"),
+        );
+        let kernel = artifact("COCOON_KERNEL");
+        let steps = "cocoon_test=blk-speed:/dev/vda,hang";
+        let mut blk_ours = Series::new("cocoon-vmm: virtio-blk cold read", "MB/s", Who::Ours);
+        let mut blk_qemu = Series::new("QEMU microvm: virtio-blk cold read", "MB/s", Who::Peer);
+        for i in 0..=rounds {
+            for ours_turn in [ours_first(i), !ours_first(i)] {
+                let line = if ours_turn {
+                    let mut disk_arg = OsString::from(&disk);
+                    disk_arg.push(",ro");
+                    let args: Vec<OsString> = vec![
+                        "--kernel".into(),
+                        kernel.clone().into(),
+                        "--initrd".into(),
+                        init.clone().into(),
+                        "--cmdline".into(),
+                        format!("console=ttyS0 reboot=k panic=-1 quiet {steps}").into(),
+                        "--mem-mib".into(),
+                        MEM_MIB.to_string().into(),
+                        "--disk".into(),
+                        disk_arg,
+                    ];
+                    let mut run = VmmRun::start(
+                        &artifact("COCOON_VMM"),
+                        &args,
+                        self.scratch.path(),
+                        "bench-blk",
+                    );
+                    run.wait_for_line("step blk-speed", TIMEOUT).0
+                } else {
+                    let cmdline = format!("console=ttyS0 reboot=t panic=-1 quiet {steps}");
+                    boot_qemu(
+                        &kernel,
+                        &init,
+                        &cmdline,
+                        Some(&disk),
+                        self.scratch.path(),
+                        "step blk-speed",
+                    )
+                    .1
+                };
+                let rate = blk_rate(&line).unwrap_or_else(|| {
+                    let who = if ours_turn { "bench-blk" } else { "bench-qemu" };
+                    let console =
+                        std::fs::read_to_string(self.scratch.join(&format!("{who}.console")))
+                            .unwrap_or_default();
+                    panic!("no blk-speed result in {line:?} ({who}); console:\n{console}")
+                });
+                if i > 0 {
+                    if ours_turn {
+                        &mut blk_ours
+                    } else {
+                        &mut blk_qemu
+                    }
+                    .samples
+                    .push(rate);
+                }
+            }
+            self.progress.step("throughput");
+        }
+        scenario.compare("virtio-blk MB/s (higher is better)", blk_ours, blk_qemu);
+        scenario
+    }
+}
+
+/// `… blk-speed:/dev/vda ok bytes=N us=T` → MB/s.
+fn blk_rate(line: &str) -> Option<f64> {
+    let field = |name: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    Some(field("bytes=")? / field("us=")?.max(1.0))
+}
+
+/// Boots QEMU microvm until a console line has `until`; returns the time to
+/// the init's ready line and the `until` line. `disk` is a read-only
+/// virtio-blk disk.
+fn boot_qemu(
+    kernel: &Path,
+    initrd: &Path,
+    cmdline: &str,
+    disk: Option<&Path>,
+    scratch: &Path,
+    until: &str,
+) -> (Duration, String) {
+    let console_path = scratch.join("bench-qemu.console");
+    let _ = std::fs::remove_file(&console_path);
+    let mut command = DirectBoot {
+        machine: &[
+            "-M",
+            "microvm,rtc=off,acpi=off",
+            "-accel",
+            "kvm",
+            "-cpu",
+            "host",
+        ],
+        cpus: 1,
+        memory_mib: MEM_MIB,
+        kernel,
+        initrd,
+        cmdline,
+        serial_logs: &[&console_path],
+    }
+    .command();
+    if let Some(disk) = disk {
+        let mut drive = OsString::from("if=none,id=d0,format=raw,readonly=on,file=");
+        drive.push(disk);
+        command
+            .arg("-drive")
+            .arg(drive)
+            .args(["-device", "virtio-blk-device,drive=d0"]);
+    }
+    command.stderr(Stdio::null());
+    let started = Instant::now();
+    let mut qemu = ChildGuard::spawn(&mut command).expect("spawn QEMU");
+    let mut console = SerialLog::new(&console_path);
+    let mut ready = None;
+    loop {
+        let _ = console.poll();
+        if ready.is_none() && console.line_with(READY).is_some() {
+            ready = Some(started.elapsed());
+        }
+        if let Some(line) = console.line_with(until) {
+            let _ = qemu.kill();
+            return (ready.unwrap_or_default(), line);
+        }
+        assert!(
+            started.elapsed() < TIMEOUT,
+            "QEMU never got to {until:?}:\n{}",
+            console.tail(20)
+        );
+        assert!(
+            qemu.try_wait().ok().flatten().is_none(),
+            "QEMU exited:\n{}",
+            console.tail(20)
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// PSS of a process in KiB, from smaps_rollup.
+fn pss_kib(pid: u32) -> Option<u64> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    rollup
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Pids whose program name starts with `name` and whose command line has `with`.
+fn pids_with(name: &str, with: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            (comm.trim().starts_with(name) && cmdline.contains(with))
+                .then(|| e.file_name().to_str()?.parse().ok())
+                .flatten()
+        })
+        .collect()
+}
+
+fn wait_stopped(containerd: &Containerd, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !containerd
+        .ctr_ok(&["task", "ls"])
+        .lines()
+        .any(|l| l.starts_with(id) && l.contains("STOPPED"))
+    {
+        assert!(Instant::now() < deadline, "{id} never stopped");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn version(program: &str, arg: &str) -> String {
+    Command::new(program)
+        .arg(arg)
+        .output()
+        .ok()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_owned()
+        })
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "not found".into())
+}
+
+fn write_outputs(report: &Report, out: &Path) {
+    if let Err(e) = std::fs::create_dir_all(out)
+        .and_then(|()| std::fs::write(out.join("bench.json"), report.json()))
+        .and_then(|()| std::fs::write(out.join("bench.svg"), report.svg()))
+    {
+        eprintln!("cocoon-bench: cannot write {}: {e}", out.display());
+        return;
+    }
+    eprintln!(
+        "cocoon-bench: wrote {} and {}",
+        out.join("bench.json").display(),
+        out.join("bench.svg").display()
+    );
+}
+
+fn main() {
+    let args = Args::parse();
+    if let Some(Render::Render { json, out }) = &args.render {
+        let text = std::fs::read_to_string(json)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", json.display()));
+        let report: Report = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{} is not a report: {e}", json.display()));
+        print!("{}", report.table());
+        write_outputs(&report, out);
+        return;
+    }
+    let probe = probe();
+    if probe.mode != Mode::Native {
+        eprintln!(
+            "cocoon-bench: this machine cannot boot Linux guests ({probe}); `make bench` runs the benchmark inside the nested test host"
+        );
+        std::process::exit(2);
+    }
+    let nested = std::env::var_os("COCOON_TESTBED_NESTED").is_some();
+    let rootfs = PathBuf::from(
+        std::env::var_os("COCOON_TEST_ROOTFS_DIR")
+            .expect("COCOON_TEST_ROOTFS_DIR is set by `make bench`"),
+    );
+    let runs = args.runs.max(1);
+    let per_k: usize = args
+        .concurrency
+        .iter()
+        .map(|&k| runs.div_ceil(k.max(1)).max(1) + 1)
+        .sum();
+    let total: usize = args
+        .scenarios
+        .iter()
+        .map(|w| match w {
+            Which::Boot | Which::Run | Which::Ctr => runs + 1,
+            Which::Concurrent => per_k,
+            Which::Footprint => runs.clamp(1, 5) + args.density_cap,
+            Which::Throughput => 2 * (runs.clamp(1, 5) + 1),
+        })
+        .sum();
+    let bench = Bench {
+        progress: Progress::new(total as u64, nested),
+        scratch: ScratchDir::new("cocoon-bench").expect("scratch dir"),
+        rootfs,
+        counter: std::cell::Cell::new(0),
+        no_pivot: nested,
+        args: Args { runs, ..args },
+    };
+    let mode = if nested { "nested" } else { "native" };
+    let versions = BTreeMap::from([
+        (
+            "cocoon".to_owned(),
+            version(&artifact("COCOON_CLI").to_string_lossy(), "--version"),
+        ),
+        (
+            "qemu".to_owned(),
+            version("qemu-system-x86_64", "--version"),
+        ),
+        ("runc".to_owned(), version("runc", "--version")),
+        ("containerd".to_owned(), version("containerd", "--version")),
+    ]);
+    let scenarios = bench.scenarios();
+    bench.progress.bar.finish_and_clear();
+    let report = Report {
+        mode: mode.into(),
+        probe: probe.to_string(),
+        host: Host::this(),
+        commit: std::env::var("COCOON_COMMIT").unwrap_or_else(|_| "unknown".into()),
+        versions,
+        runs,
+        scenarios,
+    };
+    print!("{}", report.table());
+    write_outputs(&report, &bench.args.out);
+    // For `make bench`, which relays this from the nested test host.
+    println!("BENCH-JSON {}", report.json());
+}
