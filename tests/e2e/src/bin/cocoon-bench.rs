@@ -214,8 +214,14 @@ fn drain(child: &mut Child) -> std::thread::JoinHandle<String> {
     })
 }
 
-fn check(what: &str, t: &Timed) {
-    assert_eq!(t.code, Some(0), "{what} failed: {}", t.stderr);
+/// The last line of a failed run's stderr: usually the reason.
+fn reason(t: &Timed) -> String {
+    t.stderr
+        .lines()
+        .last()
+        .unwrap_or("no message")
+        .trim()
+        .to_owned()
 }
 
 /// What every scenario shares.
@@ -228,9 +234,33 @@ struct Bench {
     /// runc cannot pivot_root out of an initramfs (the nested test host's
     /// root): it then runs with `--no-pivot`.
     no_pivot: bool,
+    /// Runs that failed in the current scenario, with their reasons. A
+    /// failure is reported in the scenario's notes, never hidden; it does
+    /// not end the benchmark (nested guests fail now and then).
+    failures: std::cell::RefCell<Vec<String>>,
 }
 
 impl Bench {
+    /// Whether `t` succeeded (and printed `bytes`, if given); a failure is
+    /// recorded with its reason.
+    fn ok(&self, what: &str, t: &Timed, bytes: Option<u64>) -> bool {
+        let failure = match (t.code, bytes) {
+            (Some(0), Some(want)) if t.bytes != want => {
+                Some(format!("{what}: printed {} bytes, not {want}", t.bytes))
+            }
+            (Some(0), _) => None,
+            (code, _) => Some(format!("{what}: exit {code:?}: {}", reason(t))),
+        };
+        match failure {
+            Some(failure) => {
+                eprintln!("cocoon-bench: FAILED {failure}");
+                self.failures.borrow_mut().push(failure);
+                false
+            }
+            None => true,
+        }
+    }
+
     fn unique(&self, prefix: &str) -> String {
         let n = self.counter.get();
         self.counter.set(n + 1);
@@ -298,6 +328,17 @@ impl Bench {
                 Which::Footprint => self.footprint(),
                 Which::Throughput => self.throughput(),
             };
+            let mut scenario = scenario;
+            let failures = std::mem::take(&mut *self.failures.borrow_mut());
+            if let Some(first) = failures.first() {
+                scenario.notes.push(format!(
+                    "{} runs failed and are not in the samples; the first: {first}",
+                    failures.len()
+                ));
+                scenario
+                    .notes
+                    .extend(failures.iter().skip(1).take(4).cloned());
+            }
             out.push(scenario);
         }
         out
@@ -394,10 +435,9 @@ impl Bench {
         self.rounds(self.args.runs, "run", |ours, counted| {
             let t = timed(&mut self.sandbox(ours, &["true"]));
             let h = timed(&mut self.sandbox(ours, &["echo", "hi"]));
-            check("true", &t);
-            check("echo hi", &h);
-            assert_eq!(h.bytes, 3, "echo hi printed {} bytes", h.bytes);
-            if counted {
+            let ok = self.ok(&format!("{} true", who(ours)), &t, None)
+                & self.ok(&format!("{} echo hi", who(ours)), &h, Some(3));
+            if ok && counted {
                 exit_true.of(ours).samples.push(ms(t.exit));
                 first_hi.of(ours).samples.push(ms(h.to_output()));
                 exit_hi.of(ours).samples.push(ms(h.exit));
@@ -431,8 +471,7 @@ impl Bench {
             args.extend(self.ctr_runtime(ours));
             args.extend([BUSYBOX, id.as_str(), "echo", "hi"]);
             let t = timed(&mut containerd.ctr_command(&args));
-            check(&format!("ctr {}", args.join(" ")), &t);
-            if counted {
+            if self.ok(&format!("ctr {}", args.join(" ")), &t, Some(3)) && counted {
                 first.of(ours).samples.push(ms(t.to_output()));
                 exit.of(ours).samples.push(ms(t.exit));
             }
@@ -448,7 +487,6 @@ impl Bench {
             "concurrent",
             "K sandboxes started at once (`cocoon run -- echo hi` against `runc run`): each one's time to its output, and the time until all had printed",
         );
-        let mut failures = Vec::new();
         for &k in &self.args.concurrency {
             let mut each = Pair::new(
                 format!("K={k} cocoon: each → output"),
@@ -478,7 +516,7 @@ impl Bench {
                 let (ok, failed): (Vec<Timed>, Vec<Timed>) =
                     results.into_iter().partition(|t| t.code == Some(0));
                 if let Some(first) = failed.first() {
-                    failures.push(format!(
+                    self.failures.borrow_mut().push(format!(
                         "K={k}: {} of {k} {} sandboxes failed{}: {}",
                         failed.len(),
                         if ours { "cocoon" } else { "runc" },
@@ -499,12 +537,6 @@ impl Bench {
             each.into(&mut scenario, &format!("K={k} each → output"));
             all.into(&mut scenario, &format!("K={k} all → output"));
         }
-        if failures.is_empty() {
-            scenario
-                .notes
-                .push("every sandbox started and printed".into());
-        }
-        scenario.notes.extend(failures);
         scenario
     }
 
@@ -534,6 +566,14 @@ impl Bench {
         self.rounds(self.args.runs.clamp(1, 5), "footprint", |ours, counted| {
             let id = self.unique("fp");
             let out = start(&id, ours);
+            if !out.status.success() {
+                let why = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+                let failure = format!("{} ctr run -d: {why}", who(ours));
+                eprintln!("cocoon-bench: FAILED {failure}");
+                self.failures.borrow_mut().push(failure);
+                let _ = containerd.ctr(&["containers", "rm", &id]);
+                return;
+            }
             assert!(
                 out.status.success(),
                 "ctr run -d: {}",
@@ -610,9 +650,8 @@ impl Bench {
         let rounds = self.args.runs.clamp(1, 5);
         self.rounds(rounds, "throughput", |ours, counted| {
             let t = timed(&mut self.sandbox(ours, &["head", "-c", bytes.as_str(), "/dev/zero"]));
-            check("head -c", &t);
-            assert_eq!(t.bytes, self.args.stdout_bytes, "stdout bytes");
-            if counted {
+            let what = format!("{} head -c", who(ours));
+            if self.ok(&what, &t, Some(self.args.stdout_bytes)) && counted {
                 let rate = t.bytes as f64 / t.streaming.as_secs_f64().max(1e-9) / 1e6;
                 stdout.of(ours).samples.push(rate);
             }
@@ -637,7 +676,12 @@ impl Bench {
             } else {
                 guest.qemu(&self.scratch, Some(&disk), "step blk-speed").1
             };
-            let rate = blk_rate(&line).unwrap_or_else(|| panic!("no blk-speed result in {line:?}"));
+            let Some(rate) = blk_rate(&line) else {
+                let failure = format!("{} blk-speed: {line}", who(ours));
+                eprintln!("cocoon-bench: FAILED {failure}");
+                self.failures.borrow_mut().push(failure);
+                return;
+            };
             if counted {
                 blk.of(ours).samples.push(rate);
             }
@@ -732,6 +776,10 @@ impl TestInitGuest {
             until,
         )
     }
+}
+
+fn who(ours: bool) -> &'static str {
+    if ours { "cocoon" } else { "runc" }
 }
 
 /// `… blk-speed:/dev/vda ok bytes=N us=T` → MB/s.
@@ -936,6 +984,7 @@ fn main() {
         scratch: ScratchDir::new("cocoon-bench").expect("scratch dir"),
         rootfs,
         counter: std::cell::Cell::new(0),
+        failures: std::cell::RefCell::default(),
         no_pivot: nested,
         args: Args { runs, ..args },
     };
@@ -967,4 +1016,23 @@ fn main() {
     write_outputs(&report, &bench.args.out);
     // For `make bench`, which relays this from the nested test host.
     println!("BENCH-JSON {}", report.json());
+    // Sporadic failures are reported in the notes; a series that never
+    // succeeded means the benchmark itself is broken.
+    let empty: Vec<String> = report
+        .scenarios
+        .iter()
+        .flat_map(|s| {
+            s.series
+                .iter()
+                .filter(|x| x.samples.is_empty())
+                .map(move |x| format!("{}: {}", s.name, x.name))
+        })
+        .collect();
+    if !empty.is_empty() {
+        eprintln!(
+            "cocoon-bench: no sample at all for {}: every run failed (the notes say why)",
+            empty.join("; ")
+        );
+        std::process::exit(1);
+    }
 }
