@@ -262,6 +262,12 @@ impl Bench {
         }
     }
 
+    /// Records a failed run (see `failures`).
+    fn failed(&self, failure: String) {
+        eprintln!("cocoon-bench: FAILED {failure}");
+        self.failures.borrow_mut().push(failure);
+    }
+
     fn unique(&self, prefix: &str) -> String {
         let n = self.counter.get();
         self.counter.set(n + 1);
@@ -402,9 +408,10 @@ impl Bench {
                     agent.samples.push(ms(to_agent));
                 }
             } else {
-                let (to_ready, _) = guest.qemu(&self.scratch, None, READY);
-                if counted {
-                    ready.peer.samples.push(ms(to_ready));
+                match guest.qemu(&self.scratch, None, READY) {
+                    Ok((to_ready, _)) if counted => ready.peer.samples.push(ms(to_ready)),
+                    Ok(_) => {}
+                    Err(e) => self.failed(format!("QEMU boot: {e}")),
                 }
             }
         });
@@ -675,7 +682,13 @@ impl Bench {
                 let mut run = guest.vmm(&self.scratch, &["--disk".into(), disk_arg]);
                 run.wait_for_line("step blk-speed", TIMEOUT).0
             } else {
-                guest.qemu(&self.scratch, Some(&disk), "step blk-speed").1
+                match guest.qemu(&self.scratch, Some(&disk), "step blk-speed") {
+                    Ok((_, line)) => line,
+                    Err(e) => {
+                        self.failed(format!("QEMU blk-speed: {e}"));
+                        return;
+                    }
+                }
             };
             let Some(rate) = blk_rate(&line) else {
                 let failure = format!("{} blk-speed: {line}", who(ours));
@@ -765,7 +778,12 @@ impl TestInitGuest {
     /// Boots QEMU until a console line has `until`; returns the time to the
     /// init's ready line and the `until` line. `disk` is a read-only
     /// virtio-blk disk.
-    fn qemu(&self, scratch: &ScratchDir, disk: Option<&Path>, until: &str) -> (Duration, String) {
+    fn qemu(
+        &self,
+        scratch: &ScratchDir,
+        disk: Option<&Path>,
+        until: &str,
+    ) -> Result<(Duration, String), String> {
         // microvm has no i8042; the guest never reboots here anyway.
         let cmdline = format!("console=ttyS0 reboot=t panic=-1 quiet {}", self.steps);
         boot_qemu(
@@ -803,7 +821,7 @@ fn boot_qemu(
     disk: Option<&Path>,
     scratch: &Path,
     until: &str,
-) -> (Duration, String) {
+) -> Result<(Duration, String), String> {
     let console_path = scratch.join("bench-qemu.console");
     let _ = std::fs::remove_file(&console_path);
     let mut command = DirectBoot {
@@ -843,18 +861,15 @@ fn boot_qemu(
         }
         if let Some(line) = console.line_with(until) {
             let _ = qemu.kill();
-            return (ready.unwrap_or_default(), line);
+            return Ok((ready.unwrap_or_default(), line));
         }
-        assert!(
-            started.elapsed() < TIMEOUT,
-            "QEMU never got to {until:?}:\n{}",
-            console.tail(20)
-        );
-        assert!(
-            qemu.try_wait().ok().flatten().is_none(),
-            "QEMU exited:\n{}",
-            console.tail(20)
-        );
+        if started.elapsed() >= TIMEOUT {
+            let _ = qemu.kill();
+            return Err(format!("QEMU never got to {until:?}: {}", console.tail(3)));
+        }
+        if qemu.try_wait().ok().flatten().is_some() {
+            return Err(format!("QEMU exited: {}", console.tail(3)));
+        }
         std::thread::sleep(Duration::from_millis(1));
     }
 }
