@@ -185,6 +185,22 @@ impl Containerd {
         args
     }
 
+    /// Waits (at most 60 s) until `ctr task ls` shows task `id` as `status`.
+    pub fn wait_for_status(&self, id: &str, status: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let ls = self.ctr_ok(&["task", "ls"]);
+            if ls.lines().any(|l| l.starts_with(id) && l.contains(status)) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{id} never became {status}:\n{ls}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// What our runtime left on the host: processes, VM scratch
     /// directories, shim sockets, mounts under our directory.
     pub fn leftovers(&self) -> Vec<String> {

@@ -88,6 +88,15 @@ pub fn qemu_children() -> Vec<u32> {
         .collect()
 }
 
+/// PSS of a process in KiB, from smaps_rollup.
+pub fn pss_kib(pid: u32) -> Option<u64> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    rollup
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
 /// Rss and Pss (KiB) of `pid`, leaving out mappings of at least `guest_kib`
 /// (guest RAM is the only mapping that big).
 pub fn memory_outside_guest(pid: u32, guest_kib: u64) -> (u64, u64) {

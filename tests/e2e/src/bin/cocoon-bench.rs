@@ -32,7 +32,7 @@ use cocoon_e2e::agent::AgentVm;
 use cocoon_e2e::bench::{Host, Report, Scenario, Series, Who};
 use cocoon_e2e::containerd::{BUSYBOX, Containerd, RUNTIME};
 use cocoon_e2e::vmm::{VmmRun, parse_times};
-use cocoon_e2e::{artifact, initramfs_with_init, memory_outside_guest};
+use cocoon_e2e::{artifact, initramfs_with_init, memory_outside_guest, pss_kib};
 use cocoon_testbed::ScratchDir;
 use cocoon_testbed::child::ChildGuard;
 use cocoon_testbed::probe::{Mode, probe};
@@ -874,15 +874,6 @@ fn boot_qemu(
     }
 }
 
-/// PSS of a process in KiB, from smaps_rollup.
-fn pss_kib(pid: u32) -> Option<u64> {
-    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
-    rollup
-        .lines()
-        .find_map(|l| l.strip_prefix("Pss:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-}
-
 /// Pids whose program name starts with `name` and whose command line has `with`.
 fn pids_with(name: &str, with: &str) -> Vec<u32> {
     std::fs::read_dir("/proc")
@@ -906,21 +897,9 @@ fn remove(containerd: &Containerd, ids: &[String]) {
         let _ = containerd.ctr(&["task", "kill", "-s", "SIGKILL", id]);
     }
     for id in ids {
-        wait_stopped(containerd, id);
+        containerd.wait_for_status(id, "STOPPED");
         containerd.ctr_ok(&["task", "delete", id]);
         containerd.ctr_ok(&["containers", "rm", id]);
-    }
-}
-
-fn wait_stopped(containerd: &Containerd, id: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !containerd
-        .ctr_ok(&["task", "ls"])
-        .lines()
-        .any(|l| l.starts_with(id) && l.contains("STOPPED"))
-    {
-        assert!(Instant::now() < deadline, "{id} never stopped");
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

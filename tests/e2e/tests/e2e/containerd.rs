@@ -7,19 +7,10 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use cocoon_e2e::containerd::{BUSYBOX, BUSYBOX_USER, Containerd, RUNTIME, wait_bounded};
-use cocoon_e2e::{memory_outside_guest, on_a_pty, require_kvm};
+use cocoon_e2e::{memory_outside_guest, on_a_pty, pss_kib, require_kvm};
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// PSS of a process in KiB, from smaps_rollup.
-fn pss_kib(pid: &str) -> Option<u64> {
-    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
-    rollup
-        .lines()
-        .find_map(|l| l.strip_prefix("Pss:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 fn pids_named(name: &str) -> Vec<String> {
@@ -53,21 +44,6 @@ fn pids_of(name: &str, with: &str) -> Vec<i32> {
             }
         })
         .collect()
-}
-
-fn wait_for_status(containerd: &Containerd, id: &str, status: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let ls = containerd.ctr_ok(&["task", "ls"]);
-        if ls.lines().any(|l| l.starts_with(id) && l.contains(status)) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{id} never became {status}:\n{ls}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 #[test]
@@ -268,10 +244,13 @@ fn ctr_task_exec_ps_metrics_kill_delete_and_deaths_leave_nothing() {
     // (256 MiB, the configuration's default), and the guest RAM it touched.
     let shim: u64 = pids_named("containerd-shim")
         .iter()
-        .filter_map(|p| pss_kib(p))
+        .filter_map(|p| p.parse().ok().and_then(pss_kib))
         .sum();
     let vmm_pids = pids_named("cocoon-vmm");
-    let vmm: u64 = vmm_pids.iter().filter_map(|p| pss_kib(p)).sum();
+    let vmm: u64 = vmm_pids
+        .iter()
+        .filter_map(|p| p.parse().ok().and_then(pss_kib))
+        .sum();
     let vmm_outside: u64 = vmm_pids
         .iter()
         .filter_map(|p| p.parse().ok())
@@ -285,7 +264,7 @@ fn ctr_task_exec_ps_metrics_kill_delete_and_deaths_leave_nothing() {
     );
 
     containerd.ctr_ok(&["task", "kill", "-s", "SIGKILL", "d1"]);
-    wait_for_status(&containerd, "d1", "STOPPED");
+    containerd.wait_for_status("d1", "STOPPED");
     containerd.ctr_ok(&["task", "delete", "d1"]);
     containerd.ctr_ok(&["containers", "rm", "d1"]);
     containerd.assert_no_leftovers();
@@ -301,7 +280,7 @@ fn ctr_task_exec_ps_metrics_kill_delete_and_deaths_leave_nothing() {
     assert_eq!(vmms.len(), 1, "{vmms:?}");
     // SAFETY: kill() takes plain integers.
     unsafe { libc::kill(vmms[0], libc::SIGKILL) };
-    wait_for_status(&containerd, "d2", "STOPPED");
+    containerd.wait_for_status("d2", "STOPPED");
     containerd.ctr_ok(&["task", "delete", "d2"]);
     containerd.ctr_ok(&["containers", "rm", "d2"]);
     containerd.assert_no_leftovers();
@@ -426,7 +405,7 @@ fn a_pods_containers_share_one_micro_vm() {
             text(&exec.stderr)
         );
         containerd.ctr_ok(&["task", "kill", "-s", "SIGKILL", id]);
-        wait_for_status(&containerd, id, "STOPPED");
+        containerd.wait_for_status(id, "STOPPED");
         containerd.ctr_ok(&["task", "delete", id]);
         containerd.ctr_ok(&["containers", "rm", id]);
     }
@@ -453,7 +432,7 @@ fn a_pods_containers_share_one_micro_vm() {
     let _ = containerd.ctr(&["containers", "rm", "c4"]);
 
     containerd.ctr_ok(&["task", "kill", "-s", "SIGKILL", "pod1"]);
-    wait_for_status(&containerd, "pod1", "STOPPED");
+    containerd.wait_for_status("pod1", "STOPPED");
     containerd.ctr_ok(&["task", "delete", "pod1"]);
     containerd.ctr_ok(&["containers", "rm", "pod1"]);
     containerd.assert_no_leftovers();
