@@ -108,7 +108,7 @@ impl DiskSlots {
             .map_err(|e| BlockError::Open(name.clone(), e))?
             .is_file();
         let backing = Backing::open(path, true, Some(id))?;
-        if !regular || backing.id().is_none() || backing.capacity_sectors() == 0 {
+        if !regular || backing.capacity_sectors() == 0 {
             return Err(SlotError::NotAFile(name));
         }
         slot.replace(backing);
