@@ -239,6 +239,8 @@ struct Bench {
     /// failure is reported in the scenario's notes, never hidden; it does
     /// not end the benchmark (nested guests fail now and then).
     failures: std::cell::RefCell<Vec<String>>,
+    /// `runc spec`'s default config, made once.
+    runc_spec: std::cell::OnceCell<serde_json::Value>,
 }
 
 impl Bench {
@@ -297,15 +299,23 @@ impl Bench {
         let id = self.unique("runc");
         let bundle = self.scratch.join(&id);
         std::fs::create_dir_all(&bundle).expect("bundle dir");
-        let spec = Command::new("runc")
-            .args(["spec", "--bundle"])
-            .arg(&bundle)
-            .output()
-            .expect("runc spec (Debian's runc)");
-        assert!(spec.status.success(), "runc spec: {spec:?}");
         let path = bundle.join("config.json");
-        let mut config: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(&path).expect("config.json")).expect("json");
+        let mut config = self
+            .runc_spec
+            .get_or_init(|| {
+                // `runc spec` once, in its own directory; every bundle starts from it.
+                let dir = self.scratch.join("runc-spec");
+                std::fs::create_dir_all(&dir).expect("runc spec dir");
+                let spec = Command::new("runc")
+                    .args(["spec", "--bundle"])
+                    .arg(&dir)
+                    .output()
+                    .expect("runc spec (Debian's runc)");
+                assert!(spec.status.success(), "runc spec: {spec:?}");
+                let json = std::fs::read(dir.join("config.json")).expect("config.json");
+                serde_json::from_slice(&json).expect("runc spec wrote JSON")
+            })
+            .clone();
         config["process"]["terminal"] = false.into();
         config["process"]["args"] = command
             .iter()
@@ -984,6 +994,7 @@ fn main() {
         rootfs,
         counter: std::cell::Cell::new(0),
         failures: std::cell::RefCell::default(),
+        runc_spec: std::cell::OnceCell::new(),
         no_pivot: nested,
         args: Args { runs, ..args },
     };
