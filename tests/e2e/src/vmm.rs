@@ -64,27 +64,39 @@ impl VmmRun {
     /// since the VMM was spawned. Panics with the console and log on timeout
     /// or if the VMM exits first.
     pub fn wait_for_line(&mut self, marker: &str, timeout: Duration) -> (String, Duration) {
+        self.try_wait_for_line(marker, timeout)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Self::wait_for_line`], with the failure (and the console and log)
+    /// as an error instead of a panic.
+    pub fn try_wait_for_line(
+        &mut self,
+        marker: &str,
+        timeout: Duration,
+    ) -> Result<(String, Duration), String> {
         let deadline = Instant::now() + timeout;
         loop {
             let _ = self.console.poll();
             if let Some(line) = self.console.line_with(marker) {
-                return (line, self.started.elapsed());
+                return Ok((line, self.started.elapsed()));
             }
             if let Ok(Some(status)) = self.child.try_wait() {
                 let _ = self.console.poll();
                 if let Some(line) = self.console.line_with(marker) {
-                    return (line, self.started.elapsed());
+                    return Ok((line, self.started.elapsed()));
                 }
-                panic!(
+                return Err(format!(
                     "cocoon-vmm exited with {status} before {marker:?}\n{}",
                     self.describe()
-                );
+                ));
             }
-            assert!(
-                Instant::now() < deadline,
-                "no {marker:?} within {timeout:?}\n{}",
-                self.describe()
-            );
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "no {marker:?} within {timeout:?}\n{}",
+                    self.describe()
+                ));
+            }
             std::thread::sleep(Duration::from_millis(1));
         }
     }

@@ -400,8 +400,18 @@ impl Bench {
         self.rounds(self.args.runs, "boot", |ours, counted| {
             if ours {
                 let mut run = guest.vmm(&self.scratch, &[]);
-                let (_, to_ready) = run.wait_for_line(READY, TIMEOUT);
-                run.wait_for_line(IDLE, TIMEOUT);
+                let waited = run
+                    .try_wait_for_line(READY, TIMEOUT)
+                    .and_then(|(_, to_ready)| {
+                        Ok((to_ready, run.try_wait_for_line(IDLE, TIMEOUT)?))
+                    });
+                let to_ready = match waited {
+                    Ok((to_ready, _)) => to_ready,
+                    Err(e) => {
+                        self.failed(format!("cocoon-vmm boot: {}", first_line(&e)));
+                        return;
+                    }
+                };
                 let times = parse_times(&run.log());
                 drop(run);
                 let vm = AgentVm::boot("bench-agent", 1, MEM_MIB);
@@ -690,7 +700,13 @@ impl Bench {
                 let mut disk_arg = OsString::from(&disk);
                 disk_arg.push(",ro");
                 let mut run = guest.vmm(&self.scratch, &["--disk".into(), disk_arg]);
-                run.wait_for_line("step blk-speed", TIMEOUT).0
+                match run.try_wait_for_line("step blk-speed", TIMEOUT) {
+                    Ok((line, _)) => line,
+                    Err(e) => {
+                        self.failed(format!("cocoon-vmm blk-speed: {}", first_line(&e)));
+                        return;
+                    }
+                }
             } else {
                 match guest.qemu(&self.scratch, Some(&disk), "step blk-speed") {
                     Ok((_, line)) => line,
@@ -805,6 +821,13 @@ impl TestInitGuest {
             until,
         )
     }
+}
+
+/// The first line of a long failure, for the report's notes (the whole of
+/// it goes to stderr as it happens).
+fn first_line(failure: &str) -> &str {
+    eprintln!("cocoon-bench: {failure}");
+    failure.lines().next().unwrap_or("")
 }
 
 fn who(ours: bool) -> &'static str {
