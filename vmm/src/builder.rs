@@ -12,7 +12,6 @@
 //!
 //! [`Vmm::run`] then starts the vCPU threads.
 
-use std::fs::OpenOptions;
 use std::io::{LineWriter, Write};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -28,7 +27,7 @@ use crate::arch::layout::{
 };
 use crate::config::{ConfigError, SerialConfig, VmConfig};
 use crate::devices::bus::{Bus, BusError};
-use crate::devices::legacy::{BootMarker, I8042, SerialConsole};
+use crate::devices::legacy::{BootMarker, ConsoleFile, I8042, SerialConsole};
 use crate::devices::virtio::block::{Block, DiskSlot, DiskSlots};
 use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
 use crate::devices::virtio::vsock::Vsock;
@@ -198,12 +197,10 @@ fn serial_output(serial: &SerialConfig) -> Result<Box<dyn Write + Send>, BuildEr
     Ok(match serial {
         SerialConfig::Stdout => Box::new(LineWriter::new(std::io::stdout())),
         SerialConfig::None => Box::new(std::io::sink()),
-        SerialConfig::File(path) => Box::new(LineWriter::new(
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|e| BuildError::SerialFile(path.display().to_string(), e))?,
-        )),
+        SerialConfig::File(path) => {
+            Box::new(LineWriter::new(ConsoleFile::open(path).map_err(|e| {
+                BuildError::SerialFile(path.display().to_string(), e)
+            })?))
+        }
     })
 }

@@ -57,7 +57,8 @@ struct Args {
     /// Unix socket on which the VMM takes attach/detach requests (JSON lines).
     #[arg(long)]
     api_uds: Option<PathBuf>,
-    /// Where the serial console goes: stdout, file:PATH or none [default: stdout].
+    /// Where the serial console goes: stdout, file:PATH (at most 1 MiB, the
+    /// older half in PATH.1) or none [default: stdout].
     #[arg(long)]
     serial: Option<SerialConfig>,
     /// Log filter for the VMM's own messages on stderr (error, warn, info, debug, trace).
