@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
-use cocoon_protocol::{CreateContainer, ProcessRef, Rootfs};
+use cocoon_protocol::{ClientError, CreateContainer, ProcessRef, Rootfs};
 use cocoon_runtime::config::parse_size_mib;
-use cocoon_runtime::{Config, MicroVm, VmSpec, rootfs_disk};
+use cocoon_runtime::{Config, MicroVm, VmError, VmSpec, rootfs_disk};
 use cocoon_vmm::probe::{self, Mode};
 
 use crate::attach;
@@ -201,11 +201,26 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     debug!("cocoon-vmm started with {}", image.path.display());
     let outcome = drive(&args, &workload, &config, rootfs, &mut vm, &stop);
     outcome.map_err(|e| {
-        let log = vm.log_suffix();
-        if log.is_empty() {
-            e
-        } else {
-            e.context(log.trim_start_matches("; ").to_owned())
+        // An agent connection that broke because the VM died says little by
+        // itself: name the VMM's exit, and quote its log and the console. The
+        // VM may take a moment to exit after the connection broke; it runs
+        // on when the agent refused a request.
+        // A `VmError` from booting quotes them already.
+        if e.chain()
+            .any(|cause| cause.downcast_ref::<VmError>().is_some())
+        {
+            return e;
+        }
+        let refused = e.chain().any(|cause| {
+            matches!(
+                cause.downcast_ref::<ClientError>(),
+                Some(ClientError::Agent { .. })
+            )
+        });
+        let grace = Duration::from_millis(if refused { 0 } else { 500 });
+        match vm.exit_report(grace) {
+            Some(report) => anyhow::anyhow!("{:#}{}", e.context(report), vm.diagnostics()),
+            None => e,
         }
     })
 }
@@ -261,8 +276,8 @@ fn drive(
             io_wait: wait,
         },
         &mut || {
-            vm.try_wait()?.map_or(Ok(()), |status| {
-                bail!("cocoon-vmm exited ({status}) while the command ran")
+            vm.try_wait()?.map_or(Ok(()), |_| {
+                bail!("the micro-VM stopped while the command ran")
             })
         },
     )?;

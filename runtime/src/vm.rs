@@ -3,7 +3,8 @@
 //! answering on the VM's hybrid-vsock socket.
 //!
 //! ```text
-//!  MicroVm::launch ─▶ cocoon-vmm (stderr → DIR/vmm.log, vsock → DIR/vsock.sock)
+//!  MicroVm::launch ─▶ cocoon-vmm (stderr → DIR/vmm.log, vsock → DIR/vsock.sock,
+//!                    guest console → DIR/console.log)
 //!  MicroVm::connect ─▶ retry the agent's hello until it answers, noticing a
 //!                      VMM that died or a caller that gave up meanwhile
 //!  MicroVm::attach ─▶ a container joining a pod: its rootfs image goes to
@@ -115,32 +116,75 @@ pub struct MicroVm {
     uds: PathBuf,
     /// The VMM's API socket, when it has spare disk slots.
     api: Option<PathBuf>,
+    /// Where the sockets, the VMM's log and the guest console are.
+    dir: PathBuf,
     log: PathBuf,
     exited: Option<ExitStatus>,
 }
 
-/// The VMM's log, indented, for an error message; empty if it said nothing.
-fn log_suffix(log: &Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
+/// The console file the VMM writes the guest's serial output to; it keeps
+/// at most 1 MiB, the older half in `console.log.1`.
+const CONSOLE: &str = "console.log";
+/// Lines of the VMM's log and of the guest console an error message quotes,
+/// from at most this many bytes at the end of each file.
+const QUOTED_LINES: usize = 20;
+const TAIL_BYTES: u64 = 8 << 10;
+
+/// The last `QUOTED_LINES` lines of `text`, indented under `heading`; empty
+/// when `text` is. Control characters become spaces: the guest wrote the
+/// console, and must not drive the operator's terminal.
+fn quote(heading: &str, text: &str) -> String {
     let text = text.trim();
     if text.is_empty() {
         return String::new();
     }
-    // The last lines say why; a hostile guest cannot make them long, the
-    // VMM rate-limits what it logs.
-    let tail: Vec<&str> = text.lines().rev().take(20).collect();
-    let mut out = String::from("; cocoon-vmm said:");
+    let tail: Vec<&str> = text.lines().rev().take(QUOTED_LINES).collect();
+    let mut out = format!("; {heading}:");
     for line in tail.into_iter().rev() {
         out.push_str("\n  ");
-        out.push_str(line);
+        out.extend(line.chars().map(|c| if c.is_control() { ' ' } else { c }));
     }
     out
+}
+
+/// The last `max` bytes of a file, or nothing if it cannot be read.
+fn file_tail(path: &Path, max: u64) -> Vec<u8> {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut file) = File::open(path) else {
+        return Vec::new();
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut tail = Vec::new();
+    if file.seek(SeekFrom::Start(len.saturating_sub(max))).is_ok() {
+        let _ = file.take(max).read_to_end(&mut tail);
+    }
+    tail
+}
+
+/// The end of the guest console: the older half first, then the newer.
+fn console_tail(dir: &Path) -> String {
+    let mut bytes = file_tail(&dir.join(format!("{CONSOLE}.1")), TAIL_BYTES);
+    bytes.extend(file_tail(&dir.join(CONSOLE), TAIL_BYTES));
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// What a VMM exit status means for the guest (the VMM's README has the table).
+fn explain_exit(status: ExitStatus) -> String {
+    let why = match status.code() {
+        Some(0) => ": the guest shut down or rebooted by itself, as a kernel panic does",
+        Some(1) => ": a VMM error",
+        Some(3) => ": the guest crashed, a triple fault or a KVM error",
+        _ => "",
+    };
+    format!("{}{why}", describe(status))
 }
 
 impl MicroVm {
     pub fn launch(spec: &VmSpec) -> Result<Self, VmError> {
         let uds = spec.dir.join("vsock.sock");
         let log = spec.dir.join("vmm.log");
+        let mut console = std::ffi::OsString::from("file:");
+        console.push(spec.dir.join(CONSOLE));
         let log_file = File::create(&log).map_err(|e| VmError::Scratch(log.clone(), e))?;
         let boot = &spec.boot;
         let mut command = Command::new(&boot.vmm);
@@ -153,7 +197,9 @@ impl MicroVm {
             .args(["--mem-mib", &spec.memory_mib.to_string()])
             .arg("--vsock-uds")
             .arg(&uds)
-            .args(["--serial", "none", "--log-level", &spec.log_level]);
+            .arg("--serial")
+            .arg(console)
+            .args(["--log-level", &spec.log_level]);
         for disk in &spec.disks {
             let mut arg = disk.path.clone().into_os_string();
             if disk.read_only {
@@ -180,6 +226,7 @@ impl MicroVm {
             child,
             uds,
             api,
+            dir: spec.dir.clone(),
             log,
             exited: None,
         })
@@ -194,9 +241,23 @@ impl MicroVm {
         &self.uds
     }
 
-    /// What the VMM logged, for an error message.
-    pub fn log_suffix(&self) -> String {
-        log_suffix(&self.log)
+    /// What the VMM logged and how the guest console ended, for an error
+    /// message; empty if both are.
+    pub fn diagnostics(&self) -> String {
+        let log = String::from_utf8_lossy(&file_tail(&self.log, TAIL_BYTES)).into_owned();
+        quote("cocoon-vmm said", &log)
+            + &quote("the guest console ended with", &console_tail(&self.dir))
+    }
+
+    /// Whether the VMM has exited, waiting up to `grace` for it (a broken
+    /// agent connection comes a moment before the VMM's exit): if so, what
+    /// its status means, for an error message.
+    pub fn exit_report(&mut self, grace: Duration) -> Option<String> {
+        let status = self.wait_timeout(grace).ok().flatten()?;
+        Some(format!(
+            "the micro-VM is gone: cocoon-vmm {}",
+            explain_exit(status)
+        ))
     }
 
     /// Waits for the agent to answer, for at most `wait`, giving up early
@@ -219,8 +280,8 @@ impl MicroVm {
                 Err(e) => {
                     if let Some(status) = self.try_wait()? {
                         return Err(VmError::DiedBooting {
-                            status: describe(status),
-                            log: self.log_suffix(),
+                            status: explain_exit(status),
+                            log: self.diagnostics(),
                         });
                     }
                     if interrupted() {
@@ -229,7 +290,7 @@ impl MicroVm {
                     if Instant::now() >= deadline {
                         return Err(VmError::Unreachable {
                             source: e,
-                            log: self.log_suffix(),
+                            log: self.diagnostics(),
                         });
                     }
                 }
@@ -426,17 +487,45 @@ mod tests {
     }
 
     #[test]
-    fn a_vmm_that_dies_while_booting_is_reported_with_its_log() {
+    fn a_vmm_that_dies_while_booting_is_reported_with_its_log_and_console() {
         let dir = tempfile::tempdir().unwrap();
-        // A stand-in "VMM" that complains and exits, as a VMM does on a bad kernel.
-        let script = fake_vmm(dir.path(), "echo 'cannot load kernel: bad ELF' >&2\nexit 3");
+        // A stand-in "VMM" whose guest printed a panic (with a terminal escape
+        // in it) before the VMM complained and exited 3, as on a triple fault.
+        let console = dir.path().join(CONSOLE);
+        std::fs::write(dir.path().join("console.log.1"), "booting\n").unwrap();
+        let body = format!(
+            "printf 'Kernel panic - not syncing: \\033]0;pwned\\007 oops\\n' >> {}\n\
+             echo 'guest crashed: triple fault' >&2\nexit 3",
+            console.display()
+        );
+        let script = fake_vmm(dir.path(), &body);
         let mut vm = launch_fake(&spec(dir.path(), &script));
         let error = vm
             .connect(Duration::from_secs(20), Duration::from_secs(1), &|| false)
             .unwrap_err()
             .to_string();
-        assert!(error.contains("exit status 3"), "{error}");
-        assert!(error.contains("bad ELF"), "{error}");
+        assert!(
+            error.contains("exit status 3: the guest crashed"),
+            "{error}"
+        );
+        assert!(
+            error.contains("cocoon-vmm said:\n  guest crashed: triple fault"),
+            "{error}"
+        );
+        assert!(
+            error.contains("the guest console ended with:\n  booting\n  Kernel panic"),
+            "{error}"
+        );
+        assert!(
+            !error.contains('\u{1b}') && !error.contains('\u{7}'),
+            "{error:?}"
+        );
+        assert_eq!(
+            vm.exit_report(Duration::ZERO).as_deref(),
+            Some(
+                "the micro-VM is gone: cocoon-vmm exit status 3: the guest crashed, a triple fault or a KVM error"
+            )
+        );
     }
 
     #[test]

@@ -277,15 +277,21 @@ impl Container {
         self.client().start_process(&proc.process)?;
         proc.set_running();
         let proc = Arc::clone(proc);
+        // Weak: a process that outlives its container must not keep the VM.
+        let sandbox = Arc::downgrade(&self.sandbox);
         std::thread::spawn(move || {
             let status = match waiter.wait_process(&proc.process) {
                 Ok(ExitStatus::Code(code)) => u32::try_from(code).unwrap_or(VM_DIED_STATUS),
                 Ok(status) => u32::try_from(status.shell_code()).unwrap_or(VM_DIED_STATUS),
                 Err(e) => {
                     log::error!(
-                        "{:?}: lost the process (the micro-VM died?): {}",
+                        "{:?}: lost the process: {}; {}",
                         proc.process,
-                        cocoon_protocol::error_chain(&e)
+                        cocoon_protocol::error_chain(&e),
+                        sandbox.upgrade().map_or_else(
+                            || "the micro-VM was taken down".into(),
+                            |sandbox| sandbox.post_mortem()
+                        )
                     );
                     VM_DIED_STATUS
                 }

@@ -142,6 +142,17 @@ impl Sandbox {
         &self.scratch
     }
 
+    /// Why the VM is gone, with the VMM's log and the end of the guest
+    /// console, for the shim's log when the agent connection broke; or that
+    /// the VM still runs.
+    pub fn post_mortem(&self) -> String {
+        let mut vm = lock(&self.vm);
+        match vm.exit_report(Duration::from_millis(500)) {
+            Some(report) => report + &vm.diagnostics(),
+            None => "the micro-VM still runs".into(),
+        }
+    }
+
     pub fn running(&self) -> bool {
         matches!(lock(&self.vm).try_wait(), Ok(None))
     }

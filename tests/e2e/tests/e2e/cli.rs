@@ -211,6 +211,85 @@ fn cocoon_run_from_an_oci_layout_uses_the_images_config() {
     assert_eq!(leftovers(), Vec::<String>::new());
 }
 
+/// The pid of a child of `parent` whose command is `comm`.
+fn child_named(parent: u32, comm: &str) -> Option<u32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let status = std::fs::read_to_string(entry.path().join("status")).ok()?;
+            let field = |name: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .map(str::trim)
+            };
+            (field("Name:") == Some(comm) && field("PPid:") == Some(&parent.to_string()))
+                .then_some(pid)
+        })
+}
+
+#[test]
+fn a_micro_vm_that_dies_under_a_command_is_named_with_its_console() {
+    if !require_kvm("a_micro_vm_that_dies_under_a_command_is_named_with_its_console") {
+        return;
+    }
+    let rootfs = std::env::var("COCOON_TEST_ROOTFS_DIR").unwrap();
+    let mut child = Command::new(artifact("COCOON_CLI"))
+        .args(["run", "--rootfs", &rootfs, "--", "sh", "-c"])
+        .arg("echo started; sleep 100")
+        .env("TMPDIR", std::env::temp_dir())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn cocoon");
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut stderr = child.stderr.take().unwrap();
+    let (sender, started) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(&mut stdout, &mut line);
+        let _ = sender.send(line);
+    });
+    let line = started.recv_timeout(RUN_BOUND);
+    let vmm = child_named(child.id(), "cocoon-vmm");
+    let (Ok("started\n"), Some(vmm)) = (line.as_deref(), vmm) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the command did not start in a micro-VM: {line:?}, VMM {vmm:?}");
+    };
+    // As if the guest or the VMM died under the command.
+    unsafe_free_kill(vmm, libc::SIGKILL);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("cocoon run went on for 30 s after its VMM died");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    let _ = std::io::Read::read_to_string(&mut stderr, &mut err);
+    eprintln!("what cocoon run says when its VMM dies:\n{err}");
+    assert_eq!(status.code(), Some(125), "{err}");
+    assert!(
+        err.contains("the micro-VM is gone: cocoon-vmm killed by signal 9"),
+        "{err}"
+    );
+    // The console's end is quoted: the agent logs there that it was ready.
+    let console = err
+        .split("the guest console ended with:")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no console quoted: {err}"));
+    assert!(console.contains("cocoon-agent ready"), "{err}");
+    assert_eq!(leftovers(), Vec::<String>::new());
+}
+
 /// `cocoon ARGS`, bounded; stdout, stderr, exit code. The output goes to
 /// files: `create` leaves a monitor holding them, as runc's container does.
 fn cocoon(args: &[&str], scratch: &std::path::Path) -> (String, String, Option<i32>) {
