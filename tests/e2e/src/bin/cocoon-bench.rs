@@ -278,10 +278,19 @@ impl Bench {
 
     fn cocoon_run(&self, command: &[&str]) -> Command {
         let mut cmd = Command::new(artifact("COCOON_CLI"));
-        cmd.args(["run", "--memory", &format!("{MEM_MIB}M"), "--rootfs"])
-            .arg(&self.rootfs)
-            .arg("--")
-            .args(command);
+        // Bounded, so that a guest that hangs is a recorded failure (124).
+        let timeout = format!("{}s", TIMEOUT.as_secs());
+        cmd.args([
+            "run",
+            "--memory",
+            &format!("{MEM_MIB}M"),
+            "--timeout",
+            &timeout,
+        ])
+        .arg("--rootfs")
+        .arg(&self.rootfs)
+        .arg("--")
+        .args(command);
         cmd
     }
 
@@ -386,6 +395,7 @@ impl Bench {
         let mut scenario = Scenario::new(
             "boot",
             "spawn → the test init's ready line on the console (same kernel, initramfs, 1 vCPU, 128 MiB); \
+             the VMM's memory outside guest RAM once the guest idles; \
              cocoon-vmm's own start → boot marker; spawn → the cocoon agent answers on vsock",
         );
         let guest = TestInitGuest::new(&self.scratch, "boot", "marker,hang");
@@ -397,6 +407,16 @@ impl Bench {
         let mut marker = Series::new("cocoon-vmm: process start → boot marker", "ms", Who::Ours);
         let mut vcpus = Series::new("cocoon-vmm: process start → vCPUs running", "ms", Who::Ours);
         let mut agent = Series::new("cocoon-vmm + agent: spawn → agent answers", "ms", Who::Ours);
+        let mut vmm_rss = Pair::new(
+            "cocoon-vmm: RSS outside guest RAM",
+            "QEMU microvm: RSS outside guest RAM",
+            "MiB",
+        );
+        let mut vmm_pss = Pair::new(
+            "cocoon-vmm: PSS outside guest RAM",
+            "QEMU microvm: PSS outside guest RAM",
+            "MiB",
+        );
         self.rounds(self.args.runs, "boot", |ours, counted| {
             if ours {
                 let mut run = guest.vmm(&self.scratch, &[]);
@@ -412,6 +432,7 @@ impl Bench {
                         return;
                     }
                 };
+                let (rss, pss) = memory_outside_guest(run.pid(), u64::from(MEM_MIB) << 10);
                 let times = parse_times(&run.log());
                 drop(run);
                 let vm = AgentVm::boot("bench-agent", 1, MEM_MIB);
@@ -426,16 +447,25 @@ impl Bench {
                         .samples
                         .push(times.ready_us.unwrap_or(0) as f64 / 1000.0);
                     agent.samples.push(ms(to_agent));
+                    vmm_rss.ours.samples.push(mib(rss));
+                    vmm_pss.ours.samples.push(mib(pss));
                 }
             } else {
-                match guest.qemu(&self.scratch, None, READY) {
-                    Ok((to_ready, _)) if counted => ready.peer.samples.push(ms(to_ready)),
+                // Until the same idle line, so both are measured settled.
+                match guest.qemu(&self.scratch, None, IDLE) {
+                    Ok(boot) if counted => {
+                        ready.peer.samples.push(ms(boot.to_ready));
+                        vmm_rss.peer.samples.push(mib(boot.rss_kib));
+                        vmm_pss.peer.samples.push(mib(boot.pss_kib));
+                    }
                     Ok(_) => {}
                     Err(e) => self.failed(format!("QEMU boot: {e}")),
                 }
             }
         });
         ready.into(&mut scenario, "spawn → init ready");
+        vmm_rss.into(&mut scenario, "VMM RSS outside guest RAM");
+        vmm_pss.into(&mut scenario, "VMM PSS outside guest RAM");
         scenario.series.extend([marker, vcpus, agent]);
         scenario
     }
@@ -709,7 +739,7 @@ impl Bench {
                 }
             } else {
                 match guest.qemu(&self.scratch, Some(&disk), "step blk-speed") {
-                    Ok((_, line)) => line,
+                    Ok(boot) => boot.line,
                     Err(e) => {
                         self.failed(format!("QEMU blk-speed: {e}"));
                         return;
@@ -801,15 +831,14 @@ impl TestInitGuest {
         )
     }
 
-    /// Boots QEMU until a console line has `until`; returns the time to the
-    /// init's ready line and the `until` line. `disk` is a read-only
+    /// Boots QEMU until a console line has `until`. `disk` is a read-only
     /// virtio-blk disk.
     fn qemu(
         &self,
         scratch: &ScratchDir,
         disk: Option<&Path>,
         until: &str,
-    ) -> Result<(Duration, String), String> {
+    ) -> Result<QemuBoot, String> {
         // microvm has no i8042; the guest never reboots here anyway.
         let cmdline = format!("console=ttyS0 reboot=t panic=-1 quiet {}", self.steps);
         boot_qemu(
@@ -844,6 +873,17 @@ fn blk_rate(line: &str) -> Option<f64> {
     Some(field("bytes=")? / field("us=")?.max(1.0))
 }
 
+/// A QEMU boot that got to the line it waited for.
+struct QemuBoot {
+    /// Spawn → the test init's ready line.
+    to_ready: Duration,
+    /// The line waited for.
+    line: String,
+    /// QEMU's memory outside guest RAM when the line came.
+    rss_kib: u64,
+    pss_kib: u64,
+}
+
 /// Boots QEMU microvm until a console line has `until`; returns the time to
 /// the init's ready line and the `until` line. `disk` is a read-only
 /// virtio-blk disk.
@@ -854,7 +894,7 @@ fn boot_qemu(
     disk: Option<&Path>,
     scratch: &Path,
     until: &str,
-) -> Result<(Duration, String), String> {
+) -> Result<QemuBoot, String> {
     let console_path = scratch.join("bench-qemu.console");
     let _ = std::fs::remove_file(&console_path);
     let mut command = DirectBoot {
@@ -893,8 +933,14 @@ fn boot_qemu(
             ready = Some(started.elapsed());
         }
         if let Some(line) = console.line_with(until) {
+            let (rss_kib, pss_kib) = memory_outside_guest(qemu.id(), u64::from(MEM_MIB) << 10);
             let _ = qemu.kill();
-            return Ok((ready.unwrap_or_default(), line));
+            return Ok(QemuBoot {
+                to_ready: ready.unwrap_or_default(),
+                line,
+                rss_kib,
+                pss_kib,
+            });
         }
         if started.elapsed() >= TIMEOUT {
             let _ = qemu.kill();
