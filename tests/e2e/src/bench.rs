@@ -142,6 +142,22 @@ pub fn percentile(samples: &[f64], percent: usize) -> f64 {
 }
 
 impl Report {
+    /// One report from several runs of the same build, each of some of the
+    /// scenarios (in nested mode each runs on a fresh test host): the first
+    /// one's header, every scenario in order. None when `parts` is empty or
+    /// they come from different commits or modes.
+    pub fn merge(parts: Vec<Report>) -> Option<Report> {
+        let mut parts = parts.into_iter();
+        let mut merged = parts.next()?;
+        for part in parts {
+            if part.commit != merged.commit || part.mode != merged.mode {
+                return None;
+            }
+            merged.scenarios.extend(part.scenarios);
+        }
+        Some(merged)
+    }
+
     /// The terminal table.
     pub fn table(&self) -> String {
         let mut out = String::new();
@@ -366,6 +382,13 @@ mod tests {
         assert!(table.contains("12 sandboxes fit"), "{table}");
         let back: Report = serde_json::from_str(&report.json()).unwrap();
         assert_eq!(back, report);
+        let merged = Report::merge(vec![report.clone(), report.clone()]).unwrap();
+        assert_eq!(merged.scenarios.len(), 2 * report.scenarios.len());
+        let other = Report {
+            commit: "other".into(),
+            ..report.clone()
+        };
+        assert_eq!(Report::merge(vec![report.clone(), other]), None);
         let svg = report.svg();
         // One panel (only `run` has times), two curves, the name escaped.
         assert_eq!(svg.matches("<polyline").count(), 2);

@@ -86,7 +86,9 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Render {
-    /// Renders a report (JSON) into the table and bench.svg, without measuring.
+    /// Renders a report (JSON) into the table, bench.json and bench.svg,
+    /// without measuring. A file of several reports, one per line (runs of
+    /// some scenarios each), becomes one report.
     Render {
         json: PathBuf,
         #[arg(long, default_value = "target/bench")]
@@ -1023,8 +1025,18 @@ fn main() {
     if let Some(Render::Render { json, out }) = &args.render {
         let text = std::fs::read_to_string(json)
             .unwrap_or_else(|e| panic!("cannot read {}: {e}", json.display()));
-        let report: Report = serde_json::from_str(&text)
+        let parts = text
+            .lines()
+            .filter(|line| !line.trim().is_empty())
+            .map(serde_json::from_str)
+            .collect::<Result<Vec<Report>, _>>()
             .unwrap_or_else(|e| panic!("{} is not a report: {e}", json.display()));
+        let report = Report::merge(parts).unwrap_or_else(|| {
+            panic!(
+                "{}: no report, or reports of different commits or modes",
+                json.display()
+            )
+        });
         print!("{}", report.table());
         write_outputs(&report, out);
         return;
