@@ -125,7 +125,8 @@ pub struct Report {
     pub host: Host,
     pub commit: String,
     pub versions: BTreeMap<String, String>,
-    /// Measured runs per series (after one warm-up each).
+    /// Measured runs per series (after one warm-up each); 0 in a merged
+    /// report whose parts ran different counts (the table's `n` says).
     pub runs: usize,
     pub scenarios: Vec<Scenario>,
 }
@@ -153,6 +154,9 @@ impl Report {
             if part.commit != merged.commit || part.mode != merged.mode {
                 return None;
             }
+            if part.runs != merged.runs {
+                merged.runs = 0;
+            }
             merged.scenarios.extend(part.scenarios);
         }
         Some(merged)
@@ -162,10 +166,14 @@ impl Report {
     pub fn table(&self) -> String {
         let mut out = String::new();
         let h = &self.host;
+        let runs = match self.runs {
+            0 => "the runs in column n per series".to_owned(),
+            runs => format!("{runs} runs per series"),
+        };
         let _ = writeln!(
             out,
-            "cocoon bench — {} mode, {} runs per series after a warm-up; host: {} cores, {} MiB, Linux {}; commit {}",
-            self.mode, self.runs, h.cores, h.memory_mib, h.kernel, self.commit
+            "cocoon bench — {} mode, {runs} after a warm-up; host: {} cores, {} MiB, Linux {}; commit {}",
+            self.mode, h.cores, h.memory_mib, h.kernel, self.commit
         );
         if self.mode == "nested" {
             let _ = writeln!(
@@ -384,6 +392,13 @@ mod tests {
         assert_eq!(back, report);
         let merged = Report::merge(vec![report.clone(), report.clone()]).unwrap();
         assert_eq!(merged.scenarios.len(), 2 * report.scenarios.len());
+        assert_eq!(merged.runs, report.runs);
+        let fewer = Report {
+            runs: 1,
+            ..report.clone()
+        };
+        let merged = Report::merge(vec![report.clone(), fewer]).unwrap();
+        assert!(merged.table().contains("the runs in column n per series"));
         let other = Report {
             commit: "other".into(),
             ..report.clone()

@@ -220,12 +220,22 @@ fn drain(child: &mut Child) -> std::thread::JoinHandle<String> {
 }
 
 /// The last line of a failed run's stderr: usually the reason.
+/// Why a run failed, in one line: cocoon's error line (its log and console
+/// quotes follow it), else the last line printed. The whole of stderr goes
+/// to ours.
 fn reason(t: &Timed) -> String {
-    t.stderr
-        .lines()
-        .last()
+    if !t.stderr.trim().is_empty() {
+        eprintln!(
+            "cocoon-bench: a failed run's stderr:\n{}",
+            t.stderr.trim_end()
+        );
+    }
+    let mut lines = t.stderr.lines().map(str::trim);
+    lines
+        .clone()
+        .find(|l| l.starts_with("cocoon: error:"))
+        .or_else(|| lines.rfind(|l| !l.is_empty()))
         .unwrap_or("no message")
-        .trim()
         .to_owned()
 }
 
