@@ -134,11 +134,17 @@ const TAIL_BYTES: u64 = 8 << 10;
 /// when `text` is. Control characters become spaces: the guest wrote the
 /// console, and must not drive the operator's terminal.
 fn quote(heading: &str, text: &str) -> String {
-    let text = text.trim();
-    if text.is_empty() {
+    // Lines keep their own indentation (the agent's log pads its levels).
+    let text = text.trim_end();
+    if text.trim_start().is_empty() {
         return String::new();
     }
-    let tail: Vec<&str> = text.lines().rev().take(QUOTED_LINES).collect();
+    let tail: Vec<&str> = text
+        .lines()
+        .rev()
+        .filter(|line| !line.trim().is_empty())
+        .take(QUOTED_LINES)
+        .collect();
     let mut out = format!("; {heading}:");
     for line in tail.into_iter().rev() {
         out.push_str("\n  ");
