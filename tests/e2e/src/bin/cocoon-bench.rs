@@ -571,7 +571,9 @@ impl Bench {
                 "ms",
             );
             // Fewer rounds: each round is K sandboxes.
-            let rounds = self.args.runs.div_ceil(k.max(1)).max(1);
+            // At least 2, so that one guest dying (rare, nested) cannot
+            // leave the "all" series without a sample.
+            let rounds = self.args.runs.div_ceil(k.max(1)).max(2);
             self.rounds(rounds, &format!("concurrent K={k}"), |ours, counted| {
                 let threads: Vec<_> = (0..k)
                     .map(|_| {
@@ -1072,7 +1074,7 @@ fn main() {
     let per_k: usize = args
         .concurrency
         .iter()
-        .map(|&k| runs.div_ceil(k.max(1)).max(1) + 1)
+        .map(|&k| runs.div_ceil(k.max(1)).max(2) + 1)
         .sum();
     let total: usize = args
         .scenarios
