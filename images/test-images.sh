@@ -2,10 +2,10 @@
 # Builds the test container images locally (there is no registry access):
 #
 #   <out>/rootfs/            busybox (Debian's busybox-static) with every applet,
-#                            /usr/bin/cocoon-check, users root, cocoon (1000)
+#                            /usr/bin/capsid-check, users root, capsid (1000)
 #                            and group extra (2000)
 #   <out>/busybox.oci.tar    an OCI image layout of it, runs as root
-#   <out>/busybox-user.oci.tar  the same layer, runs as cocoon (1000:1000)
+#   <out>/busybox-user.oci.tar  the same layer, runs as capsid (1000:1000)
 #
 # Reproducible: sorted tar entries, fixed times and owners, gzip -n.
 #   images/test-images.sh OUT_DIR CHECKER_BINARY
@@ -19,26 +19,26 @@ ensure_packages busybox-static
 stage=$(mktemp -d "${out%/}.stage.XXXXXX")
 trap 'rm -rf "$stage"' EXIT
 root=$stage/rootfs
-mkdir -p "$root"/{bin,usr/bin,etc,proc,sys,dev,run,var,root,home/cocoon,tmp}
+mkdir -p "$root"/{bin,usr/bin,etc,proc,sys,dev,run,var,root,home/capsid,tmp}
 chmod 1777 "$root/tmp"
 chmod 700 "$root/root"
 cp /bin/busybox "$root/bin/busybox"
 for applet in $(/bin/busybox --list); do
     [ "$applet" = busybox ] || ln -sf busybox "$root/bin/$applet"
 done
-install -m 0755 "$checker" "$root/usr/bin/cocoon-check"
+install -m 0755 "$checker" "$root/usr/bin/capsid-check"
 cat > "$root/etc/passwd" <<'PASSWD'
 root:x:0:0:root:/root:/bin/sh
-cocoon:x:1000:1000:cocoon:/home/cocoon:/bin/sh
+capsid:x:1000:1000:capsid:/home/capsid:/bin/sh
 nobody:x:65534:65534:nobody:/nonexistent:/bin/false
 PASSWD
 cat > "$root/etc/group" <<'GROUP'
 root:x:0:
-cocoon:x:1000:
-extra:x:2000:cocoon
+capsid:x:1000:
+extra:x:2000:capsid
 nogroup:x:65534:
 GROUP
-chown 1000:1000 "$root/home/cocoon"
+chown 1000:1000 "$root/home/capsid"
 find "$root" -exec touch -h -d @0 {} +
 
 # One layer, two image configs.
@@ -72,7 +72,7 @@ image() { # NAME USER
     mkdir -p "$layout/blobs/sha256"
     for d in "$config" "$manifest" "$layer"; do cp "$blobs/$d" "$layout/blobs/sha256/$d"; done
     printf '{"imageLayoutVersion":"1.0.0"}' > "$layout/oci-layout"
-    printf '{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:%s","size":%s,"annotations":{"org.opencontainers.image.ref.name":"latest","io.containerd.image.name":"docker.io/cocoon/%s:latest"}}]}' \
+    printf '{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:%s","size":%s,"annotations":{"org.opencontainers.image.ref.name":"latest","io.containerd.image.name":"docker.io/capsid/%s:latest"}}]}' \
         "$manifest" "$manifest_size" "$name" > "$layout/index.json"
     find "$layout" -exec touch -h -d @0 {} +
     tar --sort=name --numeric-owner --owner=0 --group=0 --mtime=@0 -C "$layout" -cf "$stage/$name.oci.tar" .

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Builds the cocoon guest kernel (an uncompressed x86_64 `vmlinux` with a PVH
+# Builds the capsid guest kernel (an uncompressed x86_64 `vmlinux` with a PVH
 # entry point) from Debian's linux-source package and the fragments beside this
 # script, merged over `make tinyconfig`.
 #
-# The result is cached under $COCOON_CACHE/kernel/<key>/, where <key> hashes the
+# The result is cached under $CAPSID_CACHE/kernel/<key>/, where <key> hashes the
 # fragments, this script, the source package version and the compiler version,
 # so a second run with nothing changed returns at once. Progress goes to stderr;
 # the path of the vmlinux is the only thing printed on stdout.
@@ -17,7 +17,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 . "$here/../scripts/lib.sh"
 
 source_pkg=linux-source-6.12
-cache=$(cocoon_cache)
+cache=$(capsid_cache)
 
 ensure_packages "$source_pkg" build-essential flex bison bc libelf-dev cpio xz-utils
 source_version=$(dpkg-query -W -f='${Version}' "$source_pkg")

@@ -1,58 +1,58 @@
 # Builds (or reuses) everything the end-to-end tests need and exports its
-# location in COCOON_* variables. Sourced by test.sh and demo.sh.
+# location in CAPSID_* variables. Sourced by test.sh and demo.sh.
 
 ensure_packages build-essential qemu-system-x86 busybox-static jq erofs-utils e2fsprogs libseccomp-dev containerd runc
 
 log "==> guest kernel"
-COCOON_KERNEL=$(kernel-config/build.sh)
-export COCOON_KERNEL
+CAPSID_KERNEL=$(kernel-config/build.sh)
+export CAPSID_KERNEL
 
-log "==> guest programs (static): cocoon-agent, test init, cocoon-check"
+log "==> guest programs (static): capsid-agent, test init, capsid-check"
 RUSTFLAGS="-C target-feature=+crt-static" \
-    cargo build --quiet --release -p cocoon-agent -p cocoon-test-init --target x86_64-unknown-linux-gnu
+    cargo build --quiet --release -p capsid-agent -p capsid-test-init --target x86_64-unknown-linux-gnu
 static_dir=$PWD/target/x86_64-unknown-linux-gnu/release
-for program in cocoon-agent cocoon-test-init cocoon-check; do
+for program in capsid-agent capsid-test-init capsid-check; do
     ldd "$static_dir/$program" 2>&1 | grep -qE 'not a dynamic|statically linked' \
         || die "$static_dir/$program is not statically linked"
 done
-COCOON_TEST_INIT=$static_dir/cocoon-test-init
-export COCOON_TEST_INIT
+CAPSID_TEST_INIT=$static_dir/capsid-test-init
+export CAPSID_TEST_INIT
 
 log "==> images: agent initramfs, test images, test rootfs (erofs)"
-cargo build --quiet --release -p cocoon-images
+cargo build --quiet --release -p capsid-images
 mkdir -p target/images
-COCOON_AGENT_INITRAMFS=$PWD/target/images/cocoon-initramfs.cpio
-initramfs_bytes=$(target/release/cocoon-image initramfs --agent "$static_dir/cocoon-agent" --out "$COCOON_AGENT_INITRAMFS")
-log "    guest initramfs: $((initramfs_bytes / 1024)) KiB (agent $(( $(stat -c %s "$static_dir/cocoon-agent") / 1024)) KiB)"
-images/test-images.sh target/images/test "$static_dir/cocoon-check"
-COCOON_TEST_ROOTFS_IMAGE=$(target/release/cocoon-image rootfs target/images/test/rootfs)
+CAPSID_AGENT_INITRAMFS=$PWD/target/images/capsid-initramfs.cpio
+initramfs_bytes=$(target/release/capsid-image initramfs --agent "$static_dir/capsid-agent" --out "$CAPSID_AGENT_INITRAMFS")
+log "    guest initramfs: $((initramfs_bytes / 1024)) KiB (agent $(( $(stat -c %s "$static_dir/capsid-agent") / 1024)) KiB)"
+images/test-images.sh target/images/test "$static_dir/capsid-check"
+CAPSID_TEST_ROOTFS_IMAGE=$(target/release/capsid-image rootfs target/images/test/rootfs)
 # A small writable data disk (ext4) for the extra-disk mount test.
 mkdir -p target/images/data
 echo "seed from the host" > target/images/data/seed.txt
-COCOON_TEST_DATA_IMAGE=$(target/release/cocoon-image rootfs --format ext4 target/images/data)
-export COCOON_AGENT_INITRAMFS COCOON_TEST_ROOTFS_IMAGE COCOON_TEST_DATA_IMAGE
+CAPSID_TEST_DATA_IMAGE=$(target/release/capsid-image rootfs --format ext4 target/images/data)
+export CAPSID_AGENT_INITRAMFS CAPSID_TEST_ROOTFS_IMAGE CAPSID_TEST_DATA_IMAGE
 
-log "==> cocoon-vmm and containerd shim (release, as deployed), cocoon CLI"
-cargo build --quiet --release -p cocoon-vmm -p cocoon-shim -p cocoon-cli
-COCOON_VMM=$PWD/target/release/cocoon-vmm
-COCOON_SHIM=$PWD/target/release/containerd-shim-cocoon-v2
-COCOON_CLI=$PWD/target/release/cocoon
-COCOON_TEST_ROOTFS_DIR=$PWD/target/images/test/rootfs
-COCOON_TEST_IMAGES_DIR=$PWD/target/images/test
-# An OCI layout directory (what `cocoon run --image` takes), from the tar.
-rm -rf "$COCOON_TEST_IMAGES_DIR/busybox-user.oci"
-mkdir -p "$COCOON_TEST_IMAGES_DIR/busybox-user.oci"
-tar -xf "$COCOON_TEST_IMAGES_DIR/busybox-user.oci.tar" -C "$COCOON_TEST_IMAGES_DIR/busybox-user.oci"
-export COCOON_VMM COCOON_CLI COCOON_SHIM COCOON_TEST_ROOTFS_DIR COCOON_TEST_IMAGES_DIR
+log "==> capsid-vmm and containerd shim (release, as deployed), capsid CLI"
+cargo build --quiet --release -p capsid-vmm -p capsid-shim -p capsid-cli
+CAPSID_VMM=$PWD/target/release/capsid-vmm
+CAPSID_SHIM=$PWD/target/release/containerd-shim-capsid-v2
+CAPSID_CLI=$PWD/target/release/capsid
+CAPSID_TEST_ROOTFS_DIR=$PWD/target/images/test/rootfs
+CAPSID_TEST_IMAGES_DIR=$PWD/target/images/test
+# An OCI layout directory (what `capsid run --image` takes), from the tar.
+rm -rf "$CAPSID_TEST_IMAGES_DIR/busybox-user.oci"
+mkdir -p "$CAPSID_TEST_IMAGES_DIR/busybox-user.oci"
+tar -xf "$CAPSID_TEST_IMAGES_DIR/busybox-user.oci.tar" -C "$CAPSID_TEST_IMAGES_DIR/busybox-user.oci"
+export CAPSID_VMM CAPSID_CLI CAPSID_SHIM CAPSID_TEST_ROOTFS_DIR CAPSID_TEST_IMAGES_DIR
 
 log "==> nested test host kernel (Debian cloud kernel)"
-COCOON_TESTHOST_KERNEL_DIR=$(tests/testhost/fetch-kernel.sh)
-COCOON_CLOUD_KERNEL=$(ls "$COCOON_TESTHOST_KERNEL_DIR"/boot/vmlinuz-*)
-export COCOON_TESTHOST_KERNEL_DIR COCOON_CLOUD_KERNEL
+CAPSID_TESTHOST_KERNEL_DIR=$(tests/testhost/fetch-kernel.sh)
+CAPSID_CLOUD_KERNEL=$(ls "$CAPSID_TESTHOST_KERNEL_DIR"/boot/vmlinuz-*)
+export CAPSID_TESTHOST_KERNEL_DIR CAPSID_CLOUD_KERNEL
 
 # Builds the e2e test binary and prints its path.
 e2e_test_binary() {
-    cargo test --quiet -p cocoon-e2e --no-run --message-format=json 2>/dev/null \
+    cargo test --quiet -p capsid-e2e --no-run --message-format=json 2>/dev/null \
         | jq -r 'select(.reason == "compiler-artifact" and .profile.test == true and .target.kind == ["test"]) | .executable' \
         | tail -n 1
 }
@@ -61,13 +61,13 @@ e2e_test_binary() {
 # inside the nested test host. Usage: run_with_kvm [--with PATH]... -- CMD...
 # The artefacts above are always available to the command.
 run_with_kvm() {
-    cargo build --quiet -p cocoon-testbed
-    COCOON_E2E_REQUIRED=1 target/debug/cocoon-testbed run \
+    cargo build --quiet -p capsid-testbed
+    CAPSID_E2E_REQUIRED=1 target/debug/capsid-testbed run \
         --with /usr/bin/qemu-system-x86_64 --with /usr/share/qemu --with /usr/share/seabios \
-        --with "$COCOON_KERNEL" --with "$COCOON_TEST_INIT" --with "$COCOON_CLOUD_KERNEL" \
-        --with "$COCOON_VMM" --with "$COCOON_AGENT_INITRAMFS" --with "$COCOON_TEST_ROOTFS_IMAGE" --with "$COCOON_TEST_DATA_IMAGE" \
-        --with "$COCOON_CLI" --with "$COCOON_TEST_ROOTFS_DIR" --with /usr/bin/mkfs.erofs \
-        --with "$COCOON_SHIM" --with "$COCOON_TEST_IMAGES_DIR/busybox.oci.tar" --with "$COCOON_TEST_IMAGES_DIR/busybox-user.oci.tar" --with "$COCOON_TEST_IMAGES_DIR/busybox-user.oci" --with /usr/bin/containerd --with /usr/bin/ctr \
+        --with "$CAPSID_KERNEL" --with "$CAPSID_TEST_INIT" --with "$CAPSID_CLOUD_KERNEL" \
+        --with "$CAPSID_VMM" --with "$CAPSID_AGENT_INITRAMFS" --with "$CAPSID_TEST_ROOTFS_IMAGE" --with "$CAPSID_TEST_DATA_IMAGE" \
+        --with "$CAPSID_CLI" --with "$CAPSID_TEST_ROOTFS_DIR" --with /usr/bin/mkfs.erofs \
+        --with "$CAPSID_SHIM" --with "$CAPSID_TEST_IMAGES_DIR/busybox.oci.tar" --with "$CAPSID_TEST_IMAGES_DIR/busybox-user.oci.tar" --with "$CAPSID_TEST_IMAGES_DIR/busybox-user.oci" --with /usr/bin/containerd --with /usr/bin/ctr \
         "$@"
 }
 
@@ -81,8 +81,8 @@ run_e2e() {
 
 # Builds the benchmark harness and prints its path.
 bench_binary() {
-    cargo build --quiet -p cocoon-e2e --bin cocoon-bench
-    echo "$PWD/target/debug/cocoon-bench"
+    cargo build --quiet -p capsid-e2e --bin capsid-bench
+    echo "$PWD/target/debug/capsid-bench"
 }
 
 # The benchmark's peers, as run_with_kvm options: runc itself and

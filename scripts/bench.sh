@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark (`make bench [RUNS=20] [SCENARIOS="boot run"]`, extra options
-# in BENCH_ARGS): each scenario of cocoon-bench, ours against a peer in the
+# in BENCH_ARGS): each scenario of capsid-bench, ours against a peer in the
 # same run, where guests boot. In nested mode each scenario gets a fresh test
 # host: the test host's own kernel (nested SVM under QEMU TCG) has crashed
 # in runs of more than about 20 minutes. Prints the table and writes
@@ -12,15 +12,15 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 runs=${1:-20}
 scenarios=${SCENARIOS:-boot run ctr concurrent footprint throughput}
 bench=$(bench_binary)
-COCOON_COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-export COCOON_COMMIT
+CAPSID_COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+export CAPSID_COMMIT
 mkdir -p target/bench
 : > target/bench/bench.log
 for scenario in $scenarios; do
-    log "==> cocoon bench $scenario: $runs runs of each series"
+    log "==> capsid bench $scenario: $runs runs of each series"
     # shellcheck disable=SC2046,SC2086 # bench_peers prints --with options; BENCH_ARGS are words
     run_with_kvm --with "$bench" $(bench_peers) -- \
-        "$bench" --runs "$runs" --scenarios "$scenario" --out /tmp/cocoon-bench ${BENCH_ARGS:-} \
+        "$bench" --runs "$runs" --scenarios "$scenario" --out /tmp/capsid-bench ${BENCH_ARGS:-} \
         | tee -a target/bench/bench.log
 done
 grep '^BENCH-JSON ' target/bench/bench.log | sed 's/^BENCH-JSON //' > target/bench/parts.jsonl

@@ -1,12 +1,12 @@
-# Shared shell helpers for cocoon's build and test scripts. Sourced, not run.
+# Shared shell helpers for capsid's build and test scripts. Sourced, not run.
 
 log() { printf '%s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 # Where built artefacts that outlive a checkout are cached (kernel builds,
-# extracted packages). Override with COCOON_CACHE.
-cocoon_cache() {
-    local dir=${COCOON_CACHE:-/var/cache/cocoon}
+# extracted packages). Override with CAPSID_CACHE.
+capsid_cache() {
+    local dir=${CAPSID_CACHE:-/var/cache/capsid}
     mkdir -p "$dir"
     echo "$dir"
 }

@@ -19,19 +19,19 @@ cargo clippy --quiet --workspace --all-targets --locked -- -D warnings
 . scripts/artifacts.sh
 
 log "==> unit and integration tests"
-COCOON_E2E_REQUIRED=1 cargo test --workspace --exclude cocoon-e2e --locked
+CAPSID_E2E_REQUIRED=1 cargo test --workspace --exclude capsid-e2e --locked
 # The e2e crate's own unit tests (the benchmark's report) need no guest.
-cargo test -p cocoon-e2e --lib --locked
+cargo test -p capsid-e2e --lib --locked
 
 log "==> end-to-end tests, then a benchmark smoke run (every scenario, 2 runs) so it cannot rot"
 e2e=$(e2e_test_binary)
 [ -x "$e2e" ] || die "could not build the e2e tests"
 bench=$(bench_binary)
-COCOON_COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-export COCOON_COMMIT
+CAPSID_COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+export CAPSID_COMMIT
 # shellcheck disable=SC2046 # bench_peers prints --with options, one word each
 run_with_kvm --with "$e2e" --with "$bench" $(bench_peers) -- \
-    sh -c '"$1" --test-threads=1 --nocapture && "$2" --runs 2 --concurrency 1,2 --density-cap 2 --stdout-bytes 4194304 --out /tmp/cocoon-bench-smoke' \
+    sh -c '"$1" --test-threads=1 --nocapture && "$2" --runs 2 --concurrency 1,2 --density-cap 2 --stdout-bytes 4194304 --out /tmp/capsid-bench-smoke' \
     sh "$e2e" "$bench"
 
 log "==> all tests passed in $(( $(date +%s) - started )) s"

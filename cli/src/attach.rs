@@ -1,7 +1,7 @@
 //! A process in the guest, attached to this terminal: its output to ours,
 //! our input to it (raw mode and the window size with a tty), its exit
-//! status; `--timeout` and SIGINT/SIGTERM kill it. Shared by `cocoon run`
-//! and `cocoon exec`.
+//! status; `--timeout` and SIGINT/SIGTERM kill it. Shared by `capsid run`
+//! and `capsid exec`.
 
 use std::io::{self, IsTerminal, Read, Write};
 use std::net::Shutdown;
@@ -12,7 +12,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use cocoon_protocol::{
+use capsid_protocol::{
     AgentClient, DEFAULT_AGENT_PORT, ExitStatus, ProcessRef, StdioRequest, Stream,
 };
 
@@ -66,7 +66,7 @@ impl Progress {
             return Self(None);
         }
         let bar = indicatif::ProgressBar::new_spinner();
-        bar.set_message(format!("cocoon: {message}"));
+        bar.set_message(format!("capsid: {message}"));
         bar.enable_steady_tick(Duration::from_millis(100));
         Self(Some(bar))
     }
@@ -114,7 +114,7 @@ impl Ended {
                 ExitCode::from(u8::try_from(status.shell_code()).unwrap_or(255))
             }
             Self::TimedOut(after) => {
-                eprintln!("cocoon: timed out after {after:?}; the command was killed");
+                eprintln!("capsid: timed out after {after:?}; the command was killed");
                 ExitCode::from(124)
             }
         }

@@ -1,10 +1,10 @@
-//! `cocoon doctor`: what this host has, and for each problem the fix.
+//! `capsid doctor`: what this host has, and for each problem the fix.
 
 use std::path::Path;
 use std::process::{Command, ExitCode};
 
 use clap::Args;
-use cocoon_vmm::probe::{self, Mode};
+use capsid_vmm::probe::{self, Mode};
 
 use crate::run::Artifacts;
 
@@ -55,9 +55,9 @@ pub fn doctor(args: &DoctorArgs) -> anyhow::Result<ExitCode> {
             report(
                 "configuration",
                 Ok(
-                    std::env::var_os(cocoon_runtime::config::CONFIG_ENV).map_or_else(
+                    std::env::var_os(capsid_runtime::config::CONFIG_ENV).map_or_else(
                         || {
-                            cocoon_runtime::config::DEFAULT_CONFIG_PATH.to_owned()
+                            capsid_runtime::config::DEFAULT_CONFIG_PATH.to_owned()
                                 + " (or defaults)"
                         },
                         |p| p.to_string_lossy().into_owned(),
@@ -69,27 +69,27 @@ pub fn doctor(args: &DoctorArgs) -> anyhow::Result<ExitCode> {
                 "guest kernel",
                 file(&config.kernel),
                 "`make demo` builds it (kernel-config/build.sh); set kernel in the configuration, \
-                 COCOON_KERNEL or --kernel",
+                 CAPSID_KERNEL or --kernel",
             );
             report(
                 "guest initramfs",
                 file(&config.initramfs),
-                "`make demo` builds it (cocoon-image initramfs); set initramfs in the \
-                 configuration, COCOON_AGENT_INITRAMFS or --initrd",
+                "`make demo` builds it (capsid-image initramfs); set initramfs in the \
+                 configuration, CAPSID_AGENT_INITRAMFS or --initrd",
             );
             report(
-                "cocoon-vmm",
+                "capsid-vmm",
                 config
                     .vmm_path()
                     .ok_or_else(|| {
                         format!(
-                            "{} not found beside cocoon or in PATH",
+                            "{} not found beside capsid or in PATH",
                             config.vmm.display()
                         )
                     })
                     .and_then(|p| file(&p)),
-                "build it with `cargo build --release -p cocoon-vmm`; set vmm in the \
-                 configuration, COCOON_VMM or --vmm",
+                "build it with `cargo build --release -p capsid-vmm`; set vmm in the \
+                 configuration, CAPSID_VMM or --vmm",
             );
         }
         Err(e) => report(
@@ -110,7 +110,7 @@ pub fn doctor(args: &DoctorArgs) -> anyhow::Result<ExitCode> {
     report(
         "containerd",
         tool("containerd", "--version").ok_or_else(|| "containerd not found".to_owned()),
-        "apt-get install containerd (needed for the shim only; `cocoon run` works without)",
+        "apt-get install containerd (needed for the shim only; `capsid run` works without)",
     );
     Ok(if problems == 0 {
         ExitCode::SUCCESS

@@ -1,12 +1,12 @@
-//! `cocoon`: the daemonless CLI.
+//! `capsid`: the daemonless CLI.
 //!
-//! - `cocoon run --rootfs DIR | --image LAYOUT[:TAG] [...] -- CMD...` runs one
+//! - `capsid run --rootfs DIR | --image LAYOUT[:TAG] [...] -- CMD...` runs one
 //!   command in a fresh micro-VM, attached, and exits with its status (see
 //!   `run.rs`, `workload.rs`).
-//! - `cocoon doctor` checks the host and says how to fix each problem.
-//! - `cocoon create|start|state|kill|delete|exec`: the OCI runtime verbs on a
+//! - `capsid doctor` checks the host and says how to fix each problem.
+//! - `capsid create|start|state|kill|delete|exec`: the OCI runtime verbs on a
 //!   bundle, with runc's conventions (see `oci.rs`).
-//! - `cocoon bench …` runs `cocoon-bench` (the benchmark harness, built from
+//! - `capsid bench …` runs `capsid-bench` (the benchmark harness, built from
 //!   `tests/e2e`; its peers and containerd harness stay out of this binary).
 
 mod attach;
@@ -45,7 +45,7 @@ enum Verb {
     /// OCI: run a process in a running container, attached.
     Exec(oci::ExecArgs),
     /// Measure start-up, footprint and throughput against peers (runs
-    /// cocoon-bench; `make bench` builds it and runs it where guests boot).
+    /// capsid-bench; `make bench` builds it and runs it where guests boot).
     #[command(disable_help_flag = true)]
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -56,17 +56,17 @@ enum Verb {
     Monitor(oci::MonitorArgs),
 }
 
-/// Hands over to `cocoon-bench`, found beside this binary or in PATH.
+/// Hands over to `capsid-bench`, found beside this binary or in PATH.
 fn bench(args: &[std::ffi::OsString]) -> anyhow::Result<ExitCode> {
     use std::os::unix::process::CommandExt;
     let beside_me = std::env::current_exe()
         .ok()
-        .and_then(|me| Some(me.parent()?.join("cocoon-bench")))
+        .and_then(|me| Some(me.parent()?.join("capsid-bench")))
         .filter(|p| p.is_file());
-    let program = beside_me.unwrap_or_else(|| "cocoon-bench".into());
+    let program = beside_me.unwrap_or_else(|| "capsid-bench".into());
     let error = std::process::Command::new(&program).args(args).exec();
     anyhow::bail!(
-        "cannot run {}: {error}; build it with `cargo build --release -p cocoon-e2e --bin cocoon-bench`, \
+        "cannot run {}: {error}; build it with `cargo build --release -p capsid-e2e --bin capsid-bench`, \
          or run `make bench`, which builds it and runs it where guests can boot",
         program.display()
     )
@@ -88,7 +88,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("cocoon: error: {e:#}");
+            eprintln!("capsid: error: {e:#}");
             // 125: the runtime failed, as docker and podman report it.
             ExitCode::from(125)
         }

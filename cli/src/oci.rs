@@ -2,7 +2,7 @@
 //! output: `create`, `start`, `state`, `kill`, `delete`, `exec`.
 //!
 //! ```text
-//!  create --bundle B ID ─▶ forks `cocoon monitor` (its own session, the
+//!  create --bundle B ID ─▶ forks `capsid monitor` (its own session, the
 //!      caller's stdio) ─▶ the monitor boots the VM, creates the container,
 //!      copies its stdio, writes ROOT/ID/state.json ─▶ "ok" on the ready
 //!      pipe ─▶ create exits 0 (or prints the monitor's error, exit 1)
@@ -31,17 +31,17 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use clap::Args;
-use cocoon_protocol::{
+use capsid_protocol::{
     AgentClient, CreateContainer, DEFAULT_AGENT_PORT, ExecProcess, ProcessRef, StdioRequest, Stream,
 };
-use cocoon_runtime::{MicroVm, VmSpec, rootfs_disk};
+use capsid_runtime::{MicroVm, VmSpec, rootfs_disk};
 use oci_spec::runtime::Spec;
 use serde::{Deserialize, Serialize};
 
 use crate::run::{Artifacts, parse_env, parse_user};
 use crate::{attach, workload};
 
-const DEFAULT_ROOT: &str = "/run/cocoon/oci";
+const DEFAULT_ROOT: &str = "/run/capsid/oci";
 /// The fd the monitor's ready pipe arrives on.
 const READY_FD: i32 = 3;
 const AGENT_IO_TIMEOUT: Duration = Duration::from_secs(60);
@@ -55,7 +55,7 @@ pub struct Root {
 
 impl Root {
     fn dir(&self, id: &str) -> anyhow::Result<PathBuf> {
-        cocoon_protocol::validate_id("container id", id).map_err(anyhow::Error::msg)?;
+        capsid_protocol::validate_id("container id", id).map_err(anyhow::Error::msg)?;
         let dir = self.root.join(id);
         // The VM's vsock socket (and its `_PORT` siblings) must fit sun_path.
         if dir.join("vsock.sock_4294967295").as_os_str().len() > 107 {
@@ -178,11 +178,11 @@ fn write_state(dir: &Path, state: &State) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The monitor of the container in `dir` (`cocoon monitor --root R ... ID`).
+/// The monitor of the container in `dir` (`capsid monitor --root R ... ID`).
 fn monitor_alive(pid: u32, dir: &Path) -> bool {
     let root = dir.parent().unwrap_or(dir).to_string_lossy();
     let id = dir.file_name().unwrap_or_default().to_string_lossy();
-    cocoon_runtime::vm::alive_with(pid, &["monitor", &root, &id])
+    capsid_runtime::vm::alive_with(pid, &["monitor", &root, &id])
 }
 
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
@@ -304,7 +304,7 @@ pub fn monitor(args: &MonitorArgs) -> anyhow::Result<ExitCode> {
     // SAFETY: fcntl on a plain fd number; create's pre_exec put the ready
     // pipe there. Close-on-exec, so the VMM does not inherit it.
     if unsafe { libc::fcntl(READY_FD, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
-        bail!("no ready pipe: `cocoon monitor` is started by `cocoon create`");
+        bail!("no ready pipe: `capsid monitor` is started by `capsid create`");
     }
     // SAFETY: the fd is open (checked above) and owned here alone.
     let mut ready = unsafe { File::from_raw_fd(READY_FD) };
@@ -324,18 +324,18 @@ pub fn monitor(args: &MonitorArgs) -> anyhow::Result<ExitCode> {
             .unwrap_or(false)
         {
             bail!(
-                "process.terminal needs a console socket, which cocoon does not support yet; \
-                 use `cocoon run -t` or `cocoon exec -t`"
+                "process.terminal needs a console socket, which capsid does not support yet; \
+                 use `capsid run -t` or `capsid exec -t`"
             );
         }
         let size = config.size_for(&spec)?;
-        let image = cocoon_images::rootfs::image(
-            &args.bundle.join(cocoon_runtime::spec::root_path(&spec)),
+        let image = capsid_images::rootfs::image(
+            &args.bundle.join(capsid_runtime::spec::root_path(&spec)),
             None,
-            &cocoon_images::cache_dir(),
+            &capsid_images::cache_dir(),
         )
         .context("cannot make the rootfs image")?;
-        let (agent_spec, files) = cocoon_runtime::spec::container_spec(spec)?;
+        let (agent_spec, files) = capsid_runtime::spec::container_spec(spec)?;
         let (disk, rootfs) = rootfs_disk(&image);
         let mut vm = MicroVm::launch(&VmSpec {
             boot: config.boot_files()?,
@@ -543,7 +543,7 @@ pub fn delete(args: &DeleteArgs) -> anyhow::Result<ExitCode> {
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
     }
-    cocoon_runtime::vm::kill_orphan(state.vmm_pid, &dir);
+    capsid_runtime::vm::kill_orphan(state.vmm_pid, &dir);
     std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
     Ok(ExitCode::SUCCESS)
 }
@@ -563,7 +563,7 @@ pub fn exec(args: &ExecArgs) -> anyhow::Result<ExitCode> {
         }
         None => {
             if args.command.is_empty() {
-                bail!("no command: `cocoon exec ID -- CMD...` or --process FILE");
+                bail!("no command: `capsid exec ID -- CMD...` or --process FILE");
             }
             let mut process = Spec::default().process().clone().unwrap_or_default();
             process.set_args(Some(args.command.clone()));

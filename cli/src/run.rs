@@ -1,15 +1,15 @@
-//! `cocoon run`: one command in a fresh micro-VM, attached.
+//! `capsid run`: one command in a fresh micro-VM, attached.
 //!
 //! ```text
 //!  probe KVM ─▶ rootfs DIR → erofs image (cached) ─▶ scratch dir
-//!   ─▶ spawn cocoon-vmm (kernel, agent initramfs, image as disk "rootfs",
+//!   ─▶ spawn capsid-vmm (kernel, agent initramfs, image as disk "rootfs",
 //!      vsock socket in the scratch dir) ─▶ agent answers
 //!   ─▶ CreateContainer ─▶ attach stdin/stdout/stderr ─▶ Start ─▶ Wait
 //!   ─▶ Shutdown ─▶ VMM exits ─▶ scratch dir removed ─▶ exit with the status
 //! ```
 //!
 //! Whatever happens (an error, a timeout, SIGINT/SIGTERM), the VMM is killed
-//! and the scratch directory removed before `cocoon` exits.
+//! and the scratch directory removed before `capsid` exits.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -19,27 +19,27 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
-use cocoon_protocol::{ClientError, CreateContainer, ProcessRef, Rootfs};
-use cocoon_runtime::config::parse_size_mib;
-use cocoon_runtime::{Config, MicroVm, VmError, VmSpec, rootfs_disk};
-use cocoon_vmm::probe::{self, Mode};
+use capsid_protocol::{ClientError, CreateContainer, ProcessRef, Rootfs};
+use capsid_runtime::config::parse_size_mib;
+use capsid_runtime::{Config, MicroVm, VmError, VmSpec, rootfs_disk};
+use capsid_vmm::probe::{self, Mode};
 
 use crate::attach;
 use crate::workload::{self, Workload};
 use oci_spec::runtime::Spec;
 
 /// Where the guest kernel, initramfs and VMM are: these flags, else the
-/// environment (COCOON_KERNEL, COCOON_AGENT_INITRAMFS, COCOON_VMM), else the
-/// configuration file (COCOON_CONFIG or /etc/cocoon/config.toml).
+/// environment (CAPSID_KERNEL, CAPSID_AGENT_INITRAMFS, CAPSID_VMM), else the
+/// configuration file (CAPSID_CONFIG or /etc/capsid/config.toml).
 #[derive(Args, Debug)]
 pub struct Artifacts {
     /// Guest kernel (vmlinux).
     #[arg(long)]
     pub kernel: Option<PathBuf>,
-    /// Guest initramfs with cocoon-agent as /init.
+    /// Guest initramfs with capsid-agent as /init.
     #[arg(long)]
     pub initrd: Option<PathBuf>,
-    /// The cocoon-vmm binary (default: next to cocoon, then PATH).
+    /// The capsid-vmm binary (default: next to capsid, then PATH).
     #[arg(long)]
     pub vmm: Option<PathBuf>,
 }
@@ -63,11 +63,11 @@ impl Artifacts {
 #[derive(Args, Debug)]
 pub struct RunArgs {
     /// The container's root file system, a directory (converted to an erofs
-    /// image once per content, cached in $COCOON_CACHE).
+    /// image once per content, cached in $CAPSID_CACHE).
     #[arg(long, required_unless_present = "image", conflicts_with = "image")]
     rootfs: Option<PathBuf>,
     /// An OCI image layout directory, with :TAG when it holds several
-    /// (unpacked once, cached in $COCOON_CACHE); its Entrypoint, Cmd, Env,
+    /// (unpacked once, cached in $CAPSID_CACHE); its Entrypoint, Cmd, Env,
     /// WorkingDir and User apply unless the command line says otherwise.
     #[arg(long, value_name = "OCI-LAYOUT[:TAG]")]
     image: Option<String>,
@@ -131,11 +131,11 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(seconds))
 }
 
-/// Progress lines on stderr when COCOON_DEBUG is set.
+/// Progress lines on stderr when CAPSID_DEBUG is set.
 macro_rules! debug {
     ($($arg:tt)*) => {
-        if std::env::var_os("COCOON_DEBUG").is_some() {
-            eprintln!("cocoon: {}", format_args!($($arg)*));
+        if std::env::var_os("CAPSID_DEBUG").is_some() {
+            eprintln!("capsid: {}", format_args!($($arg)*));
         }
     };
 }
@@ -149,7 +149,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let verdict = probe::probe();
     if verdict.mode != Mode::Native {
         bail!(
-            "this host's KVM cannot boot a Linux guest ({}). Run cocoon on a host with \
+            "this host's KVM cannot boot a Linux guest ({}). Run capsid on a host with \
              hardware virtualization; on this one, `make demo` runs inside a nested test host",
             verdict.reason
         );
@@ -162,7 +162,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             env: &args.env,
             user: args.user,
         },
-        &cocoon_images::cache_dir(),
+        &capsid_images::cache_dir(),
     )?;
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
@@ -173,19 +173,19 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     debug!("rootfs image for {}", workload.rootfs.display());
     let progress = attach::Progress::start("making the rootfs image");
-    let image = cocoon_images::rootfs::image(&workload.rootfs, None, &cocoon_images::cache_dir())
+    let image = capsid_images::rootfs::image(&workload.rootfs, None, &capsid_images::cache_dir())
         .context("cannot make the rootfs image")?;
     drop(progress);
     if image.built {
         eprintln!(
-            "cocoon: converted {} to an {} image in {:.1} s (cached for next time)",
+            "capsid: converted {} to an {} image in {:.1} s (cached for next time)",
             workload.rootfs.display(),
             image.format.name(),
             started.elapsed().as_secs_f64()
         );
     }
     let scratch = tempfile::Builder::new()
-        .prefix("cocoon-run-")
+        .prefix("capsid-run-")
         .tempdir()
         .context("cannot make a scratch directory")?;
     let (disk, rootfs) = rootfs_disk(&image);
@@ -198,7 +198,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         dir: scratch.path().to_owned(),
         log_level: "warn".into(),
     })?;
-    debug!("cocoon-vmm started with {}", image.path.display());
+    debug!("capsid-vmm started with {}", image.path.display());
     let outcome = drive(&args, &workload, &config, rootfs, &mut vm, &stop);
     outcome.map_err(|e| {
         // An agent connection that broke because the VM died says little by

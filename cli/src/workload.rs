@@ -1,4 +1,4 @@
-//! What `cocoon run` runs: a root file system directory and a process,
+//! What `capsid run` runs: a root file system directory and a process,
 //! from `--rootfs DIR` and the command line, or from `--image LAYOUT[:TAG]`
 //! (unpacked once per manifest) with its config's Entrypoint, Cmd, Env,
 //! WorkingDir and User under the command line's overrides, as docker does.
@@ -98,7 +98,7 @@ pub fn resolve(overrides: &Overrides<'_>, cache: &Path) -> anyhow::Result<Worklo
                 bail!("--rootfs {}: not a directory", rootfs.display());
             }
             if overrides.command.is_empty() {
-                bail!("no command: `cocoon run --rootfs DIR -- CMD...`");
+                bail!("no command: `capsid run --rootfs DIR -- CMD...`");
             }
             Ok(Workload {
                 rootfs: rootfs.into(),
@@ -111,11 +111,11 @@ pub fn resolve(overrides: &Overrides<'_>, cache: &Path) -> anyhow::Result<Worklo
         (None, Some(image)) => {
             let (layout, tag) = parse_image_ref(image)?;
             let progress = crate::attach::Progress::start("unpacking the image");
-            let unpacked = cocoon_images::oci::unpack(&layout, tag.as_deref(), cache)
+            let unpacked = capsid_images::oci::unpack(&layout, tag.as_deref(), cache)
                 .with_context(|| format!("cannot use the image {image}"))?;
             drop(progress);
             if unpacked.unpacked {
-                eprintln!("cocoon: unpacked {image} (cached for next time)");
+                eprintln!("capsid: unpacked {image} (cached for next time)");
             }
             let config = &unpacked.config;
             let mut args = config.entrypoint().clone().unwrap_or_default();
@@ -158,17 +158,17 @@ mod tests {
         std::fs::create_dir(root.path().join("etc")).unwrap();
         std::fs::write(
             root.path().join("etc/passwd"),
-            "root:x:0:0::/root:/bin/sh\ncocoon:x:1000:1000::/home:/bin/sh\n",
+            "root:x:0:0::/root:/bin/sh\ncapsid:x:1000:1000::/home:/bin/sh\n",
         )
         .unwrap();
         std::fs::write(root.path().join("etc/group"), "root:x:0:\nextra:x:2000:\n").unwrap();
-        assert_eq!(resolve_user(root.path(), "cocoon").unwrap(), (1000, 1000));
+        assert_eq!(resolve_user(root.path(), "capsid").unwrap(), (1000, 1000));
         assert_eq!(
             resolve_user(root.path(), "1000:2000").unwrap(),
             (1000, 2000)
         );
         assert_eq!(
-            resolve_user(root.path(), "cocoon:extra").unwrap(),
+            resolve_user(root.path(), "capsid:extra").unwrap(),
             (1000, 2000)
         );
         assert_eq!(resolve_user(root.path(), "4242").unwrap(), (4242, 4242));

@@ -1,4 +1,4 @@
-//! Each container's cgroup v2 in the guest, `/sys/fs/cgroup/cocoon/<id>`,
+//! Each container's cgroup v2 in the guest, `/sys/fs/cgroup/capsid/<id>`,
 //! with the limits of `linux.resources`: memory, pids, cpu. The OOM killer
 //! acts inside it, so a container over its limit loses a process while the
 //! agent (in the root cgroup) goes on.
@@ -8,7 +8,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use cocoon_protocol::ContainerStats;
+use capsid_protocol::ContainerStats;
 use oci_spec::runtime::LinuxResources;
 
 const ROOT: &str = "/sys/fs/cgroup";
@@ -74,7 +74,7 @@ pub fn settings(resources: &LinuxResources) -> Vec<(&'static str, String)> {
 impl Cgroup {
     /// Makes the cgroup and applies the limits.
     pub fn create(id: &str, resources: Option<&LinuxResources>) -> Result<Self, CgroupError> {
-        let parent = Path::new(ROOT).join("cocoon");
+        let parent = Path::new(ROOT).join("capsid");
         let cgroup = Self {
             path: parent.join(id),
         };

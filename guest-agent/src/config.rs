@@ -1,7 +1,7 @@
-//! The agent's settings, from the kernel command line (`cocoon.port=1024
-//! cocoon.log=debug`), so the initramfs needs no configuration file.
+//! The agent's settings, from the kernel command line (`capsid.port=1024
+//! capsid.log=debug`), so the initramfs needs no configuration file.
 
-use cocoon_protocol::DEFAULT_AGENT_PORT;
+use capsid_protocol::DEFAULT_AGENT_PORT;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentConfig {
@@ -21,7 +21,7 @@ impl Default for AgentConfig {
 }
 
 impl AgentConfig {
-    /// Reads `cocoon.*` words; other words are the kernel's. A bad value is
+    /// Reads `capsid.*` words; other words are the kernel's. A bad value is
     /// reported and the default kept: the agent must come up to be told
     /// anything at all.
     pub fn from_cmdline(cmdline: &str) -> (Self, Vec<String>) {
@@ -32,17 +32,17 @@ impl AgentConfig {
                 continue;
             };
             match key {
-                "cocoon.port" => match value.parse() {
+                "capsid.port" => match value.parse() {
                     Ok(port) if port > 0 => config.port = port,
-                    _ => problems.push(format!("cocoon.port={value:?} is not a port number")),
+                    _ => problems.push(format!("capsid.port={value:?} is not a port number")),
                 },
-                "cocoon.log" => match value.parse() {
+                "capsid.log" => match value.parse() {
                     Ok(level) => config.log_level = level,
                     Err(_) => problems.push(format!(
-                        "cocoon.log={value:?} is not one of error, warn, info, debug, trace"
+                        "capsid.log={value:?} is not one of error, warn, info, debug, trace"
                     )),
                 },
-                key if key.starts_with("cocoon.") => {
+                key if key.starts_with("capsid.") => {
                     problems.push(format!("unknown setting {key} (ignored)"));
                 }
                 _ => {}
@@ -59,7 +59,7 @@ mod tests {
     #[test]
     fn reads_its_words_and_ignores_the_kernels() {
         let (config, problems) =
-            AgentConfig::from_cmdline("console=ttyS0 cocoon.port=2000 quiet cocoon.log=debug\n");
+            AgentConfig::from_cmdline("console=ttyS0 capsid.port=2000 quiet capsid.log=debug\n");
         assert!(problems.is_empty(), "{problems:?}");
         assert_eq!(config.port, 2000);
         assert_eq!(config.log_level, tracing::Level::DEBUG);
@@ -68,7 +68,7 @@ mod tests {
     #[test]
     fn bad_values_keep_the_default_and_are_reported() {
         let (config, problems) =
-            AgentConfig::from_cmdline("cocoon.port=0 cocoon.port=x cocoon.log=loud cocoon.what=1");
+            AgentConfig::from_cmdline("capsid.port=0 capsid.port=x capsid.log=loud capsid.what=1");
         assert_eq!(config, AgentConfig::default());
         assert_eq!(problems.len(), 4, "{problems:?}");
     }

@@ -7,7 +7,7 @@
 //!  RemoveContainer ─▶ everything killed, rootfs unmounted, cgroup removed
 //! ```
 //!
-//! Each container's files live under `/run/cocoon/containers/<id>/`: the
+//! Each container's files live under `/run/capsid/containers/<id>/`: the
 //! image disk at `lower/`, the overlay's `upper/` and `work/` on the VM's
 //! tmpfs, and the merged view at `rootfs/`.
 
@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use cocoon_protocol::{
+use capsid_protocol::{
     ContainerStats, CreateContainer, ExecProcess, ExitStatus, FILE_SOURCE, MAX_COPIED_BYTES,
     MAX_COPIED_FILES, ProcessRef, Stream, validate_id,
 };
@@ -33,7 +33,7 @@ use crate::stdio::{ProcessIo, StdioError};
 use crate::syscall::{LinuxSyscall, Syscall};
 use crate::vsock::VsockStream;
 
-const CONTAINERS_DIR: &str = "/run/cocoon/containers";
+const CONTAINERS_DIR: &str = "/run/capsid/containers";
 /// A mount source naming a virtio-blk disk by id.
 pub const DISK_SOURCE: &str = "disk:";
 /// Exited execs beyond this many are forgotten, oldest first.
@@ -453,7 +453,7 @@ impl Sandbox {
     fn spawn(
         &self,
         plan: &ProcessPlan,
-        stdio: cocoon_protocol::StdioRequest,
+        stdio: capsid_protocol::StdioRequest,
         namespaces: Namespaces,
         rootfs: Option<&RootfsPlan>,
         cgroup: &Cgroup,
@@ -601,12 +601,12 @@ mod tests {
                 .build()
                 .unwrap()
         };
-        let dir = Path::new("/run/cocoon/containers/c1");
+        let dir = Path::new("/run/capsid/containers/c1");
         let files = vec![b"127.0.0.1 localhost\n".to_vec()];
         let mapped = with_files(&[mount("file:0")], &files, dir).unwrap();
         assert_eq!(
             mapped[0].source().as_deref(),
-            Some(Path::new("/run/cocoon/containers/c1/files/0"))
+            Some(Path::new("/run/capsid/containers/c1/files/0"))
         );
         assert!(with_files(&[mount("file:1")], &files, dir).is_err());
         assert!(with_files(&[mount("file:-1")], &files, dir).is_err());

@@ -1,4 +1,4 @@
-//! `cocoon-agent`: PID 1 of a cocoon guest. Prepares the VM, then serves
+//! `capsid-agent`: PID 1 of a capsid guest. Prepares the VM, then serves
 //! the host over vsock: each connection on its own thread (see `rpc`),
 //! one reaper thread for every child (see `reaper`).
 
@@ -31,7 +31,7 @@ fn main() {
         // unknown words as our environment instead, and we read
         // /proc/cmdline properly below once it is mounted.
         if let Err(e) = init::move_root_to_tmpfs().and_then(|()| init::mount_kernel_filesystems()) {
-            eprintln!("cocoon-agent: cannot prepare the guest: {e}");
+            eprintln!("capsid-agent: cannot prepare the guest: {e}");
             init::reboot();
         }
     }
@@ -73,7 +73,7 @@ fn serve(config: &AgentConfig, started: Instant) -> Result<(), String> {
     tracing::info!(
         port = config.port,
         startup_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
-        "cocoon-agent ready"
+        "capsid-agent ready"
     );
     loop {
         let connection = listener

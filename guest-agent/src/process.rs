@@ -614,7 +614,7 @@ fn prepare(request: &SpawnRequest<'_>) -> Result<(), String> {
     if let Some(rootfs) = request.rootfs {
         rootfs
             .apply(&LinuxSyscall)
-            .map_err(|e| cocoon_protocol::error_chain(&e))?;
+            .map_err(|e| capsid_protocol::error_chain(&e))?;
     }
     Ok(())
 }

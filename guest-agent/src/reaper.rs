@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use cocoon_protocol::ExitStatus;
+use capsid_protocol::ExitStatus;
 
 /// Where one process's exit status lands; waiters block on it.
 #[derive(Debug, Default)]

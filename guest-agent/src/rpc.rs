@@ -5,7 +5,7 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cocoon_protocol::{
+use capsid_protocol::{
     CodecError, ErrorCode, Hello, PROTOCOL_VERSION, Request, Response, error_chain, read_frame,
     write_frame,
 };
@@ -219,7 +219,7 @@ fn serve_inner(connection: &mut VsockStream, sandbox: &Sandbox) -> Result<After,
 }
 
 fn agent_name() -> String {
-    format!("cocoon-agent {}", env!("CARGO_PKG_VERSION"))
+    format!("capsid-agent {}", env!("CARGO_PKG_VERSION"))
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::thread;
 
-use cocoon_protocol::{StdioRequest, Stream};
+use capsid_protocol::{StdioRequest, Stream};
 
 use crate::vsock::VsockStream;
 

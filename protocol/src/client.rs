@@ -21,7 +21,7 @@ use crate::{MAX_FRAME_BYTES, PROTOCOL_VERSION};
 pub enum ClientError {
     #[error(
         "the agent did not answer on vsock port {port} through {uds} within {waited:?} \
-         (last attempt: {last}); is the guest booting the cocoon agent?"
+         (last attempt: {last}); is the guest booting the capsid agent?"
     )]
     Unreachable {
         uds: PathBuf,
@@ -426,7 +426,7 @@ mod tests {
                 use std::sync::atomic::{AtomicU32, Ordering};
                 static N: AtomicU32 = AtomicU32::new(0);
                 let path = std::env::temp_dir().join(format!(
-                    "cocoon-protocol-test-{}-{}",
+                    "capsid-protocol-test-{}-{}",
                     std::process::id(),
                     N.fetch_add(1, Ordering::Relaxed)
                 ));

@@ -1,11 +1,11 @@
-//! The protocol between the host (shim, CLI, tests) and `cocoon-agent`, PID 1
+//! The protocol between the host (shim, CLI, tests) and `capsid-agent`, PID 1
 //! of the guest. One crate owns it so both sides agree by construction.
 //!
 //! Every connection is a hybrid-vsock stream to the agent's port. Its first
 //! frame is a [`Hello`] that says what the connection is for:
 //!
 //! ```text
-//!  host                                   agent (guest, vsock port cocoon.port)
+//!  host                                   agent (guest, vsock port capsid.port)
 //!  ── control connection ──────────────────────────────────────────────────
 //!  Hello::Control{version}           ──▶
 //!                                    ◀──  Response::Hello{version, agent}
@@ -34,7 +34,7 @@ pub use messages::*;
 
 /// Bumped on any change a peer of the other version would misread.
 pub const PROTOCOL_VERSION: u32 = 1;
-/// The agent's vsock port unless `cocoon.port=` says otherwise.
+/// The agent's vsock port unless `capsid.port=` says otherwise.
 pub const DEFAULT_AGENT_PORT: u32 = 1024;
 /// The largest frame either side sends or accepts: an OCI spec with a large
 /// environment fits many times over.

@@ -1,12 +1,12 @@
 //! The runtime's configuration: one TOML file with documented defaults
-//! (`/etc/cocoon/config.toml`, or the file `COCOON_CONFIG` names), a few
-//! environment overrides for the paths, and per-container `io.cocoon.*`
+//! (`/etc/capsid/config.toml`, or the file `CAPSID_CONFIG` names), a few
+//! environment overrides for the paths, and per-container `io.capsid.*`
 //! annotations for the VM's size.
 //!
 //! ```text
-//!  defaults ─▶ config file ─▶ COCOON_KERNEL / COCOON_AGENT_INITRAMFS / COCOON_VMM
+//!  defaults ─▶ config file ─▶ CAPSID_KERNEL / CAPSID_AGENT_INITRAMFS / CAPSID_VMM
 //!           ─▶ per container: linux.resources (CPU quota, memory limit)
-//!           ─▶ io.cocoon.vcpus / io.cocoon.memory annotations
+//!           ─▶ io.capsid.vcpus / io.capsid.memory annotations
 //! ```
 //!
 //! Annotations can only size the VM: a pod author must not be able to point
@@ -20,12 +20,12 @@ use oci_spec::runtime::Spec;
 use serde::Deserialize;
 
 /// Names the configuration file, instead of [`DEFAULT_CONFIG_PATH`].
-pub const CONFIG_ENV: &str = "COCOON_CONFIG";
-pub const DEFAULT_CONFIG_PATH: &str = "/etc/cocoon/config.toml";
+pub const CONFIG_ENV: &str = "CAPSID_CONFIG";
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/capsid/config.toml";
 /// Annotations under this prefix are ours; an unknown one is an error.
-pub const ANNOTATION_PREFIX: &str = "io.cocoon.";
-pub const ANNOTATION_VCPUS: &str = "io.cocoon.vcpus";
-pub const ANNOTATION_MEMORY: &str = "io.cocoon.memory";
+pub const ANNOTATION_PREFIX: &str = "io.capsid.";
+pub const ANNOTATION_VCPUS: &str = "io.capsid.vcpus";
+pub const ANNOTATION_MEMORY: &str = "io.capsid.memory";
 
 /// The most vCPUs and memory one micro-VM may be given.
 pub const MAX_VCPUS: u32 = 32;
@@ -76,9 +76,9 @@ pub enum ConfigError {
 pub struct Config {
     /// The guest kernel (an uncompressed `vmlinux`, or a bzImage).
     pub kernel: PathBuf,
-    /// The guest initramfs, with cocoon-agent as `/init`.
+    /// The guest initramfs, with capsid-agent as `/init`.
     pub initramfs: PathBuf,
-    /// The cocoon-vmm binary; a bare name is looked up in PATH.
+    /// The capsid-vmm binary; a bare name is looked up in PATH.
     pub vmm: PathBuf,
     /// vCPUs of a VM whose container sets no CPU quota.
     pub vcpus: u32,
@@ -101,15 +101,15 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            kernel: "/usr/share/cocoon/vmlinux".into(),
-            initramfs: "/usr/share/cocoon/cocoon-initramfs.cpio".into(),
-            vmm: "cocoon-vmm".into(),
+            kernel: "/usr/share/capsid/vmlinux".into(),
+            initramfs: "/usr/share/capsid/capsid-initramfs.cpio".into(),
+            vmm: "capsid-vmm".into(),
             vcpus: 1,
             memory_mib: 256,
             overhead_mib: 64,
             log_level: "info".into(),
             agent_timeout_secs: 180,
-            run_dir: "/run/cocoon".into(),
+            run_dir: "/run/capsid".into(),
             pod_containers: 8,
         }
     }
@@ -131,7 +131,7 @@ pub struct VmSize {
 }
 
 impl Config {
-    /// Reads the file `COCOON_CONFIG` names (which must exist), else
+    /// Reads the file `CAPSID_CONFIG` names (which must exist), else
     /// [`DEFAULT_CONFIG_PATH`] if it exists, else the defaults; then applies
     /// the environment's path overrides.
     pub fn load() -> Result<Self, ConfigError> {
@@ -143,10 +143,10 @@ impl Config {
             None => Self::default(),
         };
         for (variable, field) in [
-            ("COCOON_KERNEL", &mut config.kernel),
-            ("COCOON_AGENT_INITRAMFS", &mut config.initramfs),
-            ("COCOON_VMM", &mut config.vmm),
-            ("COCOON_RUN_DIR", &mut config.run_dir),
+            ("CAPSID_KERNEL", &mut config.kernel),
+            ("CAPSID_AGENT_INITRAMFS", &mut config.initramfs),
+            ("CAPSID_VMM", &mut config.vmm),
+            ("CAPSID_RUN_DIR", &mut config.run_dir),
         ] {
             if let Some(value) = std::env::var_os(variable).filter(|v| !v.is_empty()) {
                 *field = value.into();
@@ -234,28 +234,28 @@ impl Config {
     pub fn boot_files(&self) -> Result<BootFiles, ConfigError> {
         const BUILT_BY_DEMO: &str = " (`make demo` builds it)";
         let vmm = self.vmm_path().ok_or_else(|| ConfigError::Missing {
-            what: "cocoon-vmm (looked for beside this program and in PATH)",
+            what: "capsid-vmm (looked for beside this program and in PATH)",
             path: self.vmm.clone(),
             key: "vmm",
-            env: "COCOON_VMM",
-            hint: " (`cargo build --release -p cocoon-vmm` builds it)",
+            env: "CAPSID_VMM",
+            hint: " (`cargo build --release -p capsid-vmm` builds it)",
         })?;
         for (what, path, key, env, hint) in [
             (
                 "guest kernel",
                 &self.kernel,
                 "kernel",
-                "COCOON_KERNEL",
+                "CAPSID_KERNEL",
                 BUILT_BY_DEMO,
             ),
             (
                 "guest initramfs",
                 &self.initramfs,
                 "initramfs",
-                "COCOON_AGENT_INITRAMFS",
+                "CAPSID_AGENT_INITRAMFS",
                 BUILT_BY_DEMO,
             ),
-            ("cocoon-vmm", &vmm, "vmm", "COCOON_VMM", ""),
+            ("capsid-vmm", &vmm, "vmm", "CAPSID_VMM", ""),
         ] {
             if !path.is_file() {
                 return Err(ConfigError::Missing {
@@ -277,7 +277,7 @@ impl Config {
     /// Sizes the VM for a container: its CPU quota (rounded up to whole
     /// vCPUs) and memory limit (plus the overhead), or for a pod's sandbox
     /// container the pod's limits CRI passes in annotations, else the
-    /// defaults; then the `io.cocoon.*` annotations, which win.
+    /// defaults; then the `io.capsid.*` annotations, which win.
     pub fn size_for(&self, spec: &Spec) -> Result<VmSize, ConfigError> {
         let mut size = VmSize {
             vcpus: self.vcpus,
@@ -336,7 +336,7 @@ impl Config {
                 }
                 _ => {
                     return Err(bad(&format!(
-                        "unknown cocoon annotation (known: {ANNOTATION_VCPUS}, {ANNOTATION_MEMORY})"
+                        "unknown capsid annotation (known: {ANNOTATION_VCPUS}, {ANNOTATION_MEMORY})"
                     )));
                 }
             }
@@ -391,7 +391,7 @@ mod tests {
 
     #[test]
     fn the_file_overrides_defaults_and_names_a_bad_key() {
-        let path = Path::new("/etc/cocoon/config.toml");
+        let path = Path::new("/etc/capsid/config.toml");
         let config = Config::parse(path, "vcpus = 2\nmemory_mib = 512\n").unwrap();
         assert_eq!((config.vcpus, config.memory_mib), (2, 512));
         assert_eq!(config.overhead_mib, Config::default().overhead_mib);
@@ -422,7 +422,7 @@ mod tests {
         };
         let error = config.boot_files().unwrap_err().to_string();
         assert!(
-            error.contains("/nonexistent/vmlinux") && error.contains("COCOON_KERNEL"),
+            error.contains("/nonexistent/vmlinux") && error.contains("CAPSID_KERNEL"),
             "{error}"
         );
     }
@@ -465,7 +465,7 @@ mod tests {
         );
         let annotated = spec(
             r#"{"ociVersion":"1.0.2","annotations":{
-                "io.cocoon.vcpus":"4","io.cocoon.memory":"1G","other.key":"x"}}"#,
+                "io.capsid.vcpus":"4","io.capsid.memory":"1G","other.key":"x"}}"#,
         );
         assert_eq!(
             config.size_for(&annotated).unwrap(),
@@ -474,14 +474,14 @@ mod tests {
                 memory_mib: 1024
             }
         );
-        let bad = spec(r#"{"ociVersion":"1.0.2","annotations":{"io.cocoon.vcpus":"lots"}}"#);
+        let bad = spec(r#"{"ociVersion":"1.0.2","annotations":{"io.capsid.vcpus":"lots"}}"#);
         let error = config.size_for(&bad).unwrap_err().to_string();
         assert!(
-            error.contains("io.cocoon.vcpus") && error.contains("lots"),
+            error.contains("io.capsid.vcpus") && error.contains("lots"),
             "{error}"
         );
-        let unknown = spec(r#"{"ociVersion":"1.0.2","annotations":{"io.cocoon.kernel":"/x"}}"#);
+        let unknown = spec(r#"{"ociVersion":"1.0.2","annotations":{"io.capsid.kernel":"/x"}}"#);
         let error = config.size_for(&unknown).unwrap_err().to_string();
-        assert!(error.contains("unknown cocoon annotation"), "{error}");
+        assert!(error.contains("unknown capsid annotation"), "{error}");
     }
 }

@@ -1,4 +1,4 @@
-//! What the `cocoon` CLI and `containerd-shim-cocoon-v2` share: the
+//! What the `capsid` CLI and `containerd-shim-capsid-v2` share: the
 //! configuration ([`config`]), the bundle's spec for the guest ([`spec`]),
 //! and a micro-VM with its agent ([`vm`]).
 

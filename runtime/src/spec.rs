@@ -15,7 +15,7 @@
 //! The copy is one-way, taken at create: the host does not see what the
 //! container writes there. Hooks name host programs and are dropped.
 
-use cocoon_protocol::{FILE_SOURCE, MAX_COPIED_BYTES, MAX_COPIED_FILES};
+use capsid_protocol::{FILE_SOURCE, MAX_COPIED_BYTES, MAX_COPIED_FILES};
 use oci_spec::runtime::Spec;
 
 #[derive(Debug, thiserror::Error)]

@@ -1,9 +1,9 @@
-//! One micro-VM as its user sees it: a `cocoon-vmm` process booting our
+//! One micro-VM as its user sees it: a `capsid-vmm` process booting our
 //! kernel with the agent initramfs and the given disks, and the agent
 //! answering on the VM's hybrid-vsock socket.
 //!
 //! ```text
-//!  MicroVm::launch ─▶ cocoon-vmm (stderr → DIR/vmm.log, vsock → DIR/vsock.sock,
+//!  MicroVm::launch ─▶ capsid-vmm (stderr → DIR/vmm.log, vsock → DIR/vsock.sock,
 //!                    guest console → DIR/console.log)
 //!  MicroVm::connect ─▶ retry the agent's hello until it answers, noticing a
 //!                      VMM that died or a caller that gave up meanwhile
@@ -21,8 +21,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use cocoon_images::rootfs::{Format, RootfsImage};
-use cocoon_protocol::{AgentClient, ClientError, DEFAULT_AGENT_PORT, Filesystem, Rootfs};
+use capsid_images::rootfs::{Format, RootfsImage};
+use capsid_protocol::{AgentClient, ClientError, DEFAULT_AGENT_PORT, Filesystem, Rootfs};
 
 use crate::config::BootFiles;
 
@@ -32,7 +32,7 @@ pub enum VmError {
     Scratch(PathBuf, #[source] std::io::Error),
     #[error("cannot start {0}")]
     Spawn(PathBuf, #[source] std::io::Error),
-    #[error("cocoon-vmm exited ({status}) before the agent answered{log}")]
+    #[error("capsid-vmm exited ({status}) before the agent answered{log}")]
     DiedBooting { status: String, log: String },
     #[error("interrupted while the micro-VM booted")]
     Interrupted,
@@ -42,13 +42,13 @@ pub enum VmError {
         source: ClientError,
         log: String,
     },
-    #[error("cannot wait for cocoon-vmm")]
+    #[error("cannot wait for capsid-vmm")]
     Wait(#[source] std::io::Error),
     #[error("the micro-VM was started without spare disk slots")]
     NoSpareSlots,
     #[error("cannot reach the VMM's API socket {0}")]
     Api(PathBuf, #[source] std::io::Error),
-    #[error("cocoon-vmm refused to {op} disk {id:?}: {reason}")]
+    #[error("capsid-vmm refused to {op} disk {id:?}: {reason}")]
     Refused {
         op: &'static str,
         id: String,
@@ -251,7 +251,7 @@ impl MicroVm {
     /// message; empty if both are.
     pub fn diagnostics(&self) -> String {
         let log = String::from_utf8_lossy(&file_tail(&self.log, TAIL_BYTES)).into_owned();
-        quote("cocoon-vmm said", &log)
+        quote("capsid-vmm said", &log)
             + &quote("the guest console ended with", &console_tail(&self.dir))
     }
 
@@ -261,7 +261,7 @@ impl MicroVm {
     pub fn exit_report(&mut self, grace: Duration) -> Option<String> {
         let status = self.wait_timeout(grace).ok().flatten()?;
         Some(format!(
-            "the micro-VM is gone: cocoon-vmm {}",
+            "the micro-VM is gone: capsid-vmm {}",
             explain_exit(status)
         ))
     }
@@ -486,10 +486,10 @@ mod tests {
     #[test]
     fn a_missing_binary_is_named() {
         let dir = tempfile::tempdir().unwrap();
-        let error = MicroVm::launch(&spec(dir.path(), Path::new("/nonexistent/cocoon-vmm")))
+        let error = MicroVm::launch(&spec(dir.path(), Path::new("/nonexistent/capsid-vmm")))
             .unwrap_err()
             .to_string();
-        assert!(error.contains("/nonexistent/cocoon-vmm"), "{error}");
+        assert!(error.contains("/nonexistent/capsid-vmm"), "{error}");
     }
 
     #[test]
@@ -515,7 +515,7 @@ mod tests {
             "{error}"
         );
         assert!(
-            error.contains("cocoon-vmm said:\n  guest crashed: triple fault"),
+            error.contains("capsid-vmm said:\n  guest crashed: triple fault"),
             "{error}"
         );
         assert!(
@@ -529,7 +529,7 @@ mod tests {
         assert_eq!(
             vm.exit_report(Duration::ZERO).as_deref(),
             Some(
-                "the micro-VM is gone: cocoon-vmm exit status 3: the guest crashed, a triple fault or a KVM error"
+                "the micro-VM is gone: capsid-vmm exit status 3: the guest crashed, a triple fault or a KVM error"
             )
         );
     }

@@ -10,7 +10,7 @@
 //!     └──Delete (never started)──▶ gone
 //! ```
 //!
-//! What the container's VM left on the host is listed in `cocoon.json` in
+//! What the container's VM left on the host is listed in `capsid.json` in
 //! its bundle (the VMM's pid, the scratch directory), so `delete` after a
 //! shim crash finds and removes it.
 
@@ -19,10 +19,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
-use cocoon_protocol::{
+use capsid_protocol::{
     AgentClient, CreateContainer, DEFAULT_AGENT_PORT, ExecProcess, ExitStatus, ProcessRef,
 };
-use cocoon_runtime::Config;
+use capsid_runtime::Config;
 use containerd_shim::protos::types::mount::Mount;
 use oci_spec::runtime::{Process, Spec};
 use serde::{Deserialize, Serialize};
@@ -37,24 +37,24 @@ pub const VM_DIED_STATUS: u32 = 255;
 const OUTPUT_DRAIN: Duration = Duration::from_secs(60);
 /// Every agent call but WaitProcess must answer within this.
 pub const AGENT_IO_TIMEOUT: Duration = Duration::from_secs(60);
-const STATE_FILE: &str = "cocoon.json";
+const STATE_FILE: &str = "capsid.json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ContainerError {
     #[error("cannot read the bundle's config.json")]
     Bundle(#[source] oci_spec::OciSpecError),
     #[error(transparent)]
-    Config(#[from] cocoon_runtime::ConfigError),
+    Config(#[from] capsid_runtime::ConfigError),
     #[error(transparent)]
-    Spec(#[from] cocoon_runtime::spec::SpecError),
+    Spec(#[from] capsid_runtime::spec::SpecError),
     #[error(transparent)]
     Rootfs(#[from] rootfs::RootfsError),
     #[error("cannot make a scratch directory in {0}")]
     Scratch(PathBuf, #[source] std::io::Error),
     #[error(transparent)]
-    Vm(#[from] cocoon_runtime::VmError),
+    Vm(#[from] capsid_runtime::VmError),
     #[error(transparent)]
-    Agent(#[from] cocoon_protocol::ClientError),
+    Agent(#[from] capsid_protocol::ClientError),
     #[error(transparent)]
     Stdio(#[from] crate::stdio::StdioError),
     #[error("pod sandbox {0} does not run in this shim: create its sandbox container first")]
@@ -161,8 +161,8 @@ impl Container {
         let spec = Spec::load(bundle.join("config.json")).map_err(ContainerError::Bundle)?;
         let role = Role::of(&spec);
         let size = config.size_for(&spec)?;
-        let root_path = cocoon_runtime::spec::root_path(&spec);
-        let (agent_spec, files) = cocoon_runtime::spec::container_spec(spec)?;
+        let root_path = capsid_runtime::spec::root_path(&spec);
+        let (agent_spec, files) = capsid_runtime::spec::container_spec(spec)?;
         let image = rootfs::image(bundle, mounts, &root_path)?;
         let (sandbox, disk, rootfs) = match role {
             Role::PodMember { sandbox_id } => {
@@ -287,7 +287,7 @@ impl Container {
                     log::error!(
                         "{:?}: lost the process: {}; {}",
                         proc.process,
-                        cocoon_protocol::error_chain(&e),
+                        capsid_protocol::error_chain(&e),
                         sandbox.upgrade().map_or_else(
                             || "the micro-VM was taken down".into(),
                             |sandbox| sandbox.post_mortem()
@@ -323,7 +323,7 @@ impl Container {
         if self.sandbox.running()
             && let Err(e) = self.client().remove_container(&self.id)
         {
-            log::warn!("{}: {}", self.id, cocoon_protocol::error_chain(&e));
+            log::warn!("{}: {}", self.id, capsid_protocol::error_chain(&e));
         }
         self.stop_all();
         self.sandbox.leave(&self.id, self.disk.as_deref());
@@ -339,8 +339,8 @@ pub fn cleanup_leftovers(bundle: &Path, id: &str) {
         .ok()
         .and_then(|json| serde_json::from_slice::<Leftovers>(&json).ok())
     {
-        if cocoon_runtime::vm::kill_orphan(leftovers.vmm_pid, &leftovers.scratch) {
-            log::warn!("{id}: killed the leftover cocoon-vmm {}", leftovers.vmm_pid);
+        if capsid_runtime::vm::kill_orphan(leftovers.vmm_pid, &leftovers.scratch) {
+            log::warn!("{id}: killed the leftover capsid-vmm {}", leftovers.vmm_pid);
         }
         let scratch = leftovers.scratch.to_string_lossy();
         if leftovers.scratch.starts_with("/") && scratch.contains("/vm-") {

@@ -1,4 +1,4 @@
-//! `containerd-shim-cocoon-v2`: containerd's runtime v2 shim for cocoon.
+//! `containerd-shim-capsid-v2`: containerd's runtime v2 shim for capsid.
 //!
 //! containerd runs this binary three ways (the `-namespace`, `-id`,
 //! `-address`, `-bundle` flags come first, the action last):
@@ -39,7 +39,7 @@ use containerd_shim::{Flags, api};
 use oci_spec::runtime::Spec;
 
 /// The runtime name containerd knows us by.
-const RUNTIME_ID: &str = "io.containerd.cocoon.v2";
+const RUNTIME_ID: &str = "io.containerd.capsid.v2";
 /// The ttrpc service name of each task API version containerd may call.
 const TASK_SERVICES: [&str; 2] = ["containerd.task.v2.Task", "containerd.task.v3.Task"];
 
@@ -53,7 +53,7 @@ fn main() -> ExitCode {
         }
     };
     if flags.version {
-        println!("{RUNTIME_ID} (cocoon {})", env!("CARGO_PKG_VERSION"));
+        println!("{RUNTIME_ID} (capsid {})", env!("CARGO_PKG_VERSION"));
         return ExitCode::SUCCESS;
     }
     let result = match flags.action.as_str() {
@@ -165,7 +165,7 @@ fn serve(flags: &Flags) -> anyhow::Result<()> {
     if flags.socket.is_empty() {
         bail!("no -socket: the shim is started by containerd (action `start`)");
     }
-    let config = cocoon_runtime::Config::load().context("bad cocoon configuration")?;
+    let config = capsid_runtime::Config::load().context("bad capsid configuration")?;
     if let Err(e) =
         containerd_shim::logger::init(flags.debug, &config.log_level, &flags.namespace, &flags.id)
     {

@@ -4,7 +4,7 @@
 //!  CreateTaskRequest.rootfs: a bind of a native snapshot (read in place), or
 //!  an overlay of the layers (mounted read-only on BUNDLE/rootfs, its upper
 //!  directory as the top layer) ─▶ erofs image, cached by content
-//!  ($COCOON_CACHE/rootfs) ─▶ unmounted
+//!  ($CAPSID_CACHE/rootfs) ─▶ unmounted
 //! ```
 //!
 //! The container writes into an overlay on tmpfs inside the guest; the
@@ -15,7 +15,7 @@ use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use cocoon_images::rootfs::RootfsImage;
+use capsid_images::rootfs::RootfsImage;
 use containerd_shim::protos::types::mount::Mount;
 
 #[derive(Debug, thiserror::Error)]
@@ -36,7 +36,7 @@ pub enum RootfsError {
     #[error("the container's root {0} is not a directory")]
     NotADirectory(PathBuf),
     #[error("cannot make the rootfs image")]
-    Image(#[source] cocoon_images::rootfs::RootfsError),
+    Image(#[source] capsid_images::rootfs::RootfsError),
 }
 
 /// Unmounts the rootfs view when dropped (also on an error path).
@@ -102,9 +102,9 @@ pub fn image(
     mounts: &[Mount],
     root_path: &Path,
 ) -> Result<RootfsImage, RootfsError> {
-    let cache = cocoon_images::cache_dir();
+    let cache = capsid_images::cache_dir();
     let build =
-        |dir: &Path| cocoon_images::rootfs::image(dir, None, &cache).map_err(RootfsError::Image);
+        |dir: &Path| capsid_images::rootfs::image(dir, None, &cache).map_err(RootfsError::Image);
     match mounts {
         [] => {
             let dir = bundle.join(root_path);

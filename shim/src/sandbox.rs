@@ -17,10 +17,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use cocoon_images::rootfs::RootfsImage;
-use cocoon_protocol::{AgentClient, Rootfs};
-use cocoon_runtime::config::VmSize;
-use cocoon_runtime::{Config, MicroVm, VmSpec, rootfs_disk};
+use capsid_images::rootfs::RootfsImage;
+use capsid_protocol::{AgentClient, Rootfs};
+use capsid_runtime::config::VmSize;
+use capsid_runtime::{Config, MicroVm, VmSpec, rootfs_disk};
 use oci_spec::runtime::Spec;
 
 use crate::container::{AGENT_IO_TIMEOUT, ContainerError};
@@ -165,7 +165,7 @@ impl Sandbox {
             && self.running()
             && let Err(e) = lock(&self.vm).detach(disk)
         {
-            log::warn!("{id}: {}", cocoon_protocol::error_chain(&e));
+            log::warn!("{id}: {}", capsid_protocol::error_chain(&e));
         }
         let mut members = lock(&self.members);
         members.remove(id);

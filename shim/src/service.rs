@@ -13,8 +13,8 @@ use std::sync::mpsc::{Sender, channel};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use cocoon_protocol::{ClientError, ErrorCode};
-use cocoon_runtime::Config;
+use capsid_protocol::{ClientError, ErrorCode};
+use capsid_runtime::Config;
 use containerd_shim::event::Event;
 use containerd_shim::protos::events::task::{
     TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskStart,
@@ -43,7 +43,7 @@ fn status(code: Code, message: impl Into<String>) -> ttrpc::Error {
 }
 
 fn internal(e: &dyn std::error::Error) -> ttrpc::Error {
-    status(Code::INTERNAL, cocoon_protocol::error_chain(e))
+    status(Code::INTERNAL, capsid_protocol::error_chain(e))
 }
 
 /// The agent's refusal keeps its meaning for containerd.
@@ -62,7 +62,7 @@ fn from_container(e: ContainerError) -> ttrpc::Error {
         }
         _ => Code::INTERNAL,
     };
-    status(code, cocoon_protocol::error_chain(&e))
+    status(code, capsid_protocol::error_chain(&e))
 }
 
 fn timestamp(at: SystemTime) -> Timestamp {
@@ -200,7 +200,7 @@ impl containerd_shim::Task for Service {
         _ctx: &TtrpcContext,
         req: api::CreateTaskRequest,
     ) -> TtrpcResult<api::CreateTaskResponse> {
-        cocoon_protocol::validate_id("container id", &req.id)
+        capsid_protocol::validate_id("container id", &req.id)
             .map_err(|e| status(Code::INVALID_ARGUMENT, e))?;
         if self.containers().contains_key(&req.id) {
             return Err(status(
@@ -211,7 +211,7 @@ impl containerd_shim::Task for Service {
         if !req.checkpoint.is_empty() {
             return Err(status(
                 Code::UNIMPLEMENTED,
-                "cocoon cannot restore checkpoints",
+                "capsid cannot restore checkpoints",
             ));
         }
         let stdio = stdio_paths(&req.stdin, &req.stdout, &req.stderr, req.terminal);
@@ -226,7 +226,7 @@ impl containerd_shim::Task for Service {
                 log::error!(
                     "{}: create failed: {}",
                     req.id,
-                    cocoon_protocol::error_chain(&e)
+                    capsid_protocol::error_chain(&e)
                 );
                 from_container(e)
             })?;
@@ -271,7 +271,7 @@ impl containerd_shim::Task for Service {
             // As with runc, a process that could not start has ended (127:
             // not found, 126: could not run), so Delete and `ctr run --rm`
             // clean it up instead of finding a task stuck in Created.
-            let why = cocoon_protocol::error_chain(&e);
+            let why = capsid_protocol::error_chain(&e);
             let code = if why.contains("No such file") {
                 127
             } else {
@@ -382,7 +382,7 @@ impl containerd_shim::Task for Service {
 
     fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
         let container = self.container(&req.id)?;
-        cocoon_protocol::validate_id("exec id", &req.exec_id)
+        capsid_protocol::validate_id("exec id", &req.exec_id)
             .map_err(|e| status(Code::INVALID_ARGUMENT, e))?;
         if container.find(&req.exec_id).is_some() {
             return Err(status(
@@ -391,7 +391,7 @@ impl containerd_shim::Task for Service {
             ));
         }
         let spec = trans::exec_spec(&req.spec.value)
-            .map_err(|e| status(Code::INVALID_ARGUMENT, cocoon_protocol::error_chain(&e)))?;
+            .map_err(|e| status(Code::INVALID_ARGUMENT, capsid_protocol::error_chain(&e)))?;
         let stdio = stdio_paths(&req.stdin, &req.stdout, &req.stderr, req.terminal);
         container
             .exec(&req.exec_id, spec, stdio)
@@ -430,7 +430,7 @@ impl containerd_shim::Task for Service {
     fn update(&self, _ctx: &TtrpcContext, req: api::UpdateTaskRequest) -> TtrpcResult<api::Empty> {
         let container = self.container(&req.id)?;
         let resources = trans::resources(&req.resources.value)
-            .map_err(|e| status(Code::INVALID_ARGUMENT, cocoon_protocol::error_chain(&e)))?;
+            .map_err(|e| status(Code::INVALID_ARGUMENT, capsid_protocol::error_chain(&e)))?;
         // The VM's own size is fixed at boot; the container's cgroup in it
         // takes the new limits (memory beyond the VM's is no limit at all).
         container

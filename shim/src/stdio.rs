@@ -22,7 +22,7 @@ use std::sync::Mutex;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use cocoon_protocol::{AgentClient, ClientError, ProcessRef, StdioRequest, Stream};
+use capsid_protocol::{AgentClient, ClientError, ProcessRef, StdioRequest, Stream};
 
 /// Where containerd wants a process's streams; empty means none.
 #[derive(Debug, Clone, Default)]

@@ -1,9 +1,9 @@
 //! Conversions at the shim's boundary: containerd's exec specs into what the
 //! agent takes, and the agent's stats into containerd's cgroup v2 metrics.
-//! (The bundle's spec goes through `cocoon_runtime::spec`, which `cocoon
+//! (The bundle's spec goes through `capsid_runtime::spec`, which `capsid
 //! create` shares.)
 
-use cocoon_protocol::ContainerStats;
+use capsid_protocol::ContainerStats;
 use containerd_shim::protos::cgroups_v2::metrics::{
     CPUStat, MemoryEvents, MemoryStat, Metrics, PidsStat,
 };

@@ -11,7 +11,7 @@ apt_lists_fresh || apt-get update -qq >&2
 package=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-/ {print $2; exit}')
 [ -n "$package" ] || die "cannot resolve linux-image-cloud-amd64 (is bookworm in the apt sources?)"
 version=$(apt-cache policy "$package" | awk '/Candidate:/ {print $2}')
-dir="$(cocoon_cache)/testhost/$package-$version"
+dir="$(capsid_cache)/testhost/$package-$version"
 if [ ! -f "$dir/.extracted" ]; then
     log "test host kernel: downloading $package $version"
     rm -rf "$dir" && mkdir -p "$dir/deb"

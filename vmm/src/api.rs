@@ -6,7 +6,7 @@
 //! One request per connection, one JSON object on one line each way:
 //!
 //! ```text
-//! → {"op":"attach","path":"/var/cache/cocoon/…/rootfs.erofs","id":"c1"}   ← {"slot":0}
+//! → {"op":"attach","path":"/var/cache/capsid/…/rootfs.erofs","id":"c1"}   ← {"slot":0}
 //! → {"op":"detach","id":"c1"}                                             ← {"slot":0}
 //!                                                              a failure  ← {"error":"…"}
 //! ```

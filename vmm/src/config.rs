@@ -2,11 +2,11 @@
 //! line and `--config FILE` (JSON, the same field names), and its checks.
 //!
 //! ```json
-//! { "kernel": "/var/cache/cocoon/kernel/…/vmlinux", "initrd": "initramfs.cpio",
+//! { "kernel": "/var/cache/capsid/kernel/…/vmlinux", "initrd": "initramfs.cpio",
 //!   "cmdline": "console=ttyS0 reboot=k panic=-1 quiet", "vcpus": 2, "mem_mib": 256,
 //!   "disks": [ { "path": "rootfs.erofs", "read_only": true } ],
-//!   "vsock": { "uds": "/run/cocoon/vm1.vsock", "cid": 3 },
-//!   "serial": "file:/run/cocoon/vm1.console" }
+//!   "vsock": { "uds": "/run/capsid/vm1.vsock", "cid": 3 },
+//!   "serial": "file:/run/capsid/vm1.console" }
 //! ```
 
 use std::fmt;

@@ -1,4 +1,4 @@
-//! cocoon-vmm: the micro-VM monitor.
+//! capsid-vmm: the micro-VM monitor.
 //!
 //! One process runs one VM. [`builder::build`] assembles it in boot order
 //! (guest memory, VM and irqchip, vCPUs, devices, kernel, boot parameters) and

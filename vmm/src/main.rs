@@ -1,12 +1,12 @@
-//! `cocoon-vmm`: runs one micro-VM until the guest shuts down.
+//! `capsid-vmm`: runs one micro-VM until the guest shuts down.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
-use cocoon_vmm::config::{DiskConfig, SerialConfig, VmConfig, VsockConfig};
-use cocoon_vmm::vmm::{EXIT_VMM_ERROR, ExitReason};
+use capsid_vmm::config::{DiskConfig, SerialConfig, VmConfig, VsockConfig};
+use capsid_vmm::vmm::{EXIT_VMM_ERROR, ExitReason};
 
 const EXIT_CODES: &str = "\
 Exit status:
@@ -21,7 +21,7 @@ Exit status:
 /// reset line, a boot-time marker, virtio-blk disks (images can be attached
 /// to spare slots while it runs) and virtio-vsock.
 #[derive(Debug, Parser)]
-#[command(name = "cocoon-vmm", version, after_help = EXIT_CODES)]
+#[command(name = "capsid-vmm", version, after_help = EXIT_CODES)]
 struct Args {
     /// JSON file with the VM configuration; flags given as well override it.
     #[arg(long)]
@@ -62,12 +62,12 @@ struct Args {
     #[arg(long)]
     serial: Option<SerialConfig>,
     /// Log filter for the VMM's own messages on stderr (error, warn, info, debug, trace).
-    #[arg(long, default_value = "warn", env = "COCOON_VMM_LOG")]
+    #[arg(long, default_value = "warn", env = "CAPSID_VMM_LOG")]
     log_level: tracing::Level,
 }
 
 impl Args {
-    fn into_config(self) -> Result<VmConfig, cocoon_vmm::ConfigError> {
+    fn into_config(self) -> Result<VmConfig, capsid_vmm::ConfigError> {
         let mut config = match &self.config {
             Some(path) => VmConfig::from_file(path)?,
             None => VmConfig::default(),
@@ -93,7 +93,7 @@ impl Args {
             (Some(uds), None) => {
                 config.vsock = Some(VsockConfig {
                     uds,
-                    cid: cocoon_vmm::config::DEFAULT_CID,
+                    cid: capsid_vmm::config::DEFAULT_CID,
                 })
             }
             (None, _) => {}
@@ -116,7 +116,7 @@ impl Args {
 
 /// Prints an error and its causes on one line each.
 fn report(error: &dyn std::error::Error) {
-    eprintln!("cocoon-vmm: error: {error}");
+    eprintln!("capsid-vmm: error: {error}");
     let mut source = error.source();
     while let Some(cause) = source {
         eprintln!("  caused by: {cause}");
@@ -140,7 +140,7 @@ fn main() -> ExitCode {
             return exit_code(EXIT_VMM_ERROR);
         }
     };
-    let vmm = match cocoon_vmm::build(&config, started) {
+    let vmm = match capsid_vmm::build(&config, started) {
         Ok(vmm) => vmm,
         Err(e) => {
             report(&e);
@@ -154,13 +154,13 @@ fn main() -> ExitCode {
     let reason = vmm.run();
     match &reason {
         ExitReason::GuestShutdown => tracing::info!("{reason}"),
-        _ => eprintln!("cocoon-vmm: {reason}"),
+        _ => eprintln!("capsid-vmm: {reason}"),
     }
     exit_code(reason.exit_code())
 }
 
 /// SIGTERM, SIGINT and SIGHUP end the VM; the VMM then cleans up and exits 128+N.
-fn forward_signals(vmm: &cocoon_vmm::Vmm) -> std::io::Result<()> {
+fn forward_signals(vmm: &capsid_vmm::Vmm) -> std::io::Result<()> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     let exit = vmm.exit_notifier();

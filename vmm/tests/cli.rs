@@ -1,4 +1,4 @@
-//! The `cocoon-vmm` command line: bad input gets a clear error and the
+//! The `capsid-vmm` command line: bad input gets a clear error and the
 //! documented exit status, and leaves nothing behind. None of these boot a
 //! guest.
 
@@ -6,10 +6,10 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 fn vmm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cocoon-vmm"))
+    Command::new(env!("CARGO_BIN_EXE_capsid-vmm"))
         .args(args)
         .output()
-        .expect("run cocoon-vmm")
+        .expect("run capsid-vmm")
 }
 
 fn stderr(output: &Output) -> String {

@@ -1,11 +1,11 @@
-//! PID 1 of cocoon's test initramfs.
+//! PID 1 of capsid's test initramfs.
 //!
 //! It proves a guest kernel reached user space and exercises the VMM's
 //! devices from the inside. It mounts `/proc` and `/dev`, prints one marker
 //! line with what it sees (uptime, kernel release, CPUs, memory), runs the
-//! steps named in `cocoon_test=` on the kernel command line (which the kernel
+//! steps named in `capsid_test=` on the kernel command line (which the kernel
 //! hands to init as an environment variable), printing one result line per
-//! step, and reboots the VM — which ends QEMU (`-no-reboot`) or cocoon-vmm
+//! step, and reboots the VM — which ends QEMU (`-no-reboot`) or capsid-vmm
 //! with status 0. Linked statically so the initramfs needs nothing else.
 //!
 //! Steps (comma-separated):
@@ -28,11 +28,11 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 
 /// The line end-to-end tests wait for.
-const MARKER: &str = "COCOON-TEST-INIT: ready";
-/// Prefix of each step's result line: `COCOON-TEST-INIT: step NAME ok|FAILED …`.
-const STEP: &str = "COCOON-TEST-INIT: step";
+const MARKER: &str = "CAPSID-TEST-INIT: ready";
+/// Prefix of each step's result line: `CAPSID-TEST-INIT: step NAME ok|FAILED …`.
+const STEP: &str = "CAPSID-TEST-INIT: step";
 /// What `blk-write` writes.
-const WRITE_PATTERN: &[u8] = b"cocoon-test-init wrote this through virtio-blk\n";
+const WRITE_PATTERN: &[u8] = b"capsid-test-init wrote this through virtio-blk\n";
 const BOOT_MARKER_PORT: u16 = 0x3f0;
 const BOOT_MARKER_VALUE: u8 = 123;
 const HOST_CID: u32 = 2;
@@ -40,7 +40,7 @@ const HOST_CID: u32 = 2;
 fn main() {
     // SAFETY: getpid has no preconditions.
     if unsafe { libc::getpid() } != 1 {
-        eprintln!("cocoon-test-init: must run as PID 1 of a guest");
+        eprintln!("capsid-test-init: must run as PID 1 of a guest");
         std::process::exit(2);
     }
     let report = match mount("proc", c"/proc", c"proc") {
@@ -48,7 +48,7 @@ fn main() {
         Err(e) => format!("error=mount-proc:{e}"),
     };
     say(&format!("{MARKER} {report}"));
-    if let Ok(steps) = std::env::var("cocoon_test") {
+    if let Ok(steps) = std::env::var("capsid_test") {
         if let Err(e) = mount("devtmpfs", c"/dev", c"devtmpfs") {
             say(&format!("{STEP} mount-dev FAILED {e}"));
         }
@@ -58,7 +58,7 @@ fn main() {
                 Err(e) => say(&format!("{STEP} {step} FAILED {e}")),
             }
         }
-        say("COCOON-TEST-INIT: done");
+        say("CAPSID-TEST-INIT: done");
     }
     // SAFETY: sync has no preconditions.
     unsafe { libc::sync() };
@@ -66,7 +66,7 @@ fn main() {
     unsafe { libc::reboot(libc::RB_AUTOBOOT) };
     // Only reached if the reboot failed; PID 1 must not exit.
     eprintln!(
-        "cocoon-test-init: reboot failed: {}",
+        "capsid-test-init: reboot failed: {}",
         io::Error::last_os_error()
     );
     pause_forever();

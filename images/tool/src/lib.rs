@@ -1,4 +1,4 @@
-//! cocoon's image builders: the guest initramfs (the agent as `/init`) and
+//! capsid's image builders: the guest initramfs (the agent as `/init`) and
 //! container rootfs block images made from a directory, cached by content.
 
 pub mod initramfs;
@@ -20,9 +20,9 @@ pub fn agent_initramfs(agent: &Path, out: &Path) -> Result<u64, initramfs::Initr
     archive.finish()
 }
 
-/// Where cached images live: `$COCOON_CACHE` or `/var/cache/cocoon`.
+/// Where cached images live: `$CAPSID_CACHE` or `/var/cache/capsid`.
 pub fn cache_dir() -> PathBuf {
-    std::env::var_os("COCOON_CACHE")
+    std::env::var_os("CAPSID_CACHE")
         .map(PathBuf::from)
-        .unwrap_or_else(|| "/var/cache/cocoon".into())
+        .unwrap_or_else(|| "/var/cache/capsid".into())
 }

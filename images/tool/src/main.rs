@@ -1,11 +1,11 @@
-//! `cocoon-image`: builds the guest initramfs and rootfs images (used by the
+//! `capsid-image`: builds the guest initramfs and rootfs images (used by the
 //! project's scripts; the shim and CLI call the library directly).
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use cocoon_images::rootfs::{self, Format};
+use capsid_images::rootfs::{self, Format};
 
 #[derive(Parser, Debug)]
 #[command(version, about)]
@@ -30,7 +30,7 @@ enum Verb {
         /// erofs or ext4 (default: erofs when mkfs.erofs is installed).
         #[arg(long)]
         format: Option<String>,
-        /// Cache directory (default $COCOON_CACHE or /var/cache/cocoon).
+        /// Cache directory (default $CAPSID_CACHE or /var/cache/capsid).
         #[arg(long)]
         cache: Option<PathBuf>,
     },
@@ -39,7 +39,7 @@ enum Verb {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Verb::Initramfs { agent, out } => {
-            let size = cocoon_images::agent_initramfs(&agent, &out)
+            let size = capsid_images::agent_initramfs(&agent, &out)
                 .with_context(|| format!("cannot write {}", out.display()))?;
             println!("{size}");
         }
@@ -50,7 +50,7 @@ fn main() -> anyhow::Result<()> {
                 Some("ext4") => Some(Format::Ext4),
                 Some(other) => anyhow::bail!("--format {other}: use erofs or ext4"),
             };
-            let cache = cache.unwrap_or_else(cocoon_images::cache_dir);
+            let cache = cache.unwrap_or_else(capsid_images::cache_dir);
             let image = rootfs::image(&dir, format, &cache)?;
             println!("{}", image.path.display());
         }

@@ -1,9 +1,9 @@
-//! OCI image layouts → a root file system directory, for `cocoon run --image`.
+//! OCI image layouts → a root file system directory, for `capsid run --image`.
 //!
 //! ```text
 //!  LAYOUT/index.json ─▶ the manifest for TAG (or the only one) ─▶ its config
 //!   ─▶ each layer in order (tar, tar+gzip): entries unpacked, whiteouts applied
-//!   ─▶ $COCOON_CACHE/images/<manifest digest>/rootfs, renamed into place
+//!   ─▶ $CAPSID_CACHE/images/<manifest digest>/rootfs, renamed into place
 //! ```
 //!
 //! The image may come from anywhere, so it is treated as hostile: every

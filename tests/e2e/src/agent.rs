@@ -1,4 +1,4 @@
-//! A micro-VM running `cocoon-agent` with the busybox test image as a disk,
+//! A micro-VM running `capsid-agent` with the busybox test image as a disk,
 //! and the host's client connected to it: what the agent tests and the
 //! benchmarks start from.
 
@@ -9,11 +9,11 @@ use std::path::PathBuf;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use cocoon_protocol::{
+use capsid_protocol::{
     AgentClient, CreateContainer, DEFAULT_AGENT_PORT, ExitStatus, Filesystem, ProcessRef, Rootfs,
     StdioRequest, Stream,
 };
-use cocoon_testbed::ScratchDir;
+use capsid_testbed::ScratchDir;
 use oci_spec::runtime::Spec;
 
 use crate::artifact;
@@ -66,9 +66,9 @@ impl AgentVm {
         mem_mib: u32,
         disks: &[(PathBuf, &str)],
     ) -> Self {
-        let scratch = ScratchDir::new("cocoon-e2e").expect("scratch dir");
+        let scratch = ScratchDir::new("capsid-e2e").expect("scratch dir");
         let uds = scratch.join("vsock.sock");
-        let mut disk = OsString::from(artifact("COCOON_TEST_ROOTFS_IMAGE"));
+        let mut disk = OsString::from(artifact("CAPSID_TEST_ROOTFS_IMAGE"));
         disk.push(format!(",ro,id={ROOTFS_DISK}"));
         let mut extra = Vec::new();
         for (image, id) in disks {
@@ -80,9 +80,9 @@ impl AgentVm {
         }
         let args: Vec<OsString> = vec![
             "--kernel".into(),
-            artifact("COCOON_KERNEL").into(),
+            artifact("CAPSID_KERNEL").into(),
             "--initrd".into(),
-            artifact("COCOON_AGENT_INITRAMFS").into(),
+            artifact("CAPSID_AGENT_INITRAMFS").into(),
             "--cmdline".into(),
             CMDLINE.into(),
             "--vcpus".into(),
@@ -97,7 +97,7 @@ impl AgentVm {
         .into_iter()
         .chain(extra)
         .collect();
-        let mut vmm = VmmRun::start(&artifact("COCOON_VMM"), &args, scratch.path(), name);
+        let mut vmm = VmmRun::start(&artifact("CAPSID_VMM"), &args, scratch.path(), name);
         let client = AgentClient::connect(&uds, DEFAULT_AGENT_PORT, AGENT_WAIT, AGENT_WAIT)
             .unwrap_or_else(|e| panic!("agent never answered: {e}\n{}", vmm.describe()));
         let ready_after = vmm.started().elapsed();

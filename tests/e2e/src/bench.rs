@@ -172,7 +172,7 @@ impl Report {
         };
         let _ = writeln!(
             out,
-            "cocoon bench — {} mode, {runs} after a warm-up; host: {} cores, {} MiB, Linux {}; commit {}",
+            "capsid bench — {} mode, {runs} after a warm-up; host: {} cores, {} MiB, Linux {}; commit {}",
             self.mode, h.cores, h.memory_mib, h.kernel, self.commit
         );
         if self.mode == "nested" {
@@ -253,7 +253,7 @@ impl Report {
             "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{height}\" \
              font-family=\"sans-serif\" font-size=\"11\">\n\
              <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-             <text x=\"10\" y=\"20\" font-size=\"14\">cocoon bench: latency CDFs, {} mode, commit {}{}</text>\n",
+             <text x=\"10\" y=\"20\" font-size=\"14\">capsid bench: latency CDFs, {} mode, commit {}{}</text>\n",
             escape(&self.mode),
             escape(&self.commit),
             if self.mode == "nested" {
@@ -346,7 +346,7 @@ mod tests {
 
     fn report() -> Report {
         let mut scenario = Scenario::new("run", "spawn to exit");
-        let mut ours = Series::new("cocoon run", "ms", Who::Ours);
+        let mut ours = Series::new("capsid run", "ms", Who::Ours);
         ours.samples = vec![30.0, 10.0, 20.0, 40.0];
         let mut peer = Series::new("runc <run>", "ms", Who::Peer);
         peer.samples = vec![5.0, 5.0, 5.0, 5.0];

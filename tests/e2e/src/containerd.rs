@@ -4,8 +4,8 @@
 //!
 //! ```text
 //!  DIR/config.toml   root=DIR/root state=DIR/state grpc=DIR/containerd.sock
-//!  DIR/bin/containerd-shim-cocoon-v2 → $COCOON_SHIM
-//!  DIR/cocoon.toml   kernel, initramfs, vmm from the test artefacts;
+//!  DIR/bin/containerd-shim-capsid-v2 → $CAPSID_SHIM
+//!  DIR/capsid.toml   kernel, initramfs, vmm from the test artefacts;
 //!                    run_dir=DIR/run (the VMs' scratch directories)
 //! ```
 //!
@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 
 use crate::artifact;
 
-pub const RUNTIME: &str = "io.containerd.cocoon.v2";
-pub const BUSYBOX: &str = "docker.io/cocoon/busybox:latest";
-pub const BUSYBOX_USER: &str = "docker.io/cocoon/busybox-user:latest";
+pub const RUNTIME: &str = "io.containerd.capsid.v2";
+pub const BUSYBOX: &str = "docker.io/capsid/busybox:latest";
+pub const BUSYBOX_USER: &str = "docker.io/capsid/busybox-user:latest";
 /// A `ctr` call that takes longer has hung (nested guests boot in seconds).
 const CTR_BOUND: Duration = Duration::from_secs(240);
 
@@ -40,12 +40,12 @@ fn shim_sockets() -> Vec<PathBuf> {
 
 impl Containerd {
     pub fn start() -> Self {
-        let dir = std::env::temp_dir().join(format!("cocoon-ctd-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("capsid-ctd-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("bin")).unwrap();
         std::os::unix::fs::symlink(
-            artifact("COCOON_SHIM"),
-            dir.join("bin/containerd-shim-cocoon-v2"),
+            artifact("CAPSID_SHIM"),
+            dir.join("bin/containerd-shim-capsid-v2"),
         )
         .unwrap();
         let d = dir.display();
@@ -60,13 +60,13 @@ impl Containerd {
         )
         .unwrap();
         std::fs::write(
-            dir.join("cocoon.toml"),
+            dir.join("capsid.toml"),
             format!(
                 "kernel = {:?}\ninitramfs = {:?}\nvmm = {:?}\nrun_dir = \"{d}/run\"\n\
                  agent_timeout_secs = 200\nlog_level = \"debug\"\n",
-                artifact("COCOON_KERNEL"),
-                artifact("COCOON_AGENT_INITRAMFS"),
-                artifact("COCOON_VMM"),
+                artifact("CAPSID_KERNEL"),
+                artifact("CAPSID_AGENT_INITRAMFS"),
+                artifact("CAPSID_VMM"),
             ),
         )
         .unwrap();
@@ -81,10 +81,10 @@ impl Containerd {
             .arg(dir.join("config.toml"))
             .args(["--log-level", "debug"])
             .env("PATH", path)
-            .env("COCOON_CONFIG", dir.join("cocoon.toml"))
-            .env_remove("COCOON_KERNEL")
-            .env_remove("COCOON_AGENT_INITRAMFS")
-            .env_remove("COCOON_VMM")
+            .env("CAPSID_CONFIG", dir.join("capsid.toml"))
+            .env_remove("CAPSID_KERNEL")
+            .env_remove("CAPSID_AGENT_INITRAMFS")
+            .env_remove("CAPSID_VMM")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -105,8 +105,8 @@ impl Containerd {
             std::thread::sleep(Duration::from_millis(200));
         }
         for image in ["busybox.oci.tar", "busybox-user.oci.tar"] {
-            let dir = std::env::var_os("COCOON_TEST_IMAGES_DIR")
-                .expect("COCOON_TEST_IMAGES_DIR is set by `make test`");
+            let dir = std::env::var_os("CAPSID_TEST_IMAGES_DIR")
+                .expect("CAPSID_TEST_IMAGES_DIR is set by `make test`");
             let tar = PathBuf::from(dir).join(image);
             let tar = tar.to_str().unwrap();
             for snapshotter in ["native", "overlayfs"] {
@@ -209,7 +209,7 @@ impl Containerd {
             let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
             let program = cmdline.split(|&b| b == 0).next().unwrap_or_default();
             let program = String::from_utf8_lossy(program);
-            if program.ends_with("cocoon-vmm") || program.ends_with("containerd-shim-cocoon-v2") {
+            if program.ends_with("capsid-vmm") || program.ends_with("containerd-shim-capsid-v2") {
                 found.push(format!(
                     "process {} ({program})",
                     entry.file_name().to_string_lossy()

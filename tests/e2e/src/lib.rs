@@ -1,8 +1,8 @@
-//! Shared set-up for cocoon's end-to-end tests.
+//! Shared set-up for capsid's end-to-end tests.
 //!
 //! Every test starts with [`require_kvm`]: where this machine's KVM cannot boot
-//! a real guest the test says so and skips — unless `COCOON_E2E_REQUIRED=1`
-//! (set by `make test`, which runs these tests through `cocoon-testbed`), in
+//! a real guest the test says so and skips — unless `CAPSID_E2E_REQUIRED=1`
+//! (set by `make test`, which runs these tests through `capsid-testbed`), in
 //! which case it fails. Artefacts built by the project's scripts arrive in
 //! environment variables and are checked by [`artifact`].
 
@@ -17,22 +17,22 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
-use cocoon_testbed::initramfs::Initramfs;
-use cocoon_testbed::probe::{Mode, Probe, probe};
+use capsid_testbed::initramfs::Initramfs;
+use capsid_testbed::probe::{Mode, Probe, probe};
 
 /// Whether real guests can boot here; prints the reason once per process.
 pub fn require_kvm(test: &str) -> bool {
     static PROBE: OnceLock<Probe> = OnceLock::new();
     let probe = PROBE.get_or_init(|| {
         let probe = probe();
-        eprintln!("cocoon-e2e: {probe}");
+        eprintln!("capsid-e2e: {probe}");
         probe
     });
     if probe.mode == Mode::Native {
         return true;
     }
     assert!(
-        std::env::var("COCOON_E2E_REQUIRED").as_deref() != Ok("1"),
+        std::env::var("CAPSID_E2E_REQUIRED").as_deref() != Ok("1"),
         "{test}: needs a KVM that boots Linux guests, but this is {probe}"
     );
     eprintln!(
@@ -119,7 +119,7 @@ pub fn memory_outside_guest(pid: u32, guest_kib: u64) -> (u64, u64) {
 }
 
 /// Runs `command` on a new pty as its controlling terminal (`ctr -t` and
-/// `cocoon run -t` need one); what it printed and its exit code. `args`
+/// `capsid run -t` need one); what it printed and its exit code. `args`
 /// name it in a failure.
 pub fn on_a_pty(command: &mut Command, args: &[&str]) -> (String, Option<i32>) {
     let (mut master, mut slave) = (0, 0);

@@ -1,4 +1,4 @@
-//! Running `cocoon-vmm` from a test: console and log to files in a scratch
+//! Running `capsid-vmm` from a test: console and log to files in a scratch
 //! directory, waiting for console lines, and an exit within a bound.
 
 use std::ffi::OsString;
@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use cocoon_testbed::child::ChildGuard;
-use cocoon_testbed::serial::SerialLog;
+use capsid_testbed::child::ChildGuard;
+use capsid_testbed::serial::SerialLog;
 
-/// A running `cocoon-vmm`.
+/// A running `capsid-vmm`.
 #[derive(Debug)]
 pub struct VmmRun {
     child: ChildGuard,
@@ -41,7 +41,7 @@ impl VmmRun {
             .stdout(Stdio::null())
             .stderr(log);
         let started = Instant::now();
-        let child = ChildGuard::spawn(&mut command).expect("spawn cocoon-vmm");
+        let child = ChildGuard::spawn(&mut command).expect("spawn capsid-vmm");
         Self {
             child,
             console: SerialLog::new(&console_path),
@@ -87,7 +87,7 @@ impl VmmRun {
                     return Ok((line, self.started.elapsed()));
                 }
                 return Err(format!(
-                    "cocoon-vmm exited with {status} before {marker:?}\n{}",
+                    "capsid-vmm exited with {status} before {marker:?}\n{}",
                     self.describe()
                 ));
             }
@@ -106,7 +106,7 @@ impl VmmRun {
         match self
             .child
             .wait_timeout(timeout)
-            .expect("wait for cocoon-vmm")
+            .expect("wait for capsid-vmm")
         {
             Some(status) => {
                 let _ = self.console.poll();
@@ -115,7 +115,7 @@ impl VmmRun {
             None => {
                 let _ = self.child.kill();
                 panic!(
-                    "cocoon-vmm still running after {timeout:?}\n{}",
+                    "capsid-vmm still running after {timeout:?}\n{}",
                     self.describe()
                 );
             }
@@ -139,7 +139,7 @@ impl VmmRun {
         let tail: Vec<&str> = console.lines().rev().take(40).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
         format!(
-            "--- console (tail) ---\n{}\n--- cocoon-vmm log ---\n{}",
+            "--- console (tail) ---\n{}\n--- capsid-vmm log ---\n{}",
             tail.join("\n"),
             self.log()
         )
@@ -149,7 +149,7 @@ impl VmmRun {
     pub fn describe(&mut self) -> String {
         let _ = self.console.poll();
         format!(
-            "--- console (tail) ---\n{}\n--- cocoon-vmm log ---\n{}",
+            "--- console (tail) ---\n{}\n--- capsid-vmm log ---\n{}",
             self.console.tail(30),
             self.log()
         )

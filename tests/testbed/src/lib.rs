@@ -1,24 +1,24 @@
-//! cocoon's test bed: the machinery that lets end-to-end tests boot real
+//! capsid's test bed: the machinery that lets end-to-end tests boot real
 //! guests on any x86_64 Linux machine.
 //!
-//! - [`probe`] (from `cocoon_vmm`) decides the mode: *native* when this
+//! - [`probe`] (from `capsid_vmm`) decides the mode: *native* when this
 //!   machine's `/dev/kvm` runs guests on the CPU, *nested* otherwise.
 //! - [`nested`] boots the nested test host (QEMU TCG + Debian's cloud kernel
 //!   with `kvm-amd`) and runs a command inside it, reporting its output and
-//!   exit code back; the `cocoon-testbed` binary wraps both.
+//!   exit code back; the `capsid-testbed` binary wraps both.
 //! - [`microvm`], [`initramfs`], [`child`], [`scratch`], [`serial`] are the
 //!   pieces tests use to boot guests and leave nothing behind.
 
 pub mod child;
-pub use cocoon_images::initramfs;
+pub use capsid_images::initramfs;
 pub mod microvm;
 pub mod nested;
-pub use cocoon_vmm::probe;
+pub use capsid_vmm::probe;
 pub mod qemu;
 pub mod scratch;
 pub mod serial;
-pub use cocoon_vmm::probe::tiny_guest;
+pub use capsid_vmm::probe::tiny_guest;
 
 pub use scratch::ScratchDir;
 
-pub use cocoon_vmm::error_chain;
+pub use capsid_vmm::error_chain;

@@ -1,8 +1,8 @@
-//! `cocoon-testbed`: runs a command where KVM can boot real guests.
+//! `capsid-testbed`: runs a command where KVM can boot real guests.
 //!
 //! ```text
-//! cocoon-testbed probe
-//! cocoon-testbed run [--host-kernel DIR] [--with PATH]... -- COMMAND [ARGS]...
+//! capsid-testbed probe
+//! capsid-testbed run [--host-kernel DIR] [--with PATH]... -- COMMAND [ARGS]...
 //! ```
 //!
 //! In native mode the command runs directly. In nested mode it runs inside a
@@ -19,12 +19,12 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use cocoon_testbed::child::ChildGuard;
-use cocoon_testbed::nested::{HostKernel, NestedError, NestedRun};
-use cocoon_testbed::probe::{Mode, probe};
+use capsid_testbed::child::ChildGuard;
+use capsid_testbed::nested::{HostKernel, NestedError, NestedRun};
+use capsid_testbed::probe::{Mode, probe};
 
 #[derive(Parser)]
-#[command(about = "Run cocoon's end-to-end tests where KVM can boot a real guest")]
+#[command(about = "Run capsid's end-to-end tests where KVM can boot a real guest")]
 struct Cli {
     #[command(subcommand)]
     command: Verb,
@@ -40,7 +40,7 @@ enum Verb {
     /// Run COMMAND natively, or inside the nested test host.
     Run {
         /// Extracted Debian cloud kernel package (tests/testhost/fetch-kernel.sh prints it).
-        #[arg(long, env = "COCOON_TESTHOST_KERNEL_DIR")]
+        #[arg(long, env = "CAPSID_TESTHOST_KERNEL_DIR")]
         host_kernel: Option<PathBuf>,
         /// A file, program or directory the command needs inside the test host (repeatable).
         #[arg(long = "with")]
@@ -67,7 +67,7 @@ fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("cocoon-testbed: error: {e:#}");
+            eprintln!("capsid-testbed: error: {e:#}");
             ExitCode::from(125)
         }
     }
@@ -75,7 +75,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Verb::HoldKvm = cli.command {
-        cocoon_testbed::nested::hold_kvm().context("cannot hold a VM open")?;
+        capsid_testbed::nested::hold_kvm().context("cannot hold a VM open")?;
         return Ok(ExitCode::SUCCESS);
     }
     let stop = Arc::new(AtomicBool::new(false));
@@ -84,7 +84,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .context("cannot install signal handlers")?;
     }
     let probe = probe();
-    eprintln!("cocoon-testbed: {probe}");
+    eprintln!("capsid-testbed: {probe}");
     let Verb::Run {
         host_kernel,
         with,
@@ -122,16 +122,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     };
     let kernel = HostKernel::from_dir(&dir)?;
     eprintln!(
-        "cocoon-testbed: booting the nested test host: QEMU TCG -cpu max, {cpus} vCPUs, \
+        "capsid-testbed: booting the nested test host: QEMU TCG -cpu max, {cpus} vCPUs, \
          {memory_mib} MiB, Debian kernel {}",
         kernel.release
     );
-    // COCOON_TESTBED_NESTED tells the command it runs inside the test host
+    // CAPSID_TESTBED_NESTED tells the command it runs inside the test host
     // (benchmarks say that their absolute times are inflated).
     let env = std::env::vars()
-        .filter(|(k, _)| k.starts_with("COCOON_") || k.starts_with("RUST_") || k == "CI")
-        .filter(|(k, _)| k != "COCOON_TESTBED_MODE" && k != "COCOON_TESTHOST_KERNEL_DIR")
-        .chain([("COCOON_TESTBED_NESTED".to_owned(), "1".to_owned())])
+        .filter(|(k, _)| k.starts_with("CAPSID_") || k.starts_with("RUST_") || k == "CI")
+        .filter(|(k, _)| k != "CAPSID_TESTBED_MODE" && k != "CAPSID_TESTHOST_KERNEL_DIR")
+        .chain([("CAPSID_TESTBED_NESTED".to_owned(), "1".to_owned())])
         .collect();
     let nested = NestedRun {
         kernel: &kernel,
@@ -158,10 +158,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     };
     if host_failed {
         if let Err(failure) = &outcome {
-            eprintln!("cocoon-testbed: WARNING: {failure}");
+            eprintln!("capsid-testbed: WARNING: {failure}");
         }
         eprintln!(
-            "cocoon-testbed: WARNING: the test host itself failed (not the command); \
+            "capsid-testbed: WARNING: the test host itself failed (not the command); \
              running the command again on a fresh test host"
         );
         outcome = nested.run();
@@ -169,7 +169,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match outcome {
         Ok(outcome) => {
             eprintln!(
-                "cocoon-testbed: test host booted in {:.1} s (initramfs {} MiB); \
+                "capsid-testbed: test host booted in {:.1} s (initramfs {} MiB); \
                  command exited {} after {:.1} s in all",
                 outcome.boot_time.as_secs_f64(),
                 outcome.initramfs_bytes >> 20,
@@ -179,7 +179,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(exit_code(outcome.exit_code))
         }
         Err(NestedError::Interrupted) => {
-            eprintln!("cocoon-testbed: interrupted; test host stopped and cleaned up");
+            eprintln!("capsid-testbed: interrupted; test host stopped and cleaned up");
             Ok(ExitCode::from(130))
         }
         Err(e) => Err(e.into()),

@@ -13,7 +13,7 @@
 //!    the command, --with paths             run.sh: env, cwd, the command
 //!  ttyS0 → console.log (kernel)            kernel messages
 //!  ttyS1 → output.log, echoed live   ◀──   command stdout+stderr,
-//!                                          "COCOON-TESTBED-EXIT <code>", poweroff
+//!                                          "CAPSID-TESTBED-EXIT <code>", poweroff
 //! ```
 
 use std::io::Write;
@@ -29,9 +29,9 @@ use crate::scratch::ScratchDir;
 use crate::serial::SerialLog;
 
 /// Printed by the test host's init when it is about to run the command.
-pub const READY_MARKER: &str = "COCOON-TESTBED-READY";
+pub const READY_MARKER: &str = "CAPSID-TESTBED-READY";
 /// Printed by the test host's init with the command's exit code.
-pub const EXIT_MARKER: &str = "COCOON-TESTBED-EXIT";
+pub const EXIT_MARKER: &str = "CAPSID-TESTBED-EXIT";
 /// The test host's kernel modules, in load order, and where Debian's
 /// package has them: the three that give it `/dev/kvm`, and overlayfs (for
 /// containerd's default snapshotter).
@@ -42,7 +42,7 @@ const HOST_MODULES: [(&str, &str); 4] = [
     ("overlay", "fs/overlayfs/overlay.ko"),
 ];
 /// Where the testbed binary itself goes in the test host, for `hold-kvm`.
-const HOLD_KVM_PROGRAM: &str = "/testbed/cocoon-testbed";
+const HOLD_KVM_PROGRAM: &str = "/testbed/capsid-testbed";
 
 /// Holds one idle VM (in-kernel irqchip, one vCPU that never runs) open
 /// until the process is killed. Run in the test host for the whole run.
@@ -53,7 +53,7 @@ const HOLD_KVM_PROGRAM: &str = "/testbed/cocoon-testbed";
 /// patches kernel text with int3 breakpoints. Under multi-threaded TCG that
 /// patching intermittently left one test-host CPU looping on the int3 while
 /// the other spun on a lock (seen with the QEMU monitor, after some tens of
-/// guest boots, with cocoon-vmm and QEMU alike). With one VM always alive,
+/// guest boots, with capsid-vmm and QEMU alike). With one VM always alive,
 /// these counts never fall to zero and the kernel text is left alone.
 pub fn hold_kvm() -> Result<(), kvm_ioctls::Error> {
     let kvm = kvm_ioctls::Kvm::new()?;
@@ -199,7 +199,7 @@ impl NestedRun<'_> {
     /// stdout, and returns its exit code. QEMU and every file made for the run
     /// are gone when this returns, whatever the outcome.
     pub fn run(&self) -> Result<NestedOutcome, NestedError> {
-        let scratch = ScratchDir::new("cocoon-testbed").map_err(NestedError::Io)?;
+        let scratch = ScratchDir::new("capsid-testbed").map_err(NestedError::Io)?;
         let initrd = scratch.join("testhost.cpio");
         let initramfs_bytes = self.build_initramfs(&initrd)?;
 
@@ -363,7 +363,7 @@ fn monitor_registers(socket: &Path) -> String {
     ask().unwrap_or_else(|e| format!("(monitor unavailable: {e})"))
 }
 
-/// The exit code from the host's `COCOON-TESTBED-EXIT <code>` line, if seen.
+/// The exit code from the host's `CAPSID-TESTBED-EXIT <code>` line, if seen.
 fn exit_code(output: &SerialLog) -> Option<i32> {
     let line = output.line_with(EXIT_MARKER)?;
     line.split_whitespace().last()?.parse().ok()
@@ -450,11 +450,11 @@ mod tests {
     #[test]
     fn run_script_quotes_everything() {
         let script = run_script(
-            &[("COCOON_X".into(), "it's".into())],
+            &[("CAPSID_X".into(), "it's".into())],
             Path::new("/work/a b"),
             &["/bin/echo".into(), "$HOME".into()],
         );
-        assert!(script.contains("export COCOON_X='it'\\''s'\n"));
+        assert!(script.contains("export CAPSID_X='it'\\''s'\n"));
         assert!(script.contains("cd '/work/a b'\n"));
         assert!(script.ends_with("exec '/bin/echo' '$HOME'\n"));
     }

@@ -71,7 +71,7 @@ mod tests {
 
     #[test]
     fn removed_on_drop() {
-        let dir = ScratchDir::new("cocoon-testbed-unit").unwrap();
+        let dir = ScratchDir::new("capsid-testbed-unit").unwrap();
         fs::write(dir.join("f"), b"x").unwrap();
         let path = dir.path().to_owned();
         drop(dir);
@@ -81,9 +81,9 @@ mod tests {
     #[test]
     fn leftovers_of_dead_processes_are_swept() {
         // PIDs are below 2^22 on Linux, so this one cannot be alive.
-        let stale = std::env::temp_dir().join("cocoon-testbed-sweep.4294967294.0");
+        let stale = std::env::temp_dir().join("capsid-testbed-sweep.4294967294.0");
         fs::create_dir_all(stale.join("sub")).unwrap();
-        let live = ScratchDir::new("cocoon-testbed-sweep").unwrap();
+        let live = ScratchDir::new("capsid-testbed-sweep").unwrap();
         assert!(!stale.exists());
         assert!(live.path().exists());
     }

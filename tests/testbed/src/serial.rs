@@ -78,7 +78,7 @@ mod tests {
 
     #[test]
     fn a_line_counts_only_once_it_is_complete() {
-        let dir = crate::ScratchDir::new("cocoon-testbed-unit").unwrap();
+        let dir = crate::ScratchDir::new("capsid-testbed-unit").unwrap();
         let path = dir.join("serial");
         let mut log = SerialLog::new(&path);
         assert!(

@@ -1,9 +1,9 @@
-//! The `cocoon-testbed` binary in nested mode: a command's output and exit code
+//! The `capsid-testbed` binary in nested mode: a command's output and exit code
 //! come back from the test host, and an interrupted run leaves no QEMU and no
 //! file behind.
 //!
-//! Needs Debian's cloud kernel (`COCOON_TESTHOST_KERNEL_DIR`, set by `make test`);
-//! skips with a reason without it unless `COCOON_E2E_REQUIRED=1`.
+//! Needs Debian's cloud kernel (`CAPSID_TESTHOST_KERNEL_DIR`, set by `make test`);
+//! skips with a reason without it unless `CAPSID_E2E_REQUIRED=1`.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -12,18 +12,18 @@ use std::sync::mpsc;
 use std::time::Duration;
 use std::{fs, thread};
 
-use cocoon_testbed::ScratchDir;
+use capsid_testbed::ScratchDir;
 
 fn host_kernel_dir(test: &str) -> Option<String> {
-    match std::env::var("COCOON_TESTHOST_KERNEL_DIR") {
+    match std::env::var("CAPSID_TESTHOST_KERNEL_DIR") {
         Ok(dir) => Some(dir),
         Err(_) => {
             assert!(
-                std::env::var("COCOON_E2E_REQUIRED").as_deref() != Ok("1"),
-                "{test}: COCOON_TESTHOST_KERNEL_DIR is not set"
+                std::env::var("CAPSID_E2E_REQUIRED").as_deref() != Ok("1"),
+                "{test}: CAPSID_TESTHOST_KERNEL_DIR is not set"
             );
             eprintln!(
-                "SKIPPED {test}: COCOON_TESTHOST_KERNEL_DIR is not set (`make test` sets it)"
+                "SKIPPED {test}: CAPSID_TESTHOST_KERNEL_DIR is not set (`make test` sets it)"
             );
             None
         }
@@ -31,9 +31,9 @@ fn host_kernel_dir(test: &str) -> Option<String> {
 }
 
 fn testbed(kernel_dir: &str, tmp: &Path, script: &str) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_cocoon-testbed"));
+    let mut command = Command::new(env!("CARGO_BIN_EXE_capsid-testbed"));
     command
-        .env("COCOON_TESTBED_MODE", "nested")
+        .env("CAPSID_TESTBED_MODE", "nested")
         .env("TMPDIR", tmp)
         .args([
             "run",
@@ -70,7 +70,7 @@ fn output_and_exit_code_come_back_from_the_test_host() {
     let Some(kernel) = host_kernel_dir("output_and_exit_code_come_back_from_the_test_host") else {
         return;
     };
-    let tmp = ScratchDir::new("cocoon-testbed-it").unwrap();
+    let tmp = ScratchDir::new("capsid-testbed-it").unwrap();
     let output = testbed(
         &kernel,
         tmp.path(),
@@ -95,7 +95,7 @@ fn ctrl_c_stops_the_test_host_and_removes_its_files() {
     let Some(kernel) = host_kernel_dir("ctrl_c_stops_the_test_host_and_removes_its_files") else {
         return;
     };
-    let tmp = ScratchDir::new("cocoon-testbed-it").unwrap();
+    let tmp = ScratchDir::new("capsid-testbed-it").unwrap();
     let mut child = testbed(&kernel, tmp.path(), "echo started; sleep 600")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -114,7 +114,7 @@ fn ctrl_c_stops_the_test_host_and_removes_its_files() {
         let _ = child.kill();
         panic!("the command never started inside the test host");
     }
-    let scratch_prefix = format!("cocoon-testbed.{}.", child.id());
+    let scratch_prefix = format!("capsid-testbed.{}.", child.id());
     assert!(
         !processes_mentioning(&scratch_prefix).is_empty(),
         "QEMU should be running now"

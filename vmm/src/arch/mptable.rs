@@ -87,7 +87,7 @@ pub fn build(vcpus: u8, base: u32) -> Result<Vec<u8>, MpTableError> {
     table.extend_from_slice(&table_len.to_le_bytes());
     table.push(SPEC_REV);
     table.push(0); // checksum, below
-    table.extend_from_slice(b"COCOON  ");
+    table.extend_from_slice(b"CAPSID  ");
     table.extend_from_slice(b"MICROVM     ");
     table.extend_from_slice(&0u32.to_le_bytes()); // OEM table
     table.extend_from_slice(&0u16.to_le_bytes());

@@ -1,6 +1,6 @@
 //! Can this machine's KVM boot a Linux guest? *Native*: yes. *Nested*: no
 //! (missing, or an instruction-emulating KVM); the tests then boot guests
-//! inside a nested test host under QEMU TCG, and `cocoon run` refuses at
+//! inside a nested test host under QEMU TCG, and `capsid run` refuses at
 //! once instead of hanging in an emulated boot.
 //!
 //! The decision is made by behaviour, not by name: a tiny long-mode guest
@@ -10,7 +10,7 @@
 //! KVM such as the paravirtual `kvm_pvm` takes seconds, and a real Linux guest
 //! fails there. The presence of `kvm_pvm` is reported alongside, as a hint.
 //!
-//! `COCOON_TESTBED_MODE=native|nested` overrides the probe.
+//! `CAPSID_TESTBED_MODE=native|nested` overrides the probe.
 
 use std::fmt;
 use std::path::Path;
@@ -64,7 +64,7 @@ pub fn paravirtual_kvm() -> bool {
 
 /// Probes this machine.
 pub fn probe() -> Probe {
-    if let Ok(forced) = std::env::var("COCOON_TESTBED_MODE") {
+    if let Ok(forced) = std::env::var("CAPSID_TESTBED_MODE") {
         let mode = match forced.as_str() {
             "native" => Some(Mode::Native),
             "nested" => Some(Mode::Nested),
@@ -73,7 +73,7 @@ pub fn probe() -> Probe {
         if let Some(mode) = mode {
             return Probe {
                 mode,
-                reason: "forced by COCOON_TESTBED_MODE".into(),
+                reason: "forced by CAPSID_TESTBED_MODE".into(),
             };
         }
     }

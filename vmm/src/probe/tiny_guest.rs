@@ -8,8 +8,8 @@
 //! instructions/s, so the loop below, 2N instructions, takes seconds there and
 //! about a millisecond on hardware.
 //!
-//! The vCPU starts in long mode exactly as cocoon-vmm starts a kernel through
-//! the 64-bit boot protocol (`cocoon_vmm::arch::regs`: its GDT at 0x500, its
+//! The vCPU starts in long mode exactly as capsid-vmm starts a kernel through
+//! the 64-bit boot protocol (`capsid_vmm::arch::regs`: its GDT at 0x500, its
 //! identity page tables at 0x9000), so this probe also checks that setup on
 //! any KVM. The code sits at 0x1000 in 2 MiB of RAM.
 

@@ -1,13 +1,13 @@
-//! cocoon-agent end to end: our kernel, the agent as PID 1, the busybox test
+//! capsid-agent end to end: our kernel, the agent as PID 1, the busybox test
 //! image on a virtio-blk disk, driven through the host's client over the
 //! VMM's hybrid vsock.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use cocoon_e2e::agent::{AgentVm, Outcome};
-use cocoon_e2e::require_kvm;
-use cocoon_protocol::{ClientError, ExitStatus, ProcessRef, StdioRequest};
+use capsid_e2e::agent::{AgentVm, Outcome};
+use capsid_e2e::require_kvm;
+use capsid_protocol::{ClientError, ExitStatus, ProcessRef, StdioRequest};
 use oci_spec::runtime::{LinuxResources, LinuxSeccomp, Process, Spec};
 
 /// Bytes 0..=255 in a scrambled order, `len` of them (binary, every value).
@@ -173,7 +173,7 @@ fn signals_exec_and_an_unreachable_agent() {
         ]));
     });
     vm.client
-        .exec_process(cocoon_protocol::ExecProcess {
+        .exec_process(capsid_protocol::ExecProcess {
             process: exec.clone(),
             spec: spec.process().clone().unwrap(),
             stdio,
@@ -197,7 +197,7 @@ fn signals_exec_and_an_unreachable_agent() {
     };
     let cat = with_process(AgentVm::spec(&["cat"]), |_| {});
     vm.client
-        .exec_process(cocoon_protocol::ExecProcess {
+        .exec_process(capsid_protocol::ExecProcess {
             process: reader.clone(),
             spec: cat.process().clone().unwrap(),
             stdio: stdio_in,
@@ -205,11 +205,11 @@ fn signals_exec_and_an_unreachable_agent() {
         .unwrap();
     let mut stdout = vm
         .client
-        .attach(&reader, cocoon_protocol::Stream::Stdout)
+        .attach(&reader, capsid_protocol::Stream::Stdout)
         .unwrap();
     let mut stdin = vm
         .client
-        .attach(&reader, cocoon_protocol::Stream::Stdin)
+        .attach(&reader, capsid_protocol::Stream::Stdin)
         .unwrap();
     vm.client.start_process(&reader).unwrap();
     std::io::Write::write_all(&mut stdin, b"kept open\n").unwrap();
@@ -247,7 +247,7 @@ fn signals_exec_and_an_unreachable_agent() {
         matches!(
             err,
             ClientError::Agent {
-                code: cocoon_protocol::ErrorCode::NotFound,
+                code: capsid_protocol::ErrorCode::NotFound,
                 ..
             }
         ),
@@ -256,7 +256,7 @@ fn signals_exec_and_an_unreachable_agent() {
 
     // Nothing listens on port 4242: a clear error, within the bound given.
     let start = Instant::now();
-    let err = cocoon_protocol::AgentClient::connect(
+    let err = capsid_protocol::AgentClient::connect(
         &vm.uds,
         4242,
         Duration::from_secs(3),
@@ -302,11 +302,11 @@ fn the_process_spec_is_applied_inside_the_container() {
         return;
     }
     let vm = AgentVm::boot("agent-spec", 1, 256);
-    let mut spec = with_process(AgentVm::spec(&["cocoon-check"]), |p| {
+    let mut spec = with_process(AgentVm::spec(&["capsid-check"]), |p| {
         *p = json(
             r#"{
-              "args": ["cocoon-check"], "cwd": "/home/cocoon",
-              "env": ["PATH=/usr/bin:/bin", "COCOON_X=y"],
+              "args": ["capsid-check"], "cwd": "/home/capsid",
+              "env": ["PATH=/usr/bin:/bin", "CAPSID_X=y"],
               "user": {"uid": 1000, "gid": 1000, "additionalGids": [2000], "umask": 23},
               "rlimits": [{"type": "RLIMIT_NOFILE", "soft": 123, "hard": 456}],
               "capabilities": {"bounding": ["CAP_KILL", "CAP_CHOWN"], "effective": ["CAP_KILL"],
@@ -316,7 +316,7 @@ fn the_process_spec_is_applied_inside_the_container() {
             }"#,
         );
     });
-    spec.set_hostname(Some("cocoon-box".into()));
+    spec.set_hostname(Some("capsid-box".into()));
     let mut root = spec.root().clone().unwrap();
     root.set_readonly(Some(true));
     spec.set_root(Some(root));
@@ -329,14 +329,14 @@ fn the_process_spec_is_applied_inside_the_container() {
 
     let outcome = vm.run("check", spec.clone(), None);
     let (seen, mounts) = check_output(&outcome);
-    eprintln!("cocoon-check saw:\n{}", outcome.stdout_text());
+    eprintln!("capsid-check saw:\n{}", outcome.stdout_text());
     let expect = [
         ("pid", "1"),
         ("uid", "1000"),
         ("gid", "1000"),
         ("groups", "2000"),
-        ("cwd", "/home/cocoon"),
-        ("hostname", "cocoon-box"),
+        ("cwd", "/home/capsid"),
+        ("hostname", "capsid-box"),
         ("nofile", "123 456"),
         ("umask", "0027"),
         ("no_new_privs", "1"),
@@ -353,7 +353,7 @@ fn the_process_spec_is_applied_inside_the_container() {
     for (key, value) in expect {
         assert_eq!(seen.get(key).map(String::as_str), Some(value), "{key}");
     }
-    assert!(seen.contains_key("env:COCOON_X=y"), "{seen:?}");
+    assert!(seen.contains_key("env:CAPSID_X=y"), "{seen:?}");
     for (target, fstype) in [
         ("/", "overlay"),
         ("/proc", "proc"),
@@ -424,7 +424,7 @@ fn a_writable_disk_mounted_in_two_containers_keeps_what_was_written() {
     if !require_kvm("a_writable_disk_mounted_in_two_containers_keeps_what_was_written") {
         return;
     }
-    let data = cocoon_e2e::artifact("COCOON_TEST_DATA_IMAGE");
+    let data = capsid_e2e::artifact("CAPSID_TEST_DATA_IMAGE");
     let vm = AgentVm::boot_with_disks("agent-disk", 1, 256, &[(data, "data")]);
     let with_data = |args: &[&str]| {
         let mut spec = AgentVm::spec(args);
@@ -470,11 +470,11 @@ fn a_writable_disk_mounted_in_two_containers_keeps_what_was_written() {
     bad.set_mounts(Some(mounts));
     let err = vm
         .client
-        .create_container(cocoon_protocol::CreateContainer {
+        .create_container(capsid_protocol::CreateContainer {
             id: "bad".into(),
-            rootfs: cocoon_protocol::Rootfs {
-                disk_id: cocoon_e2e::agent::ROOTFS_DISK.into(),
-                filesystem: cocoon_protocol::Filesystem::Erofs,
+            rootfs: capsid_protocol::Rootfs {
+                disk_id: capsid_e2e::agent::ROOTFS_DISK.into(),
+                filesystem: capsid_protocol::Filesystem::Erofs,
                 overlay: true,
             },
             spec: bad,

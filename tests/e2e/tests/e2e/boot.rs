@@ -1,13 +1,13 @@
-//! Boots guest kernels under QEMU's `microvm` machine, before cocoon's own VMM
+//! Boots guest kernels under QEMU's `microvm` machine, before capsid's own VMM
 //! takes over: proves our kernel config and the test bed.
 
 use std::time::Duration;
 
-use cocoon_e2e::{artifact, initramfs_with_init, qemu_children, require_kvm};
-use cocoon_testbed::ScratchDir;
-use cocoon_testbed::microvm::{MicrovmBoot, MicrovmError};
+use capsid_e2e::{artifact, initramfs_with_init, qemu_children, require_kvm};
+use capsid_testbed::ScratchDir;
+use capsid_testbed::microvm::{MicrovmBoot, MicrovmError};
 
-const MARKER: &str = "COCOON-TEST-INIT: ready";
+const MARKER: &str = "CAPSID-TEST-INIT: ready";
 /// `reboot=t` (triple fault): QEMU's microvm has no i8042, so `reboot=k` would
 /// spin in the kernel's `kb_wait()` polling an absent controller — 1.3 million
 /// port exits, about 70 s in nested mode — before falling back to a triple fault.
@@ -15,7 +15,7 @@ const MARKER: &str = "COCOON-TEST-INIT: ready";
 const CMDLINE: &str = "console=ttyS0 reboot=t panic=-1 quiet";
 
 fn boot(kernel_var: &str, vcpus: u32, memory_mib: u32, scratch: &ScratchDir) -> MicrovmBoot {
-    let initrd = initramfs_with_init(&artifact("COCOON_TEST_INIT"), &scratch.join("init.cpio"));
+    let initrd = initramfs_with_init(&artifact("CAPSID_TEST_INIT"), &scratch.join("init.cpio"));
     MicrovmBoot {
         kernel: artifact(kernel_var),
         initrd,
@@ -35,7 +35,7 @@ fn median(mut samples: Vec<Duration>) -> Duration {
 
 /// Boots `kernel_var` `boots` times, checks each boot, prints the times.
 fn boots_to_marker(name: &str, kernel_var: &str, expect_release: &str, boots: usize) {
-    let scratch = ScratchDir::new("cocoon-e2e").unwrap();
+    let scratch = ScratchDir::new("capsid-e2e").unwrap();
     let guest = boot(kernel_var, 1, 256, &scratch);
     let mut samples = Vec::new();
     for _ in 0..boots {
@@ -71,7 +71,7 @@ fn our_kernel_boots_to_init_and_reboots_cleanly() {
     if !require_kvm("our_kernel_boots_to_init_and_reboots_cleanly") {
         return;
     }
-    boots_to_marker("cocoon kernel", "COCOON_KERNEL", "6.12", 5);
+    boots_to_marker("capsid kernel", "CAPSID_KERNEL", "6.12", 5);
 }
 
 #[test]
@@ -79,7 +79,7 @@ fn debian_cloud_kernel_boots_to_init_for_comparison() {
     if !require_kvm("debian_cloud_kernel_boots_to_init_for_comparison") {
         return;
     }
-    boots_to_marker("debian cloud kernel", "COCOON_CLOUD_KERNEL", "6.1", 3);
+    boots_to_marker("debian cloud kernel", "CAPSID_CLOUD_KERNEL", "6.1", 3);
 }
 
 #[test]
@@ -87,8 +87,8 @@ fn our_kernel_sees_every_vcpu_and_its_memory() {
     if !require_kvm("our_kernel_sees_every_vcpu_and_its_memory") {
         return;
     }
-    let scratch = ScratchDir::new("cocoon-e2e").unwrap();
-    let report = boot("COCOON_KERNEL", 2, 512, &scratch)
+    let scratch = ScratchDir::new("capsid-e2e").unwrap();
+    let report = boot("CAPSID_KERNEL", 2, 512, &scratch)
         .boot(scratch.path())
         .unwrap();
     let line = &report.marker_line;
@@ -108,9 +108,9 @@ fn a_guest_that_never_reaches_the_marker_fails_and_leaves_no_qemu() {
     if !require_kvm("a_guest_that_never_reaches_the_marker_fails_and_leaves_no_qemu") {
         return;
     }
-    let scratch = ScratchDir::new("cocoon-e2e").unwrap();
+    let scratch = ScratchDir::new("capsid-e2e").unwrap();
     // No such init: the kernel panics and, with panic=0, waits forever.
-    let mut guest = boot("COCOON_KERNEL", 1, 128, &scratch);
+    let mut guest = boot("CAPSID_KERNEL", 1, 128, &scratch);
     guest.cmdline = "console=ttyS0 rdinit=/no-such-init panic=0".into();
     guest.timeout = Duration::from_secs(60);
     match guest.boot(scratch.path()) {
@@ -136,7 +136,7 @@ fn a_guest_that_never_reaches_the_marker_fails_and_leaves_no_qemu() {
     assert_eq!(qemu_children(), Vec::<u32>::new(), "QEMU left running");
 
     // A guest that boots but never prints the expected marker also fails.
-    let mut guest = boot("COCOON_KERNEL", 1, 128, &scratch);
+    let mut guest = boot("CAPSID_KERNEL", 1, 128, &scratch);
     guest.marker = "A MARKER NOBODY PRINTS".into();
     match guest.boot(scratch.path()) {
         Err(MicrovmError::ExitedEarly { console, .. }) => {

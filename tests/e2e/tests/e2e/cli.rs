@@ -1,4 +1,4 @@
-//! `cocoon run` end to end: the CLI converts the test rootfs directory,
+//! `capsid run` end to end: the CLI converts the test rootfs directory,
 //! boots a micro-VM, runs the command attached, and leaves nothing behind.
 
 use std::io::Write;
@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use cocoon_e2e::{artifact, on_a_pty, require_kvm};
+use capsid_e2e::{artifact, on_a_pty, require_kvm};
 
 /// Generous (nested mode), but a hang must end the test with what was said.
 const RUN_BOUND: Duration = Duration::from_secs(150);
@@ -18,27 +18,27 @@ fn unsafe_free_kill(pid: u32, signal: i32) {
         .status();
 }
 
-fn cocoon_run(args: &[&str], stdin: &[u8]) -> (Output, Duration) {
-    let rootfs = std::env::var_os("COCOON_TEST_ROOTFS_DIR")
+fn capsid_run(args: &[&str], stdin: &[u8]) -> (Output, Duration) {
+    let rootfs = std::env::var_os("CAPSID_TEST_ROOTFS_DIR")
         .map(PathBuf::from)
-        .expect("COCOON_TEST_ROOTFS_DIR is set by `make test`");
-    cocoon_run_from(&["--rootfs".as_ref(), rootfs.as_os_str()], args, stdin)
+        .expect("CAPSID_TEST_ROOTFS_DIR is set by `make test`");
+    capsid_run_from(&["--rootfs".as_ref(), rootfs.as_os_str()], args, stdin)
 }
 
-/// `cocoon run SOURCE... ARGS...` (SOURCE: `--rootfs DIR` or `--image ...`).
-fn cocoon_run_from(source: &[&std::ffi::OsStr], args: &[&str], stdin: &[u8]) -> (Output, Duration) {
+/// `capsid run SOURCE... ARGS...` (SOURCE: `--rootfs DIR` or `--image ...`).
+fn capsid_run_from(source: &[&std::ffi::OsStr], args: &[&str], stdin: &[u8]) -> (Output, Duration) {
     let start = Instant::now();
-    let mut child = Command::new(artifact("COCOON_CLI"))
+    let mut child = Command::new(artifact("CAPSID_CLI"))
         .arg("run")
         .args(source)
         .args(args)
         .env("TMPDIR", std::env::temp_dir())
-        .env("COCOON_DEBUG", "1")
+        .env("CAPSID_DEBUG", "1")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("spawn cocoon");
+        .expect("spawn capsid");
     let mut input = child.stdin.take().unwrap();
     let stdin = stdin.to_vec();
     let feeder = std::thread::spawn(move || {
@@ -58,14 +58,14 @@ fn cocoon_run_from(source: &[&std::ffi::OsStr], args: &[&str], stdin: &[u8]) -> 
             break status;
         }
         if start.elapsed() > RUN_BOUND {
-            // SIGTERM first: cocoon cleans up on it.
+            // SIGTERM first: capsid cleans up on it.
             unsafe_free_kill(child.id(), libc::SIGTERM);
             std::thread::sleep(Duration::from_secs(5));
             let _ = child.kill();
             let status = child.wait().unwrap();
             let err = String::from_utf8_lossy(&stderr.join().unwrap()).into_owned();
             panic!(
-                "cocoon run {args:?} still running after {RUN_BOUND:?} ({status}); stderr:\n{err}"
+                "capsid run {args:?} still running after {RUN_BOUND:?} ({status}); stderr:\n{err}"
             );
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -79,14 +79,14 @@ fn cocoon_run_from(source: &[&std::ffi::OsStr], args: &[&str], stdin: &[u8]) -> 
     (output, start.elapsed())
 }
 
-/// Processes and scratch directories `cocoon run` could leave behind.
+/// Processes and scratch directories `capsid run` could leave behind.
 fn leftovers() -> Vec<String> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
         let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
         let monitor = cmdline.split(|&b| b == 0).nth(1) == Some(b"monitor".as_slice());
-        if comm.trim() == "cocoon-vmm" || (comm.trim() == "cocoon" && monitor) {
+        if comm.trim() == "capsid-vmm" || (comm.trim() == "capsid" && monitor) {
             found.push(format!(
                 "process {} ({})",
                 entry.file_name().to_string_lossy(),
@@ -98,7 +98,7 @@ fn leftovers() -> Vec<String> {
         if entry
             .file_name()
             .to_string_lossy()
-            .starts_with("cocoon-run-")
+            .starts_with("capsid-run-")
         {
             found.push(entry.path().display().to_string());
         }
@@ -107,11 +107,11 @@ fn leftovers() -> Vec<String> {
 }
 
 #[test]
-fn cocoon_run_gives_the_commands_output_and_exit_code() {
-    if !require_kvm("cocoon_run_gives_the_commands_output_and_exit_code") {
+fn capsid_run_gives_the_commands_output_and_exit_code() {
+    if !require_kvm("capsid_run_gives_the_commands_output_and_exit_code") {
         return;
     }
-    let (output, took) = cocoon_run(
+    let (output, took) = capsid_run(
         &[
             "--env",
             "GREETING=hi",
@@ -126,10 +126,10 @@ fn cocoon_run_gives_the_commands_output_and_exit_code() {
     assert_eq!(String::from_utf8_lossy(&output.stdout), "hi\n", "{stderr}");
     assert!(stderr.lines().any(|l| l == "err"), "{stderr}");
     assert_eq!(output.status.code(), Some(4), "{stderr}");
-    eprintln!("cocoon run → exit in {:.2} s", took.as_secs_f64());
+    eprintln!("capsid run → exit in {:.2} s", took.as_secs_f64());
 
     let input: Vec<u8> = (0..=255u8).cycle().take(256 * 1024).collect();
-    let (output, _) = cocoon_run(
+    let (output, _) = capsid_run(
         &["--user", "1000:1000", "--", "sh", "-c", "id -u >&2; cat"],
         &input,
     );
@@ -138,7 +138,7 @@ fn cocoon_run_gives_the_commands_output_and_exit_code() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.lines().any(|l| l == "1000"), "{stderr}");
 
-    let (output, took) = cocoon_run(&["--timeout", "2s", "--", "sleep", "100"], b"");
+    let (output, took) = capsid_run(&["--timeout", "2s", "--", "sleep", "100"], b"");
     assert_eq!(
         output.status.code(),
         Some(124),
@@ -148,7 +148,7 @@ fn cocoon_run_gives_the_commands_output_and_exit_code() {
     assert!(took < Duration::from_secs(90), "{took:?}");
 
     // A terminal: the command sees a pty and its exit code comes back.
-    let rootfs = std::env::var("COCOON_TEST_ROOTFS_DIR").unwrap();
+    let rootfs = std::env::var("CAPSID_TEST_ROOTFS_DIR").unwrap();
     let args = [
         "run",
         "--rootfs",
@@ -159,27 +159,27 @@ fn cocoon_run_gives_the_commands_output_and_exit_code() {
         "-c",
         "tty; exit 5",
     ];
-    let (printed, code) = on_a_pty(Command::new(artifact("COCOON_CLI")).args(args), &args);
+    let (printed, code) = on_a_pty(Command::new(artifact("CAPSID_CLI")).args(args), &args);
     assert!(printed.contains("/dev/pts/"), "{printed:?}");
     assert_eq!(code, Some(5), "{printed:?}");
 
-    let (output, _) = cocoon_run(&["--", "no-such-program"], b"");
+    let (output, _) = capsid_run(&["--", "no-such-program"], b"");
     assert_eq!(output.status.code(), Some(125));
     assert!(String::from_utf8_lossy(&output.stderr).contains("no-such-program"));
     assert_eq!(leftovers(), Vec::<String>::new());
 }
 
 #[test]
-fn cocoon_run_from_an_oci_layout_uses_the_images_config() {
-    if !require_kvm("cocoon_run_from_an_oci_layout_uses_the_images_config") {
+fn capsid_run_from_an_oci_layout_uses_the_images_config() {
+    if !require_kvm("capsid_run_from_an_oci_layout_uses_the_images_config") {
         return;
     }
-    let layout = std::env::var_os("COCOON_TEST_IMAGES_DIR")
+    let layout = std::env::var_os("CAPSID_TEST_IMAGES_DIR")
         .map(|d| PathBuf::from(d).join("busybox-user.oci"))
-        .expect("COCOON_TEST_IMAGES_DIR is set by `make test`");
+        .expect("CAPSID_TEST_IMAGES_DIR is set by `make test`");
     // No command: the image's Cmd (/bin/sh, reading stdin) as its User.
     let image = format!("{}:latest", layout.display());
-    let (output, _) = cocoon_run_from(
+    let (output, _) = capsid_run_from(
         &["--image".as_ref(), image.as_ref()],
         &[],
         b"id; pwd; echo $PATH; exit 6\n",
@@ -189,19 +189,19 @@ fn cocoon_run_from_an_oci_layout_uses_the_images_config() {
     assert_eq!(output.status.code(), Some(6), "{stdout}{stderr}");
     let lines: Vec<&str> = stdout.lines().collect();
     assert!(
-        lines[0].starts_with("uid=1000(cocoon) gid=1000(cocoon)"),
+        lines[0].starts_with("uid=1000(capsid) gid=1000(capsid)"),
         "{stdout}"
     );
     assert_eq!(lines[1], "/", "{stdout}");
     assert!(lines[2].contains("/usr/local/sbin"), "{stdout}");
     // The command line wins over the image's config.
-    let (output, _) = cocoon_run_from(
+    let (output, _) = capsid_run_from(
         &["--image".as_ref(), layout.as_os_str()],
         &["--user", "0:0", "--", "id", "-u"],
         b"",
     );
     assert_eq!(String::from_utf8_lossy(&output.stdout), "0\n");
-    let (output, _) = cocoon_run_from(
+    let (output, _) = capsid_run_from(
         &["--image".as_ref(), "/no/such/layout".as_ref()],
         &["--", "true"],
         b"",
@@ -235,8 +235,8 @@ fn a_micro_vm_that_dies_under_a_command_is_named_with_its_console() {
     if !require_kvm("a_micro_vm_that_dies_under_a_command_is_named_with_its_console") {
         return;
     }
-    let rootfs = std::env::var("COCOON_TEST_ROOTFS_DIR").unwrap();
-    let mut child = Command::new(artifact("COCOON_CLI"))
+    let rootfs = std::env::var("CAPSID_TEST_ROOTFS_DIR").unwrap();
+    let mut child = Command::new(artifact("CAPSID_CLI"))
         .args(["run", "--rootfs", &rootfs, "--", "sh", "-c"])
         .arg("echo started; sleep 100")
         .env("TMPDIR", std::env::temp_dir())
@@ -244,7 +244,7 @@ fn a_micro_vm_that_dies_under_a_command_is_named_with_its_console() {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("spawn cocoon");
+        .expect("spawn capsid");
     let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
     let mut stderr = child.stderr.take().unwrap();
     let (sender, started) = std::sync::mpsc::channel();
@@ -254,7 +254,7 @@ fn a_micro_vm_that_dies_under_a_command_is_named_with_its_console() {
         let _ = sender.send(line);
     });
     let line = started.recv_timeout(RUN_BOUND);
-    let vmm = child_named(child.id(), "cocoon-vmm");
+    let vmm = child_named(child.id(), "capsid-vmm");
     let (Ok("started\n"), Some(vmm)) = (line.as_deref(), vmm) else {
         let _ = child.kill();
         let _ = child.wait();
@@ -269,16 +269,16 @@ fn a_micro_vm_that_dies_under_a_command_is_named_with_its_console() {
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            panic!("cocoon run went on for 30 s after its VMM died");
+            panic!("capsid run went on for 30 s after its VMM died");
         }
         std::thread::sleep(Duration::from_millis(20));
     };
     let mut err = String::new();
     let _ = std::io::Read::read_to_string(&mut stderr, &mut err);
-    eprintln!("what cocoon run says when its VMM dies:\n{err}");
+    eprintln!("what capsid run says when its VMM dies:\n{err}");
     assert_eq!(status.code(), Some(125), "{err}");
     assert!(
-        err.contains("the micro-VM is gone: cocoon-vmm killed by signal 9"),
+        err.contains("the micro-VM is gone: capsid-vmm killed by signal 9"),
         "{err}"
     );
     // The console's end is quoted: the agent logs there that it was ready.
@@ -286,28 +286,28 @@ fn a_micro_vm_that_dies_under_a_command_is_named_with_its_console() {
         .split("the guest console ended with:")
         .nth(1)
         .unwrap_or_else(|| panic!("no console quoted: {err}"));
-    assert!(console.contains("cocoon-agent ready"), "{err}");
+    assert!(console.contains("capsid-agent ready"), "{err}");
     assert_eq!(leftovers(), Vec::<String>::new());
 }
 
-/// `cocoon ARGS`, bounded; stdout, stderr, exit code. The output goes to
+/// `capsid ARGS`, bounded; stdout, stderr, exit code. The output goes to
 /// files: `create` leaves a monitor holding them, as runc's container does.
-fn cocoon(args: &[&str], scratch: &std::path::Path) -> (String, String, Option<i32>) {
+fn capsid(args: &[&str], scratch: &std::path::Path) -> (String, String, Option<i32>) {
     let out = scratch.join(format!("out-{}", args[0]));
     let err = scratch.join(format!("err-{}", args[0]));
-    let mut child = Command::new(artifact("COCOON_CLI"))
+    let mut child = Command::new(artifact("CAPSID_CLI"))
         .args(args)
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&out).unwrap())
         .stderr(std::fs::File::create(&err).unwrap())
         .spawn()
-        .expect("spawn cocoon");
+        .expect("spawn capsid");
     let start = Instant::now();
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
-        assert!(start.elapsed() < RUN_BOUND, "cocoon {args:?} hung");
+        assert!(start.elapsed() < RUN_BOUND, "capsid {args:?} hung");
         std::thread::sleep(Duration::from_millis(20));
     };
     let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
@@ -315,21 +315,21 @@ fn cocoon(args: &[&str], scratch: &std::path::Path) -> (String, String, Option<i
 }
 
 fn oci_status(root: &str, id: &str, scratch: &std::path::Path) -> String {
-    let (out, err, code) = cocoon(&["state", "--root", root, id], scratch);
+    let (out, err, code) = capsid(&["state", "--root", root, id], scratch);
     assert_eq!(code, Some(0), "{err}");
     let state: serde_json::Value = serde_json::from_str(&out).unwrap();
     state["status"].as_str().unwrap().to_owned()
 }
 
 #[test]
-fn cocoon_oci_verbs_follow_runcs_conventions() {
-    if !require_kvm("cocoon_oci_verbs_follow_runcs_conventions") {
+fn capsid_oci_verbs_follow_runcs_conventions() {
+    if !require_kvm("capsid_oci_verbs_follow_runcs_conventions") {
         return;
     }
-    let scratch = tempfile_dir("cocoon-oci-test");
+    let scratch = tempfile_dir("capsid-oci-test");
     let bundle = scratch.join("bundle");
     std::fs::create_dir_all(&bundle).unwrap();
-    let rootfs = std::env::var_os("COCOON_TEST_ROOTFS_DIR").expect("set by `make test`");
+    let rootfs = std::env::var_os("CAPSID_TEST_ROOTFS_DIR").expect("set by `make test`");
     std::os::unix::fs::symlink(rootfs, bundle.join("rootfs")).unwrap();
     let mut spec = oci_spec::runtime::Spec::default();
     let mut process = spec.process().clone().unwrap();
@@ -345,23 +345,23 @@ fn cocoon_oci_verbs_follow_runcs_conventions() {
     let root = root.to_str().unwrap();
     let bundle = bundle.to_str().unwrap();
 
-    let (_, err, code) = cocoon(
+    let (_, err, code) = capsid(
         &["create", "--root", root, "--bundle", bundle, "c1"],
         &scratch,
     );
     assert_eq!(code, Some(0), "create: {err}");
     assert_eq!(oci_status(root, "c1", &scratch), "created");
-    let (_, err, code) = cocoon(
+    let (_, err, code) = capsid(
         &["create", "--root", root, "--bundle", bundle, "c1"],
         &scratch,
     );
     assert_eq!(code, Some(125));
     assert!(err.contains("already exists"), "{err}");
 
-    let (_, err, code) = cocoon(&["start", "--root", root, "c1"], &scratch);
+    let (_, err, code) = capsid(&["start", "--root", root, "c1"], &scratch);
     assert_eq!(code, Some(0), "start: {err}");
     assert_eq!(oci_status(root, "c1", &scratch), "running");
-    let (out, err, code) = cocoon(
+    let (out, err, code) = capsid(
         &[
             "exec",
             "--root",
@@ -375,11 +375,11 @@ fn cocoon_oci_verbs_follow_runcs_conventions() {
         &scratch,
     );
     assert_eq!((out.as_str(), code), ("in-exec\n", Some(3)), "exec: {err}");
-    let (_, err, code) = cocoon(&["delete", "--root", root, "c1"], &scratch);
+    let (_, err, code) = capsid(&["delete", "--root", root, "c1"], &scratch);
     assert_eq!(code, Some(125));
     assert!(err.contains("running"), "{err}");
 
-    let (_, err, code) = cocoon(&["kill", "--root", root, "c1", "KILL"], &scratch);
+    let (_, err, code) = capsid(&["kill", "--root", root, "c1", "KILL"], &scratch);
     assert_eq!(code, Some(0), "kill: {err}");
     let deadline = Instant::now() + Duration::from_secs(60);
     while oci_status(root, "c1", &scratch) != "stopped" {
@@ -389,20 +389,20 @@ fn cocoon_oci_verbs_follow_runcs_conventions() {
     // The container's stdout was create's.
     let created_out = std::fs::read_to_string(scratch.join("out-create")).unwrap_or_default();
     assert!(created_out.contains("started"), "{created_out:?}");
-    let (_, err, code) = cocoon(&["delete", "--root", root, "c1"], &scratch);
+    let (_, err, code) = capsid(&["delete", "--root", root, "c1"], &scratch);
     assert_eq!(code, Some(0), "delete: {err}");
-    let (_, err, code) = cocoon(&["state", "--root", root, "c1"], &scratch);
+    let (_, err, code) = capsid(&["state", "--root", root, "c1"], &scratch);
     assert_eq!(code, Some(125));
     assert!(err.contains("does not exist"), "{err}");
 
     // delete --force takes a running container's VM down.
-    let (_, err, code) = cocoon(
+    let (_, err, code) = capsid(
         &["create", "--root", root, "--bundle", bundle, "c2"],
         &scratch,
     );
     assert_eq!(code, Some(0), "create: {err}");
-    cocoon(&["start", "--root", root, "c2"], &scratch);
-    let (_, err, code) = cocoon(&["delete", "--force", "--root", root, "c2"], &scratch);
+    capsid(&["start", "--root", root, "c2"], &scratch);
+    let (_, err, code) = capsid(&["delete", "--force", "--root", root, "c2"], &scratch);
     assert_eq!(code, Some(0), "delete --force: {err}");
     assert_eq!(leftovers(), Vec::<String>::new());
     assert_eq!(std::fs::read_dir(root).unwrap().count(), 0);

@@ -1,13 +1,13 @@
 //! Real containerd, real `ctr`, our shim: each container in a micro-VM.
-//! The harness (`cocoon_e2e::containerd`) runs a private containerd with the
+//! The harness (`capsid_e2e::containerd`) runs a private containerd with the
 //! locally built busybox images imported.
 
 use std::io::Read;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use cocoon_e2e::containerd::{BUSYBOX, BUSYBOX_USER, Containerd, RUNTIME, wait_bounded};
-use cocoon_e2e::{memory_outside_guest, on_a_pty, pss_kib, require_kvm};
+use capsid_e2e::containerd::{BUSYBOX, BUSYBOX_USER, Containerd, RUNTIME, wait_bounded};
+use capsid_e2e::{memory_outside_guest, on_a_pty, pss_kib, require_kvm};
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
@@ -130,7 +130,7 @@ fn ctr_run_gives_output_exit_code_stdin_and_a_tty() {
     );
     let args = Containerd::run_args(&["--rm"], BUSYBOX_USER, "c3", &["id"]);
     let id = containerd.ctr_ok(&args);
-    assert!(id.starts_with("uid=1000(cocoon) gid=1000(cocoon)"), "{id}");
+    assert!(id.starts_with("uid=1000(capsid) gid=1000(capsid)"), "{id}");
 
     // A terminal: the process sees a pty, input reaches it, the code returns.
     let args = Containerd::run_args(&["--rm", "-t"], BUSYBOX, "c4", &["sh", "-c", "tty; exit 5"]);
@@ -246,7 +246,7 @@ fn ctr_task_exec_ps_metrics_kill_delete_and_deaths_leave_nothing() {
         .iter()
         .filter_map(|p| p.parse().ok().and_then(pss_kib))
         .sum();
-    let vmm_pids = pids_named("cocoon-vmm");
+    let vmm_pids = pids_named("capsid-vmm");
     let vmm: u64 = vmm_pids
         .iter()
         .filter_map(|p| p.parse().ok().and_then(pss_kib))
@@ -257,7 +257,7 @@ fn ctr_task_exec_ps_metrics_kill_delete_and_deaths_leave_nothing() {
         .map(|p| memory_outside_guest(p, 256 << 10).1)
         .sum();
     eprintln!(
-        "figure: one sandbox's host PSS: shim {shim} KiB + cocoon-vmm {vmm_outside} KiB outside \
+        "figure: one sandbox's host PSS: shim {shim} KiB + capsid-vmm {vmm_outside} KiB outside \
          guest RAM = {} KiB; guest RAM touched {} KiB",
         shim + vmm_outside,
         vmm - vmm_outside
@@ -276,7 +276,7 @@ fn ctr_task_exec_ps_metrics_kill_delete_and_deaths_leave_nothing() {
         "d2",
         &["sleep", "1000"],
     ));
-    let vmms = pids_of("cocoon-vmm", "");
+    let vmms = pids_of("capsid-vmm", "");
     assert_eq!(vmms.len(), 1, "{vmms:?}");
     // SAFETY: kill() takes plain integers.
     unsafe { libc::kill(vmms[0], libc::SIGKILL) };
@@ -293,7 +293,7 @@ fn ctr_task_exec_ps_metrics_kill_delete_and_deaths_leave_nothing() {
         "d3",
         &["sleep", "1000"],
     ));
-    let shims = pids_of("containerd-shim-cocoon-v2", "d3");
+    let shims = pids_of("containerd-shim-capsid-v2", "d3");
     assert_eq!(shims.len(), 1, "{shims:?}");
     // SAFETY: kill() takes plain integers.
     unsafe { libc::kill(shims[0], libc::SIGKILL) };
@@ -358,7 +358,7 @@ fn a_pods_containers_share_one_micro_vm() {
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     let boot = started.elapsed();
-    let vmms = pids_of("cocoon-vmm", "");
+    let vmms = pids_of("capsid-vmm", "");
     assert_eq!(vmms.len(), 1, "the pod's VM: {vmms:?}");
     let exec = containerd.ctr(&["task", "exec", "--exec-id", "b", "pod1", "cat", boot_id]);
     let pod_boot_id = text(&exec.stdout);
@@ -377,13 +377,13 @@ fn a_pods_containers_share_one_micro_vm() {
     let join = started.elapsed();
     assert_eq!(
         text(&out.stdout),
-        format!("{pod_boot_id}cocoon\n"),
+        format!("{pod_boot_id}capsid\n"),
         "{}",
         text(&out.stderr)
     );
     assert_eq!(out.status.code(), Some(6));
-    assert_eq!(pids_of("cocoon-vmm", ""), vmms, "c1 ran in the pod's VM");
-    assert_eq!(pids_of("containerd-shim-cocoon-v2", "").len(), 1);
+    assert_eq!(pids_of("capsid-vmm", ""), vmms, "c1 ran in the pod's VM");
+    assert_eq!(pids_of("containerd-shim-capsid-v2", "").len(), 1);
     eprintln!(
         "figure: ctr run → exit: the pod's sandbox {:.2} s (boots the VM), a container joining it {:.2} s",
         boot.as_secs_f64(),
@@ -410,7 +410,7 @@ fn a_pods_containers_share_one_micro_vm() {
         containerd.ctr_ok(&["containers", "rm", id]);
     }
     assert_eq!(
-        pids_of("cocoon-vmm", ""),
+        pids_of("capsid-vmm", ""),
         vmms,
         "the VM stays with its sandbox"
     );

@@ -1,4 +1,4 @@
-//! cocoon's end-to-end tests, in one binary so that `make test` boots the
+//! capsid's end-to-end tests, in one binary so that `make test` boots the
 //! nested test host once for all of them.
 
 mod agent;

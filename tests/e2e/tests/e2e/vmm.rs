@@ -1,4 +1,4 @@
-//! cocoon-vmm end to end: our kernel and the test init in a micro-VM, every
+//! capsid-vmm end to end: our kernel and the test init in a micro-VM, every
 //! device used from inside the guest and checked from the host.
 
 use std::ffi::OsString;
@@ -7,16 +7,16 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use cocoon_e2e::vmm::{VmmRun, parse_times};
-use cocoon_e2e::{artifact, initramfs_with_init, require_kvm};
-use cocoon_testbed::ScratchDir;
+use capsid_e2e::vmm::{VmmRun, parse_times};
+use capsid_e2e::{artifact, initramfs_with_init, require_kvm};
+use capsid_testbed::ScratchDir;
 
 const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
-const STEP: &str = "COCOON-TEST-INIT: step";
+const STEP: &str = "CAPSID-TEST-INIT: step";
 /// Generous bounds: nested mode is slow, and a hang must still end the test.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 const DISK_BYTES: usize = 1 << 20;
-const WRITE_PATTERN: &[u8] = b"cocoon-test-init wrote this through virtio-blk\n";
+const WRITE_PATTERN: &[u8] = b"capsid-test-init wrote this through virtio-blk\n";
 
 fn os(text: impl Into<OsString>) -> OsString {
     text.into()
@@ -24,14 +24,14 @@ fn os(text: impl Into<OsString>) -> OsString {
 
 /// `--kernel --initrd --cmdline` for our kernel and the test init running `steps`.
 fn base_args(scratch: &ScratchDir, steps: &str) -> Vec<OsString> {
-    let initrd = initramfs_with_init(&artifact("COCOON_TEST_INIT"), &scratch.join("init.cpio"));
+    let initrd = initramfs_with_init(&artifact("CAPSID_TEST_INIT"), &scratch.join("init.cpio"));
     let mut cmdline = CMDLINE.to_owned();
     if !steps.is_empty() {
-        cmdline.push_str(&format!(" cocoon_test={steps}"));
+        cmdline.push_str(&format!(" capsid_test={steps}"));
     }
     vec![
         os("--kernel"),
-        artifact("COCOON_KERNEL").into(),
+        artifact("CAPSID_KERNEL").into(),
         os("--initrd"),
         initrd.into(),
         os("--cmdline"),
@@ -111,7 +111,7 @@ fn vmm_runs_a_guest_that_uses_every_device() {
     if !require_kvm("vmm_runs_a_guest_that_uses_every_device") {
         return;
     }
-    let scratch = ScratchDir::new("cocoon-e2e").unwrap();
+    let scratch = ScratchDir::new("capsid-e2e").unwrap();
     let ro_disk = scratch.join("ro.img");
     let rw_disk = scratch.join("rw.img");
     std::fs::write(&ro_disk, (0..DISK_BYTES).map(pattern).collect::<Vec<u8>>()).unwrap();
@@ -133,7 +133,7 @@ fn vmm_runs_a_guest_that_uses_every_device() {
         os("--vcpus"),
         os("2"),
     ]);
-    let vmm = artifact("COCOON_VMM");
+    let vmm = artifact("CAPSID_VMM");
     let mut run = VmmRun::start(&vmm, &args, scratch.path(), "devices");
     let reply = talk_to_guest(&uds, 5000, "ping from the host\n");
     assert_eq!(reply, "guest got: ping from the host\n");
@@ -170,7 +170,7 @@ fn vmm_runs_a_guest_that_uses_every_device() {
     let times = parse_times(&log);
     let marker = times.marker_us.expect("the VMM logged the boot marker");
     println!(
-        "cocoon-vmm: ready to run vCPUs after {} µs, boot marker after {marker} µs (VMM CPU {} µs)",
+        "capsid-vmm: ready to run vCPUs after {} µs, boot marker after {marker} µs (VMM CPU {} µs)",
         times.ready_us.unwrap_or(0),
         times.marker_cpu_us.unwrap_or(0)
     );
@@ -185,8 +185,8 @@ fn vmm_guest_sees_the_vcpus_and_memory_it_was_given() {
     if !require_kvm("vmm_guest_sees_the_vcpus_and_memory_it_was_given") {
         return;
     }
-    let scratch = ScratchDir::new("cocoon-e2e").unwrap();
-    let vmm = artifact("COCOON_VMM");
+    let scratch = ScratchDir::new("capsid-e2e").unwrap();
+    let vmm = artifact("CAPSID_VMM");
     for (vcpus, mem_mib) in [(2u32, 64u64), (4, 1024)] {
         let mut args = base_args(&scratch, "");
         args.extend([
@@ -197,7 +197,7 @@ fn vmm_guest_sees_the_vcpus_and_memory_it_was_given() {
         ]);
         let name = format!("{vcpus}cpu-{mem_mib}mib");
         let mut run = VmmRun::start(&vmm, &args, scratch.path(), &name);
-        let (line, after) = run.wait_for_line("COCOON-TEST-INIT: ready", BOOT_TIMEOUT);
+        let (line, after) = run.wait_for_line("CAPSID-TEST-INIT: ready", BOOT_TIMEOUT);
         let status = run.wait_exit(BOOT_TIMEOUT);
         assert_eq!(status.code(), Some(0), "{}", run.describe());
         println!("{name}: {line} ({:.3} s)", after.as_secs_f64());
@@ -216,7 +216,7 @@ fn vmm_reports_a_guest_crash_with_status_3() {
     if !require_kvm("vmm_reports_a_guest_crash_with_status_3") {
         return;
     }
-    let scratch = ScratchDir::new("cocoon-e2e").unwrap();
+    let scratch = ScratchDir::new("capsid-e2e").unwrap();
     // `reboot=t` resets by triple fault: to the VMM, a crash.
     let mut args = base_args(&scratch, "");
     set_arg(
@@ -224,7 +224,7 @@ fn vmm_reports_a_guest_crash_with_status_3() {
         "--cmdline",
         "console=ttyS0 reboot=t panic=-1 quiet",
     );
-    let mut run = VmmRun::start(&artifact("COCOON_VMM"), &args, scratch.path(), "crash");
+    let mut run = VmmRun::start(&artifact("CAPSID_VMM"), &args, scratch.path(), "crash");
     let status = run.wait_exit(BOOT_TIMEOUT);
     assert_eq!(status.code(), Some(3), "{}", run.describe());
     let log = run.log();
@@ -236,11 +236,11 @@ fn vmm_stops_on_sigterm_and_removes_what_it_made() {
     if !require_kvm("vmm_stops_on_sigterm_and_removes_what_it_made") {
         return;
     }
-    let scratch = ScratchDir::new("cocoon-e2e").unwrap();
+    let scratch = ScratchDir::new("capsid-e2e").unwrap();
     let uds = scratch.join("vsock.sock");
     let mut args = base_args(&scratch, "hang");
     args.extend([os("--vsock-uds"), uds.clone().into()]);
-    let mut run = VmmRun::start(&artifact("COCOON_VMM"), &args, scratch.path(), "sigterm");
+    let mut run = VmmRun::start(&artifact("CAPSID_VMM"), &args, scratch.path(), "sigterm");
     run.wait_for_line(&format!("{STEP} hang waiting"), BOOT_TIMEOUT);
     assert!(uds.exists());
     let pid = i32::try_from(run.pid()).unwrap();
@@ -264,12 +264,12 @@ fn vmm_boots_a_bzimage_through_the_64_bit_boot_protocol() {
     }
     // Debian's cloud kernel is a bzImage without a PVH entry: the other path
     // of the loader, the zero page, e820 and the long-mode start.
-    let scratch = ScratchDir::new("cocoon-e2e").unwrap();
+    let scratch = ScratchDir::new("capsid-e2e").unwrap();
     let mut args = base_args(&scratch, "");
-    set_arg(&mut args, "--kernel", artifact("COCOON_CLOUD_KERNEL"));
+    set_arg(&mut args, "--kernel", artifact("CAPSID_CLOUD_KERNEL"));
     args.extend([os("--mem-mib"), os("256")]);
-    let mut run = VmmRun::start(&artifact("COCOON_VMM"), &args, scratch.path(), "bzimage");
-    let (line, after) = run.wait_for_line("COCOON-TEST-INIT: ready", BOOT_TIMEOUT);
+    let mut run = VmmRun::start(&artifact("CAPSID_VMM"), &args, scratch.path(), "bzimage");
+    let (line, after) = run.wait_for_line("CAPSID-TEST-INIT: ready", BOOT_TIMEOUT);
     let status = run.wait_exit(BOOT_TIMEOUT);
     assert_eq!(status.code(), Some(0), "{}", run.describe());
     assert!(line.contains("kernel=6.1.0"), "{line}");

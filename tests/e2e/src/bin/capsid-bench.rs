@@ -1,13 +1,13 @@
-//! `cocoon-bench` (`cocoon bench`, `make bench`): start-up latency,
-//! footprint, density and throughput of cocoon, each measured side by side
+//! `capsid-bench` (`capsid bench`, `make bench`): start-up latency,
+//! footprint, density and throughput of capsid, each measured side by side
 //! with a peer on the same host in the same run.
 //!
 //! | scenario     | ours                                         | peer                              |
 //! |--------------|----------------------------------------------|-----------------------------------|
-//! | `boot`       | cocoon-vmm spawn → test init ready; → agent  | QEMU `microvm`, same kernel+initrd |
-//! | `run`        | `cocoon run -- true`, `-- echo hi`           | runc, same rootfs                 |
+//! | `boot`       | capsid-vmm spawn → test init ready; → agent  | QEMU `microvm`, same kernel+initrd |
+//! | `run`        | `capsid run -- true`, `-- echo hi`           | runc, same rootfs                 |
 //! | `ctr`        | `ctr run --rm` with our shim                 | the same with `io.containerd.runc.v2` |
-//! | `concurrent` | K `cocoon run` at once                       | K `runc run` at once              |
+//! | `concurrent` | K `capsid run` at once                       | K `runc run` at once              |
 //! | `footprint`  | shim + VMM PSS per sandbox; how many fit     | runc's shim + container           |
 //! | `throughput` | guest stdout → host, virtio-blk cold read    | runc stdout; QEMU virtio-blk      |
 //!
@@ -17,7 +17,7 @@
 //! after one warm-up that is not counted. Every sample is kept and printed
 //! in the JSON; nothing passes or fails on a time.
 //!
-//! `cocoon-bench render FILE.json --out DIR` renders a report measured
+//! `capsid-bench render FILE.json --out DIR` renders a report measured
 //! elsewhere (the nested test host) into the table and SVG.
 
 use std::collections::BTreeMap;
@@ -28,20 +28,20 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use cocoon_e2e::agent::AgentVm;
-use cocoon_e2e::bench::{Host, Report, Scenario, Series, Who};
-use cocoon_e2e::containerd::{BUSYBOX, Containerd, RUNTIME};
-use cocoon_e2e::vmm::{VmmRun, parse_times};
-use cocoon_e2e::{artifact, initramfs_with_init, memory_outside_guest, pss_kib};
-use cocoon_testbed::ScratchDir;
-use cocoon_testbed::child::ChildGuard;
-use cocoon_testbed::probe::{Mode, probe};
-use cocoon_testbed::qemu::DirectBoot;
-use cocoon_testbed::serial::SerialLog;
+use capsid_e2e::agent::AgentVm;
+use capsid_e2e::bench::{Host, Report, Scenario, Series, Who};
+use capsid_e2e::containerd::{BUSYBOX, Containerd, RUNTIME};
+use capsid_e2e::vmm::{VmmRun, parse_times};
+use capsid_e2e::{artifact, initramfs_with_init, memory_outside_guest, pss_kib};
+use capsid_testbed::ScratchDir;
+use capsid_testbed::child::ChildGuard;
+use capsid_testbed::probe::{Mode, probe};
+use capsid_testbed::qemu::DirectBoot;
+use capsid_testbed::serial::SerialLog;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-const READY: &str = "COCOON-TEST-INIT: ready";
-const IDLE: &str = "COCOON-TEST-INIT: step hang waiting";
+const READY: &str = "CAPSID-TEST-INIT: ready";
+const IDLE: &str = "CAPSID-TEST-INIT: step hang waiting";
 const TIMEOUT: Duration = Duration::from_secs(180);
 /// Guest memory of the sandboxes the benchmark starts.
 const MEM_MIB: u32 = 128;
@@ -50,8 +50,8 @@ const DENSITY_MIB: u32 = 64;
 
 #[derive(Debug, Parser)]
 #[command(
-    name = "cocoon-bench",
-    about = "cocoon's start-up, footprint and throughput, side by side with peers"
+    name = "capsid-bench",
+    about = "capsid's start-up, footprint and throughput, side by side with peers"
 )]
 struct Args {
     #[command(subcommand)]
@@ -143,7 +143,7 @@ impl Progress {
         self.bar.set_message(what.to_owned());
         if self.plain {
             eprintln!(
-                "cocoon-bench: {}/{} {what}",
+                "capsid-bench: {}/{} {what}",
                 self.bar.position(),
                 self.bar.length().unwrap_or(0)
             );
@@ -220,20 +220,20 @@ fn drain(child: &mut Child) -> std::thread::JoinHandle<String> {
 }
 
 /// The last line of a failed run's stderr: usually the reason.
-/// Why a run failed, in one line: cocoon's error line (its log and console
+/// Why a run failed, in one line: capsid's error line (its log and console
 /// quotes follow it), else the last line printed. The whole of stderr goes
 /// to ours.
 fn reason(t: &Timed) -> String {
     if !t.stderr.trim().is_empty() {
         eprintln!(
-            "cocoon-bench: a failed run's stderr:\n{}",
+            "capsid-bench: a failed run's stderr:\n{}",
             t.stderr.trim_end()
         );
     }
     let mut lines = t.stderr.lines().map(str::trim);
     lines
         .clone()
-        .find(|l| l.starts_with("cocoon: error:"))
+        .find(|l| l.starts_with("capsid: error:"))
         .or_else(|| lines.rfind(|l| !l.is_empty()))
         .unwrap_or("no message")
         .to_owned()
@@ -270,7 +270,7 @@ impl Bench {
         };
         match failure {
             Some(failure) => {
-                eprintln!("cocoon-bench: FAILED {failure}");
+                eprintln!("capsid-bench: FAILED {failure}");
                 self.failures.borrow_mut().push(failure);
                 false
             }
@@ -280,7 +280,7 @@ impl Bench {
 
     /// Records a failed run (see `failures`).
     fn failed(&self, failure: String) {
-        eprintln!("cocoon-bench: FAILED {failure}");
+        eprintln!("capsid-bench: FAILED {failure}");
         self.failures.borrow_mut().push(failure);
     }
 
@@ -290,8 +290,8 @@ impl Bench {
         format!("{prefix}-{}-{n}", std::process::id())
     }
 
-    fn cocoon_run(&self, command: &[&str]) -> Command {
-        let mut cmd = Command::new(artifact("COCOON_CLI"));
+    fn capsid_run(&self, command: &[&str]) -> Command {
+        let mut cmd = Command::new(artifact("CAPSID_CLI"));
         // Bounded, so that a guest that hangs is a recorded failure (124).
         let timeout = format!("{}s", TIMEOUT.as_secs());
         cmd.args([
@@ -308,10 +308,10 @@ impl Bench {
         cmd
     }
 
-    /// `command` in a fresh sandbox: ours (`cocoon run`) or runc's.
+    /// `command` in a fresh sandbox: ours (`capsid run`) or runc's.
     fn sandbox(&self, ours: bool, command: &[&str]) -> Command {
         if ours {
-            self.cocoon_run(command)
+            self.capsid_run(command)
         } else {
             self.runc_run(command)
         }
@@ -410,24 +410,24 @@ impl Bench {
             "boot",
             "spawn → the test init's ready line on the console (same kernel, initramfs, 1 vCPU, 128 MiB); \
              the VMM's memory outside guest RAM once the guest idles; \
-             cocoon-vmm's own start → boot marker; spawn → the cocoon agent answers on vsock",
+             capsid-vmm's own start → boot marker; spawn → the capsid agent answers on vsock",
         );
         let guest = TestInitGuest::new(&self.scratch, "boot", "marker,hang");
         let mut ready = Pair::new(
-            "cocoon-vmm: spawn → init ready",
+            "capsid-vmm: spawn → init ready",
             "QEMU microvm: spawn → init ready",
             "ms",
         );
-        let mut marker = Series::new("cocoon-vmm: process start → boot marker", "ms", Who::Ours);
-        let mut vcpus = Series::new("cocoon-vmm: process start → vCPUs running", "ms", Who::Ours);
-        let mut agent = Series::new("cocoon-vmm + agent: spawn → agent answers", "ms", Who::Ours);
+        let mut marker = Series::new("capsid-vmm: process start → boot marker", "ms", Who::Ours);
+        let mut vcpus = Series::new("capsid-vmm: process start → vCPUs running", "ms", Who::Ours);
+        let mut agent = Series::new("capsid-vmm + agent: spawn → agent answers", "ms", Who::Ours);
         let mut vmm_rss = Pair::new(
-            "cocoon-vmm: RSS outside guest RAM",
+            "capsid-vmm: RSS outside guest RAM",
             "QEMU microvm: RSS outside guest RAM",
             "MiB",
         );
         let mut vmm_pss = Pair::new(
-            "cocoon-vmm: PSS outside guest RAM",
+            "capsid-vmm: PSS outside guest RAM",
             "QEMU microvm: PSS outside guest RAM",
             "MiB",
         );
@@ -442,7 +442,7 @@ impl Bench {
                 let to_ready = match waited {
                     Ok((to_ready, _)) => to_ready,
                     Err(e) => {
-                        self.failed(format!("cocoon-vmm boot: {}", first_line(&e)));
+                        self.failed(format!("capsid-vmm boot: {}", first_line(&e)));
                         return;
                     }
                 };
@@ -487,20 +487,20 @@ impl Bench {
     fn run(&self) -> Scenario {
         let mut scenario = Scenario::new(
             "run",
-            "`cocoon run --rootfs DIR -- CMD` (a fresh micro-VM each time) against `runc run` of a bundle over the same rootfs",
+            "`capsid run --rootfs DIR -- CMD` (a fresh micro-VM each time) against `runc run` of a bundle over the same rootfs",
         );
         let mut exit_true = Pair::new(
-            "cocoon run -- true: → exit",
+            "capsid run -- true: → exit",
             "runc run -- true: → exit",
             "ms",
         );
         let mut first_hi = Pair::new(
-            "cocoon run -- echo hi: → first byte",
+            "capsid run -- echo hi: → first byte",
             "runc run -- echo hi: → first byte",
             "ms",
         );
         let mut exit_hi = Pair::new(
-            "cocoon run -- echo hi: → exit",
+            "capsid run -- echo hi: → exit",
             "runc run -- echo hi: → exit",
             "ms",
         );
@@ -528,12 +528,12 @@ impl Bench {
         );
         let containerd = Containerd::start();
         let mut first = Pair::new(
-            "ctr run (cocoon): → first byte",
+            "ctr run (capsid): → first byte",
             "ctr run (runc): → first byte",
             "ms",
         );
         let mut exit = Pair::new(
-            "ctr run --rm (cocoon): → exit",
+            "ctr run --rm (capsid): → exit",
             "ctr run --rm (runc): → exit",
             "ms",
         );
@@ -557,16 +557,16 @@ impl Bench {
     fn concurrent(&self) -> Scenario {
         let mut scenario = Scenario::new(
             "concurrent",
-            "K sandboxes started at once (`cocoon run -- echo hi` against `runc run`): each one's time to its output, and the time until all had printed",
+            "K sandboxes started at once (`capsid run -- echo hi` against `runc run`): each one's time to its output, and the time until all had printed",
         );
         for &k in &self.args.concurrency {
             let mut each = Pair::new(
-                format!("K={k} cocoon: each → output"),
+                format!("K={k} capsid: each → output"),
                 format!("K={k} runc: each → output"),
                 "ms",
             );
             let mut all = Pair::new(
-                format!("K={k} cocoon: all → output"),
+                format!("K={k} capsid: all → output"),
                 format!("K={k} runc: all → output"),
                 "ms",
             );
@@ -593,7 +593,7 @@ impl Bench {
                     self.failures.borrow_mut().push(format!(
                         "K={k}: {} of {k} {} sandboxes failed{}: {}",
                         failed.len(),
-                        if ours { "cocoon" } else { "runc" },
+                        if ours { "capsid" } else { "runc" },
                         if counted { "" } else { " (warm-up)" },
                         first.stderr.lines().last().unwrap_or("").trim()
                     ));
@@ -621,15 +621,15 @@ impl Bench {
         );
         let containerd = Containerd::start();
         let mut pss = Pair::new(
-            "cocoon: shim + VMM PSS, guest RAM included",
+            "capsid: shim + VMM PSS, guest RAM included",
             "runc: shim + container PSS",
             "MiB",
         );
         let mut ours_outside =
-            Series::new("cocoon: shim + VMM PSS outside guest RAM", "MiB", Who::Ours);
-        let mut vmm_rss = Series::new("cocoon-vmm RSS outside guest RAM", "MiB", Who::Ours);
+            Series::new("capsid: shim + VMM PSS outside guest RAM", "MiB", Who::Ours);
+        let mut vmm_rss = Series::new("capsid-vmm RSS outside guest RAM", "MiB", Who::Ours);
         let mut guest = Series::new("guest RAM touched", "MiB", Who::Ours);
-        let mem = format!("io.cocoon.memory={DENSITY_MIB}M");
+        let mem = format!("io.capsid.memory={DENSITY_MIB}M");
         let start = |id: &str, ours: bool| {
             let mut args = vec!["run", "-d", "--snapshotter", "native", "--annotation", &mem];
             args.extend(self.ctr_runtime(ours));
@@ -643,7 +643,7 @@ impl Bench {
             if !out.status.success() {
                 let why = String::from_utf8_lossy(&out.stderr).trim().to_owned();
                 let failure = format!("{} ctr run -d: {why}", who(ours));
-                eprintln!("cocoon-bench: FAILED {failure}");
+                eprintln!("capsid-bench: FAILED {failure}");
                 self.failures.borrow_mut().push(failure);
                 let _ = containerd.ctr(&["containers", "rm", &id]);
                 return;
@@ -660,7 +660,7 @@ impl Bench {
                 .filter_map(|&p| pss_kib(p))
                 .sum();
             if ours {
-                let vmm = pids_with("cocoon-vmm", "");
+                let vmm = pids_with("capsid-vmm", "");
                 let (rss, outside) = vmm.first().map_or((0, 0), |&p| {
                     memory_outside_guest(p, u64::from(DENSITY_MIB) << 10)
                 });
@@ -721,7 +721,7 @@ impl Bench {
             "guest stdout → host (`head -c N /dev/zero`, first byte to end of stream); a cold read of a 64 MiB virtio-blk disk in the guest (1 MiB reads)",
         );
         let bytes = self.args.stdout_bytes.to_string();
-        let mut stdout = Pair::new("cocoon run: stdout", "runc run: stdout", "MB/s");
+        let mut stdout = Pair::new("capsid run: stdout", "runc run: stdout", "MB/s");
         // Fewer rounds: each moves the whole stream.
         let rounds = self.args.runs.clamp(1, 5);
         self.rounds(rounds, "throughput", |ours, counted| {
@@ -739,7 +739,7 @@ impl Bench {
         std::fs::write(&disk, data).expect("write the disk image");
         let guest = TestInitGuest::new(&self.scratch, "blk", "blk-speed:/dev/vda,hang");
         let mut blk = Pair::new(
-            "cocoon-vmm: virtio-blk cold read",
+            "capsid-vmm: virtio-blk cold read",
             "QEMU microvm: virtio-blk cold read",
             "MB/s",
         );
@@ -751,7 +751,7 @@ impl Bench {
                 match run.try_wait_for_line("step blk-speed", TIMEOUT) {
                     Ok((line, _)) => line,
                     Err(e) => {
-                        self.failed(format!("cocoon-vmm blk-speed: {}", first_line(&e)));
+                        self.failed(format!("capsid-vmm blk-speed: {}", first_line(&e)));
                         return;
                     }
                 }
@@ -766,7 +766,7 @@ impl Bench {
             };
             let Some(rate) = blk_rate(&line) else {
                 let failure = format!("{} blk-speed: {line}", who(ours));
-                eprintln!("cocoon-bench: FAILED {failure}");
+                eprintln!("capsid-bench: FAILED {failure}");
                 self.failures.borrow_mut().push(failure);
                 return;
             };
@@ -807,7 +807,7 @@ fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
-/// Our kernel with the test init running `steps`: booted by cocoon-vmm or
+/// Our kernel with the test init running `steps`: booted by capsid-vmm or
 /// by QEMU `microvm`, 1 vCPU and [`MEM_MIB`] each.
 struct TestInitGuest {
     kernel: PathBuf,
@@ -819,12 +819,12 @@ struct TestInitGuest {
 impl TestInitGuest {
     fn new(scratch: &ScratchDir, name: &str, steps: &str) -> Self {
         Self {
-            kernel: artifact("COCOON_KERNEL"),
+            kernel: artifact("CAPSID_KERNEL"),
             initrd: initramfs_with_init(
-                &artifact("COCOON_TEST_INIT"),
+                &artifact("CAPSID_TEST_INIT"),
                 &scratch.join(&format!("init-{name}.cpio")),
             ),
-            steps: format!("cocoon_test={steps}"),
+            steps: format!("capsid_test={steps}"),
             name: name.to_owned(),
         }
     }
@@ -842,7 +842,7 @@ impl TestInitGuest {
         ];
         args.extend_from_slice(extra);
         VmmRun::start(
-            &artifact("COCOON_VMM"),
+            &artifact("CAPSID_VMM"),
             &args,
             scratch.path(),
             &format!("bench-{}", self.name),
@@ -873,12 +873,12 @@ impl TestInitGuest {
 /// The first line of a long failure, for the report's notes (the whole of
 /// it goes to stderr as it happens).
 fn first_line(failure: &str) -> &str {
-    eprintln!("cocoon-bench: {failure}");
+    eprintln!("capsid-bench: {failure}");
     failure.lines().next().unwrap_or("")
 }
 
 fn who(ours: bool) -> &'static str {
-    if ours { "cocoon" } else { "runc" }
+    if ours { "capsid" } else { "runc" }
 }
 
 /// `… blk-speed:/dev/vda ok bytes=N us=T` → MB/s.
@@ -1022,11 +1022,11 @@ fn write_outputs(report: &Report, out: &Path) {
         .and_then(|()| std::fs::write(out.join("bench.json"), report.json()))
         .and_then(|()| std::fs::write(out.join("bench.svg"), report.svg()))
     {
-        eprintln!("cocoon-bench: cannot write {}: {e}", out.display());
+        eprintln!("capsid-bench: cannot write {}: {e}", out.display());
         return;
     }
     eprintln!(
-        "cocoon-bench: wrote {} and {}",
+        "capsid-bench: wrote {} and {}",
         out.join("bench.json").display(),
         out.join("bench.svg").display()
     );
@@ -1056,14 +1056,14 @@ fn main() {
     let probe = probe();
     if probe.mode != Mode::Native {
         eprintln!(
-            "cocoon-bench: this machine cannot boot Linux guests ({probe}); `make bench` runs the benchmark inside the nested test host"
+            "capsid-bench: this machine cannot boot Linux guests ({probe}); `make bench` runs the benchmark inside the nested test host"
         );
         std::process::exit(2);
     }
-    let nested = std::env::var_os("COCOON_TESTBED_NESTED").is_some();
+    let nested = std::env::var_os("CAPSID_TESTBED_NESTED").is_some();
     let rootfs = PathBuf::from(
-        std::env::var_os("COCOON_TEST_ROOTFS_DIR")
-            .expect("COCOON_TEST_ROOTFS_DIR is set by `make bench`"),
+        std::env::var_os("CAPSID_TEST_ROOTFS_DIR")
+            .expect("CAPSID_TEST_ROOTFS_DIR is set by `make bench`"),
     );
     let runs = args.runs.max(1);
     let mut args = args;
@@ -1088,7 +1088,7 @@ fn main() {
         .sum();
     let bench = Bench {
         progress: Progress::new(total as u64, nested),
-        scratch: ScratchDir::new("cocoon-bench").expect("scratch dir"),
+        scratch: ScratchDir::new("capsid-bench").expect("scratch dir"),
         rootfs,
         counter: std::cell::Cell::new(0),
         failures: std::cell::RefCell::default(),
@@ -1099,8 +1099,8 @@ fn main() {
     let mode = if nested { "nested" } else { "native" };
     let versions = BTreeMap::from([
         (
-            "cocoon".to_owned(),
-            version(&artifact("COCOON_CLI").to_string_lossy(), "--version"),
+            "capsid".to_owned(),
+            version(&artifact("CAPSID_CLI").to_string_lossy(), "--version"),
         ),
         (
             "qemu".to_owned(),
@@ -1115,7 +1115,7 @@ fn main() {
         mode: mode.into(),
         probe: probe.to_string(),
         host: Host::this(),
-        commit: std::env::var("COCOON_COMMIT").unwrap_or_else(|_| "unknown".into()),
+        commit: std::env::var("CAPSID_COMMIT").unwrap_or_else(|_| "unknown".into()),
         versions,
         runs,
         scenarios,
@@ -1138,7 +1138,7 @@ fn main() {
         .collect();
     if !empty.is_empty() {
         eprintln!(
-            "cocoon-bench: no sample at all for {}: every run failed (the notes say why)",
+            "capsid-bench: no sample at all for {}: every run failed (the notes say why)",
             empty.join("; ")
         );
         std::process::exit(1);

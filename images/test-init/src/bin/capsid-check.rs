@@ -1,4 +1,4 @@
-//! `cocoon-check`: run inside a container, prints what the process sees of
+//! `capsid-check`: run inside a container, prints what the process sees of
 //! the OCI spec that made it, one `key=value` per line, for end-to-end tests
 //! to compare with what they asked for (youki's `runtimetest` idea).
 
@@ -45,12 +45,12 @@ fn main() {
     unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
     out.push(format!("nofile={} {}", limit.rlim_cur, limit.rlim_max));
     for (key, value) in std::env::vars() {
-        if key.starts_with("COCOON_") || key == "HOME" || key == "PATH" {
+        if key.starts_with("CAPSID_") || key == "HOME" || key == "PATH" {
             out.push(format!("env={key}={value}"));
         }
     }
-    let writable = fs::write("/.cocoon-check", b"x").is_ok();
-    let _ = fs::remove_file("/.cocoon-check");
+    let writable = fs::write("/.capsid-check", b"x").is_ok();
+    let _ = fs::remove_file("/.capsid-check");
     out.push(format!("root_writable={writable}"));
     for line in fs::read_to_string("/proc/self/mounts")
         .unwrap_or_default()
