@@ -3,8 +3,8 @@
 use std::path::Path;
 use std::process::{Command, ExitCode};
 
-use clap::Args;
 use capsid_vmm::probe::{self, Mode};
+use clap::Args;
 
 use crate::run::Artifacts;
 

@@ -30,11 +30,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
-use clap::Args;
 use capsid_protocol::{
     AgentClient, CreateContainer, DEFAULT_AGENT_PORT, ExecProcess, ProcessRef, StdioRequest, Stream,
 };
 use capsid_runtime::{MicroVm, VmSpec, rootfs_disk};
+use clap::Args;
 use oci_spec::runtime::Spec;
 use serde::{Deserialize, Serialize};
 

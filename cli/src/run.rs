@@ -18,11 +18,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use clap::Args;
 use capsid_protocol::{ClientError, CreateContainer, ProcessRef, Rootfs};
 use capsid_runtime::config::parse_size_mib;
 use capsid_runtime::{Config, MicroVm, VmError, VmSpec, rootfs_disk};
 use capsid_vmm::probe::{self, Mode};
+use clap::Args;
 
 use crate::attach;
 use crate::workload::{self, Workload};

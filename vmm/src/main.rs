@@ -4,9 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use clap::Parser;
 use capsid_vmm::config::{DiskConfig, SerialConfig, VmConfig, VsockConfig};
 use capsid_vmm::vmm::{EXIT_VMM_ERROR, ExitReason};
+use clap::Parser;
 
 const EXIT_CODES: &str = "\
 Exit status:

@@ -18,10 +18,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use clap::{Parser, Subcommand};
 use capsid_testbed::child::ChildGuard;
 use capsid_testbed::nested::{HostKernel, NestedError, NestedRun};
 use capsid_testbed::probe::{Mode, probe};
+use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(about = "Run capsid's end-to-end tests where KVM can boot a real guest")]

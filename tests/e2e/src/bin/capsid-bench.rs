@@ -27,7 +27,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use clap::{Parser, Subcommand, ValueEnum};
 use capsid_e2e::agent::AgentVm;
 use capsid_e2e::bench::{Host, Report, Scenario, Series, Who};
 use capsid_e2e::containerd::{BUSYBOX, Containerd, RUNTIME};
@@ -38,6 +37,7 @@ use capsid_testbed::child::ChildGuard;
 use capsid_testbed::probe::{Mode, probe};
 use capsid_testbed::qemu::DirectBoot;
 use capsid_testbed::serial::SerialLog;
+use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 const READY: &str = "CAPSID-TEST-INIT: ready";
