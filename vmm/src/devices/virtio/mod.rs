@@ -15,6 +15,7 @@ mod worker;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_INDIRECT;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -143,8 +144,16 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
 /// A descriptor chain the device refuses to look into.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ChainError {
-    #[error("descriptor chain loops, is longer than the queue, or points outside the table")]
-    Unterminated,
+    #[error("descriptor chain loops or is longer than the queue ({0} entries)")]
+    Unterminated(u16),
+    #[error("descriptor {index} is outside the {size}-entry descriptor table")]
+    OutsideTable { index: u16, size: u16 },
+    #[error("descriptor table entry {0} is not in guest memory")]
+    Unreadable(u16),
+    #[error("descriptor {0} is indirect, a feature the device does not offer")]
+    Indirect(u16),
+    #[error("descriptor chain is longer than 4 GiB in total")]
+    TooLong,
 }
 
 /// One descriptor, reduced to what a device needs. Its range is not yet
@@ -166,27 +175,55 @@ impl Buffer {
     }
 }
 
-/// Reads a chain's descriptors once, before any is used, and checks that the
-/// chain ends: no loop, no more descriptors than the queue holds, no `next`
-/// outside the table. `virtio-queue` stops iterating such a chain silently;
-/// this turns it into an error the device can answer.
-pub fn read_chain(chain: DescriptorChain<&GuestMemoryMmap>) -> Result<Vec<Buffer>, ChainError> {
+/// Reads the descriptors of the chain `chain` heads, once each, before any
+/// is used, and checks that the chain ends: no loop, no more descriptors
+/// than the queue holds, no `next` outside the table, no indirect
+/// descriptor (we never offer `VIRTIO_RING_F_INDIRECT_DESC`), at most 4 GiB
+/// in all.
+///
+/// The walk is ours rather than `DescriptorChain`'s iterator: that one
+/// follows indirect tables by itself, and stops silently on a chain it
+/// cannot read. Each descriptor is read from guest memory exactly once, so
+/// a guest rewriting its table meanwhile changes nothing we checked.
+pub fn read_chain(
+    queue: &Queue,
+    chain: &DescriptorChain<&GuestMemoryMmap>,
+) -> Result<Vec<Buffer>, ChainError> {
+    use virtio_queue::desc::split::Descriptor;
+    use vm_memory::Bytes;
+    let memory = chain.memory();
+    let table = GuestAddress(queue.desc_table());
+    let size = queue.size();
+    let mut index = chain.head_index();
     let mut buffers = Vec::new();
-    let mut last_has_next = false;
-    for desc in chain {
-        last_has_next = desc.has_next();
+    let mut total = 0u32;
+    for _ in 0..size {
+        if index >= size {
+            return Err(ChainError::OutsideTable { index, size });
+        }
+        let entry = table
+            .0
+            .checked_add(u64::from(index) * 16)
+            .map(GuestAddress)
+            .ok_or(ChainError::Unreadable(index))?;
+        let desc: Descriptor = memory
+            .read_obj(entry)
+            .map_err(|_| ChainError::Unreadable(index))?;
+        if u32::from(desc.flags()) & VRING_DESC_F_INDIRECT != 0 {
+            return Err(ChainError::Indirect(index));
+        }
+        total = total.checked_add(desc.len()).ok_or(ChainError::TooLong)?;
         buffers.push(Buffer {
-            addr: desc.addr(),
+            addr: GuestAddress(desc.addr().0),
             len: desc.len(),
             writable: desc.is_write_only(),
         });
+        if !desc.has_next() {
+            return Ok(buffers);
+        }
+        index = desc.next();
     }
-    // The iterator stops on a descriptor that still points onwards only when
-    // the chain hit its length limit or its next descriptor was unreadable.
-    if last_has_next || buffers.is_empty() {
-        return Err(ChainError::Unterminated);
-    }
-    Ok(buffers)
+    Err(ChainError::Unterminated(size))
 }
 
 /// Puts a chain on the used ring; a failure means the guest broke the ring

@@ -1,10 +1,11 @@
 //! Block request processing: pure code over a `virtio-queue` queue and a
 //! file, so that it is tested with mock queues and a temp file.
 //!
-//! Each chain is checked before any I/O: it must end (no loop), lie in
-//! guest memory, start with a readable 16-byte header and end with a
-//! writable status byte; data buffers must face the right way, be whole
-//! sectors and stay inside the disk. A request that fails a check gets
+//! Parse, then act: [`read_chain`] reads a chain's descriptors once (it
+//! must end, no loop, no indirect table), [`parse`] turns them into a typed
+//! request — a readable 16-byte header first, a writable status byte last,
+//! data buffers in guest memory facing the right way, whole sectors inside
+//! the disk — and only then does [`execute`] touch the file. A request that fails a check gets
 //! `IOERR` (or `UNSUPP` for an unknown type) in its status byte when there
 //! is a status byte to write; a chain without one goes back with length 0.
 //! Either way the queue keeps going with the next chain.
@@ -13,7 +14,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, ByteValued, Bytes, GuestMemoryMmap, Le32, Le64};
 
 use super::{
     ID_LEN, S_IOERR, S_OK, S_UNSUPP, SECTOR_SHIFT, SECTOR_SIZE, T_FLUSH, T_GET_ID, T_IN, T_OUT,
@@ -83,6 +84,47 @@ pub struct Disk<'a> {
     pub id: &'a [u8],
 }
 
+/// The request header as the driver lays it out (virtio 1.2, 5.2.6).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct RequestHeader {
+    type_: Le32,
+    reserved: Le32,
+    sector: Le64,
+}
+
+// SAFETY: three little-endian integers, 16 bytes with no padding; every
+// bit pattern is a valid value.
+unsafe impl ByteValued for RequestHeader {}
+
+/// A request that passed every check: what to do, and where the status
+/// byte goes. Only a `Parsed` request reaches [`execute`].
+#[derive(Debug, PartialEq, Eq)]
+struct Parsed {
+    op: Op,
+    status: Buffer,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Op {
+    /// Read `data` (device-writable buffers, whole sectors, inside the
+    /// disk) from byte `offset`.
+    Read {
+        offset: u64,
+        data: Vec<Buffer>,
+    },
+    /// Write `data` (device-readable) at byte `offset` of a writable disk.
+    Write {
+        offset: u64,
+        data: Vec<Buffer>,
+    },
+    Flush,
+    /// Write the serial into `buffer` (device-writable).
+    GetId {
+        buffer: Buffer,
+    },
+}
+
 /// Serves every available chain of `queue`. Returns whether the driver
 /// must be interrupted.
 pub fn process_queue(
@@ -94,25 +136,28 @@ pub fn process_queue(
     let mut used_any = false;
     while let Some(chain) = queue.pop_descriptor_chain(memory) {
         let head = chain.head_index();
-        let buffers = match read_chain(chain) {
-            Ok(buffers) => buffers,
+        let used = match read_chain(queue, &chain) {
             Err(e) => {
                 metrics.invalid_requests += 1;
                 crate::guest_warn!("virtio-blk: {e}");
                 // Without a trustworthy chain there is no status byte to write.
-                add_used(queue, memory, head, 0);
-                used_any = true;
-                continue;
+                0
             }
-        };
-        let used = match serve(&buffers, memory, disk, metrics) {
-            Ok(len) => len,
-            Err((e, status)) => {
-                metrics.invalid_requests += 1;
-                crate::guest_warn!("virtio-blk: {e}");
-                match status {
-                    Some(status) if memory.write_obj(e.status(), status.addr).is_ok() => 1,
-                    _ => 0,
+            Ok(buffers) => {
+                let outcome = parse(&buffers, memory, disk).and_then(|parsed| {
+                    let status = parsed.status;
+                    execute(parsed, memory, disk, metrics).map_err(|e| (e, Some(status)))
+                });
+                match outcome {
+                    Ok(len) => len,
+                    Err((e, status)) => {
+                        metrics.invalid_requests += 1;
+                        crate::guest_warn!("virtio-blk: {e}");
+                        match status {
+                            Some(status) if memory.write_obj(e.status(), status.addr).is_ok() => 1,
+                            _ => 0,
+                        }
+                    }
                 }
             }
         };
@@ -122,14 +167,16 @@ pub fn process_queue(
     used_any && queue.needs_notification(memory).unwrap_or(true)
 }
 
-/// Serves one checked chain. On failure, also returns the status buffer if
-/// the chain has a usable one.
-fn serve(
+/// Checks a chain and turns it into a request: a readable 16-byte header
+/// first, a writable status byte last, data buffers in guest memory facing
+/// the right way, whole sectors inside the disk, no write to a read-only
+/// disk, no I/O on an empty slot. On failure, also returns the status
+/// buffer when the chain has a usable one.
+fn parse(
     buffers: &[Buffer],
     memory: &GuestMemoryMmap,
     disk: &Disk<'_>,
-    metrics: &mut BlockMetrics,
-) -> Result<u32, (RequestError, Option<Buffer>)> {
+) -> Result<Parsed, (RequestError, Option<Buffer>)> {
     let status = buffers
         .last()
         .copied()
@@ -138,12 +185,14 @@ fn serve(
         return Err((RequestError::Status, None));
     };
     let fail = |e: RequestError| (e, Some(status));
-    let header = buffers[0];
-    if header.writable || header.len < 16 || !header.in_memory(memory) {
+    let header_buffer = buffers[0];
+    if header_buffer.writable || header_buffer.len < 16 || !header_buffer.in_memory(memory) {
         return Err(fail(RequestError::Header));
     }
-    let kind: u32 = read_le(memory, header.addr).map_err(fail)?;
-    let sector: u64 = read_le(memory, header.addr.unchecked_add(8)).map_err(fail)?;
+    let header: RequestHeader = memory
+        .read_obj(header_buffer.addr)
+        .map_err(|e| fail(RequestError::Memory(e.to_string())))?;
+    let (kind, sector) = (header.type_.to_native(), header.sector.to_native());
     let data = &buffers[1..buffers.len() - 1];
     if let Some(outside) = data.iter().find(|b| !b.in_memory(memory)) {
         return Err(fail(RequestError::OutsideMemory {
@@ -151,9 +200,7 @@ fn serve(
             len: outside.len,
         }));
     }
-    let data_len: u64 = data.iter().map(|b| u64::from(b.len)).sum();
-
-    let written = match kind {
+    let op = match kind {
         T_IN | T_OUT | T_FLUSH if disk.file.is_none() => return Err(fail(RequestError::Empty)),
         T_IN | T_OUT => {
             let writing = kind == T_OUT;
@@ -163,6 +210,7 @@ fn serve(
             if writing && disk.read_only {
                 return Err(fail(RequestError::ReadOnly));
             }
+            let data_len: u64 = data.iter().map(|b| u64::from(b.len)).sum();
             if !data_len.is_multiple_of(SECTOR_SIZE) {
                 return Err(fail(RequestError::Unaligned(data_len)));
             }
@@ -177,57 +225,78 @@ fn serve(
                     capacity: disk.capacity_sectors,
                 }));
             }
-            let mut offset = sector << SECTOR_SHIFT;
-            for buffer in data {
-                if let Some(file) = disk.file {
-                    transfer(memory, file, *buffer, offset, writing).map_err(fail)?;
-                }
-                offset += u64::from(buffer.len);
-            }
+            let offset = sector << SECTOR_SHIFT;
+            let data = data.to_vec();
             if writing {
-                metrics.write_bytes += data_len;
-                0
+                Op::Write { offset, data }
             } else {
-                metrics.read_bytes += data_len;
-                u32::try_from(data_len).unwrap_or(u32::MAX)
+                Op::Read { offset, data }
             }
         }
-        T_FLUSH => {
+        T_FLUSH => Op::Flush,
+        T_GET_ID => {
+            let Some(buffer) = data.first().copied().filter(|b| b.writable) else {
+                return Err(fail(RequestError::Direction(kind)));
+            };
+            Op::GetId { buffer }
+        }
+        other => return Err(fail(RequestError::Unsupported(other))),
+    };
+    Ok(Parsed { op, status })
+}
+
+/// Does a parsed request's I/O and writes `S_OK`; returns the used length
+/// (bytes written into guest memory, the status byte included).
+fn execute(
+    parsed: Parsed,
+    memory: &GuestMemoryMmap,
+    disk: &Disk<'_>,
+    metrics: &mut BlockMetrics,
+) -> Result<u32, RequestError> {
+    let written = match parsed.op {
+        Op::Read { offset, data } | Op::Write { offset, data } if disk.file.is_some() => {
+            let writing = data.first().is_some_and(|b| !b.writable);
+            let mut at = offset;
+            let mut total = 0u64;
+            for buffer in &data {
+                if let Some(file) = disk.file {
+                    transfer(memory, file, *buffer, at, writing)?;
+                }
+                at += u64::from(buffer.len);
+                total += u64::from(buffer.len);
+            }
+            if writing {
+                metrics.write_bytes += total;
+                0
+            } else {
+                metrics.read_bytes += total;
+                u32::try_from(total).unwrap_or(u32::MAX)
+            }
+        }
+        Op::Read { .. } | Op::Write { .. } => return Err(RequestError::Empty),
+        Op::Flush => {
             if let Some(file) = disk.file.filter(|_| !disk.read_only) {
                 file.sync_data()
-                    .map_err(|e| fail(RequestError::Io(e.to_string())))?;
+                    .map_err(|e| RequestError::Io(e.to_string()))?;
             }
             metrics.flushes += 1;
             0
         }
-        T_GET_ID => {
-            let Some(buffer) = data.first().filter(|b| b.writable) else {
-                return Err(fail(RequestError::Direction(kind)));
-            };
+        Op::GetId { buffer } => {
             let mut id = [0u8; ID_LEN];
             let n = disk.id.len().min(ID_LEN);
             id[..n].copy_from_slice(&disk.id[..n]);
             let len = usize::try_from(buffer.len).unwrap_or(0).min(ID_LEN);
             memory
                 .write_slice(&id[..len], buffer.addr)
-                .map_err(|e| fail(RequestError::Memory(e.to_string())))?;
+                .map_err(|e| RequestError::Memory(e.to_string()))?;
             u32::try_from(len).unwrap_or(0)
         }
-        other => return Err(fail(RequestError::Unsupported(other))),
     };
     memory
-        .write_obj(S_OK, status.addr)
-        .map_err(|e| fail(RequestError::Memory(e.to_string())))?;
+        .write_obj(S_OK, parsed.status.addr)
+        .map_err(|e| RequestError::Memory(e.to_string()))?;
     Ok(written + 1)
-}
-
-fn read_le<T: vm_memory::ByteValued>(
-    memory: &GuestMemoryMmap,
-    addr: GuestAddress,
-) -> Result<T, RequestError> {
-    memory
-        .read_obj(addr)
-        .map_err(|e| RequestError::Memory(e.to_string()))
 }
 
 /// Moves one buffer between guest memory and the file, through a bounce
@@ -271,7 +340,7 @@ mod tests {
     use super::*;
     use virtio_queue::desc::{RawDescriptor, split::Descriptor};
     use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::GuestMemoryMmap;
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
 
     const HEADER: u64 = 0x10_0000;
     const DATA: u64 = 0x11_0000;
@@ -496,5 +565,77 @@ mod tests {
         assert_eq!(metrics.flushes, 1);
         assert_eq!(mock.used().idx().load(), 2);
         assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), S_OK);
+    }
+
+    #[test]
+    fn an_indirect_descriptor_is_refused_though_its_table_holds_a_valid_request() {
+        // VIRTIO_RING_F_INDIRECT_DESC is never offered, so a chain that
+        // points at an indirect table is the guest breaking the protocol:
+        // before the fix, virtio-queue followed the table (a 1000-entry one
+        // on a 16-entry queue too) and the request was served.
+        let mem = memory();
+        let setup = Setup::new(false);
+        const TABLE: u64 = 0x13_0000;
+        let next = 1u16; // VRING_DESC_F_NEXT
+        let entries = 1000u16;
+        for i in 0..entries {
+            let (addr, len, flags) = match i {
+                0 => (HEADER, 16, next),
+                i if i == entries - 1 => (STATUS, 1, W),
+                _ => (DATA, 0, next | W),
+            };
+            let d = Descriptor::new(addr, len, flags, i + 1);
+            mem.write_obj(d, GuestAddress(TABLE + u64::from(i) * 16))
+                .unwrap();
+        }
+        let indirect = 4u16; // VRING_DESC_F_INDIRECT
+        let (status, used, metrics) = setup.run(
+            &mem,
+            T_FLUSH,
+            0,
+            &[desc(TABLE, u32::from(entries) * 16, indirect)],
+        );
+        assert_eq!((status, used, metrics.flushes), (0xff, 0, 0));
+        assert_eq!(metrics.invalid_requests, 1);
+    }
+
+    #[test]
+    fn parsing_yields_a_typed_request_and_touches_no_file() {
+        let mem = memory();
+        let setup = Setup::new(false);
+        let file = setup.file.reopen().unwrap();
+        let disk = Disk {
+            file: Some(&file),
+            capacity_sectors: 8,
+            read_only: false,
+            id: b"",
+        };
+        mem.write_obj(T_IN, GuestAddress(HEADER)).unwrap();
+        mem.write_obj(2u64, GuestAddress(HEADER + 8)).unwrap();
+        let buffer = |addr: u64, len: u32, writable: bool| Buffer {
+            addr: GuestAddress(addr),
+            len,
+            writable,
+        };
+        let parsed = parse(
+            &[
+                buffer(HEADER, 16, false),
+                buffer(DATA, 1024, true),
+                buffer(STATUS, 1, true),
+            ],
+            &mem,
+            &disk,
+        )
+        .unwrap();
+        assert_eq!(
+            parsed,
+            Parsed {
+                op: Op::Read {
+                    offset: 1024,
+                    data: vec![buffer(DATA, 1024, true)]
+                },
+                status: buffer(STATUS, 1, true),
+            }
+        );
     }
 }

@@ -127,7 +127,7 @@ impl VsockWorker {
         let mut used = false;
         while let Some(chain) = queue.pop_descriptor_chain(memory) {
             let head = chain.head_index();
-            let packet = read_chain(chain)
+            let packet = read_chain(queue, &chain)
                 .map_err(super::packet::PacketError::from)
                 .and_then(|buffers| read_tx(&buffers, memory));
             match packet {
@@ -153,7 +153,7 @@ impl VsockWorker {
                 break;
             };
             let head = chain.head_index();
-            let buffers = match read_chain(chain)
+            let buffers = match read_chain(queue, &chain)
                 .map_err(super::packet::PacketError::from)
                 .and_then(|b| rx_capacity(&b, memory).map(|cap| (b, cap)))
             {

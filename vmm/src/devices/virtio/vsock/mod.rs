@@ -20,7 +20,7 @@ pub mod packet;
 pub use device::{Vsock, VsockError};
 
 /// virtio device ID.
-pub const DEVICE_TYPE: u32 = 19;
+pub const DEVICE_TYPE: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 /// Size of each of the three queues: guest-bound packets (RX), host-bound
 /// packets (TX), events, in that order.
 pub const QUEUE_SIZE: u16 = 256;
