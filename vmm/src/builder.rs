@@ -27,11 +27,12 @@ use crate::arch::layout::{
 };
 use crate::config::{ConfigError, SerialConfig, VmConfig};
 use crate::devices::bus::{Bus, BusError};
-use crate::devices::legacy::{BootMarker, ConsoleFile, I8042, SerialConsole};
+use crate::devices::legacy::{BootMarker, I8042, SerialConsole};
 use crate::devices::virtio::block::{Block, DiskSlot, DiskSlots};
 use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
+use crate::logging::RotatingFile;
 use crate::memory::{GuestRam, MemoryError};
 use crate::vmm::{ExitNotifier, Vmm};
 use crate::vstate::vcpu::{Vcpu, VcpuThreads};
@@ -198,7 +199,7 @@ fn serial_output(serial: &SerialConfig) -> Result<Box<dyn Write + Send>, BuildEr
         SerialConfig::Stdout => Box::new(LineWriter::new(std::io::stdout())),
         SerialConfig::None => Box::new(std::io::sink()),
         SerialConfig::File(path) => {
-            Box::new(LineWriter::new(ConsoleFile::open(path).map_err(|e| {
+            Box::new(LineWriter::new(RotatingFile::open(path).map_err(|e| {
                 BuildError::SerialFile(path.display().to_string(), e)
             })?))
         }

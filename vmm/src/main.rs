@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use capsid_vmm::config::{DiskConfig, SerialConfig, VmConfig, VsockConfig};
+use capsid_vmm::logging::RotatingFile;
 use capsid_vmm::vmm::{EXIT_VMM_ERROR, ExitReason};
 use clap::Parser;
 
@@ -61,9 +62,13 @@ struct Args {
     /// older half in PATH.1) or none [default: stdout].
     #[arg(long)]
     serial: Option<SerialConfig>,
-    /// Log filter for the VMM's own messages on stderr (error, warn, info, debug, trace).
+    /// Log filter for the VMM's own messages (error, warn, info, debug, trace).
     #[arg(long, default_value = "warn", env = "CAPSID_VMM_LOG")]
     log_level: tracing::Level,
+    /// Where the VMM's own messages go instead of stderr: a file kept within
+    /// 1 MiB (the older half in PATH.1), which also becomes stderr.
+    #[arg(long, value_name = "PATH")]
+    log_file: Option<PathBuf>,
 }
 
 impl Args {
@@ -127,12 +132,28 @@ fn report(error: &dyn std::error::Error) {
 fn main() -> ExitCode {
     let started = Instant::now();
     let args = Args::parse();
-    tracing_subscriber::fmt()
+    let subscriber = tracing_subscriber::fmt()
         .with_max_level(args.log_level)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_target(false);
+    match &args.log_file {
+        Some(path) => match RotatingFile::open_as_stderr(path) {
+            Ok(file) => subscriber
+                .with_ansi(false)
+                .with_writer(std::sync::Mutex::new(file))
+                .init(),
+            Err(e) => {
+                eprintln!(
+                    "capsid-vmm: error: cannot open the log file {}: {e}",
+                    path.display()
+                );
+                return exit_code(EXIT_VMM_ERROR);
+            }
+        },
+        None => subscriber
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_writer(std::io::stderr)
+            .init(),
+    }
     let config = match args.into_config() {
         Ok(config) => config,
         Err(e) => {

@@ -1,10 +1,7 @@
-//! The devices on I/O ports: the 8250 serial console (and the bounded file
-//! it may write to), the i8042 (only as far as the reset line the kernel
+//! The devices on I/O ports: the 8250 serial console, the i8042 (only as far as the reset line the kernel
 //! pulls for `reboot=k`), and the boot marker.
 
-use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -66,74 +63,6 @@ impl BusDevice for SerialConsole {
         {
             crate::guest_warn!("serial console: {e:?}");
         }
-    }
-}
-
-/// The guest console as a file that a guest printing forever cannot grow
-/// without bound: once `PATH` holds [`ConsoleFile::HALF`] bytes it becomes
-/// `PATH.1` (replacing the one before) and `PATH` starts again. The latest
-/// output, which says why a guest died, is always in `PATH.1` + `PATH`, and
-/// the two never hold more than twice `HALF`.
-#[derive(Debug)]
-pub struct ConsoleFile {
-    path: PathBuf,
-    file: File,
-    /// Bytes in `path` now.
-    len: u64,
-    half: u64,
-}
-
-impl ConsoleFile {
-    pub const HALF: u64 = 512 << 10;
-
-    /// Opens `path` for appending (what is there counts towards the bound).
-    pub fn open(path: &Path) -> std::io::Result<Self> {
-        Self::with_half(path, Self::HALF)
-    }
-
-    fn with_half(path: &Path, half: u64) -> std::io::Result<Self> {
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
-        let len = file.metadata()?.len();
-        Ok(Self {
-            path: path.to_owned(),
-            file,
-            len,
-            half,
-        })
-    }
-
-    /// Where the output before `path`'s start went.
-    pub fn older(path: &Path) -> PathBuf {
-        let mut older = path.as_os_str().to_owned();
-        older.push(".1");
-        older.into()
-    }
-
-    fn rotate(&mut self) -> std::io::Result<()> {
-        std::fs::rename(&self.path, Self::older(&self.path))?;
-        self.file = OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .open(&self.path)?;
-        self.len = 0;
-        Ok(())
-    }
-}
-
-impl Write for ConsoleFile {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.len >= self.half {
-            self.rotate()?;
-        }
-        let room = usize::try_from(self.half - self.len).unwrap_or(usize::MAX);
-        let n = self.file.write(&buf[..buf.len().min(room)])?;
-        self.len += n as u64;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.file.flush()
     }
 }
 
@@ -273,32 +202,6 @@ mod tests {
         // Port 0x64 is offset 4; 0xfe pulses the reset line.
         i8042.write(4, &[0xfe]);
         assert_eq!(exit.reason(), Some(ExitReason::GuestShutdown));
-    }
-
-    #[test]
-    fn the_console_file_keeps_the_latest_output_within_its_bound() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("console.log");
-        std::fs::write(&path, b"0123").unwrap();
-        let mut console = std::io::LineWriter::new(ConsoleFile::with_half(&path, 20).unwrap());
-        let mut everything = String::from("0123");
-        for line in 0..40 {
-            writeln!(console, "line {line}").unwrap();
-            everything += &format!("line {line}\n");
-        }
-        console.flush().unwrap();
-        let older = std::fs::read_to_string(ConsoleFile::older(&path)).unwrap();
-        let newer = std::fs::read_to_string(&path).unwrap();
-        // At most twice the half, and always at least the last half.
-        assert!(
-            older.len() == 20 && newer.len() <= 20,
-            "{older:?} {newer:?}"
-        );
-        assert!(
-            everything.ends_with(&format!("{older}{newer}")),
-            "{older:?} {newer:?}"
-        );
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
     }
 
     #[test]
