@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use capsid_images::rootfs::{Format, RootfsImage};
 use capsid_protocol::{AgentClient, ClientError, DEFAULT_AGENT_PORT, Filesystem, Rootfs};
+use capsid_vmm_api::{ApiRequest, ApiResponse};
 
 use crate::config::BootFiles;
 
@@ -48,6 +49,8 @@ pub enum VmError {
     NoSpareSlots,
     #[error("cannot reach the VMM's API socket {0}")]
     Api(PathBuf, #[source] std::io::Error),
+    #[error("cannot open the disk image {0}")]
+    Image(PathBuf, #[source] std::io::Error),
     #[error("capsid-vmm refused to {op} disk {id:?}: {reason}")]
     Refused {
         op: &'static str,
@@ -174,15 +177,21 @@ fn console_tail(dir: &Path) -> String {
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
-/// What a VMM exit status means for the guest (the VMM's README has the table).
+/// What a VMM exit status means for the guest (`capsid_vmm_api` has the table).
 fn explain_exit(status: ExitStatus) -> String {
-    let why = match status.code() {
-        Some(0) => ": the guest shut down or rebooted by itself, as a kernel panic does",
-        Some(1) => ": a VMM error",
-        Some(3) => ": the guest crashed, a triple fault or a KVM error",
-        _ => "",
-    };
-    format!("{}{why}", describe(status))
+    match status.code().and_then(capsid_vmm_api::exit_meaning) {
+        Some(why) => format!("{}: {why}", describe(status)),
+        None => describe(status),
+    }
+}
+
+/// Text from the VMM (which runs next to a hostile guest) for a message:
+/// at most 512 characters, control characters as spaces.
+fn clean(text: &str) -> String {
+    text.chars()
+        .take(512)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
 }
 
 impl MicroVm {
@@ -306,56 +315,67 @@ impl MicroVm {
 
     /// Attaches `image` to a spare disk slot of the running VM as disk `id`
     /// (at most 20 letters, digits, '-', '_', '.'); returns how the agent
-    /// mounts it. The agent waits for the disk to appear.
+    /// mounts it. The image goes to the VMM as an open descriptor (the
+    /// confined VMM cannot open host paths); the agent waits for the disk
+    /// to appear.
     pub fn attach(&self, image: &RootfsImage, id: &str) -> Result<Rootfs, VmError> {
-        let path = image.path.to_string_lossy();
+        let file = File::open(&image.path).map_err(|e| VmError::Image(image.path.clone(), e))?;
         self.api_call(
             "attach",
             id,
-            &serde_json::json!({"op": "attach", "path": path, "id": id}),
+            &ApiRequest::Attach { id: id.to_owned() },
+            Some(&file),
         )?;
         Ok(rootfs_on(image, id))
     }
 
     /// Detaches disk `id`; the agent must have unmounted it.
     pub fn detach(&self, id: &str) -> Result<(), VmError> {
-        self.api_call("detach", id, &serde_json::json!({"op": "detach", "id": id}))
+        self.api_call(
+            "detach",
+            id,
+            &ApiRequest::Detach { id: id.to_owned() },
+            None,
+        )
     }
 
-    /// One request on the VMM's API socket: a JSON line out, a JSON line
-    /// back, `{"slot":N}` or `{"error":"…"}`.
+    /// One request on the VMM's API socket: a JSON line out (with `fd`),
+    /// a JSON line back.
     fn api_call(
         &self,
         op: &'static str,
         id: &str,
-        request: &serde_json::Value,
+        request: &ApiRequest,
+        fd: Option<&File>,
     ) -> Result<(), VmError> {
         use std::io::{BufRead, Read, Write};
+        use std::os::fd::AsRawFd;
+        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
         let api = self.api.as_ref().ok_or(VmError::NoSpareSlots)?;
         let io = |e| VmError::Api(api.clone(), e);
         let stream = std::os::unix::net::UnixStream::connect(api).map_err(io)?;
         stream.set_read_timeout(Some(API_TIMEOUT)).map_err(io)?;
         stream.set_write_timeout(Some(API_TIMEOUT)).map_err(io)?;
-        let mut line = request.to_string();
-        line.push('\n');
-        (&stream).write_all(line.as_bytes()).map_err(io)?;
+        let mut line = serde_json::to_vec(request).map_err(|e| io(std::io::Error::other(e)))?;
+        line.push(b'\n');
+        match fd {
+            Some(file) => {
+                let sent = stream
+                    .send_with_fd(&line[..], file.as_raw_fd())
+                    .map_err(|e| io(std::io::Error::from_raw_os_error(e.errno())))?;
+                (&stream).write_all(&line[sent..]).map_err(io)?;
+            }
+            None => (&stream).write_all(&line).map_err(io)?,
+        }
         let mut reply = String::new();
         std::io::BufReader::new((&stream).take(4096))
             .read_line(&mut reply)
             .map_err(io)?;
-        let reply: serde_json::Value = serde_json::from_str(&reply).unwrap_or_default();
-        if reply
-            .get("slot")
-            .and_then(serde_json::Value::as_u64)
-            .is_some()
-        {
-            return Ok(());
-        }
-        let reason = reply
-            .get("error")
-            .and_then(serde_json::Value::as_str)
-            .unwrap_or("no answer")
-            .to_owned();
+        let reason = match serde_json::from_str::<ApiResponse>(&reply) {
+            Ok(ApiResponse::Slot { .. }) => return Ok(()),
+            Ok(ApiResponse::Error { error }) => clean(&error),
+            Err(_) => "no answer".to_owned(),
+        };
         Err(VmError::Refused {
             op,
             id: id.to_owned(),

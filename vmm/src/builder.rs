@@ -31,7 +31,7 @@ use crate::devices::legacy::{BootMarker, I8042, SerialConsole};
 use crate::devices::virtio::block::{Block, DiskSlot, DiskSlots};
 use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
 use crate::devices::virtio::vsock::Vsock;
-use crate::devices::virtio::{Interrupt, VirtioDevice};
+use crate::devices::virtio::{Interrupt, ThreadInit, VirtioDevice, WorkerHandle};
 use crate::logging::RotatingFile;
 use crate::memory::{GuestRam, MemoryError};
 use crate::vmm::{ExitNotifier, Vmm};
@@ -57,17 +57,51 @@ pub enum BuildError {
     Disk(String, #[source] crate::devices::virtio::block::BlockError),
     #[error("cannot set up vsock")]
     Vsock(#[from] crate::devices::virtio::vsock::VsockError),
-    #[error("cannot set up virtio queues")]
+    #[error("cannot set up virtio queues: {0}")]
     Queue(String),
+    #[error("cannot start a device worker")]
+    Worker(#[source] crate::devices::virtio::WorkerError),
     #[error("cannot serve the API socket {0}")]
     Api(String, #[source] std::io::Error),
     #[error("cannot load the guest")]
     Boot(#[from] BootError),
 }
 
+/// What each kind of thread the VMM starts runs first: its seccomp filter
+/// (see [`crate::seccomp`]), or nothing.
+#[derive(Clone)]
+pub struct ThreadInits {
+    pub vcpu: ThreadInit,
+    pub worker: ThreadInit,
+    pub api: ThreadInit,
+}
+
+impl std::fmt::Debug for ThreadInits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ThreadInits")
+    }
+}
+
+impl ThreadInits {
+    /// No filters (tests, `--seccomp none`).
+    pub fn none() -> Self {
+        let nothing = crate::devices::virtio::no_init();
+        Self {
+            vcpu: nothing.clone(),
+            worker: nothing.clone(),
+            api: nothing,
+        }
+    }
+}
+
 /// Builds a VM from `config`. `started` is when the VMM process started; the
-/// boot marker is timed from it.
-pub fn build(config: &VmConfig, started: Instant) -> Result<Vmm, BuildError> {
+/// boot marker is timed from it. Every thread the VM needs but its vCPUs'
+/// is started here, each running its `threads` init first.
+pub fn build(
+    config: &VmConfig,
+    started: Instant,
+    threads: &ThreadInits,
+) -> Result<Vmm, BuildError> {
     config.validate()?;
     let mem_bytes = u64::from(config.mem_mib) << 20;
 
@@ -125,7 +159,7 @@ pub fn build(config: &VmConfig, started: Instant) -> Result<Vmm, BuildError> {
     let mut cmdline_devices = Vec::new();
     let mut spare_backings = spare_backings.into_iter();
     let mut slots = Vec::new();
-    for (position, device) in devices.into_iter().enumerate() {
+    for (position, mut device) in devices.into_iter().enumerate() {
         let index = u32::try_from(position).unwrap_or(u32::MAX);
         let base = VIRTIO_MMIO_BASE + u64::from(index) * VIRTIO_MMIO_SIZE;
         let irq = VIRTIO_IRQ_BASE + index;
@@ -144,7 +178,13 @@ pub fn build(config: &VmConfig, started: Instant) -> Result<Vmm, BuildError> {
         {
             slots.push(DiskSlot::new(backing, Arc::clone(&interrupt)));
         }
-        let transport = MmioTransport::new(device, Arc::clone(&ram), interrupt, queue_evts)
+        let worker = device
+            .take_worker()
+            .ok_or_else(|| BuildError::Queue("a virtio device has no worker".into()))?;
+        let name = format!("virtio{index}");
+        let worker = WorkerHandle::spawn(&name, worker, threads.worker.clone())
+            .map_err(BuildError::Worker)?;
+        let transport = MmioTransport::new(device, Arc::clone(&ram), interrupt, queue_evts, worker)
             .map_err(|e| BuildError::Queue(format!("{e:?}")))?;
         mmio.insert(Arc::new(Mutex::new(transport)), base, VIRTIO_MMIO_SIZE)?;
         cmdline_devices.push((base, irq));
@@ -152,7 +192,7 @@ pub fn build(config: &VmConfig, started: Instant) -> Result<Vmm, BuildError> {
 
     let api = match &config.api_uds {
         Some(path) => Some(
-            ApiServer::start(path, Arc::new(DiskSlots::new(slots)))
+            ApiServer::start(path, Arc::new(DiskSlots::new(slots)), threads.api.clone())
                 .map_err(|e| BuildError::Api(path.display().to_string(), e))?,
         ),
         None => None,
@@ -191,6 +231,7 @@ pub fn build(config: &VmConfig, started: Instant) -> Result<Vmm, BuildError> {
         _vm: vm,
         _ram: ram,
         started,
+        vcpu_init: threads.vcpu.clone(),
     })
 }
 

@@ -131,6 +131,9 @@ fn report(error: &dyn std::error::Error) {
 
 fn main() -> ExitCode {
     let started = Instant::now();
+    // Every file and socket the VMM makes is its own only (0600, 0700).
+    // SAFETY: umask takes a mode and cannot fail.
+    unsafe { libc::umask(0o077) };
     let args = Args::parse();
     let subscriber = tracing_subscriber::fmt()
         .with_max_level(args.log_level)
@@ -161,7 +164,7 @@ fn main() -> ExitCode {
             return exit_code(EXIT_VMM_ERROR);
         }
     };
-    let vmm = match capsid_vmm::build(&config, started) {
+    let vmm = match capsid_vmm::build(&config, started, &capsid_vmm::builder::ThreadInits::none()) {
         Ok(vmm) => vmm,
         Err(e) => {
             report(&e);

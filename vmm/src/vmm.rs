@@ -30,17 +30,14 @@ pub enum ExitReason {
     Error(String),
 }
 
-/// Exit status for an error before the guest ran (bad configuration, no KVM).
-pub const EXIT_VMM_ERROR: i32 = 1;
-/// Exit status when the guest crashed.
-pub const EXIT_GUEST_CRASH: i32 = 3;
+pub use capsid_vmm_api::{EXIT_GUEST_CRASH, EXIT_GUEST_SHUTDOWN, EXIT_SIGNAL_BASE, EXIT_VMM_ERROR};
 
 impl ExitReason {
     pub fn exit_code(&self) -> i32 {
         match self {
-            ExitReason::GuestShutdown => 0,
+            ExitReason::GuestShutdown => EXIT_GUEST_SHUTDOWN,
             ExitReason::GuestCrash(_) => EXIT_GUEST_CRASH,
-            ExitReason::Signal(signal) => 128 + signal,
+            ExitReason::Signal(signal) => EXIT_SIGNAL_BASE + signal,
             ExitReason::Error(_) => EXIT_VMM_ERROR,
         }
     }
@@ -103,7 +100,6 @@ impl ExitNotifier {
 ///
 /// Fields drop in declaration order: the API before vCPUs, vCPUs before
 /// devices, devices before the VM, the VM before its memory.
-#[derive(Debug)]
 pub struct Vmm {
     /// Held, not used: dropping it closes and removes the API socket.
     pub(crate) _api: Option<crate::api::ApiServer>,
@@ -116,6 +112,17 @@ pub struct Vmm {
     pub(crate) _vm: Vm,
     pub(crate) _ram: Arc<GuestRam>,
     pub(crate) started: Instant,
+    /// What each vCPU thread runs first (its seccomp filter).
+    pub(crate) vcpu_init: crate::devices::virtio::ThreadInit,
+}
+
+impl std::fmt::Debug for Vmm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vmm")
+            .field("vcpus", &self.vcpus.len())
+            .field("started", &self.started)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Vmm {
@@ -132,6 +139,7 @@ impl Vmm {
             Arc::clone(&self.pio),
             Arc::clone(&self.mmio),
             Arc::clone(&self.exit),
+            &self.vcpu_init,
         ) {
             Ok(threads) => self.vcpu_threads = threads,
             Err(e) => return ExitReason::Error(format!("cannot start the vCPU threads: {e}")),

@@ -170,6 +170,9 @@ fn write_lapic(lapic: &mut kvm_lapic_state, offset: usize, value: u32) {
     }
 }
 
+/// How long stopping the vCPUs may take in all.
+const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The vCPU threads of a running VM.
 #[derive(Debug, Default)]
 pub struct VcpuThreads {
@@ -186,6 +189,7 @@ impl VcpuThreads {
         pio: Arc<Bus>,
         mmio: Arc<Bus>,
         exit: Arc<ExitNotifier>,
+        init: &crate::devices::virtio::ThreadInit,
     ) -> std::io::Result<Self> {
         vmm_sys_util::signal::register_signal_handler(
             vmm_sys_util::signal::SIGRTMIN(),
@@ -198,38 +202,56 @@ impl VcpuThreads {
             stop: Arc::clone(&stop),
         };
         for vcpu in vcpus {
-            let (pio, mmio, exit, stop) = (
+            let (pio, mmio, exit, stop, init) = (
                 Arc::clone(&pio),
                 Arc::clone(&mmio),
                 Arc::clone(&exit),
                 Arc::clone(&stop),
+                Arc::clone(init),
             );
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{}", vcpu.index()))
-                .spawn(move || vcpu.run(&pio, &mmio, &stop, &exit))?;
+                .spawn(move || {
+                    if let Err(e) = init() {
+                        exit.report(ExitReason::Error(format!(
+                            "cannot confine vCPU {}: {e}",
+                            vcpu.index()
+                        )));
+                        return;
+                    }
+                    vcpu.run(&pio, &mmio, &stop, &exit)
+                })?;
             threads.handles.push(handle);
         }
         Ok(threads)
     }
 
-    /// Stops every vCPU and waits for its thread.
+    /// Stops every vCPU and waits for its thread, for at most
+    /// [`STOP_WAIT`] in all: a vCPU that does not leave (stuck outside
+    /// `KVM_RUN`) is left to the process's exit rather than holding it up.
     pub fn stop(&mut self) {
+        use std::time::{Duration, Instant};
         use vmm_sys_util::signal::Killable;
         self.stop.store(true, Ordering::Release);
+        let deadline = Instant::now() + STOP_WAIT;
         for handle in self.handles.drain(..) {
             // A kick that lands just before the thread enters KVM_RUN is lost,
             // so kick again if it has not stopped, backing off: under nested
             // virtualization every kick is an interrupt storm for the host.
-            let mut wait = std::time::Duration::from_micros(100);
-            while !handle.is_finished() {
+            let mut wait = Duration::from_micros(100);
+            while !handle.is_finished() && Instant::now() < deadline {
                 let _ = handle.kill(vmm_sys_util::signal::SIGRTMIN());
-                let deadline = std::time::Instant::now() + wait;
-                while !handle.is_finished() && std::time::Instant::now() < deadline {
-                    std::thread::sleep(std::time::Duration::from_micros(50));
+                let until = (Instant::now() + wait).min(deadline);
+                while !handle.is_finished() && Instant::now() < until {
+                    std::thread::sleep(Duration::from_micros(50));
                 }
-                wait = (wait * 2).min(std::time::Duration::from_millis(50));
+                wait = (wait * 2).min(Duration::from_millis(50));
             }
-            let _ = handle.join();
+            if handle.is_finished() {
+                let _ = handle.join();
+            } else {
+                tracing::warn!("a vCPU did not stop within {STOP_WAIT:?}; leaving it to the exit");
+            }
         }
     }
 }

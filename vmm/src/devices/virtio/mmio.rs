@@ -71,17 +71,27 @@ pub struct MmioTransport {
     driver_features_select: u32,
     acked_features: u64,
     status: u32,
-    worker: Option<WorkerHandle>,
+    /// The device's queue-serving thread, for the VM's whole life.
+    worker: WorkerHandle,
+    activated: bool,
+    /// The worker did not let go of the queues within the bound at a
+    /// reset: the device stays failed.
+    broken: bool,
 }
+
+/// How long a reset waits for the worker to give the queues back.
+const RESET_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl MmioTransport {
     /// Wraps `device`; `queue_evts` (one per queue) are the eventfds KVM
-    /// signals on `QueueNotify` writes, `interrupt` the device's interrupt line.
+    /// signals on `QueueNotify` writes, `interrupt` the device's interrupt
+    /// line, `worker` the thread serving the device's worker half.
     pub fn new(
         device: Box<dyn VirtioDevice>,
         memory: Memory,
         interrupt: Arc<Interrupt>,
         queue_evts: Vec<EventFd>,
+        worker: WorkerHandle,
     ) -> Result<Self, virtio_queue::Error> {
         let queues = new_queues(device.as_ref())?;
         Ok(Self {
@@ -95,12 +105,24 @@ impl MmioTransport {
             driver_features_select: 0,
             acked_features: 0,
             status: 0,
-            worker: None,
+            worker,
+            activated: false,
+            broken: false,
         })
     }
 
     pub fn is_activated(&self) -> bool {
-        self.worker.is_some()
+        self.activated
+    }
+
+    /// The status register: what the driver wrote, and NEEDS_RESET when
+    /// the device cannot serve (its worker failed).
+    fn status(&self) -> u32 {
+        if self.broken || self.worker.failed() {
+            self.status | STATUS_NEEDS_RESET
+        } else {
+            self.status
+        }
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {
@@ -135,7 +157,7 @@ impl MmioTransport {
             REG_QUEUE_NUM_MAX => queue.map_or(0, |q| u32::from(q.max_size())),
             REG_QUEUE_READY => queue.map_or(0, |q| u32::from(q.ready())),
             REG_INTERRUPT_STATUS => self.interrupt.status(),
-            REG_STATUS => self.status,
+            REG_STATUS => self.status(),
             REG_CONFIG_GENERATION => self.device.config_generation(),
             _ => {
                 crate::guest_warn!(offset, "guest read an unknown virtio-mmio register");
@@ -267,6 +289,10 @@ impl MmioTransport {
     }
 
     fn activate(&mut self) {
+        if self.broken || self.worker.failed() {
+            crate::guest_warn!("guest activated a virtio device that has failed");
+            return;
+        }
         let memory = self.memory.memory();
         if let Some(index) = self.queues.iter().position(|q| !q.is_valid(memory)) {
             crate::guest_warn!(
@@ -305,23 +331,21 @@ impl MmioTransport {
             interrupt: Arc::clone(&self.interrupt),
             acked_features: self.acked_features,
         };
-        match self.device.activate(ctx) {
-            Ok(worker) => self.worker = Some(worker),
-            Err(e) => {
-                tracing::error!(
-                    device = self.device.device_type(),
-                    "cannot activate a virtio device: {e}"
-                );
-                self.status |= STATUS_NEEDS_RESET;
-            }
-        }
+        self.worker.activate(ctx);
+        self.activated = true;
     }
 
-    /// Back to the state after power-on. A device that was running keeps its
-    /// worker stopped; our devices are not restarted after a reset (Linux
-    /// resets a device only when it shuts down).
+    /// Back to the state after power-on. The worker gives the queues back
+    /// (within [`RESET_WAIT`]; one that does not leaves the device failed
+    /// rather than a vCPU waiting) and waits idle for the next activation.
     fn reset(&mut self) {
-        self.worker = None;
+        if std::mem::take(&mut self.activated) && !self.worker.deactivate(RESET_WAIT) {
+            tracing::error!(
+                device = self.device.device_type(),
+                "a virtio device's worker did not stop within {RESET_WAIT:?}; the device stays failed"
+            );
+            self.broken = true;
+        }
         self.status = 0;
         self.acked_features = 0;
         self.queue_select = 0;
@@ -391,26 +415,34 @@ impl BusDevice for MmioTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::{ActivateError, read_config_bytes};
+    use crate::devices::virtio::{ActivateError, EventSetup, Worker, no_init, read_config_bytes};
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     #[derive(Debug)]
-    struct Dummy {
+    struct Dummy;
+
+    /// Counts activations; `stuck` makes deactivation take longer than a
+    /// reset waits.
+    struct Counting {
         activations: Arc<AtomicUsize>,
+        stuck: bool,
     }
 
-    struct Idle;
-    impl super::super::Worker for Idle {
-        fn init(&mut self, _: &super::super::worker::EventSetup<'_>) -> std::io::Result<()> {
+    impl Worker for Counting {
+        fn activate(
+            &mut self,
+            _: ActivateContext,
+            _: &EventSetup<'_>,
+        ) -> Result<(), ActivateError> {
+            self.activations.fetch_add(1, Ordering::SeqCst);
             Ok(())
         }
-        fn handle(
-            &mut self,
-            _: u64,
-            _: vmm_sys_util::epoll::EventSet,
-            _: &super::super::worker::EventSetup<'_>,
-        ) {
+        fn deactivate(&mut self, _: &EventSetup<'_>) {
+            if self.stuck {
+                std::thread::sleep(RESET_WAIT * 2);
+            }
         }
+        fn handle(&mut self, _: u64, _: vmm_sys_util::epoll::EventSet, _: &EventSetup<'_>) {}
     }
 
     impl VirtioDevice for Dummy {
@@ -426,24 +458,35 @@ mod tests {
         fn read_config(&self, offset: u64, data: &mut [u8]) {
             read_config_bytes(&[1, 2, 3, 4], offset, data);
         }
-        fn activate(&mut self, _: ActivateContext) -> Result<WorkerHandle, ActivateError> {
-            self.activations.fetch_add(1, Ordering::SeqCst);
-            Ok(WorkerHandle::spawn("dummy", Idle)?)
+        fn take_worker(&mut self) -> Option<Box<dyn Worker>> {
+            None
         }
     }
 
-    fn transport() -> (MmioTransport, Arc<AtomicUsize>) {
+    fn transport_with(stuck: bool) -> (MmioTransport, Arc<AtomicUsize>) {
         let activations = Arc::new(AtomicUsize::new(0));
         let ram = Arc::new(crate::memory::GuestRam::new(1 << 20).unwrap());
         let interrupt = Arc::new(Interrupt::new(EventFd::new(0).unwrap()));
-        let device = Box::new(Dummy {
+        let worker = Box::new(Counting {
             activations: Arc::clone(&activations),
+            stuck,
         });
+        let worker = WorkerHandle::spawn("dummy", worker, no_init()).unwrap();
         let evts = vec![EventFd::new(0).unwrap()];
         (
-            MmioTransport::new(device, ram, interrupt, evts).unwrap(),
+            MmioTransport::new(Box::new(Dummy), ram, interrupt, evts, worker).unwrap(),
             activations,
         )
+    }
+
+    fn transport() -> (MmioTransport, Arc<AtomicUsize>) {
+        transport_with(false)
+    }
+
+    /// Activations the worker has seen once it caught up.
+    fn seen(t: &MmioTransport, count: &AtomicUsize) -> usize {
+        assert!(t.worker.sync(std::time::Duration::from_secs(5)));
+        count.load(Ordering::SeqCst)
     }
 
     fn read(t: &mut MmioTransport, offset: u64) -> u32 {
@@ -491,7 +534,7 @@ mod tests {
         negotiate(&mut t);
         setup_queue(&mut t, 16);
         write(&mut t, REG_STATUS, ALL_OK);
-        assert_eq!(activations.load(Ordering::SeqCst), 1);
+        assert_eq!(seen(&t, &activations), 1);
         assert!(t.is_activated());
         let mut config = [0u8; 2];
         t.read(REG_CONFIG + 2, &mut config);
@@ -509,7 +552,7 @@ mod tests {
         // The used ring past the end of the 1 MiB of RAM.
         write(&mut t, REG_QUEUE_DEVICE_LOW, 0x10_0000);
         write(&mut t, REG_STATUS, ALL_OK);
-        assert_eq!(activations.load(Ordering::SeqCst), 0);
+        assert_eq!(seen(&t, &activations), 0);
         assert_ne!(read(&mut t, REG_STATUS) & STATUS_NEEDS_RESET, 0);
     }
 
@@ -522,7 +565,7 @@ mod tests {
         setup_queue(&mut t, 1024);
         assert_ne!(read(&mut t, REG_STATUS) & STATUS_NEEDS_RESET, 0);
         write(&mut t, REG_STATUS, ALL_OK);
-        assert_eq!(activations.load(Ordering::SeqCst), 0);
+        assert_eq!(seen(&t, &activations), 0);
         // Queue registers are ignored before FEATURES_OK.
         let (mut t, _) = transport();
         write(&mut t, REG_QUEUE_NUM, 8);
@@ -541,5 +584,28 @@ mod tests {
             STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
         );
         assert_eq!(read(&mut t, REG_STATUS) & STATUS_FEATURES_OK, 0);
+    }
+
+    #[test]
+    fn a_reset_waits_a_bounded_time_and_a_device_reactivates_after_it() {
+        let (mut t, activations) = transport();
+        for round in 1..=2 {
+            negotiate(&mut t);
+            setup_queue(&mut t, 16);
+            write(&mut t, REG_STATUS, ALL_OK);
+            assert_eq!(seen(&t, &activations), round);
+            write(&mut t, REG_STATUS, 0);
+            assert_eq!(read(&mut t, REG_STATUS), 0);
+        }
+        // A worker that does not give its queues back in time: the vCPU
+        // is released after the bound and the device reports it failed.
+        let (mut t, _) = transport_with(true);
+        negotiate(&mut t);
+        setup_queue(&mut t, 16);
+        write(&mut t, REG_STATUS, ALL_OK);
+        let started = std::time::Instant::now();
+        write(&mut t, REG_STATUS, 0);
+        assert!(started.elapsed() < RESET_WAIT * 2);
+        assert_ne!(read(&mut t, REG_STATUS) & STATUS_NEEDS_RESET, 0);
     }
 }

@@ -21,7 +21,7 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::memory::GuestRam;
-pub use worker::{Worker, WorkerError, WorkerHandle};
+pub use worker::{EventSetup, ThreadInit, Worker, WorkerError, WorkerHandle, no_init};
 
 /// `VIRTIO_F_VERSION_1`: the device speaks virtio 1.x (no legacy layout).
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
@@ -95,10 +95,8 @@ pub struct ActivateContext {
 pub enum ActivateError {
     #[error("the driver set up {got} queues, the device has {want}")]
     QueueCount { got: usize, want: usize },
-    #[error("cannot start the device worker")]
-    Worker(#[from] WorkerError),
-    #[error("cannot set up the device: {0}")]
-    Setup(String),
+    #[error("cannot watch the device's queues")]
+    Watch(#[source] std::io::Error),
 }
 
 /// A virtio device, as the MMIO transport sees it.
@@ -125,8 +123,9 @@ pub trait VirtioDevice: Send + std::fmt::Debug {
             "guest wrote read-only virtio config space"
         );
     }
-    /// Starts serving the queues; the returned handle stops the worker when dropped.
-    fn activate(&mut self, ctx: ActivateContext) -> Result<WorkerHandle, ActivateError>;
+    /// The half of the device that serves its queues on a thread of its
+    /// own; handed over once, when the VM is built.
+    fn take_worker(&mut self) -> Option<Box<dyn Worker>>;
 }
 
 /// Copies `config[offset..]` into `data`, zero-filling past its end.

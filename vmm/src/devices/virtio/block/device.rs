@@ -12,9 +12,8 @@ use vmm_sys_util::eventfd::EventFd;
 use super::request::{BlockMetrics, Disk, process_queue};
 use super::{DEVICE_TYPE, F_FLUSH, F_RO, F_SEG_MAX, ID_LEN, QUEUE_SIZE, SECTOR_SHIFT};
 use crate::devices::bus::lock;
-use crate::devices::virtio::worker::EventSetup;
 use crate::devices::virtio::{
-    ActivateContext, ActivateError, Interrupt, Memory, VirtioDevice, Worker, WorkerHandle,
+    ActivateContext, ActivateError, EventSetup, Interrupt, Memory, VirtioDevice, Worker,
     read_config_bytes,
 };
 
@@ -25,6 +24,8 @@ pub enum BlockError {
     Open(String, #[source] std::io::Error),
     #[error("disk image {0} is {1} bytes, not a whole number of 512-byte sectors")]
     Size(String, u64),
+    #[error("disk image {0} is not a regular file")]
+    NotAFile(String),
 }
 
 /// What a disk slot serves: an image file, or nothing (a spare slot that
@@ -48,10 +49,20 @@ impl Backing {
             .write(!read_only)
             .open(path)
             .map_err(|e| BlockError::Open(name.clone(), e))?;
-        let size = file
+        Self::from_file(file, &name, id)
+    }
+
+    /// Serves an image the caller opened (`name` is for messages). It must
+    /// be a regular file of whole sectors.
+    pub fn from_file(file: File, name: &str, id: Option<&str>) -> Result<Self, BlockError> {
+        let name = name.to_owned();
+        let metadata = file
             .metadata()
-            .map_err(|e| BlockError::Open(name.clone(), e))?
-            .len();
+            .map_err(|e| BlockError::Open(name.clone(), e))?;
+        if !metadata.is_file() {
+            return Err(BlockError::NotAFile(name));
+        }
+        let size = metadata.len();
         if size % (1 << SECTOR_SHIFT) != 0 {
             return Err(BlockError::Size(name, size));
         }
@@ -101,25 +112,33 @@ impl Backing {
 pub struct Block {
     backing: Arc<Mutex<Backing>>,
     read_only: bool,
-    activated: bool,
+    worker: Option<BlockWorker>,
 }
 
 impl Block {
     /// A disk with `path` attached for the life of the VM.
     pub fn open(path: &Path, read_only: bool, id: Option<&str>) -> Result<Self, BlockError> {
-        Ok(Self {
-            backing: Arc::new(Mutex::new(Backing::open(path, read_only, id)?)),
+        Ok(Self::with(
+            Arc::new(Mutex::new(Backing::open(path, read_only, id)?)),
             read_only,
-            activated: false,
-        })
+        ))
     }
 
     /// An empty, read-only slot that images are attached to later.
     pub fn spare() -> Self {
+        Self::with(Arc::default(), true)
+    }
+
+    fn with(backing: Arc<Mutex<Backing>>, read_only: bool) -> Self {
         Self {
-            backing: Arc::default(),
-            read_only: true,
-            activated: false,
+            worker: Some(BlockWorker {
+                backing: Arc::clone(&backing),
+                read_only,
+                active: None,
+                metrics: BlockMetrics::default(),
+            }),
+            backing,
+            read_only,
         }
     }
 
@@ -154,7 +173,37 @@ impl VirtioDevice for Block {
         lock(&self.backing).generation
     }
 
-    fn activate(&mut self, ctx: ActivateContext) -> Result<WorkerHandle, ActivateError> {
+    fn take_worker(&mut self) -> Option<Box<dyn Worker>> {
+        self.worker
+            .take()
+            .map(|worker| Box::new(worker) as Box<dyn Worker>)
+    }
+}
+
+/// The queue the driver set up, while the device is active.
+#[derive(Debug)]
+struct Active {
+    memory: Memory,
+    queue: Queue,
+    queue_evt: EventFd,
+    interrupt: Arc<Interrupt>,
+}
+
+/// Serves the disk's queue on the device's worker thread.
+#[derive(Debug)]
+pub struct BlockWorker {
+    backing: Arc<Mutex<Backing>>,
+    read_only: bool,
+    active: Option<Active>,
+    metrics: BlockMetrics,
+}
+
+impl Worker for BlockWorker {
+    fn activate(
+        &mut self,
+        ctx: ActivateContext,
+        setup: &EventSetup<'_>,
+    ) -> Result<(), ActivateError> {
         let got = ctx.queues.len();
         let (Some(queue), Some(queue_evt)) = (
             ctx.queues.into_iter().next(),
@@ -162,49 +211,37 @@ impl VirtioDevice for Block {
         ) else {
             return Err(ActivateError::QueueCount { got, want: 1 });
         };
-        if std::mem::replace(&mut self.activated, true) {
-            return Err(ActivateError::Setup(
-                "the disk was already activated once".into(),
-            ));
-        }
-        let worker = BlockWorker {
+        setup
+            .add(queue_evt.as_raw_fd(), 0, EventSet::IN)
+            .map_err(ActivateError::Watch)?;
+        self.active = Some(Active {
             memory: ctx.memory,
             queue,
             queue_evt,
             interrupt: ctx.interrupt,
-            backing: Arc::clone(&self.backing),
-            read_only: self.read_only,
-            metrics: BlockMetrics::default(),
-        };
-        Ok(WorkerHandle::spawn("virtio-blk", worker)?)
+        });
+        Ok(())
     }
-}
 
-struct BlockWorker {
-    memory: Memory,
-    queue: Queue,
-    queue_evt: EventFd,
-    interrupt: Arc<Interrupt>,
-    backing: Arc<Mutex<Backing>>,
-    read_only: bool,
-    metrics: BlockMetrics,
-}
-
-impl Worker for BlockWorker {
-    fn init(&mut self, setup: &EventSetup<'_>) -> std::io::Result<()> {
-        setup.add(self.queue_evt.as_raw_fd(), 0, EventSet::IN)
+    fn deactivate(&mut self, setup: &EventSetup<'_>) {
+        if let Some(active) = self.active.take() {
+            setup.remove(active.queue_evt.as_raw_fd());
+        }
     }
 
     fn handle(&mut self, _token: u64, _events: EventSet, _setup: &EventSetup<'_>) {
-        let _ = self.queue_evt.read();
+        let Some(active) = &mut self.active else {
+            return;
+        };
+        let _ = active.queue_evt.read();
         let backing = lock(&self.backing);
         if process_queue(
-            &mut self.queue,
-            self.memory.memory(),
+            &mut active.queue,
+            active.memory.memory(),
             &backing.disk(self.read_only),
             &mut self.metrics,
         ) {
-            self.interrupt.signal_used_queue();
+            active.interrupt.signal_used_queue();
         }
     }
 }

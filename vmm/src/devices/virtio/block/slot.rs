@@ -11,7 +11,7 @@
 //!   empty ──attach(path, id)──▶ attached(id) ──detach(id)──▶ empty
 //! ```
 
-use std::path::Path;
+use std::fs::File;
 use std::sync::{Arc, Mutex};
 
 use super::ID_LEN;
@@ -86,9 +86,10 @@ impl DiskSlots {
         self.slots.is_empty()
     }
 
-    /// Attaches the image at `path`, read-only, with serial `id`, to the
-    /// first free slot; returns the slot's index.
-    pub fn attach(&self, path: &Path, id: &str) -> Result<usize, SlotError> {
+    /// Attaches the image `file` (opened by the host; `name` is for
+    /// messages), read-only, with serial `id`, to the first free slot;
+    /// returns the slot's index.
+    pub fn attach(&self, file: File, name: &str, id: &str) -> Result<usize, SlotError> {
         let valid = |c: char| c.is_ascii_alphanumeric() || "-_.".contains(c);
         if id.is_empty() || id.len() > ID_LEN || !id.chars().all(valid) {
             return Err(SlotError::BadId(id.to_owned()));
@@ -103,13 +104,9 @@ impl DiskSlots {
             .enumerate()
             .find(|(_, slot)| slot.is_empty())
             .ok_or(SlotError::Full(self.slots.len()))?;
-        let name = path.display().to_string();
-        let regular = std::fs::metadata(path)
-            .map_err(|e| BlockError::Open(name.clone(), e))?
-            .is_file();
-        let backing = Backing::open(path, true, Some(id))?;
-        if !regular || backing.capacity_sectors() == 0 {
-            return Err(SlotError::NotAFile(name));
+        let backing = Backing::from_file(file, name, Some(id))?;
+        if backing.capacity_sectors() == 0 {
+            return Err(SlotError::NotAFile(name.to_owned()));
         }
         slot.replace(backing);
         Ok(index)
@@ -133,6 +130,11 @@ impl DiskSlots {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
+
+    fn open(path: &Path) -> File {
+        File::open(path).unwrap()
+    }
     use crate::devices::virtio::block::Block;
     use crate::devices::virtio::{INT_CONFIG, VirtioDevice};
     use vmm_sys_util::eventfd::EventFd;
@@ -169,17 +171,17 @@ mod tests {
         assert!(blocks[0].features() & super::super::F_RO != 0);
         let img = image(8);
         let generation = blocks[0].config_generation();
-        assert_eq!(slots.attach(img.path(), "c1").unwrap(), 0);
+        assert_eq!(slots.attach(open(img.path()), "img", "c1").unwrap(), 0);
         assert_eq!(capacity(&blocks[0]), 8);
         assert_ne!(blocks[0].config_generation(), generation);
         assert_eq!(irqs[0].status() & INT_CONFIG, INT_CONFIG);
         assert_eq!(irqs[1].status(), 0);
 
         // The next image goes to the next free slot; a detached slot is reused.
-        assert_eq!(slots.attach(img.path(), "c2").unwrap(), 1);
+        assert_eq!(slots.attach(open(img.path()), "img", "c2").unwrap(), 1);
         assert_eq!(slots.detach("c1").unwrap(), 0);
         assert_eq!(capacity(&blocks[0]), 0);
-        assert_eq!(slots.attach(img.path(), "c3").unwrap(), 0);
+        assert_eq!(slots.attach(open(img.path()), "img", "c3").unwrap(), 0);
         assert_eq!(capacity(&blocks[0]), 8);
     }
 
@@ -195,12 +197,14 @@ mod tests {
             (img.path(), "", "disk id"),
             (img.path(), "a/b", "disk id"),
             (img.path(), "twenty-one-bytes-long", "disk id"),
-            (Path::new("/nonexistent/x.img"), "x", "cannot open"),
             (dir.path(), "x", "not a regular"),
             (empty.path(), "x", "not a regular"),
             (odd.path(), "x", "whole number"),
         ] {
-            let error = slots.attach(path, id).unwrap_err().to_string();
+            let error = slots
+                .attach(open(path), "test", id)
+                .unwrap_err()
+                .to_string();
             assert!(error.contains(want), "{id:?}: {error}");
             assert_eq!(capacity(&blocks[0]), 0);
         }
@@ -211,10 +215,16 @@ mod tests {
                 .to_string()
                 .contains("no image")
         );
-        slots.attach(img.path(), "a").unwrap();
-        let dup = slots.attach(img.path(), "a").unwrap_err().to_string();
+        slots.attach(open(img.path()), "img", "a").unwrap();
+        let dup = slots
+            .attach(open(img.path()), "img", "a")
+            .unwrap_err()
+            .to_string();
         assert!(dup.contains("already attached"), "{dup}");
-        let full = slots.attach(img.path(), "b").unwrap_err().to_string();
+        let full = slots
+            .attach(open(img.path()), "img", "b")
+            .unwrap_err()
+            .to_string();
         assert!(full.contains("all 1 spare disk slots"), "{full}");
     }
 }

@@ -12,10 +12,9 @@ use vmm_sys_util::eventfd::EventFd;
 use super::muxer::{Muxer, token_fd};
 use super::packet::{read_tx, rx_capacity, write_rx};
 use super::{DEVICE_TYPE, QUEUE_SIZE};
-use crate::devices::virtio::worker::EventSetup;
 use crate::devices::virtio::{
-    ActivateContext, ActivateError, Interrupt, Memory, VirtioDevice, Worker, WorkerHandle,
-    add_used, read_chain, read_config_bytes,
+    ActivateContext, ActivateError, EventSetup, Interrupt, Memory, VirtioDevice, Worker, add_used,
+    read_chain, read_config_bytes,
 };
 
 const TOKEN_RX: u64 = 0;
@@ -43,23 +42,27 @@ impl Drop for SocketPath {
 /// virtio-vsock backed by a Unix socket.
 #[derive(Debug)]
 pub struct Vsock {
-    cid: u64,
-    path: SocketPath,
-    listener: Option<UnixListener>,
+    /// Held, not used: dropping the device removes the socket's path.
+    _path: SocketPath,
     config: [u8; 8],
+    worker: Option<VsockWorker>,
 }
 
 impl Vsock {
-    /// Listens on `uds` (which must not exist) for host connections.
+    /// Listens on `uds` (which must not exist) for host connections. The
+    /// socket is made with the process's umask (the VMM sets 077).
     pub fn new(cid: u32, uds: &Path) -> Result<Self, VsockError> {
         let listener = UnixListener::bind(uds)
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
             .map_err(|e| VsockError::Bind(uds.to_owned(), e))?;
+        let cid = u64::from(cid);
         Ok(Self {
-            cid: u64::from(cid),
-            path: SocketPath(uds.to_owned()),
-            listener: Some(listener),
-            config: u64::from(cid).to_le_bytes(),
+            _path: SocketPath(uds.to_owned()),
+            config: cid.to_le_bytes(),
+            worker: Some(VsockWorker {
+                active: None,
+                muxer: Muxer::new(cid, uds, listener),
+            }),
         })
     }
 }
@@ -81,49 +84,46 @@ impl VirtioDevice for Vsock {
         read_config_bytes(&self.config, offset, data);
     }
 
-    fn activate(&mut self, ctx: ActivateContext) -> Result<WorkerHandle, ActivateError> {
-        if ctx.queues.len() != 3 || ctx.queue_evts.len() != 3 {
-            return Err(ActivateError::QueueCount {
-                got: ctx.queues.len(),
-                want: 3,
-            });
-        }
-        let listener = self
-            .listener
+    fn take_worker(&mut self) -> Option<Box<dyn Worker>> {
+        self.worker
             .take()
-            .ok_or_else(|| ActivateError::Setup("vsock was already activated once".into()))?;
-        let mut queues = ctx.queues.into_iter();
-        let mut evts = ctx.queue_evts.into_iter();
-        let mut next = || queues.next().zip(evts.next());
-        let (Some(rx), Some(tx), Some(event)) = (next(), next(), next()) else {
-            return Err(ActivateError::QueueCount { got: 0, want: 3 });
-        };
-        let worker = VsockWorker {
-            memory: ctx.memory,
-            rx,
-            tx,
-            event,
-            interrupt: ctx.interrupt,
-            muxer: Muxer::new(self.cid, &self.path.0, listener),
-        };
-        Ok(WorkerHandle::spawn("virtio-vsock", worker)?)
+            .map(|worker| Box::new(worker) as Box<dyn Worker>)
     }
 }
 
-struct VsockWorker {
+/// The queues the driver set up, while the device is active.
+struct Active {
     memory: Memory,
     rx: (Queue, EventFd),
     tx: (Queue, EventFd),
     event: (Queue, EventFd),
     interrupt: std::sync::Arc<Interrupt>,
+}
+
+/// Serves the vsock queues and the host sockets on the device's worker
+/// thread. The listener outlives a device reset; connections do not.
+pub struct VsockWorker {
+    active: Option<Active>,
     muxer: Muxer,
+}
+
+impl std::fmt::Debug for VsockWorker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VsockWorker")
+            .field("active", &self.active.is_some())
+            .field("muxer", &self.muxer)
+            .finish()
+    }
 }
 
 impl VsockWorker {
     /// Takes every packet the guest queued on TX.
     fn process_tx(&mut self, setup: &EventSetup<'_>) -> bool {
-        let memory = self.memory.memory();
-        let queue = &mut self.tx.0;
+        let Some(active) = &mut self.active else {
+            return false;
+        };
+        let memory = active.memory.memory();
+        let queue = &mut active.tx.0;
         let mut used = false;
         while let Some(chain) = queue.pop_descriptor_chain(memory) {
             let head = chain.head_index();
@@ -145,8 +145,11 @@ impl VsockWorker {
 
     /// Fills guest RX buffers with whatever the muxer has for the guest.
     fn process_rx(&mut self, setup: &EventSetup<'_>) -> bool {
-        let memory = self.memory.memory();
-        let queue = &mut self.rx.0;
+        let Some(active) = &mut self.active else {
+            return false;
+        };
+        let memory = active.memory.memory();
+        let queue = &mut active.rx.0;
         let mut used = false;
         while self.muxer.has_rx() {
             let Some(chain) = queue.pop_descriptor_chain(memory) else {
@@ -185,26 +188,67 @@ impl VsockWorker {
 }
 
 impl Worker for VsockWorker {
-    fn init(&mut self, setup: &EventSetup<'_>) -> std::io::Result<()> {
-        setup.add(self.rx.1.as_raw_fd(), TOKEN_RX, EventSet::IN)?;
-        setup.add(self.tx.1.as_raw_fd(), TOKEN_TX, EventSet::IN)?;
-        setup.add(self.event.1.as_raw_fd(), TOKEN_EVENT, EventSet::IN)?;
-        setup.add(self.muxer.listener_fd(), TOKEN_LISTENER, EventSet::IN)
+    fn activate(
+        &mut self,
+        ctx: ActivateContext,
+        setup: &EventSetup<'_>,
+    ) -> Result<(), ActivateError> {
+        let got = ctx.queues.len();
+        let mut queues = ctx.queues.into_iter().zip(ctx.queue_evts);
+        let (Some(rx), Some(tx), Some(event)) = (queues.next(), queues.next(), queues.next())
+        else {
+            return Err(ActivateError::QueueCount { got, want: 3 });
+        };
+        for (fd, token) in [
+            (rx.1.as_raw_fd(), TOKEN_RX),
+            (tx.1.as_raw_fd(), TOKEN_TX),
+            (event.1.as_raw_fd(), TOKEN_EVENT),
+            (self.muxer.listener_fd(), TOKEN_LISTENER),
+        ] {
+            setup
+                .add(fd, token, EventSet::IN)
+                .map_err(ActivateError::Watch)?;
+        }
+        self.active = Some(Active {
+            memory: ctx.memory,
+            rx,
+            tx,
+            event,
+            interrupt: ctx.interrupt,
+        });
+        Ok(())
+    }
+
+    fn deactivate(&mut self, setup: &EventSetup<'_>) {
+        if let Some(active) = self.active.take() {
+            for fd in [
+                active.rx.1.as_raw_fd(),
+                active.tx.1.as_raw_fd(),
+                active.event.1.as_raw_fd(),
+                self.muxer.listener_fd(),
+            ] {
+                setup.remove(fd);
+            }
+        }
+        self.muxer.reset_all(setup);
     }
 
     fn handle(&mut self, token: u64, events: EventSet, setup: &EventSetup<'_>) {
+        let Some(active) = &self.active else {
+            return;
+        };
         let mut used = false;
         match token {
             TOKEN_RX => {
-                let _ = self.rx.1.read();
+                let _ = active.rx.1.read();
             }
             TOKEN_TX => {
-                let _ = self.tx.1.read();
+                let _ = active.tx.1.read();
                 used |= self.process_tx(setup);
             }
             TOKEN_EVENT => {
                 // We never send transport events; nothing to do.
-                let _ = self.event.1.read();
+                let _ = active.event.1.read();
             }
             TOKEN_LISTENER => self.muxer.handle_listener(setup),
             other => match token_fd(other) {
@@ -213,8 +257,8 @@ impl Worker for VsockWorker {
             },
         }
         used |= self.process_rx(setup);
-        if used {
-            self.interrupt.signal_used_queue();
+        if used && let Some(active) = &self.active {
+            active.interrupt.signal_used_queue();
         }
     }
 }
@@ -265,11 +309,13 @@ mod tests {
         let listener = UnixListener::bind(&uds).unwrap();
         listener.set_nonblocking(true).unwrap();
         let mut worker = VsockWorker {
-            memory: Arc::clone(&ram),
-            rx: (rx_mock.create_queue().unwrap(), EventFd::new(0).unwrap()),
-            tx: (tx_mock.create_queue().unwrap(), EventFd::new(0).unwrap()),
-            event: (Queue::new(16).unwrap(), EventFd::new(0).unwrap()),
-            interrupt: Arc::new(Interrupt::new(EventFd::new(0).unwrap())),
+            active: Some(Active {
+                memory: Arc::clone(&ram),
+                rx: (rx_mock.create_queue().unwrap(), EventFd::new(0).unwrap()),
+                tx: (tx_mock.create_queue().unwrap(), EventFd::new(0).unwrap()),
+                event: (Queue::new(16).unwrap(), EventFd::new(0).unwrap()),
+                interrupt: Arc::new(Interrupt::new(EventFd::new(0).unwrap())),
+            }),
             muxer: Muxer::new(CID, &uds, listener),
         };
 

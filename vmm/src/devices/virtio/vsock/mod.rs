@@ -10,9 +10,11 @@
 //! Then bytes flow both ways as RW packets, with credit-based flow control:
 //! each side advertises its buffer (`buf_alloc`) and how much it has consumed
 //! (`fwd_cnt`), and never sends more than the other can hold. The pieces:
-//! [`packet`] (headers, reading and writing chains), [`muxer`] (connections,
-//! sockets, the protocol state machine), [`device`] (the virtio device).
+//! [`packet`] (headers, reading and writing chains), [`connection`] (one
+//! connection's protocol state machine, pure), [`muxer`] (routing, host
+//! sockets and their epoll interest), [`device`] (the virtio device).
 
+mod connection;
 mod device;
 pub mod muxer;
 pub mod packet;

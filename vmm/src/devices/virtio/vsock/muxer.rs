@@ -1,35 +1,46 @@
-//! Connections between the guest and host Unix sockets: the vsock protocol
-//! state machine, credit accounting, and the hybrid-vsock handshake.
+//! Connections between the guest and host Unix sockets: packet routing,
+//! the host sockets and their epoll interest, and the hybrid-vsock
+//! handshake. The protocol state of each connection is
+//! [`Connection`](super::connection::Connection), a pure state machine;
+//! this module does the I/O it asks for.
 //!
 //! ```text
-//!  host-initiated:  accepted ──"CONNECT p\n"──▶ AwaitingResponse ──RESPONSE──▶ Established
-//!                                        (REQUEST sent)             └──RST──▶ closed
-//!  guest-initiated: REQUEST ──connect <uds>_p ok──▶ Established (RESPONSE sent)
-//!                           └──refused──▶ RST sent
-//!  Established ──SHUTDOWN both──▶ draining (what the guest sent reaches the host) ──▶ closed, RST sent
-//!  Established ──RST / socket error──▶ closed (RST sent unless received)
+//!  host-initiated:  accepted ──"CONNECT p\n"──▶ REQUEST to the guest ──RESPONSE──▶ "OK <port>\n"
+//!  guest-initiated: REQUEST ──non-blocking connect <uds>_p──▶ RESPONSE (or RST when refused,
+//!                                                              the listener's backlog full included)
 //! ```
+//!
+//! What a host socket is watched for is derived from its connection's
+//! state after every change ([`Muxer::sync`]): readable while the guest has
+//! credit and the connection is not already waiting its turn to be read,
+//! writable while bytes wait for the host, and not watched at all when
+//! neither (so a hung-up socket whose guest posts no RX buffers is not
+//! reported again and again: epoll reports a hang-up whatever the interest,
+//! unless the fd is out of the set). A connection waits in the RX queue at
+//! most once, so the queue is bounded by the connection count.
 //!
 //! Nothing here trusts the guest: a packet with the wrong CIDs, type or op,
 //! for a connection that does not exist, or with more data than the credit
 //! we gave, gets an RST (never for an RST) and a rate-limited log line. The
 //! memory the muxer holds is bounded: [`MAX_CONNECTIONS`] connections with
-//! at most [`CONN_BUF_ALLOC`] bytes buffered towards the host each, and a
-//! bounded queue of control packets towards the guest.
+//! at most [`CONN_BUF_ALLOC`] bytes buffered towards the host each, the RX
+//! queue, and a bounded queue of control packets towards the guest.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
 use std::net::Shutdown;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
 use vmm_sys_util::epoll::EventSet;
 
+use super::connection::{Connection, State, Verdict};
 use super::packet::Header;
 use super::{
-    CONN_BUF_ALLOC, HOST_CID, MAX_CONNECTIONS, MAX_PAYLOAD, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE,
-    OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW, OP_SHUTDOWN, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM,
+    CONN_BUF_ALLOC, HOST_CID, MAX_CONNECTIONS, OP_CREDIT_UPDATE, OP_REQUEST, OP_RST, OP_RW,
+    OP_SHUTDOWN, SHUTDOWN_SEND, TYPE_STREAM,
 };
 use crate::devices::virtio::worker::EventSetup;
 
@@ -43,8 +54,6 @@ const MAX_CONNECT_LINE: usize = 32;
 const MAX_CONTROL_BACKLOG: usize = 4 * MAX_CONNECTIONS;
 /// First host port handed out to host-initiated connections.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
-/// Send a credit update once the guest believes we have less room than this.
-const CREDIT_UPDATE_THRESHOLD: u32 = CONN_BUF_ALLOC / 4;
 
 /// A connection: our (host) port and the guest's port.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -63,73 +72,15 @@ pub struct VsockMetrics {
     pub invalid_packets: u64,
 }
 
-#[derive(Debug, PartialEq, Eq)]
-enum State {
-    /// Host-initiated: REQUEST sent, waiting for the guest.
-    AwaitingResponse,
-    Established,
-}
-
+/// A connection and its host socket.
 #[derive(Debug)]
-struct Connection {
+struct Entry {
+    conn: Connection,
     stream: UnixStream,
-    state: State,
-    /// Bytes from the guest not yet written to the socket.
-    to_host: VecDeque<u8>,
-    /// Bytes received from the guest, and written on to the host.
-    recv_cnt: u32,
-    fwd_cnt: u32,
-    /// `fwd_cnt` as the guest last heard it.
-    fwd_cnt_sent: u32,
-    /// The guest's buffer and how much of what we sent it has consumed.
-    peer_buf_alloc: u32,
-    peer_fwd_cnt: u32,
-    /// Bytes sent to the guest.
-    tx_cnt: u32,
-    guest_shut_send: bool,
-    /// The guest shut both directions: close once `to_host` is written.
-    guest_done: bool,
-    host_eof: bool,
-    /// Waiting in `rx_ready` or for credit; not polled for input meanwhile.
-    reading: bool,
-    interest: EventSet,
-}
-
-impl Connection {
-    fn new(stream: UnixStream, state: State) -> Self {
-        Self {
-            stream,
-            state,
-            to_host: VecDeque::new(),
-            recv_cnt: 0,
-            fwd_cnt: 0,
-            fwd_cnt_sent: 0,
-            peer_buf_alloc: 0,
-            peer_fwd_cnt: 0,
-            tx_cnt: 0,
-            guest_shut_send: false,
-            guest_done: false,
-            host_eof: false,
-            reading: false,
-            interest: EventSet::empty(),
-        }
-    }
-
-    /// How many bytes the guest can take now.
-    fn peer_credit(&self) -> u32 {
-        let in_flight = self.tx_cnt.wrapping_sub(self.peer_fwd_cnt);
-        self.peer_buf_alloc.saturating_sub(in_flight)
-    }
-
-    fn update_peer_credit(&mut self, header: &Header) {
-        self.peer_buf_alloc = header.buf_alloc;
-        self.peer_fwd_cnt = header.fwd_cnt;
-    }
-
-    /// Room the guest believes we have left.
-    fn credit_seen_by_guest(&self) -> u32 {
-        CONN_BUF_ALLOC.saturating_sub(self.recv_cnt.wrapping_sub(self.fwd_cnt_sent))
-    }
+    /// In the RX queue, waiting its turn to be read for the guest.
+    queued: bool,
+    /// What epoll watches the socket for; `None`: not in the set.
+    watched: Option<EventSet>,
 }
 
 /// A host socket that connected to the listener and has not yet said which
@@ -150,9 +101,11 @@ pub struct Muxer {
     uds_path: PathBuf,
     listener: UnixListener,
     pending: HashMap<RawFd, PendingHost>,
-    conns: HashMap<ConnKey, Connection>,
+    conns: HashMap<ConnKey, Entry>,
     by_fd: HashMap<RawFd, ConnKey>,
     control: VecDeque<Header>,
+    /// Connections whose socket is readable and whose guest has room, each
+    /// at most once (`Entry::queued`).
     rx_ready: VecDeque<ConnKey>,
     next_local_port: u32,
     pub metrics: VsockMetrics,
@@ -167,6 +120,45 @@ pub fn token_fd(token: u64) -> Option<RawFd> {
     token
         .checked_sub(STREAM_TOKEN_BASE)
         .and_then(|fd| RawFd::try_from(fd).ok())
+}
+
+/// Connects to the Unix socket at `path` without ever blocking: a
+/// listener whose backlog is full refuses with `WouldBlock` instead of
+/// stalling the device's thread.
+fn connect_nonblocking(path: &std::ffi::OsStr) -> std::io::Result<UnixStream> {
+    // SAFETY: sockaddr_un is plain data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    let bytes = path.as_bytes();
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(std::io::Error::new(
+            ErrorKind::InvalidInput,
+            "socket path too long",
+        ));
+    }
+    addr.sun_family = libc::sa_family_t::try_from(libc::AF_UNIX).unwrap_or_default();
+    for (dst, &src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = libc::c_char::from_ne_bytes([src]);
+    }
+    // SAFETY: socket() takes no pointers; the result is checked.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a new socket that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_un>())
+        .unwrap_or(libc::socklen_t::MAX);
+    // SAFETY: `addr` is a valid, NUL-terminated sockaddr_un of `len` bytes.
+    if unsafe { libc::connect(fd.as_raw_fd(), (&raw const addr).cast(), len) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(UnixStream::from(fd))
 }
 
 impl Muxer {
@@ -194,10 +186,15 @@ impl Muxer {
         self.conns.len()
     }
 
-    fn header(guest_cid: u64, key: ConnKey, op: u16) -> Header {
+    /// Entries waiting in the RX queue (bounded by the connection count).
+    pub fn rx_queue_len(&self) -> usize {
+        self.rx_ready.len()
+    }
+
+    fn header(&self, key: ConnKey, op: u16) -> Header {
         Header {
             src_cid: HOST_CID,
-            dst_cid: guest_cid,
+            dst_cid: self.guest_cid,
             src_port: key.local_port,
             dst_port: key.peer_port,
             type_: TYPE_STREAM,
@@ -213,11 +210,10 @@ impl Muxer {
             crate::guest_warn!(op, "vsock: guest is not reading; control packet dropped");
             return;
         }
-        let mut header = Self::header(self.guest_cid, key, op);
+        let mut header = self.header(key, op);
         header.flags = flags;
-        if let Some(conn) = self.conns.get_mut(&key) {
-            header.fwd_cnt = conn.fwd_cnt;
-            conn.fwd_cnt_sent = conn.fwd_cnt;
+        if let Some(entry) = self.conns.get_mut(&key) {
+            entry.conn.stamp(&mut header);
         }
         if op == OP_RST {
             self.metrics.rst_sent += 1;
@@ -225,29 +221,98 @@ impl Muxer {
         self.control.push_back(header);
     }
 
-    fn set_interest(conn: &mut Connection, interest: EventSet, setup: &EventSetup<'_>) {
-        if conn.interest != interest {
-            let fd = conn.stream.as_raw_fd();
-            if let Err(e) = setup.modify(fd, token(fd), interest) {
-                tracing::error!("vsock: cannot watch a host socket: {e}");
-            }
-            conn.interest = interest;
-        }
-    }
-
     /// Drops a connection and its socket (the host sees EOF).
     fn close(&mut self, key: ConnKey, setup: &EventSetup<'_>) {
-        if let Some(conn) = self.conns.remove(&key) {
-            let fd = conn.stream.as_raw_fd();
-            setup.remove(fd);
+        if let Some(entry) = self.conns.remove(&key) {
+            let fd = entry.stream.as_raw_fd();
+            if entry.watched.is_some() {
+                setup.remove(fd);
+            }
             self.by_fd.remove(&fd);
+            if entry.queued {
+                self.rx_ready.retain(|k| *k != key);
+            }
         }
-        self.rx_ready.retain(|k| *k != key);
     }
 
     fn reset(&mut self, key: ConnKey, setup: &EventSetup<'_>) {
         self.send_control(key, OP_RST, 0);
         self.close(key, setup);
+    }
+
+    /// Drops every connection (a device reset); host sockets see EOF.
+    pub fn reset_all(&mut self, setup: &EventSetup<'_>) {
+        let keys: Vec<ConnKey> = self.conns.keys().copied().collect();
+        for key in keys {
+            self.close(key, setup);
+        }
+        for (fd, _) in self.pending.drain() {
+            setup.remove(fd);
+        }
+        self.control.clear();
+        self.rx_ready.clear();
+    }
+
+    /// Brings a connection's socket and epoll interest in line with its
+    /// state: closes a finished connection, shuts the host's write side
+    /// when the guest is done sending, and watches the socket for exactly
+    /// what the connection can act on now.
+    fn sync(&mut self, key: ConnKey, setup: &EventSetup<'_>) {
+        let Some(entry) = self.conns.get_mut(&key) else {
+            return;
+        };
+        if entry.conn.finished() {
+            // Everything the guest sent is with the host: now close.
+            self.reset(key, setup);
+            return;
+        }
+        if entry.conn.host_write_done() {
+            let _ = entry.stream.shutdown(Shutdown::Write);
+        }
+        let wanted = match entry.conn.state() {
+            // Only a hang-up matters until the guest answers (epoll reports
+            // it with an empty set), and it ends the connection.
+            State::AwaitingResponse => Some(EventSet::empty()),
+            State::Established => {
+                let mut set = EventSet::empty();
+                if entry.conn.wants_read() && !entry.queued {
+                    set |= EventSet::IN;
+                }
+                if entry.conn.wants_write() {
+                    set |= EventSet::OUT;
+                }
+                if set.is_empty() && entry.conn.host_eof() {
+                    // The host's write side is done: a hang-up means it
+                    // closed the socket, and ends the connection.
+                    Some(set)
+                } else {
+                    (!set.is_empty()).then_some(set)
+                }
+            }
+        };
+        if wanted != entry.watched {
+            let fd = entry.stream.as_raw_fd();
+            let done = match (entry.watched, wanted) {
+                (None, Some(set)) => setup.add(fd, token(fd), set),
+                (Some(_), Some(set)) => setup.modify(fd, token(fd), set),
+                (Some(_), None) => {
+                    setup.remove(fd);
+                    Ok(())
+                }
+                (None, None) => Ok(()),
+            };
+            match done {
+                Ok(()) => entry.watched = wanted,
+                Err(e) => {
+                    tracing::error!("vsock: cannot watch a host socket: {e}");
+                    self.reset(key, setup);
+                    return;
+                }
+            }
+        }
+        if entry.conn.needs_credit_update() {
+            self.send_control(key, OP_CREDIT_UPDATE, 0);
+        }
     }
 
     /// Accepts every host connection waiting on the listener.
@@ -297,17 +362,18 @@ impl Muxer {
             setup.remove(fd);
             return;
         };
-        let Some(conn) = self.conns.get_mut(&key) else {
+        let Some(entry) = self.conns.get_mut(&key) else {
             return;
         };
-        if conn.state == State::AwaitingResponse {
-            if events.intersects(EventSet::HANG_UP | EventSet::ERROR) {
+        let hung_up = events.intersects(EventSet::HANG_UP | EventSet::ERROR);
+        if entry.conn.state() == State::AwaitingResponse {
+            if hung_up {
                 // The host gave up before the guest answered.
                 self.reset(key, setup);
             }
             return;
         }
-        if events.intersects(EventSet::HANG_UP | EventSet::ERROR) && conn.host_eof {
+        if hung_up && entry.conn.host_eof() && !entry.conn.wants_write() {
             // The host closed both directions and everything it sent is read.
             self.reset(key, setup);
             return;
@@ -315,9 +381,16 @@ impl Muxer {
         if events.contains(EventSet::OUT) {
             self.flush_to_host(key, setup);
         }
-        if events.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
-            self.wake_reader(key, setup);
+        let Some(entry) = self.conns.get_mut(&key) else {
+            return;
+        };
+        // Readable, or hung up (a read then says EOF or why): its turn to
+        // be read comes when the guest has an RX buffer.
+        if (events.contains(EventSet::IN) || hung_up) && entry.conn.wants_read() && !entry.queued {
+            entry.queued = true;
+            self.rx_ready.push_back(key);
         }
+        self.sync(key, setup);
     }
 
     /// Reads the `CONNECT <port>\n` line one byte at a time, so that bytes
@@ -343,12 +416,12 @@ impl Muxer {
         let Some(pending) = self.pending.remove(&fd) else {
             return;
         };
+        setup.remove(fd);
         let port = done.and_then(|()| parse_connect(&pending.line).ok_or("malformed CONNECT line"));
         let port = match port {
             Ok(port) => port,
             Err(why) => {
                 tracing::warn!("vsock: host connection dropped: {why}");
-                setup.remove(fd);
                 return;
             }
         };
@@ -356,13 +429,23 @@ impl Muxer {
             local_port: self.allocate_local_port(),
             peer_port: port,
         };
-        let mut conn = Connection::new(pending.stream, State::AwaitingResponse);
-        // Only hang-ups matter until the guest answers.
-        Self::set_interest(&mut conn, EventSet::empty(), setup);
-        self.conns.insert(key, conn);
-        self.by_fd.insert(fd, key);
-        self.metrics.connections += 1;
+        self.insert(key, Connection::awaiting_response(), pending.stream);
         self.send_control(key, OP_REQUEST, 0);
+        self.sync(key, setup);
+    }
+
+    fn insert(&mut self, key: ConnKey, conn: Connection, stream: UnixStream) {
+        self.by_fd.insert(stream.as_raw_fd(), key);
+        self.conns.insert(
+            key,
+            Entry {
+                conn,
+                stream,
+                queued: false,
+                watched: None,
+            },
+        );
+        self.metrics.connections += 1;
     }
 
     fn allocate_local_port(&mut self) -> u32 {
@@ -378,37 +461,16 @@ impl Muxer {
         }
     }
 
-    /// Marks a connection as having input for the guest, if it may send.
-    fn wake_reader(&mut self, key: ConnKey, setup: &EventSetup<'_>) {
-        let Some(conn) = self.conns.get_mut(&key) else {
-            return;
-        };
-        let want_out = if conn.to_host.is_empty() {
-            EventSet::empty()
-        } else {
-            EventSet::OUT
-        };
-        if conn.host_eof || conn.reading {
-            Self::set_interest(conn, want_out, setup);
-            return;
-        }
-        conn.reading = true;
-        Self::set_interest(conn, want_out, setup);
-        self.rx_ready.push_back(key);
-    }
-
     /// Writes buffered guest data to the host socket.
     fn flush_to_host(&mut self, key: ConnKey, setup: &EventSetup<'_>) {
-        let Some(conn) = self.conns.get_mut(&key) else {
+        let Some(entry) = self.conns.get_mut(&key) else {
             return;
         };
         let mut failed = false;
-        while !conn.to_host.is_empty() {
-            let (front, _) = conn.to_host.as_slices();
-            match conn.stream.write(front) {
+        while entry.conn.wants_write() {
+            match entry.stream.write(entry.conn.pending_for_host()) {
                 Ok(n) => {
-                    conn.to_host.drain(..n);
-                    conn.fwd_cnt = conn.fwd_cnt.wrapping_add(u32::try_from(n).unwrap_or(0));
+                    entry.conn.forwarded(n);
                     self.metrics.bytes_to_host += u64::try_from(n).unwrap_or(0);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
@@ -421,32 +483,8 @@ impl Muxer {
         }
         if failed {
             self.reset(key, setup);
-            return;
-        }
-        let Some(conn) = self.conns.get_mut(&key) else {
-            return;
-        };
-        if conn.to_host.is_empty() && conn.guest_done {
-            // Everything the guest sent is with the host: now close.
-            self.reset(key, setup);
-            return;
-        }
-        let reading_in = if conn.reading || conn.host_eof || conn.guest_done {
-            EventSet::empty()
         } else {
-            EventSet::IN
-        };
-        let out = if conn.to_host.is_empty() {
-            EventSet::empty()
-        } else {
-            EventSet::OUT
-        };
-        Self::set_interest(conn, reading_in | out, setup);
-        if conn.to_host.is_empty() && conn.guest_shut_send {
-            let _ = conn.stream.shutdown(Shutdown::Write);
-        }
-        if conn.credit_seen_by_guest() < CREDIT_UPDATE_THRESHOLD {
-            self.send_control(key, OP_CREDIT_UPDATE, 0);
+            self.sync(key, setup);
         }
     }
 
@@ -481,7 +519,7 @@ impl Muxer {
             self.guest_connect(key, header, setup);
             return;
         }
-        let Some(conn) = self.conns.get_mut(&key) else {
+        let Some(entry) = self.conns.get_mut(&key) else {
             if header.op != OP_RST {
                 self.metrics.invalid_packets += 1;
                 crate::guest_warn!(
@@ -493,64 +531,37 @@ impl Muxer {
             }
             return;
         };
-        conn.update_peer_credit(header);
-        match (header.op, &conn.state) {
-            (OP_RESPONSE, State::AwaitingResponse) => {
-                conn.state = State::Established;
+        match entry.conn.on_packet(header, payload) {
+            Verdict::Continue => self.sync(key, setup),
+            Verdict::Accepted => {
                 let line = format!("OK {}\n", key.local_port);
-                if conn.stream.write_all(line.as_bytes()).is_err() {
+                // The socket is fresh: a line this short always fits.
+                if entry.stream.write_all(line.as_bytes()).is_err() {
                     self.reset(key, setup);
-                    return;
-                }
-                self.wake_reader(key, setup);
-            }
-            (OP_RW, State::Established) => {
-                let over_credit = conn.to_host.len() + payload.len() > CONN_BUF_ALLOC as usize;
-                if conn.guest_shut_send || over_credit {
-                    self.metrics.invalid_packets += 1;
-                    crate::guest_warn!(
-                        len = payload.len(),
-                        "vsock: guest sent past its credit or after shutting down"
-                    );
-                    self.reset(key, setup);
-                    return;
-                }
-                conn.recv_cnt = conn
-                    .recv_cnt
-                    .wrapping_add(u32::try_from(payload.len()).unwrap_or(0));
-                conn.to_host.extend(payload);
-                self.flush_to_host(key, setup);
-            }
-            (OP_CREDIT_UPDATE, State::Established) => {
-                if conn.peer_credit() > 0 {
-                    self.wake_reader(key, setup);
+                } else {
+                    self.sync(key, setup);
                 }
             }
-            (OP_CREDIT_REQUEST, State::Established) => self.send_control(key, OP_CREDIT_UPDATE, 0),
-            (OP_SHUTDOWN, State::Established) => {
-                if header.flags & SHUTDOWN_SEND != 0 {
-                    conn.guest_shut_send = true;
-                }
-                if header.flags & (SHUTDOWN_RCV | SHUTDOWN_SEND) == SHUTDOWN_RCV | SHUTDOWN_SEND {
-                    // Both directions are done: hand over what we hold, then
-                    // close (flush_to_host closes once the buffer is empty;
-                    // a host that does not read keeps it until the guest's
-                    // own close timeout sends RST).
-                    conn.guest_shut_send = true;
-                    conn.guest_done = true;
-                }
-                self.flush_to_host(key, setup);
+            Verdict::Flush => self.flush_to_host(key, setup),
+            Verdict::SendCredit => {
+                self.send_control(key, OP_CREDIT_UPDATE, 0);
+                self.sync(key, setup);
             }
-            (OP_RST, _) => self.close(key, setup),
-            (op, state) => {
+            Verdict::Closed => self.close(key, setup),
+            Verdict::Reset(why) => {
                 self.metrics.invalid_packets += 1;
-                crate::guest_warn!(op, ?state, "vsock: unexpected packet; connection reset");
+                crate::guest_warn!(
+                    op = header.op,
+                    len = header.len,
+                    "vsock: {why}; connection reset"
+                );
                 self.reset(key, setup);
             }
         }
     }
 
-    /// A guest connection to host port P: connect to `<uds>_P`.
+    /// A guest connection to host port P: connect to `<uds>_P`, never
+    /// blocking.
     fn guest_connect(&mut self, key: ConnKey, header: &Header, setup: &EventSetup<'_>) {
         if self.conns.contains_key(&key) || self.conns.len() >= MAX_CONNECTIONS {
             crate::guest_warn!(
@@ -562,8 +573,7 @@ impl Muxer {
         }
         let mut path = self.uds_path.clone().into_os_string();
         path.push(format!("_{}", key.local_port));
-        let stream = UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|()| s));
-        let stream = match stream {
+        let stream = match connect_nonblocking(&path) {
             Ok(stream) => stream,
             Err(e) => {
                 tracing::debug!(
@@ -574,18 +584,9 @@ impl Muxer {
                 return;
             }
         };
-        let fd = stream.as_raw_fd();
-        if setup.add(fd, token(fd), EventSet::empty()).is_err() {
-            self.send_control(key, OP_RST, 0);
-            return;
-        }
-        let mut conn = Connection::new(stream, State::Established);
-        conn.update_peer_credit(header);
-        self.conns.insert(key, conn);
-        self.by_fd.insert(fd, key);
-        self.metrics.connections += 1;
-        self.send_control(key, OP_RESPONSE, 0);
-        self.wake_reader(key, setup);
+        self.insert(key, Connection::established(header), stream);
+        self.send_control(key, super::OP_RESPONSE, 0);
+        self.sync(key, setup);
     }
 
     /// Whether anything may be waiting for the guest.
@@ -599,59 +600,54 @@ impl Muxer {
             return Some((header, Vec::new()));
         }
         while let Some(key) = self.rx_ready.pop_front() {
-            let Some(conn) = self.conns.get_mut(&key) else {
+            let Some(entry) = self.conns.get_mut(&key) else {
                 continue;
             };
-            let credit = usize::try_from(conn.peer_credit()).unwrap_or(0);
-            let n = capacity.min(credit).min(MAX_PAYLOAD);
+            let n = entry.conn.read_budget(capacity);
             if n == 0 {
-                // Wait for a credit update (or a bigger buffer) before reading.
-                conn.reading = false;
-                if credit > 0 {
+                if entry.conn.wants_read() {
+                    // Credit, but a buffer too small for any payload: keep
+                    // its place and wait for a bigger buffer.
                     self.rx_ready.push_front(key);
                     return None;
                 }
+                // No credit (or nothing more to read): epoll takes over
+                // again once the connection can be read.
+                entry.queued = false;
+                self.sync(key, setup);
                 continue;
             }
             let mut data = vec![0u8; n];
-            match conn.stream.read(&mut data) {
+            match entry.stream.read(&mut data) {
                 Ok(0) => {
-                    conn.host_eof = true;
-                    conn.reading = false;
-                    let mut header = Self::header(self.guest_cid, key, OP_SHUTDOWN);
+                    entry.conn.host_closed();
+                    entry.queued = false;
+                    let mut header = self.header(key, OP_SHUTDOWN);
                     header.flags = SHUTDOWN_SEND;
-                    header.fwd_cnt = conn.fwd_cnt;
-                    conn.fwd_cnt_sent = conn.fwd_cnt;
-                    let out = if conn.to_host.is_empty() {
-                        EventSet::empty()
-                    } else {
-                        EventSet::OUT
-                    };
-                    Self::set_interest(conn, out, setup);
+                    if let Some(entry) = self.conns.get_mut(&key) {
+                        entry.conn.stamp(&mut header);
+                    }
+                    self.sync(key, setup);
                     return Some((header, Vec::new()));
                 }
                 Ok(read) => {
                     data.truncate(read);
-                    conn.tx_cnt = conn.tx_cnt.wrapping_add(u32::try_from(read).unwrap_or(0));
-                    let mut header = Self::header(self.guest_cid, key, OP_RW);
-                    header.len = u32::try_from(read).unwrap_or(0);
-                    header.fwd_cnt = conn.fwd_cnt;
-                    conn.fwd_cnt_sent = conn.fwd_cnt;
+                    entry.conn.sent_to_guest(read);
                     self.metrics.bytes_to_guest += u64::try_from(read).unwrap_or(0);
-                    // There may be more: read again on the next buffer.
-                    self.rx_ready.push_back(key);
+                    let mut header = self.header(key, OP_RW);
+                    header.len = u32::try_from(read).unwrap_or(0);
+                    if let Some(entry) = self.conns.get_mut(&key) {
+                        entry.conn.stamp(&mut header);
+                        // There may be more: its turn comes again.
+                        self.rx_ready.push_back(key);
+                    }
                     return Some((header, data));
                 }
                 Err(e)
                     if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted =>
                 {
-                    conn.reading = false;
-                    let out = if conn.to_host.is_empty() {
-                        EventSet::empty()
-                    } else {
-                        EventSet::OUT
-                    };
-                    Self::set_interest(conn, EventSet::IN | out, setup);
+                    entry.queued = false;
+                    self.sync(key, setup);
                 }
                 Err(_) => {
                     self.reset(key, setup);
@@ -675,11 +671,13 @@ fn parse_connect(line: &[u8]) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::virtio::vsock::{MAX_PAYLOAD, OP_RESPONSE, SHUTDOWN_RCV};
     use std::io::{BufRead, BufReader};
     use std::time::Duration;
     use vmm_sys_util::epoll::Epoll;
 
     const GUEST_CID: u64 = 3;
+    const LISTENER: u64 = 3;
 
     struct Harness {
         _dir: tempfile::TempDir,
@@ -695,10 +693,14 @@ mod tests {
             let listener = UnixListener::bind(&uds).unwrap();
             listener.set_nonblocking(true).unwrap();
             let muxer = Muxer::new(GUEST_CID, &uds, listener);
+            let epoll = Epoll::new().unwrap();
+            EventSetup::new(&epoll)
+                .add(muxer.listener_fd(), LISTENER, EventSet::IN)
+                .unwrap();
             Self {
                 _dir: dir,
                 uds,
-                epoll: Epoll::new().unwrap(),
+                epoll,
                 muxer,
             }
         }
@@ -721,21 +723,35 @@ mod tests {
             self.muxer.next_rx(4096, &setup)
         }
 
-        /// Polls all host sockets as the worker would.
+        /// Dispatches what epoll reports, as the device's worker does.
         fn poll(&mut self) {
+            use vmm_sys_util::epoll::EpollEvent;
             let setup = EventSetup::new(&self.epoll);
-            self.muxer.handle_listener(&setup);
-            let fds: Vec<RawFd> = self
-                .muxer
-                .pending
-                .keys()
-                .chain(self.muxer.by_fd.keys())
-                .copied()
-                .collect();
-            for fd in fds {
-                self.muxer
-                    .handle_stream(fd, EventSet::IN | EventSet::OUT, &setup);
+            let mut events = vec![EpollEvent::default(); 64];
+            // A few rounds: handling one event can make another fd ready.
+            for _ in 0..4 {
+                let n = self.epoll.wait(0, &mut events).unwrap();
+                for event in &events[..n] {
+                    match event.data() {
+                        LISTENER => self.muxer.handle_listener(&setup),
+                        other => {
+                            let fd = token_fd(other).unwrap();
+                            self.muxer.handle_stream(fd, event.event_set(), &setup);
+                        }
+                    }
+                }
             }
+        }
+
+        /// The events epoll reports now, without handling them.
+        fn ready(&self) -> Vec<(u64, EventSet)> {
+            use vmm_sys_util::epoll::EpollEvent;
+            let mut events = vec![EpollEvent::default(); 64];
+            let n = self.epoll.wait(0, &mut events).unwrap();
+            events[..n]
+                .iter()
+                .map(|e| (e.data(), e.event_set()))
+                .collect()
         }
     }
 
@@ -763,7 +779,9 @@ mod tests {
         assert!(local >= FIRST_LOCAL_PORT);
         h.guest(OP_RESPONSE, local, 52, b"");
         assert_eq!(read_line(&client), format!("OK {local}\n"));
-        // "ping" was sent right after the CONNECT line and waited in the socket.
+        // "ping" was sent right after the CONNECT line and waited in the
+        // socket; epoll now reports it readable.
+        h.poll();
         let (rw, data) = h.rx().expect("data for the guest");
         assert_eq!((rw.op, rw.len, data.as_slice()), (OP_RW, 4, &b"ping"[..]));
         h.guest(OP_RW, local, 52, b"pong");
@@ -960,5 +978,101 @@ mod tests {
         assert_eq!(parse_connect(b"connect 52"), None);
         assert_eq!(parse_connect(b"CONNECT -1"), None);
         assert_eq!(parse_connect(&[0xff, 0xfe]), None);
+    }
+
+    /// A guest connection to `<uds>_77`, established; returns the host's end.
+    fn established(h: &mut Harness) -> (UnixListener, UnixStream) {
+        let mut path = h.uds.clone().into_os_string();
+        path.push("_77");
+        let listener = UnixListener::bind(&path).unwrap();
+        h.guest(OP_REQUEST, 77, 1, b"");
+        assert_eq!(h.rx().unwrap().0.op, OP_RESPONSE);
+        let (server, _) = listener.accept().unwrap();
+        (listener, server)
+    }
+
+    #[test]
+    fn credit_updates_while_rx_buffers_hold_only_a_header_do_not_grow_the_rx_queue() {
+        // Before the fix, each credit update queued the connection again
+        // while a header-only RX buffer kept it from being read: a million
+        // updates, a million entries.
+        let mut h = Harness::new();
+        let (_listener, mut server) = established(&mut h);
+        server.write_all(b"data for the guest").unwrap();
+        h.poll();
+        let setup = EventSetup::new(&h.epoll);
+        for _ in 0..100_000 {
+            h.muxer
+                .handle_packet(&guest_header(OP_CREDIT_UPDATE, 77, 1), Vec::new(), &setup);
+            assert!(h.muxer.next_rx(0, &setup).is_none());
+        }
+        assert!(h.muxer.rx_queue_len() <= 1, "{}", h.muxer.rx_queue_len());
+        // A real buffer then gets the data.
+        let (rw, data) = h.muxer.next_rx(4096, &setup).unwrap();
+        assert_eq!(
+            (rw.op, data.as_slice()),
+            (OP_RW, &b"data for the guest"[..])
+        );
+    }
+
+    #[test]
+    fn a_hung_up_host_socket_is_not_reported_again_while_the_guest_posts_no_rx_buffers() {
+        // Before the fix the socket stayed in the epoll set with an empty
+        // interest, and epoll reports a hang-up regardless: the worker spun.
+        let mut h = Harness::new();
+        let (_listener, mut server) = established(&mut h);
+        server.write_all(b"last words").unwrap();
+        drop(server);
+        h.poll();
+        assert_eq!(h.muxer.rx_queue_len(), 1, "waiting for an RX buffer");
+        assert!(h.ready().is_empty(), "{:?}", h.ready());
+        // With a buffer: the data, then the host's shutdown.
+        let (rw, data) = h.rx().unwrap();
+        assert_eq!((rw.op, data.as_slice()), (OP_RW, &b"last words"[..]));
+        let (shutdown, _) = h.rx().unwrap();
+        assert_eq!((shutdown.op, shutdown.flags), (OP_SHUTDOWN, SHUTDOWN_SEND));
+        // The hang-up, now watched, ends the connection.
+        h.poll();
+        assert_eq!(h.rx().unwrap().0.op, OP_RST);
+        assert_eq!(h.muxer.connection_count(), 0);
+        assert!(h.ready().is_empty());
+    }
+
+    #[test]
+    fn a_guest_connection_to_a_listener_with_a_full_backlog_is_refused_at_once() {
+        // Before the fix, connect blocked the device's thread until the
+        // listener accepted, which a host that stopped accepting never does.
+        let mut h = Harness::new();
+        let mut path = h.uds.clone().into_os_string();
+        path.push("_88");
+        let listener = UnixListener::bind(&path).unwrap();
+        // SAFETY: listen() on our own socket, to shrink its backlog to 0.
+        assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+        let _first = UnixStream::connect(&path).unwrap();
+        let (done, outcome) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            h.guest(OP_REQUEST, 88, 2, b"");
+            let _ = done.send(h.rx().map(|(header, _)| header.op));
+        });
+        let op = outcome
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the muxer blocked on a full listener");
+        assert_eq!(op, Some(OP_RST));
+        drop(listener);
+    }
+
+    #[test]
+    fn a_device_reset_closes_every_host_socket() {
+        let mut h = Harness::new();
+        let (_listener, mut server) = established(&mut h);
+        let setup = EventSetup::new(&h.epoll);
+        h.muxer.reset_all(&setup);
+        assert_eq!(h.muxer.connection_count(), 0);
+        server
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut rest = Vec::new();
+        assert_eq!(server.read_to_end(&mut rest).unwrap(), 0);
+        assert!(h.ready().is_empty());
     }
 }

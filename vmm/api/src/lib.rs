@@ -1,0 +1,105 @@
+//! The contract between `capsid-vmm` and the process that launches it (the
+//! runtime): what goes over the VMM's API socket, and what its exit status
+//! means. Both ends use these types, so there is one definition of each.
+//!
+//! The API socket (`--api-uds PATH`) takes one request per connection, one
+//! JSON object on one line each way. An attach carries the image as an open
+//! file descriptor (`SCM_RIGHTS` on the request's bytes): the VMM runs
+//! confined and cannot open host paths itself.
+//!
+//! ```text
+//! → {"op":"attach","id":"c1"} + fd   ← {"slot":0}
+//! → {"op":"detach","id":"c1"}        ← {"slot":0}
+//!                         a failure  ← {"error":"…"}
+//! ```
+
+#![warn(missing_docs)]
+
+use serde::{Deserialize, Serialize};
+
+/// The longest request line, newline included.
+pub const MAX_REQUEST: usize = 4096;
+
+/// A request on the API socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
+pub enum ApiRequest {
+    /// Attach the image whose descriptor comes with the request,
+    /// read-only, to a free spare slot, with serial `id`.
+    Attach {
+        /// The disk's serial (1 to 20 letters, digits, '-', '_', '.').
+        id: String,
+    },
+    /// Detach the image with serial `id`.
+    Detach {
+        /// The serial it was attached with.
+        id: String,
+    },
+}
+
+/// The answer to an [`ApiRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ApiResponse {
+    /// Done: the slot that changed.
+    Slot {
+        /// Index among the spare slots.
+        slot: usize,
+    },
+    /// Refused, and why.
+    Error {
+        /// A sentence for the operator.
+        error: String,
+    },
+}
+
+/// `capsid-vmm`'s exit status: the guest shut down or rebooted.
+pub const EXIT_GUEST_SHUTDOWN: i32 = 0;
+/// The VMM failed (bad configuration, KVM unavailable, runtime failure).
+pub const EXIT_VMM_ERROR: i32 = 1;
+/// Bad command-line arguments (clap's status).
+pub const EXIT_USAGE: i32 = 2;
+/// The guest crashed: triple fault, KVM internal or entry error.
+pub const EXIT_GUEST_CRASH: i32 = 3;
+/// Stopped by signal N: this plus N (SIGTERM: 143).
+pub const EXIT_SIGNAL_BASE: i32 = 128;
+
+/// What an exit status of `capsid-vmm` means, for a message.
+pub fn exit_meaning(code: i32) -> Option<&'static str> {
+    Some(match code {
+        EXIT_GUEST_SHUTDOWN => "the guest shut down or rebooted by itself, as a kernel panic does",
+        EXIT_VMM_ERROR => "a VMM error",
+        EXIT_USAGE => "bad command-line arguments",
+        EXIT_GUEST_CRASH => "the guest crashed, a triple fault or a KVM error",
+        c if c > EXIT_SIGNAL_BASE && c < EXIT_SIGNAL_BASE + 65 => "stopped by a signal",
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_and_unknown_fields_are_refused() {
+        let attach = ApiRequest::Attach { id: "c1".into() };
+        let line = serde_json::to_string(&attach).unwrap();
+        assert_eq!(line, r#"{"op":"attach","id":"c1"}"#);
+        assert_eq!(serde_json::from_str::<ApiRequest>(&line).unwrap(), attach);
+        assert!(
+            serde_json::from_str::<ApiRequest>(r#"{"op":"attach","id":"c","path":"/x"}"#).is_err()
+        );
+        let reply: ApiResponse = serde_json::from_str(r#"{"slot":2}"#).unwrap();
+        assert_eq!(reply, ApiResponse::Slot { slot: 2 });
+    }
+
+    #[test]
+    fn exit_statuses_have_one_meaning() {
+        assert_eq!(
+            exit_meaning(3),
+            Some("the guest crashed, a triple fault or a KVM error")
+        );
+        assert_eq!(exit_meaning(143), Some("stopped by a signal"));
+        assert_eq!(exit_meaning(42), None);
+    }
+}
