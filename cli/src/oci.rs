@@ -345,6 +345,7 @@ pub fn monitor(args: &MonitorArgs) -> anyhow::Result<ExitCode> {
             spare_disks: 0,
             dir: dir.clone(),
             log_level: "warn".into(),
+            confinement: config.confinement(),
         })?;
         let client = vm.connect(config.agent_timeout(), AGENT_IO_TIMEOUT, &|| {
             stop.load(Ordering::Relaxed)
@@ -543,7 +544,10 @@ pub fn delete(args: &DeleteArgs) -> anyhow::Result<ExitCode> {
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
     }
-    capsid_runtime::vm::kill_orphan(state.vmm_pid, &dir);
+    let confinement = capsid_runtime::Config::load()
+        .unwrap_or_default()
+        .confinement();
+    capsid_runtime::vm::kill_orphan(state.vmm_pid, &dir, &confinement);
     std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
     Ok(ExitCode::SUCCESS)
 }

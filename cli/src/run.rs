@@ -197,6 +197,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         spare_disks: 0,
         dir: scratch.path().to_owned(),
         log_level: "warn".into(),
+        confinement: config.confinement(),
     })?;
     debug!("capsid-vmm started with {}", image.path.display());
     let outcome = drive(&args, &workload, &config, rootfs, &mut vm, &stop);

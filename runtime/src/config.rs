@@ -96,6 +96,21 @@ pub struct Config {
     /// How many containers a pod's VM holds at once besides the sandbox
     /// (pause) container: the VM's spare disk slots for their rootfs images.
     pub pod_containers: u8,
+    /// Confine each capsid-vmm: its own namespaces and root, an
+    /// unprivileged user, no capabilities, rlimits, Landlock, a cgroup
+    /// (docs/security.md). Needs root; `false` runs it unconfined.
+    pub vmm_jail: bool,
+    /// The user and group confined VMMs run as; absent, each VM gets one
+    /// of its own (from 0x70000000 up).
+    pub vmm_uid: Option<u32>,
+    pub vmm_gid: Option<u32>,
+    /// What a syscall outside a VMM thread's allowlist does: "kill", or
+    /// "log" (allowed and logged by the kernel, to debug a filter), or
+    /// "none" (no filters).
+    pub vmm_seccomp: String,
+    /// Where each VM's cgroup v2 goes (memory and process limits of its
+    /// VMM); empty for none.
+    pub cgroup_parent: PathBuf,
 }
 
 impl Default for Config {
@@ -111,6 +126,11 @@ impl Default for Config {
             agent_timeout_secs: 180,
             run_dir: "/run/capsid".into(),
             pod_containers: 8,
+            vmm_jail: true,
+            vmm_uid: None,
+            vmm_gid: None,
+            vmm_seccomp: "kill".into(),
+            cgroup_parent: crate::confine::DEFAULT_CGROUP_PARENT.into(),
         }
     }
 }
@@ -203,7 +223,31 @@ impl Config {
         if config.agent_timeout_secs == 0 {
             return Err(bad("agent_timeout_secs", "0".into(), "must be at least 1"));
         }
+        if !["kill", "log", "none"].contains(&config.vmm_seccomp.as_str()) {
+            return Err(bad(
+                "vmm_seccomp",
+                config.vmm_seccomp.clone(),
+                "must be kill, log or none",
+            ));
+        }
+        for (key, id) in [("vmm_uid", config.vmm_uid), ("vmm_gid", config.vmm_gid)] {
+            if id == Some(0) {
+                return Err(bad(key, "0".into(), "the VMM must not run as root"));
+            }
+        }
         Ok(config)
+    }
+
+    /// How each VMM is confined.
+    pub fn confinement(&self) -> crate::confine::Confinement {
+        crate::confine::Confinement {
+            jail: self.vmm_jail,
+            uid: self.vmm_uid,
+            gid: self.vmm_gid,
+            seccomp: self.vmm_seccomp.clone(),
+            cgroup_parent: (!self.cgroup_parent.as_os_str().is_empty())
+                .then(|| self.cgroup_parent.clone()),
+        }
     }
 
     pub fn agent_timeout(&self) -> Duration {

@@ -1,8 +1,10 @@
 //! What the `capsid` CLI and `containerd-shim-capsid-v2` share: the
 //! configuration ([`config`]), the bundle's spec for the guest ([`spec`]),
-//! and a micro-VM with its agent ([`vm`]).
+//! a micro-VM with its agent ([`vm`]), and what confines its VMM
+//! ([`confine`]).
 
 pub mod config;
+pub mod confine;
 pub mod spec;
 pub mod vm;
 

@@ -3,8 +3,9 @@
 //! answering on the VM's hybrid-vsock socket.
 //!
 //! ```text
-//!  MicroVm::launch ─▶ capsid-vmm (stderr → DIR/vmm.log, vsock → DIR/vsock.sock,
-//!                    guest console → DIR/console.log)
+//!  MicroVm::launch ─▶ capsid-vmm confined to DIR/vm (confine.rs), in the
+//!                     VM's cgroup (log → DIR/vm/vmm.log, vsock →
+//!                     DIR/vm/vsock.sock, guest console → DIR/vm/console.log)
 //!  MicroVm::connect ─▶ retry the agent's hello until it answers, noticing a
 //!                      VMM that died or a caller that gave up meanwhile
 //!  MicroVm::attach ─▶ a container joining a pod: its rootfs image goes to
@@ -26,6 +27,7 @@ use capsid_protocol::{AgentClient, ClientError, DEFAULT_AGENT_PORT, Filesystem, 
 use capsid_vmm_api::{ApiRequest, ApiResponse};
 
 use crate::config::BootFiles;
+use crate::confine::{self, ConfineError, Confinement, VmCgroup, untrusted_tail};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -51,6 +53,8 @@ pub enum VmError {
     Api(PathBuf, #[source] std::io::Error),
     #[error("cannot open the disk image {0}")]
     Image(PathBuf, #[source] std::io::Error),
+    #[error(transparent)]
+    Confine(#[from] ConfineError),
     #[error("capsid-vmm refused to {op} disk {id:?}: {reason}")]
     Refused {
         op: &'static str,
@@ -107,10 +111,13 @@ pub struct VmSpec {
     /// Empty slots for rootfs images of containers that join later (a pod's
     /// VM); 0 for a VM that runs one container.
     pub spare_disks: u8,
-    /// Where the vsock socket and the VMM's log go; it must exist.
+    /// The VM's scratch directory (the caller's, removed by the caller);
+    /// it must exist. The VMM's world, `DIR/vm`, is made in it.
     pub dir: PathBuf,
     /// The VMM's `--log-level`.
     pub log_level: String,
+    /// How the VMM is confined.
+    pub confinement: Confinement,
 }
 
 #[derive(Debug)]
@@ -123,10 +130,12 @@ pub struct MicroVm {
     dir: PathBuf,
     log: PathBuf,
     exited: Option<ExitStatus>,
+    /// Removed (with anything left in it) after the VMM.
+    cgroup: Option<VmCgroup>,
 }
 
 /// The console file the VMM writes the guest's serial output to; it keeps
-/// at most 1 MiB, the older half in `console.log.1`.
+/// its newest 1 MiB.
 const CONSOLE: &str = "console.log";
 /// Lines of the VMM's log and of the guest console an error message quotes,
 /// from at most this many bytes at the end of each file.
@@ -156,25 +165,9 @@ fn quote(heading: &str, text: &str) -> String {
     out
 }
 
-/// The last `max` bytes of a file, or nothing if it cannot be read.
-fn file_tail(path: &Path, max: u64) -> Vec<u8> {
-    use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut file) = File::open(path) else {
-        return Vec::new();
-    };
-    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let mut tail = Vec::new();
-    if file.seek(SeekFrom::Start(len.saturating_sub(max))).is_ok() {
-        let _ = file.take(max).read_to_end(&mut tail);
-    }
-    tail
-}
-
-/// The end of the guest console: the older half first, then the newer.
+/// The end of the guest console.
 fn console_tail(dir: &Path) -> String {
-    let mut bytes = file_tail(&dir.join(format!("{CONSOLE}.1")), TAIL_BYTES);
-    bytes.extend(file_tail(&dir.join(CONSOLE), TAIL_BYTES));
-    String::from_utf8_lossy(&bytes).into_owned()
+    String::from_utf8_lossy(&untrusted_tail(&dir.join(CONSOLE), TAIL_BYTES)).into_owned()
 }
 
 /// What a VMM exit status means for the guest (`capsid_vmm_api` has the table).
@@ -195,15 +188,37 @@ fn clean(text: &str) -> String {
 }
 
 impl MicroVm {
+    /// Starts `capsid-vmm` for `spec`, confined as `spec.confinement`
+    /// says. On an error nothing it made is left but what is in `spec.dir`.
     pub fn launch(spec: &VmSpec) -> Result<Self, VmError> {
-        let uds = spec.dir.join("vsock.sock");
-        let log = spec.dir.join("vmm.log");
+        let confinement = &spec.confinement;
+        if confinement.jail && !confine::is_root() {
+            return Err(VmError::Confine(ConfineError::NotRoot));
+        }
+        let owner = confinement
+            .jail
+            .then(|| confine::vm_user(confinement, &spec.dir));
+        let dir = confine::make_vm_dir(&spec.dir, owner)?;
+        let uds = dir.join("vsock.sock");
+        let log = dir.join("vmm.log");
         let mut console = std::ffi::OsString::from("file:");
-        console.push(spec.dir.join(CONSOLE));
+        console.push(dir.join(CONSOLE));
+        let cgroup = match (&confinement.cgroup_parent, confinement.jail) {
+            (Some(parent), true) => VmCgroup::create(
+                parent,
+                &confine::cgroup_name(&spec.dir),
+                (u64::from(spec.memory_mib) + confine::VMM_OVERHEAD_MIB) << 20,
+                u64::from(spec.vcpus) + confine::VMM_PIDS,
+            )?,
+            _ => None,
+        };
+        // Until the VMM opens its log itself, its stderr (a usage error)
+        // goes to the same file.
         let log_file = File::create(&log).map_err(|e| VmError::Scratch(log.clone(), e))?;
         let boot = &spec.boot;
         let mut command = Command::new(&boot.vmm);
         command
+            .env_clear()
             .arg("--kernel")
             .arg(&boot.kernel)
             .arg("--initrd")
@@ -214,7 +229,21 @@ impl MicroVm {
             .arg(&uds)
             .arg("--serial")
             .arg(console)
-            .args(["--log-level", &spec.log_level]);
+            .args(["--log-level", &spec.log_level])
+            .arg("--log-file")
+            .arg(&log)
+            .args(["--seccomp", &confinement.seccomp]);
+        if let Some((uid, gid)) = owner {
+            command.arg("--jail").arg(&dir).args([
+                "--uid",
+                &uid.to_string(),
+                "--gid",
+                &gid.to_string(),
+            ]);
+        }
+        if let Some(cgroup) = &cgroup {
+            command.arg("--cgroup").arg(cgroup.path());
+        }
         for disk in &spec.disks {
             let mut arg = disk.path.clone().into_os_string();
             if disk.read_only {
@@ -224,7 +253,7 @@ impl MicroVm {
             arg.push(&disk.id);
             command.arg("--disk").arg(arg);
         }
-        let api = (spec.spare_disks > 0).then(|| spec.dir.join("api.sock"));
+        let api = (spec.spare_disks > 0).then(|| dir.join("api.sock"));
         if let Some(api) = &api {
             command
                 .args(["--spare-disks", &spec.spare_disks.to_string()])
@@ -241,9 +270,10 @@ impl MicroVm {
             child,
             uds,
             api,
-            dir: spec.dir.clone(),
+            dir,
             log,
             exited: None,
+            cgroup,
         })
     }
 
@@ -259,7 +289,7 @@ impl MicroVm {
     /// What the VMM logged and how the guest console ended, for an error
     /// message; empty if both are.
     pub fn diagnostics(&self) -> String {
-        let log = String::from_utf8_lossy(&file_tail(&self.log, TAIL_BYTES)).into_owned();
+        let log = String::from_utf8_lossy(&untrusted_tail(&self.log, TAIL_BYTES)).into_owned();
         quote("capsid-vmm said", &log)
             + &quote("the guest console ended with", &console_tail(&self.dir))
     }
@@ -405,13 +435,22 @@ impl MicroVm {
         }
     }
 
-    /// SIGKILLs the VMM (if it still runs) and reaps it.
+    /// SIGKILLs the VMM (if it still runs) and reaps it; removes its
+    /// cgroup with anything left in it.
     pub fn kill(&mut self) {
         if let Ok(None) = self.try_wait() {
+            // The keeper's death takes the VMM with it (its parent-death
+            // signal); the cgroup, where there is one, kills both at once.
+            if let Some(cgroup) = &self.cgroup {
+                let _ = std::fs::write(cgroup.path().join("cgroup.kill"), "1");
+            }
             let _ = self.child.kill();
             if let Ok(status) = self.child.wait() {
                 self.exited = Some(status);
             }
+        }
+        if let Some(cgroup) = self.cgroup.take() {
+            cgroup.remove();
         }
     }
 }
@@ -437,16 +476,19 @@ pub fn alive_with(pid: u32, needles: &[&str]) -> bool {
 }
 
 /// SIGKILLs the VMM `pid` left by a process that died (a shim, a
-/// monitor), if it still runs and is the one whose socket is in `dir`.
-pub fn kill_orphan(pid: u32, dir: &Path) -> bool {
+/// monitor), if it still runs and is the one whose socket is in `dir`,
+/// and removes its cgroup (killing what is left in it).
+pub fn kill_orphan(pid: u32, dir: &Path, confinement: &Confinement) -> bool {
     let ours = alive_with(pid, &[&dir.to_string_lossy()]);
     if let (true, Ok(pid)) = (ours, i32::try_from(pid)) {
         // SAFETY: kill() takes plain integers; the pid was just checked to
         // be the VMM serving `dir`.
         unsafe { libc::kill(pid, libc::SIGKILL) };
-        return true;
     }
-    false
+    if let Some(parent) = &confinement.cgroup_parent {
+        confine::remove_cgroup(&parent.join(confine::cgroup_name(dir)));
+    }
+    ours
 }
 
 /// "exit status 1" or "killed by signal 9".
@@ -475,6 +517,10 @@ mod tests {
             spare_disks: 0,
             dir: dir.into(),
             log_level: "warn".into(),
+            confinement: Confinement {
+                jail: false,
+                ..Confinement::default()
+            },
         }
     }
 
@@ -517,10 +563,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // A stand-in "VMM" whose guest printed a panic (with a terminal escape
         // in it) before the VMM complained and exited 3, as on a triple fault.
-        let console = dir.path().join(CONSOLE);
-        std::fs::write(dir.path().join("console.log.1"), "booting\n").unwrap();
+        let console = dir.path().join("vm").join(CONSOLE);
         let body = format!(
-            "printf 'Kernel panic - not syncing: \\033]0;pwned\\007 oops\\n' >> {}\n\
+            "printf 'booting\\nKernel panic - not syncing: \\033]0;pwned\\007 oops\\n' >> {}\n\
              echo 'guest crashed: triple fault' >&2\nexit 3",
             console.display()
         );

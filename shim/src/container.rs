@@ -339,7 +339,8 @@ pub fn cleanup_leftovers(bundle: &Path, id: &str) {
         .ok()
         .and_then(|json| serde_json::from_slice::<Leftovers>(&json).ok())
     {
-        if capsid_runtime::vm::kill_orphan(leftovers.vmm_pid, &leftovers.scratch) {
+        let confinement = Config::load().unwrap_or_default().confinement();
+        if capsid_runtime::vm::kill_orphan(leftovers.vmm_pid, &leftovers.scratch, &confinement) {
             log::warn!("{id}: killed the leftover capsid-vmm {}", leftovers.vmm_pid);
         }
         let scratch = leftovers.scratch.to_string_lossy();

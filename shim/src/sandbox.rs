@@ -100,6 +100,7 @@ impl Sandbox {
             spare_disks,
             dir: scratch.path().to_owned(),
             log_level: "warn".into(),
+            confinement: config.confinement(),
         })?;
         log::info!(
             "{id}: micro-VM {} ({} vCPUs, {} MiB, {spare_disks} spare disk slots) booting with {}",

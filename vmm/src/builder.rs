@@ -20,7 +20,7 @@ use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::api::ApiServer;
-use crate::arch::boot::{self, BootError};
+use crate::arch::boot::{self, BootError, NamedFile};
 use crate::arch::layout::{
     BOOT_MARKER_PORT, I8042_PORT, I8042_PORT_LEN, SERIAL_IRQ, SERIAL_PORT, SERIAL_PORT_LEN,
     VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
@@ -32,7 +32,7 @@ use crate::devices::virtio::block::{Block, DiskSlot, DiskSlots};
 use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, ThreadInit, VirtioDevice, WorkerHandle};
-use crate::logging::RotatingFile;
+use crate::logging::BoundedFile;
 use crate::memory::{GuestRam, MemoryError};
 use crate::vmm::{ExitNotifier, Vmm};
 use crate::vstate::vcpu::{Vcpu, VcpuThreads};
@@ -94,15 +94,78 @@ impl ThreadInits {
     }
 }
 
-/// Builds a VM from `config`. `started` is when the VMM process started; the
-/// boot marker is timed from it. Every thread the VM needs but its vCPUs'
-/// is started here, each running its `threads` init first.
+/// Everything the VMM opens by path, opened before it confines itself
+/// (`crate::jail`): after that it has no host path to open.
+#[derive(Debug)]
+pub struct HostFiles {
+    pub kvm: kvm_ioctls::Kvm,
+    pub kernel: NamedFile,
+    pub initrd: Option<NamedFile>,
+    /// One per `config.disks`, in order.
+    pub disks: Vec<Block>,
+    pub serial: Option<BoundedFile>,
+}
+
+impl HostFiles {
+    /// Checks `config` and opens what it names.
+    pub fn open(config: &VmConfig) -> Result<Self, BuildError> {
+        config.validate()?;
+        let kvm = kvm_ioctls::Kvm::new().map_err(|e| VmError("opening /dev/kvm", e))?;
+        let open = |what: &'static str, path: &std::path::Path| {
+            NamedFile::open(path).map_err(|source| ConfigError::Missing {
+                what,
+                path: path.to_owned(),
+                source,
+            })
+        };
+        let kernel = open("kernel", &config.kernel)?;
+        let initrd = config
+            .initrd
+            .as_deref()
+            .map(|path| open("initrd", path))
+            .transpose()?;
+        let disks = config
+            .disks
+            .iter()
+            .map(|disk| {
+                Block::open(&disk.path, disk.read_only, disk.id.as_deref())
+                    .map_err(|e| BuildError::Disk(disk.path.display().to_string(), e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let serial = match &config.serial {
+            SerialConfig::File(path) => Some(
+                BoundedFile::open(path)
+                    .map_err(|e| BuildError::SerialFile(path.display().to_string(), e))?,
+            ),
+            _ => None,
+        };
+        Ok(Self {
+            kvm,
+            kernel,
+            initrd,
+            disks,
+            serial,
+        })
+    }
+}
+
+/// Builds a VM from `config` and the `files` it names. `started` is when
+/// the VMM process started; the boot marker is timed from it. Every thread
+/// the VM needs but its vCPUs' is started here, each running its `threads`
+/// init first. Sockets are made here, at the paths in `config`.
 pub fn build(
     config: &VmConfig,
+    files: HostFiles,
     started: Instant,
     threads: &ThreadInits,
 ) -> Result<Vmm, BuildError> {
-    config.validate()?;
+    let HostFiles {
+        kvm,
+        mut kernel,
+        mut initrd,
+        disks,
+        serial,
+    } = files;
     let mem_bytes = u64::from(config.mem_mib) << 20;
 
     let phase = |name: &str| {
@@ -110,7 +173,7 @@ pub fn build(
     };
     phase("configuration checked");
     let ram = Arc::new(GuestRam::new(mem_bytes)?);
-    let vm = Vm::new()?;
+    let vm = Vm::with(kvm)?;
     vm.register_memory(&ram)?;
     vm.create_irqchip()?;
     phase("VM, memory and irqchip created");
@@ -120,7 +183,7 @@ pub fn build(
     let mut pio = Bus::new();
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
     vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
-    let serial = SerialConsole::new(serial_irq, serial_output(&config.serial)?);
+    let serial = SerialConsole::new(serial_irq, serial_output(&config.serial, serial));
     pio.insert(
         Arc::new(Mutex::new(serial)),
         u64::from(SERIAL_PORT),
@@ -140,9 +203,7 @@ pub fn build(
     // virtio devices on MMIO, each announced on the command line.
     // Disks first (the first is /dev/vda), then the spare slots, then vsock.
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
-    for disk in &config.disks {
-        let block = Block::open(&disk.path, disk.read_only, disk.id.as_deref())
-            .map_err(|e| BuildError::Disk(disk.path.display().to_string(), e))?;
+    for block in disks {
         devices.push(Box::new(block));
     }
     let spare_from = devices.len();
@@ -203,8 +264,8 @@ pub fn build(
     let entry = boot::load_guest(
         ram.memory(),
         mem_bytes,
-        &config.kernel,
-        config.initrd.as_deref(),
+        &mut kernel,
+        initrd.as_mut(),
         &cmdline,
     )?;
     boot::write_arch_tables(ram.memory(), config.vcpus, entry.protocol)?;
@@ -235,14 +296,10 @@ pub fn build(
     })
 }
 
-fn serial_output(serial: &SerialConfig) -> Result<Box<dyn Write + Send>, BuildError> {
-    Ok(match serial {
-        SerialConfig::Stdout => Box::new(LineWriter::new(std::io::stdout())),
-        SerialConfig::None => Box::new(std::io::sink()),
-        SerialConfig::File(path) => {
-            Box::new(LineWriter::new(RotatingFile::open(path).map_err(|e| {
-                BuildError::SerialFile(path.display().to_string(), e)
-            })?))
-        }
-    })
+fn serial_output(serial: &SerialConfig, file: Option<BoundedFile>) -> Box<dyn Write + Send> {
+    match (serial, file) {
+        (SerialConfig::File(_), Some(file)) => Box::new(LineWriter::new(file)),
+        (SerialConfig::Stdout, _) => Box::new(LineWriter::new(std::io::stdout())),
+        _ => Box::new(std::io::sink()),
+    }
 }

@@ -12,9 +12,11 @@ pub mod arch;
 pub mod builder;
 pub mod config;
 pub mod devices;
+pub mod jail;
 pub mod logging;
 pub mod memory;
 pub mod probe;
+pub mod seccomp;
 pub mod vmm;
 pub mod vstate;
 

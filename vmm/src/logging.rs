@@ -8,13 +8,15 @@
 //!   counted and the count is reported with the next line that gets through;
 //! - all those call sites together share one more limit, [`TOTAL_BURST`]
 //!   lines per window, so 26 sites cannot add up to 260 lines a second;
-//! - the files themselves are [`RotatingFile`]s: the log (`--log-file`)
-//!   and the guest console (`--serial file:`) each keep at most 1 MiB.
+//! - the files themselves are [`BoundedFile`]s: the log (`--log-file`)
+//!   and the guest console (`--serial file:`) each keep at most their
+//!   newest 1 MiB.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::io::{Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
@@ -105,90 +107,90 @@ macro_rules! guest_warn {
     }};
 }
 
-/// A file that output without end cannot grow without bound: once `PATH`
-/// holds `half` bytes ([`RotatingFile::HALF`] by default) it becomes
-/// `PATH.1` (replacing the one before) and `PATH` starts again. The latest
-/// output, which says why a guest or the VMM died, is always in `PATH.1` +
-/// `PATH`, and the two never hold more than twice `half`.
+/// A file that output without end cannot grow without bound: once it
+/// would pass `max` bytes ([`BoundedFile::MAX`] by default), its older half
+/// is dropped in place — the newest `max / 2` bytes move to its start and
+/// the file is cut there — and writing goes on after them. The latest
+/// output, which says why a guest or the VMM died, is always there.
+///
+/// Everything happens on the descriptor opened at start (`pread`,
+/// `pwrite`, `ftruncate`): no path is looked up again, so a confined VMM
+/// needs no `open` or `rename` to keep its logs bounded.
 #[derive(Debug)]
-pub struct RotatingFile {
-    path: PathBuf,
+pub struct BoundedFile {
     file: File,
-    /// Bytes in `path` now.
+    /// Bytes in the file at our last write (writes through a shared stderr
+    /// are counted at the next one).
     len: u64,
-    half: u64,
-    /// Also make each new file the process's stderr (the VMM's own log,
-    /// so that a panic message lands beside the last log lines).
-    as_stderr: bool,
+    max: u64,
 }
 
-impl RotatingFile {
-    pub const HALF: u64 = 512 << 10;
+impl BoundedFile {
+    pub const MAX: u64 = 1 << 20;
 
-    /// Opens `path` for appending (what is there counts towards the bound).
+    /// Opens `path` for writing at its end (what is there counts towards
+    /// the bound).
     pub fn open(path: &Path) -> std::io::Result<Self> {
-        Self::with_half(path, Self::HALF)
+        Self::with_max(path, Self::MAX)
     }
 
-    /// Opens `path` like [`RotatingFile::open`] and makes it stderr, now and
-    /// after every rotation.
+    /// Opens `path` like [`BoundedFile::open`] and makes it stderr too
+    /// (the VMM's own log: a panic message lands beside the last lines).
     pub fn open_as_stderr(path: &Path) -> std::io::Result<Self> {
-        let mut file = Self::open(path)?;
-        file.as_stderr = true;
-        file.redirect_stderr()?;
+        let file = Self::open(path)?;
+        // SAFETY: dup2 takes two descriptors; ours stays open, and fd 2 is
+        // replaced atomically. They share the file offset.
+        if unsafe { libc::dup2(file.file.as_raw_fd(), libc::STDERR_FILENO) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
         Ok(file)
     }
 
-    pub(crate) fn with_half(path: &Path, half: u64) -> std::io::Result<Self> {
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
-        let len = file.metadata()?.len();
-        Ok(Self {
-            path: path.to_owned(),
+    pub(crate) fn with_max(path: &Path, max: u64) -> std::io::Result<Self> {
+        // Not O_APPEND: pwrite must write where it is told.
+        let mut file = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .write(true)
+            .truncate(false)
+            .open(path)?;
+        let len = file.seek(SeekFrom::End(0))?;
+        let mut bounded = Self {
             file,
             len,
-            half,
-            as_stderr: false,
-        })
-    }
-
-    /// Where the output before `path`'s start went.
-    pub fn older(path: &Path) -> PathBuf {
-        let mut older = path.as_os_str().to_owned();
-        older.push(".1");
-        older.into()
-    }
-
-    fn redirect_stderr(&self) -> std::io::Result<()> {
-        // SAFETY: dup2 takes two descriptors; ours stays open, and fd 2 is
-        // replaced atomically.
-        if unsafe { libc::dup2(self.file.as_raw_fd(), libc::STDERR_FILENO) } < 0 {
-            return Err(std::io::Error::last_os_error());
+            max: max.max(2),
+        };
+        if len > bounded.max {
+            bounded.compact()?;
         }
-        Ok(())
+        Ok(bounded)
     }
 
-    fn rotate(&mut self) -> std::io::Result<()> {
-        std::fs::rename(&self.path, Self::older(&self.path))?;
-        self.file = OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .open(&self.path)?;
-        self.len = 0;
-        if self.as_stderr {
-            self.redirect_stderr()?;
-        }
+    /// Keeps the newest half: moves it to the start and cuts the file there.
+    fn compact(&mut self) -> std::io::Result<()> {
+        let len = self.file.metadata()?.len();
+        let keep = (self.max / 2).min(len);
+        let mut newest = vec![0u8; usize::try_from(keep).unwrap_or(0)];
+        self.file.read_exact_at(&mut newest, len - keep)?;
+        self.file.write_all_at(&newest, 0)?;
+        self.file.set_len(keep)?;
+        self.len = self.file.seek(SeekFrom::Start(keep))?;
         Ok(())
     }
 }
 
-impl Write for RotatingFile {
+impl Write for BoundedFile {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.len >= self.half {
-            self.rotate()?;
+        let n = buf
+            .len()
+            .min(usize::try_from(self.max / 2).unwrap_or(usize::MAX));
+        // Where the shared offset is now: what others wrote through stderr
+        // counts too.
+        self.len = self.file.stream_position()?;
+        if self.len + n as u64 > self.max {
+            self.compact()?;
         }
-        let room = usize::try_from(self.half - self.len).unwrap_or(usize::MAX);
-        let n = self.file.write(&buf[..buf.len().min(room)])?;
+        let n = self.file.write(&buf[..n])?;
         self.len += n as u64;
         Ok(n)
     }
@@ -235,39 +237,37 @@ mod tests {
     }
 
     #[test]
-    fn the_console_file_keeps_the_latest_output_within_its_bound() {
+    fn the_file_keeps_its_newest_output_within_its_bound() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("console.log");
         std::fs::write(&path, b"0123").unwrap();
-        let mut console = std::io::LineWriter::new(RotatingFile::with_half(&path, 20).unwrap());
+        let mut console = std::io::LineWriter::new(BoundedFile::with_max(&path, 40).unwrap());
         let mut everything = String::from("0123");
         for line in 0..40 {
             writeln!(console, "line {line}").unwrap();
             everything += &format!("line {line}\n");
+            let now = std::fs::read_to_string(&path).unwrap();
+            assert!(now.len() <= 40, "{now:?}");
+            assert!(everything.ends_with(&now), "{now:?}");
         }
         console.flush().unwrap();
-        let older = std::fs::read_to_string(RotatingFile::older(&path)).unwrap();
-        let newer = std::fs::read_to_string(&path).unwrap();
-        // At most twice the half, and always at least the last half.
-        assert!(
-            older.len() == 20 && newer.len() <= 20,
-            "{older:?} {newer:?}"
-        );
-        assert!(
-            everything.ends_with(&format!("{older}{newer}")),
-            "{older:?} {newer:?}"
-        );
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+        let now = std::fs::read_to_string(&path).unwrap();
+        assert!(now.len() >= 20, "at least the newest half: {now:?}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        // Reopening a file over the bound cuts it at once.
+        std::fs::write(&path, vec![b'x'; 100]).unwrap();
+        drop(BoundedFile::with_max(&path, 40).unwrap());
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 20);
     }
 
     #[test]
-    fn the_log_rotates_and_stays_stderr() {
+    fn the_log_stays_bounded_and_stays_stderr() {
         // In a child process: fd 2 of the test harness must stay as it is.
         if std::env::var_os("CAPSID_TEST_STDERR_CHILD").is_none() {
             let status = std::process::Command::new(std::env::current_exe().unwrap())
                 .args([
                     "--exact",
-                    "logging::tests::the_log_rotates_and_stays_stderr",
+                    "logging::tests::the_log_stays_bounded_and_stays_stderr",
                 ])
                 .env("CAPSID_TEST_STDERR_CHILD", "1")
                 .status()
@@ -277,17 +277,16 @@ mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("vmm.log");
-        let mut log = RotatingFile::open_as_stderr(&path).unwrap();
-        log.half = 16;
+        let mut log = BoundedFile::open_as_stderr(&path).unwrap();
+        log.max = 32;
         // Through the fd (eprint! is captured by the test harness).
         let stderr = || std::io::stderr();
         stderr().write_all(b"before ").unwrap();
         log.write_all(b"0123456789abcdef").unwrap();
-        log.write_all(b"after rotation\n").unwrap();
-        stderr().write_all(b"stderr follows").unwrap();
-        let older = std::fs::read_to_string(RotatingFile::older(&path)).unwrap();
-        let newer = std::fs::read_to_string(&path).unwrap();
-        assert!(older.starts_with("before "), "{older:?}");
-        assert_eq!(newer, "after rotation\nstderr follows");
+        stderr().write_all(b"stderr ").unwrap();
+        log.write_all(b"after it is cut\n").unwrap();
+        let now = std::fs::read_to_string(&path).unwrap();
+        assert!(now.len() <= 32, "{now:?}");
+        assert!(now.ends_with("stderr after it is cut\n"), "{now:?}");
     }
 }

@@ -4,8 +4,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
+use capsid_vmm::builder::HostFiles;
 use capsid_vmm::config::{DiskConfig, SerialConfig, VmConfig, VsockConfig};
-use capsid_vmm::logging::RotatingFile;
+use capsid_vmm::jail::{self, JailConfig, Role};
+use capsid_vmm::logging::BoundedFile;
+use capsid_vmm::seccomp::{Filters, SeccompMode, ThreadKind};
 use capsid_vmm::vmm::{EXIT_VMM_ERROR, ExitReason};
 use clap::Parser;
 
@@ -59,31 +62,49 @@ struct Args {
     #[arg(long)]
     api_uds: Option<PathBuf>,
     /// Where the serial console goes: stdout, file:PATH (at most 1 MiB, the
-    /// older half in PATH.1) or none [default: stdout].
+    /// older half dropped) or none [default: stdout].
     #[arg(long)]
     serial: Option<SerialConfig>,
     /// Log filter for the VMM's own messages (error, warn, info, debug, trace).
     #[arg(long, default_value = "warn", env = "CAPSID_VMM_LOG")]
     log_level: tracing::Level,
     /// Where the VMM's own messages go instead of stderr: a file kept within
-    /// 1 MiB (the older half in PATH.1), which also becomes stderr.
+    /// 1 MiB (its newest output kept), which also becomes stderr.
     #[arg(long, value_name = "PATH")]
     log_file: Option<PathBuf>,
+    /// Confine the VMM (needs root): its own PID, mount, IPC, UTS and
+    /// network namespaces, DIR as its only file system (seen as /vm; the
+    /// sockets must be in it), --uid/--gid with no capabilities,
+    /// no_new_privs, rlimits, Landlock.
+    #[arg(long, value_name = "DIR", requires_all = ["uid", "gid"])]
+    jail: Option<PathBuf>,
+    /// The unprivileged user the confined VMM runs as.
+    #[arg(long, requires = "jail")]
+    uid: Option<u32>,
+    /// The unprivileged group the confined VMM runs as.
+    #[arg(long, requires = "jail")]
+    gid: Option<u32>,
+    /// A cgroup v2 directory made for this VM, which the VMM joins first.
+    #[arg(long, value_name = "DIR")]
+    cgroup: Option<PathBuf>,
+    /// What a syscall outside a thread's allowlist does.
+    #[arg(long, value_enum, default_value_t = SeccompMode::Kill)]
+    seccomp: SeccompMode,
 }
 
 impl Args {
-    fn into_config(self) -> Result<VmConfig, capsid_vmm::ConfigError> {
+    fn to_config(&self) -> Result<VmConfig, capsid_vmm::ConfigError> {
         let mut config = match &self.config {
             Some(path) => VmConfig::from_file(path)?,
             None => VmConfig::default(),
         };
-        if let Some(kernel) = self.kernel {
+        if let Some(kernel) = self.kernel.clone() {
             config.kernel = kernel;
         }
         if self.initrd.is_some() {
-            config.initrd = self.initrd;
+            config.initrd = self.initrd.clone();
         }
-        if let Some(cmdline) = self.cmdline {
+        if let Some(cmdline) = self.cmdline.clone() {
             config.cmdline = cmdline;
         }
         if let Some(vcpus) = self.vcpus {
@@ -92,8 +113,8 @@ impl Args {
         if let Some(mem_mib) = self.mem_mib {
             config.mem_mib = mem_mib;
         }
-        config.disks.extend(self.disks);
-        match (self.vsock_uds, &mut config.vsock) {
+        config.disks.extend(self.disks.iter().cloned());
+        match (self.vsock_uds.clone(), &mut config.vsock) {
             (Some(uds), Some(vsock)) => vsock.uds = uds,
             (Some(uds), None) => {
                 config.vsock = Some(VsockConfig {
@@ -106,14 +127,14 @@ impl Args {
         if let (Some(cid), Some(vsock)) = (self.vsock_cid, &mut config.vsock) {
             vsock.cid = cid;
         }
-        if let Some(serial) = self.serial {
+        if let Some(serial) = self.serial.clone() {
             config.serial = serial;
         }
         if let Some(spare) = self.spare_disks {
             config.spare_disks = spare;
         }
         if self.api_uds.is_some() {
-            config.api_uds = self.api_uds;
+            config.api_uds = self.api_uds.clone();
         }
         Ok(config)
     }
@@ -134,12 +155,17 @@ fn main() -> ExitCode {
     // Every file and socket the VMM makes is its own only (0600, 0700).
     // SAFETY: umask takes a mode and cannot fail.
     unsafe { libc::umask(0o077) };
+    // Nothing the launcher left open reaches the VMM (or the guest).
+    if let Err(e) = jail::close_inherited_fds() {
+        eprintln!("capsid-vmm: error: cannot close inherited descriptors: {e}");
+        return exit_code(EXIT_VMM_ERROR);
+    }
     let args = Args::parse();
     let subscriber = tracing_subscriber::fmt()
         .with_max_level(args.log_level)
         .with_target(false);
     match &args.log_file {
-        Some(path) => match RotatingFile::open_as_stderr(path) {
+        Some(path) => match BoundedFile::open_as_stderr(path) {
             Ok(file) => subscriber
                 .with_ansi(false)
                 .with_writer(std::sync::Mutex::new(file))
@@ -157,45 +183,79 @@ fn main() -> ExitCode {
             .with_writer(std::io::stderr)
             .init(),
     }
-    let config = match args.into_config() {
-        Ok(config) => config,
-        Err(e) => {
-            report(&e);
-            return exit_code(EXIT_VMM_ERROR);
+    match run(&args, started) {
+        Ok(reason) => {
+            match &reason {
+                ExitReason::GuestShutdown => tracing::info!("{reason}"),
+                _ => eprintln!("capsid-vmm: {reason}"),
+            }
+            exit_code(reason.exit_code())
         }
-    };
-    let vmm = match capsid_vmm::build(&config, started, &capsid_vmm::builder::ThreadInits::none()) {
-        Ok(vmm) => vmm,
         Err(e) => {
-            report(&e);
-            return exit_code(EXIT_VMM_ERROR);
+            report(e.as_ref());
+            exit_code(EXIT_VMM_ERROR)
         }
-    };
-    if let Err(e) = forward_signals(&vmm) {
-        report(&e);
-        return exit_code(EXIT_VMM_ERROR);
     }
-    let reason = vmm.run();
-    match &reason {
-        ExitReason::GuestShutdown => tracing::info!("{reason}"),
-        _ => eprintln!("capsid-vmm: {reason}"),
-    }
-    exit_code(reason.exit_code())
 }
 
-/// SIGTERM, SIGINT and SIGHUP end the VM; the VMM then cleans up and exits 128+N.
-fn forward_signals(vmm: &capsid_vmm::Vmm) -> std::io::Result<()> {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
-    let exit = vmm.exit_notifier();
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            if let Some(signal) = signals.forever().next() {
-                exit.report(ExitReason::Signal(signal));
-            }
-        })?;
-    Ok(())
+/// Everything between the arguments and the VM's end: open what the VM
+/// needs, confine the process, build the VM, run it.
+fn run(args: &Args, started: Instant) -> Result<ExitReason, Box<dyn std::error::Error>> {
+    let mut config = args.to_config()?;
+    let files = HostFiles::open(&config)?;
+    // SIGTERM, SIGINT and SIGHUP reach the main thread through a signalfd;
+    // blocked before any thread exists, so every thread inherits the mask.
+    let signals = capsid_vmm::vmm::block_stop_signals()?;
+    if let Some(dir) = &args.jail {
+        let jail = jail_config(args, dir, &config)?;
+        for uds in [
+            config.vsock.as_mut().map(|v| &mut v.uds),
+            config.api_uds.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            *uds = jail::inside(dir, uds).ok_or_else(|| {
+                format!(
+                    "with --jail {}, the sockets must be in that directory ({} is not)",
+                    dir.display(),
+                    uds.display()
+                )
+            })?;
+        }
+        if let Role::Keeper { vmm } = jail::enter(&jail)? {
+            drop(files);
+            drop(signals);
+            Filters::compile(args.seccomp, std::process::id())?.apply(ThreadKind::Keeper)?;
+            jail::keep(vmm);
+        }
+    }
+    let filters = Filters::compile(args.seccomp, std::process::id())?;
+    let vmm = capsid_vmm::build(&config, files, started, &filters.thread_inits())?;
+    Ok(vmm.run(signals, || filters.apply(ThreadKind::Main)))
+}
+
+/// The jail for `--jail DIR`: the largest file the VMM writes is its
+/// largest writable disk (the logs stay within 1 MiB); its threads are
+/// its vCPUs, one per device, the API's and a margin.
+fn jail_config(
+    args: &Args,
+    dir: &std::path::Path,
+    config: &VmConfig,
+) -> Result<JailConfig, Box<dyn std::error::Error>> {
+    let mut max_file_bytes = 2 << 20;
+    for disk in config.disks.iter().filter(|d| !d.read_only) {
+        max_file_bytes = max_file_bytes.max(std::fs::metadata(&disk.path)?.len());
+    }
+    let threads = u64::from(config.vcpus) + u64::try_from(config.virtio_devices())? + 16;
+    Ok(JailConfig {
+        dir: dir.to_owned(),
+        uid: args.uid.unwrap_or(0),
+        gid: args.gid.unwrap_or(0),
+        cgroup: args.cgroup.clone(),
+        max_file_bytes,
+        max_threads: threads,
+    })
 }
 
 fn exit_code(code: i32) -> ExitCode {

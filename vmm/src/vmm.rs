@@ -7,6 +7,7 @@
 //! the vCPUs are stopped and joined, the device workers stopped, and the VM,
 //! its memory and its sockets are released, in that order.
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -81,6 +82,52 @@ impl ExitNotifier {
         lock(&self.reason).clone()
     }
 
+    /// Blocks until a reason has been reported or one of the blocked stop
+    /// signals arrives on `signals` (a signalfd), and returns the reason.
+    pub fn wait_or_signal(&self, signals: &OwnedFd) -> ExitReason {
+        let mut fds = [
+            libc::pollfd {
+                fd: self.evt.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: signals.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        loop {
+            if let Some(reason) = self.reason() {
+                return reason;
+            }
+            // SAFETY: `fds` is an array of two pollfds that outlives the call.
+            let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if ready < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                self.report(ExitReason::Error(format!("waiting for the VM to end: {e}")));
+                continue;
+            }
+            if fds[1].revents != 0 {
+                // SAFETY: signalfd_siginfo is plain data; all-zero is valid.
+                let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+                let size = std::mem::size_of::<libc::signalfd_siginfo>();
+                // SAFETY: `info` is writable for `size` bytes.
+                let n = unsafe { libc::read(signals.as_raw_fd(), (&raw mut info).cast(), size) };
+                if usize::try_from(n).is_ok_and(|n| n == size) {
+                    let signal = i32::try_from(info.ssi_signo).unwrap_or(libc::SIGTERM);
+                    self.report(ExitReason::Signal(signal));
+                }
+            }
+            if fds[0].revents != 0 {
+                let _ = self.evt.read();
+            }
+        }
+    }
+
     /// Blocks until a reason has been reported and returns it.
     pub fn wait(&self) -> ExitReason {
         loop {
@@ -131,8 +178,15 @@ impl Vmm {
         Arc::clone(&self.exit)
     }
 
-    /// Runs the guest until it ends, then frees everything. Returns why it ended.
-    pub fn run(mut self) -> ExitReason {
+    /// Runs the guest until it ends, then frees everything. Returns why it
+    /// ended. `signals` is the signalfd of [`block_stop_signals`];
+    /// `main_init` runs on this thread once every other thread has started
+    /// (it installs the main thread's seccomp filter).
+    pub fn run<E: std::fmt::Display>(
+        mut self,
+        signals: OwnedFd,
+        main_init: impl FnOnce() -> Result<(), E>,
+    ) -> ExitReason {
         let vcpus = std::mem::take(&mut self.vcpus);
         match VcpuThreads::start(
             vcpus,
@@ -150,10 +204,49 @@ impl Vmm {
             cpu_us = crate::devices::legacy::process_cpu_us(),
             "vCPUs running"
         );
-        let reason = self.exit.wait();
+        if let Err(e) = main_init() {
+            self.exit.report(ExitReason::Error(format!(
+                "cannot confine the main thread: {e}"
+            )));
+        }
+        let reason = self.exit.wait_or_signal(&signals);
         self.vcpu_threads.stop();
         reason
     }
+}
+
+extern "C" fn note_stop_signal(_: libc::c_int) {}
+
+/// Blocks SIGTERM, SIGINT and SIGHUP for this thread and every thread it
+/// starts, and returns a signalfd that reads them: the main thread waits
+/// on it beside the exit eventfd, so no thread of ours runs a signal
+/// handler for them and none needs a syscall to pass one on. A handler is
+/// installed all the same: the VMM may be PID 1 of its namespace, where a
+/// signal from outside with the default disposition is dropped before it
+/// could be queued.
+pub fn block_stop_signals() -> std::io::Result<OwnedFd> {
+    let signals = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+    for signal in signals {
+        // SAFETY: a handler that does nothing is async-signal-safe.
+        if unsafe { libc::signal(signal, note_stop_signal as *const () as libc::sighandler_t) }
+            == libc::SIG_ERR
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    let set = crate::jail::signal_set(&signals);
+    // SAFETY: `set` is a valid sigset_t.
+    if unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &raw const set, std::ptr::null_mut()) } != 0
+    {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `set` is valid; -1 makes a new signalfd.
+    let fd = unsafe { libc::signalfd(-1, &raw const set, libc::SFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 #[cfg(test)]

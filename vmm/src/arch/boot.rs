@@ -84,26 +84,44 @@ pub fn cmdline(base: &str, virtio_devices: &[(u64, u32)]) -> Result<Cmdline, Boo
     Ok(cmdline)
 }
 
+/// A file the VMM opened before confining itself, with the name its
+/// messages use.
+#[derive(Debug)]
+pub struct NamedFile {
+    pub file: File,
+    pub name: String,
+}
+
+impl NamedFile {
+    /// Opens `path` for reading.
+    pub fn open(path: &Path) -> std::io::Result<Self> {
+        Ok(Self {
+            file: File::open(path)?,
+            name: path.display().to_string(),
+        })
+    }
+}
+
 /// Loads the kernel, the initrd and the command line and writes the boot
 /// parameters. Returns the entry point for the bootstrap vCPU.
 pub fn load_guest(
     memory: &GuestMemoryMmap,
     mem_bytes: u64,
-    kernel: &Path,
-    initrd: Option<&Path>,
+    kernel: &mut NamedFile,
+    initrd: Option<&mut NamedFile>,
     cmdline: &Cmdline,
 ) -> Result<BootEntry, BootError> {
-    let kernel_name = kernel.display().to_string();
-    let mut file = File::open(kernel).map_err(|e| BootError::OpenKernel(kernel_name.clone(), e))?;
+    let kernel_name = kernel.name.clone();
+    let file = &mut kernel.file;
     let mut magic = [0u8; 4];
     file.read_exact(&mut magic)
         .and_then(|()| file.seek(SeekFrom::Start(0)).map(drop))
         .map_err(|e| BootError::OpenKernel(kernel_name.clone(), e))?;
     let highmem = Some(GuestAddress(HIMEM_START));
     let loaded = if magic == *b"\x7fELF" {
-        Elf::load(memory, None, &mut file, highmem)
+        Elf::load(memory, None, file, highmem)
     } else {
-        BzImage::load(memory, None, &mut file, highmem)
+        BzImage::load(memory, None, file, highmem)
     }
     .map_err(|e| match e {
         linux_loader::loader::Error::Bzimage(
@@ -113,7 +131,7 @@ pub fn load_guest(
     })?;
 
     let initrd = match initrd {
-        Some(path) => Some(load_initrd(memory, mem_bytes, loaded.kernel_end, path)?),
+        Some(file) => Some(load_initrd(memory, mem_bytes, loaded.kernel_end, file)?),
         None => None,
     };
     load_cmdline(memory, GuestAddress(CMDLINE_ADDR), cmdline).map_err(BootError::LoadCmdline)?;
@@ -180,10 +198,10 @@ fn load_initrd(
     memory: &GuestMemoryMmap,
     mem_bytes: u64,
     kernel_end: u64,
-    path: &Path,
+    initrd: &mut NamedFile,
 ) -> Result<Initrd, BootError> {
-    let name = path.display().to_string();
-    let mut file = File::open(path).map_err(|e| BootError::OpenInitrd(name.clone(), e))?;
+    let name = initrd.name.clone();
+    let file = &mut initrd.file;
     let size = file
         .metadata()
         .map_err(|e| BootError::OpenInitrd(name.clone(), e))?
@@ -201,7 +219,7 @@ fn load_initrd(
     }
     let len = usize::try_from(size).map_err(|_| too_big())?;
     memory
-        .read_exact_volatile_from(GuestAddress(addr), &mut file, len)
+        .read_exact_volatile_from(GuestAddress(addr), file, len)
         .map_err(|e| BootError::LoadInitrd(name, e))?;
     Ok(Initrd { addr, size })
 }

@@ -24,7 +24,11 @@ pub struct Vm {
 impl Vm {
     /// Opens `/dev/kvm` and creates an empty VM.
     pub fn new() -> Result<Self, VmError> {
-        let kvm = Kvm::new().map_err(|e| VmError("opening /dev/kvm", e))?;
+        Self::with(Kvm::new().map_err(|e| VmError("opening /dev/kvm", e))?)
+    }
+
+    /// Creates an empty VM on an open `/dev/kvm`.
+    pub fn with(kvm: Kvm) -> Result<Self, VmError> {
         let fd = kvm.create_vm().map_err(|e| VmError("KVM_CREATE_VM", e))?;
         Ok(Self { kvm, fd })
     }
