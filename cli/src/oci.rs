@@ -58,7 +58,7 @@ impl Root {
         capsid_protocol::validate_id("container id", id).map_err(anyhow::Error::msg)?;
         let dir = self.root.join(id);
         // The VM's vsock socket (and its `_PORT` siblings) must fit sun_path.
-        if dir.join("vsock.sock_4294967295").as_os_str().len() > 107 {
+        if capsid_runtime::vm::vsock_path(&dir).as_os_str().len() + "_4294967295".len() > 107 {
             bail!(
                 "--root {} with id {id} makes socket paths too long",
                 self.root.display()
@@ -214,7 +214,7 @@ fn status(dir: &Path, state: &State) -> Status {
 
 fn client(dir: &Path) -> anyhow::Result<AgentClient> {
     AgentClient::connect(
-        &dir.join("vsock.sock"),
+        &capsid_runtime::vm::vsock_path(&dir),
         DEFAULT_AGENT_PORT,
         Duration::from_secs(5),
         AGENT_IO_TIMEOUT,
@@ -442,7 +442,7 @@ pub fn monitor(args: &MonitorArgs) -> anyhow::Result<ExitCode> {
     }
     vm.kill();
     // The VM's socket and log go with it; the state stays until delete.
-    let _ = std::fs::remove_file(dir.join("vsock.sock"));
+    let _ = std::fs::remove_file(capsid_runtime::vm::vsock_path(&dir));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -596,7 +596,7 @@ pub fn exec(args: &ExecArgs) -> anyhow::Result<ExitCode> {
     for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
         signal_hook::flag::register(signal, Arc::clone(&stop))?;
     }
-    let uds = dir.join("vsock.sock");
+    let uds = capsid_runtime::vm::vsock_path(&dir);
     let ended = attach::run_attached(
         &attach::Session {
             client: &client,

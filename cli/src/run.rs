@@ -90,11 +90,64 @@ pub struct RunArgs {
     /// Kill the command after this long (e.g. 30s, 5m); exit status 124.
     #[arg(long, value_parser = parse_duration)]
     timeout: Option<Duration>,
+    /// seccomp=unconfined runs the command without the default seccomp
+    /// profile (Docker's, which among others refuses vsock sockets);
+    /// seccomp=PATH uses the OCI profile in that JSON file instead.
+    #[arg(long = "security-opt", value_name = "seccomp=unconfined|seccomp=PATH", value_parser = parse_security_opt)]
+    security_opt: Vec<SecurityOpt>,
     #[command(flatten)]
     artifacts: Artifacts,
     /// The command and its arguments (with --image: the image's Cmd if none).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     command: Vec<String>,
+}
+
+/// A `--security-opt`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecurityOpt {
+    /// No seccomp filter.
+    SeccompUnconfined,
+    /// The OCI seccomp profile in this file.
+    SeccompProfile(PathBuf),
+}
+
+pub fn parse_security_opt(text: &str) -> Result<SecurityOpt, String> {
+    match text.split_once('=') {
+        Some(("seccomp", "unconfined")) => Ok(SecurityOpt::SeccompUnconfined),
+        Some(("seccomp", path)) if !path.is_empty() => Ok(SecurityOpt::SeccompProfile(path.into())),
+        _ => Err(format!(
+            "{text:?}: supported are seccomp=unconfined and seccomp=PATH (an OCI profile)"
+        )),
+    }
+}
+
+/// The seccomp profile the command runs under: the default, none, or one
+/// from a file.
+fn seccomp_for(
+    options: &[SecurityOpt],
+    process: &oci_spec::runtime::Process,
+) -> anyhow::Result<Option<oci_spec::runtime::LinuxSeccomp>> {
+    match options.last() {
+        Some(SecurityOpt::SeccompUnconfined) => Ok(None),
+        Some(SecurityOpt::SeccompProfile(path)) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the seccomp profile {}", path.display()))?;
+            let profile = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not an OCI seccomp profile", path.display()))?;
+            Ok(Some(profile))
+        }
+        None => {
+            let bounding: Vec<_> = process
+                .capabilities()
+                .as_ref()
+                .and_then(|c| c.bounding().as_ref())
+                .map(|set| set.iter().copied().collect())
+                .unwrap_or_default();
+            Ok(Some(capsid_runtime::seccomp_profile::default_profile(
+                &bounding,
+            )))
+        }
+    }
 }
 
 pub fn parse_env(text: &str) -> Result<String, String> {
@@ -250,7 +303,12 @@ fn drive(
         workload.cwd.as_deref(),
         workload.user,
     );
+    let seccomp = seccomp_for(&args.security_opt, &process)?;
     spec.set_process(Some(process));
+    if let Some(mut linux) = spec.linux().clone() {
+        linux.set_seccomp(seccomp);
+        spec.set_linux(Some(linux));
+    }
     if let Some(mut root) = spec.root().clone() {
         root.set_readonly(Some(false));
         spec.set_root(Some(root));
@@ -291,6 +349,40 @@ fn drive(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn security_options_parse_or_say_what_is_supported() {
+        assert_eq!(
+            parse_security_opt("seccomp=unconfined"),
+            Ok(SecurityOpt::SeccompUnconfined)
+        );
+        assert_eq!(
+            parse_security_opt("seccomp=/p.json"),
+            Ok(SecurityOpt::SeccompProfile("/p.json".into()))
+        );
+        assert!(
+            parse_security_opt("apparmor=x")
+                .unwrap_err()
+                .contains("supported")
+        );
+    }
+
+    #[test]
+    fn commands_get_the_default_seccomp_profile_unless_told_otherwise() {
+        // Before the fix `capsid run` gave containers no seccomp profile at
+        // all, so any of them could open a vsock socket to the agent.
+        let process = Spec::default().process().clone().unwrap();
+        let profile = seccomp_for(&[], &process)
+            .unwrap()
+            .expect("a default profile");
+        let json = serde_json::to_string(&profile).unwrap();
+        assert!(json.contains("\"socket\""), "{json}");
+        assert!(
+            seccomp_for(&[SecurityOpt::SeccompUnconfined], &process)
+                .unwrap()
+                .is_none()
+        );
+    }
 
     #[test]
     fn durations_users_and_env_parse_or_say_why() {

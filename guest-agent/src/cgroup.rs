@@ -102,6 +102,10 @@ impl Cgroup {
         Ok(cgroup)
     }
 
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// The file a process writes "0" to, to join.
     pub fn procs_file(&self) -> PathBuf {
         self.path.join("cgroup.procs")

@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -40,6 +40,12 @@ pub const DISK_SOURCE: &str = "disk:";
 const MAX_EXECS: usize = 256;
 /// How long RemoveContainer waits for killed processes.
 const KILL_WAIT: Duration = Duration::from_secs(10);
+
+/// The container's root file system never honours device nodes: an image
+/// (or a process with CAP_MKNOD writing to the overlay) must not be able
+/// to bring its own /dev/mem. Devices come only from the agent's /dev, as
+/// `linux.devices` and the device rules allow.
+const ROOTFS_FLAGS: libc::c_ulong = libc::MS_NODEV;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
@@ -329,6 +335,13 @@ impl Sandbox {
             &dir,
         )?;
         let rootfs_plan = RootfsPlan::new(rootfs.clone(), &mounts, linux, hostname, readonly)?;
+        let device_rules = crate::devices::rules(
+            linux
+                .and_then(|l| l.resources().as_ref())
+                .and_then(|r| r.devices().as_deref())
+                .unwrap_or_default(),
+        )
+        .map_err(SandboxError::InvalidArgument)?;
         let disk = find_disk(&request.rootfs.disk_id)?;
 
         let mut mounts = Vec::new();
@@ -340,8 +353,14 @@ impl Sandbox {
                 for d in [&lower, &upper, &work, &rootfs] {
                     fs::create_dir_all(d).map_err(io_error(format!("mkdir {}", d.display())))?;
                 }
-                sys.mount(Some(&disk), &lower, Some(fstype), libc::MS_RDONLY, None)
-                    .map_err(io_error(format!("mount {} ({fstype})", disk.display())))?;
+                sys.mount(
+                    Some(&disk),
+                    &lower,
+                    Some(fstype),
+                    libc::MS_RDONLY | ROOTFS_FLAGS,
+                    None,
+                )
+                .map_err(io_error(format!("mount {} ({fstype})", disk.display())))?;
                 mounts.push(lower.clone());
                 let data = format!(
                     "lowerdir={},upperdir={},workdir={}",
@@ -353,13 +372,13 @@ impl Sandbox {
                     Some(Path::new("overlay")),
                     &rootfs,
                     Some("overlay"),
-                    0,
+                    ROOTFS_FLAGS,
                     Some(&data),
                 )
                 .map_err(io_error("mount the overlay"))?;
             } else {
                 fs::create_dir_all(&rootfs).map_err(io_error("mkdir rootfs"))?;
-                sys.mount(Some(&disk), &rootfs, Some(fstype), 0, None)
+                sys.mount(Some(&disk), &rootfs, Some(fstype), ROOTFS_FLAGS, None)
                     .map_err(io_error(format!("mount {} ({fstype})", disk.display())))?;
             }
             mounts.push(rootfs.clone());
@@ -378,6 +397,11 @@ impl Sandbox {
                 return Err(e.into());
             }
         };
+        if let Err(e) = crate::devices::restrict(cgroup.path(), &device_rules) {
+            cgroup.remove();
+            cleanup(&mounts);
+            return Err(io_error("apply the device rules (linux.resources.devices)")(e));
+        }
         let spawned = self.spawn(
             &plan,
             request.stdio,
@@ -432,9 +456,15 @@ impl Sandbox {
             )));
         }
         let plan = ProcessPlan::from_oci(&request.spec, container.seccomp.as_ref())?;
-        let namespaces = Namespaces::Join {
-            init_pid: container.init.pid,
+        // Through the init's pidfd, never its pid: a pid the init left
+        // could name another process by now.
+        let Some(init_pidfd) = container.init.pidfd.as_ref().map(|fd| fd.as_raw_fd()) else {
+            return Err(SandboxError::FailedPrecondition(format!(
+                "container {:?}: its init has no pidfd to join its namespaces through",
+                container.id
+            )));
         };
+        let namespaces = Namespaces::Join { init_pidfd };
         let process = self.spawn(&plan, request.stdio, namespaces, None, &container.cgroup)?;
         let pid = process.pid;
         let mut execs = lock(&container.execs);

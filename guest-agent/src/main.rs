@@ -5,6 +5,7 @@
 mod cgroup;
 mod config;
 mod container;
+mod devices;
 mod init;
 mod process;
 mod reaper;
@@ -75,14 +76,24 @@ fn serve(config: &AgentConfig, started: Instant) -> Result<(), String> {
         startup_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
         "capsid-agent ready"
     );
+    let admission: &'static vsock::Admission =
+        Box::leak(Box::new(vsock::Admission::new(vsock::MAX_CONNECTIONS)));
     loop {
-        let connection = listener
+        let (connection, cid) = listener
             .accept()
             .map_err(|e| format!("accept on vsock port {}: {e}", config.port))?;
+        let ticket = match admission.admit(cid) {
+            Ok(ticket) => ticket,
+            Err(refusal) => {
+                tracing::warn!("{refusal}");
+                continue;
+            }
+        };
         let sandbox = Arc::clone(&sandbox);
         let spawned = thread::Builder::new()
             .name("connection".into())
             .spawn(move || {
+                let _ticket = ticket;
                 if rpc::serve(connection, sandbox) == rpc::After::Reboot {
                     tracing::info!("shutdown: rebooting");
                     init::reboot();

@@ -30,7 +30,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use caps::{CapSet, Capability};
-use oci_spec::runtime::{LinuxCapabilities, Process};
+use oci_spec::runtime::Process;
 
 use crate::reaper::{ExitCell, Reaper};
 use crate::rootfs::RootfsPlan;
@@ -68,6 +68,19 @@ pub struct CapsPlan {
     pub ambient: HashSet<Capability>,
 }
 
+impl CapsPlan {
+    /// No capability in any set.
+    pub fn none() -> Self {
+        Self {
+            bounding: HashSet::new(),
+            effective: HashSet::new(),
+            permitted: HashSet::new(),
+            inheritable: HashSet::new(),
+            ambient: HashSet::new(),
+        }
+    }
+}
+
 /// The OCI process, checked and converted for the child.
 #[derive(Debug)]
 pub struct ProcessPlan {
@@ -80,7 +93,7 @@ pub struct ProcessPlan {
     pub additional_gids: Vec<u32>,
     pub umask: Option<u32>,
     pub rlimits: Vec<(u32, u64, u64)>,
-    pub caps: Option<CapsPlan>,
+    pub caps: CapsPlan,
     pub no_new_privs: bool,
     pub seccomp: Option<crate::seccomp::SeccompProgram>,
     pub terminal: bool,
@@ -180,19 +193,19 @@ impl ProcessPlan {
             }
             rlimits.push((resource, rlimit.soft(), rlimit.hard()));
         }
-        let caps = process
-            .capabilities()
-            .as_ref()
-            .map(|c: &LinuxCapabilities| -> Result<CapsPlan, ProcessError> {
-                Ok(CapsPlan {
-                    bounding: capability_set(c.bounding())?,
-                    effective: capability_set(c.effective())?,
-                    permitted: capability_set(c.permitted())?,
-                    inheritable: capability_set(c.inheritable())?,
-                    ambient: capability_set(c.ambient())?,
-                })
-            })
-            .transpose()?;
+        // A spec that names no capabilities gets none (runc's rule): the
+        // agent is root with every capability, and nothing of that may pass
+        // to a process by omission.
+        let caps = match process.capabilities() {
+            Some(c) => CapsPlan {
+                bounding: capability_set(c.bounding())?,
+                effective: capability_set(c.effective())?,
+                permitted: capability_set(c.permitted())?,
+                inheritable: capability_set(c.inheritable())?,
+                ambient: capability_set(c.ambient())?,
+            },
+            None => CapsPlan::none(),
+        };
         if process
             .apparmor_profile()
             .as_deref()
@@ -228,8 +241,10 @@ pub enum Namespaces {
     /// A container's init: new namespaces (`CLONE_NEW*` flags, the PID one
     /// made by the spawning thread).
     New { flags: libc::c_int, pid: bool },
-    /// An exec: the namespaces of the container's init.
-    Join { init_pid: i32 },
+    /// An exec: the namespaces of the container's init, joined through
+    /// its pidfd (atomically, and never those of a process that took a
+    /// reused pid).
+    Join { init_pidfd: RawFd },
 }
 
 #[derive(Debug)]
@@ -415,13 +430,12 @@ fn receive_with_fd(socket: &UnixStream) -> io::Result<(Option<u8>, Option<OwnedF
     Ok((Some(data[0]), fd))
 }
 
-fn ns_file(pid: i32, ns: &str) -> io::Result<File> {
-    File::open(format!("/proc/{pid}/ns/{ns}"))
-}
-
-fn setns(file: &File, kind: libc::c_int) -> io::Result<()> {
-    // SAFETY: setns takes a valid namespace descriptor and a flag.
-    if unsafe { libc::setns(file.as_raw_fd(), kind) } != 0 {
+/// Joins the namespaces `kinds` of the process `pidfd` names, all at once.
+/// A pidfd of a process that has exited fails (ESRCH).
+pub fn setns_pidfd(pidfd: RawFd, kinds: libc::c_int) -> io::Result<()> {
+    // SAFETY: setns takes a descriptor and flags; a pidfd with namespace
+    // flags is supported since Linux 5.8.
+    if unsafe { libc::setns(pidfd, kinds) } != 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())
@@ -453,10 +467,8 @@ pub fn spawn(
                         }
                     }
                     Namespaces::New { .. } => {}
-                    Namespaces::Join { init_pid } => {
-                        let ns = ns_file(init_pid, "pid")
-                            .map_err(io_error("open the container's PID namespace"))?;
-                        setns(&ns, libc::CLONE_NEWPID)
+                    Namespaces::Join { init_pidfd } => {
+                        setns_pidfd(init_pidfd, libc::CLONE_NEWPID)
                             .map_err(io_error("join the container's PID namespace"))?;
                     }
                 }
@@ -503,14 +515,22 @@ pub fn spawn(
 
 /// The child: never returns.
 fn child_main(request: &SpawnRequest<'_>, status: &UnixStream, start: &File) -> ! {
-    let fds = [
+    // No allocation here: the agent forked us while other threads ran.
+    let mut fds = [
         request.stdio.stdin.as_raw_fd(),
         request.stdio.stdout.as_raw_fd(),
         request.stdio.stderr.as_raw_fd(),
         status.as_raw_fd(),
         start.as_raw_fd(),
+        -1,
     ];
-    if let Err(e) = arrange_fds(&fds) {
+    let mut count = 5;
+    // An exec keeps the init's pidfd, as fd 5, until it has joined.
+    if let Namespaces::Join { init_pidfd } = request.namespaces {
+        fds[5] = init_pidfd;
+        count = 6;
+    }
+    if let Err(e) = arrange_fds(&fds[..count]) {
         // No status pipe yet to report through.
         let _ = e;
         // SAFETY: _exit ends this process without running Rust's cleanup.
@@ -549,10 +569,14 @@ fn child_main(request: &SpawnRequest<'_>, status: &UnixStream, start: &File) -> 
     unsafe { libc::_exit(127) }
 }
 
-/// Puts `fds` at 0, 1, 2, 3, 4 and closes every other descriptor (another
-/// container's pipes forked along with us included).
-fn arrange_fds(fds: &[RawFd; 5]) -> io::Result<()> {
-    let mut high = [0; 5];
+/// Puts `fds` at 0, 1, 2, … and closes every other descriptor (another
+/// container's pipes forked along with us included). Those from 3 on close
+/// on exec.
+fn arrange_fds(fds: &[RawFd]) -> io::Result<()> {
+    let mut high = [-1; 8];
+    if fds.len() > high.len() {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
     for (slot, &fd) in high.iter_mut().zip(fds) {
         // SAFETY: F_DUPFD_CLOEXEC takes an fd and a lower bound.
         *slot = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 100) };
@@ -560,19 +584,20 @@ fn arrange_fds(fds: &[RawFd; 5]) -> io::Result<()> {
             return Err(io::Error::last_os_error());
         }
     }
-    for (target, &fd) in (0..).zip(high.iter()) {
+    for (target, &fd) in (0..).zip(&high[..fds.len()]) {
         // SAFETY: dup2 takes two descriptors.
         if unsafe { libc::dup2(fd, target) } < 0 {
             return Err(io::Error::last_os_error());
         }
         if target >= 3 {
-            // The status and start pipes close on exec.
+            // The status and start pipes (and a pidfd) close on exec.
             // SAFETY: F_SETFD takes an fd and flags.
             unsafe { libc::fcntl(target, libc::F_SETFD, libc::FD_CLOEXEC) };
         }
     }
+    let first_unused = u32::try_from(fds.len()).unwrap_or(u32::MAX);
     // SAFETY: close_range takes a range of descriptors and flags.
-    if unsafe { libc::syscall(libc::SYS_close_range, 5u32, u32::MAX, 0u32) } != 0 {
+    if unsafe { libc::syscall(libc::SYS_close_range, first_unused, u32::MAX, 0u32) } != 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())
@@ -581,6 +606,9 @@ fn arrange_fds(fds: &[RawFd; 5]) -> io::Result<()> {
 fn errno(what: &str) -> String {
     format!("{what}: {}", io::Error::last_os_error())
 }
+
+/// Where an exec's child keeps the init's pidfd until it has joined.
+const JOIN_PIDFD: RawFd = 5;
 
 /// Session, terminal, cgroup, namespaces and rootfs: what happens before
 /// the process reports ready.
@@ -598,17 +626,13 @@ fn prepare(request: &SpawnRequest<'_>) -> Result<(), String> {
                 return Err(errno("create namespaces"));
             }
         }
-        Namespaces::Join { init_pid } => {
-            for (ns, flag) in [
-                ("ipc", libc::CLONE_NEWIPC),
-                ("uts", libc::CLONE_NEWUTS),
-                ("cgroup", libc::CLONE_NEWCGROUP),
-                ("mnt", libc::CLONE_NEWNS),
-            ] {
-                let file =
-                    ns_file(init_pid, ns).map_err(|e| format!("open {ns} namespace: {e}"))?;
-                setns(&file, flag).map_err(|e| format!("join {ns} namespace: {e}"))?;
-            }
+        Namespaces::Join { .. } => {
+            // The init's pidfd is fd 5 here (see `child_main`).
+            setns_pidfd(
+                JOIN_PIDFD,
+                libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWCGROUP | libc::CLONE_NEWNS,
+            )
+            .map_err(|e| format!("join the container's namespaces: {e}"))?;
         }
     }
     if let Some(rootfs) = request.rootfs {
@@ -678,12 +702,11 @@ fn finish_and_exec(plan: &ProcessPlan) -> Result<(), String> {
     if !plan.no_new_privs {
         load_seccomp(plan)?;
     }
-    if let Some(caps) = &plan.caps {
-        for cap in caps::all() {
-            if !caps.bounding.contains(&cap) {
-                caps::drop(None, CapSet::Bounding, cap)
-                    .map_err(|e| format!("drop {cap} from the bounding set: {e}"))?;
-            }
+    let caps = &plan.caps;
+    for cap in caps::all() {
+        if !caps.bounding.contains(&cap) {
+            caps::drop(None, CapSet::Bounding, cap)
+                .map_err(|e| format!("drop {cap} from the bounding set: {e}"))?;
         }
     }
     // SAFETY: prctl with integer arguments.
@@ -703,18 +726,16 @@ fn finish_and_exec(plan: &ProcessPlan) -> Result<(), String> {
     }
     // SAFETY: prctl with integer arguments.
     unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0) };
-    if let Some(caps) = &plan.caps {
-        // Effective first (it must stay within permitted at every step),
-        // inheritable while permitted is still wide, then permitted.
-        caps::set(None, CapSet::Effective, &caps.effective)
-            .map_err(|e| format!("set effective capabilities: {e}"))?;
-        caps::set(None, CapSet::Inheritable, &caps.inheritable)
-            .map_err(|e| format!("set inheritable capabilities: {e}"))?;
-        caps::set(None, CapSet::Permitted, &caps.permitted)
-            .map_err(|e| format!("set permitted capabilities: {e}"))?;
-        caps::set(None, CapSet::Ambient, &caps.ambient)
-            .map_err(|e| format!("set ambient capabilities: {e}"))?;
-    }
+    // Effective first (it must stay within permitted at every step),
+    // inheritable while permitted is still wide, then permitted.
+    caps::set(None, CapSet::Effective, &caps.effective)
+        .map_err(|e| format!("set effective capabilities: {e}"))?;
+    caps::set(None, CapSet::Inheritable, &caps.inheritable)
+        .map_err(|e| format!("set inheritable capabilities: {e}"))?;
+    caps::set(None, CapSet::Permitted, &caps.permitted)
+        .map_err(|e| format!("set permitted capabilities: {e}"))?;
+    caps::set(None, CapSet::Ambient, &caps.ambient)
+        .map_err(|e| format!("set ambient capabilities: {e}"))?;
     if let Some(umask) = plan.umask {
         // SAFETY: umask takes a mode only.
         unsafe { libc::umask(umask & 0o777) };
@@ -800,10 +821,50 @@ mod tests {
         );
         assert_eq!(plan.umask, Some(63));
         assert_eq!(plan.rlimits, vec![(libc::RLIMIT_NOFILE, 100, 200)]);
-        let caps = plan.caps.as_ref().unwrap();
+        let caps = &plan.caps;
         assert_eq!(caps.bounding.len(), 2);
         assert!(caps.ambient.contains(&Capability::CAP_KILL));
         assert!(plan.no_new_privs && plan.terminal);
+    }
+
+    #[test]
+    fn joining_through_the_pidfd_of_an_exited_init_fails_instead_of_joining_another() {
+        // The old exec opened /proc/<init pid>/ns/*: once the init had
+        // exited, that pid could be anyone's. A pidfd names one process.
+        // SAFETY: fork in a test; the child only calls _exit.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            // SAFETY: ends the child at once.
+            unsafe { libc::_exit(0) };
+        }
+        let pidfd = pidfd_open(pid).expect("pidfd_open");
+        let mut status = 0;
+        // SAFETY: reaps our own child.
+        assert_eq!(unsafe { libc::waitpid(pid, &raw mut status, 0) }, pid);
+        let err = setns_pidfd(pidfd.as_raw_fd(), libc::CLONE_NEWUTS).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ESRCH), "{err}");
+    }
+
+    #[test]
+    fn a_process_without_capabilities_gets_none() {
+        // Before the fix a spec that named no capabilities left the child
+        // with the agent's full set: root in the container was root in the
+        // guest.
+        let plan = ProcessPlan::from_oci(
+            &process(r#"{"args": ["id"], "cwd": "/", "user": {"uid": 0, "gid": 0}}"#),
+            None,
+        )
+        .unwrap();
+        let caps = &plan.caps;
+        for set in [
+            &caps.bounding,
+            &caps.effective,
+            &caps.permitted,
+            &caps.inheritable,
+            &caps.ambient,
+        ] {
+            assert!(set.is_empty(), "{caps:?}");
+        }
     }
 
     #[test]

@@ -297,6 +297,50 @@ pub struct DevicePlan {
     pub gid: u32,
 }
 
+/// Whether `key` may be set for a container: only a sysctl that belongs
+/// to one of the container's own namespaces (runc's rule). Anything else
+/// (kernel.core_pattern, vm.*, fs.* but mqueue) would change the whole
+/// guest, the agent and the other containers of the pod included.
+fn namespaced_sysctl(key: &str, linux: &Linux) -> Result<(), String> {
+    use oci_spec::runtime::LinuxNamespaceType;
+    let has = |kind: LinuxNamespaceType| {
+        linux
+            .namespaces()
+            .iter()
+            .flatten()
+            .any(|ns| ns.typ() == kind)
+    };
+    const IPC: [&str; 8] = [
+        "kernel.msgmax",
+        "kernel.msgmnb",
+        "kernel.msgmni",
+        "kernel.sem",
+        "kernel.shmall",
+        "kernel.shmmax",
+        "kernel.shmmni",
+        "kernel.shm_rmid_forced",
+    ];
+    let key = key.replace('/', ".");
+    let (needs, name) = if IPC.contains(&key.as_str()) || key.starts_with("fs.mqueue.") {
+        (LinuxNamespaceType::Ipc, "an IPC")
+    } else if key.starts_with("net.") {
+        (LinuxNamespaceType::Network, "a network")
+    } else if key == "kernel.hostname" || key == "kernel.domainname" {
+        (LinuxNamespaceType::Uts, "a UTS")
+    } else {
+        return Err(format!(
+            "sysctl {key} is not namespaced: setting it would change the whole guest kernel, \
+             the agent and the pod's other containers included (refused, as runc does)"
+        ));
+    };
+    if !has(needs) {
+        return Err(format!(
+            "sysctl {key} needs {name} namespace of the container's own, which linux.namespaces does not ask for"
+        ));
+    }
+    Ok(())
+}
+
 impl RootfsPlan {
     pub fn new(
         rootfs: PathBuf,
@@ -349,6 +393,7 @@ impl RootfsPlan {
                         "sysctl key {key:?} is invalid"
                     )));
                 }
+                namespaced_sysctl(key, linux).map_err(RootfsError::Invalid)?;
                 let path = Path::new("/proc/sys").join(key.replace('.', "/"));
                 sysctl.push((path, value.clone()));
             }
@@ -645,13 +690,25 @@ mod tests {
 
     #[test]
     fn bad_sysctl_and_paths_are_refused() {
+        // Before the fix any key was written, kernel.core_pattern included:
+        // a container could point the guest's core handler at its own file.
         for (key, ok) in [
             ("kernel.shmmax", true),
+            ("net.ipv4.ip_forward", true),
+            ("fs.mqueue.msg_max", true),
+            ("kernel.core_pattern", false),
+            ("vm.overcommit_memory", false),
+            ("fs.file-max", false),
+            ("kernel/core_pattern", false),
             ("../x", false),
             ("a..b", false),
             ("", false),
         ] {
+            use oci_spec::runtime::{LinuxNamespaceBuilder, LinuxNamespaceType};
+            let namespaces = [LinuxNamespaceType::Ipc, LinuxNamespaceType::Network]
+                .map(|typ| LinuxNamespaceBuilder::default().typ(typ).build().unwrap());
             let linux = LinuxBuilder::default()
+                .namespaces(namespaces.to_vec())
                 .sysctl(std::collections::HashMap::from([(
                     key.to_string(),
                     "1".to_string(),

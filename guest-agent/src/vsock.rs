@@ -16,7 +16,9 @@ pub struct VsockListener {
 }
 
 impl VsockListener {
-    /// Listens on `port` for any CID (the host connects from CID 2).
+    /// Listens on `port`. Connections come from the host (CID 2) through
+    /// the virtio transport; the kernel has no loopback transport, and
+    /// [`Admission`] refuses any other peer all the same.
     pub fn bind(port: u32) -> io::Result<Self> {
         // SAFETY: socket() takes no pointers; the result is checked.
         let raw =
@@ -49,27 +51,95 @@ impl VsockListener {
         Ok(Self { fd })
     }
 
-    pub fn accept(&self) -> io::Result<VsockStream> {
+    /// The next connection, and the CID it comes from.
+    pub fn accept(&self) -> io::Result<(VsockStream, u32)> {
         loop {
-            // SAFETY: null address pointers are allowed (peer not wanted).
+            // SAFETY: sockaddr_vm is plain data; all-zero is a valid value.
+            let mut peer: libc::sockaddr_vm = unsafe { mem::zeroed() };
+            let mut len = socklen::<libc::sockaddr_vm>();
+            // SAFETY: `peer` and `len` describe a writable sockaddr_vm.
             let raw = unsafe {
                 libc::accept4(
                     self.fd.as_raw_fd(),
-                    std::ptr::null_mut(),
-                    std::ptr::null_mut(),
+                    (&raw mut peer).cast(),
+                    &raw mut len,
                     libc::SOCK_CLOEXEC,
                 )
             };
             if raw >= 0 {
                 // SAFETY: accept4 returned a new descriptor we now own.
                 let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-                return Ok(VsockStream { fd });
+                let family = libc::sa_family_t::try_from(libc::AF_VSOCK).unwrap_or_default();
+                let cid = if peer.svm_family == family {
+                    peer.svm_cid
+                } else {
+                    libc::VMADDR_CID_ANY
+                };
+                return Ok((VsockStream { fd }, cid));
             }
             let err = io::Error::last_os_error();
             if err.kind() != io::ErrorKind::Interrupted {
                 return Err(err);
             }
         }
+    }
+}
+
+/// Who may talk to the agent: the host, and only so many connections at
+/// once. A container process must never command the agent (it could start
+/// a privileged container or read another's stdio); the guest kernel has
+/// no vsock loopback, and this is the second wall.
+#[derive(Debug)]
+pub struct Admission {
+    open: std::sync::atomic::AtomicUsize,
+    max: usize,
+}
+
+/// The most connections the agent serves at once (each has a thread).
+pub const MAX_CONNECTIONS: usize = 512;
+
+/// Why a connection was refused.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("connection from CID {0} refused: only the host (CID 2) may connect")]
+    NotHost(u32),
+    #[error("connection refused: {0} connections are open already")]
+    Full(usize),
+}
+
+impl Admission {
+    pub fn new(max: usize) -> Self {
+        Self {
+            open: std::sync::atomic::AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    /// Admits a connection from `cid`; the returned ticket frees its place
+    /// when dropped.
+    pub fn admit(&self, cid: u32) -> Result<Ticket<'_>, Refusal> {
+        use std::sync::atomic::Ordering;
+        if cid != libc::VMADDR_CID_HOST {
+            return Err(Refusal::NotHost(cid));
+        }
+        let before = self.open.fetch_add(1, Ordering::AcqRel);
+        if before >= self.max {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            return Err(Refusal::Full(self.max));
+        }
+        Ok(Ticket(self))
+    }
+}
+
+/// One admitted connection's place.
+#[derive(Debug)]
+pub struct Ticket<'a>(&'a Admission);
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        self.0
+            .open
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
@@ -182,5 +252,27 @@ impl Write for &VsockStream {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_host_is_admitted_and_only_so_many_at_once() {
+        // Before the fix any peer was served: a container process reached
+        // the agent through CID 1 (loopback) or the guest's own CID.
+        let admission = Admission::new(2);
+        for cid in [libc::VMADDR_CID_LOCAL, 3, libc::VMADDR_CID_ANY, 0] {
+            assert_eq!(admission.admit(cid).unwrap_err(), Refusal::NotHost(cid));
+        }
+        let first = admission.admit(2).unwrap();
+        let second = admission.admit(2).unwrap();
+        assert_eq!(admission.admit(2).unwrap_err(), Refusal::Full(2));
+        drop(first);
+        let third = admission.admit(2).unwrap();
+        drop((second, third));
+        assert_eq!(admission.open.load(std::sync::atomic::Ordering::Acquire), 0);
     }
 }

@@ -89,10 +89,10 @@ pub fn vm_user(confinement: &Confinement, dir: &Path) -> (u32, u32) {
     )
 }
 
-/// Makes `dir/vm`, the VMM's world: owned by `uid:gid`, 0700.
-pub fn make_vm_dir(dir: &Path, owner: Option<(u32, u32)>) -> Result<PathBuf, ConfineError> {
+/// Makes `vm`, the VMM's world: owned by `uid:gid`, 0700.
+pub fn make_vm_dir(vm: &Path, owner: Option<(u32, u32)>) -> Result<PathBuf, ConfineError> {
     use std::os::unix::fs::DirBuilderExt;
-    let vm = dir.join("vm");
+    let vm = vm.to_owned();
     let err = |e| ConfineError::Dir(vm.clone(), e);
     std::fs::DirBuilder::new()
         .mode(0o700)

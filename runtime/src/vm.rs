@@ -134,6 +134,17 @@ pub struct MicroVm {
     cgroup: Option<VmCgroup>,
 }
 
+/// The directory the VMM of the VM whose scratch directory is `dir` lives
+/// in (its sockets and logs; `/vm` in its jail).
+pub fn vm_dir(dir: &Path) -> PathBuf {
+    dir.join("vm")
+}
+
+/// The hybrid-vsock socket of the VM whose scratch directory is `dir`.
+pub fn vsock_path(dir: &Path) -> PathBuf {
+    vm_dir(dir).join("vsock.sock")
+}
+
 /// The console file the VMM writes the guest's serial output to; it keeps
 /// its newest 1 MiB.
 const CONSOLE: &str = "console.log";
@@ -198,8 +209,8 @@ impl MicroVm {
         let owner = confinement
             .jail
             .then(|| confine::vm_user(confinement, &spec.dir));
-        let dir = confine::make_vm_dir(&spec.dir, owner)?;
-        let uds = dir.join("vsock.sock");
+        let dir = confine::make_vm_dir(&vm_dir(&spec.dir), owner)?;
+        let uds = vsock_path(&spec.dir);
         let log = dir.join("vmm.log");
         let mut console = std::ffi::OsString::from("file:");
         console.push(dir.join(CONSOLE));

@@ -1,6 +1,9 @@
 //! `capsid-check`: run inside a container, prints what the process sees of
 //! the OCI spec that made it, one `key=value` per line, for end-to-end tests
 //! to compare with what they asked for (youki's `runtimetest` idea).
+//! `capsid-check vsock CID:PORT...` instead tries to reach each vsock
+//! address and says whether anything answered (the agent must not, from a
+//! container).
 
 use std::fs;
 
@@ -12,7 +15,68 @@ fn status_field(status: &str, key: &str) -> String {
         .unwrap_or_default()
 }
 
+/// Tries to open a vsock connection to `cid:port` and prints how it went:
+/// `vsock CID:PORT connected`, or `vsock CID:PORT refused: <why>` (the
+/// socket call or the connect failed, or the peer hung up at once).
+fn vsock(cid: u32, port: u32) {
+    // SAFETY: socket() takes integers only; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        let e = std::io::Error::last_os_error();
+        println!("vsock {cid}:{port} refused: socket: {e}");
+        return;
+    }
+    // SAFETY: sockaddr_vm is plain data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    addr.svm_family = libc::sa_family_t::try_from(libc::AF_VSOCK).unwrap_or_default();
+    addr.svm_cid = cid;
+    addr.svm_port = port;
+    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_vm>()).unwrap_or(0);
+    // SAFETY: `addr` is a valid sockaddr_vm of `len` bytes.
+    let connected = unsafe { libc::connect(fd, (&raw const addr).cast(), len) };
+    if connected != 0 {
+        let e = std::io::Error::last_os_error();
+        println!("vsock {cid}:{port} refused: connect: {e}");
+        // SAFETY: our own descriptor.
+        unsafe { libc::close(fd) };
+        return;
+    }
+    // Connected: does anything answer a hello? The agent's protocol is a
+    // length-prefixed JSON frame; an agent that refuses us hangs up.
+    let hello = br#"{"type":"control","version":1}"#;
+    let mut frame = u32::try_from(hello.len())
+        .unwrap_or(0)
+        .to_be_bytes()
+        .to_vec();
+    frame.extend_from_slice(hello);
+    // SAFETY: `frame` is valid for its length; the fd is ours.
+    unsafe { libc::send(fd, frame.as_ptr().cast(), frame.len(), libc::MSG_NOSIGNAL) };
+    let mut reply = [0u8; 64];
+    // SAFETY: `reply` is writable for its length.
+    let n = unsafe { libc::recv(fd, reply.as_mut_ptr().cast(), reply.len(), 0) };
+    if n > 0 {
+        println!("vsock {cid}:{port} connected: the peer answered {n} bytes");
+    } else {
+        println!("vsock {cid}:{port} refused: the peer hung up");
+    }
+    // SAFETY: our own descriptor.
+    unsafe { libc::close(fd) };
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("vsock") {
+        for target in &args[1..] {
+            let parsed = target
+                .split_once(':')
+                .and_then(|(c, p)| Some((c.parse().ok()?, p.parse().ok()?)));
+            match parsed {
+                Some((cid, port)) => vsock(cid, port),
+                None => println!("vsock {target}: expected CID:PORT"),
+            }
+        }
+        return;
+    }
     let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
     let mut out = Vec::new();
     out.push(format!("pid={}", std::process::id()));

@@ -18,7 +18,7 @@ fn unsafe_free_kill(pid: u32, signal: i32) {
         .status();
 }
 
-fn capsid_run(args: &[&str], stdin: &[u8]) -> (Output, Duration) {
+pub(crate) fn capsid_run(args: &[&str], stdin: &[u8]) -> (Output, Duration) {
     let rootfs = std::env::var_os("CAPSID_TEST_ROOTFS_DIR")
         .map(PathBuf::from)
         .expect("CAPSID_TEST_ROOTFS_DIR is set by `make test`");
@@ -80,7 +80,7 @@ fn capsid_run_from(source: &[&std::ffi::OsStr], args: &[&str], stdin: &[u8]) -> 
 }
 
 /// Processes and scratch directories `capsid run` could leave behind.
-fn leftovers() -> Vec<String> {
+pub(crate) fn leftovers() -> Vec<String> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
@@ -101,6 +101,16 @@ fn leftovers() -> Vec<String> {
             .starts_with("capsid-run-")
         {
             found.push(entry.path().display().to_string());
+        }
+    }
+    // Each VM's cgroup goes with it.
+    for entry in std::fs::read_dir("/sys/fs/cgroup/capsid")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if entry.path().is_dir() {
+            found.push(format!("cgroup {}", entry.path().display()));
         }
     }
     found
@@ -212,7 +222,7 @@ fn capsid_run_from_an_oci_layout_uses_the_images_config() {
 }
 
 /// The pid of a child of `parent` whose command is `comm`.
-fn child_named(parent: u32, comm: &str) -> Option<u32> {
+pub(crate) fn child_named(parent: u32, comm: &str) -> Option<u32> {
     std::fs::read_dir("/proc")
         .ok()?
         .flatten()

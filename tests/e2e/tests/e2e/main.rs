@@ -5,4 +5,5 @@ mod agent;
 mod boot;
 mod cli;
 mod containerd;
+mod security;
 mod vmm;
