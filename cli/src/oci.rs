@@ -214,7 +214,7 @@ fn status(dir: &Path, state: &State) -> Status {
 
 fn client(dir: &Path) -> anyhow::Result<AgentClient> {
     AgentClient::connect(
-        &capsid_runtime::vm::vsock_path(&dir),
+        &capsid_runtime::vm::vsock_path(dir),
         DEFAULT_AGENT_PORT,
         Duration::from_secs(5),
         AGENT_IO_TIMEOUT,
