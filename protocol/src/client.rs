@@ -3,8 +3,16 @@
 //!
 //! Everything the agent sends is checked: the handshake line, frame sizes
 //! (in the codec), the reply's kind for each call, pids, exit statuses, and
-//! error texts (cut and stripped of control characters before they reach a
-//! host log).
+//! error texts (cut by characters and stripped of control characters before
+//! they reach a host log).
+//!
+//! Every call has one deadline for all of it — connecting, writing the
+//! request, reading the reply — not a timeout per `read(2)` that a
+//! drip-fed reply could stretch forever ([`Deadline`]). Calls take a
+//! control connection from a small pool and put it back when done, so no
+//! lock is held while a call waits on the guest: a call that hangs holds
+//! up only itself. A connection that failed or timed out is dropped, never
+//! reused out of step.
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -45,22 +53,107 @@ pub enum ClientError {
     },
     #[error("agent answered {call} with {got}, which is not a valid answer")]
     BadReply { call: &'static str, got: String },
+    #[error("the agent did not answer {call} within {after:?}")]
+    Timeout { call: &'static str, after: Duration },
+}
+
+impl ClientError {
+    /// Whether the agent missed a call's deadline: the VM is then taken
+    /// down by the caller, since a guest that stalls a call may stall all.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, ClientError::Timeout { .. })
+    }
 }
 
 /// How long one hybrid-vsock handshake may take before it is retried.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Error texts from the guest are cut to this many characters.
 const MAX_ERROR_TEXT: usize = 1024;
+/// Idle control connections kept for the next calls.
+const POOL: usize = 4;
 
-/// A connection to one agent: a control connection for calls, and fresh
-/// connections for waits and stdio streams.
+/// A socket whose every read and write is bounded by one instant: each
+/// syscall gets the time left as its timeout, and none starts after it.
+#[derive(Debug)]
+struct Deadline<'a> {
+    stream: &'a UnixStream,
+    until: Instant,
+}
+
+impl Deadline<'_> {
+    fn arm(&self, read: bool) -> io::Result<()> {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        if read {
+            self.stream.set_read_timeout(Some(left))
+        } else {
+            self.stream.set_write_timeout(Some(left))
+        }
+    }
+}
+
+fn timed_out(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+    )
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.arm(true)?;
+        (&*self.stream).read(buf).map_err(|e| {
+            if timed_out(&e) {
+                io::ErrorKind::TimedOut.into()
+            } else {
+                e
+            }
+        })
+    }
+}
+
+impl Write for Deadline<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.arm(false)?;
+        (&*self.stream).write(buf).map_err(|e| {
+            if timed_out(&e) {
+                io::ErrorKind::TimedOut.into()
+            } else {
+                e
+            }
+        })
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A connection to one agent: a pool of control connections for calls,
+/// and fresh connections for waits and stdio streams.
 #[derive(Debug)]
 pub struct AgentClient {
     uds: PathBuf,
     port: u32,
     io_timeout: Duration,
-    control: Mutex<UnixStream>,
+    /// Idle control connections; taken for a call, put back after it.
+    idle: Mutex<Vec<UnixStream>>,
     agent: String,
+    /// Called when a call misses its deadline (the owner kills the VM).
+    on_timeout: std::sync::OnceLock<Hook>,
+}
+
+/// What an [`AgentClient`] does when the agent misses a call's deadline.
+pub type TimeoutHook = Box<dyn Fn(&'static str) + Send + Sync>;
+
+struct Hook(TimeoutHook);
+
+impl std::fmt::Debug for Hook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TimeoutHook")
+    }
 }
 
 impl AgentClient {
@@ -76,12 +169,14 @@ impl AgentClient {
         let start = Instant::now();
         let mut pause = Duration::from_millis(5);
         loop {
-            let attempt = hybrid_connect(uds, port).and_then(|mut stream| {
-                stream
-                    .set_read_timeout(Some(io_timeout))
-                    .map_err(|e| ClientError::Socket(uds.into(), e))?;
+            let deadline = Instant::now() + io_timeout.min(HANDSHAKE_TIMEOUT);
+            let attempt = hybrid_connect(uds, port).and_then(|stream| {
                 let agent = hello(
-                    &mut stream,
+                    &mut Deadline {
+                        stream: &stream,
+                        until: deadline,
+                    },
+                    "Hello",
                     &Hello::Control {
                         version: PROTOCOL_VERSION,
                     },
@@ -94,8 +189,9 @@ impl AgentClient {
                         uds: uds.into(),
                         port,
                         io_timeout,
-                        control: Mutex::new(stream),
+                        idle: Mutex::new(vec![stream]),
                         agent,
+                        on_timeout: std::sync::OnceLock::new(),
                     });
                 }
                 // A version mismatch will not go away by waiting.
@@ -114,6 +210,22 @@ impl AgentClient {
                 }
             }
         }
+    }
+
+    /// Runs `hook` whenever a call misses its deadline: a guest that
+    /// stalls one call may stall them all, so the owner takes the VM down
+    /// (and the call still returns `Timeout`). Set once.
+    pub fn on_timeout(&self, hook: TimeoutHook) {
+        let _ = self.on_timeout.set(Hook(hook));
+    }
+
+    fn timed_out<T>(&self, outcome: Result<T, ClientError>) -> Result<T, ClientError> {
+        if let Err(ClientError::Timeout { call, .. }) = &outcome
+            && let Some(hook) = self.on_timeout.get()
+        {
+            (hook.0)(call);
+        }
+        outcome
     }
 
     /// What the agent said it is (name and version).
@@ -145,13 +257,21 @@ impl AgentClient {
     /// calls go on meanwhile. Ends with an error if the VM goes away.
     pub fn wait_process(&self, process: &ProcessRef) -> Result<ExitStatus, ClientError> {
         let call = "WaitProcess";
-        let mut stream = self.open(&Hello::Control {
+        let stream = self.open(&Hello::Control {
             version: PROTOCOL_VERSION,
         })?;
+        // The reply comes when the process exits, however long it runs;
+        // the request itself is bounded.
+        let mut request = Deadline {
+            stream: &stream,
+            until: Instant::now() + self.io_timeout,
+        };
+        write_frame(&mut request, &Request::WaitProcess(process.clone()))
+            .map_err(|e| codec_error(call, self.io_timeout, e))?;
         stream
             .set_read_timeout(None)
             .map_err(|e| ClientError::Socket(self.uds.clone(), e))?;
-        match exchange(&mut stream, call, &Request::WaitProcess(process.clone()))? {
+        match reply(&mut &stream, call, self.io_timeout)? {
             Response::Exited { status } if status.is_valid() => Ok(status),
             other => Err(bad_reply(call, &other)),
         }
@@ -237,11 +357,16 @@ impl AgentClient {
     /// Asks the agent to stop everything and reboot the VM (the VMM then
     /// exits 0).
     pub fn shutdown(&self) -> Result<(), ClientError> {
-        self.call_ok("Shutdown", &Request::Shutdown)?;
+        let call = "Shutdown";
+        let stream = self.take()?;
+        match self.exchange_on(&stream, call, &Request::Shutdown)? {
+            Response::Ok => {}
+            other => return Err(bad_reply(call, &other)),
+        }
         // The agent reboots once it sees this end close (so the answer is
         // not lost in the reset).
-        let control = self.control.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = control.shutdown(std::net::Shutdown::Write);
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
         Ok(())
     }
 
@@ -253,24 +378,69 @@ impl AgentClient {
             process: process.clone(),
             stream,
         })?;
+        // From here on a byte stream that lasts as long as the process's.
         connection
             .set_read_timeout(None)
+            .and_then(|()| connection.set_write_timeout(None))
             .map_err(|e| ClientError::Socket(self.uds.clone(), e))?;
         Ok(connection)
     }
 
+    /// A new connection to the agent, its hello answered, within the
+    /// call deadline.
     fn open(&self, first: &Hello) -> Result<UnixStream, ClientError> {
-        let mut stream = hybrid_connect(&self.uds, self.port)?;
-        stream
-            .set_read_timeout(Some(self.io_timeout))
-            .map_err(|e| ClientError::Socket(self.uds.clone(), e))?;
-        hello(&mut stream, first)?;
+        let stream = hybrid_connect(&self.uds, self.port)?;
+        let mut bounded = Deadline {
+            stream: &stream,
+            until: Instant::now() + self.io_timeout,
+        };
+        hello(&mut bounded, "Hello", first)?;
         Ok(stream)
     }
 
+    /// An idle control connection, or a new one.
+    fn take(&self) -> Result<UnixStream, ClientError> {
+        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        match idle {
+            Some(stream) => Ok(stream),
+            None => self.open(&Hello::Control {
+                version: PROTOCOL_VERSION,
+            }),
+        }
+    }
+
+    fn exchange_on(
+        &self,
+        stream: &UnixStream,
+        call: &'static str,
+        request: &Request,
+    ) -> Result<Response, ClientError> {
+        let mut bounded = Deadline {
+            stream,
+            until: Instant::now() + self.io_timeout,
+        };
+        exchange(&mut bounded, call, request, self.io_timeout)
+    }
+
+    /// One request and its reply on a pooled control connection, within
+    /// the call deadline. No lock is held meanwhile; the connection goes
+    /// back to the pool only after a complete exchange.
     fn call(&self, call: &'static str, request: &Request) -> Result<Response, ClientError> {
-        let mut control = self.control.lock().unwrap_or_else(|e| e.into_inner());
-        exchange(&mut control, call, request)
+        let stream = self.timed_out(self.take())?;
+        let outcome = self.timed_out(self.exchange_on(&stream, call, request));
+        let complete = match &outcome {
+            Ok(_) => true,
+            // The agent answered with an error frame: still in step.
+            Err(ClientError::Agent { .. }) | Err(ClientError::BadReply { .. }) => true,
+            Err(_) => false,
+        };
+        if complete {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            if idle.len() < POOL {
+                idle.push(stream);
+            }
+        }
+        outcome
     }
 
     fn call_ok(&self, call: &'static str, request: &Request) -> Result<(), ClientError> {
@@ -281,14 +451,23 @@ impl AgentClient {
     }
 }
 
-/// One request and its response; an `Error` response becomes `Agent`.
-fn exchange(
-    stream: &mut UnixStream,
+/// A codec error as the call's error: a missed deadline is `Timeout`.
+fn codec_error(call: &'static str, after: Duration, e: CodecError) -> ClientError {
+    match &e {
+        CodecError::Io(io) if io.kind() == io::ErrorKind::TimedOut => {
+            ClientError::Timeout { call, after }
+        }
+        _ => ClientError::Codec(e),
+    }
+}
+
+/// Reads a reply; an `Error` response becomes `Agent`.
+fn reply<R: Read>(
+    stream: &mut R,
     call: &'static str,
-    request: &Request,
+    after: Duration,
 ) -> Result<Response, ClientError> {
-    write_frame(stream, request).map_err(ClientError::Codec)?;
-    match read_frame(stream).map_err(ClientError::Codec)? {
+    match read_frame(stream).map_err(|e| codec_error(call, after, e))? {
         Response::Error { code, message } => Err(ClientError::Agent {
             call,
             code,
@@ -298,12 +477,30 @@ fn exchange(
     }
 }
 
+/// One request and its response.
+fn exchange<S: Read + Write>(
+    stream: &mut S,
+    call: &'static str,
+    request: &Request,
+    after: Duration,
+) -> Result<Response, ClientError> {
+    write_frame(stream, request).map_err(|e| codec_error(call, after, e))?;
+    reply(stream, call, after)
+}
+
 /// Sends the first frame; returns the agent's description for a control
 /// connection, or "" for a stdio one.
-fn hello(stream: &mut UnixStream, first: &Hello) -> Result<String, ClientError> {
-    write_frame(stream, first).map_err(ClientError::Codec)?;
-    let call = "Hello";
-    match (first, read_frame(stream).map_err(ClientError::Codec)?) {
+fn hello<S: Read + Write>(
+    stream: &mut S,
+    call: &'static str,
+    first: &Hello,
+) -> Result<String, ClientError> {
+    let after = HANDSHAKE_TIMEOUT;
+    write_frame(stream, first).map_err(|e| codec_error(call, after, e))?;
+    match (
+        first,
+        read_frame(stream).map_err(|e| codec_error(call, after, e))?,
+    ) {
         (Hello::Control { .. }, Response::Hello { version, agent }) => {
             if version != PROTOCOL_VERSION {
                 return Err(ClientError::Version { theirs: version });
@@ -325,6 +522,7 @@ fn hybrid_connect(uds: &Path, port: u32) -> Result<UnixStream, ClientError> {
     let mut stream = UnixStream::connect(uds).map_err(|e| ClientError::Socket(uds.into(), e))?;
     stream
         .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+        .and_then(|()| stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT)))
         .map_err(|e| ClientError::Socket(uds.into(), e))?;
     stream
         .write_all(format!("CONNECT {port}\n").as_bytes())
@@ -357,18 +555,22 @@ fn hybrid_connect(uds: &Path, port: u32) -> Result<UnixStream, ClientError> {
 }
 
 fn bad_reply(call: &'static str, got: &Response) -> ClientError {
-    let mut text = format!("{got:?}");
-    text.truncate(200);
     ClientError::BadReply {
         call,
-        got: clean_text(&text),
+        got: cut(&format!("{got:?}"), 200),
     }
 }
 
 /// Text from the guest, made safe for a host log line.
 fn clean_text(text: &str) -> String {
+    cut(text, MAX_ERROR_TEXT)
+}
+
+/// At most `max` characters of `text` (never cut inside one: a byte index
+/// there panics), control characters as spaces.
+fn cut(text: &str, max: usize) -> String {
     text.chars()
-        .take(MAX_ERROR_TEXT)
+        .take(max)
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect()
 }
@@ -523,5 +725,128 @@ mod tests {
             let err = hybrid_connect(&path, 1).unwrap_err();
             assert!(matches!(err, ClientError::Handshake(_)), "{err}");
         }
+    }
+
+    #[test]
+    fn a_reply_with_a_multibyte_character_at_the_cut_does_not_panic() {
+        // bad_reply cut the reply's text with String::truncate at byte 200:
+        // a character across that byte panicked (release builds abort).
+        let prefix = format!(
+            "{:?}",
+            Response::Error {
+                code: ErrorCode::Internal,
+                message: String::new(),
+            }
+        );
+        let before = prefix.len() - "\" }".len();
+        let message = format!("{}é tail", "a".repeat(199 - before));
+        let reply = Response::Error {
+            code: ErrorCode::Internal,
+            message,
+        };
+        assert!(!format!("{reply:?}").is_char_boundary(200));
+        let err = bad_reply("Test", &reply);
+        assert!(err.to_string().contains("aaaa"), "{err}");
+    }
+
+    /// A fake agent that answers the hello, then drips `reply` one byte per
+    /// `pause`.
+    fn dripping_agent(reply: Vec<u8>, pause: Duration) -> (tempdir::Dir, PathBuf) {
+        let dir = tempdir::Dir::new();
+        let path = dir.0.join("vsock.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let hello = frame(&Response::Hello {
+            version: PROTOCOL_VERSION,
+            agent: "drip".into(),
+        });
+        thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let (hello, reply) = (hello.clone(), reply.clone());
+                thread::spawn(move || {
+                    let mut line = [0u8; 64];
+                    let _ = stream.read(&mut line);
+                    let _ = stream.write_all(b"OK 1073741824\n");
+                    let _ = read_frame::<_, Hello>(&mut stream);
+                    let _ = stream.write_all(&hello);
+                    let _ = read_frame::<_, Request>(&mut stream);
+                    for byte in reply {
+                        if stream.write_all(&[byte]).is_err() {
+                            return;
+                        }
+                        thread::sleep(pause);
+                    }
+                    thread::sleep(Duration::from_secs(30));
+                });
+            }
+        });
+        (dir, path)
+    }
+
+    #[test]
+    fn a_drip_fed_reply_cannot_outlive_the_call_deadline() {
+        // Before the fix the timeout applied to each read(2): a byte every
+        // 300 ms kept a 1 s "timeout" waiting as long as the agent liked.
+        let reply = frame(&Response::Stats {
+            stats: ContainerStats::default(),
+        });
+        let (_dir, path) = dripping_agent(reply, Duration::from_millis(300));
+        let client =
+            AgentClient::connect(&path, 1024, Duration::from_secs(5), Duration::from_secs(1))
+                .unwrap();
+        let started = Instant::now();
+        let err = client.stats("c").unwrap_err();
+        assert!(err.is_timeout(), "{err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[test]
+    fn a_hung_call_does_not_hold_up_the_others() {
+        // Before the fix one lock guarded the control connection for a
+        // whole call: a call the agent never answered blocked every other.
+        let dir = tempdir::Dir::new();
+        let path = dir.0.join("vsock.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let hello = frame(&Response::Hello {
+            version: PROTOCOL_VERSION,
+            agent: "x".into(),
+        });
+        thread::spawn(move || {
+            for (n, stream) in listener.incoming().enumerate() {
+                let Ok(mut stream) = stream else { return };
+                let hello = hello.clone();
+                thread::spawn(move || {
+                    let mut line = [0u8; 64];
+                    let _ = stream.read(&mut line);
+                    let _ = stream.write_all(b"OK 1073741824\n");
+                    let _ = read_frame::<_, Hello>(&mut stream);
+                    let _ = stream.write_all(&hello);
+                    while read_frame::<_, Request>(&mut stream).is_ok() {
+                        if n == 0 {
+                            // The first connection never answers.
+                            thread::sleep(Duration::from_secs(30));
+                        }
+                        let _ = stream.write_all(&frame(&Response::Ok));
+                    }
+                });
+            }
+        });
+        let client = std::sync::Arc::new(
+            AgentClient::connect(&path, 1024, Duration::from_secs(5), Duration::from_secs(20))
+                .unwrap(),
+        );
+        let hung = {
+            let client = std::sync::Arc::clone(&client);
+            thread::spawn(move || client.close_stdin(&ProcessRef::init("c")))
+        };
+        thread::sleep(Duration::from_millis(200));
+        let started = Instant::now();
+        client.close_stdin(&ProcessRef::init("c")).unwrap();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        drop(hung);
     }
 }

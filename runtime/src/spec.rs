@@ -73,25 +73,29 @@ pub fn container_spec(mut spec: Spec) -> Result<(Spec, Vec<Vec<u8>>), SpecError>
                 host_path: source.clone(),
                 reason,
             };
-            let meta = std::fs::metadata(&source).map_err(|e| copy_error(e.to_string()))?;
-            if !meta.is_file() {
-                return Err(SpecError::HostBind {
-                    destination,
-                    host_path: source,
-                });
-            }
             let used: usize = files.iter().map(Vec::len).sum();
-            let fits = usize::try_from(meta.len()).is_ok_and(|len| used + len <= MAX_COPIED_BYTES);
-            if files.len() >= MAX_COPIED_FILES || !fits {
+            if files.len() >= MAX_COPIED_FILES {
                 return Err(copy_error(format!(
                     "at most {MAX_COPIED_FILES} files and {} KiB in all are copied",
                     MAX_COPIED_BYTES / 1024
                 )));
             }
-            let contents = std::fs::read(&source).map_err(|e| copy_error(e.to_string()))?;
-            if used + contents.len() > MAX_COPIED_BYTES {
-                return Err(copy_error("it grew while being read".into()));
-            }
+            let contents = match read_small_file(&source, MAX_COPIED_BYTES - used) {
+                Ok(SmallFile::Contents(contents)) => contents,
+                Ok(SmallFile::NotAFile) => {
+                    return Err(SpecError::HostBind {
+                        destination,
+                        host_path: source,
+                    });
+                }
+                Ok(SmallFile::TooLarge) => {
+                    return Err(copy_error(format!(
+                        "at most {MAX_COPIED_FILES} files and {} KiB in all are copied",
+                        MAX_COPIED_BYTES / 1024
+                    )));
+                }
+                Err(e) => return Err(copy_error(e.to_string())),
+            };
             mount.set_source(Some(format!("{FILE_SOURCE}{}", files.len()).into()));
             files.push(contents);
         }
@@ -105,6 +109,41 @@ pub fn container_spec(mut spec: Spec) -> Result<(Spec, Vec<Vec<u8>>), SpecError>
     // Host hooks would run on the host with the container's say-so.
     spec.set_hooks(None);
     Ok((spec, files))
+}
+
+/// What [`read_small_file`] found.
+enum SmallFile {
+    Contents(Vec<u8>),
+    /// A directory, a FIFO, a device, a socket: not copied.
+    NotAFile,
+    TooLarge,
+}
+
+/// Reads the host file at `path` if it is a regular file of at most `max`
+/// bytes. What is checked is what is read: the file is opened first (a
+/// FIFO without blocking), its kind and size taken from the descriptor,
+/// and the read stops after `max + 1` bytes whatever the file became.
+fn read_small_file(path: &str, max: usize) -> std::io::Result<SmallFile> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Ok(SmallFile::NotAFile);
+    }
+    if usize::try_from(meta.len()).map_or(true, |len| len > max) {
+        return Ok(SmallFile::TooLarge);
+    }
+    let mut contents = Vec::new();
+    file.take(u64::try_from(max).unwrap_or(u64::MAX) + 1)
+        .read_to_end(&mut contents)?;
+    if contents.len() > max {
+        return Ok(SmallFile::TooLarge);
+    }
+    Ok(SmallFile::Contents(contents))
 }
 
 #[cfg(test)]
@@ -165,5 +204,39 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(error.contains("KiB in all"), "{error}");
+    }
+
+    #[test]
+    fn what_is_read_is_what_was_checked() {
+        // The old code checked the path's metadata, then read the path
+        // again without bound: a FIFO or a huge file swapped in between
+        // hung the shim or filled its memory. Now the checks are on the
+        // opened descriptor, and the read is bounded.
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let name = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a NUL-terminated path and a mode.
+        assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0);
+        let started = std::time::Instant::now();
+        assert!(matches!(
+            read_small_file(fifo.to_str().unwrap(), 100),
+            Ok(SmallFile::NotAFile)
+        ));
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        let sparse = dir.path().join("sparse");
+        std::fs::File::create(&sparse)
+            .unwrap()
+            .set_len(1 << 40)
+            .unwrap();
+        assert!(matches!(
+            read_small_file(sparse.to_str().unwrap(), 100),
+            Ok(SmallFile::TooLarge)
+        ));
+        let small = dir.path().join("small");
+        std::fs::write(&small, "ok").unwrap();
+        assert!(matches!(
+            read_small_file(small.to_str().unwrap(), 100),
+            Ok(SmallFile::Contents(c)) if c == b"ok"
+        ));
     }
 }

@@ -297,6 +297,14 @@ impl MicroVm {
         &self.uds
     }
 
+    /// The VM's API, usable without holding the `MicroVm` (it only needs
+    /// the socket's path).
+    pub fn api(&self) -> VmApi {
+        VmApi {
+            path: self.api.clone(),
+        }
+    }
+
     /// What the VMM logged and how the guest console ended, for an error
     /// message; empty if both are.
     pub fn diagnostics(&self) -> String {
@@ -354,74 +362,14 @@ impl MicroVm {
         }
     }
 
-    /// Attaches `image` to a spare disk slot of the running VM as disk `id`
-    /// (at most 20 letters, digits, '-', '_', '.'); returns how the agent
-    /// mounts it. The image goes to the VMM as an open descriptor (the
-    /// confined VMM cannot open host paths); the agent waits for the disk
-    /// to appear.
+    /// Attaches `image` to a spare disk slot (see [`VmApi::attach`]).
     pub fn attach(&self, image: &RootfsImage, id: &str) -> Result<Rootfs, VmError> {
-        let file = File::open(&image.path).map_err(|e| VmError::Image(image.path.clone(), e))?;
-        self.api_call(
-            "attach",
-            id,
-            &ApiRequest::Attach { id: id.to_owned() },
-            Some(&file),
-        )?;
-        Ok(rootfs_on(image, id))
+        self.api().attach(image, id)
     }
 
-    /// Detaches disk `id`; the agent must have unmounted it.
+    /// Detaches disk `id` (see [`VmApi::detach`]).
     pub fn detach(&self, id: &str) -> Result<(), VmError> {
-        self.api_call(
-            "detach",
-            id,
-            &ApiRequest::Detach { id: id.to_owned() },
-            None,
-        )
-    }
-
-    /// One request on the VMM's API socket: a JSON line out (with `fd`),
-    /// a JSON line back.
-    fn api_call(
-        &self,
-        op: &'static str,
-        id: &str,
-        request: &ApiRequest,
-        fd: Option<&File>,
-    ) -> Result<(), VmError> {
-        use std::io::{BufRead, Read, Write};
-        use std::os::fd::AsRawFd;
-        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
-        let api = self.api.as_ref().ok_or(VmError::NoSpareSlots)?;
-        let io = |e| VmError::Api(api.clone(), e);
-        let stream = std::os::unix::net::UnixStream::connect(api).map_err(io)?;
-        stream.set_read_timeout(Some(API_TIMEOUT)).map_err(io)?;
-        stream.set_write_timeout(Some(API_TIMEOUT)).map_err(io)?;
-        let mut line = serde_json::to_vec(request).map_err(|e| io(std::io::Error::other(e)))?;
-        line.push(b'\n');
-        match fd {
-            Some(file) => {
-                let sent = stream
-                    .send_with_fd(&line[..], file.as_raw_fd())
-                    .map_err(|e| io(std::io::Error::from_raw_os_error(e.errno())))?;
-                (&stream).write_all(&line[sent..]).map_err(io)?;
-            }
-            None => (&stream).write_all(&line).map_err(io)?,
-        }
-        let mut reply = String::new();
-        std::io::BufReader::new((&stream).take(4096))
-            .read_line(&mut reply)
-            .map_err(io)?;
-        let reason = match serde_json::from_str::<ApiResponse>(&reply) {
-            Ok(ApiResponse::Slot { .. }) => return Ok(()),
-            Ok(ApiResponse::Error { error }) => clean(&error),
-            Err(_) => "no answer".to_owned(),
-        };
-        Err(VmError::Refused {
-            op,
-            id: id.to_owned(),
-            reason,
-        })
+        self.api().detach(id)
     }
 
     /// The VMM's exit status if it has exited (reaping it).
@@ -463,6 +411,85 @@ impl MicroVm {
         if let Some(cgroup) = self.cgroup.take() {
             cgroup.remove();
         }
+    }
+}
+
+/// A running VM's API socket: attaching and detaching disk images.
+#[derive(Debug, Clone)]
+pub struct VmApi {
+    /// `None`: the VM was started without spare disk slots.
+    path: Option<PathBuf>,
+}
+
+impl VmApi {
+    /// Attaches `image` to a spare disk slot of the running VM as disk `id`
+    /// (at most 20 letters, digits, '-', '_', '.'); returns how the agent
+    /// mounts it. The image goes to the VMM as an open descriptor (the
+    /// confined VMM cannot open host paths); the agent waits for the disk
+    /// to appear.
+    pub fn attach(&self, image: &RootfsImage, id: &str) -> Result<Rootfs, VmError> {
+        let file = File::open(&image.path).map_err(|e| VmError::Image(image.path.clone(), e))?;
+        self.api_call(
+            "attach",
+            id,
+            &ApiRequest::Attach { id: id.to_owned() },
+            Some(&file),
+        )?;
+        Ok(rootfs_on(image, id))
+    }
+
+    /// Detaches disk `id`; the agent must have unmounted it.
+    pub fn detach(&self, id: &str) -> Result<(), VmError> {
+        self.api_call(
+            "detach",
+            id,
+            &ApiRequest::Detach { id: id.to_owned() },
+            None,
+        )
+    }
+
+    /// One request on the VMM's API socket: a JSON line out (with `fd`),
+    /// a JSON line back.
+    fn api_call(
+        &self,
+        op: &'static str,
+        id: &str,
+        request: &ApiRequest,
+        fd: Option<&File>,
+    ) -> Result<(), VmError> {
+        use std::io::{BufRead, Read, Write};
+        use std::os::fd::AsRawFd;
+        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+        let api = self.path.as_ref().ok_or(VmError::NoSpareSlots)?;
+        let io = |e| VmError::Api(api.clone(), e);
+        let stream = std::os::unix::net::UnixStream::connect(api).map_err(io)?;
+        stream.set_read_timeout(Some(API_TIMEOUT)).map_err(io)?;
+        stream.set_write_timeout(Some(API_TIMEOUT)).map_err(io)?;
+        let mut line = serde_json::to_vec(request).map_err(|e| io(std::io::Error::other(e)))?;
+        line.push(b'\n');
+        match fd {
+            Some(file) => {
+                let sent = stream
+                    .send_with_fd(&line[..], file.as_raw_fd())
+                    .map_err(|e| io(std::io::Error::from_raw_os_error(e.errno())))?;
+                (&stream).write_all(&line[sent..]).map_err(io)?;
+            }
+            None => (&stream).write_all(&line).map_err(io)?,
+        }
+        let mut reply = String::new();
+        std::io::BufReader::new((&stream).take(4096))
+            .read_line(&mut reply)
+            .map_err(io)?;
+        let reason = match serde_json::from_str::<ApiResponse>(&reply) {
+            Ok(ApiResponse::Slot { .. }) => return Ok(()),
+            Ok(ApiResponse::Error { error }) => clean(&error),
+            Err(_) => "no answer".to_owned(),
+        };
+        Err(VmError::Refused {
+            op,
+            id: id.to_owned(),
+            reason,
+        })
     }
 }
 

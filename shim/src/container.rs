@@ -72,6 +72,9 @@ pub enum ProcState {
 #[derive(Debug)]
 pub struct Proc {
     pub process: ProcessRef,
+    /// What containerd sees as the process's pid: the VM's (its VMM's),
+    /// a host pid. The guest chooses its own pids; a host tool acting on
+    /// one of those would hit whatever host process has it.
     pub pid: u32,
     pub stdio: StdioPaths,
     pub copiers: Copiers,
@@ -212,12 +215,14 @@ impl Container {
                 return Err(leave(e.into()));
             }
         };
+        let vmm_pid = sandbox.vmm_pid;
+        log::info!("{id}: created; its init is pid {pid} in micro-VM {vmm_pid}");
         Ok(Self {
             id: id.to_owned(),
             bundle: bundle.to_owned(),
             sandbox,
             disk,
-            init: Arc::new(Proc::new(process, pid, stdio, copiers)),
+            init: Arc::new(Proc::new(process, vmm_pid, stdio, copiers)),
             execs: Mutex::new(HashMap::new()),
         })
     }
@@ -239,7 +244,8 @@ impl Container {
             stdio: stdio.request(),
         })?;
         let copiers = Copiers::attach(self.client(), &process, &stdio)?;
-        let proc = Arc::new(Proc::new(process, pid, stdio, copiers));
+        log::info!("{}: exec {exec_id} is pid {pid} in the guest", self.id);
+        let proc = Arc::new(Proc::new(process, self.sandbox.vmm_pid, stdio, copiers));
         self.execs
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -14,12 +14,13 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use capsid_images::rootfs::RootfsImage;
 use capsid_protocol::{AgentClient, Rootfs};
 use capsid_runtime::config::VmSize;
+use capsid_runtime::vm::VmApi;
 use capsid_runtime::{Config, MicroVm, VmSpec, rootfs_disk};
 use oci_spec::runtime::Spec;
 
@@ -64,7 +65,10 @@ impl Role {
 pub struct Sandbox {
     pub client: AgentClient,
     pub vmm_pid: u32,
-    vm: Mutex<MicroVm>,
+    /// Shared with the agent client's timeout hook, which kills the VM.
+    vm: Arc<Mutex<MicroVm>>,
+    /// The VMM's API, used without the VM's lock.
+    api: VmApi,
     scratch: PathBuf,
     members: Mutex<HashSet<String>>,
     next_disk: AtomicU32,
@@ -111,11 +115,27 @@ impl Sandbox {
         );
         // On an error from here, `vm` is killed and `scratch` removed as they drop.
         let client = vm.connect(config.agent_timeout(), AGENT_IO_TIMEOUT, &|| false)?;
+        let vmm_pid = vm.pid();
+        let api = vm.api();
+        let vm = Arc::new(Mutex::new(vm));
+        // An agent that misses a call's deadline may miss them all: the VM
+        // goes, and the processes in it are reported dead (255).
+        let weak = Arc::downgrade(&vm);
+        let name = id.to_owned();
+        client.on_timeout(Box::new(move |call| {
+            log::error!(
+                "{name}: the agent missed the deadline of {call}; killing micro-VM {vmm_pid}"
+            );
+            if let Some(vm) = weak.upgrade() {
+                lock(&vm).kill();
+            }
+        }));
         Ok((
             Self {
                 client,
-                vmm_pid: vm.pid(),
-                vm: Mutex::new(vm),
+                vmm_pid,
+                vm,
+                api,
                 scratch: scratch.keep(),
                 members: Mutex::new(HashSet::from([id.to_owned()])),
                 next_disk: AtomicU32::new(1),
@@ -128,7 +148,7 @@ impl Sandbox {
     /// disk slot. Returns the disk's id and how the agent mounts it.
     pub fn join(&self, id: &str, image: &RootfsImage) -> Result<(String, Rootfs), ContainerError> {
         let disk = format!("ctr-{}", self.next_disk.fetch_add(1, Ordering::Relaxed));
-        let rootfs = lock(&self.vm).attach(image, &disk)?;
+        let rootfs = self.api.attach(image, &disk)?;
         lock(&self.members).insert(id.to_owned());
         log::info!("{id}: joins micro-VM {} on disk {disk}", self.vmm_pid);
         Ok((disk, rootfs))
@@ -147,10 +167,28 @@ impl Sandbox {
     /// console, for the shim's log when the agent connection broke; or that
     /// the VM still runs.
     pub fn post_mortem(&self) -> String {
+        if !self.wait_exit(Duration::from_millis(500)) {
+            return "the micro-VM still runs".into();
+        }
         let mut vm = lock(&self.vm);
-        match vm.exit_report(Duration::from_millis(500)) {
+        match vm.exit_report(Duration::ZERO) {
             Some(report) => report + &vm.diagnostics(),
             None => "the micro-VM still runs".into(),
+        }
+    }
+
+    /// Waits up to `timeout` for the VMM to exit, taking the VM's lock only
+    /// for each brief look (never across the wait). Whether it exited.
+    fn wait_exit(&self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if !matches!(lock(&self.vm).try_wait(), Ok(None)) {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
@@ -164,7 +202,7 @@ impl Sandbox {
     pub fn leave(&self, id: &str, disk: Option<&str>) {
         if let Some(disk) = disk
             && self.running()
-            && let Err(e) = lock(&self.vm).detach(disk)
+            && let Err(e) = self.api.detach(disk)
         {
             log::warn!("{id}: {}", capsid_protocol::error_chain(&e));
         }
@@ -176,15 +214,15 @@ impl Sandbox {
     }
 
     /// Asks the agent to shut the guest down, kills the VMM if it has not
-    /// gone within 5 s, and removes the scratch directory.
+    /// gone within 5 s, and removes the scratch directory. The VM's lock is
+    /// never held while the agent answers or the VMM exits: a guest that
+    /// stalls the shutdown cannot keep the kill from coming.
     fn shut_down(&self) {
-        let mut vm = lock(&self.vm);
-        if matches!(vm.try_wait(), Ok(None)) {
-            if self.client.shutdown().is_ok() {
-                let _ = vm.wait_timeout(Duration::from_secs(5));
-            }
-            vm.kill();
+        let running = matches!(lock(&self.vm).try_wait(), Ok(None));
+        if running && self.client.shutdown().is_ok() {
+            self.wait_exit(Duration::from_secs(5));
         }
+        lock(&self.vm).kill();
         if let Err(e) = std::fs::remove_dir_all(&self.scratch)
             && e.kind() != std::io::ErrorKind::NotFound
         {

@@ -26,3 +26,13 @@ pub fn cache_dir() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| "/var/cache/capsid".into())
 }
+
+/// Makes `dir` (and its parents) and closes it to everyone but its owner
+/// (0700), also when it existed with a wider mode. The caches hold what
+/// images hold — setuid-root programs, private files — and only the
+/// runtime (root) has any business in them.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}

@@ -191,6 +191,9 @@ pub fn unpack(layout: &Path, tag: Option<&str>, cache: &Path) -> Result<Unpacked
         });
     }
     let write = |e| OciError::Write(home.clone(), e);
+    // Unpacked layers keep their setuid bits and owners (the guest needs
+    // them): only root may reach them on the host.
+    crate::private_dir(&cache.join("images")).map_err(write)?;
     fs::create_dir_all(&home).map_err(write)?;
     let staging = home.join(format!(".unpacking-{}", std::process::id()));
     let _ = fs::remove_dir_all(&staging);
@@ -479,6 +482,37 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("v2") && error.contains("v1"), "{error}");
+    }
+
+    #[test]
+    fn setuid_programs_stay_for_the_guest_but_out_of_reach_on_the_host() {
+        // Before the fix the cache was world-readable: a setuid-root program
+        // of any image could be run by any host user from the cache.
+        use std::os::unix::fs::PermissionsExt;
+        let mut layout = Layout::new();
+        layout.layer(|b| {
+            dir(b, "bin");
+            let mut h = header(tar::EntryType::Regular, 0o4755, 4);
+            b.append_data(&mut h, "bin/su", &b"\x7fELF"[..]).unwrap();
+        });
+        let path = layout.finish("v1");
+        let cache = tempfile::tempdir().unwrap();
+        // A cache directory made wide by an older version is closed too.
+        fs::create_dir(cache.path().join("images")).unwrap();
+        fs::set_permissions(
+            cache.path().join("images"),
+            fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        let image = unpack(path, Some("v1"), cache.path()).unwrap();
+        let su = fs::metadata(image.rootfs.join("bin/su")).unwrap();
+        assert_eq!(
+            su.permissions().mode() & 0o7777,
+            0o4755,
+            "kept for the guest"
+        );
+        let images = fs::metadata(cache.path().join("images")).unwrap();
+        assert_eq!(images.permissions().mode() & 0o777, 0o700);
     }
 
     #[test]

@@ -139,7 +139,7 @@ pub fn image(dir: &Path, format: Option<Format>, cache: &Path) -> Result<RootfsI
             built: false,
         });
     }
-    fs::create_dir_all(&cache).map_err(|e| RootfsError::Write(cache.clone(), e))?;
+    crate::private_dir(&cache).map_err(|e| RootfsError::Write(cache.clone(), e))?;
     let partial = cache.join(format!(".{key}.{}.{}", format.name(), std::process::id()));
     let _ = fs::remove_file(&partial);
     let built = match format {

@@ -223,10 +223,21 @@ fn ctr_task_exec_ps_metrics_kill_delete_and_deaths_leave_nothing() {
     let exec = containerd.ctr_with_input(&["task", "exec", "--exec-id", "e2", "d1", "cat"], input);
     assert_eq!(exec.stdout, input, "{}", text(&exec.stderr));
 
+    // containerd sees host pids only: the VM's (its VMM's), never the
+    // guest's own, which name other processes on the host.
     let ps = containerd.ctr_ok(&["task", "ps", "d1"]);
+    let listed: Vec<u32> = ps
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect();
+    let vms: Vec<u32> = pids_named("capsid-vmm")
+        .iter()
+        .filter_map(|p| p.parse().ok())
+        .collect();
     assert!(
-        ps.lines().count() >= 2,
-        "ctr task ps lists the container's processes:\n{ps}"
+        !listed.is_empty() && listed.iter().all(|p| vms.contains(p)),
+        "ctr task ps lists the VM's pid:\n{ps}\nVMMs: {vms:?}"
     );
     let metrics = containerd.ctr_ok(&["task", "metrics", "d1"]);
     assert!(

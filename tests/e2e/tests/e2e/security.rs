@@ -144,6 +144,15 @@ fn the_vmm_runs_unprivileged_in_its_own_namespaces_with_seccomp_on_every_thread(
         .collect();
     vm.sort();
     assert_eq!(vm, ["console.log", "vmm.log", "vsock.sock"]);
+    // Made owner-only when created (the VMM's umask), never chmod-ed after.
+    for name in &vm {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::symlink_metadata(format!("/proc/{vmm}/root/vm/{name}"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "{name}: {mode:o}");
+    }
     // Namespaces of its own.
     for ns in ["mnt", "pid", "net", "ipc", "uts", "cgroup"] {
         assert_ne!(
