@@ -28,6 +28,95 @@ fn file(path: &Path) -> Result<String, String> {
     }
 }
 
+/// Each wall around a VMM (docs/security.md), and whether this host has it.
+fn walls(artifacts: &Artifacts) -> Vec<(&'static str, Result<String, String>, &'static str)> {
+    use capsid_vmm::seccomp::{ThreadKind, allowed_count};
+    let config = artifacts.config().ok();
+    let jail = config.as_ref().is_none_or(|c| c.vmm_jail);
+    let mut walls = Vec::new();
+    let namespaces = ["mnt", "pid", "net", "ipc", "uts", "cgroup"];
+    let missing: Vec<&str> = namespaces
+        .iter()
+        .copied()
+        .filter(|ns| !Path::new(&format!("/proc/self/ns/{ns}")).exists())
+        .collect();
+    walls.push((
+        "VMM confinement",
+        if !jail {
+            Err("vmm_jail = false in the configuration: VMMs run unconfined, as root".into())
+        } else if !capsid_runtime::confine::is_root() {
+            Err(
+                "not root: the runtime cannot confine VMMs (namespaces, a private root, \
+                 an unprivileged user of each VM's own)"
+                    .into(),
+            )
+        } else if !missing.is_empty() {
+            Err(format!(
+                "the kernel lacks namespaces: {}",
+                missing.join(", ")
+            ))
+        } else {
+            Ok(format!(
+                "own {} namespaces, an empty root with only /vm, a user per VM, no \
+                 capabilities, no_new_privs",
+                namespaces.join("/")
+            ))
+        },
+        "run the runtime as root on a kernel with namespaces, and keep vmm_jail = true",
+    ));
+    let seccomp = std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("Seccomp:"));
+    let counts: Vec<String> = ThreadKind::ALL
+        .iter()
+        .map(|k| format!("{k:?} {}", allowed_count(*k)).to_lowercase())
+        .collect();
+    walls.push((
+        "VMM seccomp",
+        match (seccomp, config.as_ref().map(|c| c.vmm_seccomp.as_str())) {
+            (false, _) => Err("the kernel has no seccomp".into()),
+            (true, Some("none")) => Err("vmm_seccomp = \"none\": no filters".into()),
+            (true, Some("log")) => Err("vmm_seccomp = \"log\": filters only log".into()),
+            (true, _) => Ok(format!(
+                "per-thread allowlists, a syscall outside kills the VMM (syscalls allowed: {})",
+                counts.join(", ")
+            )),
+        },
+        "a kernel with CONFIG_SECCOMP_FILTER, and vmm_seccomp = \"kill\"",
+    ));
+    walls.push((
+        "Landlock",
+        capsid_vmm::jail::landlock_abi()
+            .map(|abi| format!("ABI {abi}: the VMM may only make and remove sockets in /vm"))
+            .ok_or_else(|| {
+                "not available: the kernel lacks it or it is not in lsm=; VMMs run without \
+                 this second wall"
+                    .to_owned()
+            }),
+        "a kernel with CONFIG_SECURITY_LANDLOCK and landlock in its lsm= list",
+    ));
+    let cgroup_root = Path::new("/sys/fs/cgroup");
+    walls.push((
+        "VM cgroups",
+        if capsid_runtime::confine::cgroup2_has(cgroup_root, &["memory", "pids"]) {
+            Ok(
+                "cgroup v2 with memory and pids: each VMM bounded to its guest's RAM \
+                plus overhead"
+                    .into(),
+            )
+        } else {
+            Err(
+                "no cgroup v2 with the memory and pids controllers at /sys/fs/cgroup: \
+                 VMMs run without memory and process limits"
+                    .into(),
+            )
+        },
+        "boot with the unified cgroup hierarchy (systemd.unified_cgroup_hierarchy=1)",
+    ));
+    walls
+}
+
 pub fn doctor(args: &DoctorArgs) -> anyhow::Result<ExitCode> {
     let mut problems = 0;
     let mut report = |what: &str, result: Result<String, String>, fix: &str| match result {
@@ -50,6 +139,9 @@ pub fn doctor(args: &DoctorArgs) -> anyhow::Result<ExitCode> {
         "run on a host with hardware virtualization (VT-x/AMD-V, or nested virtualization \
          enabled); here, `make demo` and `make test` boot guests inside a nested test host",
     );
+    for (what, result, fix) in walls(&args.artifacts) {
+        report(what, result, fix);
+    }
     match args.artifacts.config() {
         Ok(config) => {
             report(

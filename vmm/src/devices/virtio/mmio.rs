@@ -65,7 +65,8 @@ pub struct MmioTransport {
     memory: Memory,
     interrupt: Arc<Interrupt>,
     queues: Vec<Queue>,
-    queue_evts: Vec<EventFd>,
+    /// Shared with the worker while it serves the queues.
+    queue_evts: Arc<Vec<EventFd>>,
     queue_select: u32,
     device_features_select: u32,
     driver_features_select: u32,
@@ -99,7 +100,7 @@ impl MmioTransport {
             memory,
             interrupt,
             queues,
-            queue_evts,
+            queue_evts: Arc::new(queue_evts),
             queue_select: 0,
             device_features_select: 0,
             driver_features_select: 0,
@@ -302,19 +303,6 @@ impl MmioTransport {
             self.status |= STATUS_NEEDS_RESET;
             return;
         }
-        let queue_evts = match self
-            .queue_evts
-            .iter()
-            .map(EventFd::try_clone)
-            .collect::<Result<Vec<_>, _>>()
-        {
-            Ok(evts) => evts,
-            Err(e) => {
-                tracing::error!("cannot clone queue eventfds: {e}");
-                self.status |= STATUS_NEEDS_RESET;
-                return;
-            }
-        };
         // The device takes the queues; the transport keeps fresh ones for a reset.
         let fresh = match new_queues(self.device.as_ref()) {
             Ok(queues) => queues,
@@ -327,7 +315,7 @@ impl MmioTransport {
         let ctx = ActivateContext {
             memory: Arc::clone(&self.memory),
             queues: std::mem::replace(&mut self.queues, fresh),
-            queue_evts,
+            queue_evts: Arc::clone(&self.queue_evts),
             interrupt: Arc::clone(&self.interrupt),
             acked_features: self.acked_features,
         };

@@ -84,8 +84,9 @@ impl Interrupt {
 pub struct ActivateContext {
     pub memory: Memory,
     pub queues: Vec<Queue>,
-    /// Signalled (by KVM) when the driver notifies queue i.
-    pub queue_evts: Vec<EventFd>,
+    /// Signalled (by KVM) when the driver notifies queue i; shared with
+    /// the transport (no descriptor is duplicated on a vCPU thread).
+    pub queue_evts: Arc<Vec<EventFd>>,
     pub interrupt: Arc<Interrupt>,
     pub acked_features: u64,
 }

@@ -185,8 +185,15 @@ impl VirtioDevice for Block {
 struct Active {
     memory: Memory,
     queue: Queue,
-    queue_evt: EventFd,
+    /// The one queue's eventfd is the first.
+    queue_evts: Arc<Vec<EventFd>>,
     interrupt: Arc<Interrupt>,
+}
+
+impl Active {
+    fn queue_evt(&self) -> Option<&EventFd> {
+        self.queue_evts.first()
+    }
 }
 
 /// Serves the disk's queue on the device's worker thread.
@@ -205,10 +212,9 @@ impl Worker for BlockWorker {
         setup: &EventSetup<'_>,
     ) -> Result<(), ActivateError> {
         let got = ctx.queues.len();
-        let (Some(queue), Some(queue_evt)) = (
-            ctx.queues.into_iter().next(),
-            ctx.queue_evts.into_iter().next(),
-        ) else {
+        let (Some(queue), Some(queue_evt)) =
+            (ctx.queues.into_iter().next(), ctx.queue_evts.first())
+        else {
             return Err(ActivateError::QueueCount { got, want: 1 });
         };
         setup
@@ -217,15 +223,15 @@ impl Worker for BlockWorker {
         self.active = Some(Active {
             memory: ctx.memory,
             queue,
-            queue_evt,
+            queue_evts: Arc::clone(&ctx.queue_evts),
             interrupt: ctx.interrupt,
         });
         Ok(())
     }
 
     fn deactivate(&mut self, setup: &EventSetup<'_>) {
-        if let Some(active) = self.active.take() {
-            setup.remove(active.queue_evt.as_raw_fd());
+        if let Some(evt) = self.active.take().as_ref().and_then(Active::queue_evt) {
+            setup.remove(evt.as_raw_fd());
         }
     }
 
@@ -233,7 +239,9 @@ impl Worker for BlockWorker {
         let Some(active) = &mut self.active else {
             return;
         };
-        let _ = active.queue_evt.read();
+        if let Some(evt) = active.queue_evt() {
+            let _ = evt.read();
+        }
         let backing = lock(&self.backing);
         if process_queue(
             &mut active.queue,

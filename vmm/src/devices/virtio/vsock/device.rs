@@ -91,13 +91,20 @@ impl VirtioDevice for Vsock {
     }
 }
 
-/// The queues the driver set up, while the device is active.
+/// The queues the driver set up, while the device is active; their
+/// eventfds are the transport's (RX, TX, event, in that order).
 struct Active {
     memory: Memory,
-    rx: (Queue, EventFd),
-    tx: (Queue, EventFd),
-    event: (Queue, EventFd),
+    rx: Queue,
+    tx: Queue,
+    evts: std::sync::Arc<Vec<EventFd>>,
     interrupt: std::sync::Arc<Interrupt>,
+}
+
+impl Active {
+    fn evt(&self, index: usize) -> Option<&EventFd> {
+        self.evts.get(index)
+    }
 }
 
 /// Serves the vsock queues and the host sockets on the device's worker
@@ -123,7 +130,7 @@ impl VsockWorker {
             return false;
         };
         let memory = active.memory.memory();
-        let queue = &mut active.tx.0;
+        let queue = &mut active.tx;
         let mut used = false;
         while let Some(chain) = queue.pop_descriptor_chain(memory) {
             let head = chain.head_index();
@@ -149,7 +156,7 @@ impl VsockWorker {
             return false;
         };
         let memory = active.memory.memory();
-        let queue = &mut active.rx.0;
+        let queue = &mut active.rx;
         let mut used = false;
         while self.muxer.has_rx() {
             let Some(chain) = queue.pop_descriptor_chain(memory) else {
@@ -194,26 +201,31 @@ impl Worker for VsockWorker {
         setup: &EventSetup<'_>,
     ) -> Result<(), ActivateError> {
         let got = ctx.queues.len();
-        let mut queues = ctx.queues.into_iter().zip(ctx.queue_evts);
-        let (Some(rx), Some(tx), Some(event)) = (queues.next(), queues.next(), queues.next())
+        let mut queues = ctx.queues.into_iter();
+        let (Some(rx), Some(tx), Some(_event)) = (queues.next(), queues.next(), queues.next())
         else {
             return Err(ActivateError::QueueCount { got, want: 3 });
         };
-        for (fd, token) in [
-            (rx.1.as_raw_fd(), TOKEN_RX),
-            (tx.1.as_raw_fd(), TOKEN_TX),
-            (event.1.as_raw_fd(), TOKEN_EVENT),
-            (self.muxer.listener_fd(), TOKEN_LISTENER),
-        ] {
+        if ctx.queue_evts.len() != 3 {
+            return Err(ActivateError::QueueCount {
+                got: ctx.queue_evts.len(),
+                want: 3,
+            });
+        }
+        let tokens = [TOKEN_RX, TOKEN_TX, TOKEN_EVENT];
+        for (evt, token) in ctx.queue_evts.iter().zip(tokens) {
             setup
-                .add(fd, token, EventSet::IN)
+                .add(evt.as_raw_fd(), token, EventSet::IN)
                 .map_err(ActivateError::Watch)?;
         }
+        setup
+            .add(self.muxer.listener_fd(), TOKEN_LISTENER, EventSet::IN)
+            .map_err(ActivateError::Watch)?;
         self.active = Some(Active {
             memory: ctx.memory,
             rx,
             tx,
-            event,
+            evts: ctx.queue_evts,
             interrupt: ctx.interrupt,
         });
         Ok(())
@@ -221,14 +233,10 @@ impl Worker for VsockWorker {
 
     fn deactivate(&mut self, setup: &EventSetup<'_>) {
         if let Some(active) = self.active.take() {
-            for fd in [
-                active.rx.1.as_raw_fd(),
-                active.tx.1.as_raw_fd(),
-                active.event.1.as_raw_fd(),
-                self.muxer.listener_fd(),
-            ] {
-                setup.remove(fd);
+            for evt in active.evts.iter() {
+                setup.remove(evt.as_raw_fd());
             }
+            setup.remove(self.muxer.listener_fd());
         }
         self.muxer.reset_all(setup);
     }
@@ -239,16 +247,18 @@ impl Worker for VsockWorker {
         };
         let mut used = false;
         match token {
-            TOKEN_RX => {
-                let _ = active.rx.1.read();
+            TOKEN_RX | TOKEN_EVENT => {
+                // RX: buffers were added (used below). Event: we never send
+                // transport events; nothing to do.
+                if let Some(evt) = active.evt(usize::try_from(token).unwrap_or(0)) {
+                    let _ = evt.read();
+                }
             }
             TOKEN_TX => {
-                let _ = active.tx.1.read();
+                if let Some(evt) = active.evt(1) {
+                    let _ = evt.read();
+                }
                 used |= self.process_tx(setup);
-            }
-            TOKEN_EVENT => {
-                // We never send transport events; nothing to do.
-                let _ = active.event.1.read();
             }
             TOKEN_LISTENER => self.muxer.handle_listener(setup),
             other => match token_fd(other) {
@@ -311,9 +321,9 @@ mod tests {
         let mut worker = VsockWorker {
             active: Some(Active {
                 memory: Arc::clone(&ram),
-                rx: (rx_mock.create_queue().unwrap(), EventFd::new(0).unwrap()),
-                tx: (tx_mock.create_queue().unwrap(), EventFd::new(0).unwrap()),
-                event: (Queue::new(16).unwrap(), EventFd::new(0).unwrap()),
+                rx: rx_mock.create_queue().unwrap(),
+                tx: tx_mock.create_queue().unwrap(),
+                evts: Arc::new((0..3).map(|_| EventFd::new(0).unwrap()).collect()),
                 interrupt: Arc::new(Interrupt::new(EventFd::new(0).unwrap())),
             }),
             muxer: Muxer::new(CID, &uds, listener),
