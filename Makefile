@@ -1,7 +1,7 @@
 # The two commands of the README. Both install what they need (Debian
 # packages, the guest kernel, the nested test host's kernel) and reuse caches.
 
-.PHONY: demo test bench
+.PHONY: demo test bench fuzz
 demo:
 	bash scripts/demo.sh
 
@@ -12,3 +12,8 @@ test:
 RUNS ?= 20
 bench:
 	bash scripts/bench.sh $(RUNS)
+
+# Every fuzz target for SECONDS each (docs/security.md has the figures).
+SECONDS ?= 60
+fuzz:
+	bash scripts/fuzz.sh $(SECONDS)

@@ -161,7 +161,7 @@ pub fn find_disk(id: &str) -> Result<PathBuf, SandboxError> {
 /// Mount sources `disk:ID` name further virtio-blk disks (`--disk
 /// IMG,id=ID` on the VMM); they become the device's path, mounted with the
 /// mount's type (ext4 or erofs) in the container.
-fn with_disks(mounts: &[Mount]) -> Result<Vec<Mount>, SandboxError> {
+pub fn with_disks(mounts: &[Mount]) -> Result<Vec<Mount>, SandboxError> {
     let mut out = mounts.to_vec();
     for mount in &mut out {
         let Some(id) = mount
@@ -189,7 +189,11 @@ fn with_disks(mounts: &[Mount]) -> Result<Vec<Mount>, SandboxError> {
 /// Bind sources `file:N` name the N-th file the host copied in
 /// (`CreateContainer::files`); they become its path under the container's
 /// directory, where `write_files` puts it.
-fn with_files(mounts: &[Mount], files: &[Vec<u8>], dir: &Path) -> Result<Vec<Mount>, SandboxError> {
+pub fn with_files(
+    mounts: &[Mount],
+    files: &[Vec<u8>],
+    dir: &Path,
+) -> Result<Vec<Mount>, SandboxError> {
     let total: usize = files.iter().map(Vec::len).sum();
     if files.len() > MAX_COPIED_FILES || total > MAX_COPIED_BYTES {
         return Err(SandboxError::InvalidArgument(format!(

@@ -2,26 +2,13 @@
 //! the host over vsock: each connection on its own thread (see `rpc`),
 //! one reaper thread for every child (see `reaper`).
 
-mod cgroup;
-mod config;
-mod container;
-mod devices;
-mod init;
-mod process;
-mod reaper;
-mod rootfs;
-mod rpc;
-mod seccomp;
-mod stdio;
-mod syscall;
-mod vsock;
-
 use std::sync::Arc;
 use std::thread;
 use std::time::Instant;
 
-use config::AgentConfig;
-use container::Sandbox;
+use capsid_agent::config::AgentConfig;
+use capsid_agent::container::Sandbox;
+use capsid_agent::{init, rpc, vsock};
 
 fn main() {
     let started = Instant::now();

@@ -212,6 +212,20 @@ impl AgentClient {
         }
     }
 
+    /// A client on `stream`, a connection whose hello is done: what the
+    /// tests and the fuzzer use to replay an agent's replies. Calls that
+    /// need a new connection (waits, stdio) fail: there is no socket path.
+    pub fn on_stream(stream: UnixStream, io_timeout: Duration) -> Self {
+        Self {
+            uds: PathBuf::from("/nonexistent/capsid-replay.sock"),
+            port: 0,
+            io_timeout,
+            idle: Mutex::new(vec![stream]),
+            agent: String::new(),
+            on_timeout: std::sync::OnceLock::new(),
+        }
+    }
+
     /// Runs `hook` whenever a call misses its deadline: a guest that
     /// stalls one call may stall them all, so the owner takes the VM down
     /// (and the call still returns `Timeout`). Set once.

@@ -225,7 +225,16 @@ impl MicroVm {
         };
         // Until the VMM opens its log itself, its stderr (a usage error)
         // goes to the same file.
-        let log_file = File::create(&log).map_err(|e| VmError::Scratch(log.clone(), e))?;
+        let log_file = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&log)
+                .map_err(|e| VmError::Scratch(log.clone(), e))?
+        };
         let boot = &spec.boot;
         let mut command = Command::new(&boot.vmm);
         command

@@ -245,35 +245,48 @@ fn apply_layer(layout: &Path, layer: &Descriptor, root: &Path) -> Result<(), Oci
         } else {
             return Err(OciError::MediaType { digest, media_type });
         };
-        let mut archive = tar::Archive::new(reader);
-        archive.set_preserve_permissions(true);
-        archive.set_preserve_ownerships(true);
-        archive.set_preserve_mtime(true);
-        archive.set_overwrite(true);
-        for entry in archive.entries().map_err(|e| fail("the archive", e))? {
-            let mut entry = entry.map_err(|e| fail("an entry", e))?;
-            let name = entry
-                .path()
-                .map_err(|e| fail("an entry's path", e))?
-                .into_owned();
-            let shown = name.display().to_string();
-            if let Some(whiteout) = whiteout(&name) {
-                apply_whiteout(root, &whiteout).map_err(|e| fail(&shown, e))?;
-                continue;
-            }
-            // A non-directory replacing a directory of a lower layer.
-            if entry.header().entry_type() != tar::EntryType::Directory
-                && let Some(target) = inside(root, &name)
-                && fs::symlink_metadata(&target).is_ok_and(|m| m.is_dir())
-            {
-                fs::remove_dir_all(&target).map_err(|e| fail(&shown, e))?;
-            }
-            entry.unpack_in(root).map_err(|e| fail(&shown, e))?;
-        }
+        unpack_layer(reader, root).map_err(|(entry, source)| fail(&entry, source))?;
     }
     // Whatever the decompressor left unread still counts for the digest.
     io::copy(&mut hashing, &mut io::sink()).map_err(|e| OciError::Read(path, e))?;
     check(&digest, hashing.hasher)
+}
+
+/// Applies one layer's tar stream to `root`: entries unpacked with their
+/// modes and owners, whiteouts applied, nothing written outside `root`
+/// (`tar`'s `unpack_in` refuses `..`, absolute paths and links out; our
+/// whiteouts and replacements resolve only real directories). On failure,
+/// the entry it failed at and why.
+pub fn unpack_layer<R: Read>(reader: R, root: &Path) -> Result<(), (String, io::Error)> {
+    let mut archive = tar::Archive::new(reader);
+    archive.set_preserve_permissions(true);
+    archive.set_preserve_ownerships(true);
+    archive.set_preserve_mtime(true);
+    archive.set_overwrite(true);
+    let entries = archive
+        .entries()
+        .map_err(|e| ("the archive".to_owned(), e))?;
+    for entry in entries {
+        let mut entry = entry.map_err(|e| ("an entry".to_owned(), e))?;
+        let name = entry
+            .path()
+            .map_err(|e| ("an entry's path".to_owned(), e))?
+            .into_owned();
+        let shown = name.display().to_string();
+        if let Some(whiteout) = whiteout(&name) {
+            apply_whiteout(root, &whiteout).map_err(|e| (shown, e))?;
+            continue;
+        }
+        // A non-directory replacing a directory of a lower layer.
+        if entry.header().entry_type() != tar::EntryType::Directory
+            && let Some(target) = inside(root, &name)
+            && fs::symlink_metadata(&target).is_ok_and(|m| m.is_dir())
+        {
+            fs::remove_dir_all(&target).map_err(|e| (shown.clone(), e))?;
+        }
+        entry.unpack_in(root).map_err(|e| (shown, e))?;
+    }
+    Ok(())
 }
 
 enum Whiteout {

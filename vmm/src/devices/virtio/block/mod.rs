@@ -13,7 +13,7 @@ mod request;
 mod slot;
 
 pub use device::{Backing, Block, BlockError};
-pub use request::{BlockMetrics, RequestError, process_queue};
+pub use request::{BlockMetrics, Disk, RequestError, process_queue};
 pub use slot::{DiskSlot, DiskSlots, SlotError};
 
 use virtio_bindings::bindings::virtio_blk as wire;

@@ -9,10 +9,34 @@
 //! 44 bytes, then `len` bytes of payload, `len` at most [`MAX_PAYLOAD`]. A
 //! guest-bound (RX) chain must be device-writable and hold at least a header.
 
-use vm_memory::{Address, Bytes, GuestMemoryMmap};
+use vm_memory::{Address, ByteValued, Bytes, GuestMemoryMmap, Le16, Le32, Le64};
 
 use super::{HEADER_LEN, MAX_PAYLOAD};
 use crate::devices::virtio::{Buffer, ChainError};
+
+/// The header as it lies in guest memory (`struct virtio_vsock_hdr`: 44
+/// bytes, packed, little-endian), read and written whole through
+/// `ByteValued`. Code works on [`Header`], its aligned copy.
+#[repr(C, packed)]
+#[derive(Clone, Copy, Default)]
+struct WireHeader {
+    src_cid: Le64,
+    dst_cid: Le64,
+    src_port: Le32,
+    dst_port: Le32,
+    len: Le32,
+    type_: Le16,
+    op: Le16,
+    flags: Le32,
+    buf_alloc: Le32,
+    fwd_cnt: Le32,
+}
+
+const _: () = assert!(std::mem::size_of::<WireHeader>() == HEADER_LEN);
+
+// SAFETY: little-endian integers only, packed (no padding); every bit
+// pattern is a valid value, and what it means is checked by the muxer.
+unsafe impl ByteValued for WireHeader {}
 
 /// The header, in host byte order.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -29,38 +53,39 @@ pub struct Header {
     pub fwd_cnt: u32,
 }
 
-fn field<const N: usize>(bytes: &[u8; HEADER_LEN], at: usize) -> [u8; N] {
-    std::array::from_fn(|i| bytes[at + i])
-}
-
 impl Header {
     pub fn from_bytes(b: &[u8; HEADER_LEN]) -> Self {
+        let mut wire = WireHeader::default();
+        wire.as_mut_slice().copy_from_slice(b);
         Self {
-            src_cid: u64::from_le_bytes(field(b, 0)),
-            dst_cid: u64::from_le_bytes(field(b, 8)),
-            src_port: u32::from_le_bytes(field(b, 16)),
-            dst_port: u32::from_le_bytes(field(b, 20)),
-            len: u32::from_le_bytes(field(b, 24)),
-            type_: u16::from_le_bytes(field(b, 28)),
-            op: u16::from_le_bytes(field(b, 30)),
-            flags: u32::from_le_bytes(field(b, 32)),
-            buf_alloc: u32::from_le_bytes(field(b, 36)),
-            fwd_cnt: u32::from_le_bytes(field(b, 40)),
+            src_cid: wire.src_cid.into(),
+            dst_cid: wire.dst_cid.into(),
+            src_port: wire.src_port.into(),
+            dst_port: wire.dst_port.into(),
+            len: wire.len.into(),
+            type_: wire.type_.into(),
+            op: wire.op.into(),
+            flags: wire.flags.into(),
+            buf_alloc: wire.buf_alloc.into(),
+            fwd_cnt: wire.fwd_cnt.into(),
         }
     }
 
     pub fn to_bytes(self) -> [u8; HEADER_LEN] {
+        let wire = WireHeader {
+            src_cid: self.src_cid.into(),
+            dst_cid: self.dst_cid.into(),
+            src_port: self.src_port.into(),
+            dst_port: self.dst_port.into(),
+            len: self.len.into(),
+            type_: self.type_.into(),
+            op: self.op.into(),
+            flags: self.flags.into(),
+            buf_alloc: self.buf_alloc.into(),
+            fwd_cnt: self.fwd_cnt.into(),
+        };
         let mut b = [0u8; HEADER_LEN];
-        b[0..8].copy_from_slice(&self.src_cid.to_le_bytes());
-        b[8..16].copy_from_slice(&self.dst_cid.to_le_bytes());
-        b[16..20].copy_from_slice(&self.src_port.to_le_bytes());
-        b[20..24].copy_from_slice(&self.dst_port.to_le_bytes());
-        b[24..28].copy_from_slice(&self.len.to_le_bytes());
-        b[28..30].copy_from_slice(&self.type_.to_le_bytes());
-        b[30..32].copy_from_slice(&self.op.to_le_bytes());
-        b[32..36].copy_from_slice(&self.flags.to_le_bytes());
-        b[36..40].copy_from_slice(&self.buf_alloc.to_le_bytes());
-        b[40..44].copy_from_slice(&self.fwd_cnt.to_le_bytes());
+        b.copy_from_slice(wire.as_slice());
         b
     }
 }
