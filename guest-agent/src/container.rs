@@ -401,11 +401,6 @@ impl Sandbox {
                 return Err(e.into());
             }
         };
-        if let Err(e) = crate::devices::restrict(cgroup.path(), &device_rules) {
-            cgroup.remove();
-            cleanup(&mounts);
-            return Err(io_error("apply the device rules (linux.resources.devices)")(e));
-        }
         let spawned = self.spawn(
             &plan,
             request.stdio,
@@ -421,6 +416,15 @@ impl Sandbox {
                 return Err(e);
             }
         };
+        // The device rules go on once the init has made its mounts (the
+        // disks it mounts are block devices the rules may well deny). It
+        // waits for StartProcess meanwhile: nothing of the workload has run.
+        if let Err(e) = crate::devices::restrict(cgroup.path(), &device_rules) {
+            drop(init);
+            cgroup.remove();
+            cleanup(&mounts);
+            return Err(io_error("apply the device rules (linux.resources.devices)")(e));
+        }
         let pid = init.pid;
         let container = Container {
             id: id.clone(),

@@ -46,6 +46,23 @@ fn pids_of(name: &str, with: &str) -> Vec<i32> {
         .collect()
 }
 
+/// One pid per running VM: its keeper, the `capsid-vmm` whose parent is
+/// not one (the VMM proper runs under it, in its own PID namespace).
+fn vms() -> Vec<i32> {
+    let all = pids_of("capsid-vmm", "");
+    all.iter()
+        .copied()
+        .filter(|pid| {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let parent: Option<i32> = status
+                .lines()
+                .find_map(|l| l.strip_prefix("PPid:"))
+                .and_then(|p| p.trim().parse().ok());
+            parent.is_none_or(|parent| !all.contains(&parent))
+        })
+        .collect()
+}
+
 #[test]
 fn ctr_run_gives_output_exit_code_stdin_and_a_tty() {
     if !require_kvm("ctr_run_gives_output_exit_code_stdin_and_a_tty") {
@@ -231,13 +248,13 @@ fn ctr_task_exec_ps_metrics_kill_delete_and_deaths_leave_nothing() {
         .skip(1)
         .filter_map(|l| l.split_whitespace().next()?.parse().ok())
         .collect();
-    let vms: Vec<u32> = pids_named("capsid-vmm")
+    let vm_pids: Vec<u32> = pids_named("capsid-vmm")
         .iter()
         .filter_map(|p| p.parse().ok())
         .collect();
     assert!(
-        !listed.is_empty() && listed.iter().all(|p| vms.contains(p)),
-        "ctr task ps lists the VM's pid:\n{ps}\nVMMs: {vms:?}"
+        !listed.is_empty() && listed.iter().all(|p| vm_pids.contains(p)),
+        "ctr task ps lists the VM's pid:\n{ps}\nVMMs: {vm_pids:?}"
     );
     let metrics = containerd.ctr_ok(&["task", "metrics", "d1"]);
     assert!(
@@ -287,7 +304,7 @@ fn ctr_task_exec_ps_metrics_kill_delete_and_deaths_leave_nothing() {
         "d2",
         &["sleep", "1000"],
     ));
-    let vmms = pids_of("capsid-vmm", "");
+    let vmms = vms();
     assert_eq!(vmms.len(), 1, "{vmms:?}");
     // SAFETY: kill() takes plain integers.
     unsafe { libc::kill(vmms[0], libc::SIGKILL) };
@@ -369,7 +386,7 @@ fn a_pods_containers_share_one_micro_vm() {
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     let boot = started.elapsed();
-    let vmms = pids_of("capsid-vmm", "");
+    let vmms = vms();
     assert_eq!(vmms.len(), 1, "the pod's VM: {vmms:?}");
     let exec = containerd.ctr(&["task", "exec", "--exec-id", "b", "pod1", "cat", boot_id]);
     let pod_boot_id = text(&exec.stdout);
@@ -393,7 +410,7 @@ fn a_pods_containers_share_one_micro_vm() {
         text(&out.stderr)
     );
     assert_eq!(out.status.code(), Some(6));
-    assert_eq!(pids_of("capsid-vmm", ""), vmms, "c1 ran in the pod's VM");
+    assert_eq!(vms(), vmms, "c1 ran in the pod's VM");
     assert_eq!(pids_of("containerd-shim-capsid-v2", "").len(), 1);
     eprintln!(
         "figure: ctr run → exit: the pod's sandbox {:.2} s (boots the VM), a container joining it {:.2} s",
@@ -420,11 +437,7 @@ fn a_pods_containers_share_one_micro_vm() {
         containerd.ctr_ok(&["task", "delete", id]);
         containerd.ctr_ok(&["containers", "rm", id]);
     }
-    assert_eq!(
-        pids_of("capsid-vmm", ""),
-        vmms,
-        "the VM stays with its sandbox"
-    );
+    assert_eq!(vms(), vmms, "the VM stays with its sandbox");
 
     // A container of a pod whose sandbox is not running: refused, with the
     // reason, and nothing left of it.
