@@ -12,6 +12,7 @@ ensure_packages build-essential libseccomp-dev erofs-utils e2fsprogs
 
 log "==> cargo fmt --check"
 cargo fmt --all -- --check
+(cd fuzz && cargo fmt -- --check)
 
 log "==> cargo clippy -D warnings"
 cargo clippy --quiet --workspace --all-targets --locked -- -D warnings
@@ -22,6 +23,9 @@ log "==> unit and integration tests"
 CAPSID_E2E_REQUIRED=1 cargo test --workspace --exclude capsid-e2e --locked
 # The e2e crate's own unit tests (the benchmark's report) need no guest.
 cargo test -p capsid-e2e --lib --locked
+
+log "==> every fuzz target for a few seconds, so none rots (make fuzz runs them longer)"
+bash scripts/fuzz.sh 5
 
 log "==> end-to-end tests, then a benchmark smoke run (every scenario, 2 runs) so it cannot rot"
 e2e=$(e2e_test_binary)

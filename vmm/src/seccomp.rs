@@ -226,6 +226,8 @@ fn rules(kind: ThreadKind, pid: u32) -> Rules {
                     libc::SYS_poll,
                     libc::SYS_accept4,
                     libc::SYS_recvmsg,
+                    // The reply: std writes to a socket with send(2).
+                    libc::SYS_sendto,
                     libc::SYS_setsockopt,
                     libc::SYS_statx,
                     libc::SYS_fstat,
@@ -461,6 +463,14 @@ mod tests {
             let _ = std::fs::remove_dir_all(&dir);
             std::process::exit(0);
         }
+        if case == "api-under-its-filter" {
+            api_under_its_filter(pid);
+            std::process::exit(0);
+        }
+        if case == "vsock-under-the-worker-filter" {
+            vsock_under_the_worker_filter(pid);
+            std::process::exit(0);
+        }
         if case == "open-is-refused" {
             let filters = Filters::compile(SeccompMode::Kill, pid).unwrap();
             std::thread::spawn(move || {
@@ -509,6 +519,118 @@ mod tests {
 
     fn filters_for_child(_kind: ThreadKind) -> Filters {
         Filters::compile(SeccompMode::Kill, std::process::id()).unwrap()
+    }
+
+    /// The API thread attaches and detaches an image under its filter (its
+    /// reply is a send(2): the API thread was killed in the e2e run).
+    fn api_under_its_filter(pid: u32) {
+        use crate::api::ApiServer;
+        use crate::devices::virtio::Interrupt;
+        use crate::devices::virtio::block::{Block, DiskSlot, DiskSlots};
+        use std::io::{Read, Write};
+        use std::os::fd::AsRawFd;
+        use std::os::unix::net::UnixStream;
+        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+        let filters = Filters::compile(SeccompMode::Kill, pid).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("api.sock");
+        let block = Block::spare();
+        let irq = Arc::new(Interrupt::new(
+            vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        ));
+        let slots = Arc::new(DiskSlots::new(vec![DiskSlot::new(block.backing(), irq)]));
+        let server = ApiServer::start(&sock, slots, filters.thread_inits().api).unwrap();
+        let image = tempfile::NamedTempFile::new().unwrap();
+        image.as_file().set_len(4096).unwrap();
+        for (line, fd) in [
+            (
+                &b"{\"op\":\"attach\",\"id\":\"c1\"}\n"[..],
+                Some(image.as_file()),
+            ),
+            (&b"{\"op\":\"detach\",\"id\":\"c1\"}\n"[..], None),
+        ] {
+            let mut stream = UnixStream::connect(&sock).unwrap();
+            match fd {
+                Some(file) => {
+                    stream.send_with_fd(line, file.as_raw_fd()).unwrap();
+                }
+                None => stream.write_all(line).unwrap(),
+            }
+            let mut reply = String::new();
+            stream.read_to_string(&mut reply).unwrap();
+            assert_eq!(reply, "{\"slot\":0}\n");
+        }
+        drop(server);
+    }
+
+    /// A device worker's vsock traffic under its filter: a host connection
+    /// (accept, the CONNECT line, data both ways) and a guest connection to
+    /// a host listener (socket, connect).
+    fn vsock_under_the_worker_filter(pid: u32) {
+        use crate::devices::virtio::EventSetup;
+        use crate::devices::virtio::vsock::muxer::Muxer;
+        use crate::devices::virtio::vsock::packet::Header;
+        use std::io::{Read, Write};
+        use std::os::unix::net::{UnixListener, UnixStream};
+        let filters = Filters::compile(SeccompMode::Kill, pid).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("v.sock");
+        let listener = UnixListener::bind(&uds).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let mut port = uds.clone().into_os_string();
+        port.push("_77");
+        let service = UnixListener::bind(&port).unwrap();
+        let mut client = UnixStream::connect(&uds).unwrap();
+        client.write_all(b"CONNECT 52\nping").unwrap();
+        // Made before the filter, as the worker's epoll and muxer are (when
+        // the VM is built).
+        let epoll = vmm_sys_util::epoll::Epoll::new().unwrap();
+        let mut muxer = Muxer::new(3, &uds, listener);
+        let worker = std::thread::spawn(move || {
+            filters.apply(ThreadKind::Worker).unwrap();
+            let setup = EventSetup::new(&epoll);
+            let guest = |op: u16, local: u32, peer: u32, len: u32| Header {
+                src_cid: 3,
+                dst_cid: 2,
+                src_port: peer,
+                dst_port: local,
+                len,
+                type_: 1,
+                op,
+                buf_alloc: 1 << 20,
+                ..Header::default()
+            };
+            muxer.handle_listener(&setup);
+            for _ in 0..100 {
+                for fd in 0..64 {
+                    muxer.handle_stream(fd, vmm_sys_util::epoll::EventSet::IN, &setup);
+                }
+                if let Some((request, _)) = muxer.next_rx(4096, &setup) {
+                    let local = request.src_port;
+                    muxer.handle_packet(&guest(2, local, 52, 0), Vec::new(), &setup);
+                    muxer.handle_packet(&guest(5, local, 52, 4), b"pong".to_vec(), &setup);
+                    // A guest connection to host port 77.
+                    muxer.handle_packet(&guest(1, 77, 9, 0), Vec::new(), &setup);
+                    while muxer.next_rx(4096, &setup).is_some() {}
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            panic!("no REQUEST for the guest");
+        });
+        worker.join().unwrap();
+        let mut answer = [0u8; 64];
+        let n = client.read(&mut answer).unwrap();
+        assert!(String::from_utf8_lossy(&answer[..n]).starts_with("OK "));
+        assert!(service.accept().is_ok(), "the guest's connection arrived");
+    }
+
+    #[test]
+    fn the_api_and_a_vsock_worker_work_under_their_filters() {
+        for case in ["api-under-its-filter", "vsock-under-the-worker-filter"] {
+            let status = in_child(case);
+            assert!(status.success(), "{case}: {status:?}");
+        }
     }
 
     #[test]
