@@ -1,19 +1,41 @@
 //! CPUID for the guest: what KVM supports on this host
 //! (`KVM_GET_SUPPORTED_CPUID`), adjusted so that each vCPU sees its own APIC
 //! ID, the topology of this VM (N cores of one thread in one package), the
-//! hypervisor bit, and no performance-monitoring unit we do not emulate.
+//! hypervisor bit, the TSC-deadline timer when KVM emulates it (as
+//! Firecracker sets it: without it the guest checks the IO-APIC timer and
+//! calibrates against the PIT, thousands of port exits at boot), no
+//! performance-monitoring unit we do not emulate, and an XSAVE layout that
+//! is consistent (leaf 0xD).
+//!
+//! Leaf 0xD was passed through as KVM reported it. Under some hosts (our
+//! nested test host among them) it offers PKRU with sizes the guest then
+//! finds inconsistent ("XSAVE consistency problem: size 2696 !=
+//! kernel_size 576", a WARN at every boot). We offer the x87, SSE, AVX and
+//! AVX-512 states only (no PKRU, no MPX, no AMX), and recompute the largest
+//! XSAVE area from the offsets and sizes of what is offered.
 
 use kvm_bindings::kvm_cpuid_entry2;
 
 const LEAF_FEATURES: u32 = 0x1;
 const LEAF_CACHE_PARAMS: u32 = 0x4;
+const LEAF_EXT_FEATURES: u32 = 0x7;
+const LEAF_XSAVE: u32 = 0xd;
 const LEAF_PMU: u32 = 0xa;
 const LEAF_TOPOLOGY: u32 = 0xb;
 const LEAF_EXT_TOPOLOGY: u32 = 0x1f;
 const LEAF_AMD_SIZE_IDS: u32 = 0x8000_0008;
 
 const ECX_HYPERVISOR: u32 = 1 << 31;
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
 const EDX_HTT: u32 = 1 << 28;
+/// Leaf 7: MPX (EBX 14), PKU and OSPKE (ECX 3, 4).
+const EBX_MPX: u32 = 1 << 14;
+const ECX_PKU: u32 = 1 << 3;
+const ECX_OSPKE: u32 = 1 << 4;
+/// XSAVE state components offered: x87, SSE, AVX, and AVX-512's three.
+const XSTATE_OFFERED: u32 = 0b1110_0111;
+/// The legacy area and the XSAVE header: where component 2 starts.
+const XSAVE_BASE_SIZE: u32 = 576;
 /// Leaf 0xB level types.
 const LEVEL_TYPE_SMT: u32 = 1;
 const LEVEL_TYPE_CORE: u32 = 2;
@@ -23,16 +45,27 @@ fn id_bits(count: u8) -> u32 {
     u32::from(count.max(1)).next_power_of_two().trailing_zeros()
 }
 
+/// What the host's KVM offers beyond `KVM_GET_SUPPORTED_CPUID`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HostFeatures {
+    /// `KVM_CAP_TSC_DEADLINE_TIMER`: the in-kernel LAPIC has the TSC-deadline mode.
+    pub tsc_deadline: bool,
+}
+
 /// Adjusts `entries` (from `KVM_GET_SUPPORTED_CPUID`) for vCPU `index` of
 /// `count`. The APIC ID of a vCPU is its index.
-pub fn adjust(entries: &mut [kvm_cpuid_entry2], index: u8, count: u8) {
+pub fn adjust(entries: &mut [kvm_cpuid_entry2], index: u8, count: u8, host: HostFeatures) {
     let apic_id = u32::from(index);
+    let xsave_size = offered_xsave_size(entries);
     for entry in entries.iter_mut() {
         match entry.function {
             LEAF_FEATURES => {
                 // EBX[31:24] initial APIC ID, EBX[23:16] logical processors per package.
                 entry.ebx = (entry.ebx & 0x0000_ffff) | (apic_id << 24) | (u32::from(count) << 16);
                 entry.ecx |= ECX_HYPERVISOR;
+                if host.tsc_deadline {
+                    entry.ecx |= ECX_TSC_DEADLINE;
+                }
                 if count > 1 {
                     entry.edx |= EDX_HTT;
                 } else {
@@ -72,6 +105,31 @@ pub fn adjust(entries: &mut [kvm_cpuid_entry2], index: u8, count: u8) {
                     }
                 }
             }
+            LEAF_EXT_FEATURES if entry.index == 0 => {
+                entry.ebx &= !EBX_MPX;
+                entry.ecx &= !(ECX_PKU | ECX_OSPKE);
+            }
+            LEAF_XSAVE => match entry.index {
+                0 => {
+                    // Supported XCR0 bits (EAX low, EDX high) and the largest
+                    // area they need (ECX); EBX follows XCR0 (KVM updates it).
+                    entry.eax &= XSTATE_OFFERED;
+                    entry.edx = 0;
+                    entry.ecx = xsave_size;
+                }
+                1 => {
+                    // XSAVEOPT/XSAVEC/XGETBV1/XSAVES stay; no supervisor states.
+                    entry.ecx = 0;
+                    entry.edx = 0;
+                }
+                i if i < 32 && XSTATE_OFFERED & (1 << i) != 0 => {}
+                _ => {
+                    entry.eax = 0;
+                    entry.ebx = 0;
+                    entry.ecx = 0;
+                    entry.edx = 0;
+                }
+            },
             LEAF_AMD_SIZE_IDS => {
                 // ECX[15:12] APIC ID bits for cores, ECX[7:0] cores - 1.
                 let cores = u32::from(count.max(1)) - 1;
@@ -80,6 +138,21 @@ pub fn adjust(entries: &mut [kvm_cpuid_entry2], index: u8, count: u8) {
             _ => {}
         }
     }
+}
+
+/// The XSAVE area (standard format) the offered components need: the end
+/// of the furthest one, from its sub-leaf's size (EAX) and offset (EBX).
+fn offered_xsave_size(entries: &[kvm_cpuid_entry2]) -> u32 {
+    let supported = entries
+        .iter()
+        .find(|e| e.function == LEAF_XSAVE && e.index == 0)
+        .map_or(0, |e| e.eax);
+    entries
+        .iter()
+        .filter(|e| e.function == LEAF_XSAVE && (2..32).contains(&e.index))
+        .filter(|e| (supported & XSTATE_OFFERED) & (1 << e.index) != 0)
+        .map(|e| e.ebx.saturating_add(e.eax))
+        .fold(XSAVE_BASE_SIZE, u32::max)
 }
 
 #[cfg(test)]
@@ -107,7 +180,7 @@ mod tests {
             leaf(0xb, 2),
             leaf(0xa, 0),
         ];
-        adjust(&mut entries, 2, 4);
+        adjust(&mut entries, 2, 4, HostFeatures::default());
         assert_eq!(entries[0].ebx >> 24, 2);
         assert_eq!((entries[0].ebx >> 16) & 0xff, 4);
         assert_eq!(entries[0].ebx & 0xffff, 0xbeef);
@@ -128,5 +201,51 @@ mod tests {
         assert_eq!(id_bits(2), 1);
         assert_eq!(id_bits(3), 2);
         assert_eq!(id_bits(32), 5);
+    }
+
+    fn xsave(index: u32, eax: u32, ebx: u32, ecx: u32) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function: LEAF_XSAVE,
+            index,
+            eax,
+            ebx,
+            ecx,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_xsave_layout_offered_is_consistent() {
+        // What the nested test host's KVM reported: PKRU (component 9) at
+        // offset 2688 in a 2696-byte area, which the guest found
+        // inconsistent at every boot.
+        let mut entries = vec![
+            xsave(0, 0x207, 0x240, 0xa88),
+            xsave(1, 0x5, 0, 0),
+            xsave(2, 0x100, 0x240, 0),
+            xsave(9, 0x8, 0xa80, 0),
+            kvm_cpuid_entry2 {
+                function: LEAF_EXT_FEATURES,
+                ebx: EBX_MPX | 1,
+                ecx: ECX_PKU | ECX_OSPKE | 2,
+                ..Default::default()
+            },
+        ];
+        adjust(&mut entries, 0, 1, HostFeatures::default());
+        assert_eq!(entries[0].eax, 0x7, "x87, SSE, AVX; no PKRU");
+        assert_eq!(entries[0].ecx, 576 + 256, "AVX ends the area");
+        assert_eq!((entries[2].eax, entries[2].ebx), (0x100, 0x240));
+        assert_eq!((entries[3].eax, entries[3].ebx), (0, 0), "PKRU is gone");
+        assert_eq!((entries[4].ebx, entries[4].ecx), (1, 2), "no MPX, no PKU");
+    }
+
+    #[test]
+    fn the_tsc_deadline_timer_is_offered_when_kvm_emulates_it() {
+        let mut entries = vec![leaf(1, 0)];
+        adjust(&mut entries, 0, 1, HostFeatures { tsc_deadline: true });
+        assert_ne!(entries[0].ecx & ECX_TSC_DEADLINE, 0);
+        let mut entries = vec![leaf(1, 0)];
+        adjust(&mut entries, 0, 1, HostFeatures::default());
+        assert_eq!(entries[0].ecx & ECX_TSC_DEADLINE, 0);
     }
 }

@@ -46,7 +46,12 @@ impl Vcpu {
             .create_vcpu(u64::from(index))
             .map_err(|e| VmError("KVM_CREATE_VCPU", e))?;
         let mut cpuid = base_cpuid.clone();
-        cpuid::adjust(cpuid.as_mut_slice(), index, count);
+        let host = cpuid::HostFeatures {
+            tsc_deadline: vm
+                .kvm()
+                .check_extension(kvm_ioctls::Cap::TscDeadlineTimer),
+        };
+        cpuid::adjust(cpuid.as_mut_slice(), index, count, host);
         fd.set_cpuid2(&cpuid)
             .map_err(|e| VmError("KVM_SET_CPUID2", e))?;
 
