@@ -13,7 +13,9 @@ RUNS ?= 20
 bench:
 	bash scripts/bench.sh $(RUNS)
 
-# Every fuzz target for SECONDS each (docs/security.md has the figures).
+# Every fuzz target for SECONDS each, or RUNS inputs if that comes first
+# (0: no limit); docs/security.md has the figures.
 SECONDS ?= 60
+RUNS_FUZZ ?= 0
 fuzz:
-	bash scripts/fuzz.sh $(SECONDS)
+	bash scripts/fuzz.sh $(SECONDS) $(RUNS_FUZZ)
