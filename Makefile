@@ -1,7 +1,7 @@
 # The two commands of the README. Both install what they need (Debian
 # packages, the guest kernel, the nested test host's kernel) and reuse caches.
 
-.PHONY: demo test bench fuzz
+.PHONY: demo test bench fuzz deaths
 demo:
 	bash scripts/demo.sh
 
@@ -19,3 +19,10 @@ SECONDS ?= 60
 RUNS_FUZZ ?= 0
 fuzz:
 	bash scripts/fuzz.sh $(SECONDS) $(RUNS_FUZZ)
+
+# Guest deaths at boot, capsid-vmm against QEMU microvm in the same test
+# host: BOOTS per VMM for each K in AT_ONCE (docs/reliability.md).
+BOOTS ?= 100
+AT_ONCE ?= 1 2 4
+deaths:
+	bash scripts/deaths.sh $(BOOTS) "$(AT_ONCE)"

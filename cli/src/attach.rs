@@ -70,6 +70,14 @@ impl Progress {
         bar.enable_steady_tick(Duration::from_millis(100));
         Self(Some(bar))
     }
+
+    /// Prints `line` on stderr above the spinner.
+    pub fn say(&self, line: &str) {
+        match &self.0 {
+            Some(bar) => bar.suspend(|| eprintln!("{line}")),
+            None => eprintln!("{line}"),
+        }
+    }
 }
 
 impl Drop for Progress {

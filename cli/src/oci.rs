@@ -337,19 +337,21 @@ pub fn monitor(args: &MonitorArgs) -> anyhow::Result<ExitCode> {
         .context("cannot make the rootfs image")?;
         let (agent_spec, files) = capsid_runtime::spec::container_spec(spec)?;
         let (disk, rootfs) = rootfs_disk(&image);
-        let mut vm = MicroVm::launch(&VmSpec {
-            boot: config.boot_files()?,
-            vcpus: size.vcpus,
-            memory_mib: size.memory_mib,
-            disks: vec![disk],
-            spare_disks: 0,
-            dir: dir.clone(),
-            log_level: "warn".into(),
-            confinement: config.confinement(),
-        })?;
-        let client = vm.connect(config.agent_timeout(), AGENT_IO_TIMEOUT, &|| {
-            stop.load(Ordering::Relaxed)
-        })?;
+        let (vm, client) = MicroVm::boot(
+            &VmSpec {
+                boot: config.boot_files()?,
+                vcpus: size.vcpus,
+                memory_mib: size.memory_mib,
+                disks: vec![disk],
+                spare_disks: 0,
+                dir: dir.clone(),
+                log_level: "warn".into(),
+                confinement: config.confinement(),
+            },
+            &config.boot_policy(AGENT_IO_TIMEOUT, &|| stop.load(Ordering::Relaxed), &|why| {
+                eprintln!("capsid: {why}")
+            }),
+        )?;
         client.create_container(CreateContainer {
             id: args.id.clone(),
             rootfs,

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use capsid_protocol::{ClientError, CreateContainer, ProcessRef, Rootfs};
+use capsid_protocol::{AgentClient, ClientError, CreateContainer, ProcessRef, Rootfs};
 use capsid_runtime::config::parse_size_mib;
 use capsid_runtime::{Config, MicroVm, VmError, VmSpec, rootfs_disk};
 use capsid_vmm::probe::{self, Mode};
@@ -242,18 +242,27 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .tempdir()
         .context("cannot make a scratch directory")?;
     let (disk, rootfs) = rootfs_disk(&image);
-    let mut vm = MicroVm::launch(&VmSpec {
-        boot,
-        vcpus: args.cpus.unwrap_or(config.vcpus),
-        memory_mib: args.memory.unwrap_or(config.memory_mib),
-        disks: vec![disk],
-        spare_disks: 0,
-        dir: scratch.path().to_owned(),
-        log_level: "warn".into(),
-        confinement: config.confinement(),
-    })?;
-    debug!("capsid-vmm started with {}", image.path.display());
-    let outcome = drive(&args, &workload, &config, rootfs, &mut vm, &stop);
+    // Wait for the agent, but notice a VMM that died and a signal meanwhile.
+    let wait = config.agent_timeout();
+    let progress = attach::Progress::start("booting the micro-VM");
+    let (mut vm, client) = MicroVm::boot(
+        &VmSpec {
+            boot,
+            vcpus: args.cpus.unwrap_or(config.vcpus),
+            memory_mib: args.memory.unwrap_or(config.memory_mib),
+            disks: vec![disk],
+            spare_disks: 0,
+            dir: scratch.path().to_owned(),
+            log_level: "warn".into(),
+            confinement: config.confinement(),
+        },
+        &config.boot_policy(wait, &|| stop.load(Ordering::Relaxed), &|why| {
+            progress.say(&format!("capsid: {why}"));
+        }),
+    )?;
+    drop(progress);
+    debug!("agent answered: {}", client.agent());
+    let outcome = drive(&args, &workload, &config, rootfs, &client, &mut vm, &stop);
     outcome.map_err(|e| {
         // An agent connection that broke because the VM died says little by
         // itself: name the VMM's exit, and quote its log and the console. The
@@ -284,15 +293,10 @@ fn drive(
     workload: &Workload,
     config: &Config,
     rootfs: Rootfs,
+    client: &AgentClient,
     vm: &mut MicroVm,
     stop: &AtomicBool,
 ) -> anyhow::Result<ExitCode> {
-    // Wait for the agent, but notice a VMM that died and a signal meanwhile.
-    let wait = config.agent_timeout();
-    let progress = attach::Progress::start("booting the micro-VM");
-    let client = vm.connect(wait, wait, &|| stop.load(Ordering::Relaxed))?;
-    drop(progress);
-    debug!("agent answered: {}", client.agent());
     let mut spec = Spec::default();
     let mut process = spec.process().clone().unwrap_or_default();
     process.set_args(Some(workload.args.clone()));
@@ -326,13 +330,13 @@ fn drive(
     let uds = vm.uds().to_owned();
     let ended = attach::run_attached(
         &attach::Session {
-            client: &client,
+            client,
             uds: &uds,
             process: &process,
             tty: args.tty,
             timeout: args.timeout,
             stop,
-            io_wait: wait,
+            io_wait: config.agent_timeout(),
         },
         &mut || {
             vm.try_wait()?.map_or(Ok(()), |_| {

@@ -34,6 +34,8 @@ pub const MAX_MEMORY_MIB: u32 = 65536;
 /// The most containers a pod's VM holds besides its sandbox container
 /// (the VMM's interrupt lines bound its disks).
 pub const MAX_POD_CONTAINERS: u8 = 16;
+/// The most boots after a guest crash `boot_retries` may ask for.
+pub const MAX_BOOT_RETRIES: u32 = 5;
 
 /// What containerd's CRI (1.7 and later) passes on a pod's sandbox
 /// container: the pod's summed limits, which size the pod's VM.
@@ -89,8 +91,11 @@ pub struct Config {
     pub overhead_mib: u32,
     /// The shim's log level (error, warn, info, debug, trace).
     pub log_level: String,
-    /// How long a booting VM's agent may take to answer.
+    /// How long a booting VM's agent may take to answer (retries included).
     pub agent_timeout_secs: u64,
+    /// How many times a guest that crashed before its agent answered is
+    /// booted again, each time logged (docs/reliability.md); 0 to 5.
+    pub boot_retries: u32,
     /// Where each VM's scratch directory (vsock socket, VMM log) goes.
     pub run_dir: PathBuf,
     /// How many containers a pod's VM holds at once besides the sandbox
@@ -124,6 +129,7 @@ impl Default for Config {
             overhead_mib: 64,
             log_level: "info".into(),
             agent_timeout_secs: 180,
+            boot_retries: 2,
             run_dir: "/run/capsid".into(),
             pod_containers: 8,
             vmm_jail: true,
@@ -223,6 +229,13 @@ impl Config {
         if config.agent_timeout_secs == 0 {
             return Err(bad("agent_timeout_secs", "0".into(), "must be at least 1"));
         }
+        if config.boot_retries > MAX_BOOT_RETRIES {
+            return Err(bad(
+                "boot_retries",
+                config.boot_retries.to_string(),
+                "must be 0 to 5",
+            ));
+        }
         if !["kill", "log", "none"].contains(&config.vmm_seccomp.as_str()) {
             return Err(bad(
                 "vmm_seccomp",
@@ -252,6 +265,23 @@ impl Config {
 
     pub fn agent_timeout(&self) -> Duration {
         Duration::from_secs(self.agent_timeout_secs)
+    }
+
+    /// How a VM of this configuration boots: within the agent's timeout,
+    /// booted again `boot_retries` times after a guest crash.
+    pub fn boot_policy<'a>(
+        &self,
+        io_timeout: Duration,
+        interrupted: &'a dyn Fn() -> bool,
+        on_retry: &'a dyn Fn(&str),
+    ) -> crate::vm::BootPolicy<'a> {
+        crate::vm::BootPolicy {
+            wait: self.agent_timeout(),
+            io_timeout,
+            retries: self.boot_retries,
+            interrupted,
+            on_retry,
+        }
     }
 
     /// The VMM binary: the configured path, or the bare name looked up
@@ -455,6 +485,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(pods.contains("pod_containers = 40"), "{pods}");
+        let retries = Config::parse(path, "boot_retries = 9\n")
+            .unwrap_err()
+            .to_string();
+        assert!(retries.contains("boot_retries = 9"), "{retries}");
     }
 
     #[test]

@@ -10,4 +10,4 @@ pub mod spec;
 pub mod vm;
 
 pub use config::{BootFiles, Config, ConfigError, VmSize};
-pub use vm::{Disk, MicroVm, VmError, VmSpec, rootfs_disk};
+pub use vm::{BootPolicy, Disk, MicroVm, VmError, VmSpec, boot_retries, rootfs_disk};

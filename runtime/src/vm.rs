@@ -8,6 +8,8 @@
 //!                     DIR/vm/vsock.sock, guest console → DIR/vm/console.log)
 //!  MicroVm::connect ─▶ retry the agent's hello until it answers, noticing a
 //!                      VMM that died or a caller that gave up meanwhile
+//!  MicroVm::boot ─▶ both, booting again (logged, counted) a guest that
+//!                   crashed before its agent answered
 //!  MicroVm::attach ─▶ a container joining a pod: its rootfs image goes to
 //!                     a spare disk slot, through the VMM's API socket
 //!  drop / kill ─▶ SIGKILL the VMM and reap it
@@ -20,6 +22,7 @@ use std::fs::File;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use capsid_images::rootfs::{Format, RootfsImage};
@@ -36,7 +39,13 @@ pub enum VmError {
     #[error("cannot start {0}")]
     Spawn(PathBuf, #[source] std::io::Error),
     #[error("capsid-vmm exited ({status}) before the agent answered{log}")]
-    DiedBooting { status: String, log: String },
+    DiedBooting {
+        status: String,
+        log: String,
+        /// The guest crashed (a triple fault, a KVM error): what
+        /// [`MicroVm::boot`] boots again.
+        crashed: bool,
+    },
     #[error("interrupted while the micro-VM booted")]
     Interrupted,
     #[error("the micro-VM's agent never answered{log}")]
@@ -355,6 +364,7 @@ impl MicroVm {
                         return Err(VmError::DiedBooting {
                             status: explain_exit(status),
                             log: self.diagnostics(),
+                            crashed: status.code() == Some(capsid_vmm_api::EXIT_GUEST_CRASH),
                         });
                     }
                     if interrupted() {
@@ -369,6 +379,54 @@ impl MicroVm {
                 }
             }
         }
+    }
+
+    /// Launches the VM and waits for its agent ([`MicroVm::launch`], then
+    /// [`MicroVm::connect`]), all within `policy.wait`. A guest that
+    /// crashed before its agent answered is booted again, up to
+    /// `policy.retries` times: each time is logged, told to
+    /// `policy.on_retry` and counted ([`boot_retries`]), never silent. Only
+    /// our kernel and agent have run by then, so no workload can cause a
+    /// retry; the crashes seen are the nested test host's, and QEMU's
+    /// guests die as often there (docs/reliability.md).
+    pub fn boot(spec: &VmSpec, policy: &BootPolicy) -> Result<(Self, AgentClient), VmError> {
+        let deadline = Instant::now() + policy.wait;
+        let mut retries = 0;
+        loop {
+            let mut vm = Self::launch(spec)?;
+            let wait = deadline.saturating_duration_since(Instant::now());
+            match vm.connect(wait, policy.io_timeout, policy.interrupted) {
+                Err(VmError::DiedBooting {
+                    status,
+                    crashed: true,
+                    ..
+                }) if retries < policy.retries && Instant::now() < deadline => {
+                    retries += 1;
+                    BOOT_RETRIES.fetch_add(1, Ordering::Relaxed);
+                    let message = format!(
+                        "the guest crashed before its agent answered (capsid-vmm {status}; {}); \
+                         booting it again (retry {retries} of {})",
+                        vm.last_words(),
+                        policy.retries
+                    );
+                    log::warn!("{message}");
+                    (policy.on_retry)(&message);
+                    // Reaped, its cgroup removed; then a fresh directory.
+                    drop(vm);
+                    let dir = vm_dir(&spec.dir);
+                    std::fs::remove_dir_all(&dir).map_err(|e| VmError::Scratch(dir, e))?;
+                }
+                other => return other.map(|client| (vm, client)),
+            }
+        }
+    }
+
+    /// The VMM log's last line, for a one-line message.
+    fn last_words(&self) -> String {
+        let log = untrusted_tail(&self.log, TAIL_BYTES);
+        let log = String::from_utf8_lossy(&log);
+        let line = log.lines().rev().find(|l| !l.trim().is_empty());
+        clean(line.unwrap_or("its log is empty").trim())
     }
 
     /// Attaches `image` to a spare disk slot (see [`VmApi::attach`]).
@@ -420,6 +478,40 @@ impl MicroVm {
         if let Some(cgroup) = self.cgroup.take() {
             cgroup.remove();
         }
+    }
+}
+
+/// Guests booted again by [`MicroVm::boot`] in this process.
+static BOOT_RETRIES: AtomicU64 = AtomicU64::new(0);
+
+/// How many guests this process has booted again after they crashed
+/// before their agent answered.
+pub fn boot_retries() -> u64 {
+    BOOT_RETRIES.load(Ordering::Relaxed)
+}
+
+/// How [`MicroVm::boot`] waits, and how often it boots again.
+pub struct BootPolicy<'a> {
+    /// The whole boot's deadline, retries included.
+    pub wait: Duration,
+    /// Each agent call's deadline once it answered.
+    pub io_timeout: Duration,
+    /// How many times a guest that crashed before its agent answered is
+    /// booted again.
+    pub retries: u32,
+    /// Polled while waiting: the caller gave up.
+    pub interrupted: &'a dyn Fn() -> bool,
+    /// Told of each retry, in a line for the user.
+    pub on_retry: &'a dyn Fn(&str),
+}
+
+impl std::fmt::Debug for BootPolicy<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BootPolicy")
+            .field("wait", &self.wait)
+            .field("io_timeout", &self.io_timeout)
+            .field("retries", &self.retries)
+            .finish_non_exhaustive()
     }
 }
 
@@ -644,6 +736,87 @@ mod tests {
                 "the micro-VM is gone: capsid-vmm exit status 3: the guest crashed, a triple fault or a KVM error"
             )
         );
+    }
+
+    /// Boots with `retries`, retrying a launch that met ETXTBSY (see
+    /// [`launch_fake`]); returns the outcome and what `on_retry` was told.
+    fn boot_fake(spec: &VmSpec, retries: u32) -> (Result<(), VmError>, Vec<String>) {
+        let told = std::sync::Mutex::new(Vec::new());
+        let policy = BootPolicy {
+            wait: Duration::from_secs(20),
+            io_timeout: Duration::from_secs(1),
+            retries,
+            interrupted: &|| false,
+            on_retry: &|why| told.lock().unwrap().push(why.to_owned()),
+        };
+        for _ in 0..100 {
+            match MicroVm::boot(spec, &policy) {
+                Err(VmError::Spawn(_, e)) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                other => return (other.map(drop), told.into_inner().unwrap()),
+            }
+        }
+        panic!("{} stayed busy for 2 s", spec.boot.vmm.display());
+    }
+
+    #[test]
+    fn a_guest_that_crashed_before_its_agent_answered_is_booted_again_and_told() {
+        let dir = tempfile::tempdir().unwrap();
+        let launches = dir.path().join("launches");
+        // Each boot leaves a console line in a directory of its own (a
+        // leftover would make the next launch fail), then crashes.
+        let body = format!(
+            "echo boot >> {}\necho up > {}/vm/{CONSOLE}\n\
+             echo 'capsid-vmm: the guest crashed: vCPU 0 triple-faulted' >&2\nexit 3",
+            launches.display(),
+            dir.path().display()
+        );
+        let script = fake_vmm(dir.path(), &body);
+        let before = boot_retries();
+        let (outcome, told) = boot_fake(&spec(dir.path(), &script), 2);
+        let error = outcome.unwrap_err();
+        assert!(
+            matches!(error, VmError::DiedBooting { crashed: true, .. }),
+            "{error}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&launches).unwrap().lines().count(),
+            3
+        );
+        assert_eq!(told.len(), 2, "{told:?}");
+        for (n, why) in told.iter().enumerate() {
+            assert!(
+                why.contains("the guest crashed before its agent answered")
+                    && why.contains("vCPU 0 triple-faulted")
+                    && why.contains(&format!("retry {} of 2", n + 1)),
+                "{why}"
+            );
+        }
+        assert!(boot_retries() >= before + 2);
+    }
+
+    #[test]
+    fn a_vmm_that_failed_for_another_reason_is_not_booted_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let launches = dir.path().join("launches");
+        for code in [1, 2] {
+            std::fs::write(&launches, "").unwrap();
+            let _ = std::fs::remove_dir_all(dir.path().join("vm"));
+            let body = format!("echo boot >> {}\nexit {code}", launches.display());
+            let script = fake_vmm(dir.path(), &body);
+            let (outcome, told) = boot_fake(&spec(dir.path(), &script), 2);
+            let error = outcome.unwrap_err();
+            assert!(
+                matches!(error, VmError::DiedBooting { crashed: false, .. }),
+                "{error}"
+            );
+            assert_eq!(
+                std::fs::read_to_string(&launches).unwrap().lines().count(),
+                1
+            );
+            assert!(told.is_empty(), "{told:?}");
+        }
     }
 
     #[test]

@@ -96,25 +96,29 @@ impl Sandbox {
             .tempdir_in(&config.run_dir)
             .map_err(|e| ContainerError::Scratch(config.run_dir.clone(), e))?;
         let (disk, rootfs) = rootfs_disk(image);
-        let mut vm = MicroVm::launch(&VmSpec {
-            boot: config.boot_files()?,
-            vcpus: size.vcpus,
-            memory_mib: size.memory_mib,
-            disks: vec![disk],
-            spare_disks,
-            dir: scratch.path().to_owned(),
-            log_level: "warn".into(),
-            confinement: config.confinement(),
-        })?;
+        let (vm, client) = MicroVm::boot(
+            &VmSpec {
+                boot: config.boot_files()?,
+                vcpus: size.vcpus,
+                memory_mib: size.memory_mib,
+                disks: vec![disk],
+                spare_disks,
+                dir: scratch.path().to_owned(),
+                log_level: "warn".into(),
+                confinement: config.confinement(),
+            },
+            &config.boot_policy(AGENT_IO_TIMEOUT, &|| false, &|why| {
+                log::warn!("{id}: {why}");
+            }),
+        )?;
+        // On an error from here, `vm` is killed and `scratch` removed as they drop.
         log::info!(
-            "{id}: micro-VM {} ({} vCPUs, {} MiB, {spare_disks} spare disk slots) booting with {}",
+            "{id}: micro-VM {} ({} vCPUs, {} MiB, {spare_disks} spare disk slots) booted with {}",
             vm.pid(),
             size.vcpus,
             size.memory_mib,
             image.path.display()
         );
-        // On an error from here, `vm` is killed and `scratch` removed as they drop.
-        let client = vm.connect(config.agent_timeout(), AGENT_IO_TIMEOUT, &|| false)?;
         let vmm_pid = vm.pid();
         let api = vm.api();
         let vm = Arc::new(Mutex::new(vm));

@@ -47,9 +47,7 @@ impl Vcpu {
             .map_err(|e| VmError("KVM_CREATE_VCPU", e))?;
         let mut cpuid = base_cpuid.clone();
         let host = cpuid::HostFeatures {
-            tsc_deadline: vm
-                .kvm()
-                .check_extension(kvm_ioctls::Cap::TscDeadlineTimer),
+            tsc_deadline: vm.kvm().check_extension(kvm_ioctls::Cap::TscDeadlineTimer),
         };
         cpuid::adjust(cpuid.as_mut_slice(), index, count, host);
         fd.set_cpuid2(&cpuid)

@@ -219,7 +219,9 @@ fn drain(child: &mut Child) -> std::thread::JoinHandle<String> {
     })
 }
 
-/// The last line of a failed run's stderr: usually the reason.
+/// What `capsid` prints when it boots a crashed guest again.
+const BOOT_RETRY: &str = "booting it again (retry";
+
 /// Why a run failed, in one line: capsid's error line (its log and console
 /// quotes follow it), else the last line printed. The whole of stderr goes
 /// to ours.
@@ -253,6 +255,10 @@ struct Bench {
     /// failure is reported in the scenario's notes, never hidden; it does
     /// not end the benchmark (nested guests fail now and then).
     failures: std::cell::RefCell<Vec<String>>,
+    /// Successful `capsid` runs whose guest crashed before its agent
+    /// answered and was booted again (docs/reliability.md): their samples
+    /// include both boots, and the notes say how many.
+    boot_retries: std::cell::Cell<usize>,
     /// `runc spec`'s default config, made once.
     runc_spec: std::cell::OnceCell<serde_json::Value>,
 }
@@ -268,6 +274,14 @@ impl Bench {
             (Some(0), _) => None,
             (code, _) => Some(format!("{what}: exit {code:?}: {}", reason(t))),
         };
+        let retries = t.stderr.matches(BOOT_RETRY).count();
+        if retries > 0 {
+            eprintln!(
+                "capsid-bench: {what}: its guest was booted again:\n{}",
+                t.stderr.trim_end()
+            );
+            self.boot_retries.set(self.boot_retries.get() + retries);
+        }
         match failure {
             Some(failure) => {
                 eprintln!("capsid-bench: FAILED {failure}");
@@ -369,6 +383,12 @@ impl Bench {
                 Which::Throughput => self.throughput(),
             };
             let mut scenario = scenario;
+            let retries = self.boot_retries.replace(0);
+            if retries > 0 {
+                scenario.notes.push(format!(
+                    "{retries} guests crashed before their agent answered and were booted again; those runs' samples include both boots"
+                ));
+            }
             let failures = std::mem::take(&mut *self.failures.borrow_mut());
             if let Some(first) = failures.first() {
                 scenario.notes.push(format!(
@@ -1092,6 +1112,7 @@ fn main() {
         rootfs,
         counter: std::cell::Cell::new(0),
         failures: std::cell::RefCell::default(),
+        boot_retries: std::cell::Cell::default(),
         runc_spec: std::cell::OnceCell::new(),
         no_pivot: nested,
         args: Args { runs, ..args },

@@ -1,0 +1,63 @@
+#!/bin/sh
+# Part of scripts/deaths.sh, run where guests boot (the nested test host, or
+# this machine on real KVM): boots our kernel and agent initramfs N times, K
+# at once, under VMM (capsid: capsid-vmm; qemu: QEMU microvm, the same
+# kernel, initramfs and command line), and counts the guests that died
+# before the kernel ran /init. Prints "DEATH vmm k-i: <where>" for each
+# (the console's last line) and one "RESULT vmm K boots deaths" line.
+# POSIX sh: the test host has no bash.
+set -u
+VMM=$1 N=$2 K=$3
+out=$(mktemp -d /tmp/capsid-deaths.XXXXXX)
+trap 'rm -rf "$out"' EXIT
+# Verbose, with earlyprintk: the console says how far each guest got.
+cmdline="console=ttyS0 reboot=k panic=-1 earlyprintk=serial,ttyS0 loglevel=8"
+start() {
+    dir=$1
+    if [ "$VMM" = qemu ]; then
+        qemu-system-x86_64 -M microvm,rtc=off -accel kvm -cpu host -smp 1 -m 256 \
+            -nodefaults -no-user-config -display none -no-reboot \
+            -L /usr/share/qemu -L /usr/share/seabios \
+            -kernel "$CAPSID_KERNEL" -initrd "$CAPSID_AGENT_INITRAMFS" \
+            -append "$cmdline reboot=t" -serial "file:$dir/console" \
+            > "$dir/log" 2>&1 < /dev/null &
+    else
+        "$CAPSID_VMM" --kernel "$CAPSID_KERNEL" --initrd "$CAPSID_AGENT_INITRAMFS" \
+            --vcpus 1 --mem-mib 256 --vsock-uds "$dir/vsock.sock" \
+            --serial "file:$dir/console" --log-level warn --cmdline "$cmdline" \
+            > "$dir/log" 2>&1 < /dev/null &
+    fi
+    echo $! > "$dir/pid"
+}
+reached() { grep -q "Run /init as init process" "$1/console" 2>/dev/null; }
+# Until the guest ran /init, its VMM exited, or 90 s passed.
+wait_for() {
+    tries=0
+    while [ $tries -lt 900 ]; do
+        reached "$1" && return
+        kill -0 "$(cat "$1/pid")" 2>/dev/null || return
+        sleep 0.1
+        tries=$((tries + 1))
+    done
+}
+deaths=0 boots=0 i=0
+while [ $i -lt "$N" ]; do
+    for k in $(seq 1 "$K"); do mkdir -p "$out/$i-$k"; start "$out/$i-$k"; done
+    for k in $(seq 1 "$K"); do wait_for "$out/$i-$k"; done
+    for k in $(seq 1 "$K"); do
+        dir=$out/$i-$k
+        boots=$((boots + 1))
+        if ! reached "$dir"; then
+            deaths=$((deaths + 1))
+            where=$(tr -d '\r' < "$dir/console" | grep -v '^[[:space:]]*$' | tail -n 1 | cut -c1-150)
+            why=$(grep -o 'triple-faulted\|KVM_EXIT_[A-Z_]*\|exit status [0-9]*' "$dir/log" | head -n 1)
+            if kill -0 "$(cat "$dir/pid")" 2>/dev/null; then why="hung for 90 s"; fi
+            echo "DEATH $VMM $i-$k: ${why:-exited} after: ${where:-no console output}"
+        fi
+        kill "$(cat "$dir/pid")" 2>/dev/null
+    done
+    wait
+    rm -rf "${out:?}/$i-"*
+    i=$((i + 1))
+done
+echo "RESULT $VMM $K $boots $deaths"

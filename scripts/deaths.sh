@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The death-rate harness (`make deaths [BOOTS=100] [AT_ONCE="1 2 4"]`): boots
+# our kernel and agent initramfs BOOTS times, K at once, under capsid-vmm
+# and under QEMU microvm (the same kernel, initramfs and command line) in
+# the same test host, and counts the guests that died before running /init,
+# with where each died (scripts/deaths-in-host.sh). In nested mode each
+# batch of 100 boots per VMM gets a fresh test host (its own kernel has
+# crashed in runs of more than about 20 minutes); the VMMs take turns per
+# batch. Writes target/deaths/deaths.txt; docs/reliability.md has figures.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+. scripts/lib.sh
+. scripts/artifacts.sh
+boots=${1:-100}
+at_once=${2:-1 2 4}
+mkdir -p target/deaths
+log=target/deaths/deaths.log
+: > "$log"
+for k in $at_once; do
+    left=$boots
+    while [ "$left" -gt 0 ]; do
+        batch=$(( left < 100 ? left : 100 ))
+        rounds=$(( (batch + k - 1) / k ))
+        log "==> $((rounds * k)) boots per VMM, $k at once"
+        run_with_kvm --with "$PWD/scripts/deaths-in-host.sh" -- sh -c \
+            "sh $PWD/scripts/deaths-in-host.sh capsid $rounds $k; sh $PWD/scripts/deaths-in-host.sh qemu $rounds $k" \
+            | tee -a "$log" | grep -E '^(DEATH|RESULT) ' >&2 || true
+        left=$(( left - batch ))
+    done
+done
+{
+    echo "deaths before /init per 100 boots ($(git rev-parse --short HEAD 2>/dev/null || echo unknown), $(date -u +%F))"
+    printf '%-8s %-4s %7s %7s %9s\n' VMM K boots deaths per-100
+    awk '$1 == "RESULT" { boots[$2" "$3] += $4; deaths[$2" "$3] += $5 }
+         END { for (key in boots) { split(key, p, " ");
+             printf "%-8s %-4s %7d %7d %9.1f\n", p[1], p[2], boots[key], deaths[key], 100 * deaths[key] / boots[key] } }' \
+        "$log" | sort -k2n -k1
+    echo
+    echo "where each died (the console's last line):"
+    grep '^DEATH ' "$log" | sed 's/^DEATH /  /' || echo "  (none)"
+} | tee target/deaths/deaths.txt
