@@ -16,8 +16,8 @@ use capsid_protocol::{
 use capsid_testbed::ScratchDir;
 use oci_spec::runtime::Spec;
 
-use crate::artifact;
 use crate::vmm::VmmRun;
+use crate::{BOOTS_PER_GUEST, announce_boot_retry, artifact};
 
 /// Generous: nested mode boots slowly, but a dead agent must still end a test.
 pub const AGENT_WAIT: Duration = Duration::from_secs(180);
@@ -49,6 +49,25 @@ impl Outcome {
     }
     pub fn stderr_text(&self) -> String {
         String::from_utf8_lossy(&self.stderr).into_owned()
+    }
+}
+
+/// Connects to the agent of `vmm` within [`AGENT_WAIT`], giving up as soon
+/// as the VMM exits.
+fn connect(vmm: &mut VmmRun, uds: &std::path::Path) -> Result<AgentClient, String> {
+    let deadline = Instant::now() + AGENT_WAIT;
+    loop {
+        match AgentClient::connect(
+            uds,
+            DEFAULT_AGENT_PORT,
+            Duration::from_millis(500),
+            AGENT_WAIT,
+        ) {
+            Ok(client) => return Ok(client),
+            Err(_) if vmm.exited() => return Err("capsid-vmm exited".into()),
+            Err(e) if Instant::now() >= deadline => return Err(e.to_string()),
+            Err(_) => {}
+        }
     }
 }
 
@@ -97,9 +116,19 @@ impl AgentVm {
         .into_iter()
         .chain(extra)
         .collect();
-        let mut vmm = VmmRun::start(&artifact("CAPSID_VMM"), &args, scratch.path(), name);
-        let client = AgentClient::connect(&uds, DEFAULT_AGENT_PORT, AGENT_WAIT, AGENT_WAIT)
-            .unwrap_or_else(|e| panic!("agent never answered: {e}\n{}", vmm.describe()));
+        let mut boots = 0;
+        let (vmm, client) = loop {
+            boots += 1;
+            let _ = std::fs::remove_file(&uds);
+            let mut vmm = VmmRun::start(&artifact("CAPSID_VMM"), &args, scratch.path(), name);
+            match connect(&mut vmm, &uds) {
+                Ok(client) => break (vmm, client),
+                Err(_) if vmm.crashed() && boots < BOOTS_PER_GUEST => {
+                    announce_boot_retry(name, &vmm.describe());
+                }
+                Err(e) => panic!("agent never answered: {e}\n{}", vmm.describe()),
+            }
+        };
         let ready_after = vmm.started().elapsed();
         Self {
             vmm,

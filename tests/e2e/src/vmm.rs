@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 use capsid_testbed::child::ChildGuard;
 use capsid_testbed::serial::SerialLog;
 
+/// capsid-vmm's exit status when its guest crashed (a triple fault).
+pub const GUEST_CRASHED: i32 = 3;
+
 /// A running `capsid-vmm`.
 #[derive(Debug)]
 pub struct VmmRun {
@@ -49,6 +52,48 @@ impl VmmRun {
             log_path,
             started,
         }
+    }
+
+    /// Starts `vmm` as [`Self::start`] and waits for the console line with
+    /// `marker`, booting once more a guest that crashed before it
+    /// (capsid-vmm's exit status 3; see [`crate::BOOTS_PER_GUEST`]).
+    /// Panics with the console and log when it never comes.
+    pub fn start_booted(
+        vmm: &Path,
+        args: &[OsString],
+        scratch: &Path,
+        name: &str,
+        marker: &str,
+        timeout: Duration,
+    ) -> (Self, String, Duration) {
+        let mut boots = 0;
+        loop {
+            boots += 1;
+            let mut run = Self::start(vmm, args, scratch, name);
+            match run.try_wait_for_line(marker, timeout) {
+                Ok((line, after)) => return (run, line, after),
+                Err(why) if run.crashed() && boots < crate::BOOTS_PER_GUEST => {
+                    crate::announce_boot_retry(name, &why);
+                    // The next VMM listens where this one did.
+                    if let Some(at) = args.iter().position(|a| a == "--vsock-uds")
+                        && let Some(uds) = args.get(at + 1)
+                    {
+                        let _ = std::fs::remove_file(uds);
+                    }
+                }
+                Err(why) => panic!("{why}"),
+            }
+        }
+    }
+
+    /// Whether the VMM has exited.
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    /// Whether the VMM exited because its guest crashed (status 3).
+    pub fn crashed(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(status)) if status.code() == Some(GUEST_CRASHED))
     }
 
     /// When the VMM was spawned.

@@ -13,6 +13,8 @@ use capsid_testbed::ScratchDir;
 
 const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
 const STEP: &str = "CAPSID-TEST-INIT: step";
+/// What the test init prints first: the guest booted.
+const MARKER: &str = "CAPSID-TEST-INIT: ready";
 /// Generous bounds: nested mode is slow, and a hang must still end the test.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 const DISK_BYTES: usize = 1 << 20;
@@ -134,7 +136,8 @@ fn vmm_runs_a_guest_that_uses_every_device() {
         os("2"),
     ]);
     let vmm = artifact("CAPSID_VMM");
-    let mut run = VmmRun::start(&vmm, &args, scratch.path(), "devices");
+    let (mut run, _, _) =
+        VmmRun::start_booted(&vmm, &args, scratch.path(), "devices", MARKER, BOOT_TIMEOUT);
     let reply = talk_to_guest(&uds, 5000, "ping from the host\n");
     assert_eq!(reply, "guest got: ping from the host\n");
     let status = run.wait_exit(BOOT_TIMEOUT);
@@ -196,8 +199,8 @@ fn vmm_guest_sees_the_vcpus_and_memory_it_was_given() {
             os(mem_mib.to_string()),
         ]);
         let name = format!("{vcpus}cpu-{mem_mib}mib");
-        let mut run = VmmRun::start(&vmm, &args, scratch.path(), &name);
-        let (line, after) = run.wait_for_line("CAPSID-TEST-INIT: ready", BOOT_TIMEOUT);
+        let (mut run, line, after) =
+            VmmRun::start_booted(&vmm, &args, scratch.path(), &name, MARKER, BOOT_TIMEOUT);
         let status = run.wait_exit(BOOT_TIMEOUT);
         assert_eq!(status.code(), Some(0), "{}", run.describe());
         println!("{name}: {line} ({:.3} s)", after.as_secs_f64());
@@ -240,8 +243,14 @@ fn vmm_stops_on_sigterm_and_removes_what_it_made() {
     let uds = scratch.join("vsock.sock");
     let mut args = base_args(&scratch, "hang");
     args.extend([os("--vsock-uds"), uds.clone().into()]);
-    let mut run = VmmRun::start(&artifact("CAPSID_VMM"), &args, scratch.path(), "sigterm");
-    run.wait_for_line(&format!("{STEP} hang waiting"), BOOT_TIMEOUT);
+    let (mut run, _, _) = VmmRun::start_booted(
+        &artifact("CAPSID_VMM"),
+        &args,
+        scratch.path(),
+        "sigterm",
+        &format!("{STEP} hang waiting"),
+        BOOT_TIMEOUT,
+    );
     assert!(uds.exists());
     let pid = i32::try_from(run.pid()).unwrap();
     // SAFETY: kill(2) on our own child's pid.
@@ -268,8 +277,14 @@ fn vmm_boots_a_bzimage_through_the_64_bit_boot_protocol() {
     let mut args = base_args(&scratch, "");
     set_arg(&mut args, "--kernel", artifact("CAPSID_CLOUD_KERNEL"));
     args.extend([os("--mem-mib"), os("256")]);
-    let mut run = VmmRun::start(&artifact("CAPSID_VMM"), &args, scratch.path(), "bzimage");
-    let (line, after) = run.wait_for_line("CAPSID-TEST-INIT: ready", BOOT_TIMEOUT);
+    let (mut run, line, after) = VmmRun::start_booted(
+        &artifact("CAPSID_VMM"),
+        &args,
+        scratch.path(),
+        "bzimage",
+        MARKER,
+        BOOT_TIMEOUT,
+    );
     let status = run.wait_exit(BOOT_TIMEOUT);
     assert_eq!(status.code(), Some(0), "{}", run.describe());
     assert!(line.contains("kernel=6.1.0"), "{line}");
