@@ -3,8 +3,9 @@
 # this machine on real KVM): boots our kernel and agent initramfs N times, K
 # at once, under VMM (capsid: capsid-vmm; qemu: QEMU microvm, the same
 # kernel, initramfs and command line), and counts the guests that died
-# before the kernel ran /init. Prints "DEATH vmm k-i: <where>" for each
-# (the console's last line) and one "RESULT vmm K boots deaths" line.
+# before the kernel ran /init. Prints "DEATH vmm i-k: <where>" for each
+# (the console's last line), "COUNT vmm K boots deaths" after each round
+# (what is left if the test host dies), and "RESULT vmm K boots deaths".
 # POSIX sh: the test host has no bash.
 set -u
 VMM=$1 N=$2 K=$3
@@ -59,5 +60,6 @@ while [ $i -lt "$N" ]; do
     wait
     rm -rf "${out:?}/$i-"*
     i=$((i + 1))
+    echo "COUNT $VMM $K $boots $deaths"
 done
 echo "RESULT $VMM $K $boots $deaths"

@@ -6,7 +6,8 @@
 # with where each died (scripts/deaths-in-host.sh). In nested mode each
 # batch of 100 boots per VMM gets a fresh test host (its own kernel has
 # crashed in runs of more than about 20 minutes); the VMMs take turns per
-# batch. Writes target/deaths/deaths.txt; docs/reliability.md has figures.
+# batch; a test host that dies cuts its batch short, and the report says
+# so. Writes target/deaths/deaths.txt; docs/reliability.md has figures.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/lib.sh
@@ -14,28 +15,40 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 boots=${1:-100}
 at_once=${2:-1 2 4}
 mkdir -p target/deaths
-log=target/deaths/deaths.log
-: > "$log"
+rm -f target/deaths/batch-*.log
+batch_no=0
 for k in $at_once; do
     left=$boots
     while [ "$left" -gt 0 ]; do
         batch=$(( left < 100 ? left : 100 ))
         rounds=$(( (batch + k - 1) / k ))
-        log "==> $((rounds * k)) boots per VMM, $k at once"
+        batch_no=$((batch_no + 1))
+        out=target/deaths/batch-$batch_no.log
+        log "==> $((rounds * k)) boots per VMM, $k at once ($out)"
         run_with_kvm --with "$PWD/scripts/deaths-in-host.sh" -- sh -c \
             "sh $PWD/scripts/deaths-in-host.sh capsid $rounds $k; sh $PWD/scripts/deaths-in-host.sh qemu $rounds $k" \
-            | tee -a "$log" | grep -E '^(DEATH|RESULT) ' >&2 || true
+            > "$out" 2> "$out.stderr" || log "    the test host failed (its console: $out.stderr); what it counted is kept"
+        grep -E '^(DEATH|RESULT) ' "$out" >&2 || true
         left=$(( left - batch ))
     done
 done
+# Per batch and VMM, the last count: a series cut short by the test host's
+# death counts what it booted, and is named.
+summary=$(for out in target/deaths/batch-*.log; do
+    awk -v batch="$out" '
+        $1 == "COUNT" { last[$2] = $0 }
+        $1 == "RESULT" { done[$2] = 1 }
+        END { for (v in last) { print last[v]; if (!(v in done)) print "CUT " v " " batch } }' "$out"
+done)
 {
     echo "deaths before /init per 100 boots ($(git rev-parse --short HEAD 2>/dev/null || echo unknown), $(date -u +%F))"
     printf '%-8s %-4s %7s %7s %9s\n' VMM K boots deaths per-100
-    awk '$1 == "RESULT" { boots[$2" "$3] += $4; deaths[$2" "$3] += $5 }
+    printf '%s\n' "$summary" | awk '$1 == "COUNT" { boots[$2" "$3] += $4; deaths[$2" "$3] += $5 }
          END { for (key in boots) { split(key, p, " ");
              printf "%-8s %-4s %7d %7d %9.1f\n", p[1], p[2], boots[key], deaths[key], 100 * deaths[key] / boots[key] } }' \
-        "$log" | sort -k2n -k1
+        | sort -k2n -k1
+    printf '%s\n' "$summary" | awk '$1 == "CUT" { print "the test host died during the " $2 " series of " $3 " (see its .stderr)" }'
     echo
     echo "where each died (the console's last line):"
-    grep '^DEATH ' "$log" | sed 's/^DEATH /  /' || echo "  (none)"
+    cat target/deaths/batch-*.log | grep '^DEATH ' | sed 's/^DEATH /  /' || echo "  (none)"
 } | tee target/deaths/deaths.txt
