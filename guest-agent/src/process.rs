@@ -685,8 +685,36 @@ fn open_terminal() -> Result<OwnedFd, String> {
     Ok(master)
 }
 
+/// Every signal back to its default action and none blocked, as runc
+/// leaves them: the agent's runtime ignores SIGPIPE, and an ignored signal
+/// stays ignored across exec (`yes | head` would say "Broken pipe").
+fn reset_signals() -> Result<(), String> {
+    for signal in 1..=libc::SIGRTMAX() {
+        if signal == libc::SIGKILL || signal == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: SIG_DFL installs no handler; glibc refuses the two
+        // real-time signals it keeps for itself (EINVAL), which it never
+        // lets be ignored either.
+        unsafe { libc::signal(signal, libc::SIG_DFL) };
+    }
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it.
+    let mut none: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `none` is a valid sigset_t for both calls.
+    let unblocked = unsafe {
+        libc::sigemptyset(&raw mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &raw const none, std::ptr::null_mut())
+    };
+    if unblocked != 0 {
+        return Err(errno("unblock signals"));
+    }
+    Ok(())
+}
+
 /// Identity, limits, privileges, then exec. Runs in the container's root.
 fn finish_and_exec(plan: &ProcessPlan) -> Result<(), String> {
+    // Before a seccomp profile might refuse the calls.
+    reset_signals()?;
     for &(resource, soft, hard) in &plan.rlimits {
         let limit = libc::rlimit {
             rlim_cur: soft,
@@ -797,6 +825,50 @@ mod tests {
 
     fn process(json: &str) -> Process {
         serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn a_process_starts_with_default_signal_actions_and_nothing_blocked() {
+        // As the agent is: SIGPIPE ignored (Rust's runtime does it), and a
+        // signal blocked and one handled for good measure.
+        extern "C" fn handler(_: libc::c_int) {}
+        // SAFETY: fork in a test; the child only makes signal calls, reads
+        // its own state and calls _exit.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            // SAFETY: plain signal calls on this (child) process.
+            let code = unsafe {
+                libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+                libc::signal(libc::SIGUSR2, handler as *const () as libc::sighandler_t);
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&raw mut set);
+                libc::sigaddset(&raw mut set, libc::SIGUSR1);
+                libc::sigprocmask(libc::SIG_BLOCK, &raw const set, std::ptr::null_mut());
+                let reset = reset_signals().is_ok();
+                let mut action: libc::sigaction = std::mem::zeroed();
+                let mut dispositions_default = true;
+                for signal in [libc::SIGPIPE, libc::SIGUSR2] {
+                    libc::sigaction(signal, std::ptr::null(), &raw mut action);
+                    dispositions_default &= action.sa_sigaction == libc::SIG_DFL;
+                }
+                let mut blocked: libc::sigset_t = std::mem::zeroed();
+                libc::sigprocmask(libc::SIG_BLOCK, std::ptr::null(), &raw mut blocked);
+                let none_blocked = libc::sigismember(&raw const blocked, libc::SIGUSR1) == 0;
+                i32::from(!reset)
+                    | i32::from(!dispositions_default) << 1
+                    | i32::from(!none_blocked) << 2
+            };
+            // SAFETY: _exit ends the child without Rust's cleanup.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child.
+        assert_eq!(unsafe { libc::waitpid(pid, &raw mut status, 0) }, pid);
+        assert!(libc::WIFEXITED(status));
+        // 1: reset failed; 2: a signal still ignored or handled; 4: SIGUSR1
+        // still blocked.
+        assert_eq!(libc::WEXITSTATUS(status), 0);
     }
 
     #[test]
