@@ -157,6 +157,20 @@ pub fn doctor(args: &DoctorArgs) -> anyhow::Result<ExitCode> {
                 ),
                 "",
             );
+            let swept = capsid_runtime::scratch::sweep(&config.run_dir, &config.confinement());
+            report(
+                "left behind",
+                Ok(if swept.is_empty() {
+                    "no micro-VM left by a killed capsid run".into()
+                } else {
+                    let dirs: Vec<String> = swept.iter().map(|d| d.display().to_string()).collect();
+                    format!(
+                        "removed what killed capsid runs left (their VMs, cgroups and {})",
+                        dirs.join(", ")
+                    )
+                }),
+                "",
+            );
             report(
                 "guest kernel",
                 file(&config.kernel),

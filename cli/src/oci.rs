@@ -347,6 +347,8 @@ pub fn monitor(args: &MonitorArgs) -> anyhow::Result<ExitCode> {
                 dir: dir.clone(),
                 log_level: "warn".into(),
                 confinement: config.confinement(),
+                // The monitor boots it on its main thread and lives as long.
+                die_with_owner: true,
             },
             &config.boot_policy(AGENT_IO_TIMEOUT, &|| stop.load(Ordering::Relaxed), &|why| {
                 eprintln!("capsid: {why}")

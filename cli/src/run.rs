@@ -9,7 +9,10 @@
 //! ```
 //!
 //! Whatever happens (an error, a timeout, SIGINT/SIGTERM), the VMM is killed
-//! and the scratch directory removed before `capsid` exits.
+//! and the scratch directory removed before `capsid` exits. A SIGKILL takes
+//! the VMM with it (its parent-death signal); the scratch directory and the
+//! VM's cgroup it leaves are removed by the next `capsid run` or `capsid
+//! doctor` ([`capsid_runtime::scratch`]).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -20,6 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use capsid_protocol::{AgentClient, ClientError, CreateContainer, ProcessRef, Rootfs};
 use capsid_runtime::config::parse_size_mib;
+use capsid_runtime::scratch::{self, Scratch};
 use capsid_runtime::{Config, MicroVm, VmError, VmSpec, rootfs_disk};
 use capsid_vmm::probe::{self, Mode};
 use clap::Args;
@@ -198,6 +202,12 @@ const CONTAINER_ID: &str = "run";
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = args.artifacts.config()?;
     let boot = config.boot_files()?;
+    for dir in scratch::sweep(&config.run_dir, &config.confinement()) {
+        eprintln!(
+            "capsid: removed {}, left with its micro-VM by a capsid run that was killed",
+            dir.display()
+        );
+    }
     debug!("probing KVM");
     let verdict = probe::probe();
     if verdict.mode != Mode::Native {
@@ -237,10 +247,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             started.elapsed().as_secs_f64()
         );
     }
-    let scratch = tempfile::Builder::new()
-        .prefix("capsid-run-")
-        .tempdir()
-        .context("cannot make a scratch directory")?;
+    let scratch = Scratch::create(&config.run_dir).with_context(|| {
+        format!(
+            "cannot make a scratch directory in {}",
+            scratch::runs_dir(&config.run_dir).display()
+        )
+    })?;
     let (disk, rootfs) = rootfs_disk(&image);
     // Wait for the agent, but notice a VMM that died and a signal meanwhile.
     let wait = config.agent_timeout();
@@ -255,6 +267,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             dir: scratch.path().to_owned(),
             log_level: "warn".into(),
             confinement: config.confinement(),
+            // Booted on the main thread: the VM dies with this process,
+            // even of a SIGKILL.
+            die_with_owner: true,
         },
         &config.boot_policy(wait, &|| stop.load(Ordering::Relaxed), &|why| {
             progress.say(&format!("capsid: {why}"));

@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod confine;
+pub mod scratch;
 pub mod seccomp_profile;
 pub mod spec;
 pub mod vm;

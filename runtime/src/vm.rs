@@ -127,6 +127,10 @@ pub struct VmSpec {
     pub log_level: String,
     /// How the VMM is confined.
     pub confinement: Confinement,
+    /// The VMM dies (SIGKILL) with the thread that launches it: for a
+    /// caller whose VM must not outlive it (`capsid run`, a monitor), and
+    /// that boots it from a thread that lives as long as the VM.
+    pub die_with_owner: bool,
 }
 
 #[derive(Debug)]
@@ -272,6 +276,10 @@ impl MicroVm {
         }
         if let Some(cgroup) = &cgroup {
             command.arg("--cgroup").arg(cgroup.path());
+        }
+        if spec.die_with_owner {
+            // Our pid, not the VMM's getppid(): we may die before it asks.
+            command.args(["--die-with-parent", &std::process::id().to_string()]);
         }
         for disk in &spec.disks {
             let mut arg = disk.path.clone().into_os_string();
@@ -660,6 +668,7 @@ mod tests {
                 jail: false,
                 ..Confinement::default()
             },
+            die_with_owner: false,
         }
     }
 

@@ -106,6 +106,9 @@ impl Sandbox {
                 dir: scratch.path().to_owned(),
                 log_level: "warn".into(),
                 confinement: config.confinement(),
+                // The shim launches from a pool thread that may end first;
+                // containerd's `shim delete` cleans up after a killed shim.
+                die_with_owner: false,
             },
             &config.boot_policy(AGENT_IO_TIMEOUT, &|| false, &|why| {
                 log::warn!("{id}: {why}");

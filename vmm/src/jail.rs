@@ -180,6 +180,26 @@ pub fn enter(config: &JailConfig) -> Result<Role, JailError> {
     Ok(Role::Vmm)
 }
 
+/// SIGKILL for the calling process when `launcher`, its parent, dies; an
+/// error if it died already (the launcher names itself: asking getppid()
+/// at start would name whoever adopted us if it died before we asked). Changing the process's user or group clears
+/// this, so it is set after [`enter`] (in the keeper; the VMM dies with
+/// the keeper).
+pub fn die_with(launcher: libc::pid_t) -> Result<(), JailError> {
+    // SAFETY: prctl with integer arguments.
+    check("set the parent-death signal", unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0)
+    })?;
+    // SAFETY: getppid takes no arguments and cannot fail.
+    if unsafe { libc::getppid() } != launcher {
+        return Err(JailError::Sys(
+            "start: the process that started capsid-vmm is gone",
+            std::io::ErrorKind::BrokenPipe.into(),
+        ));
+    }
+    Ok(())
+}
+
 fn pipe() -> Result<(OwnedFd, OwnedFd), JailError> {
     let mut fds = [0; 2];
     // SAFETY: `fds` has room for the two descriptors.
@@ -500,6 +520,54 @@ mod tests {
         );
         assert_eq!(inside(dir, Path::new("/run/capsid/vm/vm-2/x")), None);
         assert_eq!(inside(dir, Path::new("/tmp/x")), None);
+    }
+
+    #[test]
+    fn a_process_dies_with_the_process_that_started_it_even_of_a_sigkill() {
+        let (read, write) = pipe().unwrap();
+        // SAFETY: fork in a test; the child only forks, sleeps and exits.
+        let launcher = unsafe { libc::fork() };
+        assert!(launcher >= 0);
+        if launcher == 0 {
+            // SAFETY: as above; the grandchild makes plain calls and exits.
+            if unsafe { libc::fork() } == 0 {
+                // SAFETY: getppid takes no arguments.
+                let parent = unsafe { libc::getppid() };
+                if die_with(parent).is_ok() {
+                    // SAFETY: one byte from a local to our pipe.
+                    unsafe { libc::write(write.as_raw_fd(), b"A".as_ptr().cast(), 1) };
+                }
+                // SAFETY: sleep and _exit take integers.
+                unsafe {
+                    libc::sleep(30);
+                    libc::_exit(0)
+                };
+            }
+            // SAFETY: as above.
+            unsafe {
+                libc::sleep(30);
+                libc::_exit(0)
+            };
+        }
+        drop(write);
+        let mut read = File::from(read);
+        let mut armed = [0u8];
+        assert_eq!(read.read(&mut armed).unwrap(), 1);
+        // SAFETY: kill and waitpid on our own child.
+        unsafe {
+            libc::kill(launcher, libc::SIGKILL);
+            libc::waitpid(launcher, std::ptr::null_mut(), 0);
+        }
+        // The grandchild's end of the pipe closes when it dies.
+        let mut poll = libc::pollfd {
+            fd: read.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let ready = unsafe { libc::poll(&raw mut poll, 1, 5000) };
+        assert_eq!(ready, 1, "the grandchild outlived its launcher by 5 s");
+        assert_eq!(read.read(&mut armed).unwrap(), 0);
     }
 
     #[test]

@@ -90,6 +90,11 @@ struct Args {
     /// What a syscall outside a thread's allowlist does.
     #[arg(long, value_enum, default_value_t = SeccompMode::Kill)]
     seccomp: SeccompMode,
+    /// PID, the process that starts the VMM: die (SIGKILL) when it dies,
+    /// however it dies, and do not start if it is gone already (the VM of
+    /// a `capsid run` that was killed goes with it).
+    #[arg(long, value_name = "PID")]
+    die_with_parent: Option<libc::pid_t>,
 }
 
 impl Args {
@@ -202,6 +207,9 @@ fn main() -> ExitCode {
 /// needs, confine the process, build the VM, run it.
 fn run(args: &Args, started: Instant) -> Result<ExitReason, Box<dyn std::error::Error>> {
     let mut config = args.to_config()?;
+    if let Some(launcher) = args.die_with_parent {
+        jail::die_with(launcher)?;
+    }
     let files = HostFiles::open(&config)?;
     // SIGTERM, SIGINT and SIGHUP reach the main thread through a signalfd;
     // blocked before any thread exists, so every thread inherits the mask.
@@ -226,6 +234,11 @@ fn run(args: &Args, started: Instant) -> Result<ExitReason, Box<dyn std::error::
         if let Role::Keeper { vmm } = jail::enter(&jail)? {
             drop(files);
             drop(signals);
+            // Dropping the identity cleared the parent-death signal; the
+            // VMM dies with the keeper in turn.
+            if let Some(launcher) = args.die_with_parent {
+                jail::die_with(launcher)?;
+            }
             Filters::compile(args.seccomp, std::process::id())?.apply(ThreadKind::Keeper)?;
             jail::keep(vmm);
         }
