@@ -155,7 +155,7 @@ spec = {
 }
 process = {"container_id": "c1", "exec_id": None}
 requests = [
-    {"type": "control", "version": 1},
+    {"type": "control", "version": 2},
     {
         "type": "create_container",
         "id": "c1",
@@ -179,7 +179,13 @@ replies = [
     {"type": "pid", "pid": 42},
     {"type": "pid", "pid": 43},
     {"type": "ok"},
-    {"type": "stats", "stats": {"memory_current_bytes": 1, "memory_limit_bytes": None, "memory_peak_bytes": 2, "oom_kills": 0, "pids_current": 1, "cpu_usage_usec": 3}},
+    {"type": "stats", "stats": {
+        "memory_current_bytes": 1, "memory_limit_bytes": 268435456, "memory_peak_bytes": 2, "swap_current_bytes": 0,
+        "memory": {"anon": 4096, "file": 8192, "pgfault": 9},
+        "memory_events": {"low": 0, "high": 0, "max": 1, "oom": 1, "oom_kill": 1, "oom_group_kill": 0},
+        "pids_current": 1, "pids_limit": 64,
+        "cpu": {"usage_usec": 3, "user_usec": 2, "system_usec": 1},
+    }},
     {"type": "processes", "pids": [1, 2, 3]},
     {"type": "ok"},
     {"type": "error", "code": "not_found", "message": "é" * 300},

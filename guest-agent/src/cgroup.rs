@@ -8,7 +8,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use capsid_protocol::ContainerStats;
+use capsid_protocol::{ContainerStats, CpuCounters, MemoryCounters, MemoryEvents};
 use oci_spec::runtime::LinuxResources;
 
 const ROOT: &str = "/sys/fs/cgroup";
@@ -26,6 +26,24 @@ pub struct CgroupError {
 #[derive(Debug)]
 pub struct Cgroup {
     path: PathBuf,
+}
+
+/// The guest's memory (`MemTotal` of `/proc/meminfo`), in bytes.
+fn guest_memory_bytes(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find_map(|l| l.strip_prefix("MemTotal:"))?;
+    let kib: u64 = line.trim().strip_suffix("kB")?.trim().parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// What bounds the container's memory: its `memory.max`, or the guest's
+/// memory when that is "max" or larger (the VM is the limit then).
+fn effective_limit(memory_max: &str, guest_memory: Option<u64>) -> u64 {
+    let own = memory_max.trim().parse::<u64>().ok();
+    match (own, guest_memory) {
+        (Some(own), Some(guest)) => own.min(guest),
+        (Some(limit), None) | (None, Some(limit)) => limit,
+        (None, None) => u64::MAX,
+    }
 }
 
 /// A limit in cgroup v2's words: a number, or "max".
@@ -146,19 +164,18 @@ impl Cgroup {
     pub fn stats(&self) -> ContainerStats {
         let read = |file: &str| fs::read_to_string(self.path.join(file)).unwrap_or_default();
         let number = |file: &str| read(file).trim().parse().unwrap_or(0);
-        let keyed = |file: &str, key: &str| {
-            read(file)
-                .lines()
-                .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.trim().parse().ok())
-                .unwrap_or(0)
-        };
+        let guest_memory =
+            guest_memory_bytes(&fs::read_to_string("/proc/meminfo").unwrap_or_default());
         ContainerStats {
             memory_current_bytes: number("memory.current"),
-            memory_limit_bytes: read("memory.max").trim().parse().ok(),
+            memory_limit_bytes: effective_limit(&read("memory.max"), guest_memory),
             memory_peak_bytes: number("memory.peak"),
-            oom_kills: keyed("memory.events", "oom_kill"),
+            swap_current_bytes: number("memory.swap.current"),
+            memory: MemoryCounters::parse(&read("memory.stat")),
+            memory_events: MemoryEvents::parse(&read("memory.events")),
             pids_current: number("pids.current"),
-            cpu_usage_usec: keyed("cpu.stat", "usage_usec"),
+            pids_limit: number("pids.max"),
+            cpu: CpuCounters::parse(&read("cpu.stat")),
         }
     }
 
@@ -180,6 +197,18 @@ impl Cgroup {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_container_without_a_memory_limit_is_bounded_by_the_guest() {
+        let meminfo = "MemTotal:         231204 kB\nMemFree:          200000 kB\n";
+        let guest = guest_memory_bytes(meminfo);
+        assert_eq!(guest, Some(231_204 * 1024));
+        assert_eq!(effective_limit("max\n", guest), 231_204 * 1024);
+        assert_eq!(effective_limit("33554432\n", guest), 32 << 20);
+        assert_eq!(effective_limit("999999999999\n", guest), 231_204 * 1024);
+        assert_eq!(effective_limit("max", None), u64::MAX);
+        assert_eq!(guest_memory_bytes("MemTotal: lots"), None);
+    }
 
     #[test]
     fn resources_become_cgroup_v2_files() {

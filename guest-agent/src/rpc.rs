@@ -92,7 +92,7 @@ fn dispatch(sandbox: &Sandbox, request: Request) -> Result<Response, SandboxErro
             Response::Ok
         }
         Request::Stats { container_id } => Response::Stats {
-            stats: sandbox.stats(&container_id)?,
+            stats: Box::new(sandbox.stats(&container_id)?),
         },
         Request::UpdateResources {
             container_id,

@@ -329,7 +329,7 @@ impl AgentClient {
             container_id: container_id.into(),
         };
         match self.call(call, &request)? {
-            Response::Stats { stats } => Ok(stats),
+            Response::Stats { stats } => Ok(*stats),
             other => Err(bad_reply(call, &other)),
         }
     }
@@ -802,7 +802,7 @@ mod tests {
         // Before the fix the timeout applied to each read(2): a byte every
         // 300 ms kept a 1 s "timeout" waiting as long as the agent liked.
         let reply = frame(&Response::Stats {
-            stats: ContainerStats::default(),
+            stats: Box::default(),
         });
         let (_dir, path) = dripping_agent(reply, Duration::from_millis(300));
         let client =

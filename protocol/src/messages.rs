@@ -209,7 +209,7 @@ pub enum Response {
     Ok,
     Pid { pid: u32 },
     Exited { status: ExitStatus },
-    Stats { stats: ContainerStats },
+    Stats { stats: Box<ContainerStats> },
     Processes { pids: Vec<u32> },
     Error { code: ErrorCode, message: String },
 }
@@ -240,19 +240,83 @@ impl ExitStatus {
     }
 }
 
-/// From the container's cgroup in the guest.
+/// From the container's cgroup in the guest, as the guest measured it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ContainerStats {
     pub memory_current_bytes: u64,
-    /// `None`: no limit.
-    pub memory_limit_bytes: Option<u64>,
+    /// The container's memory limit; the guest's memory when it has none
+    /// or a larger one (the VM is the limit then).
+    pub memory_limit_bytes: u64,
     pub memory_peak_bytes: u64,
-    /// Processes the OOM killer killed in this container.
-    pub oom_kills: u64,
+    pub swap_current_bytes: u64,
+    /// `memory.stat`.
+    pub memory: MemoryCounters,
+    /// `memory.events`: how often the container hit each limit.
+    pub memory_events: MemoryEvents,
     pub pids_current: u64,
-    pub cpu_usage_usec: u64,
+    /// 0: no limit.
+    pub pids_limit: u64,
+    /// `cpu.stat`.
+    pub cpu: CpuCounters,
 }
+
+/// A struct of named `u64` counters, as a cgroup file lists them
+/// (`NAME VALUE` per line), with the setter that parses such a file.
+macro_rules! counters {
+    ($(#[$meta:meta])* $name:ident { $($field:ident),* $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+        #[serde(default, deny_unknown_fields)]
+        pub struct $name {
+            $(pub $field: u64,)*
+        }
+
+        impl $name {
+            /// The counters of a cgroup file's text; lines that name none
+            /// of them, or whose value is not a number, are skipped.
+            pub fn parse(text: &str) -> Self {
+                let mut counters = Self::default();
+                for line in text.lines() {
+                    let mut words = line.split_ascii_whitespace();
+                    let (Some(key), Some(Ok(value))) = (words.next(), words.next().map(str::parse))
+                    else {
+                        continue;
+                    };
+                    match key {
+                        $(stringify!($field) => counters.$field = value,)*
+                        _ => {}
+                    }
+                }
+                counters
+            }
+        }
+    };
+}
+
+counters!(
+    /// The `memory.stat` counters containerd's cgroup v2 metrics carry.
+    MemoryCounters {
+        anon, file, kernel_stack, slab, sock, shmem, file_mapped, file_dirty, file_writeback,
+        anon_thp, inactive_anon, active_anon, inactive_file, active_file, unevictable,
+        slab_reclaimable, slab_unreclaimable, pgfault, pgmajfault, workingset_refault,
+        workingset_activate, workingset_nodereclaim, pgrefill, pgscan, pgsteal, pgactivate,
+        pgdeactivate, pglazyfree, pglazyfreed, thp_fault_alloc, thp_collapse_alloc,
+    }
+);
+
+counters!(
+    /// `memory.events`.
+    MemoryEvents { low, high, max, oom, oom_kill, oom_group_kill }
+);
+
+counters!(
+    /// `cpu.stat`, in microseconds and counts.
+    CpuCounters {
+        usage_usec, user_usec, system_usec, nr_periods, nr_throttled, throttled_usec, nr_bursts,
+        burst_usec,
+    }
+);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -268,6 +332,30 @@ pub enum ErrorCode {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn cgroup_counter_files_parse_by_name_and_skip_what_they_do_not_know() {
+        let cpu = CpuCounters::parse(
+            "usage_usec 1500\nuser_usec 1000\nsystem_usec 500\nnr_periods x\nnew_thing 7\n\nburst_usec\n",
+        );
+        assert_eq!(
+            (
+                cpu.usage_usec,
+                cpu.user_usec,
+                cpu.system_usec,
+                cpu.nr_periods,
+                cpu.burst_usec
+            ),
+            (1500, 1000, 500, 0, 0)
+        );
+        let events = MemoryEvents::parse("low 0\nhigh 2\nmax 3\noom 1\noom_kill 1\n");
+        assert_eq!((events.high, events.max, events.oom_kill), (2, 3, 1));
+        let memory = MemoryCounters::parse("anon 4096\nfile 8192\npgfault 10\n");
+        assert_eq!((memory.anon, memory.file, memory.pgfault), (4096, 8192, 10));
+        // A peer that sends a counter we do not know is refused, as
+        // everything else it sends.
+        assert!(serde_json::from_str::<MemoryEvents>(r#"{"oom_kill": 1, "surprise": 2}"#).is_err());
+    }
 
     pub(crate) fn sample_requests() -> Vec<Request> {
         let process = ProcessRef::exec("c1", "e1");

@@ -162,7 +162,7 @@ impl Service {
             let is_init = proc.process.exec_id.is_none();
             if is_init
                 && let Ok(stats) = container.client().stats(&container.id)
-                && stats.oom_kills > 0
+                && stats.memory_events.oom_kill > 0
             {
                 let _ = events.send(Box::new(TaskOOM {
                     container_id: container.id.clone(),

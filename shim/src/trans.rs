@@ -27,22 +27,40 @@ pub fn resources(value: &[u8]) -> Result<LinuxResources, TransError> {
     serde_json::from_slice(value).map_err(TransError::Resources)
 }
 
-/// The agent's stats as containerd's `io.containerd.cgroups.v2.Metrics`.
+/// Copies the named counters, which have the same names on both sides.
+macro_rules! copy {
+    ($to:expr, $from:expr; $($field:ident),* $(,)?) => {
+        $($to.$field = $from.$field;)*
+    };
+}
+
+/// The agent's stats as containerd's `io.containerd.cgroups.v2.Metrics`:
+/// everything the guest measured, its memory the limit when the
+/// container has none.
 pub fn metrics(stats: &ContainerStats) -> Metrics {
     let mut metrics = Metrics::new();
     let mut pids = PidsStat::new();
     pids.current = stats.pids_current;
+    pids.limit = stats.pids_limit;
     metrics.pids = Some(pids).into();
     let mut cpu = CPUStat::new();
-    cpu.usage_usec = stats.cpu_usage_usec;
+    copy!(cpu, stats.cpu; usage_usec, user_usec, system_usec, nr_periods, nr_throttled,
+        throttled_usec, nr_bursts, burst_usec);
     metrics.cpu = Some(cpu).into();
     let mut memory = MemoryStat::new();
     memory.usage = stats.memory_current_bytes;
-    memory.usage_limit = stats.memory_limit_bytes.unwrap_or(u64::MAX);
+    memory.usage_limit = stats.memory_limit_bytes;
     memory.max_usage = stats.memory_peak_bytes;
+    memory.swap_usage = stats.swap_current_bytes;
+    copy!(memory, stats.memory; anon, file, kernel_stack, slab, sock, shmem, file_mapped,
+        file_dirty, file_writeback, anon_thp, inactive_anon, active_anon, inactive_file,
+        active_file, unevictable, slab_reclaimable, slab_unreclaimable, pgfault, pgmajfault,
+        workingset_refault, workingset_activate, workingset_nodereclaim, pgrefill, pgscan,
+        pgsteal, pgactivate, pgdeactivate, pglazyfree, pglazyfreed, thp_fault_alloc,
+        thp_collapse_alloc);
     metrics.memory = Some(memory).into();
     let mut events = MemoryEvents::new();
-    events.oom_kill = stats.oom_kills;
+    copy!(events, stats.memory_events; low, high, max, oom, oom_kill, oom_group_kill);
     metrics.memory_events = Some(events).into();
     metrics
 }
@@ -69,18 +87,40 @@ mod tests {
     }
 
     #[test]
-    fn stats_become_cgroup_v2_metrics() {
-        let metrics = metrics(&ContainerStats {
+    fn stats_become_cgroup_v2_metrics_with_nothing_dropped() {
+        let mut stats = ContainerStats {
             memory_current_bytes: 10,
-            memory_limit_bytes: None,
+            memory_limit_bytes: 256 << 20,
             memory_peak_bytes: 20,
-            oom_kills: 1,
             pids_current: 3,
-            cpu_usage_usec: 99,
-        });
-        assert_eq!(metrics.pids.current, 3);
-        assert_eq!(metrics.memory.usage_limit, u64::MAX);
-        assert_eq!(metrics.memory_events.oom_kill, 1);
-        assert_eq!(metrics.cpu.usage_usec, 99);
+            pids_limit: 64,
+            ..ContainerStats::default()
+        };
+        stats.cpu = capsid_protocol::CpuCounters::parse(
+            "usage_usec 99\nuser_usec 60\nsystem_usec 39\nnr_throttled 2\n",
+        );
+        stats.memory = capsid_protocol::MemoryCounters::parse("anon 4096\nfile 8192\n");
+        stats.memory_events = capsid_protocol::MemoryEvents::parse("max 5\noom 1\noom_kill 1\n");
+        let metrics = metrics(&stats);
+        assert_eq!((metrics.pids.current, metrics.pids.limit), (3, 64));
+        assert_eq!(metrics.memory.usage_limit, 256 << 20);
+        assert_eq!((metrics.memory.anon, metrics.memory.file), (4096, 8192));
+        assert_eq!(
+            (
+                metrics.memory_events.max,
+                metrics.memory_events.oom,
+                metrics.memory_events.oom_kill
+            ),
+            (5, 1, 1)
+        );
+        assert_eq!(
+            (
+                metrics.cpu.usage_usec,
+                metrics.cpu.user_usec,
+                metrics.cpu.system_usec
+            ),
+            (99, 60, 39)
+        );
+        assert_eq!(metrics.cpu.nr_throttled, 2);
     }
 }
