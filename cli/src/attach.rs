@@ -129,6 +129,21 @@ impl Ended {
     }
 }
 
+/// How long the output may go on after the process exited: its last bytes
+/// are in flight; a stream still open after this is held by something
+/// else in the guest.
+const DRAIN_BOUND: Duration = Duration::from_secs(10);
+
+/// Waits until `copiers` output copiers said they are done on `done`, at
+/// most `bound` in all; whether they all were.
+fn drain(done: &std::sync::mpsc::Receiver<()>, copiers: usize, bound: Duration) -> bool {
+    let deadline = Instant::now() + bound;
+    (0..copiers).all(|_| {
+        done.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .is_ok()
+    })
+}
+
 /// Attaches the process's streams to ours, starts it, and waits for it,
 /// checking `alive` (the VM) meanwhile; returns once its output drained.
 pub fn run_attached(
@@ -143,9 +158,11 @@ pub fn run_attached(
     {
         client.resize_tty(process, rows, cols)?;
     }
+    let (done, drained) = std::sync::mpsc::channel();
     let copy_out = |stream: Stream, mut to: Box<dyn Write + Send>| -> anyhow::Result<_> {
         let mut from = client.attach(process, stream)?;
-        Ok(thread::spawn(move || {
+        let done = done.clone();
+        thread::spawn(move || {
             let mut buffer = vec![0; 64 * 1024];
             while let Ok(n) = from.read(&mut buffer) {
                 if n == 0
@@ -157,14 +174,15 @@ pub fn run_attached(
                     break;
                 }
             }
-        }))
+            let _ = done.send(());
+        });
+        Ok(())
     };
-    let stdout = copy_out(Stream::Stdout, Box::new(io::stdout()))?;
-    let stderr = if session.tty {
-        None
-    } else {
-        Some(copy_out(Stream::Stderr, Box::new(io::stderr()))?)
-    };
+    // Detached: a stream held open in the guest must not hold us (`drain`).
+    copy_out(Stream::Stdout, Box::new(io::stdout()))?;
+    if !session.tty {
+        copy_out(Stream::Stderr, Box::new(io::stderr()))?;
+    }
     let mut stdin_stream = client.attach(process, Stream::Stdin)?;
     let raw = RawTerminal::enter(session.tty);
     client.start_process(process)?;
@@ -210,13 +228,45 @@ pub fn run_attached(
             session.stop.store(false, Ordering::Relaxed);
         }
     };
-    let _ = stdout.join();
-    if let Some(stderr) = stderr {
-        let _ = stderr.join();
+    let copiers = if session.tty { 1 } else { 2 };
+    if !drain(&drained, copiers, DRAIN_BOUND) {
+        eprintln!(
+            "capsid: the command's output did not end within {DRAIN_BOUND:?} of its exit \
+             (something in the guest still holds it open); the rest is dropped"
+        );
     }
     drop(raw);
     Ok(match timed_out {
         Some(after) => Ended::TimedOut(after),
         None => Ended::Exited(status),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_that_never_ends_is_given_up_on_after_the_bound() {
+        let (done, drained) = std::sync::mpsc::channel::<()>();
+        // stdout ended; stderr is held open by the guest and never does.
+        done.send(()).unwrap();
+        let started = Instant::now();
+        assert!(!drain(&drained, 2, Duration::from_millis(200)));
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(200) && waited < Duration::from_secs(2));
+        drop(done);
+    }
+
+    #[test]
+    fn output_that_ends_is_waited_for() {
+        let (done, drained) = std::sync::mpsc::channel();
+        let late = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            done.send(()).unwrap();
+            done.send(()).unwrap();
+        });
+        assert!(drain(&drained, 2, Duration::from_secs(5)));
+        late.join().unwrap();
+    }
 }

@@ -24,7 +24,22 @@ pub enum RootfsError {
     Read(PathBuf, #[source] io::Error),
     #[error("cannot write {0}")]
     Write(PathBuf, #[source] io::Error),
-    #[error("{tool} failed ({status}): {stderr} (install Debian's {package})")]
+    #[error(
+        "{tool} ran for more than {}s and was stopped: is the directory on a \
+         slow or hung file system? (the limit is {}s)",
+        .after.as_secs(),
+        .after.as_secs()
+    )]
+    TimedOut {
+        tool: &'static str,
+        after: std::time::Duration,
+    },
+    #[error("{tool} not found: install Debian's {package}")]
+    Missing {
+        tool: &'static str,
+        package: &'static str,
+    },
+    #[error("{tool} failed ({status}): {stderr}")]
     Tool {
         tool: &'static str,
         package: &'static str,
@@ -160,25 +175,72 @@ pub fn image(dir: &Path, format: Option<Format>, cache: &Path) -> Result<RootfsI
     })
 }
 
+/// How long making one image may take: a 1 GiB tree takes well under a
+/// minute; a tool that runs longer is stuck on its input.
+const TOOL_BOUND: std::time::Duration = std::time::Duration::from_secs(600);
+
 fn run(
     tool: &'static str,
     package: &'static str,
     command: &mut Command,
 ) -> Result<(), RootfsError> {
-    let output = command.output().map_err(|e| RootfsError::Tool {
-        tool,
-        package,
-        status: "not started".into(),
-        stderr: e.to_string(),
-    })?;
-    if output.status.success() {
+    run_within(tool, package, command, TOOL_BOUND)
+}
+
+/// Runs `command` to its end, or kills it after `bound`.
+fn run_within(
+    tool: &'static str,
+    package: &'static str,
+    command: &mut Command,
+    bound: std::time::Duration,
+) -> Result<(), RootfsError> {
+    let started = std::time::Instant::now();
+    let mut child = command
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => RootfsError::Missing { tool, package },
+            _ => RootfsError::Tool {
+                tool,
+                package,
+                status: "not started".into(),
+                stderr: e.to_string(),
+            },
+        })?;
+    let mut stderr = child.stderr.take();
+    // At most 64 KiB of what it says; the rest is read and dropped.
+    let reader = std::thread::spawn(move || {
+        let mut kept = Vec::new();
+        if let Some(stderr) = stderr.as_mut() {
+            let _ = stderr.take(64 << 10).read_to_end(&mut kept);
+            let _ = io::copy(stderr, &mut io::sink());
+        }
+        kept
+    });
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if started.elapsed() < bound => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Ok(None) | Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(RootfsError::TimedOut { tool, after: bound });
+            }
+        }
+    };
+    let stderr = reader.join().unwrap_or_default();
+    if status.success() {
         return Ok(());
     }
     Err(RootfsError::Tool {
         tool,
         package,
-        status: output.status.to_string(),
-        stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        status: status.to_string(),
+        stderr: String::from_utf8_lossy(&stderr).trim().to_owned(),
     })
 }
 
@@ -255,6 +317,45 @@ fn pad_to_sectors(path: &Path) -> Result<(), RootfsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tool_that_hangs_is_stopped_at_the_bound_with_a_clear_error() {
+        let started = std::time::Instant::now();
+        let err = run_within(
+            "mkfs.erofs",
+            "erofs-utils",
+            Command::new("sleep").arg("30"),
+            std::time::Duration::from_millis(300),
+        )
+        .unwrap_err();
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        assert!(matches!(err, RootfsError::TimedOut { .. }), "{err}");
+        assert!(err.to_string().contains("was stopped"), "{err}");
+    }
+
+    #[test]
+    fn a_tool_that_fails_is_quoted() {
+        let err = run_within(
+            "mkfs.erofs",
+            "erofs-utils",
+            Command::new("sh").args(["-c", "echo no space left >&2; exit 3"]),
+            std::time::Duration::from_secs(30),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("no space left"), "{err}");
+        assert!(!err.to_string().contains("install"), "{err}");
+        let err = run_within(
+            "mkfs.erofs",
+            "erofs-utils",
+            &mut Command::new("/nonexistent/mkfs.erofs"),
+            std::time::Duration::from_secs(30),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "mkfs.erofs not found: install Debian's erofs-utils"
+        );
+    }
 
     fn tree(root: &Path) {
         fs::create_dir_all(root.join("bin")).unwrap();
