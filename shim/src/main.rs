@@ -132,10 +132,22 @@ fn start(flags: &Flags) -> anyhow::Result<()> {
             std::thread::sleep(Duration::from_millis(5));
         }
     }
+    write_address(&bundle_dir(flags), &address)?;
     let mut stdout = std::io::stdout().lock();
     stdout.write_all(address.as_bytes())?;
     stdout.flush()?;
     Ok(())
+}
+
+/// Writes the shim's address to `BUNDLE/address`, whole or not at all: a
+/// containerd before 1.7 finds a running shim there when it restarts, and
+/// takes a task whose bundle has none for dead (and cleans it up).
+fn write_address(bundle: &Path, address: &str) -> anyhow::Result<()> {
+    let path = bundle.join("address");
+    let partial = bundle.join("address.partial");
+    std::fs::write(&partial, address)
+        .and_then(|()| std::fs::rename(&partial, &path))
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// containerd's cleanup after a shim died: whatever that shim left for this
@@ -178,6 +190,7 @@ fn serve(flags: &Flags) -> anyhow::Result<()> {
     let service = Arc::new(service::Service::new(
         flags.namespace.clone(),
         config,
+        ttrpc_address,
         publisher,
     ));
 
@@ -220,4 +233,21 @@ fn serve(flags: &Flags) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&path);
     log::info!("shim exits");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_address_is_left_in_the_bundle_for_a_restarted_containerd() {
+        let bundle = tempfile::tempdir().unwrap();
+        write_address(bundle.path(), "unix:///run/containerd/s/abc").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(bundle.path().join("address")).unwrap(),
+            "unix:///run/containerd/s/abc"
+        );
+        assert!(!bundle.path().join("address.partial").exists());
+        assert!(write_address(&bundle.path().join("gone"), "x").is_err());
+    }
 }

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::mpsc::{Sender, channel};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use capsid_protocol::{ClientError, ErrorCode};
 use capsid_runtime::Config;
@@ -19,11 +19,12 @@ use containerd_shim::event::Event;
 use containerd_shim::protos::events::task::{
     TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskStart,
 };
+use containerd_shim::protos::protobuf::MessageDyn;
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::ttrpc::{self, Code};
 use containerd_shim::protos::types::task::{ProcessInfo, Status};
 use containerd_shim::publisher::RemotePublisher;
-use containerd_shim::{Context, TtrpcContext, TtrpcResult, api};
+use containerd_shim::{TtrpcContext, TtrpcResult, api};
 
 use crate::container::{Container, ContainerError, Proc, ProcState};
 use crate::stdio::StdioPaths;
@@ -74,15 +75,78 @@ fn timestamp(at: SystemTime) -> Timestamp {
     }
 }
 
+/// How long an event waits for containerd (restarting, say) before it is
+/// dropped; each attempt's own bound.
+const PUBLISH_BOUND: Duration = Duration::from_secs(60);
+const PUBLISH_CALL_BOUND: Duration = Duration::from_secs(10);
+
+/// Sends `event` to containerd. A send that failed because the connection
+/// broke (containerd restarted: its socket is a new one) is tried again on
+/// a new connection, with a growing pause, for at most [`PUBLISH_BOUND`];
+/// one containerd answered with an error is not.
+fn publish(
+    publisher: &mut Option<RemotePublisher>,
+    address: &str,
+    namespace: &str,
+    event: &(dyn Event + Send),
+) {
+    let topic = event.topic();
+    let message: &dyn MessageDyn = event;
+    let deadline = Instant::now() + PUBLISH_BOUND;
+    let mut pause = Duration::from_millis(50);
+    loop {
+        if publisher.is_none() {
+            *publisher = RemotePublisher::new(address).ok();
+        }
+        let result = match publisher.as_ref() {
+            Some(p) => {
+                let bound = i64::try_from(PUBLISH_CALL_BOUND.as_nanos()).unwrap_or(i64::MAX);
+                p.publish(
+                    ttrpc::context::with_timeout(bound),
+                    &topic,
+                    namespace,
+                    message.clone_box(),
+                )
+            }
+            None => Err(containerd_shim::Error::Other(format!(
+                "cannot connect to {address}"
+            ))),
+        };
+        let error = match result {
+            Ok(()) => return,
+            Err(containerd_shim::Error::Ttrpc(ttrpc::Error::RpcStatus(status))) => {
+                log::warn!("containerd refused {topic}: {status:?}");
+                return;
+            }
+            Err(e) => e,
+        };
+        if Instant::now() >= deadline {
+            log::warn!(
+                "cannot publish {topic} to containerd for {PUBLISH_BOUND:?}, dropped: {error}"
+            );
+            return;
+        }
+        log::debug!("cannot publish {topic} ({error}); connecting again");
+        *publisher = None;
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_secs(2));
+    }
+}
+
 impl Service {
-    pub fn new(namespace: String, config: Config, publisher: RemotePublisher) -> Self {
+    /// `publisher` is connected to containerd's events at `events_address`;
+    /// it is connected again there when containerd restarts.
+    pub fn new(
+        namespace: String,
+        config: Config,
+        events_address: String,
+        publisher: RemotePublisher,
+    ) -> Self {
         let (events, queue) = channel::<BoxedEvent>();
         std::thread::spawn(move || {
+            let mut publisher = Some(publisher);
             for event in queue {
-                let topic = event.topic();
-                if let Err(e) = publisher.publish(Context::default(), &topic, &namespace, event) {
-                    log::warn!("cannot publish {topic}: {e}");
-                }
+                publish(&mut publisher, &events_address, &namespace, &*event);
             }
         });
         Self {

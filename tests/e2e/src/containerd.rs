@@ -70,40 +70,13 @@ impl Containerd {
             ),
         )
         .unwrap();
-        let path = format!(
-            "{}:{}",
-            dir.join("bin").display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
-        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
-        let daemon = Command::new("containerd")
-            .arg("--config")
-            .arg(dir.join("config.toml"))
-            .args(["--log-level", "debug"])
-            .env("PATH", path)
-            .env("CAPSID_CONFIG", dir.join("capsid.toml"))
-            .env_remove("CAPSID_KERNEL")
-            .env_remove("CAPSID_AGENT_INITRAMFS")
-            .env_remove("CAPSID_VMM")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start containerd (Debian's containerd package; `make test` installs it)");
+        let daemon = spawn_daemon(&dir);
         let containerd = Self {
             dir,
             daemon,
             sockets_before: shim_sockets(),
         };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !containerd.ctr(&["version"]).status.success() {
-            assert!(
-                Instant::now() < deadline,
-                "containerd did not answer in 60 s:\n{}",
-                containerd.log()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        containerd.wait_until_it_answers();
         for image in ["busybox.oci.tar", "busybox-user.oci.tar"] {
             let dir = std::env::var_os("CAPSID_TEST_IMAGES_DIR")
                 .expect("CAPSID_TEST_IMAGES_DIR is set by `make test`");
@@ -116,8 +89,44 @@ impl Containerd {
         containerd
     }
 
+    fn wait_until_it_answers(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.ctr(&["version"]).status.success() {
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not answer in 60 s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Stops containerd (SIGTERM, as a service manager does) and starts it
+    /// again on the same root and state; running tasks' shims live on.
+    pub fn restart(&mut self) {
+        self.stop_daemon();
+        self.daemon = spawn_daemon(&self.dir);
+        self.wait_until_it_answers();
+    }
+
+    fn stop_daemon(&mut self) {
+        // SAFETY: kill() takes plain integers; the child is ours and unreaped.
+        unsafe { libc::kill(i32::try_from(self.daemon.id()).unwrap_or(0), libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while matches!(self.daemon.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.daemon.kill();
+        let _ = self.daemon.wait();
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.daemon.id()
     }
 
     pub fn log(&self) -> String {
@@ -255,16 +264,38 @@ impl Containerd {
 
 impl Drop for Containerd {
     fn drop(&mut self) {
-        // SAFETY: kill() takes plain integers; the child is ours and unreaped.
-        unsafe { libc::kill(i32::try_from(self.daemon.id()).unwrap_or(0), libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while matches!(self.daemon.try_wait(), Ok(None)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.daemon.kill();
-        let _ = self.daemon.wait();
+        self.stop_daemon();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// containerd on `dir`'s configuration, logging (appending) to
+/// `dir/containerd.log`.
+fn spawn_daemon(dir: &Path) -> Child {
+    let path = format!(
+        "{}:{}",
+        dir.join("bin").display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("containerd.log"))
+        .unwrap();
+    Command::new("containerd")
+        .arg("--config")
+        .arg(dir.join("config.toml"))
+        .args(["--log-level", "debug"])
+        .env("PATH", path)
+        .env("CAPSID_CONFIG", dir.join("capsid.toml"))
+        .env_remove("CAPSID_KERNEL")
+        .env_remove("CAPSID_AGENT_INITRAMFS")
+        .env_remove("CAPSID_VMM")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("start containerd (Debian's containerd package; `make test` installs it)")
 }
 
 /// Waits for `child` (its stdout and stderr piped) at most [`CTR_BOUND`].
