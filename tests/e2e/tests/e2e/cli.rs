@@ -79,6 +79,23 @@ fn capsid_run_from(source: &[&std::ffi::OsStr], args: &[&str], stdin: &[u8]) -> 
     (output, start.elapsed())
 }
 
+/// Waits at most `bound` for every capsid-vmm and monitor to be gone (a
+/// SIGKILLed VMM takes a moment to give its guest's memory back); what is
+/// still there.
+pub(crate) fn processes_left_after(bound: Duration) -> Vec<String> {
+    let deadline = Instant::now() + bound;
+    loop {
+        let left: Vec<String> = leftovers()
+            .into_iter()
+            .filter(|l| l.starts_with("process"))
+            .collect();
+        if left.is_empty() || Instant::now() > deadline {
+            return left;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Processes and scratch directories `capsid run` could leave behind.
 pub(crate) fn leftovers() -> Vec<String> {
     let mut found = Vec::new();
@@ -87,20 +104,32 @@ pub(crate) fn leftovers() -> Vec<String> {
         let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
         let monitor = cmdline.split(|&b| b == 0).nth(1) == Some(b"monitor".as_slice());
         if comm.trim() == "capsid-vmm" || (comm.trim() == "capsid" && monitor) {
+            let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
+            let field = |name: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .map_or(String::new(), |v| v.trim().to_owned())
+            };
             found.push(format!(
-                "process {} ({})",
+                "process {} ({}, state {}, parent {})",
                 entry.file_name().to_string_lossy(),
-                comm.trim()
+                comm.trim(),
+                field("State:"),
+                field("PPid:")
             ));
         }
     }
-    for entry in std::fs::read_dir(std::env::temp_dir()).unwrap().flatten() {
-        if entry
-            .file_name()
-            .to_string_lossy()
-            .starts_with("capsid-run-")
-        {
-            found.push(entry.path().display().to_string());
+    // `capsid run`'s scratch directories (the default run_dir's).
+    for dir in [std::env::temp_dir(), PathBuf::from("/run/capsid/run")] {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with("capsid-run-")
+            {
+                found.push(entry.path().display().to_string());
+            }
         }
     }
     // Each VM's cgroup goes with it.
@@ -222,6 +251,36 @@ fn capsid_run_from_an_oci_layout_uses_the_images_config() {
 }
 
 /// The pid of a child of `parent` whose command is `comm`.
+#[test]
+fn a_command_starts_with_default_signal_actions_so_a_closed_pipe_ends_it_quietly() {
+    if !require_kvm("a_command_starts_with_default_signal_actions_so_a_closed_pipe_ends_it_quietly")
+    {
+        return;
+    }
+    // The agent ignores SIGPIPE (Rust's runtime does); its children must not.
+    let (output, _) = capsid_run(
+        &[
+            "--",
+            "sh",
+            "-c",
+            "grep -E '^Sig(Ign|Blk):' /proc/self/status; yes | head -n 1",
+        ],
+        b"",
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        stdout, "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\ny\n",
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("pipe") && !stderr.contains("write error"),
+        "{stderr}"
+    );
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert_eq!(leftovers(), Vec::<String>::new());
+}
+
 pub(crate) fn child_named(parent: u32, comm: &str) -> Option<u32> {
     std::fs::read_dir("/proc")
         .ok()?
@@ -297,6 +356,62 @@ fn a_micro_vm_that_dies_under_a_command_is_named_with_its_console() {
         .nth(1)
         .unwrap_or_else(|| panic!("no console quoted: {err}"));
     assert!(console.contains("capsid-agent ready"), "{err}");
+    assert_eq!(leftovers(), Vec::<String>::new());
+}
+
+#[test]
+fn a_killed_capsid_run_takes_its_micro_vm_with_it_and_the_next_run_clears_the_rest() {
+    if !require_kvm(
+        "a_killed_capsid_run_takes_its_micro_vm_with_it_and_the_next_run_clears_the_rest",
+    ) {
+        return;
+    }
+    let rootfs = std::env::var("CAPSID_TEST_ROOTFS_DIR").unwrap();
+    // The workload would end by itself after 15 s; the VM must not wait for it.
+    let mut child = Command::new(artifact("CAPSID_CLI"))
+        .args(["run", "--rootfs", &rootfs, "--", "sh", "-c"])
+        .arg("echo started; sleep 15")
+        .env("TMPDIR", std::env::temp_dir())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn capsid");
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let (sender, started) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(&mut stdout, &mut line);
+        let _ = sender.send(line);
+    });
+    let line = started.recv_timeout(RUN_BOUND);
+    let vmm = child_named(child.id(), "capsid-vmm");
+    let (Ok("started\n"), Some(vmm)) = (line.as_deref(), vmm) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the command did not start in a micro-VM: {line:?}, VMM {vmm:?}");
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let left = processes_left_after(Duration::from_secs(10));
+    if !left.is_empty() {
+        unsafe_free_kill(vmm, libc::SIGKILL);
+        panic!("10 s after capsid run {} was killed: {left:?}", child.id());
+    }
+    let left = leftovers();
+    assert!(
+        left.iter()
+            .any(|l| l.starts_with("/run/capsid/run/capsid-run-")),
+        "a SIGKILL leaves the scratch directory, for the next run to remove: {left:?}"
+    );
+    // The next run removes what the killed one left, and says so.
+    let (output, _) = capsid_run(&["--", "true"], b"");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("left with its micro-VM by a capsid run that was killed"),
+        "{stderr}"
+    );
     assert_eq!(leftovers(), Vec::<String>::new());
 }
 

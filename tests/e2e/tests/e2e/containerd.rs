@@ -261,6 +261,30 @@ fn ctr_task_exec_ps_metrics_kill_delete_and_deaths_leave_nothing() {
         metrics.contains("memory") && metrics.contains("pids"),
         "ctr task metrics:\n{metrics}"
     );
+    // What the guest measured, complete: CPU time split into user and
+    // system, and the VM's memory (256 MiB) as the limit of a container
+    // that has none, not 2^64-1.
+    let json = containerd.ctr_ok(&["task", "metrics", "--format", "json", "d1"]);
+    let value: serde_json::Value = serde_json::from_str(&json)
+        .unwrap_or_else(|e| panic!("ctr task metrics --format json: {e}:\n{json}"));
+    let data = value.get("Data").unwrap_or(&value);
+    let number = |path: &[&str]| {
+        path.iter()
+            .try_fold(data, |v, key| v.get(key))
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0)
+    };
+    let cpu_time = number(&["cpu", "user_usec"]) + number(&["cpu", "system_usec"]);
+    assert!(cpu_time > 0, "no user or system time:\n{json}");
+    let limit = number(&["memory", "usage_limit"]);
+    assert!(
+        limit > 128 << 20 && limit <= 256 << 20,
+        "memory limit {limit}, not the VM's 256 MiB:\n{json}"
+    );
+    assert!(
+        number(&["memory", "anon"]) + number(&["memory", "file"]) > 0,
+        "{json}"
+    );
     let ls = containerd.ctr_ok(&["task", "ls"]);
     assert!(
         ls.lines()

@@ -5,5 +5,6 @@ mod agent;
 mod boot;
 mod cli;
 mod containerd;
+mod faults;
 mod security;
 mod vmm;
