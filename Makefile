@@ -1,7 +1,7 @@
 # The two commands of the README. Both install what they need (Debian
 # packages, the guest kernel, the nested test host's kernel) and reuse caches.
 
-.PHONY: demo test bench fuzz deaths
+.PHONY: demo test bench fuzz deaths soak
 demo:
 	bash scripts/demo.sh
 
@@ -26,3 +26,10 @@ BOOTS ?= 100
 AT_ONCE ?= 1 2 4
 deaths:
 	bash scripts/deaths.sh $(BOOTS) "$(AT_ONCE)"
+
+# Start-stop cycles with leak checks (docs/reliability.md): SOAK_RUNS of
+# `capsid run -- true`, SOAK_CTR_RUNS of `ctr run --rm`.
+SOAK_RUNS ?= 1000
+SOAK_CTR_RUNS ?= 200
+soak:
+	bash scripts/soak.sh $(SOAK_RUNS) $(SOAK_CTR_RUNS)

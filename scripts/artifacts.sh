@@ -85,6 +85,12 @@ bench_binary() {
     echo "$PWD/target/debug/capsid-bench"
 }
 
+# Builds the soak and prints its path.
+soak_binary() {
+    cargo build --quiet -p capsid-e2e --bin capsid-soak
+    echo "$PWD/target/debug/capsid-soak"
+}
+
 # The benchmark's peers, as run_with_kvm options: runc itself and
 # containerd's runc shim (Debian's runc and containerd, installed above).
 bench_peers() {

@@ -37,7 +37,11 @@ run_with_kvm --with "$e2e" -- "$e2e" --test-threads=1 --nocapture 2>&1 | tee tar
 retries=$(grep -c '^E2E-BOOT-RETRY ' target/e2e/e2e.log || true)
 log "    guests booted again after crashing at boot: $retries (each is in target/e2e/e2e.log)"
 
-# A fresh test host: its own kernel has crashed in runs over ~20 minutes.
+# Each in a fresh test host: its own kernel has crashed in runs over ~20 minutes.
+log "==> a short soak: 40 capsid run and 10 ctr run --rm cycles, a leak check every 10 (make soak runs 1,200)"
+soak=$(soak_binary)
+run_with_kvm --with "$soak" -- "$soak" --runs 40 --ctr-runs 10 --check-every 10
+
 log "==> a benchmark smoke run (every scenario, 2 runs) so it cannot rot"
 bench=$(bench_binary)
 CAPSID_COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
