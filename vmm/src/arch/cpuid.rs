@@ -4,8 +4,9 @@
 //! hypervisor bit, the TSC-deadline timer when KVM emulates it (as
 //! Firecracker sets it: without it the guest checks the IO-APIC timer and
 //! calibrates against the PIT, thousands of port exits at boot), no
-//! performance-monitoring unit we do not emulate, and an XSAVE layout that
-//! is consistent (leaf 0xD).
+//! performance-monitoring unit we do not emulate, an XSAVE layout that
+//! is consistent (leaf 0xD), and a brand string when the host's CPU has
+//! none.
 //!
 //! Leaf 0xD was passed through as KVM reported it. Under some hosts (our
 //! nested test host among them) it offers PKRU with sizes the guest then
@@ -138,6 +139,50 @@ pub fn adjust(entries: &mut [kvm_cpuid_entry2], index: u8, count: u8, host: Host
             _ => {}
         }
     }
+    fill_empty_brand(entries);
+}
+
+/// Leaves 0x8000_0002..=0x8000_0004: the processor brand string, 16 bytes
+/// each in EAX, EBX, ECX, EDX (little-endian), NUL-padded.
+const LEAF_BRAND_FIRST: u32 = 0x8000_0002;
+/// The brand the guest sees when the host's CPU has none (the nested test
+/// host's TCG CPU): "model name" in its /proc/cpuinfo, instead of nothing.
+const FALLBACK_BRAND: &str = "capsid virtual CPU";
+
+/// Gives the guest [`FALLBACK_BRAND`] when the host's brand string is
+/// empty (only NULs and spaces); a host brand is left as it is.
+fn fill_empty_brand(entries: &mut [kvm_cpuid_entry2]) {
+    let mut brand: Vec<&mut kvm_cpuid_entry2> = entries
+        .iter_mut()
+        .filter(|e| (LEAF_BRAND_FIRST..LEAF_BRAND_FIRST + 3).contains(&e.function))
+        .collect();
+    if brand.len() != 3 {
+        return;
+    }
+    brand.sort_by_key(|e| e.function);
+    let empty = brand
+        .iter()
+        .flat_map(|e| [e.eax, e.ebx, e.ecx, e.edx])
+        .flat_map(u32::to_le_bytes)
+        .all(|b| b == 0 || b == b' ');
+    if !empty {
+        return;
+    }
+    let mut bytes = [0u8; 48];
+    bytes[..FALLBACK_BRAND.len()].copy_from_slice(FALLBACK_BRAND.as_bytes());
+    let mut words = bytes
+        .chunks_exact(4)
+        .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]));
+    for entry in brand {
+        for register in [
+            &mut entry.eax,
+            &mut entry.ebx,
+            &mut entry.ecx,
+            &mut entry.edx,
+        ] {
+            *register = words.next().unwrap_or(0);
+        }
+    }
 }
 
 /// The XSAVE area (standard format) the offered components need: the end
@@ -237,6 +282,33 @@ mod tests {
         assert_eq!((entries[2].eax, entries[2].ebx), (0x100, 0x240));
         assert_eq!((entries[3].eax, entries[3].ebx), (0, 0), "PKRU is gone");
         assert_eq!((entries[4].ebx, entries[4].ecx), (1, 2), "no MPX, no PKU");
+    }
+
+    fn brand(entries: &[kvm_cpuid_entry2]) -> String {
+        let bytes: Vec<u8> = entries
+            .iter()
+            .flat_map(|e| [e.eax, e.ebx, e.ecx, e.edx])
+            .flat_map(u32::to_le_bytes)
+            .collect();
+        String::from_utf8_lossy(&bytes)
+            .trim_end_matches('\0')
+            .to_owned()
+    }
+
+    #[test]
+    fn an_empty_brand_string_becomes_ours_and_a_hosts_stays() {
+        let empty = |function| kvm_cpuid_entry2 {
+            function,
+            ..Default::default()
+        };
+        let mut entries: Vec<_> = (0..3).map(|i| empty(LEAF_BRAND_FIRST + i)).collect();
+        adjust(&mut entries, 0, 1, HostFeatures::default());
+        assert_eq!(brand(&entries), "capsid virtual CPU");
+
+        let mut entries: Vec<_> = (0..3).map(|i| empty(LEAF_BRAND_FIRST + i)).collect();
+        entries[0].eax = u32::from_le_bytes(*b"AMD ");
+        adjust(&mut entries, 0, 1, HostFeatures::default());
+        assert_eq!(brand(&entries), "AMD ");
     }
 
     #[test]
