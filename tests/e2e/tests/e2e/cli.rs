@@ -281,6 +281,25 @@ fn a_command_starts_with_default_signal_actions_so_a_closed_pipe_ends_it_quietly
     assert_eq!(leftovers(), Vec::<String>::new());
 }
 
+#[test]
+fn the_guest_sees_a_cpu_with_a_name() {
+    if !require_kvm("the_guest_sees_a_cpu_with_a_name") {
+        return;
+    }
+    // The host's brand string, or ours when the host's CPU has none (the
+    // nested test host's): never an empty "model name".
+    let (output, _) = capsid_run(&["--", "grep", "-m1", "^model name", "/proc/cpuinfo"], b"");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let name = stdout.split_once(':').map_or("", |(_, name)| name.trim());
+    eprintln!("the guest's CPU: {name:?}");
+    assert!(
+        !name.is_empty(),
+        "{stdout:?} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(leftovers(), Vec::<String>::new());
+}
+
 pub(crate) fn child_named(parent: u32, comm: &str) -> Option<u32> {
     std::fs::read_dir("/proc")
         .ok()?
