@@ -318,23 +318,20 @@ pub(crate) fn child_named(parent: u32, comm: &str) -> Option<u32> {
         })
 }
 
-#[test]
-fn a_micro_vm_that_dies_under_a_command_is_named_with_its_console() {
-    if !require_kvm("a_micro_vm_that_dies_under_a_command_is_named_with_its_console") {
-        return;
-    }
+/// `capsid run -- sh -c "echo started; sleep SECONDS"`, once the command
+/// said it started: the CLI's process (stderr as asked) and its VMM's pid.
+fn started_in_a_micro_vm(seconds: u32, stderr: Stdio) -> (std::process::Child, u32) {
     let rootfs = std::env::var("CAPSID_TEST_ROOTFS_DIR").unwrap();
     let mut child = Command::new(artifact("CAPSID_CLI"))
         .args(["run", "--rootfs", &rootfs, "--", "sh", "-c"])
-        .arg("echo started; sleep 100")
+        .arg(format!("echo started; sleep {seconds}"))
         .env("TMPDIR", std::env::temp_dir())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(stderr)
         .spawn()
         .expect("spawn capsid");
     let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut stderr = child.stderr.take().unwrap();
     let (sender, started) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut line = String::new();
@@ -348,6 +345,16 @@ fn a_micro_vm_that_dies_under_a_command_is_named_with_its_console() {
         let _ = child.wait();
         panic!("the command did not start in a micro-VM: {line:?}, VMM {vmm:?}");
     };
+    (child, vmm)
+}
+
+#[test]
+fn a_micro_vm_that_dies_under_a_command_is_named_with_its_console() {
+    if !require_kvm("a_micro_vm_that_dies_under_a_command_is_named_with_its_console") {
+        return;
+    }
+    let (mut child, vmm) = started_in_a_micro_vm(100, Stdio::piped());
+    let mut stderr = child.stderr.take().unwrap();
     // As if the guest or the VMM died under the command.
     unsafe_free_kill(vmm, libc::SIGKILL);
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -385,31 +392,8 @@ fn a_killed_capsid_run_takes_its_micro_vm_with_it_and_the_next_run_clears_the_re
     ) {
         return;
     }
-    let rootfs = std::env::var("CAPSID_TEST_ROOTFS_DIR").unwrap();
     // The workload would end by itself after 15 s; the VM must not wait for it.
-    let mut child = Command::new(artifact("CAPSID_CLI"))
-        .args(["run", "--rootfs", &rootfs, "--", "sh", "-c"])
-        .arg("echo started; sleep 15")
-        .env("TMPDIR", std::env::temp_dir())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn capsid");
-    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-    let (sender, started) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = std::io::BufRead::read_line(&mut stdout, &mut line);
-        let _ = sender.send(line);
-    });
-    let line = started.recv_timeout(RUN_BOUND);
-    let vmm = child_named(child.id(), "capsid-vmm");
-    let (Ok("started\n"), Some(vmm)) = (line.as_deref(), vmm) else {
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("the command did not start in a micro-VM: {line:?}, VMM {vmm:?}");
-    };
+    let (mut child, vmm) = started_in_a_micro_vm(15, Stdio::null());
     child.kill().unwrap();
     child.wait().unwrap();
     let left = processes_left_after(Duration::from_secs(10));
