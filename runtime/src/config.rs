@@ -36,6 +36,9 @@ pub const MAX_MEMORY_MIB: u32 = 65536;
 pub const MAX_POD_CONTAINERS: u8 = 16;
 /// The most boots after a guest crash `boot_retries` may ask for.
 pub const MAX_BOOT_RETRIES: u32 = 5;
+/// The longest `kernel_params` (the whole command line has 2 KiB, and the
+/// VMM adds its devices to it).
+pub const MAX_KERNEL_PARAMS: usize = 1024;
 
 /// What containerd's CRI (1.7 and later) passes on a pod's sandbox
 /// container: the pod's summed limits, which size the pod's VM.
@@ -96,6 +99,9 @@ pub struct Config {
     /// How many times a guest that crashed before its agent answered is
     /// booted again, each time logged (docs/reliability.md); 0 to 5.
     pub boot_retries: u32,
+    /// Appended to the guest kernel's command line (Kata's
+    /// `kernel_params`), e.g. `sysctl.vm.panic_on_oom=2`; printable ASCII.
+    pub kernel_params: String,
     /// Where each VM's scratch directory (vsock socket, VMM log) goes.
     pub run_dir: PathBuf,
     /// How many containers a pod's VM holds at once besides the sandbox
@@ -130,6 +136,7 @@ impl Default for Config {
             log_level: "info".into(),
             agent_timeout_secs: 180,
             boot_retries: 2,
+            kernel_params: String::new(),
             run_dir: "/run/capsid".into(),
             pod_containers: 8,
             vmm_jail: true,
@@ -147,6 +154,8 @@ pub struct BootFiles {
     pub vmm: PathBuf,
     pub kernel: PathBuf,
     pub initramfs: PathBuf,
+    /// Appended to the VMM's default kernel command line; may be empty.
+    pub kernel_params: String,
 }
 
 /// The size of one micro-VM.
@@ -234,6 +243,16 @@ impl Config {
                 "boot_retries",
                 config.boot_retries.to_string(),
                 "must be 0 to 5",
+            ));
+        }
+        let printable = |c: char| c.is_ascii_graphic() || c == ' ';
+        if config.kernel_params.len() > MAX_KERNEL_PARAMS
+            || !config.kernel_params.chars().all(printable)
+        {
+            return Err(bad(
+                "kernel_params",
+                format!("{:?}", config.kernel_params),
+                "must be at most 1024 printable ASCII characters",
             ));
         }
         if !["kill", "log", "none"].contains(&config.vmm_seccomp.as_str()) {
@@ -345,6 +364,7 @@ impl Config {
             vmm,
             kernel: self.kernel.clone(),
             initramfs: self.initramfs.clone(),
+            kernel_params: self.kernel_params.clone(),
         })
     }
 
@@ -485,6 +505,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(pods.contains("pod_containers = 40"), "{pods}");
+        let params = Config::parse(path, "kernel_params = \"a\\nb\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(params.contains("printable"), "{params}");
         let retries = Config::parse(path, "boot_retries = 9\n")
             .unwrap_err()
             .to_string();

@@ -194,6 +194,20 @@ fn console_tail(dir: &Path) -> String {
     String::from_utf8_lossy(&untrusted_tail(&dir.join(CONSOLE), TAIL_BYTES)).into_owned()
 }
 
+/// How far back in the console a kernel panic's first line is looked for:
+/// its register and stack dump follow it.
+const PANIC_SEARCH_BYTES: u64 = 32 << 10;
+/// What the kernel prints first when it panics.
+const PANIC_MARK: &str = "Kernel panic - not syncing: ";
+
+/// Why the guest kernel panicked, from the last panic line in `console`
+/// (cleaned and cut to 200 characters), if it did.
+fn panic_reason(console: &str) -> Option<String> {
+    let line = console.lines().rev().find(|l| l.contains(PANIC_MARK))?;
+    let (_, why) = line.split_once(PANIC_MARK)?;
+    Some(clean(why.trim()).chars().take(200).collect())
+}
+
 /// What a VMM exit status means for the guest (`capsid_vmm_api` has the table).
 fn explain_exit(status: ExitStatus) -> String {
     match status.code().and_then(capsid_vmm_api::exit_meaning) {
@@ -266,6 +280,13 @@ impl MicroVm {
             .arg("--log-file")
             .arg(&log)
             .args(["--seccomp", &confinement.seccomp]);
+        if !boot.kernel_params.is_empty() {
+            command.arg("--cmdline").arg(format!(
+                "{} {}",
+                capsid_vmm_api::DEFAULT_CMDLINE,
+                boot.kernel_params
+            ));
+        }
         if let Some((uid, gid)) = owner {
             command.arg("--jail").arg(&dir).args([
                 "--uid",
@@ -335,7 +356,12 @@ impl MicroVm {
     /// message; empty if both are.
     pub fn diagnostics(&self) -> String {
         let log = String::from_utf8_lossy(&untrusted_tail(&self.log, TAIL_BYTES)).into_owned();
-        quote("capsid-vmm said", &log)
+        let console = untrusted_tail(&self.dir.join(CONSOLE), PANIC_SEARCH_BYTES);
+        let panicked = panic_reason(&String::from_utf8_lossy(&console))
+            .map(|why| format!("; the guest kernel panicked: {why}"))
+            .unwrap_or_default();
+        panicked
+            + &quote("capsid-vmm said", &log)
             + &quote("the guest console ended with", &console_tail(&self.dir))
     }
 
@@ -657,6 +683,7 @@ mod tests {
                 vmm: vmm.into(),
                 kernel: vmm.into(),
                 initramfs: vmm.into(),
+                kernel_params: String::new(),
             },
             vcpus: 1,
             memory_mib: 64,
@@ -704,6 +731,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("/nonexistent/capsid-vmm"), "{error}");
+    }
+
+    #[test]
+    fn a_kernel_panic_is_named_from_its_first_line_above_the_dump() {
+        let console = "[    1.5] Out of memory\n\
+            [    1.58] Kernel panic - not syncing: Out of memory: compulsory panic_on_oom is enabled\x1b[2J\n\
+            [    1.58] CPU: 0 PID: 35 Comm: dd\n[    1.58] Kernel Offset: disabled\n";
+        assert_eq!(
+            panic_reason(console).as_deref(),
+            Some("Out of memory: compulsory panic_on_oom is enabled [2J")
+        );
+        assert_eq!(panic_reason("[ 0.1] Run /init as init process\n"), None);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use crate::arch::layout::{IOAPIC_PINS, MAX_VCPUS, VIRTIO_IRQ_BASE};
 /// The command line used when none is given: console on the serial port,
 /// a reboot ends the VMM (`reboot=k` pulls the i8042 reset line), a panic
 /// reboots at once, and the console stays quiet (it is slow to emulate).
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
+pub use capsid_vmm_api::DEFAULT_CMDLINE;
 pub const DEFAULT_VCPUS: u8 = 1;
 pub const DEFAULT_MEM_MIB: u32 = 128;
 /// Smallest and largest guest RAM accepted.

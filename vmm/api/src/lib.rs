@@ -17,6 +17,10 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The guest kernel command line capsid-vmm boots with unless told
+/// otherwise; the runtime appends a configuration's `kernel_params` to it.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
+
 /// The longest request line, newline included.
 pub const MAX_REQUEST: usize = 4096;
 
