@@ -295,9 +295,20 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 Some(ClientError::Agent { .. })
             )
         });
+        let timed_out = e.chain().any(|cause| {
+            cause
+                .downcast_ref::<ClientError>()
+                .is_some_and(ClientError::is_timeout)
+        });
         let grace = Duration::from_millis(if refused { 0 } else { 500 });
         match vm.exit_report(grace) {
             Some(report) => anyhow::anyhow!("{:#}{}", e.context(report), vm.diagnostics()),
+            // A guest that stalls a call while its VM runs on says why, if
+            // at all, on its console; the VM is killed when `vm` drops.
+            None if timed_out => anyhow::anyhow!(
+                "{e:#}; the micro-VM was still running and is stopped{}",
+                vm.diagnostics()
+            ),
             None => e,
         }
     })
