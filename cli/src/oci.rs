@@ -551,7 +551,7 @@ pub fn delete(args: &DeleteArgs) -> anyhow::Result<ExitCode> {
     let confinement = capsid_runtime::Config::load()
         .unwrap_or_default()
         .confinement();
-    capsid_runtime::vm::kill_orphan(state.vmm_pid, &dir, &confinement);
+    capsid_runtime::vm::kill_orphans(&dir, &confinement);
     std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
     Ok(ExitCode::SUCCESS)
 }

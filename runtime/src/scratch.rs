@@ -22,7 +22,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
-use crate::confine::{self, Confinement};
+use crate::confine::Confinement;
 
 /// Where the scratch directories go, under the configuration's `run_dir`.
 pub fn runs_dir(run_dir: &Path) -> PathBuf {
@@ -117,10 +117,7 @@ pub fn sweep(run_dir: &Path, confinement: &Confinement) -> Vec<PathBuf> {
         if flock(&dir, libc::LOCK_EX | libc::LOCK_NB).is_err() || !has_entry(&dir, OWNER) {
             continue;
         }
-        kill_vmms_serving(&path);
-        if let Some(parent) = &confinement.cgroup_parent {
-            confine::remove_cgroup(&parent.join(confine::cgroup_name(&path)));
-        }
+        crate::vm::kill_orphans(&path, confinement);
         match std::fs::remove_dir_all(&path) {
             Ok(()) => swept.push(path),
             Err(e) => log::warn!(
@@ -130,33 +127,6 @@ pub fn sweep(run_dir: &Path, confinement: &Confinement) -> Vec<PathBuf> {
         }
     }
     swept
-}
-
-/// SIGKILLs every capsid-vmm whose arguments name `dir` (a keeper takes
-/// its VMM with it); normally none is left, as each dies with its owner.
-fn kill_vmms_serving(dir: &Path) {
-    let Ok(processes) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    let needle = dir.to_string_lossy();
-    for process in processes.flatten() {
-        let Some(pid) = process
-            .file_name()
-            .to_str()
-            .and_then(|p| p.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let comm = std::fs::read_to_string(process.path().join("comm")).unwrap_or_default();
-        let Ok(pid_u32) = u32::try_from(pid) else {
-            continue;
-        };
-        if comm.trim() == "capsid-vmm" && crate::vm::alive_with(pid_u32, &[&needle]) {
-            // SAFETY: kill takes plain integers; the pid was just checked to
-            // be a capsid-vmm serving `dir`.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-    }
 }
 
 #[cfg(test)]

@@ -648,20 +648,40 @@ pub fn alive_with(pid: u32, needles: &[&str]) -> bool {
         })
 }
 
-/// SIGKILLs the VMM `pid` left by a process that died (a shim, a
-/// monitor), if it still runs and is the one whose socket is in `dir`,
-/// and removes its cgroup (killing what is left in it).
-pub fn kill_orphan(pid: u32, dir: &Path, confinement: &Confinement) -> bool {
-    let ours = alive_with(pid, &[&dir.to_string_lossy()]);
-    if let (true, Ok(pid)) = (ours, i32::try_from(pid)) {
-        // SAFETY: kill() takes plain integers; the pid was just checked to
-        // be the VMM serving `dir`.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
+/// SIGKILLs every capsid-vmm whose arguments name `dir`, left by a
+/// process that died (a shim, a monitor, a `capsid run`), and removes the
+/// VM's cgroup (killing what is left in it). A keeper takes its VMM with
+/// it. Found by their arguments rather than a recorded pid, so that a VMM
+/// started a moment before its owner died, before any pid was written
+/// down, is found too. Returns how many were killed.
+pub fn kill_orphans(dir: &Path, confinement: &Confinement) -> usize {
+    let needle = dir.to_string_lossy();
+    let mut killed = 0;
+    if let Ok(processes) = std::fs::read_dir("/proc") {
+        for process in processes.flatten() {
+            let Some(pid) = process
+                .file_name()
+                .to_str()
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let comm = std::fs::read_to_string(process.path().join("comm")).unwrap_or_default();
+            if comm.trim() != "capsid-vmm" || !alive_with(pid, &[&needle]) {
+                continue;
+            }
+            if let Ok(pid) = i32::try_from(pid) {
+                // SAFETY: kill() takes plain integers; the pid was just
+                // checked to be a capsid-vmm serving `dir`.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                killed += 1;
+            }
+        }
     }
     if let Some(parent) = &confinement.cgroup_parent {
         confine::remove_cgroup(&parent.join(confine::cgroup_name(dir)));
     }
-    ours
+    killed
 }
 
 /// "exit status 1" or "killed by signal 9".

@@ -130,11 +130,20 @@ impl Proc {
     }
 }
 
-/// What `delete` needs to clean up after a shim that died.
+/// What `delete` needs to clean up after a shim that died: the VM's
+/// scratch directory, which names its VMM. Written before the VMM starts,
+/// so that a shim killed while its guest boots leaves nothing either.
 #[derive(Debug, Serialize, Deserialize)]
 struct Leftovers {
-    vmm_pid: u32,
     scratch: PathBuf,
+}
+
+impl Leftovers {
+    fn record(&self, bundle: &Path) {
+        if let Ok(json) = serde_json::to_vec(self) {
+            let _ = std::fs::write(bundle.join(STATE_FILE), json);
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -179,7 +188,16 @@ impl Container {
                 } else {
                     0
                 };
-                let (sandbox, rootfs) = Sandbox::boot(config, id, size, &image, spare)?;
+                let record = |scratch: &Path| {
+                    Leftovers {
+                        scratch: scratch.to_owned(),
+                    }
+                    .record(bundle);
+                };
+                let (sandbox, rootfs) = Sandbox::boot(config, id, size, &image, spare, &record)
+                    .inspect_err(|_| {
+                        let _ = std::fs::remove_file(bundle.join(STATE_FILE));
+                    })?;
                 (Arc::new(sandbox), None, rootfs)
             }
         };
@@ -190,13 +208,10 @@ impl Container {
             let _ = std::fs::remove_file(bundle.join(STATE_FILE));
             e
         };
-        let leftovers = Leftovers {
-            vmm_pid: sandbox.vmm_pid,
+        Leftovers {
             scratch: sandbox.scratch().to_owned(),
-        };
-        if let Ok(json) = serde_json::to_vec(&leftovers) {
-            let _ = std::fs::write(bundle.join(STATE_FILE), json);
         }
+        .record(bundle);
         let pid = sandbox
             .client
             .create_container(CreateContainer {
@@ -345,12 +360,14 @@ pub fn cleanup_leftovers(bundle: &Path, id: &str) {
         .ok()
         .and_then(|json| serde_json::from_slice::<Leftovers>(&json).ok())
     {
-        let confinement = Config::load().unwrap_or_default().confinement();
-        if capsid_runtime::vm::kill_orphan(leftovers.vmm_pid, &leftovers.scratch, &confinement) {
-            log::warn!("{id}: killed the leftover capsid-vmm {}", leftovers.vmm_pid);
-        }
         let scratch = leftovers.scratch.to_string_lossy();
-        if leftovers.scratch.starts_with("/") && scratch.contains("/vm-") {
+        // Only a VM directory of ours: the file is in a bundle others write.
+        if leftovers.scratch.is_absolute() && scratch.contains("/vm-") {
+            let confinement = Config::load().unwrap_or_default().confinement();
+            let killed = capsid_runtime::vm::kill_orphans(&leftovers.scratch, &confinement);
+            if killed > 0 {
+                log::warn!("{id}: killed the capsid-vmm its shim left ({scratch})");
+            }
             let _ = std::fs::remove_dir_all(&leftovers.scratch);
         }
         let _ = std::fs::remove_file(&state);

@@ -80,7 +80,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Sandbox {
     /// Boots a VM for container `id`, with its rootfs image as the first
-    /// disk and `spare_disks` slots for containers joining later. On an
+    /// disk and `spare_disks` slots for containers joining later; `record`
+    /// hears of the VM's scratch directory before its VMM starts. On an
     /// error, nothing it made is left.
     pub fn boot(
         config: &Config,
@@ -88,6 +89,7 @@ impl Sandbox {
         size: VmSize,
         image: &RootfsImage,
         spare_disks: u8,
+        record: &dyn Fn(&Path),
     ) -> Result<(Self, Rootfs), ContainerError> {
         std::fs::create_dir_all(&config.run_dir)
             .map_err(|e| ContainerError::Scratch(config.run_dir.clone(), e))?;
@@ -95,6 +97,7 @@ impl Sandbox {
             .prefix("vm-")
             .tempdir_in(&config.run_dir)
             .map_err(|e| ContainerError::Scratch(config.run_dir.clone(), e))?;
+        record(scratch.path());
         let (disk, rootfs) = rootfs_disk(image);
         let (vm, client) = MicroVm::boot(
             &VmSpec {

@@ -420,7 +420,7 @@ fn a_killed_capsid_run_takes_its_micro_vm_with_it_and_the_next_run_clears_the_re
 
 /// `capsid ARGS`, bounded; stdout, stderr, exit code. The output goes to
 /// files: `create` leaves a monitor holding them, as runc's container does.
-fn capsid(args: &[&str], scratch: &std::path::Path) -> (String, String, Option<i32>) {
+pub(crate) fn capsid(args: &[&str], scratch: &std::path::Path) -> (String, String, Option<i32>) {
     let out = scratch.join(format!("out-{}", args[0]));
     let err = scratch.join(format!("err-{}", args[0]));
     let mut child = Command::new(artifact("CAPSID_CLI"))
@@ -442,11 +442,27 @@ fn capsid(args: &[&str], scratch: &std::path::Path) -> (String, String, Option<i
     (read(&out), read(&err), status.code())
 }
 
-fn oci_status(root: &str, id: &str, scratch: &std::path::Path) -> String {
+pub(crate) fn oci_status(root: &str, id: &str, scratch: &std::path::Path) -> String {
     let (out, err, code) = capsid(&["state", "--root", root, id], scratch);
     assert_eq!(code, Some(0), "{err}");
     let state: serde_json::Value = serde_json::from_str(&out).unwrap();
     state["status"].as_str().unwrap().to_owned()
+}
+
+/// A bundle in `scratch/bundle` over the test rootfs whose process runs
+/// `sh -c script`, without a terminal.
+pub(crate) fn oci_bundle(scratch: &std::path::Path, script: &str) -> PathBuf {
+    let bundle = scratch.join("bundle");
+    std::fs::create_dir_all(&bundle).unwrap();
+    let rootfs = std::env::var_os("CAPSID_TEST_ROOTFS_DIR").expect("set by `make test`");
+    std::os::unix::fs::symlink(rootfs, bundle.join("rootfs")).unwrap();
+    let mut spec = oci_spec::runtime::Spec::default();
+    let mut process = spec.process().clone().unwrap();
+    process.set_args(Some(vec!["sh".into(), "-c".into(), script.into()]));
+    process.set_terminal(Some(false));
+    spec.set_process(Some(process));
+    spec.save(bundle.join("config.json")).unwrap();
+    bundle
 }
 
 #[test]
@@ -455,20 +471,7 @@ fn capsid_oci_verbs_follow_runcs_conventions() {
         return;
     }
     let scratch = tempfile_dir("capsid-oci-test");
-    let bundle = scratch.join("bundle");
-    std::fs::create_dir_all(&bundle).unwrap();
-    let rootfs = std::env::var_os("CAPSID_TEST_ROOTFS_DIR").expect("set by `make test`");
-    std::os::unix::fs::symlink(rootfs, bundle.join("rootfs")).unwrap();
-    let mut spec = oci_spec::runtime::Spec::default();
-    let mut process = spec.process().clone().unwrap();
-    process.set_args(Some(vec![
-        "sh".into(),
-        "-c".into(),
-        "echo started; exec sleep 1000".into(),
-    ]));
-    process.set_terminal(Some(false));
-    spec.set_process(Some(process));
-    spec.save(bundle.join("config.json")).unwrap();
+    let bundle = oci_bundle(&scratch, "echo started; exec sleep 1000");
     let root = scratch.join("state");
     let root = root.to_str().unwrap();
     let bundle = bundle.to_str().unwrap();
@@ -537,7 +540,7 @@ fn capsid_oci_verbs_follow_runcs_conventions() {
     let _ = std::fs::remove_dir_all(&scratch);
 }
 
-fn tempfile_dir(prefix: &str) -> PathBuf {
+pub(crate) fn tempfile_dir(prefix: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();

@@ -26,7 +26,7 @@ fn pids_named(name: &str) -> Vec<String> {
 
 /// Pids of processes whose program (argv[0]) ends with `name` and whose
 /// command line contains `with`.
-fn pids_of(name: &str, with: &str) -> Vec<i32> {
+pub(crate) fn pids_of(name: &str, with: &str) -> Vec<i32> {
     std::fs::read_dir("/proc")
         .unwrap()
         .flatten()
@@ -48,7 +48,7 @@ fn pids_of(name: &str, with: &str) -> Vec<i32> {
 
 /// One pid per running VM: its keeper, the `capsid-vmm` whose parent is
 /// not one (the VMM proper runs under it, in its own PID namespace).
-fn vms() -> Vec<i32> {
+pub(crate) fn vms() -> Vec<i32> {
     let all = pids_of("capsid-vmm", "");
     all.iter()
         .copied()

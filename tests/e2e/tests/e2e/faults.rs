@@ -11,7 +11,11 @@ use std::time::{Duration, Instant};
 use capsid_e2e::containerd::{BUSYBOX, Containerd};
 use capsid_e2e::{artifact, require_kvm};
 
-use crate::cli::{capsid_run, child_named, leftovers, processes_left_after};
+use crate::cli::{
+    capsid, capsid_run, child_named, leftovers, oci_bundle, oci_status, processes_left_after,
+    tempfile_dir,
+};
+use crate::containerd::{pids_of, vms};
 
 fn rootfs() -> String {
     std::env::var("CAPSID_TEST_ROOTFS_DIR").expect("CAPSID_TEST_ROOTFS_DIR is set by `make test`")
@@ -253,4 +257,288 @@ fn containerd_restarted_while_a_task_runs_keeps_it_and_can_still_delete_it() {
     containerd.ctr_ok(&["task", "delete", "r1"]);
     containerd.ctr_ok(&["containers", "rm", "r1"]);
     containerd.assert_no_leftovers();
+}
+
+/// SIGKILLs the shim serving container `id`, once it runs.
+fn kill_shim_of(id: &str) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let [shim] = pids_of("containerd-shim-capsid-v2", id)[..] {
+            // SAFETY: kill() takes plain integers.
+            unsafe { libc::kill(shim, libc::SIGKILL) };
+            return shim;
+        }
+        assert!(Instant::now() < deadline, "no shim for {id} within 60 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Waits at most 60 s for `child` (a `ctr` the fault broke); its status.
+fn ended_within_a_minute(mut child: std::process::Child, what: &str) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} still ran 60 s after its shim was killed");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Removes what containerd still lists of `id` after a fault; a task or
+/// container may already be gone.
+fn forget(containerd: &Containerd, id: &str) {
+    let _ = containerd.ctr(&["task", "delete", "--force", id]);
+    let _ = containerd.ctr(&["containers", "rm", id]);
+}
+
+#[test]
+fn the_shim_killed_while_creating_in_an_exec_or_deleting_leaves_nothing() {
+    if !require_kvm("the_shim_killed_while_creating_in_an_exec_or_deleting_leaves_nothing") {
+        return;
+    }
+    let containerd = Containerd::start();
+
+    // Creating: killed once its VMM exists, while the guest boots and
+    // before the agent answered.
+    let run = containerd
+        .ctr_command(&Containerd::run_args(
+            &["-d"],
+            BUSYBOX,
+            "k1",
+            &["sleep", "1000"],
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ctr run");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while vms().is_empty() {
+        assert!(Instant::now() < deadline, "k1 started no VMM within 60 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    kill_shim_of("k1");
+    let status = ended_within_a_minute(run, "ctr run");
+    assert!(
+        !status.success(),
+        "ctr run of k1 succeeded without its shim"
+    );
+    forget(&containerd, "k1");
+    containerd.assert_no_leftovers();
+
+    // In an exec: the exec's `ctr` ends with an error, the task stops.
+    containerd.ctr_ok(&Containerd::run_args(
+        &["-d"],
+        BUSYBOX,
+        "k2",
+        &["sleep", "1000"],
+    ));
+    let mut exec = containerd
+        .ctr_command(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "e1",
+            "k2",
+            "sh",
+            "-c",
+            "echo started; sleep 1000",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ctr task exec");
+    let mut said = [0u8; 8];
+    std::io::Read::read_exact(exec.stdout.as_mut().unwrap(), &mut said)
+        .expect("the exec's first line");
+    assert_eq!(&said, b"started\n");
+    kill_shim_of("k2");
+    let status = ended_within_a_minute(exec, "ctr task exec");
+    assert!(!status.success(), "the exec succeeded without its shim");
+    forget(&containerd, "k2");
+    containerd.assert_no_leftovers();
+
+    // Deleting: killed while `ctr task delete` tears the VM down (or just
+    // before, or just after: either way, nothing may stay).
+    containerd.ctr_ok(&Containerd::run_args(
+        &["-d"],
+        BUSYBOX,
+        "k3",
+        &["sleep", "1000"],
+    ));
+    containerd.ctr_ok(&["task", "kill", "-s", "SIGKILL", "k3"]);
+    containerd.wait_for_status("k3", "STOPPED");
+    let delete = containerd
+        .ctr_command(&["task", "delete", "k3"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ctr task delete");
+    // The VM goes first in a delete; the shim is killed right after, as
+    // it removes the rest.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !vms().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "k3's VM lived on 60 s into its delete"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    kill_shim_of("k3");
+    ended_within_a_minute(delete, "ctr task delete");
+    forget(&containerd, "k3");
+    containerd.assert_no_leftovers();
+}
+
+#[test]
+fn a_guest_kernel_panic_under_a_task_stops_it_and_the_log_names_the_panic() {
+    if !require_kvm("a_guest_kernel_panic_under_a_task_stops_it_and_the_log_names_the_panic") {
+        return;
+    }
+    let containerd = Containerd::start();
+    // An operator's kernel_params make any OOM panic the guest's kernel;
+    // each shim reads the configuration when containerd starts it.
+    let mut config = std::fs::OpenOptions::new()
+        .append(true)
+        .open(containerd.dir().join("capsid.toml"))
+        .unwrap();
+    std::io::Write::write_all(
+        &mut config,
+        b"kernel_params = \"sysctl.vm.panic_on_oom=2\"\n",
+    )
+    .unwrap();
+    let started = Instant::now();
+    let run = containerd.ctr(&Containerd::run_args(
+        &["--memory-limit", "33554432"],
+        BUSYBOX,
+        "p1",
+        // Less than the VM's 96 MiB (the limit + overhead_mib), so the
+        // allocation succeeds and touching it is what runs out.
+        &["dd", "if=/dev/zero", "of=/dev/null", "bs=48M", "count=1"],
+    ));
+    let log = containerd.log();
+    assert_eq!(
+        run.status.code(),
+        Some(255),
+        "a task whose guest kernel panicked: {run:?}\ncontainerd's log:\n{log}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(120), "{run:?}");
+    assert!(
+        log.contains("the guest kernel panicked: Out of memory") && log.contains("panic_on_oom"),
+        "the shim's log does not quote the guest's panic:\n{log}"
+    );
+    let _ = containerd.ctr(&["task", "delete", "p1"]);
+    containerd.ctr_ok(&["containers", "rm", "p1"]);
+    containerd.assert_no_leftovers();
+}
+
+/// `capsid VERB ...` started with its output in files under `scratch`,
+/// for a test to kill.
+fn spawn_capsid(args: &[&str], scratch: &Path) -> std::process::Child {
+    Command::new(artifact("CAPSID_CLI"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(scratch.join(format!("out-killed-{}", args[0]))).unwrap())
+        .stderr(std::fs::File::create(scratch.join(format!("err-killed-{}", args[0]))).unwrap())
+        .spawn()
+        .expect("spawn capsid")
+}
+
+/// `capsid delete --force ID` after a fault: it succeeds, or the
+/// container is already gone; then nothing of it is left.
+fn force_delete_leaves_nothing(root: &str, id: &str, scratch: &Path) {
+    let (_, err, code) = capsid(&["delete", "--force", "--root", root, id], scratch);
+    assert!(
+        code == Some(0) || err.contains("does not exist"),
+        "delete --force {id} after a fault: {err}"
+    );
+    let left = processes_left_after(Duration::from_secs(20));
+    assert!(left.is_empty(), "after delete --force {id}: {left:?}");
+    assert!(
+        !Path::new(root).join(id).exists(),
+        "{id}'s state directory is left"
+    );
+}
+
+#[test]
+fn capsid_create_exec_and_delete_killed_midway_leave_nothing_after_delete_force() {
+    if !require_kvm("capsid_create_exec_and_delete_killed_midway_leave_nothing_after_delete_force")
+    {
+        return;
+    }
+    let scratch = tempfile_dir("capsid-oci-faults");
+    let bundle = oci_bundle(&scratch, "exec sleep 1000");
+    let root = scratch.join("state");
+    let root = root.to_str().unwrap();
+    let bundle = bundle.to_str().unwrap();
+
+    // create, killed once its VMM exists: the guest still boots.
+    let mut create = spawn_capsid(
+        &["create", "--root", root, "--bundle", bundle, "o1"],
+        &scratch,
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !leftovers().iter().any(|l| l.contains("capsid-vmm")) {
+        assert!(
+            Instant::now() < deadline,
+            "create started no VMM within 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    create.kill().unwrap();
+    create.wait().unwrap();
+    force_delete_leaves_nothing(root, "o1", &scratch);
+
+    // exec, killed while its command runs: the container lives on.
+    let (_, err, code) = capsid(
+        &["create", "--root", root, "--bundle", bundle, "o2"],
+        &scratch,
+    );
+    assert_eq!(code, Some(0), "create: {err}");
+    let (_, err, code) = capsid(&["start", "--root", root, "o2"], &scratch);
+    assert_eq!(code, Some(0), "start: {err}");
+    let mut exec = spawn_capsid(
+        &[
+            "exec",
+            "--root",
+            root,
+            "o2",
+            "--",
+            "sh",
+            "-c",
+            "echo in-exec; exec sleep 1000",
+        ],
+        &scratch,
+    );
+    let said = scratch.join("out-killed-exec");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::read_to_string(&said).unwrap_or_default() != "in-exec\n" {
+        assert!(Instant::now() < deadline, "the exec did not start in 60 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    exec.kill().unwrap();
+    exec.wait().unwrap();
+    assert_eq!(oci_status(root, "o2", &scratch), "running");
+    force_delete_leaves_nothing(root, "o2", &scratch);
+
+    // delete, killed once it has told the monitor to stop.
+    let (_, err, code) = capsid(
+        &["create", "--root", root, "--bundle", bundle, "o3"],
+        &scratch,
+    );
+    assert_eq!(code, Some(0), "create: {err}");
+    let mut delete = spawn_capsid(&["delete", "--force", "--root", root, "o3"], &scratch);
+    std::thread::sleep(Duration::from_millis(100));
+    delete.kill().unwrap();
+    delete.wait().unwrap();
+    force_delete_leaves_nothing(root, "o3", &scratch);
+    assert_eq!(leftovers(), Vec::<String>::new());
+    let _ = std::fs::remove_dir_all(&scratch);
 }
