@@ -170,19 +170,20 @@ impl AgentClient {
         let mut pause = Duration::from_millis(5);
         loop {
             let deadline = Instant::now() + io_timeout.min(HANDSHAKE_TIMEOUT);
-            let attempt = hybrid_connect(uds, port).and_then(|stream| {
-                let agent = hello(
-                    &mut Deadline {
-                        stream: &stream,
-                        until: deadline,
-                    },
-                    "Hello",
-                    &Hello::Control {
-                        version: PROTOCOL_VERSION,
-                    },
-                )?;
-                Ok((stream, agent))
-            });
+            let attempt =
+                hybrid_connect(uds, port, io_timeout.min(HANDSHAKE_TIMEOUT)).and_then(|stream| {
+                    let agent = hello(
+                        &mut Deadline {
+                            stream: &stream,
+                            until: deadline,
+                        },
+                        "Hello",
+                        &Hello::Control {
+                            version: PROTOCOL_VERSION,
+                        },
+                    )?;
+                    Ok((stream, agent))
+                });
             match attempt {
                 Ok((stream, agent)) => {
                     return Ok(Self {
@@ -403,7 +404,7 @@ impl AgentClient {
     /// A new connection to the agent, its hello answered, within the
     /// call deadline.
     fn open(&self, first: &Hello) -> Result<UnixStream, ClientError> {
-        let stream = hybrid_connect(&self.uds, self.port)?;
+        let stream = hybrid_connect(&self.uds, self.port, self.io_timeout)?;
         let mut bounded = Deadline {
             stream: &stream,
             until: Instant::now() + self.io_timeout,
@@ -532,21 +533,33 @@ fn hello<S: Read + Write>(
 }
 
 /// Connects to the VMM's socket and asks for the guest's `port`.
-fn hybrid_connect(uds: &Path, port: u32) -> Result<UnixStream, ClientError> {
-    let mut stream = UnixStream::connect(uds).map_err(|e| ClientError::Socket(uds.into(), e))?;
-    stream
-        .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
-        .and_then(|()| stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT)))
-        .map_err(|e| ClientError::Socket(uds.into(), e))?;
-    stream
+fn hybrid_connect(uds: &Path, port: u32, within: Duration) -> Result<UnixStream, ClientError> {
+    let stream = UnixStream::connect(uds).map_err(|e| ClientError::Socket(uds.into(), e))?;
+    // One deadline for the line out and the answer back; a VMM that does
+    // not answer in time has missed a deadline like an agent that does not.
+    let missed = |e: io::Error| {
+        if timed_out(&e) {
+            ClientError::Timeout {
+                call: "the vsock handshake",
+                after: within,
+            }
+        } else {
+            ClientError::Socket(uds.into(), e)
+        }
+    };
+    let mut bounded = Deadline {
+        stream: &stream,
+        until: Instant::now() + within,
+    };
+    bounded
         .write_all(format!("CONNECT {port}\n").as_bytes())
-        .map_err(|e| ClientError::Socket(uds.into(), e))?;
+        .map_err(missed)?;
     // Read the answer a byte at a time: what follows the line is the
     // agent's, and must stay in the socket.
     let mut line = Vec::new();
     loop {
         let mut byte = [0u8];
-        match (&stream).read(&mut byte) {
+        match bounded.read(&mut byte) {
             Ok(0) => {
                 return Err(ClientError::Handshake(
                     "the VMM closed the connection (nothing listens on that port yet)".into(),
@@ -555,7 +568,7 @@ fn hybrid_connect(uds: &Path, port: u32) -> Result<UnixStream, ClientError> {
             Ok(_) if byte[0] == b'\n' => break,
             Ok(_) if line.len() < 32 => line.push(byte[0]),
             Ok(_) => return Err(ClientError::Handshake("answer line too long".into())),
-            Err(e) => return Err(ClientError::Socket(uds.into(), e)),
+            Err(e) => return Err(missed(e)),
         }
     }
     let line = String::from_utf8_lossy(&line);
@@ -736,7 +749,7 @@ mod tests {
     fn bad_handshakes_are_errors() {
         for answer in [&b"NO\n"[..], b"OK x\n", &[b'O'; 100]] {
             let (_dir, path) = fake_agent(answer, vec![vec![]]);
-            let err = hybrid_connect(&path, 1).unwrap_err();
+            let err = hybrid_connect(&path, 1, HANDSHAKE_TIMEOUT).unwrap_err();
             assert!(matches!(err, ClientError::Handshake(_)), "{err}");
         }
     }
@@ -816,6 +829,32 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
+    }
+
+    #[test]
+    fn a_vmm_that_never_answers_the_handshake_misses_the_call_deadline() {
+        // Before the fix a call's handshake gave up after 5 s with a socket
+        // error, not a missed deadline: the shim's timeout hook never
+        // fired, and `capsid run` did not say the VM had stalled.
+        let dir = tempdir::Dir::new();
+        let path = dir.0.join("vsock.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let held = thread::spawn(move || listener.accept().map(|(stream, _)| stream));
+        let started = Instant::now();
+        let err = hybrid_connect(&path, 1024, Duration::from_millis(300)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ClientError::Timeout {
+                    call: "the vsock handshake",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.is_timeout());
+        assert!(started.elapsed() < Duration::from_secs(2));
+        drop(held.join());
     }
 
     #[test]
