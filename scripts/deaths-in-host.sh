@@ -54,6 +54,9 @@ while [ $i -lt "$N" ]; do
             why=$(grep -o 'triple-faulted\|KVM_EXIT_[A-Z_]*\|exit status [0-9]*' "$dir/log" | head -n 1)
             if kill -0 "$(cat "$dir/pid")" 2>/dev/null; then why="hung for 90 s"; fi
             echo "DEATH $VMM $i-$k: ${why:-exited} after: ${where:-no console output}"
+            # The console's end, for target/deaths/consoles.txt.
+            tr -d '\r' < "$dir/console" | grep -v '^[[:space:]]*$' | tail -n 40 \
+                | cut -c1-200 | sed "s/^/CONSOLE $VMM $i-$k| /"
         fi
         kill "$(cat "$dir/pid")" 2>/dev/null
     done

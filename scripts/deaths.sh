@@ -7,7 +7,8 @@
 # batch of 100 boots per VMM gets a fresh test host (its own kernel has
 # crashed in runs of more than about 20 minutes); the VMMs take turns per
 # batch; a test host that dies cuts its batch short, and the report says
-# so. Writes target/deaths/deaths.txt; docs/reliability.md has figures.
+# so. Writes target/deaths/deaths.txt and the end of each dead guest's
+# console to target/deaths/consoles.txt; docs/reliability.md has figures.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/lib.sh
@@ -34,11 +35,19 @@ for k in $at_once; do
 done
 # Per batch and VMM, the last count: a series cut short by the test host's
 # death counts what it booted, and is named.
+# A batch's log holds one attempt per test host (the testbed runs the
+# command again on a fresh one when its test host dies): each attempt's
+# last count per VMM counts, the cut-short ones too.
 summary=$(for out in target/deaths/batch-*.log; do
     awk -v batch="$out" '
+        function flush(v) {
+            for (v in last) { print last[v]; if (!(v in done)) print "CUT " v " " batch }
+            split("", last); split("", done)
+        }
+        /^CAPSID-TESTBED-READY/ { flush() }
         $1 == "COUNT" { last[$2] = $0 }
         $1 == "RESULT" { done[$2] = 1 }
-        END { for (v in last) { print last[v]; if (!(v in done)) print "CUT " v " " batch } }' "$out"
+        END { flush() }' "$out"
 done)
 {
     echo "deaths before /init per 100 boots ($(git rev-parse --short HEAD 2>/dev/null || echo unknown), $(date -u +%F))"
@@ -49,6 +58,7 @@ done)
         | sort -k2n -k1
     printf '%s\n' "$summary" | awk '$1 == "CUT" { print "the test host died during the " $2 " series of " $3 " (see its .stderr)" }'
     echo
-    echo "where each died (the console's last line):"
+    echo "where each died (the console's last line; target/deaths/consoles.txt has the last 40):"
     cat target/deaths/batch-*.log | grep '^DEATH ' | sed 's/^DEATH /  /' || echo "  (none)"
 } | tee target/deaths/deaths.txt
+grep -h '^CONSOLE ' target/deaths/batch-*.log | sed 's/^CONSOLE //' > target/deaths/consoles.txt || true
