@@ -11,7 +11,7 @@ use capsid_e2e::{artifact, on_a_pty, require_kvm};
 /// Generous (nested mode), but a hang must end the test with what was said.
 const RUN_BOUND: Duration = Duration::from_secs(150);
 
-fn unsafe_free_kill(pid: u32, signal: i32) {
+pub(crate) fn unsafe_free_kill(pid: u32, signal: i32) {
     let _ = Command::new("kill")
         .arg(format!("-{signal}"))
         .arg(pid.to_string())
@@ -318,14 +318,24 @@ pub(crate) fn child_named(parent: u32, comm: &str) -> Option<u32> {
         })
 }
 
-/// `capsid run -- sh -c "echo started; sleep SECONDS"`, once the command
-/// said it started: the CLI's process (stderr as asked) and its VMM's pid.
-fn started_in_a_micro_vm(seconds: u32, stderr: Stdio) -> (std::process::Child, u32) {
+/// `capsid run OPTIONS -- sh -c "echo started; sleep SECONDS"` with `envs`
+/// added to its environment, once the command said it started: the CLI's
+/// process (stderr as asked) and its VMM's pid (the keeper's, under which
+/// the confined VMM runs).
+pub(crate) fn started_in_a_micro_vm(
+    options: &[&str],
+    envs: &[(&str, &std::path::Path)],
+    seconds: u32,
+    stderr: Stdio,
+) -> (std::process::Child, u32) {
     let rootfs = std::env::var("CAPSID_TEST_ROOTFS_DIR").unwrap();
     let mut child = Command::new(artifact("CAPSID_CLI"))
-        .args(["run", "--rootfs", &rootfs, "--", "sh", "-c"])
+        .arg("run")
+        .args(options)
+        .args(["--rootfs", &rootfs, "--", "sh", "-c"])
         .arg(format!("echo started; sleep {seconds}"))
         .env("TMPDIR", std::env::temp_dir())
+        .envs(envs.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(stderr)
@@ -353,7 +363,7 @@ fn a_micro_vm_that_dies_under_a_command_is_named_with_its_console() {
     if !require_kvm("a_micro_vm_that_dies_under_a_command_is_named_with_its_console") {
         return;
     }
-    let (mut child, vmm) = started_in_a_micro_vm(100, Stdio::piped());
+    let (mut child, vmm) = started_in_a_micro_vm(&[], &[], 100, Stdio::piped());
     let mut stderr = child.stderr.take().unwrap();
     // As if the guest or the VMM died under the command.
     unsafe_free_kill(vmm, libc::SIGKILL);
@@ -393,7 +403,7 @@ fn a_killed_capsid_run_takes_its_micro_vm_with_it_and_the_next_run_clears_the_re
         return;
     }
     // The workload would end by itself after 15 s; the VM must not wait for it.
-    let (mut child, vmm) = started_in_a_micro_vm(15, Stdio::null());
+    let (mut child, vmm) = started_in_a_micro_vm(&[], &[], 15, Stdio::null());
     child.kill().unwrap();
     child.wait().unwrap();
     let left = processes_left_after(Duration::from_secs(10));

@@ -13,7 +13,7 @@ use capsid_e2e::{artifact, require_kvm};
 
 use crate::cli::{
     capsid, capsid_run, child_named, leftovers, oci_bundle, oci_status, processes_left_after,
-    tempfile_dir,
+    started_in_a_micro_vm, tempfile_dir, unsafe_free_kill,
 };
 use crate::containerd::{pids_of, vms};
 
@@ -273,8 +273,11 @@ fn kill_shim_of(id: &str) -> i32 {
     }
 }
 
-/// Waits at most 60 s for `child` (a `ctr` the fault broke); its status.
-fn ended_within_a_minute(mut child: std::process::Child, what: &str) -> std::process::ExitStatus {
+/// Waits at most 60 s for `child` (a command a fault broke); its status.
+fn ended_within_a_minute_of_the_fault(
+    child: &mut std::process::Child,
+    what: &str,
+) -> std::process::ExitStatus {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -283,7 +286,7 @@ fn ended_within_a_minute(mut child: std::process::Child, what: &str) -> std::pro
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("{what} still ran 60 s after its shim was killed");
+            panic!("{what} still ran 60 s after the fault");
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -305,7 +308,7 @@ fn the_shim_killed_while_creating_in_an_exec_or_deleting_leaves_nothing() {
 
     // Creating: killed once its VMM exists, while the guest boots and
     // before the agent answered.
-    let run = containerd
+    let mut run = containerd
         .ctr_command(&Containerd::run_args(
             &["-d"],
             BUSYBOX,
@@ -323,7 +326,7 @@ fn the_shim_killed_while_creating_in_an_exec_or_deleting_leaves_nothing() {
         std::thread::sleep(Duration::from_millis(5));
     }
     kill_shim_of("k1");
-    let status = ended_within_a_minute(run, "ctr run");
+    let status = ended_within_a_minute_of_the_fault(&mut run, "ctr run");
     assert!(
         !status.success(),
         "ctr run of k1 succeeded without its shim"
@@ -359,7 +362,7 @@ fn the_shim_killed_while_creating_in_an_exec_or_deleting_leaves_nothing() {
         .expect("the exec's first line");
     assert_eq!(&said, b"started\n");
     kill_shim_of("k2");
-    let status = ended_within_a_minute(exec, "ctr task exec");
+    let status = ended_within_a_minute_of_the_fault(&mut exec, "ctr task exec");
     assert!(!status.success(), "the exec succeeded without its shim");
     forget(&containerd, "k2");
     containerd.assert_no_leftovers();
@@ -374,7 +377,7 @@ fn the_shim_killed_while_creating_in_an_exec_or_deleting_leaves_nothing() {
     ));
     containerd.ctr_ok(&["task", "kill", "-s", "SIGKILL", "k3"]);
     containerd.wait_for_status("k3", "STOPPED");
-    let delete = containerd
+    let mut delete = containerd
         .ctr_command(&["task", "delete", "k3"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -392,7 +395,7 @@ fn the_shim_killed_while_creating_in_an_exec_or_deleting_leaves_nothing() {
         std::thread::sleep(Duration::from_millis(2));
     }
     kill_shim_of("k3");
-    ended_within_a_minute(delete, "ctr task delete");
+    ended_within_a_minute_of_the_fault(&mut delete, "ctr task delete");
     forget(&containerd, "k3");
     containerd.assert_no_leftovers();
 }
@@ -541,4 +544,183 @@ fn capsid_create_exec_and_delete_killed_midway_leave_nothing_after_delete_force(
     force_delete_leaves_nothing(root, "o3", &scratch);
     assert_eq!(leftovers(), Vec::<String>::new());
     let _ = std::fs::remove_dir_all(&scratch);
+}
+
+#[test]
+fn a_frozen_micro_vm_under_capsid_run_fails_the_call_within_its_deadline_and_quotes_the_console() {
+    if !require_kvm(
+        "a_frozen_micro_vm_under_capsid_run_fails_the_call_within_its_deadline_and_quotes_the_console",
+    ) {
+        return;
+    }
+    let scratch = tempfile_dir("capsid-frozen");
+    let config = scratch.join("capsid.toml");
+    std::fs::write(&config, "agent_timeout_secs = 20\n").unwrap();
+    let (mut child, keeper) = started_in_a_micro_vm(
+        &["--timeout", "4s"],
+        &[("CAPSID_CONFIG", &config)],
+        100,
+        Stdio::piped(),
+    );
+    let mut stderr = child.stderr.take().unwrap();
+    // A guest that stops answering: the VMM and its keeper frozen, as a
+    // wedged vCPU or a stuck host would leave them.
+    let vmm = child_named(keeper, "capsid-vmm").expect("the confined VMM under its keeper");
+    unsafe_free_kill(vmm, libc::SIGSTOP);
+    unsafe_free_kill(keeper, libc::SIGSTOP);
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(90) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("capsid run went on for 90 s with its VMM frozen");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut err).unwrap();
+    eprintln!("what capsid run says when its VM freezes:\n{err}");
+    assert_eq!(status.code(), Some(125), "{err}");
+    assert!(
+        err.contains("did not answer")
+            && err.contains("within 20s")
+            && err.contains("the micro-VM was still running and is stopped")
+            && err.contains("the guest console ended with"),
+        "{err}"
+    );
+    let left = processes_left_after(Duration::from_secs(10));
+    assert!(left.is_empty(), "after a frozen VM: {left:?}");
+    assert_eq!(leftovers(), Vec::<String>::new());
+    let _ = std::fs::remove_dir_all(&scratch);
+}
+
+#[test]
+fn the_vmm_killed_while_booting_or_in_an_exec_ends_the_call_with_its_cause() {
+    if !require_kvm("the_vmm_killed_while_booting_or_in_an_exec_ends_the_call_with_its_cause") {
+        return;
+    }
+    // capsid run, its guest booting: the run fails, naming the VMM's end.
+    let mut run = Command::new(artifact("CAPSID_CLI"))
+        .args(["run", "--rootfs", &rootfs(), "--", "true"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn capsid");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let keeper = loop {
+        if let Some(keeper) = child_named(run.id(), "capsid-vmm") {
+            break keeper;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "capsid run started no VMM within 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    unsafe_free_kill(keeper, libc::SIGKILL);
+    let status = ended_within_a_minute_of_the_fault(&mut run, "capsid run");
+    let mut err = String::new();
+    std::io::Read::read_to_string(run.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(125), "{err}");
+    assert!(err.contains("killed by signal 9"), "{err}");
+    assert_eq!(
+        processes_left_after(Duration::from_secs(10)),
+        Vec::<String>::new()
+    );
+    assert_eq!(leftovers(), Vec::<String>::new());
+
+    let containerd = Containerd::start();
+    // ctr run, its guest booting: the create fails.
+    let mut create = containerd
+        .ctr_command(&Containerd::run_args(
+            &["-d"],
+            BUSYBOX,
+            "v1",
+            &["sleep", "1000"],
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ctr run");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let keeper = loop {
+        if let [keeper] = vms()[..] {
+            break keeper;
+        }
+        assert!(Instant::now() < deadline, "v1 started no VMM within 60 s");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    // SAFETY: kill() takes plain integers.
+    unsafe { libc::kill(keeper, libc::SIGKILL) };
+    let status = ended_within_a_minute_of_the_fault(&mut create, "ctr run");
+    let mut err = String::new();
+    std::io::Read::read_to_string(create.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(
+        !status.success() && err.contains("killed by signal 9"),
+        "ctr run of v1 with its VMM killed while booting: {status}: {err}"
+    );
+    forget(&containerd, "v1");
+    containerd.assert_no_leftovers();
+
+    // In an exec: the exec ends (255, as with runc when the container's
+    // namespace dies), so does the task.
+    containerd.ctr_ok(&Containerd::run_args(
+        &["-d"],
+        BUSYBOX,
+        "v2",
+        &["sleep", "1000"],
+    ));
+    let mut exec = containerd
+        .ctr_command(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "e1",
+            "v2",
+            "sh",
+            "-c",
+            "echo started; sleep 1000",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ctr task exec");
+    let mut said = [0u8; 8];
+    std::io::Read::read_exact(exec.stdout.as_mut().unwrap(), &mut said)
+        .expect("the exec's first line");
+    let [keeper] = vms()[..] else {
+        panic!("not one VM for v2: {:?}", vms());
+    };
+    // SAFETY: kill() takes plain integers.
+    unsafe { libc::kill(keeper, libc::SIGKILL) };
+    let status = ended_within_a_minute_of_the_fault(&mut exec, "ctr task exec");
+    assert_eq!(status.code(), Some(255), "the exec whose VM died");
+    containerd.wait_for_status("v2", "STOPPED");
+    containerd.ctr_ok(&["task", "delete", "v2"]);
+    containerd.ctr_ok(&["containers", "rm", "v2"]);
+    containerd.assert_no_leftovers();
+}
+
+#[test]
+fn a_guest_too_small_for_its_agent_is_refused_with_what_does_not_fit() {
+    if !require_kvm("a_guest_too_small_for_its_agent_is_refused_with_what_does_not_fit") {
+        return;
+    }
+    // 32 MiB is the smallest VM the configuration allows; our kernel and
+    // initramfs need a little more (36 MiB boots).
+    let (output, took) = capsid_run(&["--memory", "32M", "--", "true"], b"");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(125), "{stderr}");
+    assert!(took < Duration::from_secs(60), "{took:?}: {stderr}");
+    assert!(
+        stderr.contains("does not fit in guest memory"),
+        "capsid run --memory 32M: {stderr}"
+    );
+    assert_eq!(leftovers(), Vec::<String>::new());
 }
