@@ -6,6 +6,12 @@
 //! the middle is made readable and writable; [`GuestRam`] unmaps the whole
 //! reservation when dropped. Pages are allocated only when the guest touches
 //! them (`MAP_NORESERVE`).
+//!
+//! Each range starts at a host address aligned like its guest address, to
+//! 2 MiB: KVM maps guest memory with 2 MiB pages only where the two agree,
+//! and where the host backs it with transparent huge pages. Unaligned, every
+//! guest page is mapped on its own, and each first touch is a nested page
+//! fault (QEMU aligns its RAM the same way).
 
 use std::io;
 use std::sync::Arc;
@@ -58,6 +64,9 @@ pub struct GuestRam {
     _reservations: Vec<Arc<Reservation>>,
 }
 
+/// The alignment of each RAM range's host address: an x86 large page.
+const HUGE_PAGE: usize = 2 << 20;
+
 fn page_size() -> usize {
     // SAFETY: sysconf has no preconditions.
     usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096)
@@ -71,8 +80,9 @@ impl GuestRam {
         let mut reservations = Vec::new();
         for range in ram_ranges(mem_bytes) {
             let len = usize::try_from(range.len).map_err(|_| MemoryError::Size(mem_bytes >> 20))?;
+            // Room for a guard page on each side and for the alignment.
             let total = len
-                .checked_add(2 * page)
+                .checked_add(2 * page + HUGE_PAGE)
                 .ok_or(MemoryError::Size(mem_bytes >> 20))?;
             // SAFETY: a fresh anonymous mapping at an address of the kernel's
             // choosing; the result is checked below.
@@ -91,11 +101,18 @@ impl GuestRam {
             }
             let reservation = Arc::new(Reservation { base, len: total });
             let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
-            // SAFETY: `base + page` lies inside the reservation just made and
-            // `len + page <= total`; MAP_FIXED replaces only our own pages.
+            // The first address after a guard page that is aligned like the
+            // range's guest address (ranges start at multiples of 2 MiB or
+            // at 0): at most `page + HUGE_PAGE` into the reservation.
+            let skew = usize::try_from(range.start).unwrap_or(0) % HUGE_PAGE;
+            let first = base.addr() + page;
+            let offset = page + (skew + HUGE_PAGE - first % HUGE_PAGE) % HUGE_PAGE;
+            // SAFETY: `base + offset` lies inside the reservation just made,
+            // with `offset >= page` and `offset + len + page <= total`;
+            // MAP_FIXED replaces only our own pages.
             let ram = unsafe {
                 libc::mmap(
-                    base.cast::<u8>().add(page).cast(),
+                    base.cast::<u8>().add(offset).cast(),
                     len,
                     libc::PROT_READ | libc::PROT_WRITE,
                     flags | libc::MAP_FIXED,
@@ -150,5 +167,25 @@ mod tests {
         );
         assert!(memory.write_obj(0u8, GuestAddress(8 << 20)).is_err());
         assert_eq!(memory.num_regions(), 1);
+    }
+
+    #[test]
+    fn each_range_sits_at_a_host_address_aligned_like_its_guest_address() {
+        // Before the fix the RAM began one page into its reservation, so its
+        // host and guest addresses never agreed modulo 2 MiB and KVM mapped
+        // the guest with 4 KiB pages only.
+        use vm_memory::GuestMemoryRegion;
+        for mib in [8u64, 64, 4000] {
+            let ram = GuestRam::new(mib << 20).unwrap();
+            for region in ram.memory().iter() {
+                let host = region.as_ptr().addr();
+                let guest = usize::try_from(region.start_addr().0).unwrap();
+                assert_eq!(
+                    host % HUGE_PAGE,
+                    guest % HUGE_PAGE,
+                    "{mib} MiB at {guest:#x}"
+                );
+            }
+        }
     }
 }
