@@ -3,7 +3,8 @@
 # this machine on real KVM): boots our kernel and agent initramfs N times, K
 # at once, under VMM (capsid: capsid-vmm; qemu: QEMU microvm, the same
 # kernel, initramfs and command line), and counts the guests that died
-# before the kernel ran /init. Prints "DEATH vmm i-k: <where>" for each
+# before the kernel ran /init (VMM "both": the two in turn, each round).
+# Prints "DEATH vmm i-k: <where>" for each
 # (the console's last line), "COUNT vmm K boots deaths" after each round
 # (what is left if the test host dies), and "RESULT vmm K boots deaths".
 # POSIX sh: the test host has no bash.
@@ -41,28 +42,38 @@ wait_for() {
         tries=$((tries + 1))
     done
 }
-deaths=0 boots=0 i=0
+# VMM "both" takes turns round by round (capsid-vmm's K guests, then
+# QEMU's), so both meet the test host in the same state.
+vmms=$VMM
+[ "$VMM" = both ] && vmms="capsid qemu"
+boots_capsid=0 deaths_capsid=0 boots_qemu=0 deaths_qemu=0
+i=0
 while [ $i -lt "$N" ]; do
-    for k in $(seq 1 "$K"); do mkdir -p "$out/$i-$k"; start "$out/$i-$k"; done
-    for k in $(seq 1 "$K"); do wait_for "$out/$i-$k"; done
-    for k in $(seq 1 "$K"); do
-        dir=$out/$i-$k
-        boots=$((boots + 1))
-        if ! reached "$dir"; then
-            deaths=$((deaths + 1))
-            where=$(tr -d '\r' < "$dir/console" | grep -v '^[[:space:]]*$' | tail -n 1 | cut -c1-150)
-            why=$(grep -o 'triple-faulted\|KVM_EXIT_[A-Z_]*\|exit status [0-9]*' "$dir/log" | head -n 1)
-            if kill -0 "$(cat "$dir/pid")" 2>/dev/null; then why="hung for 90 s"; fi
-            echo "DEATH $VMM $i-$k: ${why:-exited} after: ${where:-no console output}"
-            # The console's end, for target/deaths/consoles.txt.
-            tr -d '\r' < "$dir/console" | grep -v '^[[:space:]]*$' | tail -n 40 \
-                | cut -c1-200 | sed "s/^/CONSOLE $VMM $i-$k| /"
-        fi
-        kill "$(cat "$dir/pid")" 2>/dev/null
+    for VMM in $vmms; do
+        for k in $(seq 1 "$K"); do mkdir -p "$out/$i-$k"; start "$out/$i-$k"; done
+        for k in $(seq 1 "$K"); do wait_for "$out/$i-$k"; done
+        died=0
+        for k in $(seq 1 "$K"); do
+            dir=$out/$i-$k
+            if ! reached "$dir"; then
+                died=$((died + 1))
+                where=$(tr -d '\r' < "$dir/console" | grep -v '^[[:space:]]*$' | tail -n 1 | cut -c1-150)
+                why=$(grep -o 'triple-faulted\|KVM_EXIT_[A-Z_]*\|exit status [0-9]*' "$dir/log" | head -n 1)
+                if kill -0 "$(cat "$dir/pid")" 2>/dev/null; then why="hung for 90 s"; fi
+                echo "DEATH $VMM $i-$k: ${why:-exited} after: ${where:-no console output}"
+                # The console's end, for target/deaths/consoles.txt.
+                tr -d '\r' < "$dir/console" | grep -v '^[[:space:]]*$' | tail -n 40 \
+                    | cut -c1-200 | sed "s/^/CONSOLE $VMM $i-$k| /"
+            fi
+            kill "$(cat "$dir/pid")" 2>/dev/null
+        done
+        wait
+        rm -rf "${out:?}/$i-"*
+        eval "boots_$VMM=\$((boots_$VMM + K)) deaths_$VMM=\$((deaths_$VMM + died))"
+        eval "echo \"COUNT $VMM $K \$boots_$VMM \$deaths_$VMM\""
     done
-    wait
-    rm -rf "${out:?}/$i-"*
     i=$((i + 1))
-    echo "COUNT $VMM $K $boots $deaths"
 done
-echo "RESULT $VMM $K $boots $deaths"
+for VMM in $vmms; do
+    eval "echo \"RESULT $VMM $K \$boots_$VMM \$deaths_$VMM\""
+done

@@ -2,12 +2,12 @@
 # The death-rate harness (`make deaths [BOOTS=100] [AT_ONCE="1 2 4"]`): boots
 # our kernel and agent initramfs BOOTS times, K at once, under capsid-vmm
 # and under QEMU microvm (the same kernel, initramfs and command line) in
-# the same test host, and counts the guests that died before running /init,
-# with where each died (scripts/deaths-in-host.sh). In nested mode each
-# batch of 100 boots per VMM gets a fresh test host (its own kernel has
-# crashed in runs of more than about 20 minutes); the VMMs take turns per
-# batch; a test host that dies cuts its batch short, and the report says
-# so. Writes target/deaths/deaths.txt and the end of each dead guest's
+# the same test host, taking turns round by round (so both meet the host
+# in the same state), and counts the guests that died before running
+# /init, with where each died (scripts/deaths-in-host.sh). In nested mode
+# each batch of 100 boots per VMM gets a fresh test host (its own kernel
+# crashes now and then); a test host that dies cuts its batch short, and
+# the report says so. Writes target/deaths/deaths.txt and the end of each dead guest's
 # console to target/deaths/consoles.txt; docs/reliability.md has figures.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -26,8 +26,8 @@ for k in $at_once; do
         batch_no=$((batch_no + 1))
         out=target/deaths/batch-$batch_no.log
         log "==> $((rounds * k)) boots per VMM, $k at once ($out)"
-        run_with_kvm --with "$PWD/scripts/deaths-in-host.sh" -- sh -c \
-            "sh $PWD/scripts/deaths-in-host.sh capsid $rounds $k; sh $PWD/scripts/deaths-in-host.sh qemu $rounds $k" \
+        run_with_kvm --with "$PWD/scripts/deaths-in-host.sh" -- \
+            sh "$PWD/scripts/deaths-in-host.sh" both "$rounds" "$k" \
             > "$out" 2> "$out.stderr" || log "    the test host failed (its console: $out.stderr); what it counted is kept"
         grep -E '^(DEATH|RESULT) ' "$out" >&2 || true
         left=$(( left - batch ))
