@@ -1,14 +1,30 @@
 //! What the `capsid` CLI and `containerd-shim-capsid-v2` share: the
 //! configuration ([`config`]), the bundle's spec for the guest ([`spec`]),
-//! a micro-VM with its agent ([`vm`]), and what confines its VMM
+//! the sandbox lifecycle ([`sandbox`], [`container`]) over a guest agent
+//! ([`agent`]) and a micro-VM ([`vm`]), and what confines its VMM
 //! ([`confine`]).
 
+pub mod agent;
 pub mod config;
 pub mod confine;
+pub mod container;
+#[cfg(any(test, feature = "fake"))]
+pub mod fake;
+pub mod sandbox;
 pub mod scratch;
 pub mod seccomp_profile;
 pub mod spec;
 pub mod vm;
 
+pub use agent::Agent;
 pub use config::{BootFiles, Config, ConfigError, VmSize};
+pub use container::{Container, Exit, Killed, ProcState, Process, ProcessIo};
+pub use sandbox::{BootRequest, ContainerRequest, Role, Sandbox, SandboxError, Teardown};
 pub use vm::{BootPolicy, Disk, MicroVm, VmError, VmSpec, boot_retries, rootfs_disk};
+
+/// Locks `mutex`, also when a thread panicked holding it: the data behind
+/// our locks stays consistent between statements, and a runtime that
+/// stopped serving every later call would be worse.
+pub fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}

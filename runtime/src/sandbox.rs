@@ -1,0 +1,589 @@
+//! A sandbox: one micro-VM, its agent, and the containers in it. This is
+//! the one place the lifecycle is written; the shim (containerd's task
+//! API), the CLI (`capsid run`, the OCI verbs) and the end-to-end tests
+//! adapt it to their callers.
+//!
+//! ```text
+//!  Sandbox::boot ─▶ capsid-vmm with the first container's rootfs image
+//!                   as disk "rootfs" (and spare slots for a pod) ─▶ the
+//!                   agent answers (a guest that crashed first is booted
+//!                   again, visibly: vm.rs)
+//!  Sandbox::join ─▶ a pod's next container: its rootfs image on a spare
+//!                   slot, through the VMM's API
+//!  Sandbox::create ─▶ CreateContainer; the adapter attaches its stdio
+//!      └─▶ Container::start ─▶ StartProcess; a thread waits for the exit
+//!                             (Container: container.rs)
+//!  Container::destroy ─▶ RemoveContainer, its disk detached ─▶ the last
+//!                        container gone: Shutdown, the VMM killed if it
+//!                        lingers, the VM's directory removed
+//! ```
+//!
+//! The sandbox talks to the guest through the [`Agent`] trait and to its
+//! VMM through the [`Vm`] trait, so that tests drive it with fakes
+//! ([`crate::fake`]).
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use capsid_images::rootfs::RootfsImage;
+use capsid_protocol::{ClientError, CreateContainer, ErrorCode, ProcessRef, Rootfs, StdioRequest};
+use oci_spec::runtime::Spec;
+
+use crate::agent::Agent;
+use crate::config::{Config, ConfigError, VmSize};
+use crate::container::{Container, Process, ProcessIo};
+use crate::lock;
+use crate::vm::{BootPolicy, MicroVm, VmApi, VmError, VmSpec, rootfs_disk};
+
+/// What went wrong with a sandbox or one of its containers.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Agent(#[from] ClientError),
+    #[error("the micro-VM is gone")]
+    Gone,
+    #[error("process {0} has already finished")]
+    Finished(ProcessRef),
+    #[error("process {0} was already started")]
+    AlreadyStarted(ProcessRef),
+}
+
+impl SandboxError {
+    /// The agent's refusal, when that is what this is: its code keeps its
+    /// meaning for the caller's caller (containerd's errdefs, say).
+    pub fn agent_code(&self) -> Option<ErrorCode> {
+        match self {
+            Self::Agent(ClientError::Agent { code, .. }) => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// Whether the agent missed a call's deadline.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Self::Agent(e) if e.is_timeout())
+    }
+}
+
+/// What a sandbox needs of the machine its agent runs in. The real one is
+/// a [`MicroVm`] ([`BootedVm`]); tests use [`crate::fake::FakeVm`].
+pub trait Vm: Send + Sync + std::fmt::Debug {
+    /// The VMM's host pid: what containerd and runc's callers see as the
+    /// container's pid (the guest's pids mean nothing on the host).
+    fn pid(&self) -> u32;
+    /// Whether the VMM still runs.
+    fn running(&self) -> bool;
+    /// Waits up to `timeout` for the VMM to exit by itself; whether it did.
+    fn wait_exit(&self, timeout: Duration) -> bool;
+    /// Attaches `image` read-only to a spare disk slot as disk `id`.
+    fn attach_disk(&self, image: &RootfsImage, id: &str) -> Result<Rootfs, VmError>;
+    /// Detaches disk `id`; the agent has unmounted it.
+    fn detach_disk(&self, id: &str) -> Result<(), VmError>;
+    /// If the VMM exited (waiting up to `grace`), what its status means.
+    fn exit_report(&self, grace: Duration) -> Option<String>;
+    /// The VMM's log and the guest console's end, for an error message.
+    fn diagnostics(&self) -> String;
+    /// SIGKILLs the VMM if it still runs, and reaps it.
+    fn kill(&self);
+}
+
+/// A booted [`MicroVm`] shared between threads: each look at it takes its
+/// lock briefly, never across a wait, so a kill is never held up; its API
+/// is used without the lock.
+#[derive(Debug)]
+pub struct BootedVm {
+    vm: Mutex<MicroVm>,
+    api: VmApi,
+    pid: u32,
+}
+
+impl BootedVm {
+    pub fn new(vm: MicroVm) -> Self {
+        Self {
+            api: vm.api(),
+            pid: vm.pid(),
+            vm: Mutex::new(vm),
+        }
+    }
+}
+
+impl Vm for BootedVm {
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    fn running(&self) -> bool {
+        matches!(lock(&self.vm).try_wait(), Ok(None))
+    }
+
+    fn wait_exit(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if !self.running() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn attach_disk(&self, image: &RootfsImage, id: &str) -> Result<Rootfs, VmError> {
+        self.api.attach(image, id)
+    }
+
+    fn detach_disk(&self, id: &str) -> Result<(), VmError> {
+        self.api.detach(id)
+    }
+
+    fn exit_report(&self, grace: Duration) -> Option<String> {
+        if !self.wait_exit(grace) {
+            return None;
+        }
+        lock(&self.vm).exit_report(Duration::ZERO)
+    }
+
+    fn diagnostics(&self) -> String {
+        lock(&self.vm).diagnostics()
+    }
+
+    fn kill(&self) {
+        lock(&self.vm).kill();
+    }
+}
+
+/// How to boot a sandbox's VM.
+#[derive(Debug)]
+pub struct BootRequest<'a> {
+    /// Names the sandbox in log lines (its first container's id).
+    pub name: &'a str,
+    pub size: VmSize,
+    /// The first container's rootfs image, the VM's disk "rootfs".
+    pub image: &'a RootfsImage,
+    /// Slots for the rootfs images of containers that join later (a pod).
+    pub spare_disks: u8,
+    /// The VM's directory; it must exist. See [`Teardown`].
+    pub dir: &'a Path,
+    pub teardown: Teardown,
+    /// The VMM dies with the thread that boots it (see [`VmSpec`]).
+    pub die_with_owner: bool,
+    pub policy: BootPolicy<'a>,
+}
+
+/// What taking a sandbox down removes besides its VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Teardown {
+    /// The VM's directory goes with it.
+    RemoveDir,
+    /// The caller owns the directory (and removes it, or keeps state in it).
+    KeepDir,
+}
+
+/// One VM, its agent and its containers.
+#[derive(Debug)]
+pub struct Sandbox {
+    name: String,
+    agent: Arc<dyn Agent>,
+    vm: Arc<dyn Vm>,
+    /// Removed when the sandbox goes down, if it owns it.
+    dir: Option<PathBuf>,
+    members: Mutex<HashSet<String>>,
+    next_disk: AtomicU32,
+    down: AtomicBool,
+}
+
+/// How long a guest has to shut down by itself before its VMM is killed.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+impl Sandbox {
+    /// Boots a VM with `request.image` as its rootfs disk and waits for its
+    /// agent; returns the sandbox and how the first container's rootfs is
+    /// mounted. An agent that later misses a call's deadline takes the VM
+    /// down (a guest that stalls one call may stall them all). On an
+    /// error, nothing it made is left (the directory is the caller's).
+    pub fn boot(config: &Config, request: BootRequest<'_>) -> Result<(Self, Rootfs), SandboxError> {
+        let (disk, rootfs) = rootfs_disk(request.image);
+        let (vm, client) = MicroVm::boot(
+            &VmSpec {
+                boot: config.boot_files()?,
+                vcpus: request.size.vcpus,
+                memory_mib: request.size.memory_mib,
+                disks: vec![disk],
+                spare_disks: request.spare_disks,
+                dir: request.dir.to_owned(),
+                log_level: "warn".into(),
+                confinement: config.confinement(),
+                die_with_owner: request.die_with_owner,
+            },
+            &request.policy,
+        )?;
+        let name = request.name;
+        log::info!(
+            "{name}: micro-VM {} ({} vCPUs, {} MiB, {} spare disk slots) booted with {}",
+            vm.pid(),
+            request.size.vcpus,
+            request.size.memory_mib,
+            request.spare_disks,
+            request.image.path.display()
+        );
+        let vm: Arc<dyn Vm> = Arc::new(BootedVm::new(vm));
+        let weak = Arc::downgrade(&vm);
+        let owner = name.to_owned();
+        client.on_timeout(Box::new(move |call| {
+            if let Some(vm) = weak.upgrade() {
+                log::error!(
+                    "{owner}: the agent missed the deadline of {call}; killing micro-VM {}",
+                    vm.pid()
+                );
+                vm.kill();
+            }
+        }));
+        let dir = (request.teardown == Teardown::RemoveDir).then(|| request.dir.to_owned());
+        Ok((Self::new(name, Arc::new(client), vm, dir), rootfs))
+    }
+
+    /// A sandbox over a running VM and its agent, with no container yet;
+    /// `dir` is removed when it goes down.
+    pub fn new(name: &str, agent: Arc<dyn Agent>, vm: Arc<dyn Vm>, dir: Option<PathBuf>) -> Self {
+        Self {
+            name: name.to_owned(),
+            agent,
+            vm,
+            dir,
+            members: Mutex::new(HashSet::new()),
+            next_disk: AtomicU32::new(1),
+            down: AtomicBool::new(false),
+        }
+    }
+
+    pub fn agent(&self) -> &Arc<dyn Agent> {
+        &self.agent
+    }
+
+    pub fn vmm_pid(&self) -> u32 {
+        self.vm.pid()
+    }
+
+    pub fn running(&self) -> bool {
+        self.vm.running()
+    }
+
+    /// Attaches container `id`'s rootfs image to a spare disk slot of the
+    /// running VM. Returns the disk's id and how the agent mounts it.
+    pub fn join(&self, id: &str, image: &RootfsImage) -> Result<(String, Rootfs), SandboxError> {
+        let disk = format!("ctr-{}", self.next_disk.fetch_add(1, Ordering::Relaxed));
+        let rootfs = self.vm.attach_disk(image, &disk)?;
+        log::info!("{id}: joins micro-VM {} on disk {disk}", self.vm.pid());
+        Ok((disk, rootfs))
+    }
+
+    /// Creates container `request.id` (not started) on `rootfs`, the boot
+    /// disk or one [`Sandbox::join`] attached as `disk`; `attach` connects
+    /// the init's stdio before it can run. On an error the container is
+    /// gone from the VM again (and the VM down, if it had no other).
+    pub fn create<Io: ProcessIo, E: From<SandboxError>>(
+        self: &Arc<Self>,
+        request: ContainerRequest,
+        attach: impl FnOnce(&dyn Agent, &ProcessRef) -> Result<Io, E>,
+    ) -> Result<Container<Io>, E> {
+        let ContainerRequest {
+            id,
+            rootfs,
+            disk,
+            spec,
+            files,
+            stdio,
+        } = request;
+        lock(&self.members).insert(id.clone());
+        let created = self.agent.create_container(CreateContainer {
+            id: id.clone(),
+            rootfs,
+            spec,
+            stdio,
+            files,
+        });
+        let pid = match created {
+            Ok(pid) => pid,
+            Err(e) => {
+                self.leave(&id, disk.as_deref());
+                return Err(SandboxError::from(e).into());
+            }
+        };
+        let init = ProcessRef::init(&id);
+        let io = match attach(&*self.agent, &init) {
+            Ok(io) => io,
+            Err(e) => {
+                let _ = self.agent.remove_container(&id);
+                self.leave(&id, disk.as_deref());
+                return Err(e);
+            }
+        };
+        log::info!(
+            "{id}: created; its init is pid {pid} in micro-VM {}",
+            self.vm.pid()
+        );
+        Ok(Container::new(
+            id,
+            Arc::clone(self),
+            disk,
+            Process::new(init, self.vm.pid(), io),
+        ))
+    }
+
+    /// Container `id` is gone from the VM (the agent removed it): detach
+    /// its disk, if it joined with one. The last container takes the VM
+    /// down.
+    pub fn leave(&self, id: &str, disk: Option<&str>) {
+        if let Some(disk) = disk
+            && self.running()
+            && let Err(e) = self.vm.detach_disk(disk)
+        {
+            log::warn!("{id}: {}", capsid_protocol::error_chain(&e));
+        }
+        let mut members = lock(&self.members);
+        members.remove(id);
+        if members.is_empty() {
+            drop(members);
+            let _ = self.shut_down();
+        }
+    }
+
+    /// Why the VM is gone, with the VMM's log and the end of the guest
+    /// console (for a log line when the agent connection broke); or that
+    /// it still runs.
+    pub fn post_mortem(&self) -> String {
+        match self.vm.exit_report(Duration::from_millis(500)) {
+            Some(report) => report + &self.vm.diagnostics(),
+            None => "the micro-VM still runs".into(),
+        }
+    }
+
+    /// Whether the VMM exited (waiting up to `grace`; a broken agent
+    /// connection comes a moment before the exit), and what its status
+    /// means; `None` if it still runs.
+    pub fn exit_report(&self, grace: Duration) -> Option<String> {
+        self.vm.exit_report(grace)
+    }
+
+    /// The VMM's log and the guest console's end, for an error message.
+    pub fn diagnostics(&self) -> String {
+        self.vm.diagnostics()
+    }
+
+    /// Kills the VM now, without asking its guest (a forced delete; a VM
+    /// already dead). [`Sandbox::shut_down`] still removes what it owns.
+    pub fn kill(&self) {
+        self.vm.kill();
+    }
+
+    /// Asks the agent to shut the guest down, waits up to 5 s for the VMM
+    /// to exit, kills it if it has not, and removes the VM's directory if
+    /// the sandbox owns it. Once only; the agent's refusal is returned
+    /// (the VM is gone all the same).
+    pub fn shut_down(&self) -> Result<(), SandboxError> {
+        if self.down.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let mut outcome = Ok(());
+        if self.vm.running() {
+            match self.agent.shutdown() {
+                Ok(()) => {
+                    self.vm.wait_exit(SHUTDOWN_GRACE);
+                }
+                Err(e) => outcome = Err(e.into()),
+            }
+        }
+        self.vm.kill();
+        if let Some(dir) = &self.dir
+            && let Err(e) = std::fs::remove_dir_all(dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            log::warn!("{}: cannot remove {}: {e}", self.name, dir.display());
+        }
+        outcome
+    }
+}
+
+impl Drop for Sandbox {
+    /// A sandbox dropped with containers still in it (a failed create, an
+    /// error in its owner): nothing may outlive it.
+    fn drop(&mut self) {
+        let _ = self.shut_down();
+    }
+}
+
+/// A container to create in a sandbox.
+#[derive(Debug)]
+pub struct ContainerRequest {
+    pub id: String,
+    /// Its rootfs disk, as the agent mounts it.
+    pub rootfs: Rootfs,
+    /// The disk [`Sandbox::join`] attached, detached when it goes.
+    pub disk: Option<String>,
+    /// The OCI spec as the guest gets it ([`crate::spec::container_spec`]).
+    pub spec: Spec,
+    /// Host files its bind mounts name (`file:N`).
+    pub files: Vec<Vec<u8>>,
+    pub stdio: StdioRequest,
+}
+
+/// CRI's annotations: what a container is in its pod, and the pod's id
+/// (the id of its sandbox container).
+pub const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+pub const CRI_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+
+/// Where a container runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// Not in a pod: a VM of its own.
+    Alone,
+    /// A pod's sandbox container: boots the pod's VM.
+    PodSandbox,
+    /// Another container of pod `sandbox_id`: joins the pod's VM.
+    PodMember { sandbox_id: String },
+}
+
+impl Role {
+    /// What CRI's annotations on `spec` say.
+    pub fn of(spec: &Spec) -> Self {
+        let Some(annotations) = spec.annotations() else {
+            return Role::Alone;
+        };
+        match (
+            annotations.get(CRI_CONTAINER_TYPE).map(String::as_str),
+            annotations.get(CRI_SANDBOX_ID),
+        ) {
+            (Some("sandbox"), _) => Role::PodSandbox,
+            (Some("container"), Some(sandbox_id)) => Role::PodMember {
+                sandbox_id: sandbox_id.clone(),
+            },
+            _ => Role::Alone,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake::{FakeAgent, FakeVm};
+
+    fn spec(annotations: &str) -> Spec {
+        serde_json::from_str(&format!(
+            r#"{{"ociVersion":"1.0.2","annotations":{{{annotations}}}}}"#
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn cri_annotations_say_where_a_container_runs() {
+        assert_eq!(Role::of(&spec("")), Role::Alone);
+        assert_eq!(
+            Role::of(&spec(
+                r#""io.kubernetes.cri.container-type":"sandbox","io.kubernetes.cri.sandbox-id":"p1""#
+            )),
+            Role::PodSandbox
+        );
+        assert_eq!(
+            Role::of(&spec(
+                r#""io.kubernetes.cri.container-type":"container","io.kubernetes.cri.sandbox-id":"p1""#
+            )),
+            Role::PodMember {
+                sandbox_id: "p1".into()
+            }
+        );
+        // A container that names no pod runs alone.
+        assert_eq!(
+            Role::of(&spec(r#""io.kubernetes.cri.container-type":"container""#)),
+            Role::Alone
+        );
+    }
+
+    fn sandbox(dir: Option<PathBuf>) -> (Arc<Sandbox>, Arc<FakeAgent>, Arc<FakeVm>) {
+        let agent = Arc::new(FakeAgent::default());
+        let vm = Arc::new(FakeVm::default());
+        let sandbox = Arc::new(Sandbox::new(
+            "s",
+            Arc::clone(&agent) as Arc<dyn Agent>,
+            Arc::clone(&vm) as Arc<dyn Vm>,
+            dir,
+        ));
+        (sandbox, agent, vm)
+    }
+
+    #[test]
+    fn the_last_container_to_go_takes_the_vm_and_its_directory_down() {
+        let dir = tempfile::tempdir().unwrap();
+        let vm_dir = dir.path().join("vm-1");
+        std::fs::create_dir(&vm_dir).unwrap();
+        let (sandbox, agent, vm) = sandbox(Some(vm_dir.clone()));
+        let first = sandbox
+            .create(FakeAgent::request("c1"), |_, _| Ok::<_, SandboxError>(()))
+            .unwrap();
+        let image = crate::fake::image();
+        let (disk, rootfs) = sandbox.join("c2", &image).unwrap();
+        let mut request = FakeAgent::request("c2");
+        request.rootfs = rootfs;
+        request.disk = Some(disk.clone());
+        let second = sandbox
+            .create(request, |_, _| Ok::<_, SandboxError>(()))
+            .unwrap();
+        first.destroy();
+        assert!(vm.running(), "the pod's VM stays while c2 is in it");
+        second.destroy();
+        assert!(!vm.running() && !vm_dir.exists());
+        assert_eq!(vm.disks(), vec![format!("+{disk}"), format!("-{disk}")]);
+        assert_eq!(
+            agent.calls(),
+            [
+                "CreateContainer c1",
+                "CreateContainer c2",
+                "RemoveContainer c1",
+                "RemoveContainer c2",
+                "Shutdown",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_failed_create_leaves_nothing() {
+        let (sandbox, agent, vm) = sandbox(None);
+        agent.refuse("CreateContainer", ErrorCode::InvalidArgument);
+        let error = sandbox
+            .create(FakeAgent::request("c1"), |_, _| Ok::<_, SandboxError>(()))
+            .unwrap_err();
+        assert_eq!(error.agent_code(), Some(ErrorCode::InvalidArgument));
+        assert!(!vm.running(), "a VM with no container left is taken down");
+
+        // Its stdio could not be attached: the agent removes it again.
+        let (sandbox, agent, vm) = self::sandbox(None);
+        let error = sandbox
+            .create(FakeAgent::request("c1"), |_, _| {
+                Err::<(), _>(SandboxError::Gone)
+            })
+            .unwrap_err();
+        assert!(matches!(error, SandboxError::Gone));
+        assert_eq!(
+            agent.calls(),
+            ["CreateContainer c1", "RemoveContainer c1", "Shutdown"]
+        );
+        assert!(!vm.running());
+    }
+
+    #[test]
+    fn a_guest_that_will_not_shut_down_is_killed_and_the_refusal_returned() {
+        let (sandbox, agent, vm) = sandbox(None);
+        agent.refuse("Shutdown", ErrorCode::Internal);
+        assert!(sandbox.shut_down().is_err());
+        assert!(!vm.running());
+        // Once only.
+        assert!(sandbox.shut_down().is_ok());
+        assert_eq!(agent.calls(), ["Shutdown"]);
+    }
+}
