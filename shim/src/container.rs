@@ -1,40 +1,35 @@
-//! One container: the micro-VM it runs in (its own or its pod's, see
-//! `sandbox.rs`), its init process and execs.
-//!
-//! Each process goes through this state machine; `Wait` blocks until
-//! `Stopped`, and the exit is published once the output streams ended:
+//! One containerd task: a runtime [`Container`] (its own VM, or its pod's)
+//! with containerd's stdio FIFOs copied for each process, and the bundle
+//! it came from.
 //!
 //! ```text
-//!  Created ──Start──▶ Running ──agent's WaitProcess answers──▶ Stopped
-//!     │                  └──the VM died (the wait connection broke)──▶ Stopped(255)
-//!     └──Delete (never started)──▶ gone
+//!  Create ─▶ config.json ─▶ CRI's role: alone / pod sandbox ─▶ boot a VM
+//!                                       pod member ─▶ join the pod's VM
+//!         ─▶ Sandbox::create, the FIFOs attached (capsid-runtime)
 //! ```
 //!
 //! What the container's VM left on the host is listed in `capsid.json` in
-//! its bundle (the VMM's pid, the scratch directory), so `delete` after a
-//! shim crash finds and removes it.
+//! its bundle (the VM's directory, which names its VMM), written before
+//! the VMM starts, so that `delete` after a shim crash finds and removes
+//! it (see [`cleanup_leftovers`]).
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::Duration;
 
-use capsid_protocol::{
-    AgentClient, CreateContainer, DEFAULT_AGENT_PORT, ExecProcess, ExitStatus, ProcessRef,
+use capsid_images::rootfs::RootfsImage;
+use capsid_runtime::container::Process;
+use capsid_runtime::{
+    Agent, BootRequest, Config, ContainerRequest, ProcessIo, Role, Sandbox, SandboxError, Teardown,
+    VmSize,
 };
-use capsid_runtime::Config;
 use containerd_shim::protos::types::mount::Mount;
-use oci_spec::runtime::{Process, Spec};
+use oci_spec::runtime::Spec;
 use serde::{Deserialize, Serialize};
 
 use crate::rootfs;
-use crate::sandbox::{Role, Sandbox};
 use crate::stdio::{Copiers, StdioPaths};
 
-/// The exit status reported when the VM died under a process.
-pub const VM_DIED_STATUS: u32 = 255;
-/// How long an exit waits for the process's output to reach containerd.
-const OUTPUT_DRAIN: Duration = Duration::from_secs(60);
 /// Every agent call but WaitProcess must answer within this.
 pub const AGENT_IO_TIMEOUT: Duration = Duration::from_secs(60);
 const STATE_FILE: &str = "capsid.json";
@@ -52,87 +47,120 @@ pub enum ContainerError {
     #[error("cannot make a scratch directory in {0}")]
     Scratch(PathBuf, #[source] std::io::Error),
     #[error(transparent)]
-    Vm(#[from] capsid_runtime::VmError),
-    #[error(transparent)]
-    Agent(#[from] capsid_protocol::ClientError),
+    Sandbox(#[from] SandboxError),
     #[error(transparent)]
     Stdio(#[from] crate::stdio::StdioError),
     #[error("pod sandbox {0} does not run in this shim: create its sandbox container first")]
     NoPod(String),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProcState {
-    Created,
-    Running,
-    Stopped { status: u32, at: SystemTime },
-}
-
-/// The init process or an exec.
+/// A process's stdio as containerd gave it, and the threads copying it.
 #[derive(Debug)]
-pub struct Proc {
-    pub process: ProcessRef,
-    /// What containerd sees as the process's pid: the VM's (its VMM's),
-    /// a host pid. The guest chooses its own pids; a host tool acting on
-    /// one of those would hit whatever host process has it.
-    pub pid: u32,
-    pub stdio: StdioPaths,
+pub struct Fifos {
+    pub paths: StdioPaths,
     pub copiers: Copiers,
-    state: Mutex<ProcState>,
-    changed: Condvar,
 }
 
-impl Proc {
-    fn new(process: ProcessRef, pid: u32, stdio: StdioPaths, copiers: Copiers) -> Self {
-        Self {
-            process,
-            pid,
-            stdio,
-            copiers,
-            state: Mutex::new(ProcState::Created),
-            changed: Condvar::new(),
-        }
+impl Fifos {
+    /// Attaches every stream `paths` asks for (before the process starts).
+    fn attach(
+        agent: &dyn Agent,
+        process: &capsid_protocol::ProcessRef,
+        paths: StdioPaths,
+    ) -> Result<Self, ContainerError> {
+        let copiers = Copiers::attach(agent, process, &paths)?;
+        Ok(Self { paths, copiers })
+    }
+}
+
+impl ProcessIo for Fifos {
+    fn drain(&self, bound: Duration) {
+        self.copiers.wait_outputs(bound);
+    }
+}
+
+/// A process of a task.
+pub type Proc = Process<Fifos>;
+
+/// Where a task's VM comes from: booted by capsid-runtime, or (in tests)
+/// made of fakes.
+pub trait Vms: Send + Sync {
+    /// The read-only image of the container's root file system.
+    fn image(
+        &self,
+        bundle: &Path,
+        mounts: &[Mount],
+        root: &Path,
+    ) -> Result<RootfsImage, ContainerError>;
+    /// Boots a VM for container `id`; `record` hears of the VM's directory
+    /// before its VMM starts.
+    fn boot(
+        &self,
+        config: &Config,
+        id: &str,
+        size: VmSize,
+        image: &RootfsImage,
+        spare_disks: u8,
+        record: &dyn Fn(&Path),
+    ) -> Result<(Sandbox, capsid_protocol::Rootfs), ContainerError>;
+}
+
+/// The real thing.
+#[derive(Debug)]
+pub struct MicroVms;
+
+impl Vms for MicroVms {
+    fn image(
+        &self,
+        bundle: &Path,
+        mounts: &[Mount],
+        root: &Path,
+    ) -> Result<RootfsImage, ContainerError> {
+        Ok(rootfs::image(bundle, mounts, root)?)
     }
 
-    fn lock(&self) -> MutexGuard<'_, ProcState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub fn state(&self) -> ProcState {
-        *self.lock()
-    }
-
-    pub fn set_running(&self) {
-        *self.lock() = ProcState::Running;
-    }
-
-    pub fn set_stopped(&self, status: u32) -> ProcState {
-        let mut state = self.lock();
-        if !matches!(*state, ProcState::Stopped { .. }) {
-            *state = ProcState::Stopped {
-                status,
-                at: SystemTime::now(),
-            };
-            self.changed.notify_all();
-        }
-        *state
-    }
-
-    /// Blocks until the process has stopped; its status and when.
-    pub fn wait(&self) -> (u32, SystemTime) {
-        let mut state = self.lock();
-        loop {
-            if let ProcState::Stopped { status, at } = *state {
-                return (status, at);
-            }
-            state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
-        }
+    fn boot(
+        &self,
+        config: &Config,
+        id: &str,
+        size: VmSize,
+        image: &RootfsImage,
+        spare_disks: u8,
+        record: &dyn Fn(&Path),
+    ) -> Result<(Sandbox, capsid_protocol::Rootfs), ContainerError> {
+        std::fs::create_dir_all(&config.run_dir)
+            .map_err(|e| ContainerError::Scratch(config.run_dir.clone(), e))?;
+        let dir = tempfile::Builder::new()
+            .prefix("vm-")
+            .tempdir_in(&config.run_dir)
+            .map_err(|e| ContainerError::Scratch(config.run_dir.clone(), e))?;
+        record(dir.path());
+        let (sandbox, rootfs) = Sandbox::boot(
+            config,
+            BootRequest {
+                name: id,
+                size,
+                image,
+                spare_disks,
+                dir: dir.path(),
+                teardown: Teardown::RemoveDir,
+                // The shim boots from a pool thread that may end first;
+                // containerd's `shim delete` cleans up after a killed shim.
+                die_with_owner: false,
+                policy: config.boot_policy(AGENT_IO_TIMEOUT, &|| false, &|why| {
+                    log::warn!("{id}: {why}");
+                }),
+            },
+        )?;
+        // The sandbox owns the directory from here.
+        let _ = dir.keep();
+        Ok((sandbox, rootfs))
     }
 }
 
 /// What `delete` needs to clean up after a shim that died: the VM's
-/// scratch directory, which names its VMM. Written before the VMM starts,
-/// so that a shim killed while its guest boots leaves nothing either.
+/// directory, which names its VMM. Written before the VMM starts, so that
+/// a shim killed while its guest boots leaves nothing either.
 #[derive(Debug, Serialize, Deserialize)]
 struct Leftovers {
     scratch: PathBuf,
@@ -146,23 +174,19 @@ impl Leftovers {
     }
 }
 
+/// A containerd task.
 #[derive(Debug)]
-pub struct Container {
-    pub id: String,
+pub struct Task {
     pub bundle: PathBuf,
-    /// The VM it runs in, shared with the rest of its pod.
-    pub sandbox: Arc<Sandbox>,
-    /// The disk its rootfs image was attached as, when it joined a pod's VM.
-    disk: Option<String>,
-    pub init: Arc<Proc>,
-    pub execs: Mutex<HashMap<String, Arc<Proc>>>,
+    pub container: capsid_runtime::Container<Fifos>,
 }
 
-impl Container {
+impl Task {
     /// Creates the container (not started): in a VM of its own, or for a
     /// pod's container in the pod's VM, which `pod` finds by sandbox id.
     /// On an error nothing it made is left.
     pub fn create(
+        vms: &dyn Vms,
         config: &Config,
         id: &str,
         bundle: &Path,
@@ -175,7 +199,7 @@ impl Container {
         let size = config.size_for(&spec)?;
         let root_path = capsid_runtime::spec::root_path(&spec);
         let (agent_spec, files) = capsid_runtime::spec::container_spec(spec)?;
-        let image = rootfs::image(bundle, mounts, &root_path)?;
+        let image = vms.image(bundle, mounts, &root_path)?;
         let (sandbox, disk, rootfs) = match role {
             Role::PodMember { sandbox_id } => {
                 let sandbox = pod(&sandbox_id).ok_or(ContainerError::NoPod(sandbox_id))?;
@@ -194,165 +218,58 @@ impl Container {
                     }
                     .record(bundle);
                 };
-                let (sandbox, rootfs) = Sandbox::boot(config, id, size, &image, spare, &record)
+                let (sandbox, rootfs) = vms
+                    .boot(config, id, size, &image, spare, &record)
                     .inspect_err(|_| {
                         let _ = std::fs::remove_file(bundle.join(STATE_FILE));
                     })?;
                 (Arc::new(sandbox), None, rootfs)
             }
         };
-        // From here a failure takes the container out of the VM again (and
-        // the VM down, if it was the VM's only container).
-        let leave = |e: ContainerError| {
-            sandbox.leave(id, disk.as_deref());
-            let _ = std::fs::remove_file(bundle.join(STATE_FILE));
-            e
-        };
-        Leftovers {
-            scratch: sandbox.scratch().to_owned(),
-        }
-        .record(bundle);
-        let pid = sandbox
-            .client
-            .create_container(CreateContainer {
-                id: id.to_owned(),
-                rootfs,
-                spec: agent_spec,
-                stdio: stdio.request(),
-                files,
-            })
-            .map_err(|e| leave(e.into()))?;
-        let process = ProcessRef::init(id);
-        let copiers = match Copiers::attach(&sandbox.client, &process, &stdio) {
-            Ok(copiers) => copiers,
-            Err(e) => {
-                let _ = sandbox.client.remove_container(id);
-                return Err(leave(e.into()));
-            }
-        };
-        let vmm_pid = sandbox.vmm_pid;
-        log::info!("{id}: created; its init is pid {pid} in micro-VM {vmm_pid}");
-        Ok(Self {
+        let request = ContainerRequest {
             id: id.to_owned(),
-            bundle: bundle.to_owned(),
-            sandbox,
+            rootfs,
             disk,
-            init: Arc::new(Proc::new(process, vmm_pid, stdio, copiers)),
-            execs: Mutex::new(HashMap::new()),
+            spec: agent_spec,
+            files,
+            stdio: stdio.request(),
+        };
+        let container = sandbox
+            .create(request, |agent, process| {
+                Fifos::attach(agent, process, stdio)
+            })
+            .inspect_err(|_| {
+                let _ = std::fs::remove_file(bundle.join(STATE_FILE));
+            })?;
+        Ok(Self {
+            bundle: bundle.to_owned(),
+            container,
         })
     }
 
-    pub fn client(&self) -> &AgentClient {
-        &self.sandbox.client
-    }
-
+    /// Adds exec `exec_id` (not started), its stdio attached.
     pub fn exec(
         &self,
         exec_id: &str,
-        spec: Process,
+        spec: oci_spec::runtime::Process,
         stdio: StdioPaths,
     ) -> Result<Arc<Proc>, ContainerError> {
-        let process = ProcessRef::exec(&self.id, exec_id);
-        let pid = self.client().exec_process(ExecProcess {
-            process: process.clone(),
-            spec,
-            stdio: stdio.request(),
-        })?;
-        let copiers = Copiers::attach(self.client(), &process, &stdio)?;
-        log::info!("{}: exec {exec_id} is pid {pid} in the guest", self.id);
-        let proc = Arc::new(Proc::new(process, self.sandbox.vmm_pid, stdio, copiers));
-        self.execs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(exec_id.to_owned(), Arc::clone(&proc));
-        Ok(proc)
-    }
-
-    pub fn find(&self, exec_id: &str) -> Option<Arc<Proc>> {
-        if exec_id.is_empty() {
-            return Some(Arc::clone(&self.init));
-        }
-        self.execs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(exec_id)
-            .cloned()
-    }
-
-    /// Starts `proc` and, on a thread of its own, waits for it to exit; then
-    /// waits for its output to drain, marks it stopped and calls `on_exit`
-    /// with its status.
-    pub fn start(
-        &self,
-        proc: &Arc<Proc>,
-        on_exit: impl FnOnce(u32, SystemTime) + Send + 'static,
-    ) -> Result<(), ContainerError> {
-        // The wait gets its own connection, made before the start so a
-        // quick exit cannot be missed.
-        let waiter = AgentClient::connect(
-            &self.sandbox.uds(),
-            DEFAULT_AGENT_PORT,
-            AGENT_IO_TIMEOUT,
-            AGENT_IO_TIMEOUT,
-        )?;
-        self.client().start_process(&proc.process)?;
-        proc.set_running();
-        let proc = Arc::clone(proc);
-        // Weak: a process that outlives its container must not keep the VM.
-        let sandbox = Arc::downgrade(&self.sandbox);
-        std::thread::spawn(move || {
-            let status = match waiter.wait_process(&proc.process) {
-                Ok(ExitStatus::Code(code)) => u32::try_from(code).unwrap_or(VM_DIED_STATUS),
-                Ok(status) => u32::try_from(status.shell_code()).unwrap_or(VM_DIED_STATUS),
-                Err(e) => {
-                    log::error!(
-                        "{:?}: lost the process: {}; {}",
-                        proc.process,
-                        capsid_protocol::error_chain(&e),
-                        sandbox.upgrade().map_or_else(
-                            || "the micro-VM was taken down".into(),
-                            |sandbox| sandbox.post_mortem()
-                        )
-                    );
-                    VM_DIED_STATUS
-                }
-            };
-            proc.copiers.wait_outputs(OUTPUT_DRAIN);
-            if let ProcState::Stopped { status, at } = proc.set_stopped(status) {
-                on_exit(status, at);
-            }
-        });
-        Ok(())
-    }
-
-    /// Marks every process stopped (the VM is gone or going).
-    pub fn stop_all(&self) {
-        self.init.set_stopped(VM_DIED_STATUS);
-        for proc in self
-            .execs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-        {
-            proc.set_stopped(VM_DIED_STATUS);
-        }
+        let request = stdio.request();
+        self.container
+            .exec(exec_id, spec, request, |agent, process| {
+                Fifos::attach(agent, process, stdio)
+            })
     }
 
     /// Removes the container from its VM (the VM goes down with its last
     /// container) and everything it made on the host.
     pub fn destroy(&self) {
-        if self.sandbox.running()
-            && let Err(e) = self.client().remove_container(&self.id)
-        {
-            log::warn!("{}: {}", self.id, capsid_protocol::error_chain(&e));
-        }
-        self.stop_all();
-        self.sandbox.leave(&self.id, self.disk.as_deref());
+        self.container.destroy();
         let _ = std::fs::remove_file(self.bundle.join(STATE_FILE));
     }
 }
 
-/// After a shim died: kill its VMM if it still runs and remove its scratch
+/// After a shim died: kill its VMM if it still runs and remove its
 /// directory, its state file and a rootfs mount it may have left.
 pub fn cleanup_leftovers(bundle: &Path, id: &str) {
     let state = bundle.join(STATE_FILE);

@@ -18,7 +18,6 @@
 
 mod container;
 mod rootfs;
-mod sandbox;
 mod service;
 mod stdio;
 mod trans;
@@ -83,8 +82,8 @@ fn bundle_dir(flags: &Flags) -> PathBuf {
 /// The shim that serves this container: the pod's, for a CRI container.
 fn grouping(flags: &Flags) -> String {
     let spec = Spec::load(bundle_dir(flags).join("config.json")).ok();
-    match spec.as_ref().map(sandbox::Role::of) {
-        Some(sandbox::Role::PodMember { sandbox_id }) => sandbox_id,
+    match spec.as_ref().map(capsid_runtime::Role::of) {
+        Some(capsid_runtime::Role::PodMember { sandbox_id }) => sandbox_id,
         _ => flags.id.clone(),
     }
 }

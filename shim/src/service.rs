@@ -1,7 +1,8 @@
 //! containerd's Task service over the shim's containers, and the events it
 //! owes containerd.
 //!
-//! Calls map onto [`Container`] and [`Proc`]; events go through one
+//! Calls map onto a [`Task`] (a capsid-runtime container) and its
+//! processes; events go through one
 //! publishing thread, so containerd sees them in the order they happened
 //! (TaskCreate before TaskStart before TaskExit). Errors carry the gRPC
 //! code containerd's errdefs expect: NotFound for an unknown or finished
@@ -13,8 +14,8 @@ use std::sync::mpsc::{Sender, channel};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use capsid_protocol::{ClientError, ErrorCode};
-use capsid_runtime::Config;
+use capsid_protocol::ErrorCode;
+use capsid_runtime::{Config, Exit, Killed, ProcState, SandboxError};
 use containerd_shim::event::Event;
 use containerd_shim::protos::events::task::{
     TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskStart,
@@ -26,15 +27,16 @@ use containerd_shim::protos::types::task::{ProcessInfo, Status};
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{TtrpcContext, TtrpcResult, api};
 
-use crate::container::{Container, ContainerError, Proc, ProcState};
+use crate::container::{ContainerError, MicroVms, Proc, Task, Vms};
 use crate::stdio::StdioPaths;
 use crate::trans;
 
-type BoxedEvent = Box<dyn Event + Send>;
+pub type BoxedEvent = Box<dyn Event + Send>;
 
 pub struct Service {
     config: Config,
-    containers: Mutex<HashMap<String, Arc<Container>>>,
+    vms: Box<dyn Vms>,
+    containers: Mutex<HashMap<String, Arc<Task>>>,
     events: Mutex<Sender<BoxedEvent>>,
     shutdown: (Mutex<bool>, Condvar),
 }
@@ -50,13 +52,15 @@ fn internal(e: &dyn std::error::Error) -> ttrpc::Error {
 /// The agent's refusal keeps its meaning for containerd.
 fn from_container(e: ContainerError) -> ttrpc::Error {
     let code = match &e {
-        ContainerError::Agent(ClientError::Agent { code, .. }) => match code {
-            ErrorCode::InvalidArgument => Code::INVALID_ARGUMENT,
-            ErrorCode::NotFound => Code::NOT_FOUND,
-            ErrorCode::AlreadyExists => Code::ALREADY_EXISTS,
-            ErrorCode::FailedPrecondition => Code::FAILED_PRECONDITION,
-            ErrorCode::Unsupported => Code::UNIMPLEMENTED,
-            ErrorCode::Internal => Code::INTERNAL,
+        ContainerError::Sandbox(SandboxError::AlreadyStarted(_)) => Code::FAILED_PRECONDITION,
+        ContainerError::Sandbox(SandboxError::Finished(_)) => Code::NOT_FOUND,
+        ContainerError::Sandbox(e) => match e.agent_code() {
+            Some(ErrorCode::InvalidArgument) => Code::INVALID_ARGUMENT,
+            Some(ErrorCode::NotFound) => Code::NOT_FOUND,
+            Some(ErrorCode::AlreadyExists) => Code::ALREADY_EXISTS,
+            Some(ErrorCode::FailedPrecondition) => Code::FAILED_PRECONDITION,
+            Some(ErrorCode::Unsupported) => Code::UNIMPLEMENTED,
+            Some(ErrorCode::Internal) | None => Code::INTERNAL,
         },
         ContainerError::Config(_) | ContainerError::Spec(_) | ContainerError::Bundle(_) => {
             Code::INVALID_ARGUMENT
@@ -64,6 +68,10 @@ fn from_container(e: ContainerError) -> ttrpc::Error {
         _ => Code::INTERNAL,
     };
     status(code, capsid_protocol::error_chain(&e))
+}
+
+fn from_sandbox(e: SandboxError) -> ttrpc::Error {
+    from_container(e.into())
 }
 
 fn timestamp(at: SystemTime) -> Timestamp {
@@ -149,8 +157,15 @@ impl Service {
                 publish(&mut publisher, &events_address, &namespace, &*event);
             }
         });
+        Self::with(config, Box::new(MicroVms), events)
+    }
+
+    /// A service whose VMs come from `vms` and whose events go to `events`
+    /// (what the tests use, with fakes).
+    pub fn with(config: Config, vms: Box<dyn Vms>, events: Sender<BoxedEvent>) -> Self {
         Self {
             config,
+            vms,
             containers: Mutex::new(HashMap::new()),
             events: Mutex::new(events),
             shutdown: (Mutex::new(false), Condvar::new()),
@@ -165,20 +180,20 @@ impl Service {
             .send(Box::new(event));
     }
 
-    fn containers(&self) -> MutexGuard<'_, HashMap<String, Arc<Container>>> {
+    fn containers(&self) -> MutexGuard<'_, HashMap<String, Arc<Task>>> {
         self.containers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn container(&self, id: &str) -> TtrpcResult<Arc<Container>> {
+    fn container(&self, id: &str) -> TtrpcResult<Arc<Task>> {
         self.containers()
             .get(id)
             .cloned()
             .ok_or_else(|| status(Code::NOT_FOUND, format!("container {id} not found")))
     }
 
-    fn process(&self, id: &str, exec_id: &str) -> TtrpcResult<(Arc<Container>, Arc<Proc>)> {
+    fn process(&self, id: &str, exec_id: &str) -> TtrpcResult<(Arc<Task>, Arc<Proc>)> {
         let container = self.container(id)?;
-        let proc = container.find(exec_id).ok_or_else(|| {
+        let proc = container.container.find(exec_id).ok_or_else(|| {
             status(
                 Code::NOT_FOUND,
                 format!("process {exec_id} of container {id} not found"),
@@ -210,39 +225,35 @@ impl Service {
         self.signal_shutdown();
     }
 
-    fn exit_event(
-        &self,
-        container: &Arc<Container>,
-        proc: &Arc<Proc>,
-    ) -> impl FnOnce(u32, SystemTime) + Send + 'static {
+    /// What to publish when `proc` of `container` exits: TaskOOM first if
+    /// the guest OOM-killed in its cgroup, then TaskExit. Only queues them
+    /// (the runtime calls it with the process's lock held).
+    fn exit_event(&self, container: &Task, proc: &Proc) -> impl FnOnce(Exit) + Send + 'static {
         let events = self
             .events
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let container = Arc::clone(container);
-        let proc = Arc::clone(proc);
-        move |exit_status, at| {
-            let is_init = proc.process.exec_id.is_none();
-            if is_init
-                && let Ok(stats) = container.client().stats(&container.id)
-                && stats.memory_events.oom_kill > 0
-            {
+        let container_id = container.container.id.clone();
+        let id = proc
+            .process
+            .exec_id
+            .clone()
+            .unwrap_or_else(|| container_id.clone());
+        let pid = proc.pid;
+        move |exit: Exit| {
+            if exit.oom_killed {
                 let _ = events.send(Box::new(TaskOOM {
-                    container_id: container.id.clone(),
+                    container_id: container_id.clone(),
                     ..Default::default()
                 }));
             }
             let _ = events.send(Box::new(TaskExit {
-                container_id: container.id.clone(),
-                id: proc
-                    .process
-                    .exec_id
-                    .clone()
-                    .unwrap_or_else(|| container.id.clone()),
-                pid: proc.pid,
-                exit_status,
-                exited_at: Some(timestamp(at)).into(),
+                container_id,
+                id,
+                pid,
+                exit_status: exit.status,
+                exited_at: Some(timestamp(exit.at)).into(),
                 ..Default::default()
             }));
         }
@@ -258,12 +269,9 @@ fn stdio_paths(stdin: &str, stdout: &str, stderr: &str, terminal: bool) -> Stdio
     }
 }
 
-impl containerd_shim::Task for Service {
-    fn create(
-        &self,
-        _ctx: &TtrpcContext,
-        req: api::CreateTaskRequest,
-    ) -> TtrpcResult<api::CreateTaskResponse> {
+/// containerd's task API, one method per call (the trait below forwards).
+impl Service {
+    pub fn create(&self, req: api::CreateTaskRequest) -> TtrpcResult<api::CreateTaskResponse> {
         capsid_protocol::validate_id("container id", &req.id)
             .map_err(|e| status(Code::INVALID_ARGUMENT, e))?;
         if self.containers().contains_key(&req.id) {
@@ -283,18 +291,26 @@ impl containerd_shim::Task for Service {
         let pod = |sandbox_id: &str| {
             self.containers()
                 .get(sandbox_id)
-                .map(|sandbox| Arc::clone(&sandbox.sandbox))
+                .map(|sandbox| Arc::clone(sandbox.container.sandbox()))
         };
-        let container = Container::create(&self.config, &req.id, &bundle, &req.rootfs, stdio, &pod)
-            .map_err(|e| {
-                log::error!(
-                    "{}: create failed: {}",
-                    req.id,
-                    capsid_protocol::error_chain(&e)
-                );
-                from_container(e)
-            })?;
-        let pid = container.init.pid;
+        let container = Task::create(
+            &*self.vms,
+            &self.config,
+            &req.id,
+            &bundle,
+            &req.rootfs,
+            stdio,
+            &pod,
+        )
+        .map_err(|e| {
+            log::error!(
+                "{}: create failed: {}",
+                req.id,
+                capsid_protocol::error_chain(&e)
+            );
+            from_container(e)
+        })?;
+        let pid = container.container.init.pid;
         self.containers()
             .insert(req.id.clone(), Arc::new(container));
         self.publish(TaskCreate {
@@ -318,34 +334,16 @@ impl containerd_shim::Task for Service {
         })
     }
 
-    fn start(
-        &self,
-        _ctx: &TtrpcContext,
-        req: api::StartRequest,
-    ) -> TtrpcResult<api::StartResponse> {
+    pub fn start(&self, req: api::StartRequest) -> TtrpcResult<api::StartResponse> {
         let (container, proc) = self.process(&req.id, &req.exec_id)?;
-        if proc.state() != ProcState::Created {
-            return Err(status(
-                Code::FAILED_PRECONDITION,
-                format!("process {:?} was already started", proc.process),
-            ));
-        }
+        // A process that could not start has ended (127 or 126, as with
+        // runc) and its exit is published, so Delete and `ctr run --rm`
+        // clean it up instead of finding a task stuck in Created.
         let on_exit = self.exit_event(&container, &proc);
-        if let Err(e) = container.start(&proc, on_exit) {
-            // As with runc, a process that could not start has ended (127:
-            // not found, 126: could not run), so Delete and `ctr run --rm`
-            // clean it up instead of finding a task stuck in Created.
-            let why = capsid_protocol::error_chain(&e);
-            let code = if why.contains("No such file") {
-                127
-            } else {
-                126
-            };
-            if let ProcState::Stopped { status, at } = proc.set_stopped(code) {
-                (self.exit_event(&container, &proc))(status, at);
-            }
-            return Err(from_container(e));
-        }
+        container
+            .container
+            .start(&proc, on_exit)
+            .map_err(from_sandbox)?;
         if req.exec_id.is_empty() {
             self.publish(TaskStart {
                 container_id: req.id.clone(),
@@ -366,21 +364,17 @@ impl containerd_shim::Task for Service {
         })
     }
 
-    fn state(
-        &self,
-        _ctx: &TtrpcContext,
-        req: api::StateRequest,
-    ) -> TtrpcResult<api::StateResponse> {
+    pub fn state(&self, req: api::StateRequest) -> TtrpcResult<api::StateResponse> {
         let (container, proc) = self.process(&req.id, &req.exec_id)?;
         let mut response = api::StateResponse {
             id: req.id.clone(),
             exec_id: req.exec_id.clone(),
             bundle: container.bundle.to_string_lossy().into_owned(),
             pid: proc.pid,
-            stdin: proc.stdio.stdin.clone(),
-            stdout: proc.stdio.stdout.clone(),
-            stderr: proc.stdio.stderr.clone(),
-            terminal: proc.stdio.terminal,
+            stdin: proc.io.paths.stdin.clone(),
+            stdout: proc.io.paths.stdout.clone(),
+            stderr: proc.io.paths.stderr.clone(),
+            terminal: proc.io.paths.terminal,
             ..Default::default()
         };
         response.status = match proc.state() {
@@ -396,59 +390,49 @@ impl containerd_shim::Task for Service {
         Ok(response)
     }
 
-    fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
+    pub fn pids(&self, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
         // Host pids only, as Kata answers: the VM's. The guest's own pids
         // (logged here) mean nothing on the host.
         let container = self.container(&req.id)?;
-        let guest = container
-            .client()
-            .list_processes(&req.id)
-            .map_err(|e| from_container(e.into()))?;
+        let guest = container.container.guest_pids().map_err(from_sandbox)?;
         log::debug!("{}: guest processes {guest:?}", req.id);
         Ok(api::PidsResponse {
             processes: vec![ProcessInfo {
-                pid: container.sandbox.vmm_pid,
+                pid: container.container.sandbox().vmm_pid(),
                 ..Default::default()
             }],
             ..Default::default()
         })
     }
 
-    fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
+    pub fn kill(&self, req: api::KillRequest) -> TtrpcResult<api::Empty> {
         let (container, proc) = self.process(&req.id, &req.exec_id)?;
-        let signal = i32::try_from(req.signal)
-            .ok()
-            .filter(|s| (1..=64).contains(s))
-            .ok_or_else(|| status(Code::INVALID_ARGUMENT, format!("bad signal {}", req.signal)))?;
-        match proc.state() {
-            ProcState::Stopped { .. } => {
-                return Err(status(Code::NOT_FOUND, "process already finished"));
-            }
-            ProcState::Created => {
-                // Never started: it ends here, as runc's would, killed by
-                // the signal (nothing waits on it in the guest yet).
-                let _ = container
-                    .client()
-                    .signal_process(&proc.process, libc::SIGKILL, false);
-                if let ProcState::Stopped { status, at } = proc.set_stopped(128 + req.signal) {
-                    (self.exit_event(&container, &proc))(status, at);
-                }
-                return Ok(api::Empty::new());
-            }
-            ProcState::Running => {}
+        if !(1..=64).contains(&req.signal) {
+            return Err(status(
+                Code::INVALID_ARGUMENT,
+                format!("bad signal {}", req.signal),
+            ));
         }
-        container
-            .client()
-            .signal_process(&proc.process, signal, req.all)
-            .map_err(|e| from_container(e.into()))?;
+        match container.container.kill(&proc, req.signal, req.all) {
+            Ok(Killed::Signalled) => {}
+            // Never started: it ended here, killed by the signal.
+            Ok(Killed::EndedUnstarted { status, at }) => {
+                (self.exit_event(&container, &proc))(Exit {
+                    status,
+                    at,
+                    oom_killed: false,
+                });
+            }
+            Err(e) => return Err(from_sandbox(e)),
+        }
         Ok(api::Empty::new())
     }
 
-    fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
+    pub fn exec(&self, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
         let container = self.container(&req.id)?;
         capsid_protocol::validate_id("exec id", &req.exec_id)
             .map_err(|e| status(Code::INVALID_ARGUMENT, e))?;
-        if container.find(&req.exec_id).is_some() {
+        if container.container.find(&req.exec_id).is_some() {
             return Err(status(
                 Code::ALREADY_EXISTS,
                 format!("exec {} already exists", req.exec_id),
@@ -468,43 +452,38 @@ impl containerd_shim::Task for Service {
         Ok(api::Empty::new())
     }
 
-    fn resize_pty(
-        &self,
-        _ctx: &TtrpcContext,
-        req: api::ResizePtyRequest,
-    ) -> TtrpcResult<api::Empty> {
+    pub fn resize_pty(&self, req: api::ResizePtyRequest) -> TtrpcResult<api::Empty> {
         let (container, proc) = self.process(&req.id, &req.exec_id)?;
         let rows = u16::try_from(req.height).unwrap_or(u16::MAX);
         let cols = u16::try_from(req.width).unwrap_or(u16::MAX);
         container
-            .client()
+            .container
+            .agent()
             .resize_tty(&proc.process, rows, cols)
-            .map_err(|e| from_container(e.into()))?;
+            .map_err(|e| from_sandbox(e.into()))?;
         Ok(api::Empty::new())
     }
 
-    fn close_io(&self, _ctx: &TtrpcContext, req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
+    pub fn close_io(&self, req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
         let (_, proc) = self.process(&req.id, &req.exec_id)?;
         if req.stdin {
-            proc.copiers.close_stdin();
+            proc.io.copiers.close_stdin();
         }
         Ok(api::Empty::new())
     }
 
-    fn update(&self, _ctx: &TtrpcContext, req: api::UpdateTaskRequest) -> TtrpcResult<api::Empty> {
+    pub fn update(&self, req: api::UpdateTaskRequest) -> TtrpcResult<api::Empty> {
         let container = self.container(&req.id)?;
         let resources = trans::resources(&req.resources.value)
             .map_err(|e| status(Code::INVALID_ARGUMENT, capsid_protocol::error_chain(&e)))?;
-        // The VM's own size is fixed at boot; the container's cgroup in it
-        // takes the new limits (memory beyond the VM's is no limit at all).
         container
-            .client()
-            .update_resources(&req.id, resources)
-            .map_err(|e| from_container(e.into()))?;
+            .container
+            .update(resources)
+            .map_err(from_sandbox)?;
         Ok(api::Empty::new())
     }
 
-    fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
+    pub fn wait(&self, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
         let (_, proc) = self.process(&req.id, &req.exec_id)?;
         let (exit_status, at) = proc.wait();
         Ok(api::WaitResponse {
@@ -514,11 +493,7 @@ impl containerd_shim::Task for Service {
         })
     }
 
-    fn delete(
-        &self,
-        _ctx: &TtrpcContext,
-        req: api::DeleteRequest,
-    ) -> TtrpcResult<api::DeleteResponse> {
+    pub fn delete(&self, req: api::DeleteRequest) -> TtrpcResult<api::DeleteResponse> {
         let (container, proc) = self.process(&req.id, &req.exec_id)?;
         let (exit_status, at) = match proc.state() {
             ProcState::Running => {
@@ -542,11 +517,7 @@ impl containerd_shim::Task for Service {
                 ..Default::default()
             });
         } else {
-            container
-                .execs
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&req.exec_id);
+            container.container.forget(&req.exec_id);
         }
         Ok(api::DeleteResponse {
             pid: proc.pid,
@@ -556,16 +527,9 @@ impl containerd_shim::Task for Service {
         })
     }
 
-    fn stats(
-        &self,
-        _ctx: &TtrpcContext,
-        req: api::StatsRequest,
-    ) -> TtrpcResult<api::StatsResponse> {
+    pub fn stats(&self, req: api::StatsRequest) -> TtrpcResult<api::StatsResponse> {
         let container = self.container(&req.id)?;
-        let stats = container
-            .client()
-            .stats(&req.id)
-            .map_err(|e| from_container(e.into()))?;
+        let stats = container.container.stats().map_err(from_sandbox)?;
         let metrics = trans::metrics(&stats);
         let any =
             containerd_shim::util::convert_to_any(Box::new(metrics)).map_err(|e| internal(&e))?;
@@ -575,15 +539,11 @@ impl containerd_shim::Task for Service {
         })
     }
 
-    fn connect(
-        &self,
-        _ctx: &TtrpcContext,
-        req: api::ConnectRequest,
-    ) -> TtrpcResult<api::ConnectResponse> {
+    pub fn connect(&self, req: api::ConnectRequest) -> TtrpcResult<api::ConnectResponse> {
         let task_pid = self
             .containers()
             .get(&req.id)
-            .map_or(0, |c| c.sandbox.vmm_pid);
+            .map_or(0, |c| c.container.sandbox().vmm_pid());
         Ok(api::ConnectResponse {
             shim_pid: std::process::id(),
             task_pid,
@@ -592,12 +552,468 @@ impl containerd_shim::Task for Service {
         })
     }
 
-    fn shutdown(&self, _ctx: &TtrpcContext, _req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
+    pub fn shutdown(&self, _req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
         // containerd asks after each Delete; the shim stays while a
         // container of its pod remains.
         if self.containers().is_empty() {
             self.signal_shutdown();
         }
         Ok(api::Empty::new())
+    }
+}
+
+impl containerd_shim::Task for Service {
+    fn create(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CreateTaskRequest,
+    ) -> TtrpcResult<api::CreateTaskResponse> {
+        Service::create(self, req)
+    }
+
+    fn start(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StartRequest,
+    ) -> TtrpcResult<api::StartResponse> {
+        Service::start(self, req)
+    }
+
+    fn state(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StateRequest,
+    ) -> TtrpcResult<api::StateResponse> {
+        Service::state(self, req)
+    }
+
+    fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
+        Service::pids(self, req)
+    }
+
+    fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
+        Service::kill(self, req)
+    }
+
+    fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
+        Service::exec(self, req)
+    }
+
+    fn resize_pty(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ResizePtyRequest,
+    ) -> TtrpcResult<api::Empty> {
+        Service::resize_pty(self, req)
+    }
+
+    fn close_io(&self, _ctx: &TtrpcContext, req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
+        Service::close_io(self, req)
+    }
+
+    fn update(&self, _ctx: &TtrpcContext, req: api::UpdateTaskRequest) -> TtrpcResult<api::Empty> {
+        Service::update(self, req)
+    }
+
+    fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
+        Service::wait(self, req)
+    }
+
+    fn delete(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::DeleteRequest,
+    ) -> TtrpcResult<api::DeleteResponse> {
+        Service::delete(self, req)
+    }
+
+    fn stats(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StatsRequest,
+    ) -> TtrpcResult<api::StatsResponse> {
+        Service::stats(self, req)
+    }
+
+    fn connect(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ConnectRequest,
+    ) -> TtrpcResult<api::ConnectResponse> {
+        Service::connect(self, req)
+    }
+
+    fn shutdown(&self, _ctx: &TtrpcContext, req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
+        Service::shutdown(self, req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::mpsc::Receiver;
+
+    use capsid_images::rootfs::RootfsImage;
+    use capsid_protocol::{ExitStatus, ProcessRef, Rootfs};
+    use capsid_runtime::fake::{FakeAgent, FakeVm};
+    use capsid_runtime::sandbox::Vm;
+    use capsid_runtime::{Agent, Sandbox, VmSize};
+    use containerd_shim::protos::types::mount::Mount;
+
+    use super::*;
+
+    /// VMs made of fakes; every boot gets the same agent and VM.
+    struct FakeVms {
+        agent: Arc<FakeAgent>,
+        vm: Arc<FakeVm>,
+        boots: Mutex<u32>,
+    }
+
+    impl Vms for FakeVms {
+        fn image(&self, _: &Path, _: &[Mount], _: &Path) -> Result<RootfsImage, ContainerError> {
+            Ok(capsid_runtime::fake::image())
+        }
+
+        fn boot(
+            &self,
+            _config: &Config,
+            id: &str,
+            _size: VmSize,
+            _image: &RootfsImage,
+            _spare_disks: u8,
+            record: &dyn Fn(&Path),
+        ) -> Result<(Sandbox, Rootfs), ContainerError> {
+            record(Path::new("/run/capsid/vm-fake"));
+            *self.boots.lock().unwrap() += 1;
+            let sandbox = Sandbox::new(
+                id,
+                Arc::clone(&self.agent) as Arc<dyn Agent>,
+                Arc::clone(&self.vm) as Arc<dyn Vm>,
+                None,
+            );
+            Ok((sandbox, FakeAgent::request(id).rootfs))
+        }
+    }
+
+    struct Harness {
+        service: Service,
+        agent: Arc<FakeAgent>,
+        vm: Arc<FakeVm>,
+        vms_boots: Arc<FakeVms>,
+        events: Receiver<BoxedEvent>,
+        bundle: tempfile::TempDir,
+    }
+
+    fn harness() -> Harness {
+        let agent = Arc::new(FakeAgent::default());
+        let vm = Arc::new(FakeVm::default());
+        let vms = Arc::new(FakeVms {
+            agent: Arc::clone(&agent),
+            vm: Arc::clone(&vm),
+            boots: Mutex::new(0),
+        });
+        struct Shared(Arc<FakeVms>);
+        impl Vms for Shared {
+            fn image(
+                &self,
+                b: &Path,
+                m: &[Mount],
+                r: &Path,
+            ) -> Result<RootfsImage, ContainerError> {
+                self.0.image(b, m, r)
+            }
+            fn boot(
+                &self,
+                c: &Config,
+                id: &str,
+                s: VmSize,
+                i: &RootfsImage,
+                spare: u8,
+                record: &dyn Fn(&Path),
+            ) -> Result<(Sandbox, Rootfs), ContainerError> {
+                self.0.boot(c, id, s, i, spare, record)
+            }
+        }
+        let (tx, events) = channel();
+        let service = Service::with(Config::default(), Box::new(Shared(Arc::clone(&vms))), tx);
+        let bundle = tempfile::tempdir().unwrap();
+        write_spec(bundle.path(), "");
+        Harness {
+            service,
+            agent,
+            vm,
+            vms_boots: vms,
+            events,
+            bundle,
+        }
+    }
+
+    fn write_spec(bundle: &Path, annotations: &str) {
+        std::fs::create_dir_all(bundle.join("rootfs")).unwrap();
+        std::fs::write(
+            bundle.join("config.json"),
+            format!(
+                r#"{{"ociVersion":"1.0.2","process":{{"args":["sh"],"cwd":"/","user":{{"uid":0,"gid":0}}}},
+                    "root":{{"path":"rootfs"}},"annotations":{{{annotations}}}}}"#
+            ),
+        )
+        .unwrap();
+    }
+
+    impl Harness {
+        fn create(&self, id: &str, bundle: &Path) -> TtrpcResult<api::CreateTaskResponse> {
+            self.service.create(api::CreateTaskRequest {
+                id: id.into(),
+                bundle: bundle.to_string_lossy().into_owned(),
+                ..Default::default()
+            })
+        }
+
+        fn start(&self, id: &str, exec_id: &str) -> TtrpcResult<api::StartResponse> {
+            self.service.start(api::StartRequest {
+                id: id.into(),
+                exec_id: exec_id.into(),
+                ..Default::default()
+            })
+        }
+
+        fn delete(&self, id: &str, exec_id: &str) -> TtrpcResult<api::DeleteResponse> {
+            self.service.delete(api::DeleteRequest {
+                id: id.into(),
+                exec_id: exec_id.into(),
+                ..Default::default()
+            })
+        }
+
+        fn wait(&self, id: &str, exec_id: &str) -> u32 {
+            self.service
+                .wait(api::WaitRequest {
+                    id: id.into(),
+                    exec_id: exec_id.into(),
+                    ..Default::default()
+                })
+                .unwrap()
+                .exit_status
+        }
+
+        /// The topics of the events published so far, with the exit
+        /// status and id of each TaskExit.
+        fn topics(&self) -> Vec<String> {
+            let mut topics = Vec::new();
+            while let Ok(event) = self.events.recv_timeout(Duration::from_millis(200)) {
+                let message: &dyn MessageDyn = &*event;
+                topics.push(match message.downcast_ref::<TaskExit>() {
+                    Some(exit) => format!("{} {} {}", event.topic(), exit.id, exit.exit_status),
+                    None => event.topic(),
+                });
+            }
+            topics
+        }
+    }
+
+    fn code(result: TtrpcResult<impl std::fmt::Debug>) -> Code {
+        match result {
+            Err(ttrpc::Error::RpcStatus(status)) => status.code(),
+            other => panic!("expected an error status, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_task_runs_exits_and_is_deleted_with_its_events_in_order() {
+        let h = harness();
+        let created = h.create("c1", h.bundle.path()).unwrap();
+        assert_eq!(created.pid, FakeVm::PID, "containerd sees the VMM's pid");
+        assert!(h.bundle.path().join("capsid.json").exists());
+        h.start("c1", "").unwrap();
+        assert_eq!(code(h.start("c1", "")), Code::FAILED_PRECONDITION);
+        assert_eq!(
+            code(h.delete("c1", "")),
+            Code::FAILED_PRECONDITION,
+            "a running task is not deleted"
+        );
+        h.agent.exit(&ProcessRef::init("c1"), ExitStatus::Code(3));
+        assert_eq!(h.wait("c1", ""), 3);
+        let state = h
+            .service
+            .state(api::StateRequest {
+                id: "c1".into(),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(state.status.enum_value(), Ok(Status::STOPPED));
+        assert_eq!(state.exit_status, 3);
+        assert_eq!(h.delete("c1", "").unwrap().exit_status, 3);
+        assert_eq!(
+            h.topics(),
+            [
+                "/tasks/create",
+                "/tasks/start",
+                "/tasks/exit c1 3",
+                "/tasks/delete"
+            ]
+        );
+        assert!(!h.vm.running() && !h.bundle.path().join("capsid.json").exists());
+        let calls = h.agent.calls();
+        assert_eq!(
+            calls[calls.len() - 2..],
+            ["RemoveContainer c1".to_owned(), "Shutdown".to_owned()]
+        );
+        assert_eq!(code(h.delete("c1", "")), Code::NOT_FOUND);
+    }
+
+    #[test]
+    fn execs_are_named_started_and_reported_by_their_own_id() {
+        let h = harness();
+        h.create("c1", h.bundle.path()).unwrap();
+        h.start("c1", "").unwrap();
+        let exec = |exec_id: &str| {
+            h.service.exec(api::ExecProcessRequest {
+                id: "c1".into(),
+                exec_id: exec_id.into(),
+                spec: Some(
+                    containerd_shim::protos::protobuf::well_known_types::any::Any {
+                        value: br#"{"args":["true"],"cwd":"/","user":{"uid":0,"gid":0}}"#.to_vec(),
+                        ..Default::default()
+                    },
+                )
+                .into(),
+                ..Default::default()
+            })
+        };
+        exec("e1").unwrap();
+        assert_eq!(code(exec("e1")), Code::ALREADY_EXISTS);
+        assert_eq!(code(exec("../e")), Code::INVALID_ARGUMENT);
+        h.start("c1", "e1").unwrap();
+        h.agent
+            .exit(&ProcessRef::exec("c1", "e1"), ExitStatus::Code(0));
+        assert_eq!(h.wait("c1", "e1"), 0);
+        h.delete("c1", "e1").unwrap();
+        assert_eq!(code(h.start("c1", "e1")), Code::NOT_FOUND);
+        assert_eq!(
+            h.topics(),
+            [
+                "/tasks/create",
+                "/tasks/start",
+                "/tasks/exec-added",
+                "/tasks/exec-started",
+                "/tasks/exit e1 0"
+            ]
+        );
+        assert!(h.vm.running(), "deleting an exec leaves the container");
+    }
+
+    #[test]
+    fn a_task_killed_before_it_started_ends_with_the_signal() {
+        let h = harness();
+        h.create("c1", h.bundle.path()).unwrap();
+        h.service
+            .kill(api::KillRequest {
+                id: "c1".into(),
+                signal: 9,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(h.wait("c1", ""), 137);
+        let again = h.service.kill(api::KillRequest {
+            id: "c1".into(),
+            signal: 9,
+            ..Default::default()
+        });
+        assert_eq!(code(again), Code::NOT_FOUND);
+        let bad = h.service.kill(api::KillRequest {
+            id: "c1".into(),
+            signal: 65,
+            ..Default::default()
+        });
+        assert_eq!(code(bad), Code::INVALID_ARGUMENT);
+        h.delete("c1", "").unwrap();
+        assert_eq!(
+            h.topics(),
+            ["/tasks/create", "/tasks/exit c1 137", "/tasks/delete"]
+        );
+    }
+
+    #[test]
+    fn a_vm_that_dies_ends_its_processes_with_255_and_an_oom_is_told() {
+        let h = harness();
+        h.create("c1", h.bundle.path()).unwrap();
+        h.start("c1", "").unwrap();
+        h.vm.crash();
+        h.agent.vm_died();
+        assert_eq!(h.wait("c1", ""), 255);
+        h.delete("c1", "").unwrap();
+        assert_eq!(
+            h.topics(),
+            [
+                "/tasks/create",
+                "/tasks/start",
+                "/tasks/exit c1 255",
+                "/tasks/delete"
+            ]
+        );
+
+        let h = harness();
+        h.create("c1", h.bundle.path()).unwrap();
+        h.start("c1", "").unwrap();
+        h.agent.set_oom_kills(1);
+        h.agent.exit(&ProcessRef::init("c1"), ExitStatus::Signal(9));
+        assert_eq!(h.wait("c1", ""), 137);
+        assert_eq!(
+            h.topics(),
+            [
+                "/tasks/create",
+                "/tasks/start",
+                "/tasks/oom",
+                "/tasks/exit c1 137"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_failed_create_keeps_the_agents_code_and_leaves_nothing() {
+        let h = harness();
+        h.agent.refuse(
+            "CreateContainer",
+            capsid_protocol::ErrorCode::InvalidArgument,
+        );
+        assert_eq!(
+            code(h.create("c1", h.bundle.path())),
+            Code::INVALID_ARGUMENT
+        );
+        assert!(!h.vm.running(), "its VM is taken down");
+        assert!(!h.bundle.path().join("capsid.json").exists());
+        assert!(h.topics().is_empty());
+        // The id is free again.
+        assert_eq!(code(h.start("c1", "")), Code::NOT_FOUND);
+        assert_eq!(
+            code(h.create("../c", h.bundle.path())),
+            Code::INVALID_ARGUMENT
+        );
+    }
+
+    #[test]
+    fn a_pods_containers_share_its_vm_which_goes_with_the_last() {
+        let h = harness();
+        let sandbox_bundle = tempfile::tempdir().unwrap();
+        write_spec(
+            sandbox_bundle.path(),
+            r#""io.kubernetes.cri.container-type":"sandbox""#,
+        );
+        let member = tempfile::tempdir().unwrap();
+        write_spec(
+            member.path(),
+            r#""io.kubernetes.cri.container-type":"container","io.kubernetes.cri.sandbox-id":"pod""#,
+        );
+        // No pod yet.
+        assert_eq!(code(h.create("m1", member.path())), Code::INTERNAL);
+        h.create("pod", sandbox_bundle.path()).unwrap();
+        h.create("m1", member.path()).unwrap();
+        assert_eq!(*h.vms_boots.boots.lock().unwrap(), 1, "one VM for the pod");
+        assert_eq!(h.vm.disks(), ["+ctr-1"]);
+        h.delete("pod", "").unwrap();
+        assert!(h.vm.running(), "m1 is still in the pod's VM");
+        h.delete("m1", "").unwrap();
+        assert!(!h.vm.running());
+        assert_eq!(h.vm.disks(), ["+ctr-1", "-ctr-1"]);
     }
 }

@@ -22,7 +22,8 @@ use std::sync::Mutex;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use capsid_protocol::{AgentClient, ClientError, ProcessRef, StdioRequest, Stream};
+use capsid_protocol::{ClientError, ProcessRef, StdioRequest, Stream};
+use capsid_runtime::Agent;
 
 /// Where containerd wants a process's streams; empty means none.
 #[derive(Debug, Clone, Default)]
@@ -97,7 +98,7 @@ fn copy_output(mut from: std::os::unix::net::UnixStream, path: String) -> JoinHa
 impl Copiers {
     /// Attaches every stream `paths` asks for; call before the process starts.
     pub fn attach(
-        client: &AgentClient,
+        client: &dyn Agent,
         process: &ProcessRef,
         paths: &StdioPaths,
     ) -> Result<Self, StdioError> {
