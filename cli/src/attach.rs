@@ -5,16 +5,15 @@
 
 use std::io::{self, IsTerminal, Read, Write};
 use std::net::Shutdown;
-use std::path::Path;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use capsid_protocol::{
-    AgentClient, DEFAULT_AGENT_PORT, ExitStatus, ProcessRef, StdioRequest, Stream,
-};
+use capsid_protocol::{ExitStatus, ProcessRef, StdioRequest, Stream};
+use capsid_runtime::Agent;
 
 /// The terminal in raw mode while the command has a tty; restored on drop.
 struct RawTerminal(Option<libc::termios>);
@@ -99,13 +98,11 @@ pub fn stdio_request(tty: bool) -> StdioRequest {
 
 #[derive(Debug)]
 pub struct Session<'a> {
-    pub client: &'a AgentClient,
-    pub uds: &'a Path,
+    pub agent: &'a Arc<dyn Agent>,
     pub process: &'a ProcessRef,
     pub tty: bool,
     pub timeout: Option<Duration>,
     pub stop: &'a AtomicBool,
-    pub io_wait: Duration,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -150,9 +147,8 @@ pub fn run_attached(
     session: &Session<'_>,
     alive: &mut dyn FnMut() -> anyhow::Result<()>,
 ) -> anyhow::Result<Ended> {
-    let Session {
-        client, process, ..
-    } = *session;
+    let Session { agent, process, .. } = *session;
+    let client: &dyn Agent = &**agent;
     if session.tty
         && let Some((rows, cols)) = window_size()
     {
@@ -201,12 +197,8 @@ pub fn run_attached(
 
     let (status_tx, status_rx) = std::sync::mpsc::channel();
     {
-        let waiter = AgentClient::connect(
-            session.uds,
-            DEFAULT_AGENT_PORT,
-            session.io_wait,
-            session.io_wait,
-        )?;
+        // The wait blocks on a connection of its own; calls go on meanwhile.
+        let waiter = Arc::clone(agent);
         let process = process.clone();
         thread::spawn(move || {
             let _ = status_tx.send(waiter.wait_process(&process));

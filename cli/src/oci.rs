@@ -31,9 +31,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use capsid_protocol::{
-    AgentClient, CreateContainer, DEFAULT_AGENT_PORT, ExecProcess, ProcessRef, StdioRequest, Stream,
+    AgentClient, DEFAULT_AGENT_PORT, ExecProcess, ProcessRef, StdioRequest, Stream,
 };
-use capsid_runtime::{MicroVm, VmSpec, rootfs_disk};
+use capsid_runtime::{
+    Agent, BootRequest, Container, ContainerRequest, ProcessIo, Sandbox, SandboxError, Teardown,
+};
 use clap::Args;
 use oci_spec::runtime::Spec;
 use serde::{Deserialize, Serialize};
@@ -313,7 +315,7 @@ pub fn monitor(args: &MonitorArgs) -> anyhow::Result<ExitCode> {
     for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
         signal_hook::flag::register(signal, Arc::clone(&stop))?;
     }
-    let set_up = || -> anyhow::Result<(MicroVm, AgentClient, Vec<std::thread::JoinHandle<()>>)> {
+    let set_up = || -> anyhow::Result<(Arc<Sandbox>, Container<Copies>)> {
         let config = args.artifacts.config()?;
         let spec =
             Spec::load(args.bundle.join("config.json")).context("cannot read config.json")?;
@@ -336,58 +338,44 @@ pub fn monitor(args: &MonitorArgs) -> anyhow::Result<ExitCode> {
         )
         .context("cannot make the rootfs image")?;
         let (agent_spec, files) = capsid_runtime::spec::container_spec(spec)?;
-        let (disk, rootfs) = rootfs_disk(&image);
-        let (vm, client) = MicroVm::boot(
-            &VmSpec {
-                boot: config.boot_files()?,
-                vcpus: size.vcpus,
-                memory_mib: size.memory_mib,
-                disks: vec![disk],
+        let (sandbox, rootfs) = Sandbox::boot(
+            &config,
+            BootRequest {
+                name: &args.id,
+                size,
+                image: &image,
                 spare_disks: 0,
-                dir: dir.clone(),
-                log_level: "warn".into(),
-                confinement: config.confinement(),
+                dir: &dir,
+                // The state stays in it until `delete`.
+                teardown: Teardown::KeepDir,
                 // The monitor boots it on its main thread and lives as long.
                 die_with_owner: true,
+                policy: config.boot_policy(
+                    AGENT_IO_TIMEOUT,
+                    &|| stop.load(Ordering::Relaxed),
+                    &|why| eprintln!("capsid: {why}"),
+                ),
             },
-            &config.boot_policy(AGENT_IO_TIMEOUT, &|| stop.load(Ordering::Relaxed), &|why| {
-                eprintln!("capsid: {why}")
-            }),
         )?;
-        client.create_container(CreateContainer {
+        let sandbox = Arc::new(sandbox);
+        let request = ContainerRequest {
             id: args.id.clone(),
             rootfs,
+            disk: None,
             spec: agent_spec,
+            files,
             stdio: StdioRequest {
                 stdin: true,
                 stdout: true,
                 stderr: true,
             },
-            files,
-        })?;
-        // runc's detached create: the container's stdio is create's.
-        let process = ProcessRef::init(&args.id);
-        let mut copies = Vec::new();
-        for (stream, fd) in [(Stream::Stdout, 1), (Stream::Stderr, 2)] {
-            let mut from = client.attach(&process, stream)?;
-            // SAFETY: fds 1 and 2 are ours for the monitor's life.
-            let mut to = unsafe { File::from_raw_fd(libc::dup(fd)) };
-            copies.push(std::thread::spawn(move || {
-                let _ = std::io::copy(&mut from, &mut to);
-            }));
-        }
-        let mut to = client.attach(&process, Stream::Stdin)?;
-        // SAFETY: fd 0 is ours for the monitor's life.
-        let mut from = unsafe { File::from_raw_fd(libc::dup(0)) };
-        std::thread::spawn(move || {
-            let _ = std::io::copy(&mut from, &mut to);
-            let _ = to.shutdown(std::net::Shutdown::Write);
-        });
+        };
+        let container = sandbox.create(request, Copies::attach)?;
         let state = State {
             id: args.id.clone(),
             bundle: args.bundle.clone(),
             monitor_pid: std::process::id(),
-            vmm_pid: vm.pid(),
+            vmm_pid: sandbox.vmm_pid(),
             created: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .unwrap_or_default()
@@ -395,9 +383,9 @@ pub fn monitor(args: &MonitorArgs) -> anyhow::Result<ExitCode> {
             exit_status: None,
         };
         write_state(&dir, &state)?;
-        Ok((vm, client, copies))
+        Ok((sandbox, container))
     };
-    let (mut vm, client, copies) = match set_up() {
+    let (sandbox, container) = match set_up() {
         Ok(parts) => parts,
         Err(e) => {
             let _ = writeln!(ready, "error: {e:#}");
@@ -408,14 +396,11 @@ pub fn monitor(args: &MonitorArgs) -> anyhow::Result<ExitCode> {
     let _ = writeln!(ready, "ok");
     drop(ready);
 
-    let process = ProcessRef::init(&args.id);
+    // `capsid start` starts the init from its own process; the monitor
+    // only waits for it.
     let (status_tx, status_rx) = std::sync::mpsc::channel();
-    let waiter = AgentClient::connect(
-        vm.uds(),
-        DEFAULT_AGENT_PORT,
-        AGENT_IO_TIMEOUT,
-        AGENT_IO_TIMEOUT,
-    )?;
+    let waiter = Arc::clone(sandbox.agent());
+    let process = container.init.process.clone();
     std::thread::spawn(move || {
         let _ = status_tx.send(waiter.wait_process(&process));
     });
@@ -425,29 +410,60 @@ pub fn monitor(args: &MonitorArgs) -> anyhow::Result<ExitCode> {
             Ok(Err(_)) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break 255,
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
         }
-        if stop.load(Ordering::Relaxed) || !matches!(vm.try_wait(), Ok(None)) {
+        if stop.load(Ordering::Relaxed) || !sandbox.running() {
             // `delete --force` (or the VM died): no output is owed anymore.
-            vm.kill();
+            sandbox.kill();
             break 128 + libc::SIGKILL;
         }
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    for copy in copies {
-        while !copy.is_finished() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
+    container.init.io.drain(Duration::from_secs(30));
     if let Ok(mut state) = read_state(&dir) {
         state.exit_status = Some(code);
         let _ = write_state(&dir, &state);
     }
-    if client.shutdown().is_ok() {
-        let _ = vm.wait_timeout(Duration::from_secs(5));
-    }
-    vm.kill();
+    let _ = sandbox.shut_down();
     // The VM's socket and log go with it; the state stays until delete.
     let _ = std::fs::remove_file(capsid_runtime::vm::vsock_path(&dir));
     Ok(ExitCode::SUCCESS)
+}
+
+/// runc's detached create: the container's stdio is the monitor's (and
+/// so `create`'s caller's), copied until the streams end.
+#[derive(Debug)]
+struct Copies(std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>);
+
+impl Copies {
+    fn attach(agent: &dyn Agent, process: &ProcessRef) -> Result<Self, SandboxError> {
+        let mut copies = Vec::new();
+        for (stream, fd) in [(Stream::Stdout, 1), (Stream::Stderr, 2)] {
+            let mut from = agent.attach(process, stream)?;
+            // SAFETY: fds 1 and 2 are ours for the monitor's life.
+            let mut to = unsafe { File::from_raw_fd(libc::dup(fd)) };
+            copies.push(std::thread::spawn(move || {
+                let _ = std::io::copy(&mut from, &mut to);
+            }));
+        }
+        let mut to = agent.attach(process, Stream::Stdin)?;
+        // SAFETY: fd 0 is ours for the monitor's life.
+        let mut from = unsafe { File::from_raw_fd(libc::dup(0)) };
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut from, &mut to);
+            let _ = to.shutdown(std::net::Shutdown::Write);
+        });
+        Ok(Self(std::sync::Mutex::new(copies)))
+    }
+}
+
+impl ProcessIo for Copies {
+    /// Waits at most `bound` for the output copies to end.
+    fn drain(&self, bound: Duration) {
+        let deadline = Instant::now() + bound;
+        for copy in capsid_runtime::lock(&self.0).iter() {
+            while !copy.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
 }
 
 pub fn start(args: &IdArgs) -> anyhow::Result<ExitCode> {
@@ -581,7 +597,7 @@ pub fn exec(args: &ExecArgs) -> anyhow::Result<ExitCode> {
     };
     workload::apply(&mut process, &args.env, args.cwd.as_deref(), args.user);
     let tty = process.terminal().unwrap_or(false);
-    let client = client(&dir)?;
+    let client: Arc<dyn Agent> = Arc::new(client(&dir)?);
     let exec_id = format!(
         "exec-{}-{}",
         std::process::id(),
@@ -600,16 +616,13 @@ pub fn exec(args: &ExecArgs) -> anyhow::Result<ExitCode> {
     for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
         signal_hook::flag::register(signal, Arc::clone(&stop))?;
     }
-    let uds = capsid_runtime::vm::vsock_path(&dir);
     let ended = attach::run_attached(
         &attach::Session {
-            client: &client,
-            uds: &uds,
+            agent: &client,
             process: &target,
             tty,
             timeout: None,
             stop: &stop,
-            io_wait: AGENT_IO_TIMEOUT,
         },
         &mut || Ok(()),
     )?;

@@ -21,10 +21,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use capsid_protocol::{AgentClient, ClientError, CreateContainer, ProcessRef, Rootfs};
+use capsid_protocol::{ClientError, Rootfs};
 use capsid_runtime::config::parse_size_mib;
 use capsid_runtime::scratch::{self, Scratch};
-use capsid_runtime::{Config, MicroVm, VmError, VmSpec, rootfs_disk};
+use capsid_runtime::{
+    BootRequest, Config, ContainerRequest, Sandbox, SandboxError, Teardown, VmError, VmSize,
+};
 use capsid_vmm::probe::{self, Mode};
 use clap::Args;
 
@@ -201,7 +203,8 @@ const CONTAINER_ID: &str = "run";
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = args.artifacts.config()?;
-    let boot = config.boot_files()?;
+    // A missing kernel, initramfs or VMM is named before anything else.
+    config.boot_files()?;
     for dir in scratch::sweep(&config.run_dir, &config.confinement()) {
         eprintln!(
             "capsid: removed {}, left with its micro-VM by a capsid run that was killed",
@@ -253,74 +256,79 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             scratch::runs_dir(&config.run_dir).display()
         )
     })?;
-    let (disk, rootfs) = rootfs_disk(&image);
     // Wait for the agent, but notice a VMM that died and a signal meanwhile.
     let wait = config.agent_timeout();
     let progress = attach::Progress::start("booting the micro-VM");
-    let (mut vm, client) = MicroVm::boot(
-        &VmSpec {
-            boot,
-            vcpus: args.cpus.unwrap_or(config.vcpus),
-            memory_mib: args.memory.unwrap_or(config.memory_mib),
-            disks: vec![disk],
+    let (sandbox, rootfs) = Sandbox::boot(
+        &config,
+        BootRequest {
+            name: CONTAINER_ID,
+            size: VmSize {
+                vcpus: args.cpus.unwrap_or(config.vcpus),
+                memory_mib: args.memory.unwrap_or(config.memory_mib),
+            },
+            image: &image,
             spare_disks: 0,
-            dir: scratch.path().to_owned(),
-            log_level: "warn".into(),
-            confinement: config.confinement(),
+            dir: scratch.path(),
+            // `scratch` removes it, and sweeps it after a SIGKILL.
+            teardown: Teardown::KeepDir,
             // Booted on the main thread: the VM dies with this process,
             // even of a SIGKILL.
             die_with_owner: true,
+            policy: config.boot_policy(wait, &|| stop.load(Ordering::Relaxed), &|why| {
+                progress.say(&format!("capsid: {why}"));
+            }),
         },
-        &config.boot_policy(wait, &|| stop.load(Ordering::Relaxed), &|why| {
-            progress.say(&format!("capsid: {why}"));
-        }),
     )?;
+    let sandbox = Arc::new(sandbox);
     drop(progress);
-    debug!("agent answered: {}", client.agent());
-    let outcome = drive(&args, &workload, &config, rootfs, &client, &mut vm, &stop);
-    outcome.map_err(|e| {
-        // An agent connection that broke because the VM died says little by
-        // itself: name the VMM's exit, and quote its log and the console. The
-        // VM may take a moment to exit after the connection broke; it runs
-        // on when the agent refused a request.
-        // A `VmError` from booting quotes them already.
-        if e.chain()
-            .any(|cause| cause.downcast_ref::<VmError>().is_some())
-        {
-            return e;
-        }
-        let refused = e.chain().any(|cause| {
-            matches!(
-                cause.downcast_ref::<ClientError>(),
-                Some(ClientError::Agent { .. })
-            )
-        });
-        let timed_out = e.chain().any(|cause| {
-            cause
-                .downcast_ref::<ClientError>()
-                .is_some_and(ClientError::is_timeout)
-        });
-        let grace = Duration::from_millis(if refused { 0 } else { 500 });
-        match vm.exit_report(grace) {
-            Some(report) => anyhow::anyhow!("{:#}{}", e.context(report), vm.diagnostics()),
-            // A guest that stalls a call while its VM runs on says why, if
-            // at all, on its console; the VM is killed when `vm` drops.
-            None if timed_out => anyhow::anyhow!(
-                "{e:#}; the micro-VM was still running and is stopped{}",
-                vm.diagnostics()
-            ),
-            None => e,
-        }
-    })
+    debug!("agent answered: {}", sandbox.agent().describe());
+    let outcome = drive(&args, &workload, rootfs, &sandbox, &stop);
+    outcome.map_err(|e| explain(e, &sandbox))
+}
+
+/// An agent connection that broke because the VM died says little by
+/// itself: name the VMM's exit, and quote its log and the console. The VM
+/// may take a moment to exit after the connection broke. A VM the agent
+/// refused a request of was shut down by us, and one that missed a call's
+/// deadline killed; an error from booting quotes the log and console
+/// already.
+fn explain(e: anyhow::Error, sandbox: &Sandbox) -> anyhow::Error {
+    let sandbox_error = |test: fn(&SandboxError) -> bool| {
+        e.chain()
+            .any(|cause| cause.downcast_ref::<SandboxError>().is_some_and(test))
+    };
+    let client_error = |test: fn(&ClientError) -> bool| {
+        e.chain()
+            .any(|cause| cause.downcast_ref::<ClientError>().is_some_and(test))
+    };
+    let booting = sandbox_error(|e| matches!(e, SandboxError::Vm(_)))
+        || e.chain()
+            .any(|cause| cause.downcast_ref::<VmError>().is_some());
+    let refused = sandbox_error(|e| e.agent_code().is_some())
+        || client_error(|e| matches!(e, ClientError::Agent { .. }));
+    if booting || refused {
+        return e;
+    }
+    // A guest that stalls a call while its VM runs on says why, if at all,
+    // on its console; the sandbox killed the VM at the missed deadline.
+    if sandbox_error(SandboxError::is_timeout) || client_error(ClientError::is_timeout) {
+        return anyhow::anyhow!(
+            "{e:#}; the micro-VM was still running and is stopped{}",
+            sandbox.diagnostics()
+        );
+    }
+    match sandbox.exit_report(Duration::from_millis(500)) {
+        Some(report) => anyhow::anyhow!("{:#}{}", e.context(report), sandbox.diagnostics()),
+        None => e,
+    }
 }
 
 fn drive(
     args: &RunArgs,
     workload: &Workload,
-    config: &Config,
     rootfs: Rootfs,
-    client: &AgentClient,
-    vm: &mut MicroVm,
+    sandbox: &Arc<Sandbox>,
     stop: &AtomicBool,
 ) -> anyhow::Result<ExitCode> {
     let mut spec = Spec::default();
@@ -343,36 +351,36 @@ fn drive(
         root.set_readonly(Some(false));
         spec.set_root(Some(root));
     }
-    let stdio = attach::stdio_request(args.tty);
-    client.create_container(CreateContainer {
-        id: CONTAINER_ID.into(),
-        rootfs,
-        spec,
-        stdio,
-        files: Vec::new(),
-    })?;
+    let container = sandbox.create(
+        ContainerRequest {
+            id: CONTAINER_ID.into(),
+            rootfs,
+            disk: None,
+            spec,
+            files: Vec::new(),
+            stdio: attach::stdio_request(args.tty),
+        },
+        |_, _| Ok::<(), SandboxError>(()),
+    )?;
     debug!("container created");
-    let process = ProcessRef::init(CONTAINER_ID);
-    let uds = vm.uds().to_owned();
     let ended = attach::run_attached(
         &attach::Session {
-            client,
-            uds: &uds,
-            process: &process,
+            agent: sandbox.agent(),
+            process: &container.init.process,
             tty: args.tty,
             timeout: args.timeout,
             stop,
-            io_wait: config.agent_timeout(),
         },
         &mut || {
-            vm.try_wait()?.map_or(Ok(()), |_| {
+            if sandbox.running() {
+                Ok(())
+            } else {
                 bail!("the micro-VM stopped while the command ran")
-            })
+            }
         },
     )?;
     debug!("output streams ended; shutting down");
-    client.shutdown()?;
-    vm.wait_timeout(Duration::from_secs(10))?;
+    sandbox.shut_down()?;
     Ok(ended.exit_code())
 }
 
