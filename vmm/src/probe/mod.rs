@@ -113,3 +113,20 @@ pub fn probe() -> Probe {
         },
     }
 }
+
+/// For the tests that run tiny guests under any `/dev/kvm` (tier 2):
+/// whether there is one. Without it the test says so and skips, unless
+/// `CAPSID_E2E_REQUIRED=1` (the test command sets it, as for the e2e
+/// tests): then it fails, so that a machine without KVM cannot pass them
+/// all by skipping.
+pub fn kvm_for_test(test: &str) -> bool {
+    if Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    assert!(
+        std::env::var("CAPSID_E2E_REQUIRED").as_deref() != Ok("1"),
+        "{test}: needs /dev/kvm (CAPSID_E2E_REQUIRED=1)"
+    );
+    eprintln!("SKIPPED {test}: no /dev/kvm");
+    false
+}

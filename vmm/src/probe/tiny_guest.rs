@@ -168,8 +168,7 @@ mod tests {
 
     #[test]
     fn guest_counts_down_and_reports_done() {
-        if !std::path::Path::new("/dev/kvm").exists() {
-            eprintln!("SKIPPED guest_counts_down_and_reports_done: no /dev/kvm");
+        if !crate::probe::kvm_for_test("guest_counts_down_and_reports_done") {
             return;
         }
         // Any KVM, even an emulating one, runs this tiny guest to its end.
@@ -179,8 +178,7 @@ mod tests {
 
     #[test]
     fn a_guest_that_runs_too_long_is_interrupted() {
-        if !std::path::Path::new("/dev/kvm").exists() {
-            eprintln!("SKIPPED a_guest_that_runs_too_long_is_interrupted: no /dev/kvm");
+        if !crate::probe::kvm_for_test("a_guest_that_runs_too_long_is_interrupted") {
             return;
         }
         // 4 billion iterations take seconds even on hardware.

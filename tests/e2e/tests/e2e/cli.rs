@@ -542,7 +542,9 @@ fn capsid_oci_verbs_follow_runcs_conventions() {
         &scratch,
     );
     assert_eq!(code, Some(0), "create: {err}");
-    capsid(&["start", "--root", root, "c2"], &scratch);
+    let (_, err, code) = capsid(&["start", "--root", root, "c2"], &scratch);
+    assert_eq!(code, Some(0), "start c2: {err}");
+    assert_eq!(oci_status(root, "c2", &scratch), "running");
     let (_, err, code) = capsid(&["delete", "--force", "--root", root, "c2"], &scratch);
     assert_eq!(code, Some(0), "delete --force: {err}");
     assert_eq!(leftovers(), Vec::<String>::new());
