@@ -266,8 +266,11 @@ mod tests {
                     held |= 2;
                 }
                 // Its own errno.
-                if errno_of(libc::syscall(libc::SYS_mkdir, c"/nonexistent/x".as_ptr(), 0o755))
-                    == libc::EACCES
+                if errno_of(libc::syscall(
+                    libc::SYS_mkdir,
+                    c"/nonexistent/x".as_ptr(),
+                    0o755,
+                )) == libc::EACCES
                 {
                     held |= 4;
                 }
