@@ -27,7 +27,9 @@ use std::time::{Duration, Instant};
 
 use capsid_images::rootfs::{Format, RootfsImage};
 use capsid_protocol::{AgentClient, ClientError, DEFAULT_AGENT_PORT, Filesystem, Rootfs};
-use capsid_vmm_api::{ApiRequest, ApiResponse};
+use capsid_vmm_api::{
+    ApiRequest, ApiResponse, DEFAULT_CMDLINE, DiskConfig, SerialConfig, VmConfig, VsockConfig,
+};
 
 use crate::config::BootFiles;
 use crate::confine::{self, ConfineError, Confinement, VmCgroup, untrusted_tail};
@@ -131,6 +133,42 @@ pub struct VmSpec {
     /// caller whose VM must not outlive it (`capsid run`, a monitor), and
     /// that boots it from a thread that lives as long as the VM.
     pub die_with_owner: bool,
+}
+
+impl VmSpec {
+    /// The VM as capsid-vmm takes it (`--config`): its sockets at `uds` and
+    /// `api`, its console in the file `console`.
+    pub fn vm_config(&self, uds: PathBuf, console: PathBuf, api: Option<PathBuf>) -> VmConfig {
+        let boot = &self.boot;
+        VmConfig {
+            kernel: boot.kernel.clone(),
+            initrd: Some(boot.initramfs.clone()),
+            cmdline: if boot.kernel_params.is_empty() {
+                DEFAULT_CMDLINE.to_owned()
+            } else {
+                format!("{DEFAULT_CMDLINE} {}", boot.kernel_params)
+            },
+            // Out of range: the VMM refuses it with the range allowed.
+            vcpus: u8::try_from(self.vcpus).unwrap_or(u8::MAX),
+            mem_mib: self.memory_mib,
+            disks: self
+                .disks
+                .iter()
+                .map(|disk| DiskConfig {
+                    path: disk.path.clone(),
+                    read_only: disk.read_only,
+                    id: Some(disk.id.clone()),
+                })
+                .collect(),
+            vsock: Some(VsockConfig {
+                uds,
+                cid: capsid_vmm_api::config::DEFAULT_CID,
+            }),
+            serial: SerialConfig::File(console),
+            spare_disks: self.spare_disks,
+            api_uds: api,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -239,8 +277,6 @@ impl MicroVm {
         let dir = confine::make_vm_dir(&vm_dir(&spec.dir), owner)?;
         let uds = vsock_path(&spec.dir);
         let log = dir.join("vmm.log");
-        let mut console = std::ffi::OsString::from("file:");
-        console.push(dir.join(CONSOLE));
         let cgroup = match (&confinement.cgroup_parent, confinement.jail) {
             (Some(parent), true) => VmCgroup::create(
                 parent,
@@ -263,30 +299,23 @@ impl MicroVm {
                 .map_err(|e| VmError::Scratch(log.clone(), e))?
         };
         let boot = &spec.boot;
+        let api = (spec.spare_disks > 0).then(|| dir.join("api.sock"));
+        // The VM itself goes in a file of the VMM's own configuration type;
+        // the flags say how the process runs.
+        let config = spec.vm_config(uds.clone(), dir.join(CONSOLE), api.clone());
+        let config_path = dir.join("config.json");
+        let json = serde_json::to_vec_pretty(&config).map_err(std::io::Error::other);
+        json.and_then(|json| std::fs::write(&config_path, json))
+            .map_err(|e| VmError::Scratch(config_path.clone(), e))?;
         let mut command = Command::new(&boot.vmm);
         command
             .env_clear()
-            .arg("--kernel")
-            .arg(&boot.kernel)
-            .arg("--initrd")
-            .arg(&boot.initramfs)
-            .args(["--vcpus", &spec.vcpus.to_string()])
-            .args(["--mem-mib", &spec.memory_mib.to_string()])
-            .arg("--vsock-uds")
-            .arg(&uds)
-            .arg("--serial")
-            .arg(console)
+            .arg("--config")
+            .arg(&config_path)
             .args(["--log-level", &spec.log_level])
             .arg("--log-file")
             .arg(&log)
             .args(["--seccomp", &confinement.seccomp]);
-        if !boot.kernel_params.is_empty() {
-            command.arg("--cmdline").arg(format!(
-                "{} {}",
-                capsid_vmm_api::DEFAULT_CMDLINE,
-                boot.kernel_params
-            ));
-        }
         if let Some((uid, gid)) = owner {
             command.arg("--jail").arg(&dir).args([
                 "--uid",
@@ -301,22 +330,6 @@ impl MicroVm {
         if spec.die_with_owner {
             // Our pid, not the VMM's getppid(): we may die before it asks.
             command.args(["--die-with-parent", &std::process::id().to_string()]);
-        }
-        for disk in &spec.disks {
-            let mut arg = disk.path.clone().into_os_string();
-            if disk.read_only {
-                arg.push(",ro");
-            }
-            arg.push(",id=");
-            arg.push(&disk.id);
-            command.arg("--disk").arg(arg);
-        }
-        let api = (spec.spare_disks > 0).then(|| dir.join("api.sock"));
-        if let Some(api) = &api {
-            command
-                .args(["--spare-disks", &spec.spare_disks.to_string()])
-                .arg("--api-uds")
-                .arg(api);
         }
         let child = command
             .stdin(Stdio::null())
@@ -742,6 +755,55 @@ mod tests {
             }
         }
         panic!("{} stayed busy for 2 s", spec.boot.vmm.display());
+    }
+
+    #[test]
+    fn the_vmm_gets_the_vm_in_its_own_configuration_type() {
+        let dir = tempfile::tempdir().unwrap();
+        let args = dir.path().join("args");
+        let script = fake_vmm(
+            dir.path(),
+            &format!("echo \"$@\" > {}; exec sleep 600", args.display()),
+        );
+        let mut spec = spec(dir.path(), &script);
+        spec.boot.kernel_params = "sysctl.vm.panic_on_oom=2".into();
+        spec.disks = vec![Disk {
+            path: "/images/r.erofs".into(),
+            read_only: true,
+            id: ROOTFS_DISK.into(),
+        }];
+        spec.spare_disks = 2;
+        let vm = launch_fake(&spec);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !std::fs::read_to_string(&args).is_ok_and(|a| a.ends_with('\n')) {
+            assert!(Instant::now() < deadline, "the fake VMM never ran");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let args = std::fs::read_to_string(&args).unwrap();
+        let config_path = vm_dir(dir.path()).join("config.json");
+        assert!(
+            args.starts_with(&format!("--config {} ", config_path.display())),
+            "{args}"
+        );
+        let config: VmConfig =
+            serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
+        assert_eq!(
+            config.cmdline,
+            format!("{DEFAULT_CMDLINE} sysctl.vm.panic_on_oom=2")
+        );
+        assert_eq!(
+            (config.vcpus, config.mem_mib, config.spare_disks),
+            (1, 64, 2)
+        );
+        assert_eq!(config.disks[0].id.as_deref(), Some(ROOTFS_DISK));
+        assert!(config.disks[0].read_only);
+        assert_eq!(config.vsock.unwrap().uds, vsock_path(dir.path()));
+        assert_eq!(config.api_uds, Some(vm_dir(dir.path()).join("api.sock")));
+        assert_eq!(
+            config.serial,
+            SerialConfig::File(vm_dir(dir.path()).join(CONSOLE))
+        );
+        drop(vm);
     }
 
     #[test]

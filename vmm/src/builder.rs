@@ -25,7 +25,7 @@ use crate::arch::layout::{
     BOOT_MARKER_PORT, I8042_PORT, I8042_PORT_LEN, SERIAL_IRQ, SERIAL_PORT, SERIAL_PORT_LEN,
     VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
 };
-use crate::config::{ConfigError, SerialConfig, VmConfig};
+use crate::config::{ConfigError, SerialConfig, Validate, VmConfig};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::{BootMarker, I8042, SerialConsole};
 use crate::devices::virtio::block::{Block, DiskSlot, DiskSlots};

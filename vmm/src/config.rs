@@ -1,33 +1,21 @@
-//! What a VM is made of: the one configuration type behind both the command
-//! line and `--config FILE` (JSON, the same field names), and its checks.
-//!
-//! ```json
-//! { "kernel": "/var/cache/capsid/kernel/…/vmlinux", "initrd": "initramfs.cpio",
-//!   "cmdline": "console=ttyS0 reboot=k panic=-1 quiet", "vcpus": 2, "mem_mib": 256,
-//!   "disks": [ { "path": "rootfs.erofs", "read_only": true } ],
-//!   "vsock": { "uds": "/run/capsid/vm1.vsock", "cid": 3 },
-//!   "serial": "file:/run/capsid/vm1.console" }
-//! ```
+//! Reading and checking a VM's configuration ([`VmConfig`], defined in
+//! `capsid-vmm-api` so the runtime writes the same type the VMM reads):
+//! everything that can be checked before touching KVM, so that a bad
+//! configuration fails at once and leaves nothing behind.
 
-use std::fmt;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
-use serde::{Deserialize, Serialize};
+pub use capsid_vmm_api::DEFAULT_CMDLINE;
+pub use capsid_vmm_api::config::{
+    DEFAULT_CID, DEFAULT_MEM_MIB, DEFAULT_VCPUS, DiskConfig, SerialConfig, SyntaxError, VmConfig,
+    VsockConfig,
+};
 
 use crate::arch::layout::{IOAPIC_PINS, MAX_VCPUS, VIRTIO_IRQ_BASE};
 
-/// The command line used when none is given: console on the serial port,
-/// a reboot ends the VMM (`reboot=k` pulls the i8042 reset line), a panic
-/// reboots at once, and the console stays quiet (it is slow to emulate).
-pub use capsid_vmm_api::DEFAULT_CMDLINE;
-pub const DEFAULT_VCPUS: u8 = 1;
-pub const DEFAULT_MEM_MIB: u32 = 128;
 /// Smallest and largest guest RAM accepted.
 pub const MIN_MEM_MIB: u32 = 16;
 pub const MAX_MEM_MIB: u32 = 1 << 20;
-/// The guest CID when none is given (0-2 are reserved by vsock).
-pub const DEFAULT_CID: u32 = 3;
 
 /// A configuration the VMM cannot run, and what to change.
 #[derive(Debug, thiserror::Error)]
@@ -59,173 +47,8 @@ pub enum ConfigError {
     SpareWithoutApi(u8),
     #[error("too many devices: {0} virtio devices, at most {max}", max = IOAPIC_PINS - VIRTIO_IRQ_BASE)]
     TooManyDevices(usize),
-    #[error("invalid --disk {0:?}: {1} (expected PATH[,ro][,id=ID])")]
-    Disk(String, &'static str),
-    #[error("invalid --serial {0:?}: expected stdout, none or file:PATH")]
-    Serial(String),
-}
-
-/// Where the guest's serial console goes.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub enum SerialConfig {
-    #[default]
-    Stdout,
-    File(PathBuf),
-    None,
-}
-
-impl FromStr for SerialConfig {
-    type Err = ConfigError;
-
-    fn from_str(s: &str) -> Result<Self, ConfigError> {
-        match s {
-            "stdout" => Ok(Self::Stdout),
-            "none" => Ok(Self::None),
-            _ => match s.strip_prefix("file:") {
-                Some(path) if !path.is_empty() => Ok(Self::File(path.into())),
-                _ => Err(ConfigError::Serial(s.to_owned())),
-            },
-        }
-    }
-}
-
-impl TryFrom<String> for SerialConfig {
-    type Error = ConfigError;
-
-    fn try_from(s: String) -> Result<Self, ConfigError> {
-        s.parse()
-    }
-}
-
-impl From<SerialConfig> for String {
-    fn from(serial: SerialConfig) -> String {
-        serial.to_string()
-    }
-}
-
-impl fmt::Display for SerialConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Stdout => f.write_str("stdout"),
-            Self::None => f.write_str("none"),
-            Self::File(path) => write!(f, "file:{}", path.display()),
-        }
-    }
-}
-
-/// A virtio-blk disk backed by a raw file.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DiskConfig {
-    pub path: PathBuf,
-    #[serde(default)]
-    pub read_only: bool,
-    /// The serial the guest reads with VIRTIO_BLK_T_GET_ID (at most 20 bytes).
-    #[serde(default)]
-    pub id: Option<String>,
-}
-
-impl FromStr for DiskConfig {
-    type Err = ConfigError;
-
-    /// `PATH[,ro][,id=ID]`
-    fn from_str(s: &str) -> Result<Self, ConfigError> {
-        let mut parts = s.split(',');
-        let path = parts.next().filter(|p| !p.is_empty());
-        let path = path.ok_or(ConfigError::Disk(s.to_owned(), "no path"))?;
-        let mut disk = DiskConfig {
-            path: path.into(),
-            read_only: false,
-            id: None,
-        };
-        for part in parts {
-            match part.split_once('=') {
-                None if part == "ro" => disk.read_only = true,
-                None if part == "rw" => disk.read_only = false,
-                Some(("id", id)) if id.len() <= 20 => disk.id = Some(id.to_owned()),
-                Some(("id", _)) => {
-                    return Err(ConfigError::Disk(
-                        s.to_owned(),
-                        "id is longer than 20 bytes",
-                    ));
-                }
-                _ => return Err(ConfigError::Disk(s.to_owned(), "unknown option")),
-            }
-        }
-        Ok(disk)
-    }
-}
-
-/// virtio-vsock with its host side on a Unix socket (hybrid vsock).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VsockConfig {
-    /// The socket the host connects to (`CONNECT <port>`); guest
-    /// connections to host port P go to `<uds>_P`.
-    pub uds: PathBuf,
-    #[serde(default = "default_cid")]
-    pub cid: u32,
-}
-
-fn default_cid() -> u32 {
-    DEFAULT_CID
-}
-fn default_cmdline() -> String {
-    DEFAULT_CMDLINE.to_owned()
-}
-fn default_vcpus() -> u8 {
-    DEFAULT_VCPUS
-}
-fn default_mem_mib() -> u32 {
-    DEFAULT_MEM_MIB
-}
-
-/// Everything a VM is made of.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VmConfig {
-    /// Empty in a file that leaves it to the command line; checked by [`VmConfig::validate`].
-    #[serde(default)]
-    pub kernel: PathBuf,
-    #[serde(default)]
-    pub initrd: Option<PathBuf>,
-    #[serde(default = "default_cmdline")]
-    pub cmdline: String,
-    #[serde(default = "default_vcpus")]
-    pub vcpus: u8,
-    #[serde(default = "default_mem_mib")]
-    pub mem_mib: u32,
-    #[serde(default)]
-    pub disks: Vec<DiskConfig>,
-    #[serde(default)]
-    pub vsock: Option<VsockConfig>,
-    #[serde(default)]
-    pub serial: SerialConfig,
-    /// Empty read-only disk slots after `disks`, for images attached later
-    /// through the API socket.
-    #[serde(default)]
-    pub spare_disks: u8,
-    /// The API socket ([`crate::api`]); needed for `spare_disks`.
-    #[serde(default)]
-    pub api_uds: Option<PathBuf>,
-}
-
-impl Default for VmConfig {
-    fn default() -> Self {
-        Self {
-            kernel: PathBuf::new(),
-            initrd: None,
-            cmdline: default_cmdline(),
-            vcpus: DEFAULT_VCPUS,
-            mem_mib: DEFAULT_MEM_MIB,
-            disks: Vec::new(),
-            vsock: None,
-            serial: SerialConfig::Stdout,
-            spare_disks: 0,
-            api_uds: None,
-        }
-    }
+    #[error(transparent)]
+    Syntax(#[from] SyntaxError),
 }
 
 fn readable(what: &'static str, path: &Path) -> Result<(), ConfigError> {
@@ -250,22 +73,21 @@ fn socket_path_free(path: &Path) -> Result<(), ConfigError> {
     Ok(())
 }
 
-impl VmConfig {
-    /// Reads a JSON configuration file.
-    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_owned(), e))?;
-        serde_json::from_str(&text).map_err(|e| ConfigError::Parse(path.to_owned(), e))
-    }
+/// Reads a JSON configuration file.
+pub fn from_file(path: &Path) -> Result<VmConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_owned(), e))?;
+    serde_json::from_str(&text).map_err(|e| ConfigError::Parse(path.to_owned(), e))
+}
 
-    /// How many virtio devices this VM has.
-    pub fn virtio_devices(&self) -> usize {
-        self.disks.len() + usize::from(self.spare_disks) + usize::from(self.vsock.is_some())
-    }
-
+/// What the VMM checks of a configuration before it touches KVM.
+pub trait Validate {
     /// Checks everything that can be checked before touching KVM, so that a
     /// bad configuration fails at once and leaves nothing behind.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    fn validate(&self) -> Result<(), ConfigError>;
+}
+
+impl Validate for VmConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
         if self.kernel.as_os_str().is_empty() {
             return Err(ConfigError::NoKernel);
         }
@@ -318,11 +140,11 @@ mod tests {
         assert!(!"/a".parse::<DiskConfig>().unwrap().read_only);
         assert!(matches!(
             "".parse::<DiskConfig>(),
-            Err(ConfigError::Disk(..))
+            Err(SyntaxError::Disk(..))
         ));
         assert!(matches!(
             "/a,rx".parse::<DiskConfig>(),
-            Err(ConfigError::Disk(..))
+            Err(SyntaxError::Disk(..))
         ));
         let long = format!("/a,id={}", "x".repeat(21));
         assert!(long.parse::<DiskConfig>().is_err());

@@ -100,7 +100,7 @@ struct Args {
 impl Args {
     fn to_config(&self) -> Result<VmConfig, capsid_vmm::ConfigError> {
         let mut config = match &self.config {
-            Some(path) => VmConfig::from_file(path)?,
+            Some(path) => capsid_vmm::config::from_file(path)?,
             None => VmConfig::default(),
         };
         if let Some(kernel) = self.kernel.clone() {

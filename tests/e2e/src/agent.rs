@@ -14,6 +14,7 @@ use capsid_protocol::{
     StdioRequest, Stream,
 };
 use capsid_testbed::ScratchDir;
+use capsid_vmm_api::{DiskConfig, VmConfig, VsockConfig};
 use oci_spec::runtime::Spec;
 
 use crate::vmm::VmmRun;
@@ -21,7 +22,6 @@ use crate::{BOOTS_PER_GUEST, announce_boot_retry, artifact};
 
 /// Generous: nested mode boots slowly, but a dead agent must still end a test.
 pub const AGENT_WAIT: Duration = Duration::from_secs(180);
-const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
 /// The disk id of the test image's rootfs.
 pub const ROOTFS_DISK: &str = "rootfs";
 
@@ -87,35 +87,34 @@ impl AgentVm {
     ) -> Self {
         let scratch = ScratchDir::new("capsid-e2e").expect("scratch dir");
         let uds = scratch.join("vsock.sock");
-        let mut disk = OsString::from(artifact("CAPSID_TEST_ROOTFS_IMAGE"));
-        disk.push(format!(",ro,id={ROOTFS_DISK}"));
-        let mut extra = Vec::new();
+        let mut config = VmConfig {
+            kernel: artifact("CAPSID_KERNEL"),
+            initrd: Some(artifact("CAPSID_AGENT_INITRAMFS")),
+            vcpus: u8::try_from(vcpus).expect("at most 255 vCPUs"),
+            mem_mib,
+            disks: vec![DiskConfig {
+                path: artifact("CAPSID_TEST_ROOTFS_IMAGE"),
+                read_only: true,
+                id: Some(ROOTFS_DISK.into()),
+            }],
+            vsock: Some(VsockConfig {
+                uds: uds.clone(),
+                cid: capsid_vmm_api::config::DEFAULT_CID,
+            }),
+            ..VmConfig::default()
+        };
         for (image, id) in disks {
             let copy = scratch.join(&format!("{id}.img"));
             std::fs::copy(image, &copy).expect("copy a disk image");
-            let mut arg = OsString::from(copy);
-            arg.push(format!(",id={id}"));
-            extra.extend([OsString::from("--disk"), arg]);
+            config.disks.push(DiskConfig {
+                path: copy,
+                read_only: false,
+                id: Some((*id).to_owned()),
+            });
         }
-        let args: Vec<OsString> = vec![
-            "--kernel".into(),
-            artifact("CAPSID_KERNEL").into(),
-            "--initrd".into(),
-            artifact("CAPSID_AGENT_INITRAMFS").into(),
-            "--cmdline".into(),
-            CMDLINE.into(),
-            "--vcpus".into(),
-            vcpus.to_string().into(),
-            "--mem-mib".into(),
-            mem_mib.to_string().into(),
-            "--disk".into(),
-            disk,
-            "--vsock-uds".into(),
-            uds.clone().into(),
-        ]
-        .into_iter()
-        .chain(extra)
-        .collect();
+        let config_path = scratch.join("vm.json");
+        std::fs::write(&config_path, serde_json::to_vec(&config).unwrap()).expect("write vm.json");
+        let args: Vec<OsString> = vec!["--config".into(), config_path.into()];
         let mut boots = 0;
         let (vmm, client) = loop {
             boots += 1;

@@ -1,6 +1,6 @@
 //! The contract between `capsid-vmm` and the process that launches it (the
-//! runtime): what goes over the VMM's API socket, and what its exit status
-//! means. Both ends use these types, so there is one definition of each.
+//! runtime): the VM's configuration ([`config`]), what goes over the VMM's
+//! API socket, and what its exit status means. Both ends use these types, so there is one definition of each.
 //!
 //! The API socket (`--api-uds PATH`) takes one request per connection, one
 //! JSON object on one line each way. An attach carries the image as an open
@@ -15,6 +15,9 @@
 
 #![warn(missing_docs)]
 
+pub mod config;
+
+pub use config::{DiskConfig, SerialConfig, SyntaxError, VmConfig, VsockConfig};
 use serde::{Deserialize, Serialize};
 
 /// The guest kernel command line capsid-vmm boots with unless told
