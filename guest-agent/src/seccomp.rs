@@ -255,7 +255,7 @@ mod tests {
         let program = compile(&profile).unwrap();
         let held = in_child_under(&program, || {
             let mut held = 0;
-            // SAFETY (each call): raw syscalls with plain integer arguments
+            // SAFETY: each call is a raw syscall with plain integer arguments
             // or a static NUL-terminated path; nothing is written to memory.
             unsafe {
                 // Allowed: reaches the kernel, which refuses the bad fd.
