@@ -16,7 +16,7 @@ use std::fs;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use capsid_protocol::{
@@ -26,6 +26,7 @@ use capsid_protocol::{
 use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, LinuxSeccomp, Mount};
 
 use crate::cgroup::{Cgroup, CgroupError};
+use crate::lock;
 use crate::process::{self, Namespaces, ProcessError, ProcessPlan, SpawnRequest, StartGate};
 use crate::reaper::{ExitCell, Reaper};
 use crate::rootfs::{RootfsError, RootfsPlan};
@@ -120,10 +121,6 @@ pub struct Container {
 pub struct Sandbox {
     containers: Mutex<HashMap<String, Arc<Container>>>,
     reaper: Arc<Reaper>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// How long a disk may take to appear: one the host attaches to a spare

@@ -6,6 +6,7 @@
 //! [`Reaper::lock`] from before the fork until it has registered the pid, so
 //! the reaper thread (which takes the same lock to deliver) always finds it.
 
+use crate::lock;
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
@@ -114,10 +115,6 @@ pub fn decode(raw: i32) -> ExitStatus {
     } else {
         ExitStatus::Code(libc::WEXITSTATUS(raw))
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ use std::thread;
 
 use capsid_protocol::{StdioRequest, Stream};
 
+use crate::lock;
 use crate::vsock::VsockStream;
 
 /// The process's ends, moved to fds 0, 1 and 2 in the child.
@@ -192,10 +193,6 @@ impl ProcessIo {
         drop(lock(&self.stdin).take());
         drop(lock(&self.stdin_stream).take());
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn take(slot: &Mutex<Option<File>>, name: &'static str) -> Result<File, StdioError> {
