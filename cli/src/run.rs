@@ -25,7 +25,7 @@ use capsid_protocol::{ClientError, Rootfs};
 use capsid_runtime::config::parse_size_mib;
 use capsid_runtime::scratch::{self, Scratch};
 use capsid_runtime::{
-    BootRequest, Config, ContainerRequest, Sandbox, SandboxError, Teardown, VmError, VmSize,
+    BootRequest, Config, ContainerRequest, MicroVmError, Sandbox, SandboxError, Teardown, VmSize,
 };
 use capsid_vmm::probe::{self, Mode};
 use clap::Args;
@@ -304,7 +304,7 @@ fn explain(e: anyhow::Error, sandbox: &Sandbox) -> anyhow::Error {
     };
     let booting = sandbox_error(|e| matches!(e, SandboxError::Vm(_)))
         || e.chain()
-            .any(|cause| cause.downcast_ref::<VmError>().is_some());
+            .any(|cause| cause.downcast_ref::<MicroVmError>().is_some());
     let refused = sandbox_error(|e| e.agent_code().is_some())
         || client_error(|e| matches!(e, ClientError::Agent { .. }));
     if booting || refused {

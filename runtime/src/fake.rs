@@ -27,7 +27,7 @@ use oci_spec::runtime::{LinuxResources, Spec};
 use crate::agent::Agent;
 use crate::lock;
 use crate::sandbox::{ContainerRequest, Vm};
-use crate::vm::VmError;
+use crate::vm::MicroVmError;
 
 /// Signals whose default action does not end a process.
 const HARMLESS_SIGNALS: [i32; 8] = [
@@ -391,9 +391,9 @@ impl Vm for FakeVm {
         !self.running()
     }
 
-    fn attach_disk(&self, image: &RootfsImage, id: &str) -> Result<Rootfs, VmError> {
+    fn attach_disk(&self, image: &RootfsImage, id: &str) -> Result<Rootfs, MicroVmError> {
         if !self.running() {
-            return Err(VmError::Api(
+            return Err(MicroVmError::Api(
                 "fake-api.sock".into(),
                 io::Error::from(io::ErrorKind::NotFound),
             ));
@@ -409,7 +409,7 @@ impl Vm for FakeVm {
         })
     }
 
-    fn detach_disk(&self, id: &str) -> Result<(), VmError> {
+    fn detach_disk(&self, id: &str) -> Result<(), MicroVmError> {
         lock(&self.disks).push(format!("-{id}"));
         Ok(())
     }

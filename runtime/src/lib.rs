@@ -20,7 +20,7 @@ pub use agent::Agent;
 pub use config::{BootFiles, Config, ConfigError, VmSize};
 pub use container::{Container, Exit, Killed, ProcState, Process, ProcessIo};
 pub use sandbox::{BootRequest, ContainerRequest, Role, Sandbox, SandboxError, Teardown};
-pub use vm::{BootPolicy, Disk, MicroVm, VmError, VmSpec, boot_retries, rootfs_disk};
+pub use vm::{BootPolicy, Disk, MicroVm, MicroVmError, VmSpec, boot_retries, rootfs_disk};
 
 /// Locks `mutex`, also when a thread panicked holding it: the data behind
 /// our locks stays consistent between statements, and a runtime that

@@ -36,7 +36,7 @@ use crate::agent::Agent;
 use crate::config::{Config, ConfigError, VmSize};
 use crate::container::{Container, Process, ProcessIo};
 use crate::lock;
-use crate::vm::{BootPolicy, MicroVm, VmApi, VmError, VmSpec, rootfs_disk};
+use crate::vm::{BootPolicy, MicroVm, MicroVmError, VmApi, VmSpec, rootfs_disk};
 
 /// What went wrong with a sandbox or one of its containers.
 #[derive(Debug, thiserror::Error)]
@@ -44,7 +44,7 @@ pub enum SandboxError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
-    Vm(#[from] VmError),
+    Vm(#[from] MicroVmError),
     #[error(transparent)]
     Agent(#[from] ClientError),
     #[error("the micro-VM is gone")]
@@ -82,9 +82,9 @@ pub trait Vm: Send + Sync + std::fmt::Debug {
     /// Waits up to `timeout` for the VMM to exit by itself; whether it did.
     fn wait_exit(&self, timeout: Duration) -> bool;
     /// Attaches `image` read-only to a spare disk slot as disk `id`.
-    fn attach_disk(&self, image: &RootfsImage, id: &str) -> Result<Rootfs, VmError>;
+    fn attach_disk(&self, image: &RootfsImage, id: &str) -> Result<Rootfs, MicroVmError>;
     /// Detaches disk `id`; the agent has unmounted it.
-    fn detach_disk(&self, id: &str) -> Result<(), VmError>;
+    fn detach_disk(&self, id: &str) -> Result<(), MicroVmError>;
     /// If the VMM exited (waiting up to `grace`), what its status means.
     fn exit_report(&self, grace: Duration) -> Option<String>;
     /// The VMM's log and the guest console's end, for an error message.
@@ -135,11 +135,11 @@ impl Vm for BootedVm {
         }
     }
 
-    fn attach_disk(&self, image: &RootfsImage, id: &str) -> Result<Rootfs, VmError> {
+    fn attach_disk(&self, image: &RootfsImage, id: &str) -> Result<Rootfs, MicroVmError> {
         self.api.attach(image, id)
     }
 
-    fn detach_disk(&self, id: &str) -> Result<(), VmError> {
+    fn detach_disk(&self, id: &str) -> Result<(), MicroVmError> {
         self.api.detach(id)
     }
 

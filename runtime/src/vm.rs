@@ -35,7 +35,7 @@ use crate::config::BootFiles;
 use crate::confine::{self, ConfineError, Confinement, VmCgroup, untrusted_tail};
 
 #[derive(Debug, thiserror::Error)]
-pub enum VmError {
+pub enum MicroVmError {
     #[error("cannot create {0}")]
     Scratch(PathBuf, #[source] std::io::Error),
     #[error("cannot start {0}")]
@@ -266,10 +266,10 @@ fn clean(text: &str) -> String {
 impl MicroVm {
     /// Starts `capsid-vmm` for `spec`, confined as `spec.confinement`
     /// says. On an error nothing it made is left but what is in `spec.dir`.
-    pub fn launch(spec: &VmSpec) -> Result<Self, VmError> {
+    pub fn launch(spec: &VmSpec) -> Result<Self, MicroVmError> {
         let confinement = &spec.confinement;
         if confinement.jail && !confine::is_root() {
-            return Err(VmError::Confine(ConfineError::NotRoot));
+            return Err(MicroVmError::Confine(ConfineError::NotRoot));
         }
         let owner = confinement
             .jail
@@ -296,7 +296,7 @@ impl MicroVm {
                 .truncate(true)
                 .mode(0o600)
                 .open(&log)
-                .map_err(|e| VmError::Scratch(log.clone(), e))?
+                .map_err(|e| MicroVmError::Scratch(log.clone(), e))?
         };
         let boot = &spec.boot;
         let api = (spec.spare_disks > 0).then(|| dir.join("api.sock"));
@@ -306,7 +306,7 @@ impl MicroVm {
         let config_path = dir.join("config.json");
         let json = serde_json::to_vec_pretty(&config).map_err(std::io::Error::other);
         json.and_then(|json| std::fs::write(&config_path, json))
-            .map_err(|e| VmError::Scratch(config_path.clone(), e))?;
+            .map_err(|e| MicroVmError::Scratch(config_path.clone(), e))?;
         let mut command = Command::new(&boot.vmm);
         command
             .env_clear()
@@ -336,7 +336,7 @@ impl MicroVm {
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
-            .map_err(|e| VmError::Spawn(boot.vmm.clone(), e))?;
+            .map_err(|e| MicroVmError::Spawn(boot.vmm.clone(), e))?;
         Ok(Self {
             child,
             uds,
@@ -396,7 +396,7 @@ impl MicroVm {
         wait: Duration,
         io_timeout: Duration,
         interrupted: &dyn Fn() -> bool,
-    ) -> Result<AgentClient, VmError> {
+    ) -> Result<AgentClient, MicroVmError> {
         let deadline = Instant::now() + wait;
         loop {
             match AgentClient::connect(
@@ -408,17 +408,17 @@ impl MicroVm {
                 Ok(client) => return Ok(client),
                 Err(e) => {
                     if let Some(status) = self.try_wait()? {
-                        return Err(VmError::DiedBooting {
+                        return Err(MicroVmError::DiedBooting {
                             status: explain_exit(status),
                             log: self.diagnostics(),
                             crashed: status.code() == Some(capsid_vmm_api::EXIT_GUEST_CRASH),
                         });
                     }
                     if interrupted() {
-                        return Err(VmError::Interrupted);
+                        return Err(MicroVmError::Interrupted);
                     }
                     if Instant::now() >= deadline {
-                        return Err(VmError::Unreachable {
+                        return Err(MicroVmError::Unreachable {
                             source: e,
                             log: self.diagnostics(),
                         });
@@ -436,14 +436,14 @@ impl MicroVm {
     /// our kernel and agent have run by then, so no workload can cause a
     /// retry; the crashes seen are the nested test host's, and QEMU's
     /// guests die as often there (docs/reliability.md).
-    pub fn boot(spec: &VmSpec, policy: &BootPolicy) -> Result<(Self, AgentClient), VmError> {
+    pub fn boot(spec: &VmSpec, policy: &BootPolicy) -> Result<(Self, AgentClient), MicroVmError> {
         let deadline = Instant::now() + policy.wait;
         let mut retries = 0;
         loop {
             let mut vm = Self::launch(spec)?;
             let wait = deadline.saturating_duration_since(Instant::now());
             match vm.connect(wait, policy.io_timeout, policy.interrupted) {
-                Err(VmError::DiedBooting {
+                Err(MicroVmError::DiedBooting {
                     status,
                     crashed: true,
                     ..
@@ -461,7 +461,7 @@ impl MicroVm {
                     // Reaped, its cgroup removed; then a fresh directory.
                     drop(vm);
                     let dir = vm_dir(&spec.dir);
-                    std::fs::remove_dir_all(&dir).map_err(|e| VmError::Scratch(dir, e))?;
+                    std::fs::remove_dir_all(&dir).map_err(|e| MicroVmError::Scratch(dir, e))?;
                 }
                 other => return other.map(|client| (vm, client)),
             }
@@ -477,25 +477,25 @@ impl MicroVm {
     }
 
     /// Attaches `image` to a spare disk slot (see [`VmApi::attach`]).
-    pub fn attach(&self, image: &RootfsImage, id: &str) -> Result<Rootfs, VmError> {
+    pub fn attach(&self, image: &RootfsImage, id: &str) -> Result<Rootfs, MicroVmError> {
         self.api().attach(image, id)
     }
 
     /// Detaches disk `id` (see [`VmApi::detach`]).
-    pub fn detach(&self, id: &str) -> Result<(), VmError> {
+    pub fn detach(&self, id: &str) -> Result<(), MicroVmError> {
         self.api().detach(id)
     }
 
     /// The VMM's exit status if it has exited (reaping it).
-    pub fn try_wait(&mut self) -> Result<Option<ExitStatus>, VmError> {
+    pub fn try_wait(&mut self) -> Result<Option<ExitStatus>, MicroVmError> {
         if self.exited.is_none() {
-            self.exited = self.child.try_wait().map_err(VmError::Wait)?;
+            self.exited = self.child.try_wait().map_err(MicroVmError::Wait)?;
         }
         Ok(self.exited)
     }
 
     /// Waits up to `timeout` for the VMM to exit by itself.
-    pub fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<ExitStatus>, VmError> {
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<ExitStatus>, MicroVmError> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.try_wait()? {
@@ -575,8 +575,9 @@ impl VmApi {
     /// mounts it. The image goes to the VMM as an open descriptor (the
     /// confined VMM cannot open host paths); the agent waits for the disk
     /// to appear.
-    pub fn attach(&self, image: &RootfsImage, id: &str) -> Result<Rootfs, VmError> {
-        let file = File::open(&image.path).map_err(|e| VmError::Image(image.path.clone(), e))?;
+    pub fn attach(&self, image: &RootfsImage, id: &str) -> Result<Rootfs, MicroVmError> {
+        let file =
+            File::open(&image.path).map_err(|e| MicroVmError::Image(image.path.clone(), e))?;
         self.api_call(
             "attach",
             id,
@@ -587,7 +588,7 @@ impl VmApi {
     }
 
     /// Detaches disk `id`; the agent must have unmounted it.
-    pub fn detach(&self, id: &str) -> Result<(), VmError> {
+    pub fn detach(&self, id: &str) -> Result<(), MicroVmError> {
         self.api_call(
             "detach",
             id,
@@ -604,12 +605,12 @@ impl VmApi {
         id: &str,
         request: &ApiRequest,
         fd: Option<&File>,
-    ) -> Result<(), VmError> {
+    ) -> Result<(), MicroVmError> {
         use std::io::{BufRead, Read, Write};
         use std::os::fd::AsRawFd;
         use vmm_sys_util::sock_ctrl_msg::ScmSocket;
-        let api = self.path.as_ref().ok_or(VmError::NoSpareSlots)?;
-        let io = |e| VmError::Api(api.clone(), e);
+        let api = self.path.as_ref().ok_or(MicroVmError::NoSpareSlots)?;
+        let io = |e| MicroVmError::Api(api.clone(), e);
         let stream = std::os::unix::net::UnixStream::connect(api).map_err(io)?;
         stream.set_read_timeout(Some(API_TIMEOUT)).map_err(io)?;
         stream.set_write_timeout(Some(API_TIMEOUT)).map_err(io)?;
@@ -633,7 +634,7 @@ impl VmApi {
             Ok(ApiResponse::Error { error }) => clean(&error),
             Err(_) => "no answer".to_owned(),
         };
-        Err(VmError::Refused {
+        Err(MicroVmError::Refused {
             op,
             id: id.to_owned(),
             reason,
@@ -748,7 +749,9 @@ mod tests {
     fn launch_fake(spec: &VmSpec) -> MicroVm {
         for _ in 0..100 {
             match MicroVm::launch(spec) {
-                Err(VmError::Spawn(_, e)) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                Err(MicroVmError::Spawn(_, e))
+                    if e.kind() == std::io::ErrorKind::ExecutableFileBusy =>
+                {
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 other => return other.unwrap(),
@@ -870,7 +873,7 @@ mod tests {
 
     /// Boots with `retries`, retrying a launch that met ETXTBSY (see
     /// [`launch_fake`]); returns the outcome and what `on_retry` was told.
-    fn boot_fake(spec: &VmSpec, retries: u32) -> (Result<(), VmError>, Vec<String>) {
+    fn boot_fake(spec: &VmSpec, retries: u32) -> (Result<(), MicroVmError>, Vec<String>) {
         let told = std::sync::Mutex::new(Vec::new());
         let policy = BootPolicy {
             wait: Duration::from_secs(20),
@@ -881,7 +884,9 @@ mod tests {
         };
         for _ in 0..100 {
             match MicroVm::boot(spec, &policy) {
-                Err(VmError::Spawn(_, e)) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                Err(MicroVmError::Spawn(_, e))
+                    if e.kind() == std::io::ErrorKind::ExecutableFileBusy =>
+                {
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 other => return (other.map(drop), told.into_inner().unwrap()),
@@ -907,7 +912,7 @@ mod tests {
         let (outcome, told) = boot_fake(&spec(dir.path(), &script), 2);
         let error = outcome.unwrap_err();
         assert!(
-            matches!(error, VmError::DiedBooting { crashed: true, .. }),
+            matches!(error, MicroVmError::DiedBooting { crashed: true, .. }),
             "{error}"
         );
         assert_eq!(
@@ -938,7 +943,7 @@ mod tests {
             let (outcome, told) = boot_fake(&spec(dir.path(), &script), 2);
             let error = outcome.unwrap_err();
             assert!(
-                matches!(error, VmError::DiedBooting { crashed: false, .. }),
+                matches!(error, MicroVmError::DiedBooting { crashed: false, .. }),
                 "{error}"
             );
             assert_eq!(
