@@ -1,4 +1,4 @@
-//! The sandbox: the containers of this VM and their processes.
+//! The containers of this VM and their processes ([`Containers`]).
 //!
 //! ```text
 //!  CreateContainer ─▶ created (init forked, stopped before exec)
@@ -49,7 +49,7 @@ const KILL_WAIT: Duration = Duration::from_secs(10);
 const ROOTFS_FLAGS: libc::c_ulong = libc::MS_NODEV;
 
 #[derive(Debug, thiserror::Error)]
-pub enum SandboxError {
+pub enum ContainerError {
     #[error("{0}")]
     InvalidArgument(String),
     #[error("{0} not found")]
@@ -76,9 +76,9 @@ pub enum SandboxError {
     },
 }
 
-fn io_error(what: impl Into<String>) -> impl FnOnce(io::Error) -> SandboxError {
+fn io_error(what: impl Into<String>) -> impl FnOnce(io::Error) -> ContainerError {
     let what = what.into();
-    move |source| SandboxError::Io { what, source }
+    move |source| ContainerError::Io { what, source }
 }
 
 #[derive(Debug)]
@@ -91,9 +91,9 @@ pub struct ContainerProcess {
 }
 
 impl ContainerProcess {
-    fn signal(&self, signal: i32) -> Result<(), SandboxError> {
+    fn signal(&self, signal: i32) -> Result<(), ContainerError> {
         if self.exit.get().is_some() {
-            return Err(SandboxError::FailedPrecondition(
+            return Err(ContainerError::FailedPrecondition(
                 "the process has already exited".into(),
             ));
         }
@@ -117,8 +117,9 @@ pub struct Container {
     execs: Mutex<Vec<(String, Arc<ContainerProcess>)>>,
 }
 
+/// Every container of this guest, and the reaper of their processes.
 #[derive(Debug, Default)]
-pub struct Sandbox {
+pub struct Containers {
     containers: Mutex<HashMap<String, Arc<Container>>>,
     reaper: Arc<Reaper>,
 }
@@ -130,7 +131,7 @@ const DISK_WAIT: Duration = Duration::from_secs(10);
 
 /// The virtio-blk disk whose serial (the VMM's `id=`) is `id`, once it has
 /// an image (a non-zero size), with no stale pages cached.
-pub fn find_disk(id: &str) -> Result<PathBuf, SandboxError> {
+pub fn find_disk(id: &str) -> Result<PathBuf, ContainerError> {
     let deadline = Instant::now() + DISK_WAIT;
     loop {
         let blocks = fs::read_dir("/sys/block").map_err(io_error("list /sys/block"))?;
@@ -146,7 +147,7 @@ pub fn find_disk(id: &str) -> Result<PathBuf, SandboxError> {
             }
         }
         if Instant::now() >= deadline {
-            return Err(SandboxError::NotFound(format!(
+            return Err(ContainerError::NotFound(format!(
                 "disk with id {id:?} after {} s (is it given to the VMM with --disk PATH,id={id}, or attached to a spare slot?)",
                 DISK_WAIT.as_secs()
             )));
@@ -158,7 +159,7 @@ pub fn find_disk(id: &str) -> Result<PathBuf, SandboxError> {
 /// Mount sources `disk:ID` name further virtio-blk disks (`--disk
 /// IMG,id=ID` on the VMM); they become the device's path, mounted with the
 /// mount's type (ext4 or erofs) in the container.
-pub fn with_disks(mounts: &[Mount]) -> Result<Vec<Mount>, SandboxError> {
+pub fn with_disks(mounts: &[Mount]) -> Result<Vec<Mount>, ContainerError> {
     let mut out = mounts.to_vec();
     for mount in &mut out {
         let Some(id) = mount
@@ -170,10 +171,10 @@ pub fn with_disks(mounts: &[Mount]) -> Result<Vec<Mount>, SandboxError> {
         else {
             continue;
         };
-        validate_id("disk id", &id).map_err(SandboxError::InvalidArgument)?;
+        validate_id("disk id", &id).map_err(ContainerError::InvalidArgument)?;
         let typ = mount.typ().clone().unwrap_or_default();
         if !["ext4", "erofs"].contains(&typ.as_str()) {
-            return Err(SandboxError::InvalidArgument(format!(
+            return Err(ContainerError::InvalidArgument(format!(
                 "mount of disk {id:?} at {}: type {typ:?} should be ext4 or erofs",
                 mount.destination().display()
             )));
@@ -190,10 +191,10 @@ pub fn with_files(
     mounts: &[Mount],
     files: &[Vec<u8>],
     dir: &Path,
-) -> Result<Vec<Mount>, SandboxError> {
+) -> Result<Vec<Mount>, ContainerError> {
     let total: usize = files.iter().map(Vec::len).sum();
     if files.len() > MAX_COPIED_FILES || total > MAX_COPIED_BYTES {
-        return Err(SandboxError::InvalidArgument(format!(
+        return Err(ContainerError::InvalidArgument(format!(
             "{} copied files of {total} bytes: at most {MAX_COPIED_FILES} and {MAX_COPIED_BYTES} bytes",
             files.len()
         )));
@@ -214,7 +215,7 @@ pub fn with_files(
             .ok()
             .filter(|&n| n < files.len())
             .ok_or_else(|| {
-                SandboxError::InvalidArgument(format!(
+                ContainerError::InvalidArgument(format!(
                     "mount at {}: source {FILE_SOURCE}{index} names no copied file ({} given)",
                     mount.destination().display(),
                     files.len()
@@ -225,7 +226,7 @@ pub fn with_files(
     Ok(out)
 }
 
-fn write_files(files: &[Vec<u8>], dir: &Path) -> Result<(), SandboxError> {
+fn write_files(files: &[Vec<u8>], dir: &Path) -> Result<(), ContainerError> {
     if files.is_empty() {
         return Ok(());
     }
@@ -248,20 +249,22 @@ fn unmount_all(mounts: &[PathBuf], dir: &Path) {
     let _ = fs::remove_dir_all(dir);
 }
 
-impl Sandbox {
+impl Containers {
     pub fn reaper(&self) -> Arc<Reaper> {
         Arc::clone(&self.reaper)
     }
 
-    fn container(&self, id: &str) -> Result<Arc<Container>, SandboxError> {
+    fn container(&self, id: &str) -> Result<Arc<Container>, ContainerError> {
         lock(&self.containers)
             .get(id)
             .cloned()
-            .ok_or_else(|| SandboxError::NotFound(format!("container {id:?}")))
+            .ok_or_else(|| ContainerError::NotFound(format!("container {id:?}")))
     }
 
-    fn process(&self, process: &ProcessRef) -> Result<Arc<ContainerProcess>, SandboxError> {
-        process.validate().map_err(SandboxError::InvalidArgument)?;
+    fn process(&self, process: &ProcessRef) -> Result<Arc<ContainerProcess>, ContainerError> {
+        process
+            .validate()
+            .map_err(ContainerError::InvalidArgument)?;
         let container = self.container(&process.container_id)?;
         match &process.exec_id {
             None => Ok(Arc::clone(&container.init)),
@@ -269,16 +272,16 @@ impl Sandbox {
                 .iter()
                 .find(|(id, _)| id == exec)
                 .map(|(_, p)| Arc::clone(p))
-                .ok_or_else(|| SandboxError::NotFound(format!("process {process}"))),
+                .ok_or_else(|| ContainerError::NotFound(format!("process {process}"))),
         }
     }
 
-    pub fn create(&self, request: CreateContainer) -> Result<u32, SandboxError> {
+    pub fn create(&self, request: CreateContainer) -> Result<u32, ContainerError> {
         let id = request.id.clone();
-        validate_id("container id", &id).map_err(SandboxError::InvalidArgument)?;
-        validate_id("disk id", &request.rootfs.disk_id).map_err(SandboxError::InvalidArgument)?;
+        validate_id("container id", &id).map_err(ContainerError::InvalidArgument)?;
+        validate_id("disk id", &request.rootfs.disk_id).map_err(ContainerError::InvalidArgument)?;
         if lock(&self.containers).contains_key(&id) {
-            return Err(SandboxError::AlreadyExists(format!("container {id:?}")));
+            return Err(ContainerError::AlreadyExists(format!("container {id:?}")));
         }
         let spec = &request.spec;
         if spec.hooks().is_some() {
@@ -287,7 +290,7 @@ impl Sandbox {
         let process = spec
             .process()
             .as_ref()
-            .ok_or_else(|| SandboxError::InvalidArgument("the spec has no process".into()))?;
+            .ok_or_else(|| ContainerError::InvalidArgument("the spec has no process".into()))?;
         let linux = spec.linux().as_ref();
         let mut flags = libc::CLONE_NEWNS;
         let mut pid_ns = false;
@@ -298,7 +301,7 @@ impl Sandbox {
             .flatten()
         {
             if ns.path().is_some() {
-                return Err(SandboxError::Unsupported(format!(
+                return Err(ContainerError::Unsupported(format!(
                     "joining an existing {:?} namespace by path",
                     ns.typ()
                 )));
@@ -315,7 +318,7 @@ impl Sandbox {
                 // The VM is the network boundary; it has no network yet.
                 LinuxNamespaceType::Network => {}
                 other => {
-                    return Err(SandboxError::Unsupported(format!(
+                    return Err(ContainerError::Unsupported(format!(
                         "{other:?} namespaces (the VM is the isolation boundary)"
                     )));
                 }
@@ -342,11 +345,11 @@ impl Sandbox {
                 .and_then(|r| r.devices().as_deref())
                 .unwrap_or_default(),
         )
-        .map_err(SandboxError::InvalidArgument)?;
+        .map_err(ContainerError::InvalidArgument)?;
         let disk = find_disk(&request.rootfs.disk_id)?;
 
         let mut mounts = Vec::new();
-        let made = (|| -> Result<(), SandboxError> {
+        let made = (|| -> Result<(), ContainerError> {
             let fstype = request.rootfs.filesystem.name();
             let sys = LinuxSyscall;
             if request.rootfs.overlay {
@@ -437,25 +440,25 @@ impl Sandbox {
         Ok(pid.unsigned_abs())
     }
 
-    pub fn exec(&self, request: ExecProcess) -> Result<u32, SandboxError> {
+    pub fn exec(&self, request: ExecProcess) -> Result<u32, ContainerError> {
         request
             .process
             .validate()
-            .map_err(SandboxError::InvalidArgument)?;
+            .map_err(ContainerError::InvalidArgument)?;
         let Some(exec_id) = request.process.exec_id.clone() else {
-            return Err(SandboxError::InvalidArgument(
+            return Err(ContainerError::InvalidArgument(
                 "an exec needs an exec id".into(),
             ));
         };
         let container = self.container(&request.process.container_id)?;
         if container.init.exit.get().is_some() || lock(&container.init.gate).is_some() {
-            return Err(SandboxError::FailedPrecondition(format!(
+            return Err(ContainerError::FailedPrecondition(format!(
                 "container {:?} is not running",
                 container.id
             )));
         }
         if lock(&container.execs).iter().any(|(id, _)| *id == exec_id) {
-            return Err(SandboxError::AlreadyExists(format!(
+            return Err(ContainerError::AlreadyExists(format!(
                 "process {}",
                 request.process
             )));
@@ -464,7 +467,7 @@ impl Sandbox {
         // Through the init's pidfd, never its pid: a pid the init left
         // could name another process by now.
         let Some(init_pidfd) = container.init.pidfd.as_ref().map(|fd| fd.as_raw_fd()) else {
-            return Err(SandboxError::FailedPrecondition(format!(
+            return Err(ContainerError::FailedPrecondition(format!(
                 "container {:?}: its init has no pidfd to join its namespaces through",
                 container.id
             )));
@@ -492,7 +495,7 @@ impl Sandbox {
         namespaces: Namespaces,
         rootfs: Option<&RootfsPlan>,
         cgroup: &Cgroup,
-    ) -> Result<ContainerProcess, SandboxError> {
+    ) -> Result<ContainerProcess, ContainerError> {
         let (io, child_stdio) =
             ProcessIo::open(stdio, plan.terminal).map_err(io_error("open the process's stdio"))?;
         let exit = Arc::new(ExitCell::default());
@@ -519,26 +522,31 @@ impl Sandbox {
         })
     }
 
-    pub fn start(&self, process: &ProcessRef) -> Result<(), SandboxError> {
+    pub fn start(&self, process: &ProcessRef) -> Result<(), ContainerError> {
         let target = self.process(process)?;
         let gate = lock(&target.gate).take().ok_or_else(|| {
-            SandboxError::FailedPrecondition(format!("process {process} was already started"))
+            ContainerError::FailedPrecondition(format!("process {process} was already started"))
         })?;
         gate.start()?;
         Ok(())
     }
 
     /// Blocks until the process exits.
-    pub fn wait(&self, process: &ProcessRef) -> Result<ExitStatus, SandboxError> {
+    pub fn wait(&self, process: &ProcessRef) -> Result<ExitStatus, ContainerError> {
         let target = self.process(process)?;
         let status = target.exit.wait();
         target.io.release();
         Ok(status)
     }
 
-    pub fn signal(&self, process: &ProcessRef, signal: i32, all: bool) -> Result<(), SandboxError> {
+    pub fn signal(
+        &self,
+        process: &ProcessRef,
+        signal: i32,
+        all: bool,
+    ) -> Result<(), ContainerError> {
         if !(1..=64).contains(&signal) {
-            return Err(SandboxError::InvalidArgument(format!(
+            return Err(ContainerError::InvalidArgument(format!(
                 "signal {signal} is not 1 to 64"
             )));
         }
@@ -560,40 +568,40 @@ impl Sandbox {
         stream: Stream,
         connection: VsockStream,
         ack: impl FnOnce(&mut VsockStream) -> io::Result<()>,
-    ) -> Result<(), SandboxError> {
+    ) -> Result<(), ContainerError> {
         Ok(self.process(process)?.io.attach(stream, connection, ack)?)
     }
 
-    pub fn resize(&self, process: &ProcessRef, rows: u16, cols: u16) -> Result<(), SandboxError> {
+    pub fn resize(&self, process: &ProcessRef, rows: u16, cols: u16) -> Result<(), ContainerError> {
         Ok(self.process(process)?.io.resize(rows, cols)?)
     }
 
-    pub fn close_stdin(&self, process: &ProcessRef) -> Result<(), SandboxError> {
+    pub fn close_stdin(&self, process: &ProcessRef) -> Result<(), ContainerError> {
         self.process(process)?.io.close_stdin();
         Ok(())
     }
 
-    pub fn stats(&self, id: &str) -> Result<ContainerStats, SandboxError> {
+    pub fn stats(&self, id: &str) -> Result<ContainerStats, ContainerError> {
         Ok(self.container(id)?.cgroup.stats())
     }
 
     /// New cgroup limits for a container (`ctr task update`).
-    pub fn update(&self, id: &str, resources: &LinuxResources) -> Result<(), SandboxError> {
+    pub fn update(&self, id: &str, resources: &LinuxResources) -> Result<(), ContainerError> {
         self.container(id)?.cgroup.update(resources)?;
         Ok(())
     }
 
-    pub fn pids(&self, id: &str) -> Result<Vec<u32>, SandboxError> {
+    pub fn pids(&self, id: &str) -> Result<Vec<u32>, ContainerError> {
         Ok(self.container(id)?.cgroup.pids())
     }
 
     /// Kills every process of the container, waits for its init, and
     /// removes its mounts, directory and cgroup.
-    pub fn remove(&self, id: &str) -> Result<(), SandboxError> {
-        validate_id("container id", id).map_err(SandboxError::InvalidArgument)?;
+    pub fn remove(&self, id: &str) -> Result<(), ContainerError> {
+        validate_id("container id", id).map_err(ContainerError::InvalidArgument)?;
         let container = lock(&self.containers)
             .remove(id)
-            .ok_or_else(|| SandboxError::NotFound(format!("container {id:?}")))?;
+            .ok_or_else(|| ContainerError::NotFound(format!("container {id:?}")))?;
         container.cgroup.kill_all();
         // A created-but-not-started init waits on its start pipe: dropping
         // the gate ends it.

@@ -7,7 +7,7 @@ use std::thread;
 use std::time::Instant;
 
 use capsid_agent::config::AgentConfig;
-use capsid_agent::container::Sandbox;
+use capsid_agent::container::Containers;
 use capsid_agent::{init, rpc, vsock};
 
 fn main() {
@@ -49,7 +49,7 @@ fn main() {
 }
 
 fn serve(config: &AgentConfig, started: Instant) -> Result<(), String> {
-    let sandbox = Arc::new(Sandbox::default());
+    let sandbox = Arc::new(Containers::default());
     let reaper = sandbox.reaper();
     thread::Builder::new()
         .name("reaper".into())

@@ -10,7 +10,7 @@ use capsid_protocol::{
     write_frame,
 };
 
-use crate::container::{Sandbox, SandboxError};
+use crate::container::{ContainerError, Containers};
 use crate::process::ProcessError;
 use crate::vsock::VsockStream;
 
@@ -26,37 +26,37 @@ pub enum After {
     Reboot,
 }
 
-fn code(error: &SandboxError) -> ErrorCode {
+fn code(error: &ContainerError) -> ErrorCode {
     match error {
-        SandboxError::InvalidArgument(_) => ErrorCode::InvalidArgument,
-        SandboxError::NotFound(_) => ErrorCode::NotFound,
-        SandboxError::AlreadyExists(_) => ErrorCode::AlreadyExists,
-        SandboxError::FailedPrecondition(_) => ErrorCode::FailedPrecondition,
-        SandboxError::Unsupported(_) => ErrorCode::Unsupported,
-        SandboxError::Process(ProcessError::Invalid(_))
-        | SandboxError::Process(ProcessError::Seccomp(_))
-        | SandboxError::Rootfs(crate::rootfs::RootfsError::Invalid(_)) => {
+        ContainerError::InvalidArgument(_) => ErrorCode::InvalidArgument,
+        ContainerError::NotFound(_) => ErrorCode::NotFound,
+        ContainerError::AlreadyExists(_) => ErrorCode::AlreadyExists,
+        ContainerError::FailedPrecondition(_) => ErrorCode::FailedPrecondition,
+        ContainerError::Unsupported(_) => ErrorCode::Unsupported,
+        ContainerError::Process(ProcessError::Invalid(_))
+        | ContainerError::Process(ProcessError::Seccomp(_))
+        | ContainerError::Rootfs(crate::rootfs::RootfsError::Invalid(_)) => {
             ErrorCode::InvalidArgument
         }
         // The spec was valid but the child could not apply it (no such
         // program, cwd missing, …): the caller's to fix.
-        SandboxError::Process(ProcessError::Child(_)) => ErrorCode::FailedPrecondition,
-        SandboxError::Stdio(crate::stdio::StdioError::NotAvailable(_))
-        | SandboxError::Stdio(crate::stdio::StdioError::NoTerminal) => {
+        ContainerError::Process(ProcessError::Child(_)) => ErrorCode::FailedPrecondition,
+        ContainerError::Stdio(crate::stdio::StdioError::NotAvailable(_))
+        | ContainerError::Stdio(crate::stdio::StdioError::NoTerminal) => {
             ErrorCode::FailedPrecondition
         }
         _ => ErrorCode::Internal,
     }
 }
 
-fn error_response(error: &SandboxError) -> Response {
+fn error_response(error: &ContainerError) -> Response {
     Response::Error {
         code: code(error),
         message: error_chain(error),
     }
 }
 
-fn dispatch(sandbox: &Sandbox, request: Request) -> Result<Response, SandboxError> {
+fn dispatch(sandbox: &Containers, request: Request) -> Result<Response, ContainerError> {
     Ok(match request {
         Request::CreateContainer(create) => Response::Pid {
             pid: sandbox.create(*create)?,
@@ -116,7 +116,7 @@ fn dispatch(sandbox: &Sandbox, request: Request) -> Result<Response, SandboxErro
 }
 
 /// Serves one connection until it closes.
-pub fn serve(mut connection: VsockStream, sandbox: Arc<Sandbox>) -> After {
+pub fn serve(mut connection: VsockStream, sandbox: Arc<Containers>) -> After {
     match serve_inner(&mut connection, &sandbox) {
         Ok(after) => after,
         Err(CodecError::Closed) => After::Continue,
@@ -127,7 +127,7 @@ pub fn serve(mut connection: VsockStream, sandbox: Arc<Sandbox>) -> After {
     }
 }
 
-fn serve_inner(connection: &mut VsockStream, sandbox: &Sandbox) -> Result<After, CodecError> {
+fn serve_inner(connection: &mut VsockStream, sandbox: &Containers) -> Result<After, CodecError> {
     connection
         .set_read_timeout(Some(HELLO_TIMEOUT))
         .map_err(CodecError::Io)?;
@@ -231,7 +231,7 @@ mod tests {
     /// Feeds `input` to a served connection; returns what came back.
     fn serve_bytes(input: &[u8]) -> Vec<u8> {
         let (ours, theirs) = UnixStream::pair().unwrap();
-        let sandbox = Arc::new(Sandbox::default());
+        let sandbox = Arc::new(Containers::default());
         let server = std::thread::spawn(move || {
             serve(VsockStream::from_fd(theirs.into()), sandbox);
         });
@@ -344,17 +344,17 @@ mod tests {
     #[test]
     fn every_error_has_one_code() {
         let cases = [
-            (SandboxError::NotFound("x".into()), ErrorCode::NotFound),
+            (ContainerError::NotFound("x".into()), ErrorCode::NotFound),
             (
-                SandboxError::Process(ProcessError::Invalid("x".into())),
+                ContainerError::Process(ProcessError::Invalid("x".into())),
                 ErrorCode::InvalidArgument,
             ),
             (
-                SandboxError::Process(ProcessError::Child("exec".into())),
+                ContainerError::Process(ProcessError::Child("exec".into())),
                 ErrorCode::FailedPrecondition,
             ),
             (
-                SandboxError::Io {
+                ContainerError::Io {
                     what: "x".into(),
                     source: io::ErrorKind::Other.into(),
                 },
