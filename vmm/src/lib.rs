@@ -12,6 +12,7 @@ pub mod arch;
 pub mod builder;
 pub mod config;
 pub mod devices;
+pub mod exit;
 pub mod jail;
 pub mod logging;
 pub mod memory;

@@ -10,7 +10,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::bus::BusDevice;
 use crate::arch::layout::BOOT_MARKER_VALUE;
-use crate::vmm::{ExitNotifier, ExitReason};
+use crate::exit::{ExitNotifier, ExitReason};
 
 /// The offset of a one-byte access; the UART and the i8042 have only
 /// byte-wide registers, so any other access reads as all ones and writes nothing.

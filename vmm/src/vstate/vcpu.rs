@@ -15,7 +15,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use crate::arch::regs;
 use crate::arch::{boot::BootEntry, cpuid};
 use crate::devices::bus::Bus;
-use crate::vmm::{ExitNotifier, ExitReason};
+use crate::exit::{ExitNotifier, ExitReason};
 
 use super::vm::{Vm, VmError};
 
