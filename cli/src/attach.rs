@@ -12,8 +12,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use capsid_protocol::{ExitStatus, ProcessRef, StdioRequest, Stream};
 use capsid_runtime::Agent;
+use capsid_runtime::protocol::{ExitStatus, ProcessRef, StdioRequest, Stream};
 
 /// The terminal in raw mode while the command has a tty; restored on drop.
 struct RawTerminal(Option<libc::termios>);

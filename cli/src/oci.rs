@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
-use capsid_protocol::{
+use capsid_runtime::protocol::{
     AgentClient, DEFAULT_AGENT_PORT, ExecProcess, ProcessRef, StdioRequest, Stream,
 };
 use capsid_runtime::{
@@ -57,7 +57,7 @@ pub struct Root {
 
 impl Root {
     fn dir(&self, id: &str) -> anyhow::Result<PathBuf> {
-        capsid_protocol::validate_id("container id", id).map_err(anyhow::Error::msg)?;
+        capsid_runtime::protocol::validate_id("container id", id).map_err(anyhow::Error::msg)?;
         let dir = self.root.join(id);
         // The VM's vsock socket (and its `_PORT` siblings) must fit sun_path.
         if capsid_runtime::vm::vsock_path(&dir).as_os_str().len() + "_4294967295".len() > 107 {
@@ -331,10 +331,10 @@ pub fn monitor(args: &MonitorArgs) -> anyhow::Result<ExitCode> {
             );
         }
         let size = config.size_for(&spec)?;
-        let image = capsid_images::rootfs::image(
+        let image = capsid_runtime::images::rootfs::image(
             &args.bundle.join(capsid_runtime::spec::root_path(&spec)),
             None,
-            &capsid_images::cache_dir(),
+            &capsid_runtime::images::cache_dir(),
         )
         .context("cannot make the rootfs image")?;
         let (agent_spec, files) = capsid_runtime::spec::container_spec(spec)?;

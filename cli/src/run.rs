@@ -21,8 +21,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use capsid_protocol::{ClientError, Rootfs};
 use capsid_runtime::config::parse_size_mib;
+use capsid_runtime::protocol::{ClientError, Rootfs};
 use capsid_runtime::scratch::{self, Scratch};
 use capsid_runtime::{
     BootRequest, Config, ContainerRequest, MicroVmError, Sandbox, SandboxError, Teardown, VmSize,
@@ -228,7 +228,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             env: &args.env,
             user: args.user,
         },
-        &capsid_images::cache_dir(),
+        &capsid_runtime::images::cache_dir(),
     )?;
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
@@ -239,8 +239,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     debug!("rootfs image for {}", workload.rootfs.display());
     let progress = attach::Progress::start("making the rootfs image");
-    let image = capsid_images::rootfs::image(&workload.rootfs, None, &capsid_images::cache_dir())
-        .context("cannot make the rootfs image")?;
+    let image = capsid_runtime::images::rootfs::image(
+        &workload.rootfs,
+        None,
+        &capsid_runtime::images::cache_dir(),
+    )
+    .context("cannot make the rootfs image")?;
     drop(progress);
     if image.built {
         eprintln!(

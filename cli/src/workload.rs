@@ -111,7 +111,7 @@ pub fn resolve(overrides: &Overrides<'_>, cache: &Path) -> anyhow::Result<Worklo
         (None, Some(image)) => {
             let (layout, tag) = parse_image_ref(image)?;
             let progress = crate::attach::Progress::start("unpacking the image");
-            let unpacked = capsid_images::oci::unpack(&layout, tag.as_deref(), cache)
+            let unpacked = capsid_runtime::images::oci::unpack(&layout, tag.as_deref(), cache)
                 .with_context(|| format!("cannot use the image {image}"))?;
             drop(progress);
             if unpacked.unpacked {

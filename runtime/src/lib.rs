@@ -16,6 +16,12 @@ pub mod seccomp_profile;
 pub mod spec;
 pub mod vm;
 
+/// Rootfs and OCI images, for the runtime's callers.
+pub use capsid_images as images;
+/// The host↔agent protocol, for the runtime's callers (they reach the
+/// agent only through the runtime).
+pub use capsid_protocol as protocol;
+
 pub use agent::Agent;
 pub use config::{BootFiles, Config, ConfigError, VmSize};
 pub use container::{Container, Exit, Killed, ProcState, Process, ProcessIo};

@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use capsid_images::rootfs::RootfsImage;
 use capsid_runtime::container::Process;
+use capsid_runtime::images::rootfs::RootfsImage;
 use capsid_runtime::{
     Agent, BootRequest, Config, ContainerRequest, ProcessIo, Role, Sandbox, SandboxError, Teardown,
     VmSize,
@@ -65,7 +65,7 @@ impl Fifos {
     /// Attaches every stream `paths` asks for (before the process starts).
     fn attach(
         agent: &dyn Agent,
-        process: &capsid_protocol::ProcessRef,
+        process: &capsid_runtime::protocol::ProcessRef,
         paths: StdioPaths,
     ) -> Result<Self, ContainerError> {
         let copiers = Copiers::attach(agent, process, &paths)?;
@@ -102,7 +102,7 @@ pub trait Vms: Send + Sync {
         image: &RootfsImage,
         spare_disks: u8,
         record: &dyn Fn(&Path),
-    ) -> Result<(Sandbox, capsid_protocol::Rootfs), ContainerError>;
+    ) -> Result<(Sandbox, capsid_runtime::protocol::Rootfs), ContainerError>;
 }
 
 /// The real thing.
@@ -127,7 +127,7 @@ impl Vms for MicroVms {
         image: &RootfsImage,
         spare_disks: u8,
         record: &dyn Fn(&Path),
-    ) -> Result<(Sandbox, capsid_protocol::Rootfs), ContainerError> {
+    ) -> Result<(Sandbox, capsid_runtime::protocol::Rootfs), ContainerError> {
         std::fs::create_dir_all(&config.run_dir)
             .map_err(|e| ContainerError::Scratch(config.run_dir.clone(), e))?;
         let dir = tempfile::Builder::new()

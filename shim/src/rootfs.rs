@@ -15,7 +15,7 @@ use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use capsid_images::rootfs::RootfsImage;
+use capsid_runtime::images::rootfs::RootfsImage;
 use containerd_shim::protos::types::mount::Mount;
 
 #[derive(Debug, thiserror::Error)]
@@ -36,7 +36,7 @@ pub enum RootfsError {
     #[error("the container's root {0} is not a directory")]
     NotADirectory(PathBuf),
     #[error("cannot make the rootfs image")]
-    Image(#[source] capsid_images::rootfs::RootfsError),
+    Image(#[source] capsid_runtime::images::rootfs::RootfsError),
 }
 
 /// Unmounts the rootfs view when dropped (also on an error path).
@@ -102,9 +102,10 @@ pub fn image(
     mounts: &[Mount],
     root_path: &Path,
 ) -> Result<RootfsImage, RootfsError> {
-    let cache = capsid_images::cache_dir();
-    let build =
-        |dir: &Path| capsid_images::rootfs::image(dir, None, &cache).map_err(RootfsError::Image);
+    let cache = capsid_runtime::images::cache_dir();
+    let build = |dir: &Path| {
+        capsid_runtime::images::rootfs::image(dir, None, &cache).map_err(RootfsError::Image)
+    };
     match mounts {
         [] => {
             let dir = bundle.join(root_path);

@@ -14,7 +14,7 @@ use std::sync::mpsc::{Sender, channel};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use capsid_protocol::ErrorCode;
+use capsid_runtime::protocol::ErrorCode;
 use capsid_runtime::{Config, Exit, Killed, ProcState, SandboxError};
 use containerd_shim::event::Event;
 use containerd_shim::protos::events::task::{
@@ -46,7 +46,7 @@ fn status(code: Code, message: impl Into<String>) -> ttrpc::Error {
 }
 
 fn internal(e: &dyn std::error::Error) -> ttrpc::Error {
-    status(Code::INTERNAL, capsid_protocol::error_chain(e))
+    status(Code::INTERNAL, capsid_runtime::protocol::error_chain(e))
 }
 
 /// The agent's refusal keeps its meaning for containerd.
@@ -67,7 +67,7 @@ fn from_container(e: ContainerError) -> ttrpc::Error {
         }
         _ => Code::INTERNAL,
     };
-    status(code, capsid_protocol::error_chain(&e))
+    status(code, capsid_runtime::protocol::error_chain(&e))
 }
 
 fn from_sandbox(e: SandboxError) -> ttrpc::Error {
@@ -272,7 +272,7 @@ fn stdio_paths(stdin: &str, stdout: &str, stderr: &str, terminal: bool) -> Stdio
 /// containerd's task API, one method per call (the trait below forwards).
 impl Service {
     pub fn create(&self, req: api::CreateTaskRequest) -> TtrpcResult<api::CreateTaskResponse> {
-        capsid_protocol::validate_id("container id", &req.id)
+        capsid_runtime::protocol::validate_id("container id", &req.id)
             .map_err(|e| status(Code::INVALID_ARGUMENT, e))?;
         if self.containers().contains_key(&req.id) {
             return Err(status(
@@ -306,7 +306,7 @@ impl Service {
             log::error!(
                 "{}: create failed: {}",
                 req.id,
-                capsid_protocol::error_chain(&e)
+                capsid_runtime::protocol::error_chain(&e)
             );
             from_container(e)
         })?;
@@ -430,7 +430,7 @@ impl Service {
 
     pub fn exec(&self, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
         let container = self.container(&req.id)?;
-        capsid_protocol::validate_id("exec id", &req.exec_id)
+        capsid_runtime::protocol::validate_id("exec id", &req.exec_id)
             .map_err(|e| status(Code::INVALID_ARGUMENT, e))?;
         if container.container.find(&req.exec_id).is_some() {
             return Err(status(
@@ -438,8 +438,12 @@ impl Service {
                 format!("exec {} already exists", req.exec_id),
             ));
         }
-        let spec = trans::exec_spec(&req.spec.value)
-            .map_err(|e| status(Code::INVALID_ARGUMENT, capsid_protocol::error_chain(&e)))?;
+        let spec = trans::exec_spec(&req.spec.value).map_err(|e| {
+            status(
+                Code::INVALID_ARGUMENT,
+                capsid_runtime::protocol::error_chain(&e),
+            )
+        })?;
         let stdio = stdio_paths(&req.stdin, &req.stdout, &req.stderr, req.terminal);
         container
             .exec(&req.exec_id, spec, stdio)
@@ -474,8 +478,12 @@ impl Service {
 
     pub fn update(&self, req: api::UpdateTaskRequest) -> TtrpcResult<api::Empty> {
         let container = self.container(&req.id)?;
-        let resources = trans::resources(&req.resources.value)
-            .map_err(|e| status(Code::INVALID_ARGUMENT, capsid_protocol::error_chain(&e)))?;
+        let resources = trans::resources(&req.resources.value).map_err(|e| {
+            status(
+                Code::INVALID_ARGUMENT,
+                capsid_runtime::protocol::error_chain(&e),
+            )
+        })?;
         container
             .container
             .update(resources)
@@ -653,9 +661,9 @@ mod tests {
     use std::path::Path;
     use std::sync::mpsc::Receiver;
 
-    use capsid_images::rootfs::RootfsImage;
-    use capsid_protocol::{ExitStatus, ProcessRef, Rootfs};
     use capsid_runtime::fake::{FakeAgent, FakeVm};
+    use capsid_runtime::images::rootfs::RootfsImage;
+    use capsid_runtime::protocol::{ExitStatus, ProcessRef, Rootfs};
     use capsid_runtime::sandbox::Vm;
     use capsid_runtime::{Agent, Sandbox, VmSize};
     use containerd_shim::protos::types::mount::Mount;
@@ -974,7 +982,7 @@ mod tests {
         let h = harness();
         h.agent.refuse(
             "CreateContainer",
-            capsid_protocol::ErrorCode::InvalidArgument,
+            capsid_runtime::protocol::ErrorCode::InvalidArgument,
         );
         assert_eq!(
             code(h.create("c1", h.bundle.path())),

@@ -22,8 +22,8 @@ use std::sync::Mutex;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use capsid_protocol::{ClientError, ProcessRef, StdioRequest, Stream};
 use capsid_runtime::Agent;
+use capsid_runtime::protocol::{ClientError, ProcessRef, StdioRequest, Stream};
 
 /// Where containerd wants a process's streams; empty means none.
 #[derive(Debug, Clone, Default)]

@@ -3,7 +3,7 @@
 //! (The bundle's spec goes through `capsid_runtime::spec`, which `capsid
 //! create` shares.)
 
-use capsid_protocol::ContainerStats;
+use capsid_runtime::protocol::ContainerStats;
 use containerd_shim::protos::cgroups_v2::metrics::{
     CPUStat, MemoryEvents, MemoryStat, Metrics, PidsStat,
 };
@@ -96,11 +96,12 @@ mod tests {
             pids_limit: 64,
             ..ContainerStats::default()
         };
-        stats.cpu = capsid_protocol::CpuCounters::parse(
+        stats.cpu = capsid_runtime::protocol::CpuCounters::parse(
             "usage_usec 99\nuser_usec 60\nsystem_usec 39\nnr_throttled 2\n",
         );
-        stats.memory = capsid_protocol::MemoryCounters::parse("anon 4096\nfile 8192\n");
-        stats.memory_events = capsid_protocol::MemoryEvents::parse("max 5\noom 1\noom_kill 1\n");
+        stats.memory = capsid_runtime::protocol::MemoryCounters::parse("anon 4096\nfile 8192\n");
+        stats.memory_events =
+            capsid_runtime::protocol::MemoryEvents::parse("max 5\noom 1\noom_kill 1\n");
         let metrics = metrics(&stats);
         assert_eq!((metrics.pids.current, metrics.pids.limit), (3, 64));
         assert_eq!(metrics.memory.usage_limit, 256 << 20);
