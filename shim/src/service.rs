@@ -674,7 +674,7 @@ mod tests {
     struct FakeVms {
         agent: Arc<FakeAgent>,
         vm: Arc<FakeVm>,
-        boots: Mutex<u32>,
+        boots: Arc<Mutex<u32>>,
     }
 
     impl Vms for FakeVms {
@@ -707,7 +707,7 @@ mod tests {
         service: Service,
         agent: Arc<FakeAgent>,
         vm: Arc<FakeVm>,
-        vms_boots: Arc<FakeVms>,
+        boots: Arc<Mutex<u32>>,
         events: Receiver<BoxedEvent>,
         bundle: tempfile::TempDir,
     }
@@ -715,42 +715,21 @@ mod tests {
     fn harness() -> Harness {
         let agent = Arc::new(FakeAgent::default());
         let vm = Arc::new(FakeVm::default());
-        let vms = Arc::new(FakeVms {
+        let boots = Arc::new(Mutex::new(0));
+        let vms = FakeVms {
             agent: Arc::clone(&agent),
             vm: Arc::clone(&vm),
-            boots: Mutex::new(0),
-        });
-        struct Shared(Arc<FakeVms>);
-        impl Vms for Shared {
-            fn image(
-                &self,
-                b: &Path,
-                m: &[Mount],
-                r: &Path,
-            ) -> Result<RootfsImage, ContainerError> {
-                self.0.image(b, m, r)
-            }
-            fn boot(
-                &self,
-                c: &Config,
-                id: &str,
-                s: VmSize,
-                i: &RootfsImage,
-                spare: u8,
-                record: &dyn Fn(&Path),
-            ) -> Result<(Sandbox, Rootfs), ContainerError> {
-                self.0.boot(c, id, s, i, spare, record)
-            }
-        }
+            boots: Arc::clone(&boots),
+        };
         let (tx, events) = channel();
-        let service = Service::with(Config::default(), Box::new(Shared(Arc::clone(&vms))), tx);
+        let service = Service::with(Config::default(), Box::new(vms), tx);
         let bundle = tempfile::tempdir().unwrap();
         write_spec(bundle.path(), "");
         Harness {
             service,
             agent,
             vm,
-            vms_boots: vms,
+            boots,
             events,
             bundle,
         }
@@ -1016,7 +995,7 @@ mod tests {
         assert_eq!(code(h.create("m1", member.path())), Code::INTERNAL);
         h.create("pod", sandbox_bundle.path()).unwrap();
         h.create("m1", member.path()).unwrap();
-        assert_eq!(*h.vms_boots.boots.lock().unwrap(), 1, "one VM for the pod");
+        assert_eq!(*h.boots.lock().unwrap(), 1, "one VM for the pod");
         assert_eq!(h.vm.disks(), ["+ctr-1"]);
         h.delete("pod", "").unwrap();
         assert!(h.vm.running(), "m1 is still in the pod's VM");
