@@ -191,6 +191,12 @@ pub fn vm_dir(dir: &Path) -> PathBuf {
     dir.join("vm")
 }
 
+/// The VM's configuration as capsid-vmm reads it (`--config`), for the VM
+/// whose scratch directory is `dir`.
+pub fn vmm_config_path(dir: &Path) -> PathBuf {
+    dir.join("vmm-config.json")
+}
+
 /// The hybrid-vsock socket of the VM whose scratch directory is `dir`.
 pub fn vsock_path(dir: &Path) -> PathBuf {
     vm_dir(dir).join("vsock.sock")
@@ -301,9 +307,11 @@ impl MicroVm {
         let boot = &spec.boot;
         let api = (spec.spare_disks > 0).then(|| dir.join("api.sock"));
         // The VM itself goes in a file of the VMM's own configuration type;
-        // the flags say how the process runs.
+        // the flags say how the process runs. Beside the VMM's directory,
+        // not in it: the VMM reads it before it is confined, and its jail
+        // holds only its sockets and logs.
         let config = spec.vm_config(uds.clone(), dir.join(CONSOLE), api.clone());
-        let config_path = dir.join("config.json");
+        let config_path = vmm_config_path(&spec.dir);
         let json = serde_json::to_vec_pretty(&config).map_err(std::io::Error::other);
         json.and_then(|json| std::fs::write(&config_path, json))
             .map_err(|e| MicroVmError::Scratch(config_path.clone(), e))?;
@@ -783,7 +791,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         let args = std::fs::read_to_string(&args).unwrap();
-        let config_path = vm_dir(dir.path()).join("config.json");
+        let config_path = vmm_config_path(dir.path());
         assert!(
             args.starts_with(&format!("--config {} ", config_path.display())),
             "{args}"
