@@ -21,6 +21,8 @@ pub use capsid_images as images;
 /// The host↔agent protocol, for the runtime's callers (they reach the
 /// agent only through the runtime).
 pub use capsid_protocol as protocol;
+/// The VMM's configuration, API and exit statuses.
+pub use capsid_vmm_api as vmm_api;
 
 pub use agent::Agent;
 pub use config::{BootFiles, Config, ConfigError, VmSize};

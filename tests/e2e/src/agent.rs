@@ -2,7 +2,6 @@
 //! and the host's client connected to it: what the agent tests and the
 //! benchmarks start from.
 
-use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::path::PathBuf;
@@ -10,14 +9,15 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use capsid_protocol::{
-    AgentClient, CreateContainer, DEFAULT_AGENT_PORT, ExitStatus, Filesystem, ProcessRef, Rootfs,
-    StdioRequest, Stream,
+    AgentClient, CreateContainer, ExitStatus, Filesystem, ProcessRef, Rootfs, StdioRequest, Stream,
 };
+use capsid_runtime::confine::Confinement;
+use capsid_runtime::{BootFiles, BootPolicy, Disk, MicroVm, VmSpec};
 use capsid_testbed::ScratchDir;
-use capsid_vmm_api::{DiskConfig, VmConfig, VsockConfig};
 use oci_spec::runtime::Spec;
 
-use crate::vmm::VmmRun;
+use capsid_protocol::error_chain;
+
 use crate::{BOOTS_PER_GUEST, announce_boot_retry, artifact};
 
 /// Generous: nested mode boots slowly, but a dead agent must still end a test.
@@ -27,7 +27,7 @@ pub const ROOTFS_DISK: &str = "rootfs";
 
 #[derive(Debug)]
 pub struct AgentVm {
-    pub vmm: VmmRun,
+    pub vm: MicroVm,
     pub client: AgentClient,
     pub uds: PathBuf,
     /// VMM spawn → the agent answered its first hello.
@@ -52,25 +52,6 @@ impl Outcome {
     }
 }
 
-/// Connects to the agent of `vmm` within [`AGENT_WAIT`], giving up as soon
-/// as the VMM exits.
-fn connect(vmm: &mut VmmRun, uds: &std::path::Path) -> Result<AgentClient, String> {
-    let deadline = Instant::now() + AGENT_WAIT;
-    loop {
-        match AgentClient::connect(
-            uds,
-            DEFAULT_AGENT_PORT,
-            Duration::from_millis(500),
-            AGENT_WAIT,
-        ) {
-            Ok(client) => return Ok(client),
-            Err(_) if vmm.exited() => return Err("capsid-vmm exited".into()),
-            Err(e) if Instant::now() >= deadline => return Err(e.to_string()),
-            Err(_) => {}
-        }
-    }
-}
-
 impl AgentVm {
     /// Boots the agent initramfs with the test image as a read-only disk.
     pub fn boot(name: &str, vcpus: u32, mem_mib: u32) -> Self {
@@ -86,54 +67,54 @@ impl AgentVm {
         disks: &[(PathBuf, &str)],
     ) -> Self {
         let scratch = ScratchDir::new("capsid-e2e").expect("scratch dir");
-        let uds = scratch.join("vsock.sock");
-        let mut config = VmConfig {
-            kernel: artifact("CAPSID_KERNEL"),
-            initrd: Some(artifact("CAPSID_AGENT_INITRAMFS")),
-            vcpus: u8::try_from(vcpus).expect("at most 255 vCPUs"),
-            mem_mib,
-            disks: vec![DiskConfig {
+        let mut spec = VmSpec {
+            boot: BootFiles {
+                vmm: artifact("CAPSID_VMM"),
+                kernel: artifact("CAPSID_KERNEL"),
+                initramfs: artifact("CAPSID_AGENT_INITRAMFS"),
+                kernel_params: String::new(),
+            },
+            vcpus,
+            memory_mib: mem_mib,
+            disks: vec![Disk {
                 path: artifact("CAPSID_TEST_ROOTFS_IMAGE"),
                 read_only: true,
-                id: Some(ROOTFS_DISK.into()),
+                id: ROOTFS_DISK.into(),
             }],
-            vsock: Some(VsockConfig {
-                uds: uds.clone(),
-                cid: capsid_vmm_api::config::DEFAULT_CID,
-            }),
-            ..VmConfig::default()
+            spare_disks: 0,
+            dir: scratch.path().to_owned(),
+            log_level: "info".into(),
+            // Confined as the runtime runs it for the shim and the CLI.
+            confinement: Confinement::default(),
+            die_with_owner: false,
         };
         for (image, id) in disks {
             let copy = scratch.join(&format!("{id}.img"));
             std::fs::copy(image, &copy).expect("copy a disk image");
-            config.disks.push(DiskConfig {
+            spec.disks.push(Disk {
                 path: copy,
                 read_only: false,
-                id: Some((*id).to_owned()),
+                id: (*id).to_owned(),
             });
         }
-        let config_path = scratch.join("vm.json");
-        std::fs::write(&config_path, serde_json::to_vec(&config).unwrap()).expect("write vm.json");
-        let args: Vec<OsString> = vec!["--config".into(), config_path.into()];
-        let mut boots = 0;
-        let (vmm, client) = loop {
-            boots += 1;
-            let _ = std::fs::remove_file(&uds);
-            let mut vmm = VmmRun::start(&artifact("CAPSID_VMM"), &args, scratch.path(), name);
-            match connect(&mut vmm, &uds) {
-                Ok(client) => break (vmm, client),
-                Err(_) if vmm.crashed() && boots < BOOTS_PER_GUEST => {
-                    announce_boot_retry(name, &vmm.describe());
-                }
-                Err(e) => panic!("agent never answered: {e}\n{}", vmm.describe()),
-            }
+        let started = Instant::now();
+        // The runtime's boot: a guest that crashed before its agent
+        // answered is booted once more, loudly (BOOTS_PER_GUEST).
+        let on_retry = |why: &str| announce_boot_retry(name, why);
+        let policy = BootPolicy {
+            wait: AGENT_WAIT,
+            io_timeout: AGENT_WAIT,
+            retries: u32::try_from(BOOTS_PER_GUEST - 1).unwrap_or(1),
+            interrupted: &|| false,
+            on_retry: &on_retry,
         };
-        let ready_after = vmm.started().elapsed();
+        let (vm, client) = MicroVm::boot(&spec, &policy)
+            .unwrap_or_else(|e| panic!("agent never answered: {}", error_chain(&e)));
         Self {
-            vmm,
+            uds: vm.uds().to_owned(),
+            vm,
             client,
-            uds,
-            ready_after,
+            ready_after: started.elapsed(),
             _scratch: scratch,
         }
     }
@@ -200,7 +181,7 @@ impl AgentVm {
         let status = self
             .client
             .wait_process(process)
-            .unwrap_or_else(|e| panic!("wait for {process}: {e}\n{}", self.vmm.snapshot()));
+            .unwrap_or_else(|e| panic!("wait for {process}: {e}{}", self.vm.diagnostics()));
         let join = |h: Option<thread::JoinHandle<Vec<u8>>>| {
             h.map(|h| h.join().expect("reader")).unwrap_or_default()
         };
@@ -237,11 +218,15 @@ impl AgentVm {
     pub fn shutdown(mut self) {
         let start = Instant::now();
         self.client.shutdown().expect("shutdown");
-        let status = self.vmm.wait_exit(Duration::from_secs(60));
+        let status = self
+            .vm
+            .wait_timeout(Duration::from_secs(60))
+            .expect("wait for capsid-vmm")
+            .unwrap_or_else(|| panic!("capsid-vmm still runs 60 s after Shutdown"));
         assert!(
             status.success(),
-            "VMM exit {status}\n{}",
-            self.vmm.describe()
+            "VMM exit {status}{}",
+            self.vm.diagnostics()
         );
         assert!(!self.uds.exists(), "vsock socket left behind");
         eprintln!(

@@ -32,6 +32,7 @@ use capsid_e2e::bench::{Host, Report, Scenario, Series, Who};
 use capsid_e2e::containerd::{BUSYBOX, Containerd, RUNTIME};
 use capsid_e2e::vmm::{VmmRun, parse_times};
 use capsid_e2e::{artifact, initramfs_with_init, memory_outside_guest, pss_kib};
+use capsid_runtime::vmm_api::{DEFAULT_CMDLINE, DiskConfig, VmConfig};
 use capsid_testbed::ScratchDir;
 use capsid_testbed::child::ChildGuard;
 use capsid_testbed::probe::{Mode, probe};
@@ -453,7 +454,7 @@ impl Bench {
         );
         self.rounds(self.args.runs, "boot", |ours, counted| {
             if ours {
-                let mut run = guest.vmm(&self.scratch, &[]);
+                let mut run = guest.vmm(&self.scratch, None);
                 let waited = run
                     .try_wait_for_line(READY, TIMEOUT)
                     .and_then(|(_, to_ready)| {
@@ -765,9 +766,7 @@ impl Bench {
         );
         self.rounds(rounds, "throughput", |ours, counted| {
             let line = if ours {
-                let mut disk_arg = OsString::from(&disk);
-                disk_arg.push(",ro");
-                let mut run = guest.vmm(&self.scratch, &["--disk".into(), disk_arg]);
+                let mut run = guest.vmm(&self.scratch, Some(&disk));
                 match run.try_wait_for_line("step blk-speed", TIMEOUT) {
                     Ok((line, _)) => line,
                     Err(e) => {
@@ -849,21 +848,33 @@ impl TestInitGuest {
         }
     }
 
-    fn vmm(&self, scratch: &ScratchDir, extra: &[OsString]) -> VmmRun {
-        let mut args: Vec<OsString> = vec![
-            "--kernel".into(),
-            self.kernel.clone().into(),
-            "--initrd".into(),
-            self.initrd.clone().into(),
-            "--cmdline".into(),
-            format!("console=ttyS0 reboot=k panic=-1 quiet {}", self.steps).into(),
-            "--mem-mib".into(),
-            MEM_MIB.to_string().into(),
-        ];
-        args.extend_from_slice(extra);
+    /// Starts capsid-vmm on this guest, with `disk` as a read-only disk.
+    /// The VM goes in the VMM's own configuration type (`--config`).
+    fn vmm(&self, scratch: &ScratchDir, disk: Option<&Path>) -> VmmRun {
+        let config = VmConfig {
+            kernel: self.kernel.clone(),
+            initrd: Some(self.initrd.clone()),
+            cmdline: format!("{DEFAULT_CMDLINE} {}", self.steps),
+            mem_mib: MEM_MIB,
+            disks: disk
+                .map(|path| DiskConfig {
+                    path: path.to_owned(),
+                    read_only: true,
+                    id: None,
+                })
+                .into_iter()
+                .collect(),
+            ..VmConfig::default()
+        };
+        let path = scratch.join(&format!("bench-{}.json", self.name));
+        std::fs::write(
+            &path,
+            serde_json::to_vec(&config).expect("a VmConfig serializes"),
+        )
+        .expect("write the VM's configuration");
         VmmRun::start(
             &artifact("CAPSID_VMM"),
-            &args,
+            &["--config".into(), path.into()],
             scratch.path(),
             &format!("bench-{}", self.name),
         )
