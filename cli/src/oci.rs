@@ -30,9 +30,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
-use capsid_runtime::protocol::{
-    AgentClient, DEFAULT_AGENT_PORT, ExecProcess, ProcessRef, StdioRequest, Stream,
-};
+use capsid_runtime::protocol::{ExecProcess, ProcessRef, StdioRequest, Stream};
 use capsid_runtime::{
     Agent, BootRequest, Container, ContainerRequest, ProcessIo, Sandbox, SandboxError, Teardown,
 };
@@ -214,10 +212,16 @@ fn status(dir: &Path, state: &State) -> Status {
     }
 }
 
-fn client(dir: &Path) -> anyhow::Result<AgentClient> {
-    AgentClient::connect(
-        &capsid_runtime::vm::vsock_path(dir),
-        DEFAULT_AGENT_PORT,
+/// The container's sandbox, as its monitor booted it in `dir`.
+fn sandbox(dir: &Path, state: &State) -> anyhow::Result<Sandbox> {
+    let confinement = capsid_runtime::Config::load()
+        .unwrap_or_default()
+        .confinement();
+    Sandbox::reopen(
+        &state.id,
+        dir,
+        state.vmm_pid,
+        confinement,
         Duration::from_secs(5),
         AGENT_IO_TIMEOUT,
     )
@@ -476,7 +480,9 @@ pub fn start(args: &IdArgs) -> anyhow::Result<ExitCode> {
             status(&dir, &state).name()
         );
     }
-    client(&dir)?.start_process(&ProcessRef::init(&args.id))?;
+    sandbox(&dir, &state)?
+        .agent()
+        .start_process(&ProcessRef::init(&args.id))?;
     std::fs::write(dir.join("started"), b"")?;
     Ok(ExitCode::SUCCESS)
 }
@@ -533,7 +539,9 @@ pub fn kill(args: &KillArgs) -> anyhow::Result<ExitCode> {
     if status(&dir, &state) == Status::Stopped {
         bail!("container {} is not running", args.id);
     }
-    client(&dir)?.signal_process(&ProcessRef::init(&args.id), signal, args.all)?;
+    sandbox(&dir, &state)?
+        .agent()
+        .signal_process(&ProcessRef::init(&args.id), signal, args.all)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -597,7 +605,8 @@ pub fn exec(args: &ExecArgs) -> anyhow::Result<ExitCode> {
     };
     workload::apply(&mut process, &args.env, args.cwd.as_deref(), args.user);
     let tty = process.terminal().unwrap_or(false);
-    let client: Arc<dyn Agent> = Arc::new(client(&dir)?);
+    let sandbox = sandbox(&dir, &state)?;
+    let client = sandbox.agent();
     let exec_id = format!(
         "exec-{}-{}",
         std::process::id(),
@@ -618,7 +627,7 @@ pub fn exec(args: &ExecArgs) -> anyhow::Result<ExitCode> {
     }
     let ended = attach::run_attached(
         &attach::Session {
-            agent: &client,
+            agent: client,
             process: &target,
             tty,
             timeout: None,

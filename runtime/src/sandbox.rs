@@ -29,14 +29,21 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use capsid_images::rootfs::RootfsImage;
-use capsid_protocol::{ClientError, CreateContainer, ErrorCode, ProcessRef, Rootfs, StdioRequest};
+use capsid_protocol::{
+    AgentClient, ClientError, CreateContainer, DEFAULT_AGENT_PORT, ErrorCode, ProcessRef, Rootfs,
+    StdioRequest,
+};
 use oci_spec::runtime::Spec;
 
 use crate::agent::Agent;
 use crate::config::{Config, ConfigError, VmSize};
+use crate::confine::Confinement;
 use crate::container::{Container, Process, ProcessIo};
 use crate::lock;
-use crate::vm::{BootPolicy, MicroVm, MicroVmError, VmApi, VmSpec, rootfs_disk};
+use crate::vm::{
+    BootPolicy, MicroVm, MicroVmError, VmApi, VmSpec, alive_with, diagnostics_in, kill_orphans,
+    rootfs_disk, vsock_path,
+};
 
 /// What went wrong with a sandbox or one of its containers.
 #[derive(Debug, thiserror::Error)]
@@ -159,6 +166,71 @@ impl Vm for BootedVm {
     }
 }
 
+/// A VM another process launched and owns (the OCI verbs' monitor), found
+/// again from its scratch directory: its VMM is told from a recycled pid
+/// by its arguments, which name that directory.
+#[derive(Debug)]
+pub struct AdoptedVm {
+    pid: u32,
+    dir: PathBuf,
+    api: VmApi,
+    confinement: Confinement,
+}
+
+impl AdoptedVm {
+    pub fn new(pid: u32, dir: &Path, confinement: Confinement) -> Self {
+        Self {
+            pid,
+            dir: dir.to_owned(),
+            api: VmApi::in_dir(dir),
+            confinement,
+        }
+    }
+}
+
+impl Vm for AdoptedVm {
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    fn running(&self) -> bool {
+        alive_with(self.pid, &[&self.dir.to_string_lossy()])
+    }
+
+    fn wait_exit(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.running() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
+    }
+
+    fn attach_disk(&self, image: &RootfsImage, id: &str) -> Result<Rootfs, MicroVmError> {
+        self.api.attach(image, id)
+    }
+
+    fn detach_disk(&self, id: &str) -> Result<(), MicroVmError> {
+        self.api.detach(id)
+    }
+
+    fn exit_report(&self, grace: Duration) -> Option<String> {
+        // Not our child: its exit status went to its owner.
+        self.wait_exit(grace)
+            .then(|| "the micro-VM is gone: its capsid-vmm no longer runs".to_owned())
+    }
+
+    fn diagnostics(&self) -> String {
+        diagnostics_in(&self.dir)
+    }
+
+    fn kill(&self) {
+        kill_orphans(&self.dir, &self.confinement);
+    }
+}
+
 /// How to boot a sandbox's VM.
 #[derive(Debug)]
 pub struct BootRequest<'a> {
@@ -197,6 +269,9 @@ pub struct Sandbox {
     members: Mutex<HashSet<String>>,
     next_disk: AtomicU32,
     down: AtomicBool,
+    /// Whether the VM goes down with this sandbox (its last container, its
+    /// drop); not for one [`Sandbox::reopen`] found.
+    owner: bool,
 }
 
 /// How long a guest has to shut down by itself before its VMM is killed.
@@ -260,7 +335,30 @@ impl Sandbox {
             members: Mutex::new(HashSet::new()),
             next_disk: AtomicU32::new(1),
             down: AtomicBool::new(false),
+            owner: true,
         }
+    }
+
+    /// The sandbox another process booted in `dir` (its VMM is `vmm_pid`),
+    /// to act on its containers: its agent answers within `wait`, then each
+    /// call within `io_timeout`. The VM stays up when this goes; its owner
+    /// takes it down.
+    pub fn reopen(
+        name: &str,
+        dir: &Path,
+        vmm_pid: u32,
+        confinement: Confinement,
+        wait: Duration,
+        io_timeout: Duration,
+    ) -> Result<Self, SandboxError> {
+        let vm = AdoptedVm::new(vmm_pid, dir, confinement);
+        if !vm.running() {
+            return Err(SandboxError::Gone);
+        }
+        let client = AgentClient::connect(&vsock_path(dir), DEFAULT_AGENT_PORT, wait, io_timeout)?;
+        let mut sandbox = Self::new(name, Arc::new(client), Arc::new(vm), None);
+        sandbox.owner = false;
+        Ok(sandbox)
     }
 
     pub fn agent(&self) -> &Arc<dyn Agent> {
@@ -349,7 +447,7 @@ impl Sandbox {
         }
         let mut members = lock(&self.members);
         members.remove(id);
-        if members.is_empty() {
+        if members.is_empty() && self.owner {
             drop(members);
             let _ = self.shut_down();
         }
@@ -415,7 +513,9 @@ impl Drop for Sandbox {
     /// A sandbox dropped with containers still in it (a failed create, an
     /// error in its owner): nothing may outlive it.
     fn drop(&mut self) {
-        let _ = self.shut_down();
+        if self.owner {
+            let _ = self.shut_down();
+        }
     }
 }
 
@@ -574,6 +674,33 @@ mod tests {
             ["CreateContainer c1", "RemoveContainer c1", "Shutdown"]
         );
         assert!(!vm.running());
+    }
+
+    #[test]
+    fn a_reopened_sandbox_leaves_the_vm_to_its_owner() {
+        let (sandbox, agent, vm) = sandbox(None);
+        let mut view = Arc::try_unwrap(sandbox).unwrap();
+        view.owner = false;
+        let view = Arc::new(view);
+        let container = view
+            .create(FakeAgent::request("c1"), |_, _| Ok::<_, SandboxError>(()))
+            .unwrap();
+        container.destroy();
+        drop(container);
+        drop(view);
+        assert!(vm.running());
+        assert!(!agent.calls().contains(&"Shutdown".to_owned()));
+        // A VMM that is gone is said so at once.
+        let dir = tempfile::tempdir().unwrap();
+        let gone = Sandbox::reopen(
+            "c1",
+            dir.path(),
+            u32::MAX - 1,
+            Confinement::default(),
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+        );
+        assert!(matches!(gone, Err(SandboxError::Gone)));
     }
 
     #[test]

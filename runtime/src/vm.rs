@@ -205,6 +205,10 @@ pub fn vsock_path(dir: &Path) -> PathBuf {
 /// The console file the VMM writes the guest's serial output to; it keeps
 /// its newest 1 MiB.
 const CONSOLE: &str = "console.log";
+/// The VMM's own log, kept within 1 MiB.
+const VMM_LOG: &str = "vmm.log";
+/// The VMM's API socket, when the VM has spare disk slots.
+const API_SOCKET: &str = "api.sock";
 /// Lines of the VMM's log and of the guest console an error message quotes,
 /// from at most this many bytes at the end of each file.
 const QUOTED_LINES: usize = 20;
@@ -231,6 +235,27 @@ fn quote(heading: &str, text: &str) -> String {
         out.extend(line.chars().map(|c| if c.is_control() { ' ' } else { c }));
     }
     out
+}
+
+/// What the VMM whose own directory is `vm_dir` logged and how its guest
+/// console ended (with the reason of a kernel panic first), for an error
+/// message; empty if both are.
+fn diagnostics_at(vm_dir: &Path) -> String {
+    let log = untrusted_tail(&vm_dir.join(VMM_LOG), TAIL_BYTES);
+    let log = String::from_utf8_lossy(&log).into_owned();
+    let console = untrusted_tail(&vm_dir.join(CONSOLE), PANIC_SEARCH_BYTES);
+    let panicked = panic_reason(&String::from_utf8_lossy(&console))
+        .map(|why| format!("; the guest kernel panicked: {why}"))
+        .unwrap_or_default();
+    panicked
+        + &quote("capsid-vmm said", &log)
+        + &quote("the guest console ended with", &console_tail(vm_dir))
+}
+
+/// [`MicroVm::diagnostics`] for the VM whose scratch directory is `dir`,
+/// from whichever process launched it.
+pub fn diagnostics_in(dir: &Path) -> String {
+    diagnostics_at(&vm_dir(dir))
 }
 
 /// The end of the guest console.
@@ -282,7 +307,7 @@ impl MicroVm {
             .then(|| confine::vm_user(confinement, &spec.dir));
         let dir = confine::make_vm_dir(&vm_dir(&spec.dir), owner)?;
         let uds = vsock_path(&spec.dir);
-        let log = dir.join("vmm.log");
+        let log = dir.join(VMM_LOG);
         let cgroup = match (&confinement.cgroup_parent, confinement.jail) {
             (Some(parent), true) => VmCgroup::create(
                 parent,
@@ -305,7 +330,7 @@ impl MicroVm {
                 .map_err(|e| MicroVmError::Scratch(log.clone(), e))?
         };
         let boot = &spec.boot;
-        let api = (spec.spare_disks > 0).then(|| dir.join("api.sock"));
+        let api = (spec.spare_disks > 0).then(|| dir.join(API_SOCKET));
         // The VM itself goes in a file of the VMM's own configuration type;
         // the flags say how the process runs. Beside the VMM's directory,
         // not in it: the VMM reads it before it is confined, and its jail
@@ -376,14 +401,7 @@ impl MicroVm {
     /// What the VMM logged and how the guest console ended, for an error
     /// message; empty if both are.
     pub fn diagnostics(&self) -> String {
-        let log = String::from_utf8_lossy(&untrusted_tail(&self.log, TAIL_BYTES)).into_owned();
-        let console = untrusted_tail(&self.dir.join(CONSOLE), PANIC_SEARCH_BYTES);
-        let panicked = panic_reason(&String::from_utf8_lossy(&console))
-            .map(|why| format!("; the guest kernel panicked: {why}"))
-            .unwrap_or_default();
-        panicked
-            + &quote("capsid-vmm said", &log)
-            + &quote("the guest console ended with", &console_tail(&self.dir))
+        diagnostics_at(&self.dir)
     }
 
     /// Whether the VMM has exited, waiting up to `grace` for it (a broken
@@ -578,6 +596,15 @@ pub struct VmApi {
 }
 
 impl VmApi {
+    /// The API of the VM whose scratch directory is `dir`, launched by
+    /// another process; it has none if it was started without spare slots.
+    pub fn in_dir(dir: &Path) -> Self {
+        let path = vm_dir(dir).join(API_SOCKET);
+        Self {
+            path: path.exists().then_some(path),
+        }
+    }
+
     /// Attaches `image` to a spare disk slot of the running VM as disk `id`
     /// (at most 20 letters, digits, '-', '_', '.'); returns how the agent
     /// mounts it. The image goes to the VMM as an open descriptor (the
