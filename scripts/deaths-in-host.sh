@@ -7,9 +7,12 @@
 # Prints "DEATH vmm i-k: <where>" for each
 # (the console's last line), "COUNT vmm K boots deaths" after each round
 # (what is left if the test host dies), and "RESULT vmm K boots deaths".
+# A fourth argument adds flags to capsid-vmm's.
 # POSIX sh: the test host has no bash.
 set -u
 VMM=$1 N=$2 K=$3
+# More flags for capsid-vmm (an experiment: "--seccomp none").
+VMM_FLAGS=${4:-}
 out=$(mktemp -d /tmp/capsid-deaths.XXXXXX)
 trap 'rm -rf "$out"' EXIT
 # Verbose, with earlyprintk: the console says how far each guest got.
@@ -26,7 +29,7 @@ start() {
     else
         "$CAPSID_VMM" --kernel "$CAPSID_KERNEL" --initrd "$CAPSID_AGENT_INITRAMFS" \
             --vcpus 1 --mem-mib 256 --vsock-uds "$dir/vsock.sock" \
-            --serial "file:$dir/console" --log-level warn --cmdline "$cmdline" \
+            --serial "file:$dir/console" --log-level warn --cmdline "$cmdline" $VMM_FLAGS \
             > "$dir/log" 2>&1 < /dev/null &
     fi
     echo $! > "$dir/pid"
