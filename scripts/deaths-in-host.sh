@@ -7,12 +7,14 @@
 # Prints "DEATH vmm i-k: <where>" for each
 # (the console's last line), "COUNT vmm K boots deaths" after each round
 # (what is left if the test host dies), and "RESULT vmm K boots deaths".
-# A fourth argument adds flags to capsid-vmm's.
+# A fourth argument adds flags to capsid-vmm's, a fifth to QEMU's.
 # POSIX sh: the test host has no bash.
 set -u
 VMM=$1 N=$2 K=$3
 # More flags for capsid-vmm (an experiment: "--seccomp none").
 VMM_FLAGS=${4:-}
+# More flags for QEMU (the control: "-sandbox on", its own seccomp filter).
+QEMU_FLAGS=${5:-}
 out=$(mktemp -d /tmp/capsid-deaths.XXXXXX)
 trap 'rm -rf "$out"' EXIT
 # Verbose, with earlyprintk: the console says how far each guest got.
@@ -24,7 +26,7 @@ start() {
             -nodefaults -no-user-config -display none -no-reboot \
             -L /usr/share/qemu -L /usr/share/seabios \
             -kernel "$CAPSID_KERNEL" -initrd "$CAPSID_AGENT_INITRAMFS" \
-            -append "$cmdline reboot=t" -serial "file:$dir/console" \
+            -append "$cmdline reboot=t" -serial "file:$dir/console" $QEMU_FLAGS \
             > "$dir/log" 2>&1 < /dev/null &
     else
         "$CAPSID_VMM" --kernel "$CAPSID_KERNEL" --initrd "$CAPSID_AGENT_INITRAMFS" \

@@ -7,8 +7,9 @@
 # /init, with where each died (scripts/deaths-in-host.sh). In nested mode
 # each batch of 100 boots per VMM gets a fresh test host (its own kernel
 # crashes now and then); a test host that dies cuts its batch short, and
-# the report says so. DEATHS_VMM_FLAGS adds flags to capsid-vmm's (an
-# experiment: DEATHS_VMM_FLAGS="--seccomp none").
+# the report says so. DEATHS_VMM_FLAGS adds flags to capsid-vmm's and
+# DEATHS_QEMU_FLAGS to QEMU's (the experiments: DEATHS_VMM_FLAGS="--seccomp
+# none"; DEATHS_QEMU_FLAGS="-sandbox on", QEMU's own seccomp filter).
 # Writes target/deaths/deaths.txt and the end of each dead guest's
 # console to target/deaths/consoles.txt; docs/reliability.md has figures.
 set -euo pipefail
@@ -29,7 +30,7 @@ for k in $at_once; do
         out=target/deaths/batch-$batch_no.log
         log "==> $((rounds * k)) boots per VMM, $k at once ($out)"
         run_with_kvm --with "$PWD/scripts/deaths-in-host.sh" -- \
-            sh "$PWD/scripts/deaths-in-host.sh" both "$rounds" "$k" "${DEATHS_VMM_FLAGS:-}" \
+            sh "$PWD/scripts/deaths-in-host.sh" both "$rounds" "$k" "${DEATHS_VMM_FLAGS:-}" "${DEATHS_QEMU_FLAGS:-}" \
             > "$out" 2> "$out.stderr" || log "    the test host failed (its console: $out.stderr); what it counted is kept"
         grep -E '^(DEATH|RESULT) ' "$out" >&2 || true
         left=$(( left - batch ))
