@@ -128,19 +128,6 @@ impl<Io> Process<Io> {
             state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
         }
     }
-
-    /// Waits at most `timeout` for the process to stop.
-    pub fn wait_timeout(&self, timeout: Duration) -> Option<(u32, SystemTime)> {
-        let state = self.lock();
-        let (state, _) = self
-            .changed
-            .wait_timeout_while(state, timeout, |s| !matches!(s, ProcState::Stopped { .. }))
-            .unwrap_or_else(|e| e.into_inner());
-        match *state {
-            ProcState::Stopped { status, at } => Some((status, at)),
-            _ => None,
-        }
-    }
 }
 
 /// How a process ended, as [`Container::start`] reports it.
@@ -152,15 +139,6 @@ pub struct Exit {
     /// The init ended with the container's cgroup having OOM-killed a
     /// process (the guest's count).
     pub oom_killed: bool,
-}
-
-/// What [`Container::kill`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Killed {
-    /// The signal went to the running process.
-    Signalled,
-    /// The process had not started: it ended here, as runc's would.
-    EndedUnstarted { status: u32, at: SystemTime },
 }
 
 /// A container created in a [`Sandbox`] (see [`Sandbox::create`]).
@@ -296,8 +274,17 @@ impl<Io: ProcessIo> Container<Io> {
     }
 
     /// Sends `signal` (1 to 64) to `proc`, or with `all` to every process
-    /// of the container. A process never started ends here, killed by it.
-    pub fn kill(&self, proc: &Process<Io>, signal: u32, all: bool) -> Result<Killed, SandboxError> {
+    /// of the container. A process never started ends here, killed by it:
+    /// it is stopped with 128 + `signal` and `on_exit` told as
+    /// [`Container::start`] tells it (not at all if another caller
+    /// stopped it first).
+    pub fn kill(
+        &self,
+        proc: &Process<Io>,
+        signal: u32,
+        all: bool,
+        on_exit: impl FnOnce(Exit),
+    ) -> Result<(), SandboxError> {
         let number = i32::try_from(signal).unwrap_or(i32::MAX);
         match proc.state() {
             ProcState::Stopped { .. } => Err(SandboxError::Finished(proc.process.clone())),
@@ -306,14 +293,12 @@ impl<Io: ProcessIo> Container<Io> {
                 let _ = self
                     .agent()
                     .signal_process(&proc.process, libc::SIGKILL, false);
-                match proc.set_stopped(128 + signal) {
-                    ProcState::Stopped { status, at } => Ok(Killed::EndedUnstarted { status, at }),
-                    _ => unreachable!("set_stopped leaves a process stopped"),
-                }
+                proc.stop(128 + signal, false, on_exit);
+                Ok(())
             }
             ProcState::Running => {
                 self.agent().signal_process(&proc.process, number, all)?;
-                Ok(Killed::Signalled)
+                Ok(())
             }
         }
     }
@@ -357,20 +342,12 @@ impl<Io: ProcessIo> Container<Io> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fake::{FakeAgent, FakeVm};
-    use crate::sandbox::Vm;
+    use crate::fake::{FakeAgent, FakeVm, sandbox};
     use capsid_protocol::ErrorCode;
     use std::sync::mpsc;
 
     fn container() -> (Container, Arc<FakeAgent>, Arc<FakeVm>) {
-        let agent = Arc::new(FakeAgent::default());
-        let vm = Arc::new(FakeVm::default());
-        let sandbox = Arc::new(Sandbox::new(
-            "c1",
-            Arc::clone(&agent) as Arc<dyn Agent>,
-            Arc::clone(&vm) as Arc<dyn Vm>,
-            None,
-        ));
+        let (sandbox, agent, vm) = sandbox(None);
         let container = sandbox
             .create(FakeAgent::request("c1"), |_, _| Ok::<_, SandboxError>(()))
             .unwrap();
@@ -448,10 +425,17 @@ mod tests {
     fn killing_a_process_never_started_ends_it_and_a_finished_one_is_refused() {
         let (container, agent, _) = container();
         let init = Arc::clone(&container.init);
-        let killed = container.kill(&init, 9, false).unwrap();
-        assert!(matches!(killed, Killed::EndedUnstarted { status: 137, .. }));
+        let (tx, told) = mpsc::channel();
+        container
+            .kill(&init, 9, false, move |exit| tx.send(exit.status).unwrap())
+            .unwrap();
+        assert_eq!(told.try_recv(), Ok(137), "told before kill returned");
         assert!(matches!(
-            container.kill(&init, 15, false),
+            init.state(),
+            ProcState::Stopped { status: 137, .. }
+        ));
+        assert!(matches!(
+            container.kill(&init, 15, false, |_| panic!("told twice")),
             Err(SandboxError::Finished(_))
         ));
         assert_eq!(
@@ -465,7 +449,11 @@ mod tests {
         let (container, agent, _) = container();
         let init = Arc::clone(&container.init);
         let exited = exits(&container, &init);
-        assert_eq!(container.kill(&init, 15, true).unwrap(), Killed::Signalled);
+        container
+            .kill(&init, 15, true, |_| {
+                panic!("a running process's exit comes from its wait")
+            })
+            .unwrap();
         // The fake agent's processes die of the default action.
         assert_eq!(exited.recv_timeout(Duration::from_secs(5)), Ok(143));
         assert!(
@@ -485,13 +473,7 @@ mod tests {
                 lock(&self.0).push("drained");
             }
         }
-        let agent = Arc::new(FakeAgent::default());
-        let sandbox = Arc::new(Sandbox::new(
-            "c1",
-            Arc::clone(&agent) as Arc<dyn Agent>,
-            Arc::new(FakeVm::default()),
-            None,
-        ));
+        let (sandbox, agent, _) = sandbox(None);
         let log = Arc::new(Slow::default());
         let io = Arc::clone(&log);
         let container = sandbox

@@ -14,7 +14,7 @@ use std::io;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use capsid_images::rootfs::{Format, RootfsImage};
@@ -26,7 +26,7 @@ use oci_spec::runtime::{LinuxResources, Spec};
 
 use crate::agent::Agent;
 use crate::lock;
-use crate::sandbox::{ContainerRequest, Vm};
+use crate::sandbox::{ContainerRequest, Sandbox, Vm};
 use crate::vm::MicroVmError;
 
 /// Signals whose default action does not end a process.
@@ -425,6 +425,20 @@ impl Vm for FakeVm {
     fn kill(&self) {
         self.running.store(false, Ordering::SeqCst);
     }
+}
+
+/// A sandbox over a fresh fake agent and VM, with no container yet; `dir`
+/// is removed when it goes down.
+pub fn sandbox(dir: Option<PathBuf>) -> (Arc<Sandbox>, Arc<FakeAgent>, Arc<FakeVm>) {
+    let agent = Arc::new(FakeAgent::default());
+    let vm = Arc::new(FakeVm::default());
+    let sandbox = Sandbox::new(
+        "fake",
+        Arc::clone(&agent) as Arc<dyn Agent>,
+        Arc::clone(&vm) as Arc<dyn Vm>,
+        dir,
+    );
+    (Arc::new(sandbox), agent, vm)
 }
 
 /// A rootfs image for tests (never opened by the fakes).

@@ -26,7 +26,7 @@ pub use capsid_vmm_api as vmm_api;
 
 pub use agent::Agent;
 pub use config::{BootFiles, Config, ConfigError, VmSize};
-pub use container::{Container, Exit, Killed, ProcState, Process, ProcessIo};
+pub use container::{Container, Exit, ProcState, Process, ProcessIo};
 pub use sandbox::{BootRequest, ContainerRequest, Role, Sandbox, SandboxError, Teardown};
 pub use vm::{BootPolicy, Disk, MicroVm, MicroVmError, VmSpec, boot_retries, rootfs_disk};
 

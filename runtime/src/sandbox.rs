@@ -86,8 +86,18 @@ pub trait Vm: Send + Sync + std::fmt::Debug {
     fn pid(&self) -> u32;
     /// Whether the VMM still runs.
     fn running(&self) -> bool;
-    /// Waits up to `timeout` for the VMM to exit by itself; whether it did.
-    fn wait_exit(&self, timeout: Duration) -> bool;
+    /// Waits up to `timeout` for the VMM to exit by itself; whether it
+    /// did. Looks at [`Vm::running`] every 10 ms.
+    fn wait_exit(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.running() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
+    }
     /// Attaches `image` read-only to a spare disk slot as disk `id`.
     fn attach_disk(&self, image: &RootfsImage, id: &str) -> Result<Rootfs, MicroVmError>;
     /// Detaches disk `id`; the agent has unmounted it.
@@ -127,19 +137,6 @@ impl Vm for BootedVm {
 
     fn running(&self) -> bool {
         matches!(lock(&self.vm).try_wait(), Ok(None))
-    }
-
-    fn wait_exit(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if !self.running() {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
     }
 
     fn attach_disk(&self, image: &RootfsImage, id: &str) -> Result<Rootfs, MicroVmError> {
@@ -195,17 +192,6 @@ impl Vm for AdoptedVm {
 
     fn running(&self) -> bool {
         alive_with(self.pid, &[&self.dir.to_string_lossy()])
-    }
-
-    fn wait_exit(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        while self.running() {
-            if Instant::now() >= deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        true
     }
 
     fn attach_disk(&self, image: &RootfsImage, id: &str) -> Result<Rootfs, MicroVmError> {
@@ -572,7 +558,7 @@ impl Role {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fake::{FakeAgent, FakeVm};
+    use crate::fake::{FakeAgent, sandbox};
 
     fn spec(annotations: &str) -> Spec {
         serde_json::from_str(&format!(
@@ -603,18 +589,6 @@ mod tests {
             Role::of(&spec(r#""io.kubernetes.cri.container-type":"container""#)),
             Role::Alone
         );
-    }
-
-    fn sandbox(dir: Option<PathBuf>) -> (Arc<Sandbox>, Arc<FakeAgent>, Arc<FakeVm>) {
-        let agent = Arc::new(FakeAgent::default());
-        let vm = Arc::new(FakeVm::default());
-        let sandbox = Arc::new(Sandbox::new(
-            "s",
-            Arc::clone(&agent) as Arc<dyn Agent>,
-            Arc::clone(&vm) as Arc<dyn Vm>,
-            dir,
-        ));
-        (sandbox, agent, vm)
     }
 
     #[test]

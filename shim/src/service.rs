@@ -15,7 +15,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use capsid_runtime::protocol::ErrorCode;
-use capsid_runtime::{Config, Exit, Killed, ProcState, SandboxError};
+use capsid_runtime::{Config, Exit, ProcState, SandboxError};
 use containerd_shim::event::Event;
 use containerd_shim::protos::events::task::{
     TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskStart,
@@ -413,18 +413,13 @@ impl Service {
                 format!("bad signal {}", req.signal),
             ));
         }
-        match container.container.kill(&proc, req.signal, req.all) {
-            Ok(Killed::Signalled) => {}
-            // Never started: it ended here, killed by the signal.
-            Ok(Killed::EndedUnstarted { status, at }) => {
-                (self.exit_event(&container, &proc))(Exit {
-                    status,
-                    at,
-                    oom_killed: false,
-                });
-            }
-            Err(e) => return Err(from_sandbox(e)),
-        }
+        // A process never started ends here, killed by the signal; its
+        // exit is published as a started one's is.
+        let on_exit = self.exit_event(&container, &proc);
+        container
+            .container
+            .kill(&proc, req.signal, req.all, on_exit)
+            .map_err(from_sandbox)?;
         Ok(api::Empty::new())
     }
 
