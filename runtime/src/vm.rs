@@ -136,10 +136,12 @@ pub struct VmSpec {
 }
 
 impl VmSpec {
-    /// The VM as capsid-vmm takes it (`--config`): its sockets at `uds` and
-    /// `api`, its console in the file `console`.
-    pub fn vm_config(&self, uds: PathBuf, console: PathBuf, api: Option<PathBuf>) -> VmConfig {
+    /// The VM as capsid-vmm takes it (`--config`): its sockets and console
+    /// in the VMM's directory ([`vm_dir`]), the API socket only with spare
+    /// disk slots.
+    pub fn vm_config(&self) -> VmConfig {
         let boot = &self.boot;
+        let dir = vm_dir(&self.dir);
         VmConfig {
             kernel: boot.kernel.clone(),
             initrd: Some(boot.initramfs.clone()),
@@ -161,12 +163,12 @@ impl VmSpec {
                 })
                 .collect(),
             vsock: Some(VsockConfig {
-                uds,
+                uds: vsock_path(&self.dir),
                 cid: capsid_vmm_api::config::DEFAULT_CID,
             }),
-            serial: SerialConfig::File(console),
+            serial: SerialConfig::File(dir.join(CONSOLE)),
             spare_disks: self.spare_disks,
-            api_uds: api,
+            api_uds: (self.spare_disks > 0).then(|| dir.join(API_SOCKET)),
         }
     }
 }
@@ -330,12 +332,11 @@ impl MicroVm {
                 .map_err(|e| MicroVmError::Scratch(log.clone(), e))?
         };
         let boot = &spec.boot;
-        let api = (spec.spare_disks > 0).then(|| dir.join(API_SOCKET));
         // The VM itself goes in a file of the VMM's own configuration type;
         // the flags say how the process runs. Beside the VMM's directory,
         // not in it: the VMM reads it before it is confined, and its jail
         // holds only its sockets and logs.
-        let config = spec.vm_config(uds.clone(), dir.join(CONSOLE), api.clone());
+        let config = spec.vm_config();
         let config_path = vmm_config_path(&spec.dir);
         let json = serde_json::to_vec_pretty(&config).map_err(std::io::Error::other);
         json.and_then(|json| std::fs::write(&config_path, json))
@@ -373,7 +374,7 @@ impl MicroVm {
         Ok(Self {
             child,
             uds,
-            api,
+            api: config.api_uds,
             dir,
             log,
             exited: None,
