@@ -3,10 +3,10 @@
 use std::path::Path;
 use std::process::{Command, ExitCode};
 
-use capsid_vmm::probe::{self, Mode};
+use capsid_runtime::vmm_api::host::{HostReport, Mode};
 use clap::Args;
 
-use crate::run::Artifacts;
+use crate::run::{Artifacts, ask_vmm};
 
 #[derive(Args, Debug)]
 pub struct DoctorArgs {
@@ -29,8 +29,11 @@ fn file(path: &Path) -> Result<String, String> {
 }
 
 /// Each wall around a VMM (docs/security.md), and whether this host has it.
-fn walls(artifacts: &Artifacts) -> Vec<(&'static str, Result<String, String>, &'static str)> {
-    use capsid_vmm::seccomp::{ThreadKind, allowed_count};
+/// `host` is what capsid-vmm reported about this host, or why it did not.
+fn walls(
+    artifacts: &Artifacts,
+    host: &Result<HostReport, String>,
+) -> Vec<(&'static str, Result<String, String>, &'static str)> {
     let config = artifacts.config().ok();
     let jail = config.as_ref().is_none_or(|c| c.vmm_jail);
     let mut walls = Vec::new();
@@ -68,32 +71,43 @@ fn walls(artifacts: &Artifacts) -> Vec<(&'static str, Result<String, String>, &'
         .unwrap_or_default()
         .lines()
         .any(|l| l.starts_with("Seccomp:"));
-    let counts: Vec<String> = ThreadKind::ALL
-        .iter()
-        .map(|k| format!("{k:?} {}", allowed_count(*k)).to_lowercase())
-        .collect();
     walls.push((
         "VMM seccomp",
         match (seccomp, config.as_ref().map(|c| c.vmm_seccomp.as_str())) {
             (false, _) => Err("the kernel has no seccomp".into()),
             (true, Some("none")) => Err("vmm_seccomp = \"none\": no filters".into()),
             (true, Some("log")) => Err("vmm_seccomp = \"log\": filters only log".into()),
-            (true, _) => Ok(format!(
-                "per-thread allowlists, a syscall outside kills the VMM (syscalls allowed: {})",
-                counts.join(", ")
-            )),
+            (true, _) => match host {
+                Ok(host) => Ok(format!(
+                    "per-thread allowlists, a syscall outside kills the VMM (syscalls \
+                     allowed: {})",
+                    host.seccomp
+                        .iter()
+                        .map(|list| format!("{} {}", list.thread, list.syscalls))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )),
+                Err(e) => Err(format!("cannot tell: {e}")),
+            },
         },
         "a kernel with CONFIG_SECCOMP_FILTER, and vmm_seccomp = \"kill\"",
     ));
     walls.push((
         "Landlock",
-        capsid_vmm::jail::landlock_abi()
-            .map(|abi| format!("ABI {abi}: the VMM may only make and remove sockets in /vm"))
-            .ok_or_else(|| {
+        match host {
+            Ok(HostReport {
+                landlock_abi: Some(abi),
+                ..
+            }) => Ok(format!(
+                "ABI {abi}: the VMM may only make and remove sockets in /vm"
+            )),
+            Ok(_) => Err(
                 "not available: the kernel lacks it or it is not in lsm=; VMMs run without \
                  this second wall"
-                    .to_owned()
-            }),
+                    .to_owned(),
+            ),
+            Err(e) => Err(format!("cannot tell: {e}")),
+        },
         "a kernel with CONFIG_SECURITY_LANDLOCK and landlock in its lsm= list",
     ));
     let cgroup_root = Path::new("/sys/fs/cgroup");
@@ -126,12 +140,24 @@ pub fn doctor(args: &DoctorArgs) -> anyhow::Result<ExitCode> {
             println!("PROBLEM  {what}: {problem}\n         fix: {fix}");
         }
     };
-    let verdict = probe::probe();
-    let kvm = match verdict.mode {
-        Mode::Native => Ok(format!("native ({})", verdict.reason)),
-        Mode::Nested if !Path::new("/dev/kvm").exists() => Err("none: there is no /dev/kvm".into()),
-        Mode::Nested if probe::paravirtual_kvm() => Err(format!("paravirtual: {}", verdict.reason)),
-        Mode::Nested => Err(format!("unusable: {}", verdict.reason)),
+    // capsid-vmm itself says what this host gives a VMM.
+    let vmm = args.artifacts.config().ok().and_then(|c| c.vmm_path());
+    let host = match vmm.filter(|vmm| vmm.is_file()) {
+        Some(vmm) => ask_vmm(&vmm).map_err(|e| format!("{e:#}")),
+        None => Err("capsid-vmm not found (see below), so nothing asked it".to_owned()),
+    };
+    let kvm = match &host {
+        Ok(host) => match host.kvm.mode {
+            Mode::Native => Ok(format!("native ({})", host.kvm.reason)),
+            Mode::Nested if !Path::new("/dev/kvm").exists() => {
+                Err("none: there is no /dev/kvm".into())
+            }
+            Mode::Nested if host.paravirtual_kvm => {
+                Err(format!("paravirtual: {}", host.kvm.reason))
+            }
+            Mode::Nested => Err(format!("unusable: {}", host.kvm.reason)),
+        },
+        Err(e) => Err(format!("cannot tell: {e}")),
     };
     report(
         "KVM",
@@ -139,7 +165,7 @@ pub fn doctor(args: &DoctorArgs) -> anyhow::Result<ExitCode> {
         "run on a host with hardware virtualization (VT-x/AMD-V, or nested virtualization \
          enabled); here, `make demo` and `make test` boot guests inside a nested test host",
     );
-    for (what, result, fix) in walls(&args.artifacts) {
+    for (what, result, fix) in walls(&args.artifacts, &host) {
         report(what, result, fix);
     }
     match args.artifacts.config() {

@@ -14,7 +14,7 @@
 //! VM's cgroup it leaves are removed by the next `capsid run` or `capsid
 //! doctor` ([`capsid_runtime::scratch`]).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,10 +24,10 @@ use anyhow::{Context, bail};
 use capsid_runtime::config::parse_size_mib;
 use capsid_runtime::protocol::{ClientError, Rootfs};
 use capsid_runtime::scratch::{self, Scratch};
+use capsid_runtime::vmm_api::host::{self, HostReport, Mode};
 use capsid_runtime::{
     BootRequest, Config, ContainerRequest, MicroVmError, Sandbox, SandboxError, Teardown, VmSize,
 };
-use capsid_vmm::probe::{self, Mode};
 use clap::Args;
 
 use crate::attach;
@@ -201,10 +201,21 @@ macro_rules! debug {
 
 const CONTAINER_ID: &str = "run";
 
+/// How long `capsid-vmm --probe` may take (its tiny guest gives up after
+/// 10 s).
+const PROBE_DEADLINE: Duration = Duration::from_secs(20);
+
+/// Asks capsid-vmm what this host gives a VMM: can its KVM boot a Linux
+/// guest, and which walls (`capsid-vmm --probe`).
+pub fn ask_vmm(vmm: &Path) -> anyhow::Result<HostReport> {
+    host::ask(vmm, PROBE_DEADLINE)
+        .with_context(|| format!("cannot ask {} --probe about this host", vmm.display()))
+}
+
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = args.artifacts.config()?;
     // A missing kernel, initramfs or VMM is named before anything else.
-    config.boot_files()?;
+    let files = config.boot_files()?;
     for dir in scratch::sweep(&config.run_dir, &config.confinement()) {
         eprintln!(
             "capsid: removed {}, left with its micro-VM by a capsid run that was killed",
@@ -212,7 +223,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         );
     }
     debug!("probing KVM");
-    let verdict = probe::probe();
+    let verdict = ask_vmm(&files.vmm)?.kvm;
     if verdict.mode != Mode::Native {
         bail!(
             "this host's KVM cannot boot a Linux guest ({}). Run capsid on a host with \

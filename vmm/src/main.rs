@@ -95,6 +95,10 @@ struct Args {
     /// a `capsid run` that was killed goes with it).
     #[arg(long, value_name = "PID")]
     die_with_parent: Option<libc::pid_t>,
+    /// Print what this host gives a VMM (can its KVM boot Linux, Landlock,
+    /// the seccomp allowlists) as JSON, and exit; no VM runs.
+    #[arg(long, conflicts_with_all = ["config", "kernel", "jail"])]
+    probe: bool,
 }
 
 impl Args {
@@ -166,6 +170,18 @@ fn main() -> ExitCode {
         return exit_code(EXIT_VMM_ERROR);
     }
     let args = Args::parse();
+    if args.probe {
+        return match serde_json::to_string(&capsid_vmm::probe::report()) {
+            Ok(json) => {
+                println!("{json}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                report(&e);
+                exit_code(EXIT_VMM_ERROR)
+            }
+        };
+    }
     let subscriber = tracing_subscriber::fmt()
         .with_max_level(args.log_level)
         .with_target(false);

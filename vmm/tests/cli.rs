@@ -178,3 +178,28 @@ fn a_file_that_is_no_kernel_fails_and_leaves_no_socket() {
         "the vsock socket made before the failure is removed"
     );
 }
+
+#[test]
+fn probe_reports_the_host_as_json_and_takes_no_vm_flags() {
+    // The verdict is forced, so this does not need (or time) a KVM.
+    let output = Command::new(env!("CARGO_BIN_EXE_capsid-vmm"))
+        .arg("--probe")
+        .env("CAPSID_TESTBED_MODE", "nested")
+        .output()
+        .expect("run capsid-vmm");
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report: capsid_vmm_api::host::HostReport =
+        serde_json::from_slice(&output.stdout).expect("a host report");
+    assert_eq!(report.kvm.mode, capsid_vmm_api::host::Mode::Nested);
+    let threads: Vec<&str> = report.seccomp.iter().map(|l| l.thread.as_str()).collect();
+    assert_eq!(threads, ["main", "vcpu", "worker", "api", "keeper"]);
+    assert!(report.seccomp.iter().all(|l| l.syscalls > 0));
+
+    let output = vmm(&["--probe", "--kernel", "/nonexistent/vmlinux"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("cannot be used with"),
+        "{}",
+        stderr(&output)
+    );
+}

@@ -1,7 +1,7 @@
 //! capsid's test bed: the machinery that lets end-to-end tests boot real
 //! guests on any x86_64 Linux machine.
 //!
-//! - [`probe`] (from `capsid_vmm`) decides the mode: *native* when this
+//! - [`probe`] (asking `capsid-vmm --probe`) decides the mode: *native* when this
 //!   machine's `/dev/kvm` runs guests on the CPU, *nested* otherwise.
 //! - [`nested`] boots the nested test host (QEMU TCG + Debian's cloud kernel
 //!   with `kvm-amd`) and runs a command inside it, reporting its output and
@@ -13,12 +13,9 @@ pub mod child;
 pub use capsid_images::initramfs;
 pub mod microvm;
 pub mod nested;
-pub use capsid_vmm::probe;
+pub mod probe;
 pub mod qemu;
 pub mod scratch;
 pub mod serial;
-pub use capsid_vmm::probe::tiny_guest;
 
 pub use scratch::ScratchDir;
-
-pub use capsid_vmm::error_chain;

@@ -1,6 +1,8 @@
 //! The contract between `capsid-vmm` and the process that launches it (the
 //! runtime): the VM's configuration ([`config`]), what goes over the VMM's
-//! API socket, and what its exit status means. Both ends use these types, so there is one definition of each.
+//! API socket, what its exit status means, and what it reports about the
+//! host ([`host`], `capsid-vmm --probe`). Both ends use these types, so
+//! there is one definition of each.
 //!
 //! The API socket (`--api-uds PATH`) takes one request per connection, one
 //! JSON object on one line each way. An attach carries the image as an open
@@ -16,6 +18,7 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod host;
 
 pub use config::{DiskConfig, SerialConfig, SyntaxError, VmConfig, VsockConfig};
 use serde::{Deserialize, Serialize};

@@ -10,13 +10,16 @@
 //! KVM such as the paravirtual `kvm_pvm` takes seconds, and a real Linux guest
 //! fails there. The presence of `kvm_pvm` is reported alongside, as a hint.
 //!
-//! `CAPSID_TESTBED_MODE=native|nested` overrides the probe.
+//! `CAPSID_TESTBED_MODE=native|nested` overrides the probe. Other programs
+//! ask `capsid-vmm --probe` ([`report`]; `capsid_vmm_api::host::ask`)
+//! rather than link this crate.
 
-use std::fmt;
 use std::path::Path;
 use std::time::Duration;
 
 pub mod tiny_guest;
+
+pub use capsid_vmm_api::host::{Allowlist, HostReport, Mode, Probe};
 
 /// Loop iterations the tiny guest runs.
 pub const LOOP_ITERATIONS: u32 = 1_000_000;
@@ -24,37 +27,6 @@ pub const LOOP_ITERATIONS: u32 = 1_000_000;
 pub const NATIVE_LOOP_LIMIT: Duration = Duration::from_millis(500);
 /// How long the probe waits for the tiny guest before giving up on it.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Where the end-to-end tests can boot a real guest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// This machine's `/dev/kvm` runs guests on the CPU.
-    Native,
-    /// It does not; guests boot inside a nested test host.
-    Nested,
-}
-
-impl fmt::Display for Mode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Mode::Native => "native",
-            Mode::Nested => "nested",
-        })
-    }
-}
-
-/// The probe's verdict and the evidence for it.
-#[derive(Debug, Clone)]
-pub struct Probe {
-    pub mode: Mode,
-    pub reason: String,
-}
-
-impl fmt::Display for Probe {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} mode: {}", self.mode, self.reason)
-    }
-}
 
 /// Whether the `kvm_pvm` module (a paravirtual, instruction-emulating KVM)
 /// is loaded.
@@ -111,6 +83,24 @@ pub fn probe() -> Probe {
                 crate::error_chain(&e)
             ),
         },
+    }
+}
+
+/// What `capsid-vmm --probe` prints: the KVM verdict, and which of the
+/// VMM's walls this kernel offers.
+pub fn report() -> HostReport {
+    use crate::seccomp::{ThreadKind, allowed_count};
+    HostReport {
+        kvm: probe(),
+        paravirtual_kvm: paravirtual_kvm(),
+        landlock_abi: crate::jail::landlock_abi(),
+        seccomp: ThreadKind::ALL
+            .iter()
+            .map(|kind| Allowlist {
+                thread: format!("{kind:?}").to_lowercase(),
+                syscalls: allowed_count(*kind),
+            })
+            .collect(),
     }
 }
 
