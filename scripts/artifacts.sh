@@ -81,7 +81,7 @@ run_e2e() {
 
 # Builds the benchmark harness and prints its path.
 bench_binary() {
-    cargo build --quiet -p capsid-e2e --bin capsid-bench
+    cargo build --quiet -p capsid-bench
     echo "$PWD/target/debug/capsid-bench"
 }
 

@@ -21,8 +21,6 @@ cargo clippy --quiet --workspace --all-targets --locked -- -D warnings
 
 log "==> unit and integration tests"
 CAPSID_E2E_REQUIRED=1 cargo test --workspace --exclude capsid-e2e --locked
-# The e2e crate's own unit tests (the benchmark's report) need no guest.
-cargo test -p capsid-e2e --lib --locked
 
 log "==> every fuzz target for a few seconds, so none rots (make fuzz runs them longer)"
 bash scripts/fuzz.sh 5

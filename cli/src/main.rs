@@ -6,8 +6,8 @@
 //! - `capsid doctor` checks the host and says how to fix each problem.
 //! - `capsid create|start|state|kill|delete|exec`: the OCI runtime verbs on a
 //!   bundle, with runc's conventions (see `oci.rs`).
-//! - `capsid bench …` runs `capsid-bench` (the benchmark harness, built from
-//!   `tests/e2e`; its peers and containerd harness stay out of this binary).
+//! - `capsid bench …` runs `capsid-bench` (the benchmark, the `bench/`
+//!   crate; its peers and containerd harness stay out of this binary).
 
 mod attach;
 mod doctor;
@@ -66,7 +66,7 @@ fn bench(args: &[std::ffi::OsString]) -> anyhow::Result<ExitCode> {
     let program = beside_me.unwrap_or_else(|| "capsid-bench".into());
     let error = std::process::Command::new(&program).args(args).exec();
     anyhow::bail!(
-        "cannot run {}: {error}; build it with `cargo build --release -p capsid-e2e --bin capsid-bench`, \
+        "cannot run {}: {error}; build it with `cargo build --release -p capsid-bench`, \
          or run `make bench`, which builds it and runs it where guests can boot",
         program.display()
     )

@@ -3,21 +3,16 @@
 //! Every test starts with [`require_kvm`]: where this machine's KVM cannot boot
 //! a real guest the test says so and skips — unless `CAPSID_E2E_REQUIRED=1`
 //! (set by `make test`, which runs these tests through `capsid-testbed`), in
-//! which case it fails. Artefacts built by the project's scripts arrive in
-//! environment variables and are checked by [`artifact`].
-
-pub mod agent;
-pub mod bench;
-pub mod containerd;
-pub mod vmm;
+//! which case it fails. What the tests boot and drive (the artefacts, a
+//! guest's agent, capsid-vmm, a private containerd) is the test bed's
+//! (`capsid_testbed`), which the benchmark uses too.
 
 use std::io::Read;
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
-use capsid_testbed::initramfs::Initramfs;
+use capsid_testbed::containerd;
 use capsid_testbed::probe::{Mode, Probe, probe};
 
 /// Whether real guests can boot here; prints the reason once per process.
@@ -40,101 +35,6 @@ pub fn require_kvm(test: &str) -> bool {
          `make test` runs it inside the nested test host"
     );
     false
-}
-
-/// How many times a test boots one guest whose kernel crashed before it
-/// booted: twice. The nested test host's guests die now and then at boot,
-/// QEMU's as often as ours (docs/reliability.md, `make deaths`); a second
-/// crash fails the test.
-pub const BOOTS_PER_GUEST: usize = 2;
-
-/// What each boot again prints first, on a line of its own; the test
-/// command counts these lines.
-pub const BOOT_RETRY_TAG: &str = "E2E-BOOT-RETRY";
-
-/// Says, loudly, that `what`'s guest crashed before it booted and is booted
-/// again, with what its VMM left (`why`).
-pub fn announce_boot_retry(what: &str, why: &str) {
-    eprintln!(
-        "{BOOT_RETRY_TAG} {what}: the guest crashed before it booted; booting it again \
-         (docs/reliability.md). What the crashed one left:\n{why}"
-    );
-}
-
-/// A file the test needs, named by an environment variable set by `make test`.
-pub fn artifact(variable: &str) -> PathBuf {
-    let path = std::env::var_os(variable).unwrap_or_else(|| {
-        panic!("{variable} is not set: run the tests with `make test`, which builds it")
-    });
-    let path = PathBuf::from(path);
-    assert!(
-        path.is_file(),
-        "{variable}={} does not exist; rebuild with `make test`",
-        path.display()
-    );
-    path
-}
-
-/// Writes an initramfs whose `/init` is `init` (a static program).
-pub fn initramfs_with_init(init: &Path, out: &Path) -> PathBuf {
-    let mut archive = Initramfs::create(out).expect("create initramfs");
-    archive.file("/init", init).expect("add /init");
-    archive
-        .char_device("/dev/console", 5, 1, 0o600)
-        .expect("add /dev/console");
-    archive.dir("/proc").expect("add /proc");
-    archive.finish().expect("write initramfs");
-    out.to_owned()
-}
-
-/// The QEMU processes that are children of this process.
-pub fn qemu_children() -> Vec<u32> {
-    let me = std::process::id().to_string();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            // "pid (comm) state ppid ...": comm may contain spaces, so split after ')'.
-            let Some((comm, rest)) = stat.split_once(") ") else {
-                return false;
-            };
-            comm.contains("qemu") && rest.split_whitespace().nth(1) == Some(me.as_str())
-        })
-        .collect()
-}
-
-/// PSS of a process in KiB, from smaps_rollup.
-pub fn pss_kib(pid: u32) -> Option<u64> {
-    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
-    rollup
-        .lines()
-        .find_map(|l| l.strip_prefix("Pss:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-}
-
-/// Rss and Pss (KiB) of `pid`, leaving out mappings of at least `guest_kib`
-/// (guest RAM is the only mapping that big).
-pub fn memory_outside_guest(pid: u32, guest_kib: u64) -> (u64, u64) {
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
-    let (mut rss, mut pss, mut skip) = (0, 0, false);
-    for line in smaps.lines() {
-        let mut words = line.split_whitespace();
-        let (Some(key), Some(value)) = (words.next(), words.next()) else {
-            continue;
-        };
-        let kib: u64 = value.parse().unwrap_or(0);
-        match key {
-            "Size:" => skip = kib >= guest_kib,
-            "Rss:" if !skip => rss += kib,
-            "Pss:" if !skip => pss += kib,
-            _ => {}
-        }
-    }
-    (rss, pss)
 }
 
 /// Runs `command` on a new pty as its controlling terminal (`ctr -t` and

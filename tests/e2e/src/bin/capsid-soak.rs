@@ -22,9 +22,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use capsid_e2e::bench::percentile;
-use capsid_e2e::containerd::{BUSYBOX, Containerd};
-use capsid_e2e::{artifact, require_kvm};
+use capsid_bench::report::percentile;
+use capsid_e2e::require_kvm;
+use capsid_testbed::artifact;
+use capsid_testbed::containerd::{BUSYBOX, Containerd};
 use clap::Parser;
 
 #[derive(Debug, Parser)]

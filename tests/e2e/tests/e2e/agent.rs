@@ -5,9 +5,9 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use capsid_e2e::agent::{AgentVm, Outcome};
 use capsid_e2e::require_kvm;
 use capsid_protocol::{ClientError, ExitStatus, ProcessRef, StdioRequest};
+use capsid_testbed::agent::{AgentVm, Outcome};
 use oci_spec::runtime::{LinuxResources, LinuxSeccomp, Process, Spec};
 
 /// Bytes 0..=255 in a scrambled order, `len` of them (binary, every value).
@@ -424,7 +424,7 @@ fn a_writable_disk_mounted_in_two_containers_keeps_what_was_written() {
     if !require_kvm("a_writable_disk_mounted_in_two_containers_keeps_what_was_written") {
         return;
     }
-    let data = capsid_e2e::artifact("CAPSID_TEST_DATA_IMAGE");
+    let data = capsid_testbed::artifact("CAPSID_TEST_DATA_IMAGE");
     let vm = AgentVm::boot_with_disks("agent-disk", 1, 256, &[(data, "data")]);
     let with_data = |args: &[&str]| {
         let mut spec = AgentVm::spec(args);
@@ -473,7 +473,7 @@ fn a_writable_disk_mounted_in_two_containers_keeps_what_was_written() {
         .create_container(capsid_protocol::CreateContainer {
             id: "bad".into(),
             rootfs: capsid_protocol::Rootfs {
-                disk_id: capsid_e2e::agent::ROOTFS_DISK.into(),
+                disk_id: capsid_testbed::agent::ROOTFS_DISK.into(),
                 filesystem: capsid_protocol::Filesystem::Erofs,
                 overlay: true,
             },

@@ -5,11 +5,12 @@ use std::time::Duration;
 
 use std::path::Path;
 
-use capsid_e2e::{
-    BOOTS_PER_GUEST, announce_boot_retry, artifact, initramfs_with_init, qemu_children, require_kvm,
-};
+use capsid_e2e::require_kvm;
 use capsid_testbed::ScratchDir;
 use capsid_testbed::microvm::{BootReport, MicrovmBoot, MicrovmError};
+use capsid_testbed::procfs::qemu_children;
+use capsid_testbed::retry::{BOOTS_PER_GUEST, announce_boot_retry};
+use capsid_testbed::{artifact, initramfs_with_init};
 
 const MARKER: &str = "CAPSID-TEST-INIT: ready";
 /// `reboot=t` (triple fault): QEMU's microvm has no i8042, so `reboot=k` would

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use capsid_e2e::{artifact, on_a_pty, require_kvm};
+use capsid_e2e::{on_a_pty, require_kvm};
+use capsid_testbed::artifact;
 
 /// Generous (nested mode), but a hang must end the test with what was said.
 const RUN_BOUND: Duration = Duration::from_secs(150);

@@ -1,13 +1,14 @@
 //! Real containerd, real `ctr`, our shim: each container in a micro-VM.
-//! The harness (`capsid_e2e::containerd`) runs a private containerd with the
+//! The harness (`capsid_testbed::containerd`) runs a private containerd with the
 //! locally built busybox images imported.
 
 use std::io::Read;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use capsid_e2e::containerd::{BUSYBOX, BUSYBOX_USER, Containerd, RUNTIME, wait_bounded};
-use capsid_e2e::{memory_outside_guest, on_a_pty, pss_kib, require_kvm};
+use capsid_e2e::{on_a_pty, require_kvm};
+use capsid_testbed::containerd::{BUSYBOX, BUSYBOX_USER, Containerd, RUNTIME, wait_bounded};
+use capsid_testbed::procfs::{memory_outside_guest, pss_kib};
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()

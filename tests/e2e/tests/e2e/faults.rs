@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use capsid_e2e::containerd::{BUSYBOX, Containerd};
-use capsid_e2e::{artifact, require_kvm};
+use capsid_e2e::require_kvm;
+use capsid_testbed::artifact;
+use capsid_testbed::containerd::{BUSYBOX, Containerd};
 
 use crate::cli::{
     capsid, capsid_run, child_named, leftovers, oci_bundle, oci_status, processes_left_after,

@@ -6,7 +6,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use capsid_e2e::{artifact, require_kvm};
+use capsid_e2e::require_kvm;
+use capsid_testbed::artifact;
 
 use crate::cli::{capsid_run, child_named, leftovers};
 

@@ -7,9 +7,10 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use capsid_e2e::vmm::{VmmRun, parse_times};
-use capsid_e2e::{artifact, initramfs_with_init, require_kvm};
+use capsid_e2e::require_kvm;
 use capsid_testbed::ScratchDir;
+use capsid_testbed::vmm::{VmmRun, parse_times};
+use capsid_testbed::{artifact, initramfs_with_init};
 
 const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
 const STEP: &str = "CAPSID-TEST-INIT: step";

@@ -8,17 +8,18 @@ use std::path::PathBuf;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use capsid_protocol::{
+use crate::ScratchDir;
+use capsid_runtime::confine::Confinement;
+use capsid_runtime::protocol::{
     AgentClient, CreateContainer, ExitStatus, Filesystem, ProcessRef, Rootfs, StdioRequest, Stream,
 };
-use capsid_runtime::confine::Confinement;
 use capsid_runtime::{BootFiles, BootPolicy, Disk, MicroVm, VmSpec};
-use capsid_testbed::ScratchDir;
 use oci_spec::runtime::Spec;
 
-use capsid_protocol::error_chain;
+use capsid_runtime::protocol::error_chain;
 
-use crate::{BOOTS_PER_GUEST, announce_boot_retry, artifact};
+use crate::artifact;
+use crate::retry::{BOOTS_PER_GUEST, announce_boot_retry};
 
 /// Generous: nested mode boots slowly, but a dead agent must still end a test.
 pub const AGENT_WAIT: Duration = Duration::from_secs(180);

@@ -7,11 +7,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use capsid_testbed::child::ChildGuard;
-use capsid_testbed::serial::SerialLog;
+use crate::child::ChildGuard;
+use crate::serial::SerialLog;
 
-/// capsid-vmm's exit status when its guest crashed (a triple fault).
-pub const GUEST_CRASHED: i32 = 3;
+use capsid_vmm_api::EXIT_GUEST_CRASH;
 
 /// A running `capsid-vmm`.
 #[derive(Debug)]
@@ -56,7 +55,7 @@ impl VmmRun {
 
     /// Starts `vmm` as [`Self::start`] and waits for the console line with
     /// `marker`, booting once more a guest that crashed before it
-    /// (capsid-vmm's exit status 3; see [`crate::BOOTS_PER_GUEST`]).
+    /// (capsid-vmm's exit status 3; see [`crate::retry::BOOTS_PER_GUEST`]).
     /// Panics with the console and log when it never comes.
     pub fn start_booted(
         vmm: &Path,
@@ -72,8 +71,8 @@ impl VmmRun {
             let mut run = Self::start(vmm, args, scratch, name);
             match run.try_wait_for_line(marker, timeout) {
                 Ok((line, after)) => return (run, line, after),
-                Err(why) if run.crashed() && boots < crate::BOOTS_PER_GUEST => {
-                    crate::announce_boot_retry(name, &why);
+                Err(why) if run.crashed() && boots < crate::retry::BOOTS_PER_GUEST => {
+                    crate::retry::announce_boot_retry(name, &why);
                     // The next VMM listens where this one did.
                     if let Some(at) = args.iter().position(|a| a == "--vsock-uds")
                         && let Some(uds) = args.get(at + 1)
@@ -93,7 +92,7 @@ impl VmmRun {
 
     /// Whether the VMM exited because its guest crashed (status 3).
     pub fn crashed(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(Some(status)) if status.code() == Some(GUEST_CRASHED))
+        matches!(self.child.try_wait(), Ok(Some(status)) if status.code() == Some(EXIT_GUEST_CRASH))
     }
 
     /// When the VMM was spawned.
