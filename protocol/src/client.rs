@@ -8,7 +8,7 @@
 //!
 //! Every call has one deadline for all of it — connecting, writing the
 //! request, reading the reply — not a timeout per `read(2)` that a
-//! drip-fed reply could stretch forever ([`Deadline`]). Calls take a
+//! drip-fed reply could stretch forever (`Deadline`). Calls take a
 //! control connection from a small pool and put it back when done, so no
 //! lock is held while a call waits on the guest: a call that hangs holds
 //! up only itself. A connection that failed or timed out is dropped, never
@@ -25,36 +25,65 @@ use crate::codec::{CodecError, read_frame, write_frame};
 use crate::messages::*;
 use crate::{MAX_FRAME_BYTES, PROTOCOL_VERSION};
 
+/// Why a call to the agent failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    /// No connection before the deadline.
     #[error(
         "the agent did not answer on vsock port {port} through {uds} within {waited:?} \
          (last attempt: {last}); is the guest booting the capsid agent?"
     )]
     Unreachable {
+        /// The VMM's hybrid-vsock socket.
         uds: PathBuf,
+        /// The agent's port.
         port: u32,
+        /// How long we tried.
         waited: Duration,
+        /// Why the last attempt failed.
         last: String,
     },
+    /// The VMM's socket failed.
     #[error("cannot reach the VMM's vsock socket {0}")]
     Socket(PathBuf, #[source] io::Error),
+    /// The VMM's `CONNECT` handshake failed.
     #[error("hybrid-vsock handshake: {0}")]
     Handshake(String),
+    /// The agent speaks another protocol version.
     #[error("agent speaks protocol version {theirs}, we speak {PROTOCOL_VERSION}")]
-    Version { theirs: u32 },
+    Version {
+        /// The agent's version.
+        theirs: u32,
+    },
+    /// A frame could not be sent or read.
     #[error("agent connection")]
     Codec(#[source] CodecError),
+    /// The agent answered with an error.
     #[error("agent refused {call}: {message} ({code:?})")]
     Agent {
+        /// The request.
         call: &'static str,
+        /// The agent's error code.
         code: ErrorCode,
+        /// The agent's words.
         message: String,
     },
+    /// The answer does not fit the request (a hostile or broken agent).
     #[error("agent answered {call} with {got}, which is not a valid answer")]
-    BadReply { call: &'static str, got: String },
+    BadReply {
+        /// The request.
+        call: &'static str,
+        /// The answer, shortened.
+        got: String,
+    },
+    /// No answer within the call's deadline.
     #[error("the agent did not answer {call} within {after:?}")]
-    Timeout { call: &'static str, after: Duration },
+    Timeout {
+        /// The request.
+        call: &'static str,
+        /// The deadline.
+        after: Duration,
+    },
 }
 
 impl ClientError {
@@ -248,6 +277,8 @@ impl AgentClient {
         &self.agent
     }
 
+    /// Creates a container and its init process, stopped before exec;
+    /// returns the init's guest pid.
     pub fn create_container(&self, request: CreateContainer) -> Result<u32, ClientError> {
         let call = "CreateContainer";
         match self.call(call, &Request::CreateContainer(Box::new(request)))? {
@@ -256,6 +287,7 @@ impl AgentClient {
         }
     }
 
+    /// Prepares an exec in a created container; returns its guest pid.
     pub fn exec_process(&self, request: ExecProcess) -> Result<u32, ClientError> {
         let call = "ExecProcess";
         match self.call(call, &Request::ExecProcess(Box::new(request)))? {
@@ -264,6 +296,7 @@ impl AgentClient {
         }
     }
 
+    /// Lets a created process run its program.
     pub fn start_process(&self, process: &ProcessRef) -> Result<(), ClientError> {
         self.call_ok("StartProcess", &Request::StartProcess(process.clone()))
     }
@@ -292,6 +325,8 @@ impl AgentClient {
         }
     }
 
+    /// Sends `signal` to the process, or with `all` to every process of
+    /// its container.
     pub fn signal_process(
         &self,
         process: &ProcessRef,
@@ -306,6 +341,7 @@ impl AgentClient {
         self.call_ok("SignalProcess", &request)
     }
 
+    /// Gives the process's terminal a new size.
     pub fn resize_tty(
         &self,
         process: &ProcessRef,
@@ -320,10 +356,12 @@ impl AgentClient {
         self.call_ok("ResizeTty", &request)
     }
 
+    /// Gives the process's stdin EOF.
     pub fn close_stdin(&self, process: &ProcessRef) -> Result<(), ClientError> {
         self.call_ok("CloseStdin", &Request::CloseStdin(process.clone()))
     }
 
+    /// The container's cgroup counters, as the guest measured them.
     pub fn stats(&self, container_id: &str) -> Result<ContainerStats, ClientError> {
         let call = "Stats";
         let request = Request::Stats {
@@ -335,6 +373,7 @@ impl AgentClient {
         }
     }
 
+    /// New cgroup limits for a running container.
     pub fn update_resources(
         &self,
         container_id: &str,
@@ -351,6 +390,7 @@ impl AgentClient {
         }
     }
 
+    /// The guest pids of the container's processes.
     pub fn list_processes(&self, container_id: &str) -> Result<Vec<u32>, ClientError> {
         let call = "ListProcesses";
         let request = Request::ListProcesses {
@@ -362,6 +402,7 @@ impl AgentClient {
         }
     }
 
+    /// Kills what is left of the container and removes it.
     pub fn remove_container(&self, container_id: &str) -> Result<(), ClientError> {
         let request = Request::RemoveContainer {
             container_id: container_id.into(),

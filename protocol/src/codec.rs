@@ -18,14 +18,19 @@ use serde::de::DeserializeOwned;
 
 use crate::MAX_FRAME_BYTES;
 
+/// Why a frame could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
+    /// The peer closed the connection between frames.
     #[error("connection closed")]
     Closed,
+    /// A length prefix above [`MAX_FRAME_BYTES`]; nothing was allocated.
     #[error("frame of {0} bytes is larger than the limit of {MAX_FRAME_BYTES}")]
     TooLarge(u64),
+    /// The frame is not the JSON of the expected message.
     #[error("malformed frame")]
     Malformed(#[source] serde_json::Error),
+    /// The socket failed (a timeout included).
     #[error("i/o error")]
     Io(#[source] io::Error),
 }

@@ -24,6 +24,8 @@
 //! (`WaitProcess`) goes on a connection of its own; stdio never travels in
 //! frames, so its throughput is that of the vsock stream.
 
+#![warn(missing_docs)]
+
 pub mod client;
 pub mod codec;
 pub mod messages;

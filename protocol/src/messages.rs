@@ -9,20 +9,30 @@ use serde::{Deserialize, Serialize};
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Hello {
     /// Requests and responses follow.
-    Control { version: u32 },
+    Control {
+        /// The protocol version the host speaks ([`crate::PROTOCOL_VERSION`]).
+        version: u32,
+    },
     /// After `Response::Ok`, plain bytes of one stream of one process.
     Stdio {
+        /// The protocol version the host speaks.
         version: u32,
+        /// Whose stream.
         process: ProcessRef,
+        /// Which of its streams.
         stream: Stream,
     },
 }
 
+/// One of a process's standard streams.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Stream {
+    /// Host → process.
     Stdin,
+    /// Process → host (also a terminal's output).
     Stdout,
+    /// Process → host.
     Stderr,
 }
 
@@ -30,12 +40,15 @@ pub enum Stream {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProcessRef {
+    /// The container's id.
     pub container_id: String,
+    /// The exec's id; `None` for the container's init.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exec_id: Option<String>,
 }
 
 impl ProcessRef {
+    /// The init process of `container_id`.
     pub fn init(container_id: &str) -> Self {
         Self {
             container_id: container_id.to_owned(),
@@ -43,6 +56,7 @@ impl ProcessRef {
         }
     }
 
+    /// The exec `exec_id` of `container_id`.
     pub fn exec(container_id: &str, exec_id: &str) -> Self {
         Self {
             container_id: container_id.to_owned(),
@@ -50,6 +64,8 @@ impl ProcessRef {
         }
     }
 
+    /// Both ids are plain words ([`validate_id`]); the error says which
+    /// is not.
     pub fn validate(&self) -> Result<(), String> {
         validate_id("container id", &self.container_id)?;
         match &self.exec_id {
@@ -95,19 +111,26 @@ pub fn validate_id(what: &str, id: &str) -> Result<(), String> {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StdioRequest {
+    /// The host will write the process's stdin.
     pub stdin: bool,
+    /// The host will read its stdout.
     pub stdout: bool,
+    /// The host will read its stderr.
     pub stderr: bool,
 }
 
+/// The file system of a rootfs disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Filesystem {
+    /// Read-only, compressed: what the runtime makes of a rootfs directory.
     Erofs,
+    /// Writable.
     Ext4,
 }
 
 impl Filesystem {
+    /// Its name for mount(2).
     pub fn name(self) -> &'static str {
         match self {
             Self::Erofs => "erofs",
@@ -121,7 +144,9 @@ impl Filesystem {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Rootfs {
+    /// The disk's serial, as the VMM was given it.
     pub disk_id: String,
+    /// What is on it.
     pub filesystem: Filesystem,
     /// True: the disk is read-only and writes go to an overlay on tmpfs.
     /// False: the disk itself is mounted read-write.
@@ -135,9 +160,13 @@ pub struct Rootfs {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateContainer {
+    /// The container's id ([`validate_id`]).
     pub id: String,
+    /// Its root file system.
     pub rootfs: Rootfs,
+    /// The bundle's `config.json`.
     pub spec: Spec,
+    /// The streams of its init process the host will attach.
     pub stdio: StdioRequest,
     /// Small host files the container sees at bind mounts whose source is
     /// `file:N` (N indexes this list): what CRI binds (`/etc/hosts`,
@@ -150,17 +179,25 @@ pub struct CreateContainer {
 
 /// A bind mount source naming the N-th of [`CreateContainer::files`].
 pub const FILE_SOURCE: &str = "file:";
+/// The most files a [`CreateContainer`] copies in.
 pub const MAX_COPIED_FILES: usize = 16;
+/// The most bytes of them, in all.
 pub const MAX_COPIED_BYTES: usize = 128 * 1024;
 
+/// `ExecProcess`: a further process in a created container.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExecProcess {
+    /// The container and the new exec's id.
     pub process: ProcessRef,
+    /// What to run, as the OCI `process` object.
     pub spec: Process,
+    /// The streams the host will attach.
     pub stdio: StdioRequest,
 }
 
+/// What the host asks of the agent, one per frame on the control
+/// connection; each gets one [`Response`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
@@ -175,50 +212,101 @@ pub enum Request {
     WaitProcess(ProcessRef),
     /// Signals the process, or with `all` every process of the container.
     SignalProcess {
+        /// The process.
         process: ProcessRef,
+        /// The signal's number.
         signal: i32,
+        /// Every process of the container, not only this one.
         all: bool,
     },
+    /// The process's terminal gets a new size. Answer: `Ok`.
     ResizeTty {
+        /// The process (it has a terminal).
         process: ProcessRef,
+        /// Rows.
         rows: u16,
+        /// Columns.
         cols: u16,
     },
     /// The process's stdin gets EOF (also when no stdin stream is attached).
     CloseStdin(ProcessRef),
-    /// Answer: `Stats`.
-    Stats { container_id: String },
+    /// The container's cgroup counters. Answer: `Stats`.
+    Stats {
+        /// The container.
+        container_id: String,
+    },
     /// New cgroup limits (memory, pids, cpu) for a running container.
     /// Answer: `Ok`.
     UpdateResources {
+        /// The container.
         container_id: String,
+        /// The limits, as OCI's `linux.resources`.
         resources: Box<LinuxResources>,
     },
-    /// Answer: `Processes`.
-    ListProcesses { container_id: String },
-    /// Kills what is left of the container and removes it.
-    RemoveContainer { container_id: String },
+    /// The guest pids of the container's processes. Answer: `Processes`.
+    ListProcesses {
+        /// The container.
+        container_id: String,
+    },
+    /// Kills what is left of the container and removes it. Answer: `Ok`.
+    RemoveContainer {
+        /// The container.
+        container_id: String,
+    },
     /// Answers `Ok`, then stops every process, syncs and reboots the VM.
     Shutdown,
 }
 
+/// The agent's answer to a [`Hello`] or a [`Request`]. Hostile to the
+/// host until checked: the client validates each.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Response {
-    Hello { version: u32, agent: String },
+    /// To a `Hello`.
+    Hello {
+        /// The protocol version the agent speaks.
+        version: u32,
+        /// The agent's name and version.
+        agent: String,
+    },
+    /// Done.
     Ok,
-    Pid { pid: u32 },
-    Exited { status: ExitStatus },
-    Stats { stats: Box<ContainerStats> },
-    Processes { pids: Vec<u32> },
-    Error { code: ErrorCode, message: String },
+    /// The new process's pid in the guest.
+    Pid {
+        /// The pid.
+        pid: u32,
+    },
+    /// The process has exited.
+    Exited {
+        /// How.
+        status: ExitStatus,
+    },
+    /// The container's counters.
+    Stats {
+        /// The counters.
+        stats: Box<ContainerStats>,
+    },
+    /// The container's processes.
+    Processes {
+        /// Their guest pids.
+        pids: Vec<u32>,
+    },
+    /// The request failed.
+    Error {
+        /// What kind of failure.
+        code: ErrorCode,
+        /// What went wrong, for a person.
+        message: String,
+    },
 }
 
 /// How a process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum ExitStatus {
+    /// It exited with this code.
     Code(i32),
+    /// This signal killed it.
     Signal(i32),
 }
 
@@ -244,16 +332,20 @@ impl ExitStatus {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ContainerStats {
+    /// `memory.current`.
     pub memory_current_bytes: u64,
     /// The container's memory limit; the guest's memory when it has none
     /// or a larger one (the VM is the limit then).
     pub memory_limit_bytes: u64,
+    /// `memory.peak`.
     pub memory_peak_bytes: u64,
+    /// `memory.swap.current`.
     pub swap_current_bytes: u64,
     /// `memory.stat`.
     pub memory: MemoryCounters,
     /// `memory.events`: how often the container hit each limit.
     pub memory_events: MemoryEvents,
+    /// `pids.current`.
     pub pids_current: u64,
     /// 0: no limit.
     pub pids_limit: u64,
@@ -269,7 +361,7 @@ macro_rules! counters {
         #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
         #[serde(default, deny_unknown_fields)]
         pub struct $name {
-            $(pub $field: u64,)*
+            $(#[doc = concat!("`", stringify!($field), "`.")] pub $field: u64,)*
         }
 
         impl $name {
@@ -318,14 +410,22 @@ counters!(
     }
 );
 
+/// What kind of failure a [`Response::Error`] reports (gRPC's codes, which
+/// the shim passes on to containerd).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
+    /// The request is malformed or names something unacceptable.
     InvalidArgument,
+    /// No such container or process.
     NotFound,
+    /// A container or exec with that id exists.
     AlreadyExists,
+    /// Not in this state (a process already started, a container running).
     FailedPrecondition,
+    /// The agent does not do that.
     Unsupported,
+    /// The agent failed.
     Internal,
 }
 

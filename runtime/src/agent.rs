@@ -1,6 +1,6 @@
 //! The runtime's seam to a guest agent: every call the sandbox lifecycle
 //! makes, as a trait. [`AgentClient`] (the vsock client of
-//! `capsid-protocol`) is the real implementation; [`crate::fake`] has one
+//! `capsid-protocol`) is the real implementation; `crate::fake` (feature `fake`) has one
 //! that keeps its state in memory, so the lifecycle and the shim's state
 //! machine are tested without a VM (Kata's runtime-rs has the same seam).
 //!

@@ -21,15 +21,21 @@ use serde::Deserialize;
 
 /// Names the configuration file, instead of [`DEFAULT_CONFIG_PATH`].
 pub const CONFIG_ENV: &str = "CAPSID_CONFIG";
+/// The configuration file read when `CAPSID_CONFIG` is not set (absent: the
+/// defaults).
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/capsid/config.toml";
 /// Annotations under this prefix are ours; an unknown one is an error.
 pub const ANNOTATION_PREFIX: &str = "io.capsid.";
+/// A container's vCPUs, overriding its CPU quota.
 pub const ANNOTATION_VCPUS: &str = "io.capsid.vcpus";
+/// A container's VM memory in MiB, overriding its memory limit.
 pub const ANNOTATION_MEMORY: &str = "io.capsid.memory";
 
-/// The most vCPUs and memory one micro-VM may be given.
+/// The most vCPUs one micro-VM may be given.
 pub const MAX_VCPUS: u32 = 32;
+/// The least memory (MiB) a micro-VM gets: the kernel and the agent.
 pub const MIN_MEMORY_MIB: u32 = 32;
+/// The most memory (MiB) a micro-VM may be given.
 pub const MAX_MEMORY_MIB: u32 = 65536;
 /// The most containers a pod's VM holds besides its sandbox container
 /// (the VMM's interrupt lines bound its disks).
@@ -41,36 +47,58 @@ pub const MAX_BOOT_RETRIES: u32 = 5;
 pub const MAX_KERNEL_PARAMS: usize = 1024;
 
 /// What containerd's CRI (1.7 and later) passes on a pod's sandbox
-/// container: the pod's summed limits, which size the pod's VM.
+/// container: the pod's summed limits, which size the pod's VM. This one:
+/// the CPU quota (µs per period).
 pub const CRI_SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
+/// The pod's CPU period (µs).
 pub const CRI_SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
+/// The pod's memory limit (bytes).
 pub const CRI_SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
 
+/// What is wrong with the configuration, a file it names, or an
+/// annotation; each says which key to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The file cannot be read.
     #[error("cannot read the configuration {0}")]
     Read(PathBuf, #[source] std::io::Error),
+    /// The file is not TOML of known keys.
     #[error("configuration {0}: {1}")]
     Parse(PathBuf, String),
+    /// A key's value is out of range.
     #[error("configuration {path}: {key} = {value}: {reason}")]
     Value {
+        /// The file.
         path: PathBuf,
+        /// The key.
         key: &'static str,
+        /// Its value.
         value: String,
+        /// What is allowed.
         reason: String,
     },
+    /// A file the configuration names is not there.
     #[error("{what} {path} does not exist: set {key} in the configuration or {env}{hint}")]
     Missing {
+        /// What it is ("guest kernel").
         what: &'static str,
+        /// Where it was looked for.
         path: PathBuf,
+        /// The key that names it.
         key: &'static str,
+        /// The environment variable that names it.
         env: &'static str,
+        /// How to make it, or empty.
         hint: &'static str,
     },
+    /// An `io.capsid.*` or CRI annotation is unknown or out of range.
     #[error("annotation {key}={value:?}: {reason}")]
     Annotation {
+        /// The annotation.
         key: String,
+        /// Its value.
         value: String,
+        /// What is allowed.
         reason: String,
     },
 }
@@ -114,6 +142,7 @@ pub struct Config {
     /// The user and group confined VMMs run as; absent, each VM gets one
     /// of its own (from 0x70000000 up).
     pub vmm_uid: Option<u32>,
+    /// See `vmm_uid`.
     pub vmm_gid: Option<u32>,
     /// What a syscall outside a VMM thread's allowlist does: "kill", or
     /// "log" (allowed and logged by the kernel, to debug a filter), or
@@ -151,8 +180,11 @@ impl Default for Config {
 /// What a micro-VM boots, each found on disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BootFiles {
+    /// The capsid-vmm binary.
     pub vmm: PathBuf,
+    /// The guest kernel.
     pub kernel: PathBuf,
+    /// The guest initramfs (the agent as `/init`).
     pub initramfs: PathBuf,
     /// Appended to the VMM's default kernel command line; may be empty.
     pub kernel_params: String,
@@ -161,7 +193,9 @@ pub struct BootFiles {
 /// The size of one micro-VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VmSize {
+    /// vCPUs.
     pub vcpus: u32,
+    /// Guest RAM, MiB.
     pub memory_mib: u32,
 }
 
@@ -190,11 +224,13 @@ impl Config {
         Ok(config)
     }
 
+    /// Reads and checks the file at `path`.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.into(), e))?;
         Self::parse(path, &text)
     }
 
+    /// Parses and checks `text`, the contents of `path` (named in errors).
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
         let config: Self = toml::from_str(text)
             .map_err(|e| ConfigError::Parse(path.into(), e.message().to_owned()))?;
@@ -282,6 +318,7 @@ impl Config {
         }
     }
 
+    /// `agent_timeout_secs` as a duration.
     pub fn agent_timeout(&self) -> Duration {
         Duration::from_secs(self.agent_timeout_secs)
     }

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 /// directory hashed into [`VM_UID_SPAN`] ids above it): far from the ids
 /// of people, system users and the usual subordinate-id ranges.
 pub const VM_UID_BASE: u32 = 0x7000_0000;
+/// How many ids from [`VM_UID_BASE`] VMs take.
 pub const VM_UID_SPAN: u32 = 1 << 24;
 /// What a VMM process may use beyond its guest's RAM before its cgroup
 /// stops it: its own heap and stacks, page tables, and the vsock buffers
@@ -39,6 +40,7 @@ pub struct Confinement {
     pub jail: bool,
     /// The jail's user and group; `None`: one of its own per VM.
     pub uid: Option<u32>,
+    /// See `uid`.
     pub gid: Option<u32>,
     /// The VMM's `--seccomp`: kill, log or none.
     pub seccomp: String,
@@ -58,17 +60,22 @@ impl Default for Confinement {
     }
 }
 
+/// Where VM cgroups go unless the configuration says otherwise.
 pub const DEFAULT_CGROUP_PARENT: &str = "/sys/fs/cgroup/capsid";
 
+/// Why a VMM could not be confined as configured.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfineError {
+    /// Confinement needs root.
     #[error(
         "confining capsid-vmm needs root (namespaces, a private root, an unprivileged user): \
          run as root, or set vmm_jail = false in the configuration to run it unconfined"
     )]
     NotRoot,
+    /// The VM's directory could not be made or handed to its user.
     #[error("cannot prepare the VM's directory {0}")]
     Dir(PathBuf, #[source] std::io::Error),
+    /// The VM's cgroup could not be made or limited.
     #[error("cannot make the VM's cgroup {0}")]
     Cgroup(PathBuf, #[source] std::io::Error),
 }
@@ -160,6 +167,7 @@ impl VmCgroup {
         Ok(Some(cgroup))
     }
 
+    /// The cgroup's directory.
     pub fn path(&self) -> &Path {
         &self.path
     }

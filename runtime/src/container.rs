@@ -41,27 +41,39 @@ pub trait ProcessIo: Send + Sync + 'static {
 
 impl ProcessIo for () {}
 
+/// Where a process is in its life: Created → Running → Stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProcState {
+    /// Made in the guest, its program not started.
     Created,
+    /// Its program runs.
     Running,
-    Stopped { status: u32, at: SystemTime },
+    /// It ended (or never started, or its VM died).
+    Stopped {
+        /// runc's status: the code, 128 + a signal, 255 for a dead VM.
+        status: u32,
+        /// When the host learnt it.
+        at: SystemTime,
+    },
 }
 
 /// The init process or an exec.
 #[derive(Debug)]
 pub struct Process<Io = ()> {
+    /// Which process of which container.
     pub process: ProcessRef,
     /// What the host sees as the process's pid: the VM's (its VMM's). The
     /// guest chooses its own pids; a host tool acting on one of those
     /// would hit whatever host process has it.
     pub pid: u32,
+    /// What the adapter keeps with it (the shim: its FIFO copiers).
     pub io: Io,
     state: Mutex<ProcState>,
     changed: Condvar,
 }
 
 impl<Io> Process<Io> {
+    /// A created process.
     pub fn new(process: ProcessRef, pid: u32, io: Io) -> Self {
         Self {
             process,
@@ -76,6 +88,7 @@ impl<Io> Process<Io> {
         lock(&self.state)
     }
 
+    /// Its state now.
     pub fn state(&self) -> ProcState {
         *self.lock()
     }
@@ -135,6 +148,7 @@ impl<Io> Process<Io> {
 pub struct Exit {
     /// Its code, or 128 + the signal that ended it.
     pub status: u32,
+    /// When the host learnt it.
     pub at: SystemTime,
     /// The init ended with the container's cgroup having OOM-killed a
     /// process (the guest's count).
@@ -144,10 +158,12 @@ pub struct Exit {
 /// A container created in a [`Sandbox`] (see [`Sandbox::create`]).
 #[derive(Debug)]
 pub struct Container<Io = ()> {
+    /// Its id.
     pub id: String,
     sandbox: Arc<Sandbox>,
     /// The disk its rootfs image was attached as, when it joined a pod.
     disk: Option<String>,
+    /// Its init process.
     pub init: Arc<Process<Io>>,
     execs: Mutex<HashMap<String, Arc<Process<Io>>>>,
 }
@@ -168,10 +184,12 @@ impl<Io: ProcessIo> Container<Io> {
         }
     }
 
+    /// The sandbox (VM) it runs in.
     pub fn sandbox(&self) -> &Arc<Sandbox> {
         &self.sandbox
     }
 
+    /// Its sandbox's agent.
     pub fn agent(&self) -> &dyn Agent {
         &**self.sandbox.agent()
     }
@@ -303,6 +321,7 @@ impl<Io: ProcessIo> Container<Io> {
         }
     }
 
+    /// Its cgroup counters, as the guest measured them.
     pub fn stats(&self) -> Result<ContainerStats, SandboxError> {
         Ok(self.agent().stats(&self.id)?)
     }

@@ -373,6 +373,7 @@ impl FakeVm {
         self.running.store(false, Ordering::SeqCst);
     }
 
+    /// The ids of the disks attached now.
     pub fn disks(&self) -> Vec<String> {
         lock(&self.disks).clone()
     }

@@ -4,6 +4,8 @@
 //! ([`agent`]) and a micro-VM ([`vm`]), and what confines its VMM
 //! ([`confine`]).
 
+#![warn(missing_docs)]
+
 pub mod agent;
 pub mod config;
 pub mod confine;

@@ -20,7 +20,7 @@
 //!
 //! The sandbox talks to the guest through the [`Agent`] trait and to its
 //! VMM through the [`Vm`] trait, so that tests drive it with fakes
-//! ([`crate::fake`]).
+//! (`crate::fake`).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -48,16 +48,22 @@ use crate::vm::{
 /// What went wrong with a sandbox or one of its containers.
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
+    /// The configuration or an annotation is wrong.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The VM could not be booted or changed.
     #[error(transparent)]
     Vm(#[from] MicroVmError),
+    /// An agent call failed.
     #[error(transparent)]
     Agent(#[from] ClientError),
+    /// The VM has died.
     #[error("the micro-VM is gone")]
     Gone,
+    /// The process has ended.
     #[error("process {0} has already finished")]
     Finished(ProcessRef),
+    /// The process was started before.
     #[error("process {0} was already started")]
     AlreadyStarted(ProcessRef),
 }
@@ -79,7 +85,7 @@ impl SandboxError {
 }
 
 /// What a sandbox needs of the machine its agent runs in. The real one is
-/// a [`MicroVm`] ([`BootedVm`]); tests use [`crate::fake::FakeVm`].
+/// a [`MicroVm`] ([`BootedVm`]); tests use `crate::fake::FakeVm`.
 pub trait Vm: Send + Sync + std::fmt::Debug {
     /// The VMM's host pid: what containerd and runc's callers see as the
     /// container's pid (the guest's pids mean nothing on the host).
@@ -121,6 +127,7 @@ pub struct BootedVm {
 }
 
 impl BootedVm {
+    /// Takes charge of `vm`.
     pub fn new(vm: MicroVm) -> Self {
         Self {
             api: vm.api(),
@@ -175,6 +182,8 @@ pub struct AdoptedVm {
 }
 
 impl AdoptedVm {
+    /// The VM whose VMM (launcher) is `pid`, with its directory `dir`,
+    /// confined as `confinement` says.
     pub fn new(pid: u32, dir: &Path, confinement: Confinement) -> Self {
         Self {
             pid,
@@ -222,6 +231,7 @@ impl Vm for AdoptedVm {
 pub struct BootRequest<'a> {
     /// Names the sandbox in log lines (its first container's id).
     pub name: &'a str,
+    /// vCPUs and memory.
     pub size: VmSize,
     /// The first container's rootfs image, the VM's disk "rootfs".
     pub image: &'a RootfsImage,
@@ -229,9 +239,11 @@ pub struct BootRequest<'a> {
     pub spare_disks: u8,
     /// The VM's directory; it must exist. See [`Teardown`].
     pub dir: &'a Path,
+    /// What shutting down removes.
     pub teardown: Teardown,
     /// The VMM dies with the thread that boots it (see [`VmSpec`]).
     pub die_with_owner: bool,
+    /// The deadline, the retries, and where to say so.
     pub policy: BootPolicy<'a>,
 }
 
@@ -347,14 +359,17 @@ impl Sandbox {
         Ok(sandbox)
     }
 
+    /// Its agent.
     pub fn agent(&self) -> &Arc<dyn Agent> {
         &self.agent
     }
 
+    /// The host pid that stands for the VM (its VMM's launcher).
     pub fn vmm_pid(&self) -> u32 {
         self.vm.pid()
     }
 
+    /// Whether its VMM still runs.
     pub fn running(&self) -> bool {
         self.vm.running()
     }
@@ -508,6 +523,7 @@ impl Drop for Sandbox {
 /// A container to create in a sandbox.
 #[derive(Debug)]
 pub struct ContainerRequest {
+    /// Its id.
     pub id: String,
     /// Its rootfs disk, as the agent mounts it.
     pub rootfs: Rootfs,
@@ -517,12 +533,14 @@ pub struct ContainerRequest {
     pub spec: Spec,
     /// Host files its bind mounts name (`file:N`).
     pub files: Vec<Vec<u8>>,
+    /// The streams of its init the host will attach.
     pub stdio: StdioRequest,
 }
 
-/// CRI's annotations: what a container is in its pod, and the pod's id
-/// (the id of its sandbox container).
+/// CRI's annotation of what a container is in its pod ("sandbox" or
+/// "container").
 pub const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+/// CRI's annotation of the pod's id (its sandbox container's id).
 pub const CRI_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
 
 /// Where a container runs.
@@ -533,7 +551,10 @@ pub enum Role {
     /// A pod's sandbox container: boots the pod's VM.
     PodSandbox,
     /// Another container of pod `sandbox_id`: joins the pod's VM.
-    PodMember { sandbox_id: String },
+    PodMember {
+        /// The pod's id.
+        sandbox_id: String,
+    },
 }
 
 impl Role {

@@ -61,6 +61,7 @@ impl Scratch {
         Ok(Self { dir, _lock: lock })
     }
 
+    /// The directory.
     pub fn path(&self) -> &Path {
         self.dir.path()
     }

@@ -18,20 +18,28 @@
 use capsid_protocol::{FILE_SOURCE, MAX_COPIED_BYTES, MAX_COPIED_FILES};
 use oci_spec::runtime::Spec;
 
+/// A part of the bundle's spec the guest cannot be given.
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
+    /// A bind mount of a host directory (the VM shares no file system).
     #[error(
         "mount at {destination}: host bind mounts are not supported ({host_path} is on the host; \
          a micro-VM shares no file system with it)"
     )]
     HostBind {
+        /// Where it would be mounted in the container.
         destination: String,
+        /// The host path.
         host_path: String,
     },
+    /// A host file to copy in (what CRI binds) that cannot be.
     #[error("mount at {destination}: cannot copy {host_path} into the micro-VM: {reason}")]
     Copy {
+        /// Where it would be mounted in the container.
         destination: String,
+        /// The host path.
         host_path: String,
+        /// Why not (too large, too many, unreadable).
         reason: String,
     },
 }

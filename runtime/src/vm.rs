@@ -34,42 +34,61 @@ use capsid_vmm_api::{
 use crate::config::BootFiles;
 use crate::confine::{self, ConfineError, Confinement, VmCgroup, untrusted_tail};
 
+/// Why a micro-VM could not be booted or changed.
 #[derive(Debug, thiserror::Error)]
 pub enum MicroVmError {
+    /// A file of the VM's directory could not be made.
     #[error("cannot create {0}")]
     Scratch(PathBuf, #[source] std::io::Error),
+    /// The VMM could not be started.
     #[error("cannot start {0}")]
     Spawn(PathBuf, #[source] std::io::Error),
+    /// The VMM ended before the agent answered.
     #[error("capsid-vmm exited ({status}) before the agent answered{log}")]
     DiedBooting {
+        /// How it exited, in words.
         status: String,
+        /// Its log and the guest's console, quoted.
         log: String,
         /// The guest crashed (a triple fault, a KVM error): what
         /// [`MicroVm::boot`] boots again.
         crashed: bool,
     },
+    /// A signal asked the boot to stop.
     #[error("interrupted while the micro-VM booted")]
     Interrupted,
+    /// The agent did not answer within the boot's deadline.
     #[error("the micro-VM's agent never answered{log}")]
     Unreachable {
+        /// The last attempt's failure.
         #[source]
         source: ClientError,
+        /// The VMM's log and the guest's console, quoted.
         log: String,
     },
+    /// Waiting for the VMM failed.
     #[error("cannot wait for capsid-vmm")]
     Wait(#[source] std::io::Error),
+    /// A disk was attached to a VM that has no spare slot.
     #[error("the micro-VM was started without spare disk slots")]
     NoSpareSlots,
+    /// The VMM's API socket failed.
     #[error("cannot reach the VMM's API socket {0}")]
     Api(PathBuf, #[source] std::io::Error),
+    /// An image to attach could not be opened.
     #[error("cannot open the disk image {0}")]
     Image(PathBuf, #[source] std::io::Error),
+    /// The VMM could not be confined.
     #[error(transparent)]
     Confine(#[from] ConfineError),
+    /// The VMM answered an API request with an error.
     #[error("capsid-vmm refused to {op} disk {id:?}: {reason}")]
     Refused {
+        /// "attach" or "detach".
         op: &'static str,
+        /// The disk.
         id: String,
+        /// The VMM's words.
         reason: String,
     },
 }
@@ -77,8 +96,11 @@ pub enum MicroVmError {
 /// A disk for the VM; the agent finds it by `id` (its virtio-blk serial).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Disk {
+    /// The image.
     pub path: PathBuf,
+    /// The guest may not write it.
     pub read_only: bool,
+    /// Its serial.
     pub id: String,
 }
 
@@ -116,8 +138,11 @@ fn rootfs_on(image: &RootfsImage, id: &str) -> Rootfs {
 pub struct VmSpec {
     /// Checked to exist by [`crate::Config::boot_files`].
     pub boot: BootFiles,
+    /// vCPUs.
     pub vcpus: u32,
+    /// Guest RAM, MiB.
     pub memory_mib: u32,
+    /// Disks from boot on.
     pub disks: Vec<Disk>,
     /// Empty slots for rootfs images of containers that join later (a pod's
     /// VM); 0 for a VM that runs one container.
@@ -173,6 +198,8 @@ impl VmSpec {
     }
 }
 
+/// A capsid-vmm this process started (see [`MicroVm::boot`]); dropping it
+/// kills the VM and removes its cgroup (its directory is the caller's).
 #[derive(Debug)]
 pub struct MicroVm {
     child: Child,
@@ -382,6 +409,7 @@ impl MicroVm {
         })
     }
 
+    /// The VMM's (launcher's) pid.
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

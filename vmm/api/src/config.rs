@@ -184,7 +184,8 @@ fn default_mem_mib() -> u32 {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
-    /// Empty in a file that leaves it to the command line; checked by [`VmConfig::validate`].
+    /// Empty in a file that leaves it to the command line; checked by the VMM's
+    /// `Validate`.
     #[serde(default)]
     pub kernel: PathBuf,
     /// The initramfs loaded next to the kernel.
