@@ -1,6 +1,7 @@
 //! `capsid-agent`: PID 1 of a capsid guest. Prepares the VM, then serves
 //! the host over vsock: each connection on its own thread (see `rpc`),
-//! one reaper thread for every child (see `reaper`).
+//! one reaper thread for every child (see `reaper`). Run as `capsid-init`
+//! (its `argv[0]`), it is a container process being set up (see `process`).
 
 use std::sync::Arc;
 use std::thread;
@@ -8,9 +9,14 @@ use std::time::Instant;
 
 use capsid_agent::config::AgentConfig;
 use capsid_agent::container::Containers;
-use capsid_agent::{init, rpc, vsock};
+use capsid_agent::{init, process, rpc, vsock};
 
 fn main() {
+    // A container process being set up: the agent executed again by a
+    // forked child (see `process`). Nothing of the agent's runs there.
+    if std::env::args_os().next().as_deref() == Some(std::ffi::OsStr::new(process::INIT_NAME)) {
+        process::init_main();
+    }
     let started = Instant::now();
     let pid1 = std::process::id() == 1;
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();

@@ -93,7 +93,7 @@ fn components(path: &Path) -> VecDeque<PathBuf> {
 }
 
 /// One OCI mount, its options sorted into flags, data and propagation.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MountPlan {
     pub destination: PathBuf,
     pub source: Option<PathBuf>,
@@ -274,7 +274,7 @@ const DEFAULT_LINKS: [(&str, &str); 5] = [
 ];
 
 /// Everything the container's view needs, checked before the fork.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct RootfsPlan {
     pub rootfs: PathBuf,
     pub mounts: Vec<MountPlan>,
@@ -286,7 +286,7 @@ pub struct RootfsPlan {
     pub sysctl: Vec<(PathBuf, String)>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DevicePlan {
     pub path: PathBuf,
     pub kind: u32,

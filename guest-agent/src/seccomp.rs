@@ -64,7 +64,7 @@ fn compare(op: LinuxSeccompOperator, value: u64, value_two: Option<u64>) -> (Scm
 }
 
 /// A compiled filter: classic BPF instructions, 8 bytes each.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SeccompProgram(Vec<u8>);
 
 impl SeccompProgram {

@@ -1,0 +1,346 @@
+//! `capsid-init`: the agent binary executed again in a forked child
+//! (`spawn.rs`), a fresh single-threaded process. It reads its plan,
+//! enters the container (session, cgroup, namespaces, root), reports
+//! ready, waits for start, then takes the process's identity, limits and
+//! privileges and executes its program. It is not dumpable from its first
+//! instruction to that exec: a container's processes, which may share its
+//! PID namespace (an exec), cannot read or trace it while it is still
+//! privileged.
+
+use std::ffi::{CStr, CString};
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use caps::CapSet;
+
+use super::ProcessPlan;
+use super::fds::{send_with_fd, setns_pidfd};
+use super::spawn::{ChildPlan, JOIN_PIDFD, MAX_PLAN, PLAN_FD, START_FD, STATUS_FD};
+use crate::syscall::LinuxSyscall;
+
+/// The child's `argv[0]`, by which the agent's `main` knows to run
+/// [`main`] instead of serving.
+pub const INIT_NAME: &str = "capsid-init";
+pub(super) const INIT_NAME_C: &CStr = c"capsid-init";
+
+fn errno(what: &str) -> String {
+    format!("{what}: {}", io::Error::last_os_error())
+}
+
+/// `capsid-init`'s whole life; never returns. Errors go to the agent as
+/// "E<why>" on the status socket, then the process exits 127.
+pub fn main() -> ! {
+    // SAFETY: prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    // The program it executes inherits fds 0-2 only.
+    for fd in [STATUS_FD, START_FD, PLAN_FD, JOIN_PIDFD] {
+        // SAFETY: F_SETFD takes an fd and flags; an fd not open fails
+        // with EBADF, which is harmless.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    // SAFETY: fd 3 is the status socket, handed to us by the agent.
+    let mut status = unsafe { File::from_raw_fd(STATUS_FD) };
+    let result = read_plan().and_then(|plan| run(&plan, &mut status));
+    if let Err(why) = result {
+        let _ = status.write_all(format!("E{why}").as_bytes());
+    }
+    // SAFETY: _exit ends this process without running Rust's cleanup.
+    unsafe { libc::_exit(127) }
+}
+
+fn read_plan() -> Result<ChildPlan, String> {
+    // SAFETY: fd 5 is the plan's memfd, handed to us by the agent.
+    let file = unsafe { File::from_raw_fd(PLAN_FD) };
+    let mut json = Vec::new();
+    file.take(MAX_PLAN)
+        .read_to_end(&mut json)
+        .map_err(|e| format!("read the process plan: {e}"))?;
+    serde_json::from_slice(&json).map_err(|e| format!("read the process plan: {e}"))
+}
+
+/// Enter the container, report ready, wait for start, exec.
+fn run(plan: &ChildPlan, status: &mut File) -> Result<(), String> {
+    prepare(plan)?;
+    if plan.process.terminal {
+        let master = open_terminal()?;
+        send_with_fd(STATUS_FD, b'R', master.as_raw_fd())
+            .map_err(|e| format!("report ready: {e}"))?;
+    } else {
+        status
+            .write_all(b"R")
+            .map_err(|e| format!("report ready: {e}"))?;
+    }
+    // SAFETY: fd 4 is the start pipe's read end, handed to us by the agent.
+    let mut start = unsafe { File::from_raw_fd(START_FD) };
+    let mut go = [0u8];
+    match start.read(&mut go) {
+        Ok(1) => {}
+        // The agent dropped us (the container was removed).
+        _ => {
+            // SAFETY: _exit ends this process without cleanup.
+            unsafe { libc::_exit(0) }
+        }
+    }
+    drop(start);
+    finish_and_exec(&plan.process)
+}
+
+/// Session, cgroup, namespaces and rootfs: what happens before the
+/// process reports ready.
+fn prepare(plan: &ChildPlan) -> Result<(), String> {
+    // SAFETY: setsid takes no arguments.
+    if unsafe { libc::setsid() } < 0 {
+        return Err(errno("setsid"));
+    }
+    std::fs::write(&plan.cgroup_procs, "0")
+        .map_err(|e| format!("join cgroup {}: {e}", plan.cgroup_procs.display()))?;
+    match plan.unshare {
+        Some(flags) => {
+            // SAFETY: unshare takes flags only.
+            if unsafe { libc::unshare(flags) } != 0 {
+                return Err(errno("create namespaces"));
+            }
+        }
+        None => {
+            setns_pidfd(
+                JOIN_PIDFD,
+                libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWCGROUP | libc::CLONE_NEWNS,
+            )
+            .map_err(|e| format!("join the container's namespaces: {e}"))?;
+        }
+    }
+    if let Some(rootfs) = &plan.rootfs {
+        rootfs
+            .apply(&LinuxSyscall)
+            .map_err(|e| capsid_protocol::error_chain(&e))?;
+    }
+    Ok(())
+}
+
+/// Opens a pty in the container's own /dev/pts (so `tty` and ttyname work
+/// inside), makes it the controlling terminal and fds 0-2; returns the
+/// master for the agent.
+fn open_terminal() -> Result<OwnedFd, String> {
+    // SAFETY: posix_openpt takes flags only.
+    let master = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
+    if master < 0 {
+        return Err(errno("open /dev/ptmx in the container"));
+    }
+    // SAFETY: a new descriptor that we now own.
+    let master = unsafe { OwnedFd::from_raw_fd(master) };
+    // SAFETY: unlockpt takes our master descriptor.
+    if unsafe { libc::unlockpt(master.as_raw_fd()) } != 0 {
+        return Err(errno("unlock the pty"));
+    }
+    let mut name = [0 as libc::c_char; 64];
+    // SAFETY: `name` is writable for its length.
+    if unsafe { libc::ptsname_r(master.as_raw_fd(), name.as_mut_ptr(), name.len()) } != 0 {
+        return Err(errno("name the pty"));
+    }
+    // SAFETY: `name` is NUL-terminated by ptsname_r.
+    let slave = unsafe { libc::open(name.as_ptr(), libc::O_RDWR | libc::O_NOCTTY) };
+    if slave < 0 {
+        return Err(errno("open the pty's slave"));
+    }
+    // SAFETY: TIOCSCTTY on the slave with argument 0; we lead our session.
+    if unsafe { libc::ioctl(slave, libc::TIOCSCTTY, 0) } != 0 {
+        return Err(errno("make the pty the controlling terminal"));
+    }
+    for target in 0..3 {
+        // SAFETY: dup2 takes two descriptors.
+        if unsafe { libc::dup2(slave, target) } < 0 {
+            return Err(errno("put the pty on fds 0-2"));
+        }
+    }
+    if slave > 2 {
+        // SAFETY: closes our own extra copy.
+        unsafe { libc::close(slave) };
+    }
+    Ok(master)
+}
+
+/// Every signal back to its default action and none blocked, as runc
+/// leaves them: the agent's runtime ignores SIGPIPE, and an ignored signal
+/// stays ignored across exec (`yes | head` would say "Broken pipe").
+fn reset_signals() -> Result<(), String> {
+    for signal in 1..=libc::SIGRTMAX() {
+        if signal == libc::SIGKILL || signal == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: SIG_DFL installs no handler; glibc refuses the two
+        // real-time signals it keeps for itself (EINVAL), which it never
+        // lets be ignored either.
+        unsafe { libc::signal(signal, libc::SIG_DFL) };
+    }
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it.
+    let mut none: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `none` is a valid sigset_t for both calls.
+    let unblocked = unsafe {
+        libc::sigemptyset(&raw mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &raw const none, std::ptr::null_mut())
+    };
+    if unblocked != 0 {
+        return Err(errno("unblock signals"));
+    }
+    Ok(())
+}
+
+/// Identity, limits, privileges, then exec. Runs in the container's root.
+fn finish_and_exec(plan: &ProcessPlan) -> Result<(), String> {
+    // Before a seccomp profile might refuse the calls.
+    reset_signals()?;
+    for &(resource, soft, hard) in &plan.rlimits {
+        let limit = libc::rlimit {
+            rlim_cur: soft,
+            rlim_max: hard,
+        };
+        // SAFETY: `limit` is a valid rlimit.
+        if unsafe { libc::setrlimit(resource, &limit) } != 0 {
+            return Err(errno(&format!("setrlimit {resource}")));
+        }
+    }
+    // Without no_new_privs, loading a filter needs CAP_SYS_ADMIN, which the
+    // process may be about to lose: load it now (runc's order).
+    if !plan.no_new_privs {
+        load_seccomp(plan)?;
+    }
+    let caps = &plan.caps;
+    for cap in caps::all() {
+        if !caps.bounding.contains(&cap) {
+            caps::drop(None, CapSet::Bounding, cap)
+                .map_err(|e| format!("drop {cap} from the bounding set: {e}"))?;
+        }
+    }
+    // SAFETY: prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) };
+    let groups: Vec<libc::gid_t> = plan.additional_gids.clone();
+    // SAFETY: the pointer and length describe `groups`.
+    if unsafe { libc::setgroups(groups.len(), groups.as_ptr()) } != 0 {
+        return Err(errno("setgroups"));
+    }
+    // SAFETY: setresgid/setresuid take ids only.
+    if unsafe { libc::setresgid(plan.gid, plan.gid, plan.gid) } != 0 {
+        return Err(errno(&format!("setgid {}", plan.gid)));
+    }
+    // SAFETY: as above.
+    if unsafe { libc::setresuid(plan.uid, plan.uid, plan.uid) } != 0 {
+        return Err(errno(&format!("setuid {}", plan.uid)));
+    }
+    // SAFETY: prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0) };
+    // Effective first (it must stay within permitted at every step),
+    // inheritable while permitted is still wide, then permitted.
+    caps::set(None, CapSet::Effective, &caps.effective)
+        .map_err(|e| format!("set effective capabilities: {e}"))?;
+    caps::set(None, CapSet::Inheritable, &caps.inheritable)
+        .map_err(|e| format!("set inheritable capabilities: {e}"))?;
+    caps::set(None, CapSet::Permitted, &caps.permitted)
+        .map_err(|e| format!("set permitted capabilities: {e}"))?;
+    caps::set(None, CapSet::Ambient, &caps.ambient)
+        .map_err(|e| format!("set ambient capabilities: {e}"))?;
+    if let Some(umask) = plan.umask {
+        // SAFETY: umask takes a mode only.
+        unsafe { libc::umask(umask & 0o777) };
+    }
+    std::env::set_current_dir(&plan.cwd).map_err(|e| format!("cwd {}: {e}", plan.cwd.display()))?;
+    if plan.no_new_privs {
+        // SAFETY: prctl with integer arguments.
+        if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+            return Err(errno("set no_new_privs"));
+        }
+        load_seccomp(plan)?;
+    }
+    let program = find_program(plan)?;
+    let mut argv: Vec<*const libc::c_char> = plan.args.iter().map(|a| a.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    let mut envp: Vec<*const libc::c_char> = plan.env.iter().map(|e| e.as_ptr()).collect();
+    envp.push(std::ptr::null());
+    // SAFETY: `program` is NUL-terminated; argv and envp are null-terminated
+    // arrays of NUL-terminated strings that outlive the call.
+    unsafe { libc::execve(program.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+    Err(errno(&format!("exec {}", program.to_string_lossy())))
+}
+
+fn load_seccomp(plan: &ProcessPlan) -> Result<(), String> {
+    match &plan.seccomp {
+        Some(program) => program
+            .load()
+            .map_err(|e| format!("load the seccomp filter: {e}")),
+        None => Ok(()),
+    }
+}
+
+/// args[0], searched in the process's PATH when it has no slash.
+fn find_program(plan: &ProcessPlan) -> Result<CString, String> {
+    let name = plan.args[0].as_bytes();
+    if name.contains(&b'/') {
+        return Ok(plan.args[0].clone());
+    }
+    for dir in plan.path.split(':').filter(|d| !d.is_empty()) {
+        let candidate = Path::new(dir).join(std::ffi::OsStr::from_bytes(name));
+        let Ok(c) = CString::new(candidate.as_os_str().as_bytes()) else {
+            continue;
+        };
+        // SAFETY: `c` is NUL-terminated.
+        if unsafe { libc::access(c.as_ptr(), libc::X_OK) } == 0 && candidate.is_file() {
+            return Ok(c);
+        }
+    }
+    Err(format!(
+        "exec {}: not found in PATH {}",
+        String::from_utf8_lossy(name),
+        plan.path
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_starts_with_default_signal_actions_and_nothing_blocked() {
+        // As the agent is: SIGPIPE ignored (Rust's runtime does it), and a
+        // signal blocked and one handled for good measure.
+        extern "C" fn handler(_: libc::c_int) {}
+        // SAFETY: fork in a test; the child only makes signal calls, reads
+        // its own state and calls _exit.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            // SAFETY: plain signal calls on this (child) process.
+            let code = unsafe {
+                libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+                libc::signal(libc::SIGUSR2, handler as *const () as libc::sighandler_t);
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&raw mut set);
+                libc::sigaddset(&raw mut set, libc::SIGUSR1);
+                libc::sigprocmask(libc::SIG_BLOCK, &raw const set, std::ptr::null_mut());
+                let reset = reset_signals().is_ok();
+                let mut action: libc::sigaction = std::mem::zeroed();
+                let mut dispositions_default = true;
+                for signal in [libc::SIGPIPE, libc::SIGUSR2] {
+                    libc::sigaction(signal, std::ptr::null(), &raw mut action);
+                    dispositions_default &= action.sa_sigaction == libc::SIG_DFL;
+                }
+                let mut blocked: libc::sigset_t = std::mem::zeroed();
+                libc::sigprocmask(libc::SIG_BLOCK, std::ptr::null(), &raw mut blocked);
+                let none_blocked = libc::sigismember(&raw const blocked, libc::SIGUSR1) == 0;
+                i32::from(!reset)
+                    | i32::from(!dispositions_default) << 1
+                    | i32::from(!none_blocked) << 2
+            };
+            // SAFETY: _exit ends the child without Rust's cleanup.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child.
+        assert_eq!(unsafe { libc::waitpid(pid, &raw mut status, 0) }, pid);
+        assert!(libc::WIFEXITED(status));
+        // 1: reset failed; 2: a signal still ignored or handled; 4: SIGUSR1
+        // still blocked.
+        assert_eq!(libc::WEXITSTATUS(status), 0);
+    }
+}
