@@ -1,12 +1,21 @@
-//! The seam between container setup and the kernel (youki's `Syscall`): the
-//! few privileged calls rootfs and namespace setup make. [`LinuxSyscall`]
-//! makes them; the recording implementation in tests writes them down, so
-//! the setup logic is tested without root.
+//! The seam between container setup and the kernel (youki's `Syscall`):
+//! every privileged call the set-up of a container process makes — its
+//! root (mounts, pivot_root, devices), its namespaces (unshare, setns) and
+//! its identity (rlimits, groups, ids, capabilities, no_new_privs,
+//! seccomp). [`LinuxSyscall`] makes them; the recording implementation in
+//! tests writes them down, so the set-up, and the order of its steps, is
+//! tested without root.
 
+use std::collections::HashSet;
 use std::ffi::CString;
 use std::io;
+use std::os::fd::RawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+
+use caps::{CapSet, Capability};
+
+use crate::seccomp::SeccompProgram;
 
 /// What is at a path (not following a final symlink).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +49,27 @@ pub trait Syscall {
     fn mknod(&self, path: &Path, kind: u32, mode: u32, major: u32, minor: u32) -> io::Result<()>;
     fn kind(&self, path: &Path) -> io::Result<PathKind>;
     fn read_link(&self, path: &Path) -> io::Result<PathBuf>;
+    /// A new session, led by this process.
+    fn setsid(&self) -> io::Result<()>;
+    /// New namespaces (`CLONE_NEW*` flags) for this process.
+    fn unshare(&self, flags: libc::c_int) -> io::Result<()>;
+    /// Joins the namespaces `flags` of the process a pidfd names.
+    fn setns(&self, pidfd: RawFd, flags: libc::c_int) -> io::Result<()>;
+    fn set_rlimit(&self, resource: u32, soft: u64, hard: u64) -> io::Result<()>;
+    /// Removes `cap` from the bounding set.
+    fn drop_bounding(&self, cap: Capability) -> io::Result<()>;
+    /// `PR_SET_KEEPCAPS`: keep the permitted set across the change of uid.
+    fn keep_caps(&self, keep: bool) -> io::Result<()>;
+    fn set_groups(&self, groups: &[libc::gid_t]) -> io::Result<()>;
+    /// Real, effective and saved group id.
+    fn set_gid(&self, gid: libc::gid_t) -> io::Result<()>;
+    /// Real, effective and saved user id.
+    fn set_uid(&self, uid: libc::uid_t) -> io::Result<()>;
+    fn set_caps(&self, set: CapSet, caps: &HashSet<Capability>) -> io::Result<()>;
+    fn set_umask(&self, mask: libc::mode_t);
+    fn chdir(&self, path: &Path) -> io::Result<()>;
+    fn set_no_new_privs(&self) -> io::Result<()>;
+    fn load_seccomp(&self, program: &SeccompProgram) -> io::Result<()>;
 }
 
 /// Drops the page cache of the block device at `path` (`BLKFLSBUF`). A
@@ -179,6 +209,80 @@ impl Syscall for LinuxSyscall {
     fn read_link(&self, path: &Path) -> io::Result<PathBuf> {
         std::fs::read_link(path)
     }
+
+    fn setsid(&self) -> io::Result<()> {
+        // SAFETY: setsid takes no arguments.
+        if unsafe { libc::setsid() } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn unshare(&self, flags: libc::c_int) -> io::Result<()> {
+        // SAFETY: unshare takes flags only.
+        check(unsafe { libc::unshare(flags) })
+    }
+
+    fn setns(&self, pidfd: RawFd, flags: libc::c_int) -> io::Result<()> {
+        // SAFETY: setns takes a descriptor and flags; a pidfd with
+        // namespace flags is supported since Linux 5.8.
+        check(unsafe { libc::setns(pidfd, flags) })
+    }
+
+    fn set_rlimit(&self, resource: u32, soft: u64, hard: u64) -> io::Result<()> {
+        let limit = libc::rlimit {
+            rlim_cur: soft,
+            rlim_max: hard,
+        };
+        // SAFETY: `limit` is a valid rlimit.
+        check(unsafe { libc::setrlimit(resource, &limit) })
+    }
+
+    fn drop_bounding(&self, cap: Capability) -> io::Result<()> {
+        caps::drop(None, CapSet::Bounding, cap).map_err(io::Error::other)
+    }
+
+    fn keep_caps(&self, keep: bool) -> io::Result<()> {
+        // SAFETY: prctl with integer arguments.
+        check(unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, libc::c_ulong::from(keep), 0, 0, 0) })
+    }
+
+    fn set_groups(&self, groups: &[libc::gid_t]) -> io::Result<()> {
+        // SAFETY: the pointer and length describe `groups`.
+        check(unsafe { libc::setgroups(groups.len(), groups.as_ptr()) })
+    }
+
+    fn set_gid(&self, gid: libc::gid_t) -> io::Result<()> {
+        // SAFETY: setresgid takes ids only.
+        check(unsafe { libc::setresgid(gid, gid, gid) })
+    }
+
+    fn set_uid(&self, uid: libc::uid_t) -> io::Result<()> {
+        // SAFETY: setresuid takes ids only.
+        check(unsafe { libc::setresuid(uid, uid, uid) })
+    }
+
+    fn set_caps(&self, set: CapSet, caps: &HashSet<Capability>) -> io::Result<()> {
+        caps::set(None, set, caps).map_err(io::Error::other)
+    }
+
+    fn set_umask(&self, mask: libc::mode_t) {
+        // SAFETY: umask takes a mode only.
+        unsafe { libc::umask(mask & 0o777) };
+    }
+
+    fn chdir(&self, path: &Path) -> io::Result<()> {
+        std::env::set_current_dir(path)
+    }
+
+    fn set_no_new_privs(&self) -> io::Result<()> {
+        // SAFETY: prctl with integer arguments.
+        check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })
+    }
+
+    fn load_seccomp(&self, program: &SeccompProgram) -> io::Result<()> {
+        program.load()
+    }
 }
 
 #[cfg(test)]
@@ -269,6 +373,63 @@ pub mod recording {
         }
         fn read_link(&self, path: &Path) -> io::Result<PathBuf> {
             LinuxSyscall.read_link(path)
+        }
+        fn setsid(&self) -> io::Result<()> {
+            self.note("setsid".into());
+            Ok(())
+        }
+        fn unshare(&self, flags: libc::c_int) -> io::Result<()> {
+            self.note(format!("unshare {flags:#x}"));
+            Ok(())
+        }
+        fn setns(&self, pidfd: RawFd, flags: libc::c_int) -> io::Result<()> {
+            self.note(format!("setns {pidfd} {flags:#x}"));
+            Ok(())
+        }
+        fn set_rlimit(&self, resource: u32, soft: u64, hard: u64) -> io::Result<()> {
+            self.note(format!("setrlimit {resource} {soft} {hard}"));
+            Ok(())
+        }
+        fn drop_bounding(&self, cap: Capability) -> io::Result<()> {
+            self.note(format!("drop bounding {cap}"));
+            Ok(())
+        }
+        fn keep_caps(&self, keep: bool) -> io::Result<()> {
+            self.note(format!("keepcaps {keep}"));
+            Ok(())
+        }
+        fn set_groups(&self, groups: &[libc::gid_t]) -> io::Result<()> {
+            self.note(format!("setgroups {groups:?}"));
+            Ok(())
+        }
+        fn set_gid(&self, gid: libc::gid_t) -> io::Result<()> {
+            self.note(format!("setgid {gid}"));
+            Ok(())
+        }
+        fn set_uid(&self, uid: libc::uid_t) -> io::Result<()> {
+            self.note(format!("setuid {uid}"));
+            Ok(())
+        }
+        fn set_caps(&self, set: CapSet, caps: &HashSet<Capability>) -> io::Result<()> {
+            let mut names: Vec<String> = caps.iter().map(ToString::to_string).collect();
+            names.sort();
+            self.note(format!("caps {set:?} {}", names.join(",")));
+            Ok(())
+        }
+        fn set_umask(&self, mask: libc::mode_t) {
+            self.note(format!("umask {mask:#o}"));
+        }
+        fn chdir(&self, path: &Path) -> io::Result<()> {
+            self.note(format!("chdir {}", path.display()));
+            Ok(())
+        }
+        fn set_no_new_privs(&self) -> io::Result<()> {
+            self.note("no_new_privs".into());
+            Ok(())
+        }
+        fn load_seccomp(&self, _program: &SeccompProgram) -> io::Result<()> {
+            self.note("seccomp".into());
+            Ok(())
         }
     }
 }

@@ -17,9 +17,9 @@ use std::path::Path;
 use caps::CapSet;
 
 use super::ProcessPlan;
-use super::fds::{send_with_fd, setns_pidfd};
+use super::fds::send_with_fd;
 use super::spawn::{ChildPlan, JOIN_PIDFD, MAX_PLAN, PLAN_FD, START_FD, STATUS_FD};
-use crate::syscall::LinuxSyscall;
+use crate::syscall::{LinuxSyscall, Syscall};
 
 /// The child's `argv[0]`, by which the agent's `main` knows to run
 /// [`main`] instead of serving.
@@ -63,7 +63,7 @@ fn read_plan() -> Result<ChildPlan, String> {
 
 /// Enter the container, report ready, wait for start, exec.
 fn run(plan: &ChildPlan, status: &mut File) -> Result<(), String> {
-    prepare(plan)?;
+    prepare(&LinuxSyscall, plan)?;
     if plan.process.terminal {
         let master = open_terminal()?;
         send_with_fd(STATUS_FD, b'R', master.as_raw_fd())
@@ -90,31 +90,24 @@ fn run(plan: &ChildPlan, status: &mut File) -> Result<(), String> {
 
 /// Session, cgroup, namespaces and rootfs: what happens before the
 /// process reports ready.
-fn prepare(plan: &ChildPlan) -> Result<(), String> {
-    // SAFETY: setsid takes no arguments.
-    if unsafe { libc::setsid() } < 0 {
-        return Err(errno("setsid"));
-    }
-    std::fs::write(&plan.cgroup_procs, "0")
+fn prepare(sys: &impl Syscall, plan: &ChildPlan) -> Result<(), String> {
+    sys.setsid().map_err(|e| format!("setsid: {e}"))?;
+    sys.write_file(&plan.cgroup_procs, "0")
         .map_err(|e| format!("join cgroup {}: {e}", plan.cgroup_procs.display()))?;
     match plan.unshare {
-        Some(flags) => {
-            // SAFETY: unshare takes flags only.
-            if unsafe { libc::unshare(flags) } != 0 {
-                return Err(errno("create namespaces"));
-            }
-        }
-        None => {
-            setns_pidfd(
+        Some(flags) => sys
+            .unshare(flags)
+            .map_err(|e| format!("create namespaces: {e}"))?,
+        None => sys
+            .setns(
                 JOIN_PIDFD,
                 libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWCGROUP | libc::CLONE_NEWNS,
             )
-            .map_err(|e| format!("join the container's namespaces: {e}"))?;
-        }
+            .map_err(|e| format!("join the container's namespaces: {e}"))?,
     }
     if let Some(rootfs) = &plan.rootfs {
         rootfs
-            .apply(&LinuxSyscall)
+            .apply(sys)
             .map_err(|e| capsid_protocol::error_chain(&e))?;
     }
     Ok(())
@@ -192,67 +185,7 @@ fn reset_signals() -> Result<(), String> {
 fn finish_and_exec(plan: &ProcessPlan) -> Result<(), String> {
     // Before a seccomp profile might refuse the calls.
     reset_signals()?;
-    for &(resource, soft, hard) in &plan.rlimits {
-        let limit = libc::rlimit {
-            rlim_cur: soft,
-            rlim_max: hard,
-        };
-        // SAFETY: `limit` is a valid rlimit.
-        if unsafe { libc::setrlimit(resource, &limit) } != 0 {
-            return Err(errno(&format!("setrlimit {resource}")));
-        }
-    }
-    // Without no_new_privs, loading a filter needs CAP_SYS_ADMIN, which the
-    // process may be about to lose: load it now (runc's order).
-    if !plan.no_new_privs {
-        load_seccomp(plan)?;
-    }
-    let caps = &plan.caps;
-    for cap in caps::all() {
-        if !caps.bounding.contains(&cap) {
-            caps::drop(None, CapSet::Bounding, cap)
-                .map_err(|e| format!("drop {cap} from the bounding set: {e}"))?;
-        }
-    }
-    // SAFETY: prctl with integer arguments.
-    unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) };
-    let groups: Vec<libc::gid_t> = plan.additional_gids.clone();
-    // SAFETY: the pointer and length describe `groups`.
-    if unsafe { libc::setgroups(groups.len(), groups.as_ptr()) } != 0 {
-        return Err(errno("setgroups"));
-    }
-    // SAFETY: setresgid/setresuid take ids only.
-    if unsafe { libc::setresgid(plan.gid, plan.gid, plan.gid) } != 0 {
-        return Err(errno(&format!("setgid {}", plan.gid)));
-    }
-    // SAFETY: as above.
-    if unsafe { libc::setresuid(plan.uid, plan.uid, plan.uid) } != 0 {
-        return Err(errno(&format!("setuid {}", plan.uid)));
-    }
-    // SAFETY: prctl with integer arguments.
-    unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0) };
-    // Effective first (it must stay within permitted at every step),
-    // inheritable while permitted is still wide, then permitted.
-    caps::set(None, CapSet::Effective, &caps.effective)
-        .map_err(|e| format!("set effective capabilities: {e}"))?;
-    caps::set(None, CapSet::Inheritable, &caps.inheritable)
-        .map_err(|e| format!("set inheritable capabilities: {e}"))?;
-    caps::set(None, CapSet::Permitted, &caps.permitted)
-        .map_err(|e| format!("set permitted capabilities: {e}"))?;
-    caps::set(None, CapSet::Ambient, &caps.ambient)
-        .map_err(|e| format!("set ambient capabilities: {e}"))?;
-    if let Some(umask) = plan.umask {
-        // SAFETY: umask takes a mode only.
-        unsafe { libc::umask(umask & 0o777) };
-    }
-    std::env::set_current_dir(&plan.cwd).map_err(|e| format!("cwd {}: {e}", plan.cwd.display()))?;
-    if plan.no_new_privs {
-        // SAFETY: prctl with integer arguments.
-        if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-            return Err(errno("set no_new_privs"));
-        }
-        load_seccomp(plan)?;
-    }
+    take_identity(&LinuxSyscall, plan)?;
     let program = find_program(plan)?;
     let mut argv: Vec<*const libc::c_char> = plan.args.iter().map(|a| a.as_ptr()).collect();
     argv.push(std::ptr::null());
@@ -264,13 +197,64 @@ fn finish_and_exec(plan: &ProcessPlan) -> Result<(), String> {
     Err(errno(&format!("exec {}", program.to_string_lossy())))
 }
 
-fn load_seccomp(plan: &ProcessPlan) -> Result<(), String> {
-    match &plan.seccomp {
-        Some(program) => program
-            .load()
+/// The process's limits, ids and privileges, in runc's order: rlimits;
+/// the seccomp filter now if it cannot wait for no_new_privs (loading it
+/// needs CAP_SYS_ADMIN then, which may be about to go); the bounding set;
+/// groups, gid, uid (the permitted set kept across); the capability sets,
+/// effective first (it must stay within permitted at every step),
+/// inheritable while permitted is still wide, then permitted and
+/// ambient; umask and cwd; no_new_privs, then the filter.
+fn take_identity(sys: &impl Syscall, plan: &ProcessPlan) -> Result<(), String> {
+    for &(resource, soft, hard) in &plan.rlimits {
+        sys.set_rlimit(resource, soft, hard)
+            .map_err(|e| format!("setrlimit {resource}: {e}"))?;
+    }
+    let seccomp = || match &plan.seccomp {
+        Some(program) => sys
+            .load_seccomp(program)
             .map_err(|e| format!("load the seccomp filter: {e}")),
         None => Ok(()),
+    };
+    if !plan.no_new_privs {
+        seccomp()?;
     }
+    let caps = &plan.caps;
+    for cap in caps::all() {
+        if !caps.bounding.contains(&cap) {
+            sys.drop_bounding(cap)
+                .map_err(|e| format!("drop {cap} from the bounding set: {e}"))?;
+        }
+    }
+    sys.keep_caps(true)
+        .map_err(|e| format!("keep capabilities: {e}"))?;
+    sys.set_groups(&plan.additional_gids)
+        .map_err(|e| format!("setgroups: {e}"))?;
+    sys.set_gid(plan.gid)
+        .map_err(|e| format!("setgid {}: {e}", plan.gid))?;
+    sys.set_uid(plan.uid)
+        .map_err(|e| format!("setuid {}: {e}", plan.uid))?;
+    sys.keep_caps(false)
+        .map_err(|e| format!("keep capabilities: {e}"))?;
+    for (set, name, wanted) in [
+        (CapSet::Effective, "effective", &caps.effective),
+        (CapSet::Inheritable, "inheritable", &caps.inheritable),
+        (CapSet::Permitted, "permitted", &caps.permitted),
+        (CapSet::Ambient, "ambient", &caps.ambient),
+    ] {
+        sys.set_caps(set, wanted)
+            .map_err(|e| format!("set {name} capabilities: {e}"))?;
+    }
+    if let Some(umask) = plan.umask {
+        sys.set_umask(umask);
+    }
+    sys.chdir(&plan.cwd)
+        .map_err(|e| format!("cwd {}: {e}", plan.cwd.display()))?;
+    if plan.no_new_privs {
+        sys.set_no_new_privs()
+            .map_err(|e| format!("set no_new_privs: {e}"))?;
+        seccomp()?;
+    }
+    Ok(())
 }
 
 /// args[0], searched in the process's PATH when it has no slash.
@@ -299,6 +283,7 @@ fn find_program(plan: &ProcessPlan) -> Result<CString, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::syscall::recording::RecordingSyscall;
 
     #[test]
     fn a_process_starts_with_default_signal_actions_and_nothing_blocked() {
@@ -342,5 +327,114 @@ mod tests {
         // 1: reset failed; 2: a signal still ignored or handled; 4: SIGUSR1
         // still blocked.
         assert_eq!(libc::WEXITSTATUS(status), 0);
+    }
+
+    fn plan(json: &str, seccomp: bool) -> ProcessPlan {
+        let process: oci_spec::runtime::Process = serde_json::from_str(json).unwrap();
+        let profile: oci_spec::runtime::LinuxSeccomp =
+            serde_json::from_str(r#"{"defaultAction": "SCMP_ACT_ALLOW"}"#).unwrap();
+        ProcessPlan::from_oci(&process, seccomp.then_some(&profile)).unwrap()
+    }
+
+    /// The calls in order, the bounding-set drops counted as one step.
+    fn steps(sys: &RecordingSyscall) -> Vec<String> {
+        let mut steps: Vec<String> = Vec::new();
+        for call in sys.calls() {
+            let call = if call.starts_with("drop bounding") {
+                "drop bounding …".to_owned()
+            } else {
+                call
+            };
+            if steps.last() != Some(&call) {
+                steps.push(call);
+            }
+        }
+        steps
+    }
+
+    #[test]
+    fn a_process_takes_its_identity_in_runc_order() {
+        let sys = RecordingSyscall::default();
+        let plan = plan(
+            r#"{"args": ["id"], "cwd": "/work", "noNewPrivileges": true,
+                "user": {"uid": 1000, "gid": 100, "additionalGids": [10, 20], "umask": 18},
+                "rlimits": [{"type": "RLIMIT_NOFILE", "soft": 1024, "hard": 4096}],
+                "capabilities": {"bounding": ["CAP_KILL"], "effective": ["CAP_KILL"],
+                    "permitted": ["CAP_KILL"], "inheritable": [], "ambient": []}}"#,
+            true,
+        );
+        take_identity(&sys, &plan).unwrap();
+        assert_eq!(
+            steps(&sys),
+            [
+                format!("setrlimit {} 1024 4096", libc::RLIMIT_NOFILE),
+                "drop bounding …".into(),
+                "keepcaps true".into(),
+                "setgroups [10, 20]".into(),
+                "setgid 100".into(),
+                "setuid 1000".into(),
+                "keepcaps false".into(),
+                "caps Effective CAP_KILL".into(),
+                "caps Inheritable ".into(),
+                "caps Permitted CAP_KILL".into(),
+                "caps Ambient ".into(),
+                "umask 0o22".into(),
+                "chdir /work".into(),
+                "no_new_privs".into(),
+                "seccomp".into(),
+            ]
+        );
+        // Every capability but the one kept leaves the bounding set.
+        let dropped = sys
+            .calls()
+            .iter()
+            .filter(|c| c.starts_with("drop bounding"))
+            .count();
+        assert_eq!(dropped, caps::all().len() - 1);
+        assert!(!sys.calls().contains(&"drop bounding CAP_KILL".to_owned()));
+    }
+
+    #[test]
+    fn without_no_new_privs_the_filter_is_loaded_while_the_process_may_still_do_so() {
+        let sys = RecordingSyscall::default();
+        let plan = plan(
+            r#"{"args": ["id"], "cwd": "/", "user": {"uid": 0, "gid": 0}}"#,
+            true,
+        );
+        take_identity(&sys, &plan).unwrap();
+        let steps = steps(&sys);
+        assert_eq!(steps[0], "seccomp", "{steps:?}");
+        assert_eq!(steps[1], "drop bounding …");
+        assert!(!steps.contains(&"no_new_privs".to_owned()));
+        assert_eq!(steps.iter().filter(|s| *s == "seccomp").count(), 1);
+    }
+
+    #[test]
+    fn an_init_joins_its_cgroup_then_makes_its_namespaces_and_an_exec_joins_the_inits() {
+        let sys = RecordingSyscall::default();
+        let child = |unshare| ChildPlan {
+            process: plan(
+                r#"{"args": ["id"], "cwd": "/", "user": {"uid": 0, "gid": 0}}"#,
+                false,
+            ),
+            unshare,
+            rootfs: None,
+            cgroup_procs: "/sys/fs/cgroup/c1/cgroup.procs".into(),
+        };
+        prepare(&sys, &child(Some(libc::CLONE_NEWNS | libc::CLONE_NEWUTS))).unwrap();
+        prepare(&sys, &child(None)).unwrap();
+        let joined =
+            libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWCGROUP | libc::CLONE_NEWNS;
+        assert_eq!(
+            sys.calls(),
+            [
+                "setsid".to_owned(),
+                "write /sys/fs/cgroup/c1/cgroup.procs 0".to_owned(),
+                format!("unshare {:#x}", libc::CLONE_NEWNS | libc::CLONE_NEWUTS),
+                "setsid".to_owned(),
+                "write /sys/fs/cgroup/c1/cgroup.procs 0".to_owned(),
+                format!("setns {JOIN_PIDFD} {joined:#x}"),
+            ]
+        );
     }
 }
