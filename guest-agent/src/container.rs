@@ -239,6 +239,67 @@ fn write_files(files: &[Vec<u8>], dir: &Path) -> Result<(), ContainerError> {
     Ok(())
 }
 
+/// The mounts of a container being created, unmounted (and its directory
+/// removed) when dropped before [`Mounts::keep`].
+struct Mounts {
+    dir: PathBuf,
+    mounts: Vec<PathBuf>,
+    kept: bool,
+}
+
+impl Mounts {
+    fn new(dir: PathBuf) -> Self {
+        Self {
+            dir,
+            mounts: Vec::new(),
+            kept: false,
+        }
+    }
+
+    fn push(&mut self, mount: PathBuf) {
+        self.mounts.push(mount);
+    }
+
+    /// Creation succeeded: the container owns its mounts now.
+    fn keep(mut self) -> Vec<PathBuf> {
+        self.kept = true;
+        std::mem::take(&mut self.mounts)
+    }
+}
+
+impl Drop for Mounts {
+    fn drop(&mut self) {
+        if !self.kept {
+            unmount_all(&self.mounts, &self.dir);
+        }
+    }
+}
+
+/// Runs `undo` when dropped, unless disarmed: one step of a creation's
+/// rollback.
+struct OnFailure<F: FnOnce()> {
+    undo: Option<F>,
+}
+
+impl<F: FnOnce()> OnFailure<F> {
+    fn new(undo: F) -> Self {
+        Self { undo: Some(undo) }
+    }
+
+    /// The step stays.
+    fn disarm(mut self) {
+        self.undo = None;
+    }
+}
+
+impl<F: FnOnce()> Drop for OnFailure<F> {
+    fn drop(&mut self) {
+        if let Some(undo) = self.undo.take() {
+            undo();
+        }
+    }
+}
+
 /// Undoes what a failed create or a remove leaves mounted.
 fn unmount_all(mounts: &[PathBuf], dir: &Path) {
     for mount in mounts.iter().rev() {
@@ -348,83 +409,63 @@ impl Containers {
         .map_err(ContainerError::InvalidArgument)?;
         let disk = find_disk(&request.rootfs.disk_id)?;
 
-        let mut mounts = Vec::new();
-        let made = (|| -> Result<(), ContainerError> {
-            let fstype = request.rootfs.filesystem.name();
-            let sys = LinuxSyscall;
-            if request.rootfs.overlay {
-                let (lower, upper, work) = (dir.join("lower"), dir.join("upper"), dir.join("work"));
-                for d in [&lower, &upper, &work, &rootfs] {
-                    fs::create_dir_all(d).map_err(io_error(format!("mkdir {}", d.display())))?;
-                }
-                sys.mount(
-                    Some(&disk),
-                    &lower,
-                    Some(fstype),
-                    libc::MS_RDONLY | ROOTFS_FLAGS,
-                    None,
-                )
+        // What is made from here on is unmade by these guards, in reverse
+        // order, if a later step fails.
+        let mut mounts = Mounts::new(dir.clone());
+        let fstype = request.rootfs.filesystem.name();
+        let sys = LinuxSyscall;
+        if request.rootfs.overlay {
+            let (lower, upper, work) = (dir.join("lower"), dir.join("upper"), dir.join("work"));
+            for d in [&lower, &upper, &work, &rootfs] {
+                fs::create_dir_all(d).map_err(io_error(format!("mkdir {}", d.display())))?;
+            }
+            sys.mount(
+                Some(&disk),
+                &lower,
+                Some(fstype),
+                libc::MS_RDONLY | ROOTFS_FLAGS,
+                None,
+            )
+            .map_err(io_error(format!("mount {} ({fstype})", disk.display())))?;
+            mounts.push(lower.clone());
+            let data = format!(
+                "lowerdir={},upperdir={},workdir={}",
+                lower.display(),
+                upper.display(),
+                work.display()
+            );
+            sys.mount(
+                Some(Path::new("overlay")),
+                &rootfs,
+                Some("overlay"),
+                ROOTFS_FLAGS,
+                Some(&data),
+            )
+            .map_err(io_error("mount the overlay"))?;
+        } else {
+            fs::create_dir_all(&rootfs).map_err(io_error("mkdir rootfs"))?;
+            sys.mount(Some(&disk), &rootfs, Some(fstype), ROOTFS_FLAGS, None)
                 .map_err(io_error(format!("mount {} ({fstype})", disk.display())))?;
-                mounts.push(lower.clone());
-                let data = format!(
-                    "lowerdir={},upperdir={},workdir={}",
-                    lower.display(),
-                    upper.display(),
-                    work.display()
-                );
-                sys.mount(
-                    Some(Path::new("overlay")),
-                    &rootfs,
-                    Some("overlay"),
-                    ROOTFS_FLAGS,
-                    Some(&data),
-                )
-                .map_err(io_error("mount the overlay"))?;
-            } else {
-                fs::create_dir_all(&rootfs).map_err(io_error("mkdir rootfs"))?;
-                sys.mount(Some(&disk), &rootfs, Some(fstype), ROOTFS_FLAGS, None)
-                    .map_err(io_error(format!("mount {} ({fstype})", disk.display())))?;
-            }
-            mounts.push(rootfs.clone());
-            Ok(())
-        })();
-        if let Err(e) = made.and_then(|()| write_files(&request.files, &dir)) {
-            unmount_all(&mounts, &dir);
-            return Err(e);
         }
-        let cleanup = |mounts: &[PathBuf]| unmount_all(mounts, &dir);
-
-        let cgroup = match Cgroup::create(&id, linux.and_then(|l| l.resources().as_ref())) {
-            Ok(cgroup) => cgroup,
-            Err(e) => {
-                cleanup(&mounts);
-                return Err(e.into());
-            }
-        };
-        let spawned = self.spawn(
+        mounts.push(rootfs.clone());
+        write_files(&request.files, &dir)?;
+        let cgroup = Cgroup::create(&id, linux.and_then(|l| l.resources().as_ref()))?;
+        let cgroup_made = OnFailure::new(|| cgroup.remove());
+        // Dropped (killed) before the cgroup and the mounts go.
+        let init = self.spawn(
             &plan,
             request.stdio,
             Namespaces::New { flags, pid: pid_ns },
             Some(&rootfs_plan),
             &cgroup,
-        );
-        let init = match spawned {
-            Ok(init) => init,
-            Err(e) => {
-                cgroup.remove();
-                cleanup(&mounts);
-                return Err(e);
-            }
-        };
+        )?;
         // The device rules go on once the init has made its mounts (the
         // disks it mounts are block devices the rules may well deny). It
         // waits for StartProcess meanwhile: nothing of the workload has run.
-        if let Err(e) = crate::devices::restrict(cgroup.path(), &device_rules) {
-            drop(init);
-            cgroup.remove();
-            cleanup(&mounts);
-            return Err(io_error("apply the device rules (linux.resources.devices)")(e));
-        }
+        crate::devices::restrict(cgroup.path(), &device_rules)
+            .map_err(io_error("apply the device rules (linux.resources.devices)"))?;
+        cgroup_made.disarm();
+        let mounts = mounts.keep();
         let pid = init.pid;
         let container = Container {
             id: id.clone(),
@@ -632,6 +673,31 @@ impl Containers {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_create_unmakes_its_steps_in_reverse_and_a_finished_one_keeps_them() {
+        let undone = std::cell::RefCell::new(Vec::new());
+        {
+            let _first = OnFailure::new(|| undone.borrow_mut().push("first"));
+            let _second = OnFailure::new(|| undone.borrow_mut().push("second"));
+            // A `?` returns here.
+        }
+        assert_eq!(*undone.borrow(), ["second", "first"]);
+        undone.borrow_mut().clear();
+        OnFailure::new(|| undone.borrow_mut().push("kept")).disarm();
+        assert!(undone.borrow().is_empty());
+
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("c1");
+        fs::create_dir_all(dir.join("rootfs")).unwrap();
+        drop(Mounts::new(dir.clone()));
+        assert!(!dir.exists(), "a failed create leaves its directory");
+        fs::create_dir_all(dir.join("rootfs")).unwrap();
+        let mut mounts = Mounts::new(dir.clone());
+        mounts.push(dir.join("rootfs"));
+        assert_eq!(mounts.keep(), [dir.join("rootfs")]);
+        assert!(dir.exists());
+    }
 
     #[test]
     fn copied_files_map_to_the_containers_directory_and_bad_indexes_are_refused() {
