@@ -1,16 +1,19 @@
 #!/bin/sh
 # Part of scripts/deaths.sh, run where guests boot (the nested test host, or
 # this machine on real KVM): boots our kernel and agent initramfs N times, K
-# at once, under VMM (capsid: capsid-vmm; qemu: QEMU microvm, the same
-# kernel, initramfs and command line), and counts the guests that died
-# before the kernel ran /init (VMM "both": the two in turn, each round).
+# at once, under each VMM of the list VMMS (capsid: capsid-vmm; qemu:
+# QEMU microvm, the same kernel, initramfs and command line, with QEMU's
+# default split irqchip: its PIC, IOAPIC and PIT in QEMU; qemu-kirq: the
+# same with them in the kernel, as capsid-vmm has them; "both" means
+# "capsid qemu"), in turn each round, and counts the guests that died
+# before the kernel ran /init.
 # Prints "DEATH vmm i-k: <where>" for each
 # (the console's last line), "COUNT vmm K boots deaths" after each round
 # (what is left if the test host dies), and "RESULT vmm K boots deaths".
 # A fourth argument adds flags to capsid-vmm's, a fifth to QEMU's.
 # POSIX sh: the test host has no bash.
 set -u
-VMM=$1 N=$2 K=$3
+VMMS=$1 N=$2 K=$3
 # More flags for capsid-vmm (an experiment: "--seccomp none").
 VMM_FLAGS=${4:-}
 # More flags for QEMU (the control: "-sandbox on", its own seccomp filter).
@@ -21,8 +24,10 @@ trap 'rm -rf "$out"' EXIT
 cmdline="console=ttyS0 reboot=k panic=-1 earlyprintk=serial,ttyS0 loglevel=8"
 start() {
     dir=$1
-    if [ "$VMM" = qemu ]; then
-        qemu-system-x86_64 -M microvm,rtc=off -accel kvm -cpu host -smp 1 -m 256 \
+    if [ "$VMM" != capsid ]; then
+        irqchip=
+        [ "$VMM" = qemu-kirq ] && irqchip="-machine ioapic2=off,kernel-irqchip=on"
+        qemu-system-x86_64 -M microvm,rtc=off -accel kvm -cpu host -smp 1 -m 256 $irqchip \
             -nodefaults -no-user-config -display none -no-reboot \
             -L /usr/share/qemu -L /usr/share/seabios \
             -kernel "$CAPSID_KERNEL" -initrd "$CAPSID_AGENT_INITRAMFS" \
@@ -47,11 +52,13 @@ wait_for() {
         tries=$((tries + 1))
     done
 }
-# VMM "both" takes turns round by round (capsid-vmm's K guests, then
-# QEMU's), so both meet the test host in the same state.
-vmms=$VMM
-[ "$VMM" = both ] && vmms="capsid qemu"
-boots_capsid=0 deaths_capsid=0 boots_qemu=0 deaths_qemu=0
+# The VMMs take turns round by round (capsid-vmm's K guests, then
+# QEMU's), so all meet the test host in the same state.
+vmms=$VMMS
+[ "$VMMS" = both ] && vmms="capsid qemu"
+# Each VMM's counters, in shell variables named after it.
+var() { echo "$1" | tr -c 'a-z0-9\n' _; }
+for VMM in $vmms; do eval "boots_$(var "$VMM")=0 deaths_$(var "$VMM")=0"; done
 i=0
 while [ $i -lt "$N" ]; do
     for VMM in $vmms; do
@@ -74,11 +81,13 @@ while [ $i -lt "$N" ]; do
         done
         wait
         rm -rf "${out:?}/$i-"*
-        eval "boots_$VMM=\$((boots_$VMM + K)) deaths_$VMM=\$((deaths_$VMM + died))"
-        eval "echo \"COUNT $VMM $K \$boots_$VMM \$deaths_$VMM\""
+        v=$(var "$VMM")
+        eval "boots_$v=\$((boots_$v + K)) deaths_$v=\$((deaths_$v + died))"
+        eval "echo \"COUNT $VMM $K \$boots_$v \$deaths_$v\""
     done
     i=$((i + 1))
 done
 for VMM in $vmms; do
-    eval "echo \"RESULT $VMM $K \$boots_$VMM \$deaths_$VMM\""
+    v=$(var "$VMM")
+    eval "echo \"RESULT $VMM $K \$boots_$v \$deaths_$v\""
 done

@@ -7,9 +7,12 @@
 # /init, with where each died (scripts/deaths-in-host.sh). In nested mode
 # each batch of 100 boots per VMM gets a fresh test host (its own kernel
 # crashes now and then); a test host that dies cuts its batch short, and
-# the report says so. DEATHS_VMM_FLAGS adds flags to capsid-vmm's and
-# DEATHS_QEMU_FLAGS to QEMU's (the experiments: DEATHS_VMM_FLAGS="--seccomp
-# none"; DEATHS_QEMU_FLAGS="-sandbox on", QEMU's own seccomp filter).
+# the report says so. DEATHS_VMMS lists the series [default: "capsid
+# qemu"; "qemu-kirq" is QEMU with its interrupt controllers and PIT in the
+# kernel, as capsid-vmm has them]. DEATHS_VMM_FLAGS adds flags to
+# capsid-vmm's and DEATHS_QEMU_FLAGS to QEMU's (the experiments:
+# DEATHS_VMM_FLAGS="--seccomp none"; DEATHS_QEMU_FLAGS="-sandbox on",
+# QEMU's own seccomp filter).
 # Writes target/deaths/deaths.txt and the end of each dead guest's
 # console to target/deaths/consoles.txt; docs/reliability.md has figures.
 set -euo pipefail
@@ -30,7 +33,7 @@ for k in $at_once; do
         out=target/deaths/batch-$batch_no.log
         log "==> $((rounds * k)) boots per VMM, $k at once ($out)"
         run_with_kvm --with "$PWD/scripts/deaths-in-host.sh" -- \
-            sh "$PWD/scripts/deaths-in-host.sh" both "$rounds" "$k" "${DEATHS_VMM_FLAGS:-}" "${DEATHS_QEMU_FLAGS:-}" \
+            sh "$PWD/scripts/deaths-in-host.sh" "${DEATHS_VMMS:-capsid qemu}" "$rounds" "$k" "${DEATHS_VMM_FLAGS:-}" "${DEATHS_QEMU_FLAGS:-}" \
             > "$out" 2> "$out.stderr" || log "    the test host failed (its console: $out.stderr); what it counted is kept"
         grep -E '^(DEATH|RESULT) ' "$out" >&2 || true
         left=$(( left - batch ))
@@ -54,10 +57,10 @@ summary=$(for out in target/deaths/batch-*.log; do
 done)
 {
     echo "deaths before /init per 100 boots ($(git rev-parse --short HEAD 2>/dev/null || echo unknown), $(date -u +%F))"
-    printf '%-8s %-4s %7s %7s %9s\n' VMM K boots deaths per-100
+    printf '%-10s %-4s %7s %7s %9s\n' VMM K boots deaths per-100
     printf '%s\n' "$summary" | awk '$1 == "COUNT" { boots[$2" "$3] += $4; deaths[$2" "$3] += $5 }
          END { for (key in boots) { split(key, p, " ");
-             printf "%-8s %-4s %7d %7d %9.1f\n", p[1], p[2], boots[key], deaths[key], 100 * deaths[key] / boots[key] } }' \
+             printf "%-10s %-4s %7d %7d %9.1f\n", p[1], p[2], boots[key], deaths[key], 100 * deaths[key] / boots[key] } }' \
         | sort -k2n -k1
     printf '%s\n' "$summary" | awk '$1 == "CUT" { print "the test host died during the " $2 " series of " $3 " (see its .stderr)" }'
     echo
