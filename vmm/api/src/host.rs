@@ -12,6 +12,7 @@
 
 use std::fmt;
 use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::thread;
@@ -121,13 +122,24 @@ impl std::error::Error for AskError {
 /// Runs `VMM --probe` and returns its report, killing it if it has not
 /// answered within `timeout` (its own guest gives up after 10 s).
 pub fn ask(vmm: &Path, timeout: Duration) -> Result<HostReport, AskError> {
-    let mut child = Command::new(vmm)
+    let mut command = Command::new(vmm);
+    command
         .arg("--probe")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(AskError::Spawn)?;
+        .stderr(Stdio::piped());
+    // A caller killed while it asks takes the probe (and its tiny VM)
+    // with it.
+    // SAFETY: prctl is async-signal-safe and touches only the child.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().map_err(AskError::Spawn)?;
     // Readers on their own threads, so that a chatty child cannot block
     // on a full pipe while we wait for it; each reads a bounded amount.
     let read = |pipe: Option<Box<dyn Read + Send>>| {

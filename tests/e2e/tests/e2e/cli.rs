@@ -301,6 +301,8 @@ fn the_guest_sees_a_cpu_with_a_name() {
     assert_eq!(leftovers(), Vec::<String>::new());
 }
 
+/// A child of `parent` whose program is `comm`; for capsid-vmm, one that
+/// runs a VM.
 pub(crate) fn child_named(parent: u32, comm: &str) -> Option<u32> {
     std::fs::read_dir("/proc")
         .ok()?
@@ -314,7 +316,13 @@ pub(crate) fn child_named(parent: u32, comm: &str) -> Option<u32> {
                     .find_map(|l| l.strip_prefix(name))
                     .map(str::trim)
             };
-            (field("Name:") == Some(comm) && field("PPid:") == Some(&parent.to_string()))
+            // `capsid-vmm --probe` (what `capsid run` asks first) runs no
+            // VM. A process in the middle of its exec has its new name but
+            // no arguments yet: not known until they are there.
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let known =
+                !cmdline.is_empty() && !cmdline.split(|&b| b == 0).any(|arg| arg == b"--probe");
+            (field("Name:") == Some(comm) && field("PPid:") == Some(&parent.to_string()) && known)
                 .then_some(pid)
         })
 }
