@@ -14,12 +14,16 @@ use std::process::Command;
 /// Why an archive could not be written.
 #[derive(Debug, thiserror::Error)]
 pub enum InitramfsError {
+    /// The archive could not be written.
     #[error("cannot write {0}")]
     Write(PathBuf, #[source] io::Error),
+    /// A file to put in it could not be read.
     #[error("cannot read {0}")]
     Read(PathBuf, #[source] io::Error),
+    /// A file above newc's 4 GiB entry size.
     #[error("{0} is larger than a newc archive entry can hold")]
     TooLarge(PathBuf),
+    /// `ldd` could not list a program's libraries.
     #[error("cannot resolve the shared libraries of {0}: {1}")]
     Libraries(PathBuf, String),
 }
@@ -39,6 +43,7 @@ pub struct Initramfs {
 }
 
 impl Initramfs {
+    /// Starts an archive at `path` (truncated).
     pub fn create(path: &Path) -> Result<Self, InitramfsError> {
         let file = File::create(path).map_err(|e| InitramfsError::Write(path.to_owned(), e))?;
         Ok(Self {
@@ -142,11 +147,13 @@ impl Initramfs {
         }
     }
 
+    /// Adds a symlink `dest` → `target` (and its parent directories).
     pub fn symlink(&mut self, dest: &str, target: &str) -> Result<(), InitramfsError> {
         let name = self.parent_dirs(dest)?;
         self.entry(&name, S_IFLNK | 0o777, (0, 0), target.as_bytes())
     }
 
+    /// Adds a character device node `dest` (and its parent directories).
     pub fn char_device(
         &mut self,
         dest: &str,

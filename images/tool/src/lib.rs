@@ -1,6 +1,8 @@
 //! capsid's image builders: the guest initramfs (the agent as `/init`) and
 //! container rootfs block images made from a directory, cached by content.
 
+#![warn(missing_docs)]
+
 pub mod initramfs;
 pub mod oci;
 pub mod rootfs;

@@ -20,37 +20,69 @@ use std::path::{Component, Path, PathBuf};
 use oci_spec::image::{Config, Descriptor, ImageConfiguration, ImageIndex, ImageManifest};
 use sha2::{Digest, Sha256};
 
+/// Why an OCI image layout could not be unpacked.
 #[derive(Debug, thiserror::Error)]
 pub enum OciError {
+    /// The directory has no `index.json`.
     #[error(
         "{0} is not an OCI image layout (no index.json); `skopeo copy` or `ctr images export` make one"
     )]
     NotALayout(PathBuf),
+    /// A file of the layout could not be read.
     #[error("cannot read {0}")]
     Read(PathBuf, #[source] io::Error),
+    /// An index, manifest or config is not the JSON it should be.
     #[error("{0} is not valid: {1}")]
     Json(PathBuf, String),
+    /// The tag asked for is not in the layout.
     #[error("no image tagged {tag:?} in {layout} (it has: {have})")]
     NoSuchTag {
+        /// The tag asked for.
         tag: String,
+        /// The layout.
         layout: PathBuf,
+        /// The tags it has.
         have: String,
     },
+    /// No tag given, and the layout holds more than one image.
     #[error("{layout} holds {count} images; name one as {layout}:TAG")]
-    Ambiguous { layout: PathBuf, count: usize },
+    Ambiguous {
+        /// The layout.
+        layout: PathBuf,
+        /// How many images it holds.
+        count: usize,
+    },
+    /// A digest that is not `sha256:` and 64 hex digits.
     #[error("unsupported digest {0:?} (only sha256)")]
     Digest(String),
+    /// A blob whose content does not hash to its name.
     #[error("blob {digest} does not match its digest (got sha256:{actual})")]
-    Corrupt { digest: String, actual: String },
+    Corrupt {
+        /// What it should hash to.
+        digest: String,
+        /// What it hashes to.
+        actual: String,
+    },
+    /// A layer that is not a (gzipped) tar.
     #[error("layer {digest}: unsupported media type {media_type}")]
-    MediaType { digest: String, media_type: String },
+    MediaType {
+        /// The layer.
+        digest: String,
+        /// Its media type.
+        media_type: String,
+    },
+    /// A layer entry could not be unpacked (or was refused).
     #[error("layer {digest}: cannot unpack {entry}")]
     Unpack {
+        /// The layer.
         digest: String,
+        /// The entry's path.
         entry: String,
+        /// Why.
         #[source]
         source: io::Error,
     },
+    /// The cache could not be written.
     #[error("cannot write the unpacked image in {0}")]
     Write(PathBuf, #[source] io::Error),
 }
@@ -58,7 +90,9 @@ pub enum OciError {
 /// An image unpacked into a directory, with what its config says to run.
 #[derive(Debug)]
 pub struct UnpackedImage {
+    /// Its root file system, in the cache.
     pub rootfs: PathBuf,
+    /// Its config (entrypoint, command, environment, user, working directory).
     pub config: Config,
     /// False when it came from the cache.
     pub unpacked: bool,

@@ -16,14 +16,19 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
+/// Why a rootfs image could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum RootfsError {
+    /// The rootfs given is not a directory.
     #[error("{0} is not a directory")]
     NotADirectory(PathBuf),
+    /// Something under it could not be read.
     #[error("cannot read {0}")]
     Read(PathBuf, #[source] io::Error),
+    /// The cache could not be written.
     #[error("cannot write {0}")]
     Write(PathBuf, #[source] io::Error),
+    /// The image tool ran past its deadline and was killed.
     #[error(
         "{tool} ran for more than {}s and was stopped: is the directory on a \
          slow or hung file system? (the limit is {}s)",
@@ -31,30 +36,44 @@ pub enum RootfsError {
         .after.as_secs()
     )]
     TimedOut {
+        /// The tool.
         tool: &'static str,
+        /// Its deadline.
         after: std::time::Duration,
     },
+    /// The image tool is not installed.
     #[error("{tool} not found: install Debian's {package}")]
     Missing {
+        /// The tool.
         tool: &'static str,
+        /// The Debian package that has it.
         package: &'static str,
     },
+    /// The image tool failed.
     #[error("{tool} failed ({status}): {stderr}")]
     Tool {
+        /// The tool.
         tool: &'static str,
+        /// The Debian package that has it.
         package: &'static str,
+        /// How it exited.
         status: String,
+        /// What it said.
         stderr: String,
     },
 }
 
+/// An image's file system.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
+    /// Read-only, compressed (mkfs.erofs).
     Erofs,
+    /// Writable (mkfs.ext4).
     Ext4,
 }
 
 impl Format {
+    /// Its name for mount(2) and the file name.
     pub fn name(self) -> &'static str {
         match self {
             Self::Erofs => "erofs",
@@ -66,8 +85,11 @@ impl Format {
 /// A built (or cached) image.
 #[derive(Debug, Clone)]
 pub struct RootfsImage {
+    /// The image file, in the cache.
     pub path: PathBuf,
+    /// Its file system.
     pub format: Format,
+    /// The content key of the tree it was made from (its cache name).
     pub key: String,
     /// False when it came from the cache.
     pub built: bool,
