@@ -173,7 +173,7 @@ impl VmCgroup {
     }
 
     /// Kills everything in the cgroup (`cgroup.kill`) and removes it,
-    /// waiting up to a second for the processes to go.
+    /// waiting up to [`CGROUP_EMPTY_WAIT`] for the processes to go.
     pub fn remove(&self) {
         remove_cgroup(&self.path);
     }
@@ -185,6 +185,11 @@ impl Drop for VmCgroup {
     }
 }
 
+/// How long a killed VM's processes may take to leave its cgroup. A VMM
+/// tearing down its guest's memory and KVM state takes well over a second
+/// in the nested test host (a cgroup was left after a 1 s wait).
+pub const CGROUP_EMPTY_WAIT: Duration = Duration::from_secs(10);
+
 /// Kills what is in the cgroup at `path` and removes it (a leftover of a
 /// shim or CLI that died included).
 pub fn remove_cgroup(path: &Path) {
@@ -192,7 +197,7 @@ pub fn remove_cgroup(path: &Path) {
         return;
     }
     let _ = std::fs::write(path.join("cgroup.kill"), "1");
-    let deadline = Instant::now() + Duration::from_secs(1);
+    let deadline = Instant::now() + CGROUP_EMPTY_WAIT;
     loop {
         match std::fs::remove_dir(path) {
             Ok(()) => return,
@@ -265,6 +270,26 @@ pub fn untrusted_tail(path: &Path, max: u64) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cgroup_whose_processes_take_seconds_to_go_is_still_removed() {
+        // A plain directory stands for the cgroup: it cannot be removed
+        // while it holds files, as a cgroup cannot while it holds
+        // processes; they go after 1.5 s (the old wait was 1 s).
+        let parent = tempfile::tempdir().unwrap();
+        let cgroup = parent.path().join("vm-test");
+        std::fs::create_dir(&cgroup).unwrap();
+        std::fs::write(cgroup.join("busy"), "").unwrap();
+        let dir = cgroup.clone();
+        let leaving = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(1500));
+            std::fs::remove_file(dir.join("busy")).unwrap();
+            let _ = std::fs::remove_file(dir.join("cgroup.kill"));
+        });
+        remove_cgroup(&cgroup);
+        leaving.join().unwrap();
+        assert!(!cgroup.exists(), "the cgroup was left behind");
+    }
 
     #[test]
     fn each_vm_gets_a_user_of_its_own_unless_configured() {
