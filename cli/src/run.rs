@@ -24,7 +24,7 @@ use anyhow::{Context, bail};
 use capsid_runtime::config::parse_size_mib;
 use capsid_runtime::protocol::{ClientError, Rootfs};
 use capsid_runtime::scratch::{self, Scratch};
-use capsid_runtime::vmm_api::host::{self, HostReport, Mode};
+use capsid_runtime::vmm_api::host::{self, HostReport, Mode, Probe};
 use capsid_runtime::{
     BootRequest, Config, ContainerRequest, MicroVmError, Sandbox, SandboxError, Teardown, VmSize,
 };
@@ -205,6 +205,66 @@ const CONTAINER_ID: &str = "run";
 /// 10 s).
 const PROBE_DEADLINE: Duration = Duration::from_secs(20);
 
+/// The KVM verdict `capsid run` acts on. A native one is kept in
+/// `RUN_DIR/kvm-probe.json` for this boot of the host and this capsid-vmm
+/// binary, so that a run does not pay for the probe's exec and tiny VM
+/// each time (a few hundred ms in the nested test host); `capsid doctor`
+/// always asks afresh, and `CAPSID_TESTBED_MODE` bypasses the file.
+fn kvm_verdict(run_dir: &Path, vmm: &Path) -> anyhow::Result<Probe> {
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Cached {
+        key: String,
+        kvm: Probe,
+    }
+    let file = run_dir.join("kvm-probe.json");
+    let key = probe_key(vmm).filter(|_| std::env::var_os("CAPSID_TESTBED_MODE").is_none());
+    if let Some(key) = &key
+        && let Ok(text) = std::fs::read_to_string(&file)
+        && let Ok(cached) = serde_json::from_str::<Cached>(&text)
+        && cached.key == *key
+        && cached.kvm.mode == Mode::Native
+    {
+        return Ok(cached.kvm);
+    }
+    let kvm = ask_vmm(vmm)?.kvm;
+    if let Some(key) = key
+        && kvm.mode == Mode::Native
+        && run_dir.is_dir()
+    {
+        // Whole or not at all; a failure only costs the next run a probe.
+        let json = serde_json::to_vec(&Cached {
+            key,
+            kvm: kvm.clone(),
+        })?;
+        let partial = run_dir.join(format!(".kvm-probe.{}", std::process::id()));
+        if std::fs::write(&partial, json)
+            .and_then(|()| std::fs::rename(&partial, &file))
+            .is_err()
+        {
+            let _ = std::fs::remove_file(&partial);
+        }
+    }
+    Ok(kvm)
+}
+
+/// What a cached verdict holds for: this boot of the host, this binary.
+fn probe_key(vmm: &Path) -> Option<String> {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let binary = std::fs::metadata(vmm).ok()?;
+    let modified = binary
+        .modified()
+        .ok()?
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?;
+    Some(format!(
+        "{} {} {} {}",
+        boot.trim(),
+        vmm.display(),
+        binary.len(),
+        modified.as_nanos()
+    ))
+}
+
 /// Asks capsid-vmm what this host gives a VMM: can its KVM boot a Linux
 /// guest, and which walls (`capsid-vmm --probe`).
 pub fn ask_vmm(vmm: &Path) -> anyhow::Result<HostReport> {
@@ -223,7 +283,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         );
     }
     debug!("probing KVM");
-    let verdict = ask_vmm(&files.vmm)?.kvm;
+    let verdict = kvm_verdict(&config.run_dir, &files.vmm)?;
     if verdict.mode != Mode::Native {
         bail!(
             "this host's KVM cannot boot a Linux guest ({}). Run capsid on a host with \
@@ -402,6 +462,44 @@ fn drive(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_native_verdict_is_kept_for_the_same_boot_and_binary_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let vmm = dir.path().join("capsid-vmm");
+        let calls = dir.path().join("calls");
+        let report = |reason: &str| {
+            format!(
+                "#!/bin/sh\necho x >> {}\necho '{{\"kvm\":{{\"mode\":\"native\",\"reason\":\"{reason}\"}},\
+                 \"paravirtual_kvm\":false,\"landlock_abi\":null,\"seccomp\":[]}}'\n",
+                calls.display()
+            )
+        };
+        let write_vmm = |body: String| {
+            std::fs::write(&vmm, body).unwrap();
+            let executable = std::os::unix::fs::PermissionsExt::from_mode(0o755);
+            std::fs::set_permissions(&vmm, executable).unwrap();
+        };
+        let asked = || {
+            std::fs::read_to_string(&calls)
+                .unwrap_or_default()
+                .lines()
+                .count()
+        };
+        write_vmm(report("first"));
+        let run_dir = dir.path().join("run");
+        std::fs::create_dir(&run_dir).unwrap();
+        assert_eq!(kvm_verdict(&run_dir, &vmm).unwrap().reason, "first");
+        assert_eq!(kvm_verdict(&run_dir, &vmm).unwrap().reason, "first");
+        assert_eq!(asked(), 1, "the second run asked again");
+        // Another binary (another size): asked again.
+        write_vmm(report("second, longer"));
+        assert_eq!(
+            kvm_verdict(&run_dir, &vmm).unwrap().reason,
+            "second, longer"
+        );
+        assert_eq!(asked(), 2);
+    }
 
     #[test]
     fn security_options_parse_or_say_what_is_supported() {
