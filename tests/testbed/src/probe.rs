@@ -34,18 +34,8 @@ pub fn vmm_binary() -> PathBuf {
 /// nested, with the reason; the tests that need native KVM then fail on
 /// it under `CAPSID_E2E_REQUIRED=1`.
 pub fn probe() -> Probe {
-    if let Ok(forced) = std::env::var("CAPSID_TESTBED_MODE") {
-        let mode = match forced.as_str() {
-            "native" => Some(Mode::Native),
-            "nested" => Some(Mode::Nested),
-            _ => None,
-        };
-        if let Some(mode) = mode {
-            return Probe {
-                mode,
-                reason: "forced by CAPSID_TESTBED_MODE".into(),
-            };
-        }
+    if let Some(forced) = Probe::forced() {
+        return forced;
     }
     let vmm = vmm_binary();
     match capsid_vmm_api::host::ask(&vmm, DEADLINE) {

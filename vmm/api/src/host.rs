@@ -48,6 +48,22 @@ pub struct Probe {
     pub reason: String,
 }
 
+impl Probe {
+    /// The verdict `CAPSID_TESTBED_MODE=native|nested` forces, if it is
+    /// set to one of them (the VMM's probe and the test bed's honour it).
+    pub fn forced() -> Option<Self> {
+        let mode = match std::env::var("CAPSID_TESTBED_MODE").ok()?.as_str() {
+            "native" => Mode::Native,
+            "nested" => Mode::Nested,
+            _ => return None,
+        };
+        Some(Self {
+            mode,
+            reason: "forced by CAPSID_TESTBED_MODE".into(),
+        })
+    }
+}
+
 impl fmt::Display for Probe {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} mode: {}", self.mode, self.reason)

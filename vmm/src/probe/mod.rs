@@ -36,18 +36,8 @@ pub fn paravirtual_kvm() -> bool {
 
 /// Probes this machine.
 pub fn probe() -> Probe {
-    if let Ok(forced) = std::env::var("CAPSID_TESTBED_MODE") {
-        let mode = match forced.as_str() {
-            "native" => Some(Mode::Native),
-            "nested" => Some(Mode::Nested),
-            _ => None,
-        };
-        if let Some(mode) = mode {
-            return Probe {
-                mode,
-                reason: "forced by CAPSID_TESTBED_MODE".into(),
-            };
-        }
+    if let Some(forced) = Probe::forced() {
+        return forced;
     }
     let pvm_hint = if paravirtual_kvm() {
         " (the kvm_pvm module is loaded: a paravirtual KVM)"
