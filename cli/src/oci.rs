@@ -462,7 +462,7 @@ impl ProcessIo for Copies {
     /// Waits at most `bound` for the output copies to end.
     fn drain(&self, bound: Duration) {
         let deadline = Instant::now() + bound;
-        for copy in capsid_runtime::lock(&self.0).iter() {
+        for copy in capsid_base::lock(&self.0).iter() {
             while !copy.is_finished() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(10));
             }

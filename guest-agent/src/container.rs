@@ -26,13 +26,13 @@ use capsid_protocol::{
 use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, LinuxSeccomp, Mount};
 
 use crate::cgroup::{Cgroup, CgroupError};
-use crate::lock;
 use crate::process::{self, Namespaces, ProcessError, ProcessPlan, SpawnRequest, StartGate};
 use crate::reaper::{ExitCell, Reaper};
 use crate::rootfs::{RootfsError, RootfsPlan};
 use crate::stdio::{ProcessIo, StdioError};
 use crate::syscall::{LinuxSyscall, Syscall};
 use crate::vsock::VsockStream;
+use capsid_base::lock;
 
 const CONTAINERS_DIR: &str = "/run/capsid/containers";
 /// A mount source naming a virtio-blk disk by id.

@@ -15,10 +15,3 @@ pub mod seccomp;
 pub mod stdio;
 pub mod syscall;
 pub mod vsock;
-
-/// Locks `mutex`, also when a thread panicked holding it: PID 1 must go
-/// on serving the other containers, and the data behind its locks stays
-/// consistent between statements.
-pub fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
-}

@@ -6,7 +6,7 @@
 //! [`Reaper::lock`] from before the fork until it has registered the pid, so
 //! the reaper thread (which takes the same lock to deliver) always finds it.
 
-use crate::lock;
+use capsid_base::lock;
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
@@ -36,7 +36,7 @@ impl ExitCell {
             if let Some(status) = *status {
                 return status;
             }
-            status = self.exited.wait(status).unwrap_or_else(|e| e.into_inner());
+            status = capsid_base::wait(&self.exited, status);
         }
     }
 
@@ -100,10 +100,7 @@ impl Reaper {
             }
             // ECHILD: nothing to wait for until the next fork.
             let registry = lock(&self.registry);
-            let _ = self
-                .children
-                .wait_timeout(registry, Duration::from_secs(1))
-                .unwrap_or_else(|e| e.into_inner());
+            let _ = capsid_base::wait_timeout(&self.children, registry, Duration::from_secs(1));
         }
     }
 }

@@ -5,9 +5,9 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
+use capsid_base::error_chain;
 use capsid_protocol::{
-    CodecError, ErrorCode, Hello, PROTOCOL_VERSION, Request, Response, error_chain, read_frame,
-    write_frame,
+    CodecError, ErrorCode, Hello, PROTOCOL_VERSION, Request, Response, read_frame, write_frame,
 };
 
 use crate::container::{ContainerError, Containers};

@@ -21,8 +21,8 @@ use std::thread;
 
 use capsid_protocol::{StdioRequest, Stream};
 
-use crate::lock;
 use crate::vsock::VsockStream;
+use capsid_base::lock;
 
 /// The process's ends, moved to fds 0, 1 and 2 in the child.
 #[derive(Debug)]

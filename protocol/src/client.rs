@@ -231,7 +231,7 @@ impl AgentClient {
                         uds: uds.into(),
                         port,
                         waited: start.elapsed(),
-                        last: error_chain(&e),
+                        last: capsid_base::error_chain(&e),
                     });
                 }
                 Err(_) => {
@@ -422,7 +422,7 @@ impl AgentClient {
         // The agent reboots once it sees this end close (so the answer is
         // not lost in the reset).
         let _ = stream.shutdown(std::net::Shutdown::Write);
-        self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        capsid_base::lock(&self.idle).clear();
         Ok(())
     }
 
@@ -456,7 +456,7 @@ impl AgentClient {
 
     /// An idle control connection, or a new one.
     fn take(&self) -> Result<UnixStream, ClientError> {
-        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let idle = capsid_base::lock(&self.idle).pop();
         match idle {
             Some(stream) => Ok(stream),
             None => self.open(&Hello::Control {
@@ -491,7 +491,7 @@ impl AgentClient {
             Err(_) => false,
         };
         if complete {
-            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            let mut idle = capsid_base::lock(&self.idle);
             if idle.len() < POOL {
                 idle.push(stream);
             }
@@ -643,17 +643,6 @@ fn cut(text: &str, max: usize) -> String {
         .collect()
 }
 
-/// An error and its sources on one line: "what: why: because".
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text += &format!(": {cause}");
-        source = cause.source();
-    }
-    text
-}
-
 // Frames are bounded by the codec; this keeps the two limits in one place.
 const _: () = assert!(MAX_FRAME_BYTES as usize > MAX_ERROR_TEXT);
 
@@ -776,7 +765,11 @@ mod tests {
                     files: Vec::new(),
                 })
                 .unwrap_err();
-            assert!(error_chain(&err).contains(check), "{}", error_chain(&err));
+            assert!(
+                capsid_base::error_chain(&err).contains(check),
+                "{}",
+                capsid_base::error_chain(&err)
+            );
         }
         let (_dir, path) = fake_agent(b"OK 1073741824\n", vec![hello.clone(), bad_status]);
         let client =

@@ -30,7 +30,7 @@ pub mod client;
 pub mod codec;
 pub mod messages;
 
-pub use client::{AgentClient, ClientError, error_chain};
+pub use client::{AgentClient, ClientError};
 pub use codec::{CodecError, read_frame, write_frame};
 pub use messages::*;
 

@@ -24,8 +24,8 @@ use capsid_protocol::{ContainerStats, ExecProcess, ExitStatus, ProcessRef, Stdio
 use oci_spec::runtime::LinuxResources;
 
 use crate::agent::Agent;
-use crate::lock;
 use crate::sandbox::{Sandbox, SandboxError};
+use capsid_base::lock;
 
 /// The status of a process whose VM died under it.
 pub const VM_DIED_STATUS: u32 = 255;
@@ -138,7 +138,7 @@ impl<Io> Process<Io> {
             if let ProcState::Stopped { status, at } = *state {
                 return (status, at);
             }
-            state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+            state = capsid_base::wait(&self.changed, state);
         }
     }
 }
@@ -247,7 +247,7 @@ impl<Io: ProcessIo> Container<Io> {
             return Err(SandboxError::AlreadyStarted(proc.process.clone()));
         }
         if let Err(e) = self.agent().start_process(&proc.process) {
-            let why = capsid_protocol::error_chain(&e);
+            let why = capsid_base::error_chain(&e);
             let code = if why.contains("No such file") {
                 127
             } else {
@@ -276,7 +276,7 @@ impl<Io: ProcessIo> Container<Io> {
                     log::error!(
                         "{}: lost the process: {}; {}",
                         proc.process,
-                        capsid_protocol::error_chain(&e),
+                        capsid_base::error_chain(&e),
                         sandbox.upgrade().map_or_else(
                             || "the micro-VM was taken down".into(),
                             |sandbox| sandbox.post_mortem()
@@ -351,7 +351,7 @@ impl<Io: ProcessIo> Container<Io> {
         if self.sandbox.running()
             && let Err(e) = self.agent().remove_container(&self.id)
         {
-            log::warn!("{}: {}", self.id, capsid_protocol::error_chain(&e));
+            log::warn!("{}: {}", self.id, capsid_base::error_chain(&e));
         }
         self.stop_all();
         self.sandbox.leave(&self.id, self.disk.as_deref());

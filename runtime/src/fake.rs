@@ -25,9 +25,9 @@ use capsid_protocol::{
 use oci_spec::runtime::{LinuxResources, Spec};
 
 use crate::agent::Agent;
-use crate::lock;
 use crate::sandbox::{ContainerRequest, Sandbox, Vm};
 use crate::vm::MicroVmError;
+use capsid_base::lock;
 
 /// Signals whose default action does not end a process.
 const HARMLESS_SIGNALS: [i32; 8] = [
@@ -237,10 +237,8 @@ impl Agent for FakeAgent {
             }
             // Bounded, so a test that forgot to end a process fails
             // instead of hanging; the caller sees a broken wait.
-            let (next, timeout) = self
-                .changed
-                .wait_timeout(state, Duration::from_secs(30))
-                .unwrap_or_else(|e| e.into_inner());
+            let (next, timeout) =
+                capsid_base::wait_timeout(&self.changed, state, Duration::from_secs(30));
             state = next;
             if timeout.timed_out() {
                 return Err(broken());

@@ -31,10 +31,3 @@ pub use config::{BootFiles, Config, ConfigError, VmSize};
 pub use container::{Container, Exit, ProcState, Process, ProcessIo};
 pub use sandbox::{BootRequest, ContainerRequest, Role, Sandbox, SandboxError, Teardown};
 pub use vm::{BootPolicy, Disk, MicroVm, MicroVmError, VmSpec, boot_retries, rootfs_disk};
-
-/// Locks `mutex`, also when a thread panicked holding it: the data behind
-/// our locks stays consistent between statements, and a runtime that
-/// stopped serving every later call would be worse.
-pub fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
-}

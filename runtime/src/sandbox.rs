@@ -39,11 +39,11 @@ use crate::agent::Agent;
 use crate::config::{Config, ConfigError, VmSize};
 use crate::confine::Confinement;
 use crate::container::{Container, Process, ProcessIo};
-use crate::lock;
 use crate::vm::{
     BootPolicy, MicroVm, MicroVmError, VmApi, VmSpec, alive_with, diagnostics_in, kill_orphans,
     rootfs_disk, vsock_path,
 };
+use capsid_base::lock;
 
 /// What went wrong with a sandbox or one of its containers.
 #[derive(Debug, thiserror::Error)]
@@ -444,7 +444,7 @@ impl Sandbox {
             && self.running()
             && let Err(e) = self.vm.detach_disk(disk)
         {
-            log::warn!("{id}: {}", capsid_protocol::error_chain(&e));
+            log::warn!("{id}: {}", capsid_base::error_chain(&e));
         }
         let mut members = lock(&self.members);
         members.remove(id);

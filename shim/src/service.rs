@@ -14,6 +14,7 @@ use std::sync::mpsc::{Sender, channel};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use capsid_base::lock;
 use capsid_runtime::protocol::ErrorCode;
 use capsid_runtime::{Config, Exit, ProcState, SandboxError};
 use containerd_shim::event::Event;
@@ -46,7 +47,7 @@ fn status(code: Code, message: impl Into<String>) -> ttrpc::Error {
 }
 
 fn internal(e: &dyn std::error::Error) -> ttrpc::Error {
-    status(Code::INTERNAL, capsid_runtime::protocol::error_chain(e))
+    status(Code::INTERNAL, capsid_base::error_chain(e))
 }
 
 /// The agent's refusal keeps its meaning for containerd.
@@ -67,7 +68,7 @@ fn from_container(e: ContainerError) -> ttrpc::Error {
         }
         _ => Code::INTERNAL,
     };
-    status(code, capsid_runtime::protocol::error_chain(&e))
+    status(code, capsid_base::error_chain(&e))
 }
 
 fn from_sandbox(e: SandboxError) -> ttrpc::Error {
@@ -173,15 +174,11 @@ impl Service {
     }
 
     fn publish(&self, event: impl Event + Send + 'static) {
-        let _ = self
-            .events
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .send(Box::new(event));
+        let _ = lock(&self.events).send(Box::new(event));
     }
 
     fn containers(&self) -> MutexGuard<'_, HashMap<String, Arc<Task>>> {
-        self.containers.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.containers)
     }
 
     fn container(&self, id: &str) -> TtrpcResult<Arc<Task>> {
@@ -203,16 +200,16 @@ impl Service {
     }
 
     pub fn wait_for_shutdown(&self) {
-        let (lock, changed) = &self.shutdown;
-        let mut done = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let (flag, changed) = &self.shutdown;
+        let mut done = lock(flag);
         while !*done {
-            done = changed.wait(done).unwrap_or_else(|e| e.into_inner());
+            done = capsid_base::wait(changed, done);
         }
     }
 
     fn signal_shutdown(&self) {
-        let (lock, changed) = &self.shutdown;
-        *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        let (flag, changed) = &self.shutdown;
+        *lock(flag) = true;
         changed.notify_all();
     }
 
@@ -229,11 +226,7 @@ impl Service {
     /// the guest OOM-killed in its cgroup, then TaskExit. Only queues them
     /// (the runtime calls it with the process's lock held).
     fn exit_event(&self, container: &Task, proc: &Proc) -> impl FnOnce(Exit) + Send + 'static {
-        let events = self
-            .events
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let events = lock(&self.events).clone();
         let container_id = container.container.id.clone();
         let id = proc
             .process
@@ -306,7 +299,7 @@ impl Service {
             log::error!(
                 "{}: create failed: {}",
                 req.id,
-                capsid_runtime::protocol::error_chain(&e)
+                capsid_base::error_chain(&e)
             );
             from_container(e)
         })?;
@@ -433,12 +426,8 @@ impl Service {
                 format!("exec {} already exists", req.exec_id),
             ));
         }
-        let spec = trans::exec_spec(&req.spec.value).map_err(|e| {
-            status(
-                Code::INVALID_ARGUMENT,
-                capsid_runtime::protocol::error_chain(&e),
-            )
-        })?;
+        let spec = trans::exec_spec(&req.spec.value)
+            .map_err(|e| status(Code::INVALID_ARGUMENT, capsid_base::error_chain(&e)))?;
         let stdio = stdio_paths(&req.stdin, &req.stdout, &req.stderr, req.terminal);
         container
             .exec(&req.exec_id, spec, stdio)
@@ -473,12 +462,8 @@ impl Service {
 
     pub fn update(&self, req: api::UpdateTaskRequest) -> TtrpcResult<api::Empty> {
         let container = self.container(&req.id)?;
-        let resources = trans::resources(&req.resources.value).map_err(|e| {
-            status(
-                Code::INVALID_ARGUMENT,
-                capsid_runtime::protocol::error_chain(&e),
-            )
-        })?;
+        let resources = trans::resources(&req.resources.value)
+            .map_err(|e| status(Code::INVALID_ARGUMENT, capsid_base::error_chain(&e)))?;
         container
             .container
             .update(resources)

@@ -18,10 +18,11 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::fs::OpenOptionsExt;
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use capsid_base::lock;
 use capsid_runtime::Agent;
 use capsid_runtime::protocol::{ClientError, ProcessRef, StdioRequest, Stream};
 
@@ -115,7 +116,7 @@ impl Copiers {
                 copiers
                     .outputs
                     .get_mut()
-                    .unwrap_or_else(|e| e.into_inner())
+                    .unwrap_or_else(PoisonError::into_inner)
                     .push(copy_output(from, path.clone()));
             }
         }
@@ -124,7 +125,7 @@ impl Copiers {
             let mut to = client
                 .attach(process, Stream::Stdin)
                 .map_err(|e| StdioError::Attach(Stream::Stdin, e))?;
-            *copiers.stdin_path.lock().unwrap_or_else(|e| e.into_inner()) = Some(path.clone());
+            *lock(&copiers.stdin_path) = Some(path.clone());
             thread::spawn(move || {
                 // The open waits for containerd's writer, as a FIFO open
                 // does; EOF comes when that writer closes.
@@ -142,11 +143,7 @@ impl Copiers {
 
     /// containerd's CloseIO: stdin ends after what was already written.
     pub fn close_stdin(&self) {
-        let path = self
-            .stdin_path
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        let path = lock(&self.stdin_path).take();
         // A copy still waiting in its open (no writer ever came) gets one
         // that closes at once, so it reads EOF instead of waiting forever.
         if let Some(path) = path {
@@ -162,7 +159,7 @@ impl Copiers {
     /// `timeout`, so an exit event never overtakes the process's output.
     pub fn wait_outputs(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
-        let handles = std::mem::take(&mut *self.outputs.lock().unwrap_or_else(|e| e.into_inner()));
+        let handles = std::mem::take(&mut *lock(&self.outputs));
         for handle in handles {
             while !handle.is_finished() && Instant::now() < deadline {
                 thread::sleep(Duration::from_millis(5));

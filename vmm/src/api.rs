@@ -59,7 +59,7 @@ pub fn answer(slots: &DiskSlots, line: &str, fd: Option<File>) -> ApiResponse {
             ApiResponse::Slot { slot }
         }
         Err(e) => ApiResponse::Error {
-            error: crate::error_chain(&e),
+            error: capsid_base::error_chain(&e),
         },
     }
 }

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::devices::bus::lock;
+use capsid_base::lock;
 
 /// Why the VM ended, and the process exit status that says so.
 #[derive(Clone, Debug, PartialEq, Eq)]

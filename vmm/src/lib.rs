@@ -24,14 +24,3 @@ pub mod vstate;
 pub use builder::{BuildError, build};
 pub use config::{ConfigError, DiskConfig, SerialConfig, VmConfig, VsockConfig};
 pub use vmm::{ExitReason, Vmm};
-
-/// Formats an error with all its sources: `outer: inner: innermost`.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        text += &format!(": {e}");
-        source = e.source();
-    }
-    text
-}

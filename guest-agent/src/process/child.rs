@@ -108,7 +108,7 @@ fn prepare(sys: &impl Syscall, plan: &ChildPlan) -> Result<(), String> {
     if let Some(rootfs) = &plan.rootfs {
         rootfs
             .apply(sys)
-            .map_err(|e| capsid_protocol::error_chain(&e))?;
+            .map_err(|e| capsid_base::error_chain(&e))?;
     }
     Ok(())
 }

@@ -16,7 +16,7 @@ use capsid_runtime::protocol::{
 use capsid_runtime::{BootFiles, BootPolicy, Disk, MicroVm, VmSpec};
 use oci_spec::runtime::Spec;
 
-use capsid_runtime::protocol::error_chain;
+use capsid_base::error_chain;
 
 use crate::artifact;
 use crate::retry::{BOOTS_PER_GUEST, announce_boot_retry};

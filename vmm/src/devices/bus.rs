@@ -6,6 +6,8 @@
 
 use std::sync::{Arc, Mutex};
 
+use capsid_base::lock;
+
 /// A device on a bus. `offset` is relative to the start of its range.
 pub trait BusDevice: Send {
     fn read(&mut self, offset: u64, data: &mut [u8]);
@@ -87,14 +89,6 @@ impl Bus {
             lock(&range.device).write(offset, data);
         }
     }
-}
-
-/// Locks a device; a device whose holder panicked is still used, since
-/// device state is plain data and the VMM aborts on panic in release builds.
-pub fn lock<T: ?Sized>(device: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    device
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]

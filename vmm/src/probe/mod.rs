@@ -70,7 +70,7 @@ pub fn probe() -> Probe {
             mode: Mode::Nested,
             reason: format!(
                 "/dev/kvm could not run a tiny long-mode guest: {}{pvm_hint}",
-                crate::error_chain(&e)
+                capsid_base::error_chain(&e)
             ),
         },
     }

@@ -11,11 +11,11 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::request::{BlockMetrics, Disk, process_queue};
 use super::{DEVICE_TYPE, F_FLUSH, F_RO, F_SEG_MAX, ID_LEN, QUEUE_SIZE, SECTOR_SHIFT};
-use crate::devices::bus::lock;
 use crate::devices::virtio::{
     ActivateContext, ActivateError, EventSetup, Interrupt, Memory, VirtioDevice, Worker,
     read_config_bytes,
 };
+use capsid_base::lock;
 
 /// Why a disk could not be opened.
 #[derive(Debug, thiserror::Error)]

@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex};
 
 use super::ID_LEN;
 use super::device::{Backing, BlockError};
-use crate::devices::bus::lock;
 use crate::devices::virtio::Interrupt;
+use capsid_base::lock;
 
 /// Why an image could not be attached or detached.
 #[derive(Debug, thiserror::Error)]
