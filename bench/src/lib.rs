@@ -2,4 +2,6 @@
 //! what it measures is in the binary's scenarios; the report it prints
 //! and renders is [`report`], which the soak uses for its percentiles too.
 
+#![warn(missing_docs)]
+
 pub mod report;

@@ -16,20 +16,27 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Who {
+    /// capsid's own figure.
     Ours,
+    /// The peer's figure, measured in the same run.
     Peer,
 }
 
 /// One measured quantity and all its samples, in measurement order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Series {
+    /// What was measured, and on whom (e.g. `capsid run -- true`).
     pub name: String,
+    /// The samples' unit (`ms`, `MiB`, …).
     pub unit: String,
+    /// Ours or the peer's.
     pub who: Who,
+    /// The samples, in measurement order.
     pub samples: Vec<f64>,
 }
 
 impl Series {
+    /// An empty series.
     pub fn new(name: impl Into<String>, unit: &str, who: Who) -> Self {
         Self {
             name: name.into(),
@@ -39,6 +46,7 @@ impl Series {
         }
     }
 
+    /// The `percent` percentile (nearest rank) of the samples; NaN when there are none.
     pub fn p(&self, percent: usize) -> f64 {
         percentile(&self.samples, percent)
     }
@@ -47,18 +55,26 @@ impl Series {
 /// Ours against the peer on one quantity: `ratio` = our p50 / the peer's p50.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Comparison {
+    /// The quantity compared.
     pub what: String,
+    /// The name of our series.
     pub ours: String,
+    /// The name of the peer's series.
     pub peer: String,
+    /// Our p50 divided by the peer's p50: below 1 is faster or smaller.
     pub ratio: f64,
 }
 
+/// One scenario of the benchmark: its series and comparisons.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Scenario {
+    /// The scenario's name (`boot`, `run`, `ctr`, …).
     pub name: String,
     /// What was measured, in one sentence.
     pub about: String,
+    /// Every measured series, ours and the peers'.
     pub series: Vec<Series>,
+    /// Ours against the peer, one line per quantity.
     pub comparisons: Vec<Comparison>,
     /// Facts that are not samples (e.g. how many sandboxes fit).
     #[serde(default)]
@@ -66,6 +82,7 @@ pub struct Scenario {
 }
 
 impl Scenario {
+    /// An empty scenario.
     pub fn new(name: &str, about: &str) -> Self {
         Self {
             name: name.into(),
@@ -90,14 +107,19 @@ impl Scenario {
     }
 }
 
+/// The machine the report was measured on.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Host {
+    /// CPU cores available.
     pub cores: usize,
+    /// Memory, in MiB.
     pub memory_mib: u64,
+    /// The running kernel's release.
     pub kernel: String,
 }
 
 impl Host {
+    /// This machine.
     pub fn this() -> Self {
         let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
         let memory_kib = meminfo
@@ -116,18 +138,23 @@ impl Host {
     }
 }
 
+/// A whole benchmark run: where it ran, on what, and every scenario.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     /// `native`, or `nested` (KVM inside QEMU TCG: only ratios mean anything).
     pub mode: String,
     /// How the machine's KVM was judged.
     pub probe: String,
+    /// The machine.
     pub host: Host,
+    /// The capsid commit measured.
     pub commit: String,
+    /// Version of each program measured (capsid, runc, containerd, QEMU …).
     pub versions: BTreeMap<String, String>,
     /// Measured runs per series (after one warm-up each); 0 in a merged
     /// report whose parts ran different counts (the table's `n` says).
     pub runs: usize,
+    /// The scenarios, in the order they ran.
     pub scenarios: Vec<Scenario>,
 }
 
@@ -223,6 +250,7 @@ impl Report {
         out
     }
 
+    /// The report as one JSON document (what `--json` writes).
     pub fn json(&self) -> String {
         serde_json::to_string(self).unwrap_or_default()
     }

@@ -26,10 +26,14 @@ pub const AGENT_WAIT: Duration = Duration::from_secs(180);
 /// The disk id of the test image's rootfs.
 pub const ROOTFS_DISK: &str = "rootfs";
 
+/// A capsid-vmm guest whose agent answered, with a client to it; killed and cleaned up on drop.
 #[derive(Debug)]
 pub struct AgentVm {
+    /// The VM (its VMM process and directory).
     pub vm: MicroVm,
+    /// A client to the guest's agent.
     pub client: AgentClient,
+    /// The VMM's hybrid-vsock socket (for more connections).
     pub uds: PathBuf,
     /// VMM spawn → the agent answered its first hello.
     pub ready_after: Duration,
@@ -39,15 +43,20 @@ pub struct AgentVm {
 /// What a process printed and how it ended.
 #[derive(Debug)]
 pub struct Outcome {
+    /// Everything the process wrote to stdout.
     pub stdout: Vec<u8>,
+    /// Everything the process wrote to stderr.
     pub stderr: Vec<u8>,
+    /// How it ended.
     pub status: ExitStatus,
 }
 
 impl Outcome {
+    /// Stdout as text (invalid UTF-8 replaced).
     pub fn stdout_text(&self) -> String {
         String::from_utf8_lossy(&self.stdout).into_owned()
     }
+    /// Stderr as text (invalid UTF-8 replaced).
     pub fn stderr_text(&self) -> String {
         String::from_utf8_lossy(&self.stderr).into_owned()
     }

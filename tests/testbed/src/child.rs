@@ -35,6 +35,7 @@ impl ChildGuard {
         })
     }
 
+    /// The child's pid.
     pub fn id(&self) -> u32 {
         self.child.id()
     }

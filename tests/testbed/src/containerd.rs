@@ -18,12 +18,16 @@ use std::time::{Duration, Instant};
 
 use crate::artifact;
 
+/// containerd's name for our runtime (the shim binary `containerd-shim-capsid-v2`).
 pub const RUNTIME: &str = "io.containerd.capsid.v2";
+/// The busybox test image, imported from the local OCI layout.
 pub const BUSYBOX: &str = "docker.io/capsid/busybox:latest";
+/// The busybox test image whose config runs as an unprivileged user.
 pub const BUSYBOX_USER: &str = "docker.io/capsid/busybox-user:latest";
 /// A `ctr` call that takes longer has hung (nested guests boot in seconds).
 const CTR_BOUND: Duration = Duration::from_secs(240);
 
+/// A private containerd (its own root, state and sockets under a temporary directory) with capsid's shim; stopped, and checked for leftover shims, on drop.
 #[derive(Debug)]
 pub struct Containerd {
     dir: PathBuf,
@@ -39,6 +43,7 @@ fn shim_sockets() -> Vec<PathBuf> {
 }
 
 impl Containerd {
+    /// Starts one and waits until it answers; panics when it cannot.
     pub fn start() -> Self {
         let dir = std::env::temp_dir().join(format!("capsid-ctd-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -120,6 +125,7 @@ impl Containerd {
         let _ = self.daemon.wait();
     }
 
+    /// Its directory (config, root, state, sockets, log).
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -129,6 +135,7 @@ impl Containerd {
         self.daemon.id()
     }
 
+    /// What the daemon logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default()
     }
@@ -152,6 +159,7 @@ impl Containerd {
         output
     }
 
+    /// `ctr` against this containerd.
     pub fn ctr(&self, args: &[&str]) -> Output {
         self.ctr_with_input(args, b"")
     }
@@ -169,6 +177,7 @@ impl Containerd {
         String::from_utf8_lossy(&output.stdout).into_owned()
     }
 
+    /// A `ctr` command against this containerd, not yet run.
     pub fn ctr_command(&self, args: &[&str]) -> Command {
         let mut command = Command::new("ctr");
         command

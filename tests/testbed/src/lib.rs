@@ -14,6 +14,8 @@
 //! - [`initramfs`], [`child`], [`scratch`], [`serial`], [`procfs`] are the
 //!   pieces that boot guests, measure them and leave nothing behind.
 
+#![warn(missing_docs)]
+
 pub mod agent;
 pub mod artifacts;
 pub mod child;

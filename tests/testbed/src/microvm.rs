@@ -13,24 +13,36 @@ use crate::child::ChildGuard;
 use crate::qemu::DirectBoot;
 use crate::serial::SerialLog;
 
+/// Why a QEMU `microvm` boot failed.
 #[derive(Debug, thiserror::Error)]
 pub enum MicrovmError {
+    /// QEMU could not be started.
     #[error("cannot start qemu-system-x86_64 (install Debian's qemu-system-x86)")]
     Spawn(#[source] io::Error),
+    /// The console or the process could not be read.
     #[error("i/o error while watching the guest")]
     Io(#[source] io::Error),
+    /// The guest never printed its boot marker.
     #[error("the guest did not print {marker:?} within {timeout:?}; console:\n{console}")]
     NoMarker {
+        /// The line that was awaited.
         marker: String,
+        /// How long it was awaited.
         timeout: Duration,
+        /// Everything the guest printed.
         console: String,
     },
+    /// QEMU exited before the marker appeared.
     #[error("QEMU exited ({status}) before the guest printed {marker:?}; console:\n{console}")]
     ExitedEarly {
+        /// The line that was awaited.
         marker: String,
+        /// QEMU's exit status.
         status: String,
+        /// Everything the guest printed.
         console: String,
     },
+    /// The guest booted but never shut down.
     #[error("the guest printed its marker but did not shut down within {0:?}")]
     NoShutdown(Duration),
 }
@@ -38,10 +50,15 @@ pub enum MicrovmError {
 /// A guest to boot.
 #[derive(Debug, Clone)]
 pub struct MicrovmBoot {
+    /// The guest kernel.
     pub kernel: PathBuf,
+    /// The guest's initramfs.
     pub initrd: PathBuf,
+    /// The kernel command line.
     pub cmdline: String,
+    /// vCPUs.
     pub vcpus: u32,
+    /// Guest memory, in MiB.
     pub memory_mib: u32,
     /// The line the guest prints when it has booted.
     pub marker: String,
@@ -58,7 +75,9 @@ pub struct BootReport {
     pub to_marker: Duration,
     /// From QEMU's spawn to its exit.
     pub to_exit: Duration,
+    /// QEMU's exit status.
     pub status: ExitStatus,
+    /// Everything the guest printed.
     pub console: String,
 }
 

@@ -72,24 +72,42 @@ pub fn hold_kvm() -> Result<(), kvm_ioctls::Error> {
 const KVM_AMD_ARGS: &str = "vgif=0 vls=0";
 const BUSYBOX: &str = "/bin/busybox";
 
+/// Why a command in the nested test host did not run to its end.
 #[derive(Debug, thiserror::Error)]
 pub enum NestedError {
+    /// The test host's kernel or a module is missing.
     #[error("test host kernel: {0}")]
     HostKernel(String),
+    /// The command cannot be run inside (e.g. a path outside the trees copied in).
     #[error("command: {0}")]
     Command(String),
+    /// The test host's initramfs could not be built.
     #[error("cannot build the test host's initramfs")]
     Initramfs(#[source] InitramfsError),
+    /// QEMU could not be started.
     #[error("cannot start qemu-system-x86_64 (install Debian's qemu-system-x86)")]
     Spawn(#[source] io::Error),
+    /// The console or a file could not be read or written.
     #[error("i/o error while running the test host")]
     Io(#[source] io::Error),
+    /// The test host stopped before the command's end was reported.
     #[error(
         "the test host stopped ({status}) before the command finished; last console lines:\n{console}"
     )]
-    HostDied { status: String, console: String },
+    HostDied {
+        /// QEMU's exit status.
+        status: String,
+        /// The test host's last console lines.
+        console: String,
+    },
+    /// The command outlived the run's limit.
     #[error("the command did not finish within {timeout:?}; last console lines:\n{console}")]
-    Timeout { timeout: Duration, console: String },
+    Timeout {
+        /// The limit that passed.
+        timeout: Duration,
+        /// The test host's last console lines.
+        console: String,
+    },
     /// The test host itself stopped making progress: no output for
     /// `silence` while the kernel reported a lockup or stall, or no output
     /// at all for `NestedRun::stall`. Not a failure of the command.
@@ -98,11 +116,16 @@ pub enum NestedError {
          last console lines:\n{console}\nCPU registers (QEMU monitor):\n{registers}"
     )]
     Wedged {
+        /// How long nothing came.
         silence: Duration,
+        /// What the kernel reported (a soft lockup, an RCU stall), or empty.
         lockup: &'static str,
+        /// The test host's last console lines.
         console: String,
+        /// The vCPUs' registers, from QEMU's monitor.
         registers: String,
     },
+    /// Stopped early by a signal (`NestedRun::stop`).
     #[error("interrupted")]
     Interrupted,
 }
@@ -110,8 +133,11 @@ pub enum NestedError {
 /// Debian's cloud kernel and the modules the test host loads, from its package.
 #[derive(Debug, Clone)]
 pub struct HostKernel {
+    /// The kernel image.
     pub vmlinuz: PathBuf,
+    /// The modules the test host loads (kvm, kvm-amd, vsock …), in load order.
     pub modules: Vec<PathBuf>,
+    /// The kernel's release (`uname -r`).
     pub release: String,
 }
 
@@ -165,6 +191,7 @@ impl HostKernel {
 /// One command run inside a freshly booted test host.
 #[derive(Debug)]
 pub struct NestedRun<'a> {
+    /// The test host's kernel.
     pub kernel: &'a HostKernel,
     /// The program and its arguments, as on the outer machine.
     pub command: Vec<String>,
@@ -172,9 +199,13 @@ pub struct NestedRun<'a> {
     pub with: Vec<PathBuf>,
     /// Environment for the command inside.
     pub env: Vec<(String, String)>,
+    /// The working directory of the command.
     pub cwd: PathBuf,
+    /// The test host's CPUs.
     pub cpus: u32,
+    /// The test host's memory, in MiB.
     pub memory_mib: u32,
+    /// The limit for the whole run, boot included.
     pub timeout: Duration,
     /// No output at all for this long means the test host is wedged (the
     /// command's own steps have shorter timeouts and report themselves).
@@ -186,7 +217,9 @@ pub struct NestedRun<'a> {
 /// What happened inside.
 #[derive(Debug)]
 pub struct NestedOutcome {
+    /// The command's exit code.
     pub exit_code: i32,
+    /// The size of the test host's initramfs (the command and what it needs).
     pub initramfs_bytes: u64,
     /// From QEMU's start until the host's init was about to run the command.
     pub boot_time: Duration,

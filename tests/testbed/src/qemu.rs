@@ -10,10 +10,15 @@ use std::process::{Command, Stdio};
 pub struct DirectBoot<'a> {
     /// Machine, accelerator and CPU model arguments.
     pub machine: &'a [&'a str],
+    /// vCPUs.
     pub cpus: u32,
+    /// Memory, in MiB.
     pub memory_mib: u32,
+    /// The kernel.
     pub kernel: &'a Path,
+    /// The initramfs.
     pub initrd: &'a Path,
+    /// The kernel command line.
     pub cmdline: &'a str,
     /// One file per serial port, in port order (ttyS0, ttyS1, ...).
     pub serial_logs: &'a [&'a Path],

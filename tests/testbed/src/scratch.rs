@@ -28,10 +28,12 @@ impl ScratchDir {
         Ok(Self { path })
     }
 
+    /// The directory.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    /// A path in the directory.
     pub fn join(&self, name: &str) -> PathBuf {
         self.path.join(name)
     }

@@ -100,6 +100,7 @@ impl VmmRun {
         self.started
     }
 
+    /// The VMM's pid.
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -207,6 +208,7 @@ pub struct VmmTimes {
     pub ready_us: Option<u64>,
     /// The guest wrote the boot marker (wall and VMM CPU time).
     pub marker_us: Option<u64>,
+    /// The VMM's CPU time when the guest wrote the boot marker.
     pub marker_cpu_us: Option<u64>,
 }
 
