@@ -3,6 +3,7 @@
 
 use capsid_protocol::DEFAULT_AGENT_PORT;
 
+/// The agent's settings, from the kernel command line (`cocoon.port=…`, `cocoon.log=…`): the image needs no config file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentConfig {
     /// The vsock port the agent listens on.

@@ -48,29 +48,42 @@ const KILL_WAIT: Duration = Duration::from_secs(10);
 /// `linux.devices` and the device rules allow.
 const ROOTFS_FLAGS: libc::c_ulong = libc::MS_NODEV;
 
+/// Why a container operation failed; `rpc.rs` maps each to the protocol's error code.
 #[derive(Debug, thiserror::Error)]
 pub enum ContainerError {
+    /// The request is malformed or asks for what cannot be.
     #[error("{0}")]
     InvalidArgument(String),
+    /// No container or process by that id.
     #[error("{0} not found")]
     NotFound(String),
+    /// The id is taken.
     #[error("{0} already exists")]
     AlreadyExists(String),
+    /// The container is not in a state that allows the operation.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The request asks for something the agent does not do.
     #[error("{0}")]
     Unsupported(String),
+    /// Starting or signalling a process failed.
     #[error(transparent)]
     Process(#[from] ProcessError),
+    /// Preparing the container's root filesystem failed.
     #[error(transparent)]
     Rootfs(#[from] RootfsError),
+    /// The container's cgroup failed.
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
+    /// Its stdio could not be set up.
     #[error(transparent)]
     Stdio(#[from] StdioError),
+    /// A file operation failed.
     #[error("{what}")]
     Io {
+        /// What was being done.
         what: String,
+        /// The error.
         #[source]
         source: io::Error,
     },
@@ -82,11 +95,11 @@ fn io_error(what: impl Into<String>) -> impl FnOnce(io::Error) -> ContainerError
 }
 
 #[derive(Debug)]
-pub struct ContainerProcess {
-    pub pid: i32,
+pub(crate) struct ContainerProcess {
+    pub(crate) pid: i32,
     pidfd: Option<OwnedFd>,
-    pub io: ProcessIo,
-    pub exit: Arc<ExitCell>,
+    pub(crate) io: ProcessIo,
+    pub(crate) exit: Arc<ExitCell>,
     gate: Mutex<Option<StartGate>>,
 }
 
@@ -106,7 +119,7 @@ impl ContainerProcess {
 }
 
 #[derive(Debug)]
-pub struct Container {
+pub(crate) struct Container {
     id: String,
     dir: PathBuf,
     /// Agent-side mounts, undone in reverse order.
@@ -311,6 +324,7 @@ fn unmount_all(mounts: &[PathBuf], dir: &Path) {
 }
 
 impl Containers {
+    /// The reaper, whose thread waits for every child of PID 1.
     pub fn reaper(&self) -> Arc<Reaper> {
         Arc::clone(&self.reaper)
     }
@@ -337,7 +351,7 @@ impl Containers {
         }
     }
 
-    pub fn create(&self, request: CreateContainer) -> Result<u32, ContainerError> {
+    pub(crate) fn create(&self, request: CreateContainer) -> Result<u32, ContainerError> {
         let id = request.id.clone();
         validate_id("container id", &id).map_err(ContainerError::InvalidArgument)?;
         validate_id("disk id", &request.rootfs.disk_id).map_err(ContainerError::InvalidArgument)?;
@@ -481,7 +495,7 @@ impl Containers {
         Ok(pid.unsigned_abs())
     }
 
-    pub fn exec(&self, request: ExecProcess) -> Result<u32, ContainerError> {
+    pub(crate) fn exec(&self, request: ExecProcess) -> Result<u32, ContainerError> {
         request
             .process
             .validate()
@@ -563,7 +577,7 @@ impl Containers {
         })
     }
 
-    pub fn start(&self, process: &ProcessRef) -> Result<(), ContainerError> {
+    pub(crate) fn start(&self, process: &ProcessRef) -> Result<(), ContainerError> {
         let target = self.process(process)?;
         let gate = lock(&target.gate).take().ok_or_else(|| {
             ContainerError::FailedPrecondition(format!("process {process} was already started"))
@@ -580,7 +594,7 @@ impl Containers {
         Ok(status)
     }
 
-    pub fn signal(
+    pub(crate) fn signal(
         &self,
         process: &ProcessRef,
         signal: i32,
@@ -603,7 +617,7 @@ impl Containers {
         self.process(process)?.signal(signal)
     }
 
-    pub fn attach(
+    pub(crate) fn attach(
         &self,
         process: &ProcessRef,
         stream: Stream,
@@ -613,16 +627,21 @@ impl Containers {
         Ok(self.process(process)?.io.attach(stream, connection, ack)?)
     }
 
-    pub fn resize(&self, process: &ProcessRef, rows: u16, cols: u16) -> Result<(), ContainerError> {
+    pub(crate) fn resize(
+        &self,
+        process: &ProcessRef,
+        rows: u16,
+        cols: u16,
+    ) -> Result<(), ContainerError> {
         Ok(self.process(process)?.io.resize(rows, cols)?)
     }
 
-    pub fn close_stdin(&self, process: &ProcessRef) -> Result<(), ContainerError> {
+    pub(crate) fn close_stdin(&self, process: &ProcessRef) -> Result<(), ContainerError> {
         self.process(process)?.io.close_stdin();
         Ok(())
     }
 
-    pub fn stats(&self, id: &str) -> Result<ContainerStats, ContainerError> {
+    pub(crate) fn stats(&self, id: &str) -> Result<ContainerStats, ContainerError> {
         Ok(self.container(id)?.cgroup.stats())
     }
 
@@ -632,7 +651,7 @@ impl Containers {
         Ok(())
     }
 
-    pub fn pids(&self, id: &str) -> Result<Vec<u32>, ContainerError> {
+    pub(crate) fn pids(&self, id: &str) -> Result<Vec<u32>, ContainerError> {
         Ok(self.container(id)?.cgroup.pids())
     }
 

@@ -39,12 +39,12 @@ const TYPE_CHAR: u32 = 2;
 /// One rule, checked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DeviceRule {
-    pub allow: bool,
+    pub(crate) allow: bool,
     /// `None`: any type.
     pub kind: Option<u32>,
-    pub major: Option<u32>,
-    pub minor: Option<u32>,
-    pub access: u32,
+    pub(crate) major: Option<u32>,
+    pub(crate) minor: Option<u32>,
+    pub(crate) access: u32,
 }
 
 /// The character devices every container's /dev holds (`rootfs.rs`), with
@@ -120,11 +120,11 @@ pub fn rules(spec: &[LinuxDeviceCgroup]) -> Result<Vec<DeviceRule>, String> {
 /// One eBPF instruction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Insn {
-    pub code: u8,
-    pub dst: u8,
-    pub src: u8,
-    pub off: i16,
-    pub imm: i32,
+    pub(crate) code: u8,
+    pub(crate) dst: u8,
+    pub(crate) src: u8,
+    pub(crate) off: i16,
+    pub(crate) imm: i32,
 }
 
 impl Insn {

@@ -1,17 +1,23 @@
 //! `capsid-agent`, the library behind the binary: PID 1 of a capsid guest
 //! (see `main.rs` for the order it starts in). A library so that its
 //! parsers and planners are fuzzed and tested from outside.
+//!
+//! Only what `main.rs`, the fuzz targets and `tests/` use is public (and
+//! documented); the cgroup, reaper, seccomp, stdio and `Syscall` modules
+//! are the agent's own.
 
-pub mod cgroup;
+#![warn(missing_docs)]
+
+mod cgroup;
 pub mod config;
 pub mod container;
 pub mod devices;
 pub mod init;
 pub mod process;
-pub mod reaper;
+mod reaper;
 pub mod rootfs;
 pub mod rpc;
-pub mod seccomp;
-pub mod stdio;
-pub mod syscall;
+mod seccomp;
+mod stdio;
+mod syscall;
 pub mod vsock;

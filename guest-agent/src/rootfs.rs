@@ -20,13 +20,18 @@ use oci_spec::runtime::{Linux, LinuxDeviceType, Mount};
 
 use crate::syscall::{PathKind, Syscall};
 
+/// Why a container's root filesystem could not be prepared.
 #[derive(Debug, thiserror::Error)]
 pub enum RootfsError {
+    /// The spec asks for a mount or path that is not allowed.
     #[error("{0}")]
     Invalid(String),
+    /// A mount or file operation failed.
     #[error("{what}")]
     Io {
+        /// What was being done.
         what: String,
+        /// The error.
         #[source]
         source: io::Error,
     },
@@ -95,20 +100,20 @@ fn components(path: &Path) -> VecDeque<PathBuf> {
 /// One OCI mount, its options sorted into flags, data and propagation.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MountPlan {
-    pub destination: PathBuf,
-    pub source: Option<PathBuf>,
-    pub fstype: Option<String>,
-    pub flags: libc::c_ulong,
-    pub data: String,
-    pub propagation: libc::c_ulong,
+    pub(crate) destination: PathBuf,
+    pub(crate) source: Option<PathBuf>,
+    pub(crate) fstype: Option<String>,
+    pub(crate) flags: libc::c_ulong,
+    pub(crate) data: String,
+    pub(crate) propagation: libc::c_ulong,
 }
 
 impl MountPlan {
-    pub fn is_bind(&self) -> bool {
+    pub(crate) fn is_bind(&self) -> bool {
         self.flags & libc::MS_BIND != 0
     }
 
-    pub fn from_oci(mount: &Mount) -> Result<Self, RootfsError> {
+    pub(crate) fn from_oci(mount: &Mount) -> Result<Self, RootfsError> {
         let destination = mount.destination().clone();
         if !destination.is_absolute() {
             return Err(RootfsError::Invalid(format!(
@@ -276,25 +281,25 @@ const DEFAULT_LINKS: [(&str, &str); 5] = [
 /// Everything the container's view needs, checked before the fork.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct RootfsPlan {
-    pub rootfs: PathBuf,
-    pub mounts: Vec<MountPlan>,
-    pub devices: Vec<DevicePlan>,
-    pub masked_paths: Vec<PathBuf>,
-    pub readonly_paths: Vec<PathBuf>,
-    pub readonly_root: bool,
-    pub hostname: Option<String>,
-    pub sysctl: Vec<(PathBuf, String)>,
+    pub(crate) rootfs: PathBuf,
+    pub(crate) mounts: Vec<MountPlan>,
+    pub(crate) devices: Vec<DevicePlan>,
+    pub(crate) masked_paths: Vec<PathBuf>,
+    pub(crate) readonly_paths: Vec<PathBuf>,
+    pub(crate) readonly_root: bool,
+    pub(crate) hostname: Option<String>,
+    pub(crate) sysctl: Vec<(PathBuf, String)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct DevicePlan {
-    pub path: PathBuf,
-    pub kind: u32,
-    pub mode: u32,
-    pub major: u32,
-    pub minor: u32,
-    pub uid: u32,
-    pub gid: u32,
+pub(crate) struct DevicePlan {
+    pub(crate) path: PathBuf,
+    pub(crate) kind: u32,
+    pub(crate) mode: u32,
+    pub(crate) major: u32,
+    pub(crate) minor: u32,
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
 }
 
 /// Whether `key` may be set for a container: only a sysctl that belongs
@@ -342,6 +347,9 @@ fn namespaced_sysctl(key: &str, linux: &Linux) -> Result<(), String> {
 }
 
 impl RootfsPlan {
+    /// Checks the spec's mounts, devices, masked and read-only paths and
+    /// sysctls for a root filesystem at `rootfs`, and plans them: nothing
+    /// is mounted until [`RootfsPlan::apply`].
     pub fn new(
         rootfs: PathBuf,
         mounts: &[Mount],

@@ -22,7 +22,9 @@ const SHUTDOWN_LINGER: Duration = Duration::from_secs(2);
 /// What the caller should do once the connection ends.
 #[derive(Debug, PartialEq, Eq)]
 pub enum After {
+    /// Serve the next connection.
     Continue,
+    /// The host asked the guest to power off: reboot (the VMM ends on reset).
     Reboot,
 }
 

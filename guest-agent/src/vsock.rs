@@ -10,6 +10,7 @@ fn socklen<T>() -> libc::socklen_t {
     libc::socklen_t::try_from(mem::size_of::<T>()).unwrap_or(libc::socklen_t::MAX)
 }
 
+/// A listening `AF_VSOCK` stream socket.
 #[derive(Debug)]
 pub struct VsockListener {
     fd: OwnedFd,
@@ -101,13 +102,16 @@ pub const MAX_CONNECTIONS: usize = 512;
 /// Why a connection was refused.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
+    /// The peer is not the host.
     #[error("connection from CID {0} refused: only the host (CID 2) may connect")]
     NotHost(u32),
+    /// Every connection slot is taken.
     #[error("connection refused: {0} connections are open already")]
     Full(usize),
 }
 
 impl Admission {
+    /// Admits at most `max` connections at once.
     pub fn new(max: usize) -> Self {
         Self {
             open: std::sync::atomic::AtomicUsize::new(0),
@@ -156,13 +160,13 @@ impl VsockStream {
         Self { fd }
     }
 
-    pub fn try_clone(&self) -> io::Result<Self> {
+    pub(crate) fn try_clone(&self) -> io::Result<Self> {
         Ok(Self {
             fd: self.fd.try_clone()?,
         })
     }
 
-    pub fn shutdown(&self, how: std::net::Shutdown) -> io::Result<()> {
+    pub(crate) fn shutdown(&self, how: std::net::Shutdown) -> io::Result<()> {
         let how = match how {
             std::net::Shutdown::Read => libc::SHUT_RD,
             std::net::Shutdown::Write => libc::SHUT_WR,

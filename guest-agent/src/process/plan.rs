@@ -16,12 +16,12 @@ use super::ProcessError;
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct CapsPlan {
-    pub bounding: HashSet<Capability>,
-    pub effective: HashSet<Capability>,
-    pub permitted: HashSet<Capability>,
-    pub inheritable: HashSet<Capability>,
-    pub ambient: HashSet<Capability>,
+pub(crate) struct CapsPlan {
+    pub(crate) bounding: HashSet<Capability>,
+    pub(crate) effective: HashSet<Capability>,
+    pub(crate) permitted: HashSet<Capability>,
+    pub(crate) inheritable: HashSet<Capability>,
+    pub(crate) ambient: HashSet<Capability>,
 }
 
 impl CapsPlan {
@@ -40,19 +40,19 @@ impl CapsPlan {
 /// The OCI process, checked and converted for the child.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ProcessPlan {
-    pub args: Vec<CString>,
-    pub env: Vec<CString>,
-    pub path: String,
-    pub cwd: PathBuf,
-    pub uid: u32,
-    pub gid: u32,
-    pub additional_gids: Vec<u32>,
-    pub umask: Option<u32>,
-    pub rlimits: Vec<(u32, u64, u64)>,
-    pub caps: CapsPlan,
-    pub no_new_privs: bool,
-    pub seccomp: Option<crate::seccomp::SeccompProgram>,
-    pub terminal: bool,
+    pub(crate) args: Vec<CString>,
+    pub(crate) env: Vec<CString>,
+    pub(crate) path: String,
+    pub(crate) cwd: PathBuf,
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
+    pub(crate) additional_gids: Vec<u32>,
+    pub(crate) umask: Option<u32>,
+    pub(crate) rlimits: Vec<(u32, u64, u64)>,
+    pub(crate) caps: CapsPlan,
+    pub(crate) no_new_privs: bool,
+    pub(crate) seccomp: Option<crate::seccomp::SeccompProgram>,
+    pub(crate) terminal: bool,
 }
 
 fn cstrings(what: &str, items: &[String]) -> Result<Vec<CString>, ProcessError> {
@@ -104,6 +104,9 @@ fn rlimit_resource(name: &str) -> Option<u32> {
 }
 
 impl ProcessPlan {
+    /// Checks an OCI `process` (and the container's seccomp profile) and
+    /// turns it into what the child applies: every name resolved, every
+    /// value checked, before anything is forked.
     pub fn from_oci(
         process: &Process,
         seccomp: Option<&oci_spec::runtime::LinuxSeccomp>,
