@@ -41,28 +41,40 @@ use crate::vstate::vm::{Vm, VmError};
 /// Why a VM could not be built. Nothing the build made is left behind.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
+    /// The configuration is invalid.
     #[error("invalid configuration")]
     Config(#[from] ConfigError),
+    /// Guest memory cannot be set up.
     #[error("cannot set up guest memory")]
     Memory(#[from] MemoryError),
+    /// A KVM call failed.
     #[error("KVM setup failed")]
     Kvm(#[from] VmError),
+    /// An eventfd cannot be made.
     #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
+    /// The serial output file cannot be opened.
     #[error("cannot open serial output {0}")]
     SerialFile(String, #[source] std::io::Error),
+    /// Two devices overlap.
     #[error("cannot place a device")]
     Bus(#[from] BusError),
+    /// A disk cannot be set up.
     #[error("cannot set up disk {0}")]
     Disk(String, #[source] crate::devices::virtio::block::BlockError),
+    /// The vsock device cannot be set up.
     #[error("cannot set up vsock")]
     Vsock(#[from] crate::devices::virtio::vsock::VsockError),
+    /// The virtio queues cannot be set up.
     #[error("cannot set up virtio queues: {0}")]
     Queue(String),
+    /// A device worker cannot be started.
     #[error("cannot start a device worker")]
     Worker(#[source] crate::devices::virtio::WorkerError),
+    /// The API socket cannot be served.
     #[error("cannot serve the API socket {0}")]
     Api(String, #[source] std::io::Error),
+    /// The kernel, initrd or boot parameters cannot be loaded.
     #[error("cannot load the guest")]
     Boot(#[from] BootError),
 }
@@ -71,9 +83,9 @@ pub enum BuildError {
 /// (see [`crate::seccomp`]), or nothing.
 #[derive(Clone)]
 pub struct ThreadInits {
-    pub vcpu: ThreadInit,
-    pub worker: ThreadInit,
-    pub api: ThreadInit,
+    pub(crate) vcpu: ThreadInit,
+    pub(crate) worker: ThreadInit,
+    pub(crate) api: ThreadInit,
 }
 
 impl std::fmt::Debug for ThreadInits {
@@ -98,12 +110,12 @@ impl ThreadInits {
 /// (`crate::jail`): after that it has no host path to open.
 #[derive(Debug)]
 pub struct HostFiles {
-    pub kvm: kvm_ioctls::Kvm,
-    pub kernel: NamedFile,
-    pub initrd: Option<NamedFile>,
+    pub(crate) kvm: kvm_ioctls::Kvm,
+    pub(crate) kernel: NamedFile,
+    pub(crate) initrd: Option<NamedFile>,
     /// One per `config.disks`, in order.
     pub disks: Vec<Block>,
-    pub serial: Option<BoundedFile>,
+    pub(crate) serial: Option<BoundedFile>,
 }
 
 impl HostFiles {

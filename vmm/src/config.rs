@@ -15,38 +15,53 @@ use crate::arch::layout::{IOAPIC_PINS, MAX_VCPUS, VIRTIO_IRQ_BASE};
 
 /// Smallest and largest guest RAM accepted.
 pub const MIN_MEM_MIB: u32 = 16;
-pub const MAX_MEM_MIB: u32 = 1 << 20;
+pub(crate) const MAX_MEM_MIB: u32 = 1 << 20;
 
 /// A configuration the VMM cannot run, and what to change.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The config file cannot be read.
     #[error("cannot read config file {0}")]
     Read(PathBuf, #[source] std::io::Error),
+    /// The config file is not valid JSON for a `VmConfig`.
     #[error("config file {0} is not valid")]
     Parse(PathBuf, #[source] serde_json::Error),
+    /// No kernel was given.
     #[error("no kernel given: pass --kernel PATH (a vmlinux or bzImage)")]
     NoKernel,
+    /// A file the VM needs is missing or unreadable.
     #[error("{what} {path} does not exist or cannot be read: {source}")]
     Missing {
+        /// What it is (kernel, initrd, disk …).
         what: &'static str,
+        /// Its path.
         path: PathBuf,
+        /// Why it cannot be opened.
         #[source]
         source: std::io::Error,
     },
+    /// The vCPU count is out of range.
     #[error("vcpus = {0}: give 1 to {MAX_VCPUS}")]
     Vcpus(u8),
+    /// The memory size is out of range.
     #[error("mem_mib = {0}: give {MIN_MEM_MIB} to {MAX_MEM_MIB}")]
     Memory(u32),
+    /// The vsock CID is reserved.
     #[error("vsock cid = {0}: give 3 or more (0-2 are reserved)")]
     Cid(u32),
+    /// A socket path is taken.
     #[error("socket {0} already exists: remove it or choose another path")]
     SocketExists(PathBuf),
+    /// A socket's directory is missing.
     #[error("socket directory {0} does not exist")]
     SocketDir(PathBuf),
+    /// Spare disk slots without an API socket to fill them.
     #[error("spare_disks = {0} needs an API socket to attach images through: give --api-uds PATH")]
     SpareWithoutApi(u8),
+    /// More virtio devices than interrupt pins.
     #[error("too many devices: {0} virtio devices, at most {max}", max = IOAPIC_PINS - VIRTIO_IRQ_BASE)]
     TooManyDevices(usize),
+    /// The command line is malformed.
     #[error(transparent)]
     Syntax(#[from] SyntaxError),
 }

@@ -27,6 +27,7 @@ pub enum ExitReason {
 pub use capsid_vmm_api::{EXIT_GUEST_CRASH, EXIT_GUEST_SHUTDOWN, EXIT_SIGNAL_BASE, EXIT_VMM_ERROR};
 
 impl ExitReason {
+    /// The VMM's exit status for this reason (`capsid_vmm_api::exit`).
     pub fn exit_code(&self) -> i32 {
         match self {
             ExitReason::GuestShutdown => EXIT_GUEST_SHUTDOWN,
@@ -56,14 +57,14 @@ pub struct ExitNotifier {
 }
 
 impl ExitNotifier {
-    pub fn new() -> std::io::Result<Self> {
+    pub(crate) fn new() -> std::io::Result<Self> {
         Ok(Self {
             evt: EventFd::new(0)?,
             reason: Mutex::new(None),
         })
     }
 
-    pub fn report(&self, reason: ExitReason) {
+    pub(crate) fn report(&self, reason: ExitReason) {
         let mut slot = lock(&self.reason);
         if slot.is_none() {
             *slot = Some(reason);
@@ -71,7 +72,7 @@ impl ExitNotifier {
         }
     }
 
-    pub fn reason(&self) -> Option<ExitReason> {
+    pub(crate) fn reason(&self) -> Option<ExitReason> {
         lock(&self.reason).clone()
     }
 

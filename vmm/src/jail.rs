@@ -50,7 +50,9 @@ pub struct JailConfig {
     /// The VM's directory on the host (made by the runtime, owned by `uid`,
     /// mode 0700); it becomes `/vm` in the jail, and is all the VMM sees.
     pub dir: PathBuf,
+    /// The unprivileged user the VMM becomes.
     pub uid: u32,
+    /// Its group.
     pub gid: u32,
     /// A cgroup v2 directory made for this VM, which the VMM joins.
     pub cgroup: Option<PathBuf>,
@@ -64,21 +66,30 @@ pub struct JailConfig {
 #[derive(Debug)]
 pub enum Role {
     /// Outside the PID namespace: wait for `vmm`, forward signals to it.
-    Keeper { vmm: libc::pid_t },
+    Keeper {
+        /// The VMM's pid (in the keeper's namespace).
+        vmm: libc::pid_t,
+    },
     /// Inside every wall: go on and run the VM.
     Vmm,
 }
 
+/// Why the VMM cannot confine itself.
 #[derive(Debug, thiserror::Error)]
 pub enum JailError {
+    /// The `--jail` setting is invalid.
     #[error("--jail {0}: {1}")]
     Config(PathBuf, &'static str),
+    /// The cgroup cannot be joined.
     #[error("cannot join cgroup {0}")]
     Cgroup(PathBuf, #[source] std::io::Error),
+    /// A system call failed.
     #[error("cannot {0}")]
     Sys(&'static str, #[source] std::io::Error),
+    /// Asked to run as root.
     #[error("the VMM must not run as root: give --uid and --gid of an unprivileged user")]
     Root,
+    /// Landlock rules cannot be applied.
     #[error("Landlock")]
     Landlock(#[source] landlock::RulesetError),
 }

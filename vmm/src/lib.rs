@@ -6,6 +6,11 @@
 //! signalled. The guest is hostile: everything that reads guest memory does so
 //! through checked `vm-memory` accessors, and every device validates what the
 //! guest hands it before acting on it.
+//!
+//! What `main.rs`, `tests/` and the fuzz targets use is public and
+//! documented; the rest is `pub(crate)`.
+
+#![warn(missing_docs)]
 
 pub mod api;
 pub mod arch;

@@ -55,7 +55,7 @@ impl RateLimit {
         Self::with_burst(BURST)
     }
 
-    pub const fn with_burst(burst: u64) -> Self {
+    pub(crate) const fn with_burst(burst: u64) -> Self {
         Self {
             burst,
             window_start: AtomicU64::new(0),
@@ -126,7 +126,7 @@ pub struct BoundedFile {
 }
 
 impl BoundedFile {
-    pub const MAX: u64 = 1 << 20;
+    pub(crate) const MAX: u64 = 1 << 20;
 
     /// Opens `path` for writing at its end (what is there counts towards
     /// the bound).

@@ -24,12 +24,16 @@ use crate::arch::layout::ram_ranges;
 /// Why guest RAM could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
+    /// The address space cannot be reserved.
     #[error("cannot reserve {0} bytes of address space for guest RAM")]
     Reserve(usize, #[source] io::Error),
+    /// Guest RAM cannot be mapped.
     #[error("cannot map {0} bytes of guest RAM")]
     Map(usize, #[source] io::Error),
+    /// vm-memory refused the regions.
     #[error("cannot describe guest RAM to vm-memory: {0}")]
     Region(String),
+    /// The size does not fit in the address space.
     #[error("guest memory size {0} MiB does not fit in this host's address space")]
     Size(u64),
 }

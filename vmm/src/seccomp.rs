@@ -52,15 +52,20 @@ pub enum SeccompMode {
 /// The kinds of thread, each with its own filter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum ThreadKind {
+    /// The main thread (signals, the VM's end).
     Main,
+    /// A vCPU thread (`KVM_RUN`, port and MMIO exits).
     Vcpu,
+    /// A device worker thread (queues, disk and socket I/O).
     Worker,
+    /// The API thread (attach and detach).
     Api,
+    /// The keeper outside the PID namespace (waits and forwards signals).
     Keeper,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 5] = [
+    pub(crate) const ALL: [ThreadKind; 5] = [
         ThreadKind::Main,
         ThreadKind::Vcpu,
         ThreadKind::Worker,
@@ -72,8 +77,10 @@ impl ThreadKind {
 /// Why a filter could not be built or installed.
 #[derive(Debug, thiserror::Error)]
 pub enum SeccompError {
+    /// A filter cannot be compiled.
     #[error("cannot compile the {0:?} thread's seccomp filter")]
     Compile(ThreadKind, #[source] seccompiler::BackendError),
+    /// A filter cannot be installed.
     #[error("cannot install the seccomp filter")]
     Install(#[source] seccompiler::Error),
 }
@@ -105,20 +112,24 @@ fn allow_arg(rules: &mut Rules, nr: libc::c_long, arg: u8, values: &[u64]) {
 
 const PROT_EXEC: u64 = libc::PROT_EXEC as u64;
 
-// The ioctl request numbers we allow, built as the kernel headers do.
-vmm_sys_util::ioctl_io_nr!(KVM_RUN, kvm_bindings::KVMIO, 0x80);
-vmm_sys_util::ioctl_ior_nr!(
-    KVM_GET_REGS,
-    kvm_bindings::KVMIO,
-    0x81,
-    kvm_bindings::kvm_regs
-);
-vmm_sys_util::ioctl_ior_nr!(
-    KVM_GET_SREGS,
-    kvm_bindings::KVMIO,
-    0x83,
-    kvm_bindings::kvm_sregs
-);
+// The ioctl request numbers we allow, built as the kernel headers do
+// (in a module of their own: the macros make public functions).
+mod nr {
+    vmm_sys_util::ioctl_io_nr!(KVM_RUN, kvm_bindings::KVMIO, 0x80);
+    vmm_sys_util::ioctl_ior_nr!(
+        KVM_GET_REGS,
+        kvm_bindings::KVMIO,
+        0x81,
+        kvm_bindings::kvm_regs
+    );
+    vmm_sys_util::ioctl_ior_nr!(
+        KVM_GET_SREGS,
+        kvm_bindings::KVMIO,
+        0x83,
+        kvm_bindings::kvm_sregs
+    );
+}
+use nr::{KVM_GET_REGS, KVM_GET_SREGS, KVM_RUN};
 
 /// What every thread of ours needs once running: memory (never
 /// executable), locks and channels (`futex`, `sched_yield` in their

@@ -29,26 +29,42 @@ use super::regs::BootProtocol;
 /// Why the guest could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
+    /// The kernel file cannot be opened.
     #[error("cannot open kernel {0}")]
     OpenKernel(String, #[source] std::io::Error),
+    /// The kernel is in no format we load.
     #[error("kernel {0} is neither an ELF vmlinux nor a bzImage")]
     KernelFormat(String),
+    /// The kernel cannot be loaded into guest memory.
     #[error("cannot load kernel {0}")]
     LoadKernel(String, #[source] linux_loader::loader::Error),
+    /// The initrd file cannot be opened.
     #[error("cannot open initrd {0}")]
     OpenInitrd(String, #[source] std::io::Error),
+    /// The initrd does not fit.
     #[error("initrd {path} ({size} bytes) does not fit in guest memory above the kernel")]
-    InitrdTooBig { path: String, size: u64 },
+    InitrdTooBig {
+        /// Its path.
+        path: String,
+        /// Its size in bytes.
+        size: u64,
+    },
+    /// The initrd cannot be copied into guest memory.
     #[error("cannot copy initrd {0} into guest memory")]
     LoadInitrd(String, #[source] vm_memory::GuestMemoryError),
+    /// The command line is invalid.
     #[error("kernel command line is too long or invalid (at most {CMDLINE_MAX_SIZE} bytes)")]
     Cmdline(#[source] linux_loader::cmdline::Error),
+    /// The command line cannot be written.
     #[error("cannot write the command line into guest memory")]
     LoadCmdline(#[source] linux_loader::loader::Error),
+    /// The boot parameters cannot be written.
     #[error("cannot write boot parameters into guest memory")]
     BootParams(#[source] linux_loader::configurator::Error),
+    /// The MP table cannot be built.
     #[error("cannot build the MP table")]
     MpTable(#[source] super::mptable::MpTableError),
+    /// A boot structure cannot be written.
     #[error("cannot write {0} into guest memory")]
     Write(&'static str, #[source] vm_memory::GuestMemoryError),
 }
@@ -56,8 +72,8 @@ pub enum BootError {
 /// Where the kernel is entered and how.
 #[derive(Clone, Copy, Debug)]
 pub struct BootEntry {
-    pub protocol: BootProtocol,
-    pub entry: u64,
+    pub(crate) protocol: BootProtocol,
+    pub(crate) entry: u64,
 }
 
 /// The initrd's place in guest memory.
@@ -88,8 +104,8 @@ pub fn cmdline(base: &str, virtio_devices: &[(u64, u32)]) -> Result<Cmdline, Boo
 /// messages use.
 #[derive(Debug)]
 pub struct NamedFile {
-    pub file: File,
-    pub name: String,
+    pub(crate) file: File,
+    pub(crate) name: String,
 }
 
 impl NamedFile {

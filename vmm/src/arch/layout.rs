@@ -27,8 +27,8 @@ pub const ZERO_PAGE_ADDR: u64 = 0x7000;
 pub const BOOT_STACK_TOP: u64 = 0x8ff0;
 /// Identity-mapping page tables for the 64-bit boot protocol.
 pub const PML4_ADDR: u64 = 0x9000;
-pub const PDPT_ADDR: u64 = 0xa000;
-pub const PD_ADDR: u64 = 0xb000;
+pub(crate) const PDPT_ADDR: u64 = 0xa000;
+pub(crate) const PD_ADDR: u64 = 0xb000;
 /// The kernel command line.
 pub const CMDLINE_ADDR: u64 = 0x2_0000;
 /// x86's `COMMAND_LINE_SIZE`, including the terminating NUL.
@@ -41,38 +41,38 @@ pub const MPTABLE_ADDR: u64 = 0xf_0000;
 pub const HIMEM_START: u64 = 0x10_0000;
 /// The gap below 4 GiB where no RAM is mapped.
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
-pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+pub(crate) const MMIO_GAP_END: u64 = 0x1_0000_0000;
 /// virtio-mmio devices: one 4 KiB window each.
 pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
-pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+pub(crate) const VIRTIO_MMIO_SIZE: u64 = 0x1000;
 /// The IOAPIC and local APIC register windows.
 pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
-pub const APIC_ADDR: u32 = 0xfee0_0000;
+pub(crate) const APIC_ADDR: u32 = 0xfee0_0000;
 /// KVM's TSS and identity-map pages, inside the MMIO gap (Intel only).
 pub const KVM_TSS_ADDR: usize = 0xfffb_d000;
-pub const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
+pub(crate) const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
 
 /// Legacy I/O ports and their interrupt lines.
 pub const SERIAL_PORT: u16 = 0x3f8;
-pub const SERIAL_PORT_LEN: u16 = 8;
-pub const SERIAL_IRQ: u32 = 4;
-pub const I8042_PORT: u16 = 0x60;
-pub const I8042_PORT_LEN: u16 = 5;
+pub(crate) const SERIAL_PORT_LEN: u16 = 8;
+pub(crate) const SERIAL_IRQ: u32 = 4;
+pub(crate) const I8042_PORT: u16 = 0x60;
+pub(crate) const I8042_PORT_LEN: u16 = 5;
 /// The boot-time marker port and value, the same as Firecracker's, so guest
 /// images made for either work with both.
 pub const BOOT_MARKER_PORT: u16 = 0x3f0;
-pub const BOOT_MARKER_VALUE: u8 = 123;
+pub(crate) const BOOT_MARKER_VALUE: u8 = 123;
 /// First interrupt line for virtio devices; the IOAPIC has 24 pins.
 pub const VIRTIO_IRQ_BASE: u32 = 5;
-pub const IOAPIC_PINS: u32 = 24;
+pub(crate) const IOAPIC_PINS: u32 = 24;
 /// The most vCPUs: one MP table processor entry each, APIC IDs below the IOAPIC's.
 pub const MAX_VCPUS: u8 = 32;
 
 /// One contiguous RAM range, as guest physical start and length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RamRange {
-    pub start: u64,
-    pub len: u64,
+    pub(crate) start: u64,
+    pub(crate) len: u64,
 }
 
 /// Where `mem_bytes` of RAM go: below the MMIO gap, and the rest above 4 GiB.

@@ -34,6 +34,7 @@ const INT_TYPE_EXTINT: u8 = 3;
 /// Why the table cannot be built.
 #[derive(Debug, thiserror::Error)]
 pub enum MpTableError {
+    /// More vCPUs than the table describes.
     #[error("{0} vCPUs requested; the MP table describes 1 to {MAX_VCPUS}")]
     VcpuCount(u8),
 }

@@ -182,7 +182,7 @@ pub fn boot_msrs() -> Vec<kvm_msr_entry> {
 
 /// LAPIC register offsets and delivery modes for LINT0/LINT1.
 pub const APIC_LVT0: usize = 0x350;
-pub const APIC_LVT1: usize = 0x360;
+pub(crate) const APIC_LVT1: usize = 0x360;
 const APIC_MODE_NMI: u32 = 0x4;
 const APIC_MODE_EXTINT: u32 = 0x7;
 

@@ -10,15 +10,23 @@ use capsid_base::lock;
 
 /// A device on a bus. `offset` is relative to the start of its range.
 pub trait BusDevice: Send {
+    /// The guest reads `data.len()` bytes at `offset`.
     fn read(&mut self, offset: u64, data: &mut [u8]);
+    /// The guest writes `data` at `offset`.
     fn write(&mut self, offset: u64, data: &[u8]);
 }
 
 /// Why a device could not be added.
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
+    /// The range is empty or overlaps another device's.
     #[error("range {start:#x}+{len:#x} overlaps another device or is empty")]
-    Overlap { start: u64, len: u64 },
+    Overlap {
+        /// Where the new range starts.
+        start: u64,
+        /// Its length.
+        len: u64,
+    },
 }
 
 struct Range {
@@ -43,7 +51,7 @@ impl std::fmt::Debug for Bus {
 }
 
 impl Bus {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
@@ -77,14 +85,14 @@ impl Bus {
         fits.then_some((range, offset))
     }
 
-    pub fn read(&self, addr: u64, data: &mut [u8]) {
+    pub(crate) fn read(&self, addr: u64, data: &mut [u8]) {
         match self.find(addr, data.len()) {
             Some((range, offset)) => lock(&range.device).read(offset, data),
             None => data.fill(0xff),
         }
     }
 
-    pub fn write(&self, addr: u64, data: &[u8]) {
+    pub(crate) fn write(&self, addr: u64, data: &[u8]) {
         if let Some((range, offset)) = self.find(addr, data.len()) {
             lock(&range.device).write(offset, data);
         }

@@ -42,7 +42,7 @@ impl std::fmt::Debug for SerialConsole {
 }
 
 impl SerialConsole {
-    pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
+    pub(crate) fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
         Self {
             uart: Serial::new(IrqLine(irq), out),
         }
@@ -87,7 +87,7 @@ pub struct I8042 {
 }
 
 impl I8042 {
-    pub fn new(exit: Arc<ExitNotifier>) -> Self {
+    pub(crate) fn new(exit: Arc<ExitNotifier>) -> Self {
         Self {
             device: I8042Device::new(ResetLine(exit)),
         }
@@ -112,8 +112,8 @@ impl BusDevice for I8042 {
 /// Wall and CPU time of this process when the guest wrote the marker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BootTime {
-    pub wall_us: u64,
-    pub cpu_us: u64,
+    pub(crate) wall_us: u64,
+    pub(crate) cpu_us: u64,
 }
 
 /// CPU time this process has used so far (all threads), in microseconds.
@@ -140,7 +140,7 @@ pub struct BootMarker {
 }
 
 impl BootMarker {
-    pub fn new(started: Instant) -> Self {
+    pub(crate) fn new(started: Instant) -> Self {
         Self {
             started,
             first: None,
@@ -148,7 +148,8 @@ impl BootMarker {
         }
     }
 
-    pub fn first(&self) -> Option<BootTime> {
+    #[cfg(test)]
+    fn first(&self) -> Option<BootTime> {
         self.first
     }
 }

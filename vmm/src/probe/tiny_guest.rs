@@ -26,20 +26,28 @@ use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 /// Why the tiny guest could not report a loop time.
 #[derive(Debug, thiserror::Error)]
 pub enum TinyGuestError {
+    /// `/dev/kvm` cannot be opened.
     #[error("cannot open /dev/kvm")]
     OpenKvm(#[source] kvm_ioctls::Error),
+    /// A KVM set-up call failed.
     #[error("KVM setup failed: {0}")]
     Setup(&'static str, #[source] kvm_ioctls::Error),
+    /// Guest memory cannot be allocated.
     #[error("cannot allocate guest memory")]
     Memory(#[source] vm_memory::mmap::FromRangesError),
+    /// Guest memory cannot be written.
     #[error("cannot write guest memory")]
     WriteMemory(#[source] vm_memory::GuestMemoryError),
+    /// `KVM_RUN` failed.
     #[error("KVM_RUN failed")]
     Run(#[source] kvm_ioctls::Error),
+    /// The guest exited in a way it should not.
     #[error("the guest stopped with an unexpected exit: {0}")]
     UnexpectedExit(String),
+    /// The guest did not finish in time.
     #[error("the guest did not finish within {0:?}")]
     Timeout(Duration),
+    /// The kick signal handler cannot be installed.
     #[error("cannot install the vCPU kick signal handler")]
     SignalHandler(#[source] vmm_sys_util::errno::Error),
 }

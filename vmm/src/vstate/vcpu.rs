@@ -90,7 +90,7 @@ impl Vcpu {
         Ok(Self { index, fd })
     }
 
-    pub fn index(&self) -> u8 {
+    pub(crate) fn index(&self) -> u8 {
         self.index
     }
 

@@ -33,11 +33,11 @@ impl Vm {
         Ok(Self { kvm, fd })
     }
 
-    pub fn kvm(&self) -> &Kvm {
+    pub(crate) fn kvm(&self) -> &Kvm {
         &self.kvm
     }
 
-    pub fn fd(&self) -> &VmFd {
+    pub(crate) fn fd(&self) -> &VmFd {
         &self.fd
     }
 

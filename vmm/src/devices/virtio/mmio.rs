@@ -112,7 +112,8 @@ impl MmioTransport {
         })
     }
 
-    pub fn is_activated(&self) -> bool {
+    #[cfg(test)]
+    fn is_activated(&self) -> bool {
         self.activated
     }
 

@@ -27,14 +27,14 @@ pub use worker::{EventSetup, ThreadInit, Worker, WorkerError, WorkerHandle, no_i
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 /// Device status bits (virtio 1.2, 2.1).
 pub const STATUS_ACKNOWLEDGE: u32 = 1;
-pub const STATUS_DRIVER: u32 = 2;
-pub const STATUS_DRIVER_OK: u32 = 4;
-pub const STATUS_FEATURES_OK: u32 = 8;
-pub const STATUS_NEEDS_RESET: u32 = 0x40;
-pub const STATUS_FAILED: u32 = 0x80;
+pub(crate) const STATUS_DRIVER: u32 = 2;
+pub(crate) const STATUS_DRIVER_OK: u32 = 4;
+pub(crate) const STATUS_FEATURES_OK: u32 = 8;
+pub(crate) const STATUS_NEEDS_RESET: u32 = 0x40;
+pub(crate) const STATUS_FAILED: u32 = 0x80;
 /// `InterruptStatus` bits: a used buffer was added; the configuration changed.
 pub const INT_USED_RING: u32 = 1;
-pub const INT_CONFIG: u32 = 2;
+pub(crate) const INT_CONFIG: u32 = 2;
 
 /// The guest-memory view handed to devices: RAM kept alive by an `Arc`.
 pub type Memory = Arc<GuestRam>;
@@ -47,6 +47,7 @@ pub struct Interrupt {
 }
 
 impl Interrupt {
+    /// An interrupt raised by writing `irqfd` (registered with KVM).
     pub fn new(irqfd: EventFd) -> Self {
         Self {
             status: AtomicU32::new(0),
@@ -70,11 +71,11 @@ impl Interrupt {
         }
     }
 
-    pub fn status(&self) -> u32 {
+    pub(crate) fn status(&self) -> u32 {
         self.status.load(Ordering::Acquire)
     }
 
-    pub fn ack(&self, bits: u32) {
+    pub(crate) fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::AcqRel);
     }
 }
@@ -82,20 +83,28 @@ impl Interrupt {
 /// What a device needs to start serving its queues.
 #[derive(Debug)]
 pub struct ActivateContext {
-    pub memory: Memory,
-    pub queues: Vec<Queue>,
+    pub(crate) memory: Memory,
+    pub(crate) queues: Vec<Queue>,
     /// Signalled (by KVM) when the driver notifies queue i; shared with
     /// the transport (no descriptor is duplicated on a vCPU thread).
     pub queue_evts: Arc<Vec<EventFd>>,
-    pub interrupt: Arc<Interrupt>,
+    pub(crate) interrupt: Arc<Interrupt>,
+    /// The features the driver acknowledged (the device's own offer, masked).
     pub acked_features: u64,
 }
 
 /// Why a device could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {
+    /// The driver set up the wrong number of queues.
     #[error("the driver set up {got} queues, the device has {want}")]
-    QueueCount { got: usize, want: usize },
+    QueueCount {
+        /// Queues the driver set up.
+        got: usize,
+        /// Queues the device has.
+        want: usize,
+    },
+    /// The queue eventfds cannot be registered.
     #[error("cannot watch the device's queues")]
     Watch(#[source] std::io::Error),
 }
@@ -144,14 +153,24 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
 /// A descriptor chain the device refuses to look into.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ChainError {
+    /// The chain loops or is too long.
     #[error("descriptor chain loops or is longer than the queue ({0} entries)")]
     Unterminated(u16),
+    /// A descriptor index past the table.
     #[error("descriptor {index} is outside the {size}-entry descriptor table")]
-    OutsideTable { index: u16, size: u16 },
+    OutsideTable {
+        /// The descriptor's index.
+        index: u16,
+        /// The table's size.
+        size: u16,
+    },
+    /// A descriptor cannot be read.
     #[error("descriptor table entry {0} is not in guest memory")]
     Unreadable(u16),
+    /// An indirect descriptor (not offered).
     #[error("descriptor {0} is indirect, a feature the device does not offer")]
     Indirect(u16),
+    /// The chain's buffers add up to over 4 GiB.
     #[error("descriptor chain is longer than 4 GiB in total")]
     TooLong,
 }
@@ -160,7 +179,9 @@ pub enum ChainError {
 /// known to be in guest memory: see [`Buffer::in_memory`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Buffer {
+    /// Where it starts in guest memory.
     pub addr: GuestAddress,
+    /// Its length in bytes.
     pub len: u32,
     /// Device-writable (the driver reads it back).
     pub writable: bool,

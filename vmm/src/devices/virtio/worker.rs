@@ -34,8 +34,10 @@ const STOP_WAIT: Duration = Duration::from_secs(1);
 /// Why a worker could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
+    /// The epoll instance cannot be made.
     #[error("cannot set up the worker's epoll")]
     Epoll(#[source] std::io::Error),
+    /// The thread cannot be spawned.
     #[error("cannot spawn the worker thread")]
     Spawn(#[source] std::io::Error),
 }
@@ -55,21 +57,22 @@ pub struct EventSetup<'a> {
 }
 
 impl<'a> EventSetup<'a> {
+    /// Registrations go to `epoll`.
     pub fn new(epoll: &'a Epoll) -> Self {
         Self { epoll }
     }
 
-    pub fn add(&self, fd: RawFd, token: u64, events: EventSet) -> std::io::Result<()> {
+    pub(crate) fn add(&self, fd: RawFd, token: u64, events: EventSet) -> std::io::Result<()> {
         self.epoll
             .ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
     }
 
-    pub fn modify(&self, fd: RawFd, token: u64, events: EventSet) -> std::io::Result<()> {
+    pub(crate) fn modify(&self, fd: RawFd, token: u64, events: EventSet) -> std::io::Result<()> {
         self.epoll
             .ctl(ControlOperation::Modify, fd, EpollEvent::new(events, token))
     }
 
-    pub fn remove(&self, fd: RawFd) {
+    pub(crate) fn remove(&self, fd: RawFd) {
         let _ = self
             .epoll
             .ctl(ControlOperation::Delete, fd, EpollEvent::default());

@@ -20,10 +20,13 @@ use capsid_base::lock;
 /// Why a disk could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
+    /// The image cannot be opened.
     #[error("cannot open disk image {0}")]
     Open(String, #[source] std::io::Error),
+    /// The image's size is not whole sectors.
     #[error("disk image {0} is {1} bytes, not a whole number of 512-byte sectors")]
     Size(String, u64),
+    /// The image is not a regular file.
     #[error("disk image {0} is not a regular file")]
     NotAFile(String),
 }
@@ -81,7 +84,7 @@ impl Backing {
         self.file.as_ref().map(|_| self.id.as_slice())
     }
 
-    pub fn capacity_sectors(&self) -> u64 {
+    pub(crate) fn capacity_sectors(&self) -> u64 {
         self.capacity_sectors
     }
 
@@ -142,6 +145,7 @@ impl Block {
         }
     }
 
+    /// What the device reads and writes, shared with its slot.
     pub fn backing(&self) -> Arc<Mutex<Backing>> {
         Arc::clone(&self.backing)
     }

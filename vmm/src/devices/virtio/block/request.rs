@@ -24,34 +24,54 @@ use crate::devices::virtio::{Buffer, ChainError, add_used, read_chain};
 /// A request the device refuses, with the status the guest gets.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RequestError {
+    /// The descriptor chain is malformed.
     #[error(transparent)]
     Chain(#[from] ChainError),
+    /// A data buffer outside guest memory.
     #[error("data buffer {addr:#x}+{len:#x} is outside guest memory")]
-    OutsideMemory { addr: u64, len: u32 },
+    OutsideMemory {
+        /// Its guest address.
+        addr: u64,
+        /// Its length.
+        len: u32,
+    },
+    /// The header is missing or too short.
     #[error("request has no device-readable 16-byte header")]
     Header,
+    /// The status byte is missing.
     #[error("request has no device-writable status byte at its end")]
     Status,
+    /// A data buffer has the wrong direction.
     #[error("data buffer faces the wrong way for request type {0}")]
     Direction(u32),
+    /// The data length is not whole sectors.
     #[error("request length {0} is not a whole number of sectors")]
     Unaligned(u64),
+    /// The request goes past the disk's end.
     #[error(
         "request at sector {sector} for {sectors} sectors ends past the disk ({capacity} sectors)"
     )]
     PastEnd {
+        /// The first sector.
         sector: u64,
+        /// The sectors asked for.
         sectors: u64,
+        /// The disk's size in sectors.
         capacity: u64,
     },
+    /// The slot has no image.
     #[error("no image is attached to this disk slot")]
     Empty,
+    /// A write to a read-only disk.
     #[error("write to a read-only disk")]
     ReadOnly,
+    /// The request type is not served.
     #[error("unsupported request type {0}")]
     Unsupported(u32),
+    /// The host file's read or write failed.
     #[error("disk I/O failed: {0}")]
     Io(String),
+    /// Guest memory cannot be read or written.
     #[error("guest memory access failed: {0}")]
     Memory(String),
 }
@@ -68,10 +88,10 @@ impl RequestError {
 /// Counters, exported with the VMM's metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct BlockMetrics {
-    pub read_bytes: u64,
-    pub write_bytes: u64,
-    pub flushes: u64,
-    pub invalid_requests: u64,
+    pub(crate) read_bytes: u64,
+    pub(crate) write_bytes: u64,
+    pub(crate) flushes: u64,
+    pub(crate) invalid_requests: u64,
 }
 
 /// The disk a queue works on.
@@ -79,8 +99,11 @@ pub struct BlockMetrics {
 pub struct Disk<'a> {
     /// None: an empty slot.
     pub file: Option<&'a File>,
+    /// Its size in 512-byte sectors, as the driver was told.
     pub capacity_sectors: u64,
+    /// Writes are refused (`VIRTIO_BLK_S_IOERR`).
     pub read_only: bool,
+    /// What `VIRTIO_BLK_T_GET_ID` answers.
     pub id: &'a [u8],
 }
 

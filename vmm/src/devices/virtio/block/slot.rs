@@ -22,16 +22,22 @@ use capsid_base::lock;
 /// Why an image could not be attached or detached.
 #[derive(Debug, thiserror::Error)]
 pub enum SlotError {
+    /// The id is not a valid disk serial.
     #[error("disk id {0:?}: give 1 to {ID_LEN} letters, digits, '-', '_' or '.'")]
     BadId(String),
+    /// The id is attached already.
     #[error("an image with id {0:?} is already attached")]
     Duplicate(String),
+    /// Every spare slot is taken.
     #[error("all {0} spare disk slots are in use (the VM was started with --spare-disks {0})")]
     Full(usize),
+    /// No image with this id is attached.
     #[error("no image with id {0:?} is attached")]
     NotAttached(String),
+    /// The image is not a regular, non-empty file.
     #[error("disk image {0} is not a regular, non-empty file")]
     NotAFile(String),
+    /// The image cannot be used as a disk.
     #[error(transparent)]
     Open(#[from] BlockError),
 }
@@ -44,6 +50,7 @@ pub struct DiskSlot {
 }
 
 impl DiskSlot {
+    /// The slot of a spare device: its backing and the interrupt that tells the driver of a change.
     pub fn new(backing: Arc<Mutex<Backing>>, interrupt: Arc<Interrupt>) -> Self {
         Self { backing, interrupt }
     }
@@ -71,19 +78,12 @@ pub struct DiskSlots {
 }
 
 impl DiskSlots {
+    /// The VM's spare slots, in device order.
     pub fn new(slots: Vec<DiskSlot>) -> Self {
         Self {
             slots,
             changing: Mutex::new(()),
         }
-    }
-
-    pub fn len(&self) -> usize {
-        self.slots.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
     }
 
     /// Attaches the image `file` (opened by the host; `name` is for

@@ -25,6 +25,7 @@ const TOKEN_LISTENER: u64 = 3;
 /// Why the vsock device could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum VsockError {
+    /// The host-side socket cannot be bound.
     #[error("cannot listen on vsock socket {0}")]
     Bind(PathBuf, #[source] std::io::Error),
 }

@@ -43,13 +43,13 @@ pub const TYPE_STREAM: u16 = 1;
 
 /// `op` values.
 pub const OP_REQUEST: u16 = 1;
-pub const OP_RESPONSE: u16 = 2;
-pub const OP_RST: u16 = 3;
-pub const OP_SHUTDOWN: u16 = 4;
-pub const OP_RW: u16 = 5;
-pub const OP_CREDIT_UPDATE: u16 = 6;
-pub const OP_CREDIT_REQUEST: u16 = 7;
+pub(crate) const OP_RESPONSE: u16 = 2;
+pub(crate) const OP_RST: u16 = 3;
+pub(crate) const OP_SHUTDOWN: u16 = 4;
+pub(crate) const OP_RW: u16 = 5;
+pub(crate) const OP_CREDIT_UPDATE: u16 = 6;
+pub(crate) const OP_CREDIT_REQUEST: u16 = 7;
 
 /// `flags` of OP_SHUTDOWN.
 pub const SHUTDOWN_RCV: u32 = 1;
-pub const SHUTDOWN_SEND: u32 = 2;
+pub(crate) const SHUTDOWN_SEND: u32 = 2;

@@ -58,18 +58,18 @@ const FIRST_LOCAL_PORT: u32 = 1 << 30;
 /// A connection: our (host) port and the guest's port.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub struct ConnKey {
-    pub local_port: u32,
-    pub peer_port: u32,
+    pub(crate) local_port: u32,
+    pub(crate) peer_port: u32,
 }
 
 /// Counters, exported with the VMM's metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct VsockMetrics {
-    pub connections: u64,
-    pub bytes_to_host: u64,
-    pub bytes_to_guest: u64,
-    pub rst_sent: u64,
-    pub invalid_packets: u64,
+    pub(crate) connections: u64,
+    pub(crate) bytes_to_host: u64,
+    pub(crate) bytes_to_guest: u64,
+    pub(crate) rst_sent: u64,
+    pub(crate) invalid_packets: u64,
 }
 
 /// A connection and its host socket.
@@ -108,7 +108,7 @@ pub struct Muxer {
     /// at most once (`Entry::queued`).
     rx_ready: VecDeque<ConnKey>,
     next_local_port: u32,
-    pub metrics: VsockMetrics,
+    pub(crate) metrics: VsockMetrics,
 }
 
 fn token(fd: RawFd) -> u64 {
@@ -178,10 +178,11 @@ impl Muxer {
         }
     }
 
-    pub fn listener_fd(&self) -> RawFd {
+    pub(crate) fn listener_fd(&self) -> RawFd {
         self.listener.as_raw_fd()
     }
 
+    /// Connections open now.
     pub fn connection_count(&self) -> usize {
         self.conns.len()
     }

@@ -41,19 +41,30 @@ unsafe impl ByteValued for WireHeader {}
 /// The header, in host byte order.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Header {
+    /// The sender's context id.
     pub src_cid: u64,
+    /// The receiver's context id.
     pub dst_cid: u64,
+    /// The sender's port.
     pub src_port: u32,
+    /// The receiver's port.
     pub dst_port: u32,
+    /// Payload bytes after the header.
     pub len: u32,
+    /// The socket type (only `VSOCK_TYPE_STREAM` is served).
     pub type_: u16,
+    /// The operation (`VSOCK_OP_*`).
     pub op: u16,
+    /// `VSOCK_OP_SHUTDOWN`'s flags (receive, send).
     pub flags: u32,
+    /// The sender's receive buffer size (credit).
     pub buf_alloc: u32,
+    /// Bytes the sender has consumed from this stream (credit).
     pub fwd_cnt: u32,
 }
 
 impl Header {
+    /// The header in its little-endian wire form.
     pub fn from_bytes(b: &[u8; HEADER_LEN]) -> Self {
         let mut wire = WireHeader::default();
         wire.as_mut_slice().copy_from_slice(b);
@@ -71,7 +82,7 @@ impl Header {
         }
     }
 
-    pub fn to_bytes(self) -> [u8; HEADER_LEN] {
+    pub(crate) fn to_bytes(self) -> [u8; HEADER_LEN] {
         let wire = WireHeader {
             src_cid: self.src_cid.into(),
             dst_cid: self.dst_cid.into(),
@@ -93,22 +104,41 @@ impl Header {
 /// A TX chain the device cannot take a packet from.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PacketError {
+    /// The descriptor chain is malformed.
     #[error(transparent)]
     Chain(#[from] ChainError),
+    /// A TX buffer the device could write.
     #[error("TX descriptor is device-writable")]
     WritableTx,
+    /// An RX buffer the device could only read.
     #[error("RX descriptor is device-readable")]
     ReadableRx,
+    /// A buffer outside guest memory.
     #[error("descriptor {addr:#x}+{len:#x} is outside guest memory")]
-    OutsideMemory { addr: u64, len: u32 },
+    OutsideMemory {
+        /// Its guest address.
+        addr: u64,
+        /// Its length.
+        len: u32,
+    },
+    /// Shorter than a header.
     #[error("packet of {0} bytes is shorter than the {HEADER_LEN}-byte header")]
     TruncatedHeader(usize),
+    /// The header claims more payload than the chain holds.
     #[error("packet header says {len} payload bytes, the chain holds {available}")]
-    TruncatedPayload { len: u32, available: usize },
+    TruncatedPayload {
+        /// The header's length.
+        len: u32,
+        /// The bytes the chain holds after the header.
+        available: usize,
+    },
+    /// A payload over the limit.
     #[error("packet payload of {0} bytes is over the {MAX_PAYLOAD}-byte limit")]
     Oversized(u32),
+    /// An RX buffer too small for a header.
     #[error("RX buffer of {0} bytes cannot hold a header")]
     SmallRx(usize),
+    /// Guest memory cannot be read or written.
     #[error("guest memory access failed: {0}")]
     Memory(String),
 }
