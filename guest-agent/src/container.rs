@@ -254,15 +254,17 @@ fn write_files(files: &[Vec<u8>], dir: &Path) -> Result<(), ContainerError> {
 
 /// The mounts of a container being created, unmounted (and its directory
 /// removed) when dropped before [`Mounts::keep`].
-struct Mounts {
+struct Mounts<'a> {
+    sys: &'a dyn Syscall,
     dir: PathBuf,
     mounts: Vec<PathBuf>,
     kept: bool,
 }
 
-impl Mounts {
-    fn new(dir: PathBuf) -> Self {
+impl<'a> Mounts<'a> {
+    fn new(sys: &'a dyn Syscall, dir: PathBuf) -> Self {
         Self {
+            sys,
             dir,
             mounts: Vec::new(),
             kept: false,
@@ -280,10 +282,10 @@ impl Mounts {
     }
 }
 
-impl Drop for Mounts {
+impl Drop for Mounts<'_> {
     fn drop(&mut self) {
         if !self.kept {
-            unmount_all(&self.mounts, &self.dir);
+            unmount_all(self.sys, &self.mounts, &self.dir);
         }
     }
 }
@@ -313,10 +315,61 @@ impl<F: FnOnce()> Drop for OnFailure<F> {
     }
 }
 
+/// Mounts the container's rootfs disk at `DIR/rootfs`: read-only under a
+/// writable overlay (`DIR/lower`, `upper`, `work`) when the request asks
+/// for one, else as it is. Each mount is pushed to `mounts` as soon as it
+/// is made, so a failure unmounts what came before it.
+fn mount_rootfs(
+    mounts: &mut Mounts<'_>,
+    disk: &Path,
+    request: &capsid_protocol::Rootfs,
+) -> Result<(), ContainerError> {
+    let sys = mounts.sys;
+    let dir = mounts.dir.clone();
+    let rootfs = dir.join("rootfs");
+    let fstype = request.filesystem.name();
+    if request.overlay {
+        let (lower, upper, work) = (dir.join("lower"), dir.join("upper"), dir.join("work"));
+        for d in [&lower, &upper, &work, &rootfs] {
+            sys.mkdir_all(d)
+                .map_err(io_error(format!("mkdir {}", d.display())))?;
+        }
+        sys.mount(
+            Some(disk),
+            &lower,
+            Some(fstype),
+            libc::MS_RDONLY | ROOTFS_FLAGS,
+            None,
+        )
+        .map_err(io_error(format!("mount {} ({fstype})", disk.display())))?;
+        mounts.push(lower.clone());
+        let data = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.display(),
+            upper.display(),
+            work.display()
+        );
+        sys.mount(
+            Some(Path::new("overlay")),
+            &rootfs,
+            Some("overlay"),
+            ROOTFS_FLAGS,
+            Some(&data),
+        )
+        .map_err(io_error("mount the overlay"))?;
+    } else {
+        sys.mkdir_all(&rootfs).map_err(io_error("mkdir rootfs"))?;
+        sys.mount(Some(disk), &rootfs, Some(fstype), ROOTFS_FLAGS, None)
+            .map_err(io_error(format!("mount {} ({fstype})", disk.display())))?;
+    }
+    mounts.push(rootfs);
+    Ok(())
+}
+
 /// Undoes what a failed create or a remove leaves mounted.
-fn unmount_all(mounts: &[PathBuf], dir: &Path) {
+fn unmount_all(sys: &dyn Syscall, mounts: &[PathBuf], dir: &Path) {
     for mount in mounts.iter().rev() {
-        if let Err(e) = LinuxSyscall.umount(mount, libc::MNT_DETACH) {
+        if let Err(e) = sys.umount(mount, libc::MNT_DETACH) {
             tracing::warn!(path = %mount.display(), "unmount failed: {e}");
         }
     }
@@ -425,43 +478,8 @@ impl Containers {
 
         // What is made from here on is unmade by these guards, in reverse
         // order, if a later step fails.
-        let mut mounts = Mounts::new(dir.clone());
-        let fstype = request.rootfs.filesystem.name();
-        let sys = LinuxSyscall;
-        if request.rootfs.overlay {
-            let (lower, upper, work) = (dir.join("lower"), dir.join("upper"), dir.join("work"));
-            for d in [&lower, &upper, &work, &rootfs] {
-                fs::create_dir_all(d).map_err(io_error(format!("mkdir {}", d.display())))?;
-            }
-            sys.mount(
-                Some(&disk),
-                &lower,
-                Some(fstype),
-                libc::MS_RDONLY | ROOTFS_FLAGS,
-                None,
-            )
-            .map_err(io_error(format!("mount {} ({fstype})", disk.display())))?;
-            mounts.push(lower.clone());
-            let data = format!(
-                "lowerdir={},upperdir={},workdir={}",
-                lower.display(),
-                upper.display(),
-                work.display()
-            );
-            sys.mount(
-                Some(Path::new("overlay")),
-                &rootfs,
-                Some("overlay"),
-                ROOTFS_FLAGS,
-                Some(&data),
-            )
-            .map_err(io_error("mount the overlay"))?;
-        } else {
-            fs::create_dir_all(&rootfs).map_err(io_error("mkdir rootfs"))?;
-            sys.mount(Some(&disk), &rootfs, Some(fstype), ROOTFS_FLAGS, None)
-                .map_err(io_error(format!("mount {} ({fstype})", disk.display())))?;
-        }
-        mounts.push(rootfs.clone());
+        let mut mounts = Mounts::new(&LinuxSyscall, dir.clone());
+        mount_rootfs(&mut mounts, &disk, &request.rootfs)?;
         write_files(&request.files, &dir)?;
         let cgroup = Cgroup::create(&id, linux.and_then(|l| l.resources().as_ref()))?;
         let cgroup_made = OnFailure::new(|| cgroup.remove());
@@ -673,7 +691,7 @@ impl Containers {
             tracing::warn!(container = %id, "init did not exit after SIGKILL");
         }
         container.cgroup.remove();
-        unmount_all(&container.mounts, &container.dir);
+        unmount_all(&LinuxSyscall, &container.mounts, &container.dir);
         tracing::info!(container = %id, "container removed");
         Ok(())
     }
@@ -709,13 +727,77 @@ mod tests {
         let parent = tempfile::tempdir().unwrap();
         let dir = parent.path().join("c1");
         fs::create_dir_all(dir.join("rootfs")).unwrap();
-        drop(Mounts::new(dir.clone()));
+        drop(Mounts::new(&LinuxSyscall, dir.clone()));
         assert!(!dir.exists(), "a failed create leaves its directory");
         fs::create_dir_all(dir.join("rootfs")).unwrap();
-        let mut mounts = Mounts::new(dir.clone());
+        let mut mounts = Mounts::new(&LinuxSyscall, dir.clone());
         mounts.push(dir.join("rootfs"));
         assert_eq!(mounts.keep(), [dir.join("rootfs")]);
         assert!(dir.exists());
+    }
+
+    #[test]
+    fn the_rootfs_disk_is_mounted_under_its_overlay_and_a_failed_mount_unmounts_what_came_before() {
+        use crate::syscall::recording::RecordingSyscall;
+        use capsid_protocol::{Filesystem, Rootfs};
+
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("c1");
+        let d = dir.display();
+        let disk = Path::new("/dev/vdb");
+        let request = |overlay| Rootfs {
+            disk_id: "rootfs".into(),
+            filesystem: Filesystem::Erofs,
+            overlay,
+        };
+        let flags = |ro: bool| ROOTFS_FLAGS | if ro { libc::MS_RDONLY } else { 0 };
+
+        let sys = RecordingSyscall::default();
+        let mut mounts = Mounts::new(&sys, dir.clone());
+        mount_rootfs(&mut mounts, disk, &request(true)).unwrap();
+        assert_eq!(mounts.keep(), [dir.join("lower"), dir.join("rootfs")]);
+        assert_eq!(
+            sys.calls(),
+            [
+                format!("mkdir {d}/lower"),
+                format!("mkdir {d}/upper"),
+                format!("mkdir {d}/work"),
+                format!("mkdir {d}/rootfs"),
+                format!("mount /dev/vdb {d}/lower erofs {:#x} -", flags(true)),
+                format!(
+                    "mount overlay {d}/rootfs overlay {:#x} lowerdir={d}/lower,upperdir={d}/upper,workdir={d}/work",
+                    flags(false)
+                ),
+            ]
+        );
+
+        // The overlay fails: the lower mount made before it goes, and so
+        // does the container's directory.
+        let sys = RecordingSyscall::failing_mount("rootfs");
+        {
+            let mut mounts = Mounts::new(&sys, dir.clone());
+            let err = mount_rootfs(&mut mounts, disk, &request(true)).unwrap_err();
+            assert!(err.to_string().contains("mount the overlay"), "{err}");
+        }
+        assert_eq!(
+            sys.calls().last().unwrap(),
+            &format!("umount {d}/lower {}", libc::MNT_DETACH)
+        );
+        assert!(!dir.exists());
+
+        // Without an overlay the disk is the rootfs, writable only if the
+        // filesystem is.
+        let sys = RecordingSyscall::default();
+        let mut mounts = Mounts::new(&sys, dir.clone());
+        mount_rootfs(&mut mounts, disk, &request(false)).unwrap();
+        assert_eq!(mounts.keep(), [dir.join("rootfs")]);
+        assert_eq!(
+            sys.calls(),
+            [
+                format!("mkdir {d}/rootfs"),
+                format!("mount /dev/vdb {d}/rootfs erofs {:#x} -", flags(false)),
+            ]
+        );
     }
 
     #[test]

@@ -295,11 +295,21 @@ pub mod recording {
     #[derive(Debug, Default)]
     pub struct RecordingSyscall {
         pub calls: RefCell<Vec<String>>,
+        /// A mount whose target ends so fails (EIO), after it is written down.
+        pub failing_mount: Option<&'static str>,
     }
 
     impl RecordingSyscall {
         fn note(&self, call: String) {
             self.calls.borrow_mut().push(call);
+        }
+
+        /// A recorder whose mounts onto a path ending in `target` fail.
+        pub fn failing_mount(target: &'static str) -> Self {
+            Self {
+                failing_mount: Some(target),
+                ..Self::default()
+            }
         }
 
         pub fn calls(&self) -> Vec<String> {
@@ -324,7 +334,10 @@ pub mod recording {
                 flags,
                 data.unwrap_or("-")
             ));
-            Ok(())
+            match self.failing_mount {
+                Some(end) if target.ends_with(end) => Err(io::Error::from_raw_os_error(libc::EIO)),
+                _ => Ok(()),
+            }
         }
         fn umount(&self, target: &Path, flags: libc::c_int) -> io::Result<()> {
             self.note(format!("umount {} {flags}", target.display()));
