@@ -189,10 +189,15 @@ pub fn doctor(args: &DoctorArgs) -> anyhow::Result<ExitCode> {
                 Ok(if swept.is_empty() {
                     "no micro-VM left by a killed capsid run".into()
                 } else {
-                    let dirs: Vec<String> = swept.iter().map(|d| d.display().to_string()).collect();
+                    let names: Vec<String> = swept
+                        .dirs
+                        .iter()
+                        .chain(&swept.cgroups)
+                        .map(|d| d.display().to_string())
+                        .collect();
                     format!(
-                        "removed what killed capsid runs left (their VMs, cgroups and {})",
-                        dirs.join(", ")
+                        "removed what killed capsid runs and slow teardowns left: {}",
+                        names.join(", ")
                     )
                 }),
                 "",

@@ -276,10 +276,17 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = args.artifacts.config()?;
     // A missing kernel, initramfs or VMM is named before anything else.
     let files = config.boot_files()?;
-    for dir in scratch::sweep(&config.run_dir, &config.confinement()) {
+    let swept = scratch::sweep(&config.run_dir, &config.confinement());
+    for dir in &swept.dirs {
         eprintln!(
             "capsid: removed {}, left with its micro-VM by a capsid run that was killed",
             dir.display()
+        );
+    }
+    for cgroup in &swept.cgroups {
+        eprintln!(
+            "capsid: removed the empty cgroup {}, left by a micro-VM's teardown",
+            cgroup.display()
         );
     }
     debug!("probing KVM");

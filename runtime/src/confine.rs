@@ -211,6 +211,43 @@ pub fn remove_cgroup(path: &Path) {
     }
 }
 
+/// How long an empty VM cgroup must have existed before a sweep takes it
+/// for a leftover: a VM's cgroup holds its VMM within milliseconds of being
+/// made, so an empty one this old is one whose teardown outlasted
+/// [`CGROUP_EMPTY_WAIT`] (its owner gave up and went on).
+pub const LEFTOVER_AGE: Duration = Duration::from_secs(60);
+
+/// Removes the cgroups under `parent` that hold no process and were made
+/// more than `age` ago; returns those removed. Only empty ones: a cgroup
+/// with a process in it belongs to a VM still running (or to one that
+/// [`crate::vm::kill_orphans`] finds by its directory).
+pub fn sweep_cgroups(parent: &Path, age: Duration) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let old = entry
+            .metadata()
+            .ok()
+            .filter(std::fs::Metadata::is_dir)
+            .and_then(|m| m.modified().ok())
+            .and_then(|made| made.elapsed().ok())
+            .is_some_and(|elapsed| elapsed >= age);
+        let empty = std::fs::read_to_string(path.join("cgroup.events"))
+            .is_ok_and(|events| events.lines().any(|l| l.trim() == "populated 0"));
+        if !old || !empty {
+            continue;
+        }
+        match std::fs::remove_dir(&path) {
+            Ok(()) => removed.push(path),
+            Err(e) => log::warn!("cannot remove the empty cgroup {}: {e}", path.display()),
+        }
+    }
+    removed
+}
+
 /// The cgroup name for the VM whose directory is `dir`.
 pub fn cgroup_name(dir: &Path) -> String {
     let name = dir
@@ -289,6 +326,65 @@ mod tests {
         remove_cgroup(&cgroup);
         leaving.join().unwrap();
         assert!(!cgroup.exists(), "the cgroup was left behind");
+    }
+
+    /// A cgroup v2 hierarchy this test may write, or None (with the reason
+    /// printed): the host's own `/sys/fs/cgroup`, or its `unified` part on
+    /// a hybrid host.
+    fn writable_cgroup2() -> Option<PathBuf> {
+        let root = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| {
+                p.join("cgroup.procs").is_file() && p.join("cgroup.subtree_control").exists()
+            });
+        let root = root.filter(|r| {
+            let probe = r.join(format!("capsid-probe-{}", std::process::id()));
+            let ok = std::fs::create_dir(&probe).is_ok();
+            let _ = std::fs::remove_dir(&probe);
+            ok
+        });
+        if root.is_none() {
+            eprintln!("SKIPPED: needs root and a writable cgroup v2 hierarchy");
+        }
+        root
+    }
+
+    #[test]
+    fn a_sweep_removes_empty_leftover_cgroups_and_keeps_those_in_use() {
+        let Some(root) = writable_cgroup2() else {
+            return;
+        };
+        let parent = root.join(format!("capsid-sweep-test-{}", std::process::id()));
+        let (left, busy) = (parent.join("vm-left"), parent.join("vm-busy"));
+        for dir in [&parent, &left, &busy] {
+            std::fs::create_dir(dir).unwrap();
+        }
+        let mut sleeper = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        std::fs::write(busy.join("cgroup.procs"), sleeper.id().to_string()).unwrap();
+
+        // Too young: nothing goes.
+        assert!(sweep_cgroups(&parent, LEFTOVER_AGE).is_empty());
+        assert!(left.is_dir());
+        // Old enough: the empty one goes, the one with a process stays.
+        assert_eq!(
+            sweep_cgroups(&parent, Duration::ZERO),
+            std::slice::from_ref(&left)
+        );
+        assert!(!left.exists() && busy.is_dir());
+
+        sleeper.kill().unwrap();
+        sleeper.wait().unwrap();
+        remove_cgroup(&busy);
+        remove_cgroup(&parent);
+        assert!(!parent.exists());
+        assert!(
+            sweep_cgroups(&parent, Duration::ZERO).is_empty(),
+            "a missing parent sweeps nothing"
+        );
     }
 
     #[test]

@@ -97,11 +97,37 @@ fn has_entry(dir: &File, name: &str) -> bool {
     }
 }
 
+/// What a [`sweep`] removed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Swept {
+    /// Scratch directories of owners that died.
+    pub dirs: Vec<PathBuf>,
+    /// Empty VM cgroups a teardown left (see [`crate::confine::LEFTOVER_AGE`]).
+    pub cgroups: Vec<PathBuf>,
+}
+
+impl Swept {
+    /// Nothing was left behind.
+    pub fn is_empty(&self) -> bool {
+        self.dirs.is_empty() && self.cgroups.is_empty()
+    }
+}
+
 /// Removes the scratch directories of owners that died, after killing what
-/// is left of their VMs (their cgroups, and any capsid-vmm serving them).
-/// Returns the directories removed; one that cannot be removed is logged
-/// and left for the next sweep.
-pub fn sweep(run_dir: &Path, confinement: &Confinement) -> Vec<PathBuf> {
+/// is left of their VMs (their cgroups, and any capsid-vmm serving them),
+/// then the empty VM cgroups that teardowns left. A directory that cannot
+/// be removed is logged and left for the next sweep.
+pub fn sweep(run_dir: &Path, confinement: &Confinement) -> Swept {
+    let dirs = sweep_dirs(run_dir, confinement);
+    let cgroups = confinement
+        .cgroup_parent
+        .as_deref()
+        .map(|parent| crate::confine::sweep_cgroups(parent, crate::confine::LEFTOVER_AGE))
+        .unwrap_or_default();
+    Swept { dirs, cgroups }
+}
+
+fn sweep_dirs(run_dir: &Path, confinement: &Confinement) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(runs_dir(run_dir)) else {
         return Vec::new();
     };
@@ -148,7 +174,7 @@ mod tests {
         let path = scratch.path().to_owned();
         assert!(path.starts_with(runs_dir(run.path())));
         assert!(path.join(OWNER).is_file());
-        assert_eq!(sweep(run.path(), &no_cgroups()), Vec::<PathBuf>::new());
+        assert_eq!(sweep(run.path(), &no_cgroups()), Swept::default());
         assert!(path.is_dir());
         drop(scratch);
         assert!(!path.exists());
@@ -170,7 +196,7 @@ mod tests {
         let other = runs.join("something-else");
         std::fs::create_dir_all(&other).unwrap();
         std::fs::write(other.join(OWNER), "1\n").unwrap();
-        assert_eq!(sweep(run.path(), &no_cgroups()), vec![orphan.clone()]);
+        assert_eq!(sweep(run.path(), &no_cgroups()).dirs, vec![orphan.clone()]);
         assert!(!orphan.exists() && young.is_dir() && other.is_dir());
     }
 
