@@ -43,7 +43,7 @@ pub enum ContainerError {
     #[error(transparent)]
     Spec(#[from] capsid_runtime::spec::SpecError),
     #[error(transparent)]
-    Rootfs(#[from] rootfs::RootfsError),
+    Rootfs(#[from] rootfs::SnapshotError),
     #[error("cannot make a scratch directory in {0}")]
     Scratch(PathBuf, #[source] std::io::Error),
     #[error(transparent)]

@@ -18,8 +18,9 @@ use std::path::{Path, PathBuf};
 use capsid_runtime::images::rootfs::RootfsImage;
 use containerd_shim::protos::types::mount::Mount;
 
+/// Why containerd's snapshot could not become the VM's rootfs image.
 #[derive(Debug, thiserror::Error)]
-pub enum RootfsError {
+pub enum SnapshotError {
     #[error("cannot create the mount point {0}")]
     MountPoint(PathBuf, #[source] std::io::Error),
     #[error("cannot mount the rootfs ({kind} from {source_path}) on {target}: {reason}")]
@@ -101,16 +102,16 @@ pub fn image(
     bundle: &Path,
     mounts: &[Mount],
     root_path: &Path,
-) -> Result<RootfsImage, RootfsError> {
+) -> Result<RootfsImage, SnapshotError> {
     let cache = capsid_runtime::images::cache_dir();
     let build = |dir: &Path| {
-        capsid_runtime::images::rootfs::image(dir, None, &cache).map_err(RootfsError::Image)
+        capsid_runtime::images::rootfs::image(dir, None, &cache).map_err(SnapshotError::Image)
     };
     match mounts {
         [] => {
             let dir = bundle.join(root_path);
             if !dir.is_dir() {
-                return Err(RootfsError::NotADirectory(dir));
+                return Err(SnapshotError::NotADirectory(dir));
             }
             build(&dir)
         }
@@ -118,12 +119,12 @@ pub fn image(
         [mount] if mount.type_ == "bind" || mount.type_ == "rbind" => {
             let dir = PathBuf::from(&mount.source);
             if !dir.is_dir() {
-                return Err(RootfsError::NotADirectory(dir));
+                return Err(SnapshotError::NotADirectory(dir));
             }
             build(&dir)
         }
         [mount] if mount.type_ == "overlay" => {
-            let unsupported = |reason: &str| RootfsError::Mount {
+            let unsupported = |reason: &str| SnapshotError::Mount {
                 kind: mount.type_.clone(),
                 source_path: mount.source.clone(),
                 target: bundle.join("rootfs"),
@@ -132,14 +133,14 @@ pub fn image(
             let options = overlay_view(&mount.options).ok_or_else(|| unsupported("no lowerdir"))?;
             let target = bundle.join("rootfs");
             std::fs::create_dir_all(&target)
-                .map_err(|e| RootfsError::MountPoint(target.clone(), e))?;
+                .map_err(|e| SnapshotError::MountPoint(target.clone(), e))?;
             let mounted =
                 mount_overlay(&options, &target).map_err(|e| unsupported(&e.to_string()))?;
             let image = build(&target);
             drop(mounted);
             image
         }
-        _ => Err(RootfsError::Unsupported(
+        _ => Err(SnapshotError::Unsupported(
             mounts
                 .iter()
                 .map(|m| m.type_.clone())
