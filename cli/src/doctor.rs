@@ -189,16 +189,27 @@ pub fn doctor(args: &DoctorArgs) -> anyhow::Result<ExitCode> {
                 Ok(if swept.is_empty() {
                     "no micro-VM left by a killed capsid run".into()
                 } else {
-                    let names: Vec<String> = swept
-                        .dirs
-                        .iter()
-                        .chain(&swept.cgroups)
-                        .map(|d| d.display().to_string())
-                        .collect();
-                    format!(
-                        "removed what killed capsid runs and slow teardowns left: {}",
-                        names.join(", ")
-                    )
+                    let names = |paths: &[std::path::PathBuf]| {
+                        paths
+                            .iter()
+                            .map(|p| p.display().to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    };
+                    let mut said = Vec::new();
+                    if !swept.dirs.is_empty() {
+                        said.push(format!(
+                            "removed what killed capsid runs left (their VMs, cgroups and {})",
+                            names(&swept.dirs)
+                        ));
+                    }
+                    if !swept.cgroups.is_empty() {
+                        said.push(format!(
+                            "removed the empty cgroups that slow teardowns left ({})",
+                            names(&swept.cgroups)
+                        ));
+                    }
+                    said.join("; ")
                 }),
                 "",
             );
