@@ -4,8 +4,10 @@
 # at once, under each VMM of the list VMMS (capsid: capsid-vmm; qemu:
 # QEMU microvm, the same kernel, initramfs and command line, with QEMU's
 # default split irqchip: its PIC, IOAPIC and PIT in QEMU; qemu-kirq: the
-# same with them in the kernel, as capsid-vmm has them; "both" means
-# "capsid qemu"), in turn each round, and counts the guests that died
+# same with them in the kernel, as capsid-vmm has them; capsid-split:
+# capsid-vmm with --irqchip split, its IOAPIC in the VMM and no PIC or PIT;
+# "both" means "capsid qemu"), in turn each round, and counts the guests
+# that died
 # before the kernel ran /init.
 # Prints "DEATH vmm i-k: <where>" for each
 # (the console's last line), "COUNT vmm K boots deaths" after each round
@@ -24,7 +26,7 @@ trap 'rm -rf "$out"' EXIT
 cmdline="console=ttyS0 reboot=k panic=-1 earlyprintk=serial,ttyS0 loglevel=8"
 start() {
     dir=$1
-    if [ "$VMM" != capsid ]; then
+    if [ "$VMM" != capsid ] && [ "$VMM" != capsid-split ]; then
         irqchip=
         [ "$VMM" = qemu-kirq ] && irqchip="-machine ioapic2=off,kernel-irqchip=on"
         qemu-system-x86_64 -M microvm,rtc=off -accel kvm -cpu host -smp 1 -m 256 $irqchip \
@@ -34,9 +36,11 @@ start() {
             -append "$cmdline reboot=t" -serial "file:$dir/console" $QEMU_FLAGS \
             > "$dir/log" 2>&1 < /dev/null &
     else
+        irqchip=
+        [ "$VMM" = capsid-split ] && irqchip="--irqchip split"
         "$CAPSID_VMM" --kernel "$CAPSID_KERNEL" --initrd "$CAPSID_AGENT_INITRAMFS" \
             --vcpus 1 --mem-mib 256 --vsock-uds "$dir/vsock.sock" \
-            --serial "file:$dir/console" --log-level warn --cmdline "$cmdline" $VMM_FLAGS \
+            --serial "file:$dir/console" --log-level warn --cmdline "$cmdline" $irqchip $VMM_FLAGS \
             > "$dir/log" 2>&1 < /dev/null &
     fi
     echo $! > "$dir/pid"

@@ -28,7 +28,8 @@ use std::time::{Duration, Instant};
 use capsid_images::rootfs::{Format, RootfsImage};
 use capsid_protocol::{AgentClient, ClientError, DEFAULT_AGENT_PORT, Filesystem, Rootfs};
 use capsid_vmm_api::{
-    ApiRequest, ApiResponse, DEFAULT_CMDLINE, DiskConfig, SerialConfig, VmConfig, VsockConfig,
+    ApiRequest, ApiResponse, DEFAULT_CMDLINE, DiskConfig, Irqchip, SerialConfig, VmConfig,
+    VsockConfig,
 };
 
 use crate::config::BootFiles;
@@ -194,6 +195,7 @@ impl VmSpec {
             serial: SerialConfig::File(dir.join(CONSOLE)),
             spare_disks: self.spare_disks,
             api_uds: (self.spare_disks > 0).then(|| dir.join(API_SOCKET)),
+            irqchip: Irqchip::default(),
         }
     }
 }

@@ -22,11 +22,12 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::api::ApiServer;
 use crate::arch::boot::{self, BootError, NamedFile};
 use crate::arch::layout::{
-    BOOT_MARKER_PORT, I8042_PORT, I8042_PORT_LEN, SERIAL_IRQ, SERIAL_PORT, SERIAL_PORT_LEN,
-    VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
+    BOOT_MARKER_PORT, I8042_PORT, I8042_PORT_LEN, IOAPIC_ADDR, SERIAL_IRQ, SERIAL_PORT,
+    SERIAL_PORT_LEN, VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
 };
-use crate::config::{ConfigError, SerialConfig, Validate, VmConfig};
+use crate::config::{ConfigError, Irqchip, SerialConfig, Validate, VmConfig};
 use crate::devices::bus::{Bus, BusError};
+use crate::devices::ioapic::{IOAPIC_SIZE, Ioapic};
 use crate::devices::legacy::{BootMarker, I8042, SerialConsole};
 use crate::devices::virtio::block::{Block, DiskSlot, DiskSlots};
 use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
@@ -185,9 +186,9 @@ pub fn build(
     };
     phase("configuration checked");
     let ram = Arc::new(GuestRam::new(mem_bytes)?);
-    let vm = Vm::with(kvm)?;
+    let vm = Arc::new(Vm::with(kvm)?);
     vm.register_memory(&ram)?;
-    vm.create_irqchip()?;
+    vm.create_irqchip(config.irqchip)?;
     phase("VM, memory and irqchip created");
     let exit = Arc::new(ExitNotifier::new().map_err(BuildError::EventFd)?);
 
@@ -229,6 +230,14 @@ pub fn build(
         devices.push(Box::new(Vsock::new(vsock.cid, &vsock.uds)?));
     }
     let mut mmio = Bus::new();
+    if config.irqchip == Irqchip::Split {
+        let ioapic = Ioapic::new(config.vcpus, Box::new(Arc::clone(&vm)));
+        mmio.insert(
+            Arc::new(Mutex::new(ioapic)),
+            u64::from(IOAPIC_ADDR),
+            IOAPIC_SIZE,
+        )?;
+    }
     let mut cmdline_devices = Vec::new();
     let mut spare_backings = spare_backings.into_iter();
     let mut slots = Vec::new();

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 pub use capsid_vmm_api::DEFAULT_CMDLINE;
 pub use capsid_vmm_api::config::{
-    DEFAULT_CID, DEFAULT_MEM_MIB, DEFAULT_VCPUS, DiskConfig, SerialConfig, SyntaxError, VmConfig,
-    VsockConfig,
+    DEFAULT_CID, DEFAULT_MEM_MIB, DEFAULT_VCPUS, DiskConfig, Irqchip, SerialConfig, SyntaxError,
+    VmConfig, VsockConfig,
 };
 
 use crate::arch::layout::{IOAPIC_PINS, MAX_VCPUS, VIRTIO_IRQ_BASE};
@@ -173,6 +173,22 @@ mod tests {
         }
         assert!("file:".parse::<SerialConfig>().is_err());
         assert!("tty".parse::<SerialConfig>().is_err());
+    }
+
+    #[test]
+    fn the_irqchip_is_the_kernels_unless_split_is_asked_for() {
+        assert_eq!("kernel".parse::<Irqchip>().unwrap(), Irqchip::Kernel);
+        assert_eq!("split".parse::<Irqchip>().unwrap(), Irqchip::Split);
+        let bad = "userspace".parse::<Irqchip>().unwrap_err();
+        assert!(
+            bad.to_string().contains("expected kernel or split"),
+            "{bad}"
+        );
+        let config: VmConfig = serde_json::from_str(r#"{"kernel": "/k"}"#).unwrap();
+        assert_eq!(config.irqchip, Irqchip::Kernel);
+        let config: VmConfig =
+            serde_json::from_str(r#"{"kernel": "/k", "irqchip": "split"}"#).unwrap();
+        assert_eq!(config.irqchip, Irqchip::Split);
     }
 
     #[test]

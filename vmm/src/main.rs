@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use capsid_vmm::builder::HostFiles;
-use capsid_vmm::config::{DiskConfig, SerialConfig, VmConfig, VsockConfig};
+use capsid_vmm::config::{DiskConfig, Irqchip, SerialConfig, VmConfig, VsockConfig};
 use capsid_vmm::jail::{self, JailConfig, Role};
 use capsid_vmm::logging::BoundedFile;
 use capsid_vmm::seccomp::{Filters, SeccompMode, ThreadKind};
@@ -61,6 +61,11 @@ struct Args {
     /// Unix socket on which the VMM takes attach/detach requests (JSON lines).
     #[arg(long)]
     api_uds: Option<PathBuf>,
+    /// Where the interrupt controllers live: kernel (KVM's PIC, IOAPIC and
+    /// PIT) or split (KVM's LAPICs, the VMM's IOAPIC, no PIC or PIT)
+    /// [default: kernel].
+    #[arg(long, value_name = "kernel|split")]
+    irqchip: Option<Irqchip>,
     /// Where the serial console goes: stdout, file:PATH (at most 1 MiB, the
     /// older half dropped) or none [default: stdout].
     #[arg(long)]
@@ -141,6 +146,9 @@ impl Args {
         }
         if let Some(spare) = self.spare_disks {
             config.spare_disks = spare;
+        }
+        if let Some(irqchip) = self.irqchip {
+            config.irqchip = irqchip;
         }
         if self.api_uds.is_some() {
             config.api_uds = self.api_uds.clone();

@@ -128,8 +128,14 @@ mod nr {
         0x83,
         kvm_bindings::kvm_sregs
     );
+    vmm_sys_util::ioctl_iow_nr!(
+        KVM_SET_GSI_ROUTING,
+        kvm_bindings::KVMIO,
+        0x6a,
+        kvm_bindings::kvm_irq_routing
+    );
 }
-use nr::{KVM_GET_REGS, KVM_GET_SREGS, KVM_RUN};
+use nr::{KVM_GET_REGS, KVM_GET_SREGS, KVM_RUN, KVM_SET_GSI_ROUTING};
 
 /// What every thread of ours needs once running: memory (never
 /// executable), locks and channels (`futex`, `sched_yield` in their
@@ -202,7 +208,13 @@ fn rules(kind: ThreadKind, pid: u32) -> Rules {
                 &mut rules,
                 libc::SYS_ioctl,
                 1,
-                &[KVM_RUN(), KVM_GET_REGS(), KVM_GET_SREGS()],
+                // The split irqchip's IOAPIC sets its routes on an MMIO exit.
+                &[
+                    KVM_RUN(),
+                    KVM_GET_REGS(),
+                    KVM_GET_SREGS(),
+                    KVM_SET_GSI_ROUTING(),
+                ],
             );
             // The kick's handler returns; a kick may interrupt a timed wait
             // for a worker's answer.

@@ -34,7 +34,7 @@ pub struct Vmm {
     pub(crate) mmio: Arc<Bus>,
     pub(crate) exit: Arc<ExitNotifier>,
     /// Held, not used: the VM and its RAM must outlive the vCPUs and devices.
-    pub(crate) _vm: Vm,
+    pub(crate) _vm: Arc<Vm>,
     pub(crate) _ram: Arc<GuestRam>,
     pub(crate) started: Instant,
     /// What each vCPU thread runs first (its seccomp filter).

@@ -35,6 +35,8 @@ pub enum SyntaxError {
     Disk(String, &'static str),
     /// A `--serial` value.
     Serial(String),
+    /// An `--irqchip` value.
+    Irqchip(String),
 }
 
 impl fmt::Display for SyntaxError {
@@ -51,6 +53,9 @@ impl fmt::Display for SyntaxError {
                     f,
                     "invalid --serial {text:?}: expected stdout, none or file:PATH"
                 )
+            }
+            Self::Irqchip(text) => {
+                write!(f, "invalid --irqchip {text:?}: expected kernel or split")
             }
         }
     }
@@ -69,6 +74,32 @@ pub enum SerialConfig {
     File(PathBuf),
     /// Nowhere.
     None,
+}
+
+/// Where the interrupt controllers live.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Irqchip {
+    /// All in KVM: PIC, IOAPIC, PIT and the LAPICs (Firecracker's choice).
+    #[default]
+    Kernel,
+    /// The LAPICs in KVM, the IOAPIC in the VMM, no PIC and no PIT (Cloud
+    /// Hypervisor's choice): the guest times with the TSC-deadline LAPIC
+    /// timer and kvm-clock, and never runs the kernel's PIT and IO-APIC
+    /// timer checks.
+    Split,
+}
+
+impl FromStr for Irqchip {
+    type Err = SyntaxError;
+
+    fn from_str(s: &str) -> Result<Self, SyntaxError> {
+        match s {
+            "kernel" => Ok(Self::Kernel),
+            "split" => Ok(Self::Split),
+            _ => Err(SyntaxError::Irqchip(s.to_owned())),
+        }
+    }
 }
 
 impl FromStr for SerialConfig {
@@ -216,6 +247,9 @@ pub struct VmConfig {
     /// The API socket ([`crate::ApiRequest`]); needed for `spare_disks`.
     #[serde(default)]
     pub api_uds: Option<PathBuf>,
+    /// Where the interrupt controllers live.
+    #[serde(default)]
+    pub irqchip: Irqchip,
 }
 
 impl VmConfig {
@@ -238,6 +272,7 @@ impl Default for VmConfig {
             serial: SerialConfig::Stdout,
             spare_disks: 0,
             api_uds: None,
+            irqchip: Irqchip::Kernel,
         }
     }
 }

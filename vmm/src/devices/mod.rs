@@ -2,5 +2,6 @@
 //! i8042, boot marker) and virtio over MMIO (block, vsock).
 
 pub mod bus;
+pub mod ioapic;
 pub mod legacy;
 pub mod virtio;

@@ -1,12 +1,19 @@
-//! The KVM VM: guest RAM registered as memory slots, the in-kernel irqchip
-//! (PIC + IOAPIC + LAPICs) and PIT, and interrupt/notification eventfds.
+//! The KVM VM: guest RAM registered as memory slots, the irqchip (all in
+//! KVM: PIC + IOAPIC + LAPICs and the PIT; or split: only the LAPICs, with
+//! the IOAPIC's routes set from the VMM), and interrupt/notification
+//! eventfds.
 
-use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
+use kvm_bindings::{
+    KVM_CAP_SPLIT_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_PIT_SPEAKER_DUMMY, KvmIrqRouting,
+    kvm_enable_cap, kvm_irq_routing_entry, kvm_pit_config, kvm_userspace_memory_region,
+};
 use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::arch::layout::{KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR};
+use crate::arch::layout::{IOAPIC_PINS, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR};
+use crate::config::Irqchip;
+use crate::devices::ioapic::{Msi, MsiRouter};
 use crate::memory::GuestRam;
 
 /// A KVM call that failed, with the name of the ioctl.
@@ -62,14 +69,27 @@ impl Vm {
         Ok(())
     }
 
-    /// Creates the in-kernel PIC, IOAPIC and PIT (before any vCPU).
-    pub fn create_irqchip(&self) -> Result<(), VmError> {
+    /// Creates the interrupt controllers (before any vCPU): the in-kernel
+    /// PIC, IOAPIC and PIT, or, split, only the in-kernel LAPICs with
+    /// `IOAPIC_PINS` GSIs whose routes the VMM's IOAPIC sets.
+    pub fn create_irqchip(&self, irqchip: Irqchip) -> Result<(), VmError> {
         self.fd
             .set_tss_address(KVM_TSS_ADDR)
             .map_err(|e| VmError("KVM_SET_TSS_ADDR", e))?;
         self.fd
             .set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
             .map_err(|e| VmError("KVM_SET_IDENTITY_MAP_ADDR", e))?;
+        if irqchip == Irqchip::Split {
+            let mut cap = kvm_enable_cap {
+                cap: KVM_CAP_SPLIT_IRQCHIP,
+                ..Default::default()
+            };
+            cap.args[0] = u64::from(IOAPIC_PINS);
+            return self
+                .fd
+                .enable_cap(&cap)
+                .map_err(|e| VmError("KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP)", e));
+        }
         self.fd
             .create_irq_chip()
             .map_err(|e| VmError("KVM_CREATE_IRQCHIP", e))?;
@@ -100,5 +120,25 @@ impl Vm {
         self.fd
             .register_ioevent(evt, &IoEventAddress::Mmio(addr), value)
             .map_err(|e| VmError("KVM_IOEVENTFD", e))
+    }
+}
+
+impl MsiRouter for Vm {
+    fn set_routes(&self, routes: &[(u32, Msi)]) -> std::io::Result<()> {
+        let mut table = KvmIrqRouting::new(routes.len())
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::E2BIG))?;
+        for (slot, (gsi, msi)) in table.as_mut_slice().iter_mut().zip(routes) {
+            let mut entry = kvm_irq_routing_entry {
+                gsi: *gsi,
+                type_: KVM_IRQ_ROUTING_MSI,
+                ..Default::default()
+            };
+            entry.u.msi.address_lo = msi.address;
+            entry.u.msi.data = msi.data;
+            *slot = entry;
+        }
+        self.fd
+            .set_gsi_routing(&table)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
     }
 }
