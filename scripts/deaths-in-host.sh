@@ -6,6 +6,8 @@
 # default split irqchip: its PIC, IOAPIC and PIT in QEMU; qemu-kirq: the
 # same with them in the kernel, as capsid-vmm has them; capsid-split:
 # capsid-vmm with --irqchip split, its IOAPIC in the VMM and no PIC or PIT;
+# qemu-noxsave: qemu with the guest's XSAVE hidden (-cpu host,-xsave), the
+# experiment on the test host's XSAVE inconsistency (docs/reliability.md);
 # "both" means "capsid qemu"), in turn each round, and counts the guests
 # that died
 # before the kernel ran /init.
@@ -29,7 +31,9 @@ start() {
     if [ "$VMM" != capsid ] && [ "$VMM" != capsid-split ]; then
         irqchip=
         [ "$VMM" = qemu-kirq ] && irqchip="-machine ioapic2=off,kernel-irqchip=on"
-        qemu-system-x86_64 -M microvm,rtc=off -accel kvm -cpu host -smp 1 -m 256 $irqchip \
+        cpu=host
+        [ "$VMM" = qemu-noxsave ] && cpu=host,-xsave
+        qemu-system-x86_64 -M microvm,rtc=off -accel kvm -cpu $cpu -smp 1 -m 256 $irqchip \
             -nodefaults -no-user-config -display none -no-reboot \
             -L /usr/share/qemu -L /usr/share/seabios \
             -kernel "$CAPSID_KERNEL" -initrd "$CAPSID_AGENT_INITRAMFS" \

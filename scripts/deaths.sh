@@ -10,7 +10,8 @@
 # the report says so. DEATHS_VMMS lists the series [default: "capsid
 # qemu"; "qemu-kirq" is QEMU with its interrupt controllers and PIT in the
 # kernel, as capsid-vmm has them by default; "capsid-split" is capsid-vmm
-# with --irqchip split, its IOAPIC in the VMM and no PIC or PIT]. DEATHS_VMM_FLAGS adds flags to
+# with --irqchip split, its IOAPIC in the VMM and no PIC or PIT;
+# "qemu-noxsave" is QEMU's default with the guest's XSAVE hidden]. DEATHS_VMM_FLAGS adds flags to
 # capsid-vmm's and DEATHS_QEMU_FLAGS to QEMU's (the experiments:
 # DEATHS_VMM_FLAGS="--seccomp none"; DEATHS_QEMU_FLAGS="-sandbox on",
 # QEMU's own seccomp filter).
