@@ -25,6 +25,7 @@ use crate::arch::layout::{
     BOOT_MARKER_PORT, I8042_PORT, I8042_PORT_LEN, IOAPIC_ADDR, SERIAL_IRQ, SERIAL_PORT,
     SERIAL_PORT_LEN, VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
 };
+use crate::arch::mptable;
 use crate::config::{ConfigError, Irqchip, SerialConfig, Validate, VmConfig};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::ioapic::{IOAPIC_SIZE, Ioapic};
@@ -231,7 +232,7 @@ pub fn build(
     }
     let mut mmio = Bus::new();
     if config.irqchip == Irqchip::Split {
-        let ioapic = Ioapic::new(config.vcpus, Box::new(Arc::clone(&vm)));
+        let ioapic = Ioapic::new(mptable::ioapic_id(config.vcpus), Box::new(Arc::clone(&vm)));
         mmio.insert(
             Arc::new(Mutex::new(ioapic)),
             u64::from(IOAPIC_ADDR),

@@ -43,13 +43,19 @@ fn checksum(bytes: &[u8]) -> u8 {
     bytes.iter().fold(0u8, |sum, b| sum.wrapping_sub(*b))
 }
 
+/// The IOAPIC's APIC ID: the first after the vCPUs' (0 to `vcpus - 1`).
+/// The table announces it, and the split irqchip's IOAPIC answers with it.
+pub(crate) fn ioapic_id(vcpus: u8) -> u8 {
+    vcpus
+}
+
 /// Builds the floating pointer and configuration table for `vcpus` CPUs,
 /// to be written at guest address `base`.
 pub fn build(vcpus: u8, base: u32) -> Result<Vec<u8>, MpTableError> {
     if vcpus == 0 || vcpus > MAX_VCPUS {
         return Err(MpTableError::VcpuCount(vcpus));
     }
-    let ioapic_id = vcpus;
+    let ioapic_id = ioapic_id(vcpus);
     let mut entries = Vec::new();
     let mut count: u16 = 0;
     for id in 0..vcpus {
