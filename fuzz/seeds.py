@@ -220,3 +220,25 @@ write("oci_layer", "symlink-out", layer([entry("out", tarfile.SYMTYPE, link="../
 write("oci_layer", "hardlink-out", layer([entry("passwd", tarfile.LNKTYPE, link="../sentinel")]))
 write("oci_layer", "whiteout-out", layer([entry("../.wh.sentinel")]))
 write("oci_layer", "device", layer([entry("dev/mem", tarfile.CHRTYPE, mode=0o666)]))
+
+# virtio-net: the same queue layout as virtio-blk; a transmit chain of a
+# header and an Ethernet frame, then (as a receive queue) the same
+# descriptors; three frames from the tap; every feature acknowledged.
+def net_queue(descriptors, heads, frames=(60, 1500, 9000), features=0x0F):
+    memory = bytearray(0x2000)
+    for i, (addr, length, flags, nxt) in enumerate(descriptors):
+        struct.pack_into("<QIHH", memory, i * 16, addr, length, flags, nxt)
+    struct.pack_into("<HH", memory, 0x100, 0, len(heads))
+    for i, head in enumerate(heads):
+        struct.pack_into("<H", memory, 0x104 + 2 * i, head)
+    struct.pack_into("<HHH", memory, 0x3f0, *frames)
+    memory[0x3f8] = features
+    # A header asking for a checksum at 34+16, then an Ethernet frame.
+    struct.pack_into("<BBHHHHH", memory, 0x400, 1, 0, 0, 0, 34, 16, 0)
+    return bytes(memory)
+
+
+write("virtio_net", "frame", net_queue([(0x400, 12, NEXT, 1), (0x800, 60, 0, 0)], [0]))
+write("virtio_net", "receive", net_queue([(0x800, 1500, WRITE, 0), (0xc00, 1500, WRITE, 0)], [0, 1]))
+write("virtio_net", "tso", net_queue([(0x400, 12, NEXT, 1), (0x800, 3000, 0, 0)], [0], features=0x07))
+write("virtio_net", "loop", net_queue([(0x400, 12, NEXT, 1), (0x800, 60, NEXT, 0)], [0, 0]))

@@ -196,6 +196,8 @@ impl VmSpec {
             spare_disks: self.spare_disks,
             api_uds: (self.spare_disks > 0).then(|| dir.join(API_SOCKET)),
             irqchip: Irqchip::default(),
+            // No network yet: `capsid run` defaults to none (issue 16).
+            nets: Vec::new(),
         }
     }
 }

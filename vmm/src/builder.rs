@@ -2,8 +2,8 @@
 //!
 //! 1. check the configuration (nothing is created for a bad one);
 //! 2. guest RAM, the KVM VM, its memory slots and in-kernel irqchip + PIT;
-//! 3. devices: serial, i8042 and boot marker on ports; virtio-blk disks and
-//!    virtio-vsock on MMIO, each with an irqfd and a queue-notify ioeventfd,
+//! 3. devices: serial, i8042 and boot marker on ports; virtio-blk disks,
+//!    virtio-vsock and virtio-net (over the launcher's taps) on MMIO, each with an irqfd and a queue-notify ioeventfd,
 //!    and announced on the kernel command line; spare disk slots and the
 //!    API socket that attaches images to them;
 //! 4. kernel, initrd, command line and boot parameters into guest memory,
@@ -32,6 +32,7 @@ use crate::devices::ioapic::{IOAPIC_SIZE, Ioapic};
 use crate::devices::legacy::{BootMarker, I8042, SerialConsole};
 use crate::devices::virtio::block::{Block, DiskSlot, DiskSlots};
 use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
+use crate::devices::virtio::net::{Net, Tap, TapError};
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, ThreadInit, VirtioDevice, WorkerHandle};
 use crate::logging::BoundedFile;
@@ -64,6 +65,9 @@ pub enum BuildError {
     /// A disk cannot be set up.
     #[error("cannot set up disk {0}")]
     Disk(String, #[source] crate::devices::virtio::block::BlockError),
+    /// A network device's tap cannot be used.
+    #[error("cannot set up the network device on tap descriptor {0}")]
+    Net(i32, #[source] TapError),
     /// The vsock device cannot be set up.
     #[error("cannot set up vsock")]
     Vsock(#[from] crate::devices::virtio::vsock::VsockError),
@@ -118,12 +122,23 @@ pub struct HostFiles {
     /// One per `config.disks`, in order.
     pub disks: Vec<Block>,
     pub(crate) serial: Option<BoundedFile>,
+    /// One per `config.nets`, in order, over the taps the launcher passed.
+    pub(crate) nets: Vec<Net>,
 }
 
 impl HostFiles {
     /// Checks `config` and opens what it names.
     pub fn open(config: &VmConfig) -> Result<Self, BuildError> {
         config.validate()?;
+        // The taps first: each descriptor is checked before it is taken.
+        let nets = config
+            .nets
+            .iter()
+            .map(|net| {
+                let tap = Tap::inherited(net.tap_fd).map_err(|e| BuildError::Net(net.tap_fd, e))?;
+                Ok(Net::new(tap, net.mac.0, net.mtu))
+            })
+            .collect::<Result<Vec<_>, BuildError>>()?;
         let kvm = kvm_ioctls::Kvm::new().map_err(|e| VmError("opening /dev/kvm", e))?;
         let open = |what: &'static str, path: &std::path::Path| {
             NamedFile::open(path).map_err(|source| ConfigError::Missing {
@@ -159,6 +174,7 @@ impl HostFiles {
             initrd,
             disks,
             serial,
+            nets,
         })
     }
 }
@@ -179,6 +195,7 @@ pub fn build(
         mut initrd,
         disks,
         serial,
+        nets,
     } = files;
     let mem_bytes = u64::from(config.mem_mib) << 20;
 
@@ -215,7 +232,8 @@ pub fn build(
     )?;
 
     // virtio devices on MMIO, each announced on the command line.
-    // Disks first (the first is /dev/vda), then the spare slots, then vsock.
+    // Disks first (the first is /dev/vda), then the spare slots, vsock, and
+    // the network devices (the first is eth0).
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     for block in disks {
         devices.push(Box::new(block));
@@ -229,6 +247,9 @@ pub fn build(
     }
     if let Some(vsock) = &config.vsock {
         devices.push(Box::new(Vsock::new(vsock.cid, &vsock.uds)?));
+    }
+    for net in nets {
+        devices.push(Box::new(net));
     }
     let mut mmio = Bus::new();
     if config.irqchip == Irqchip::Split {

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 pub use capsid_vmm_api::DEFAULT_CMDLINE;
 pub use capsid_vmm_api::config::{
-    DEFAULT_CID, DEFAULT_MEM_MIB, DEFAULT_VCPUS, DiskConfig, Irqchip, SerialConfig, SyntaxError,
-    VmConfig, VsockConfig,
+    DEFAULT_CID, DEFAULT_MEM_MIB, DEFAULT_VCPUS, DiskConfig, Irqchip, MacAddr, NetConfig,
+    SerialConfig, SyntaxError, VmConfig, VsockConfig,
 };
 
 use crate::arch::layout::{IOAPIC_PINS, MAX_VCPUS, VIRTIO_IRQ_BASE};
@@ -61,10 +61,32 @@ pub enum ConfigError {
     /// More virtio devices than interrupt pins.
     #[error("too many devices: {0} virtio devices, at most {max}", max = IOAPIC_PINS - VIRTIO_IRQ_BASE)]
     TooManyDevices(usize),
+    /// A network device's tap descriptor is not one the VMM inherited.
+    #[error(
+        "net tap_fd = {0}: pass a tap opened by the launcher, inherited as descriptor 3 or above"
+    )]
+    TapFd(i32),
+    /// Two network devices name the same tap descriptor.
+    #[error("net tap_fd = {0} is given twice: each network device needs a tap of its own")]
+    TapFdTwice(i32),
+    /// A network device's MAC address cannot be an interface's.
+    #[error(
+        "net mac = {0}: give a unicast address other than 00:00:00:00:00:00 (the first byte even, as 02:…)"
+    )]
+    Mac(MacAddr),
+    /// A network device's MTU is out of range.
+    #[error("net mtu = {0}: give {MIN_MTU} to {MAX_MTU}")]
+    Mtu(u16),
     /// The command line is malformed.
     #[error(transparent)]
     Syntax(#[from] SyntaxError),
 }
+
+/// The smallest MTU an IPv4 interface takes, and the largest frame
+/// payload virtio-net carries here (64 KiB less the Ethernet header).
+pub const MIN_MTU: u16 = 68;
+/// See [`MIN_MTU`].
+pub const MAX_MTU: u16 = 65535 - 14;
 
 fn readable(what: &'static str, path: &Path) -> Result<(), ConfigError> {
     std::fs::File::open(path)
@@ -134,6 +156,20 @@ impl Validate for VmConfig {
                 return Err(ConfigError::SocketExists(vsock.uds.clone()));
             }
         }
+        for (i, net) in self.nets.iter().enumerate() {
+            if net.tap_fd < 3 {
+                return Err(ConfigError::TapFd(net.tap_fd));
+            }
+            if self.nets[..i].iter().any(|n| n.tap_fd == net.tap_fd) {
+                return Err(ConfigError::TapFdTwice(net.tap_fd));
+            }
+            if net.mac.is_multicast() || net.mac.0 == [0; 6] {
+                return Err(ConfigError::Mac(net.mac));
+            }
+            if let Some(mtu) = net.mtu.filter(|m| !(MIN_MTU..=MAX_MTU).contains(m)) {
+                return Err(ConfigError::Mtu(mtu));
+            }
+        }
         let max = usize::try_from(IOAPIC_PINS - VIRTIO_IRQ_BASE).unwrap_or(0);
         if self.virtio_devices() > max {
             return Err(ConfigError::TooManyDevices(self.virtio_devices()));
@@ -163,6 +199,78 @@ mod tests {
         ));
         let long = format!("/a,id={}", "x".repeat(21));
         assert!(long.parse::<DiskConfig>().is_err());
+    }
+
+    #[test]
+    fn nets_parse_and_a_bad_one_is_named() {
+        let net: NetConfig = "fd=5,mac=02:00:0a:58:00:05,mtu=1450".parse().unwrap();
+        assert_eq!(net.tap_fd, 5);
+        assert_eq!(net.mac, MacAddr([2, 0, 0x0a, 0x58, 0, 5]));
+        assert_eq!(net.mac.to_string(), "02:00:0a:58:00:05");
+        assert_eq!(net.mtu, Some(1450));
+        for (text, why) in [
+            ("mac=02:00:00:00:00:01", "no fd"),
+            ("fd=3", "no mac"),
+            ("fd=x,mac=02:00:00:00:00:01", "fd is not a number"),
+            (
+                "fd=3,mac=02:00:00:00:00:01,mtu=70000",
+                "mtu is not a number",
+            ),
+            ("fd=3,mac=02:00:00:00:00:01,tap=eth0", "unknown option"),
+        ] {
+            let e = text.parse::<NetConfig>().unwrap_err().to_string();
+            assert!(
+                e.contains(why) && e.contains("expected fd=N"),
+                "{text}: {e}"
+            );
+        }
+        for mac in [
+            "02:00:00:00:00",
+            "02:00:00:00:00:01:02",
+            "2:00:00:00:00:01",
+            "0g:00:00:00:00:01",
+        ] {
+            let e = format!("fd=3,mac={mac}").parse::<NetConfig>().unwrap_err();
+            assert_eq!(e, SyntaxError::Mac(mac.to_owned()));
+        }
+        let config: VmConfig = serde_json::from_str(
+            r#"{"kernel": "/k", "nets": [{"tap_fd": 3, "mac": "02:00:00:00:00:01"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(config.nets[0].mtu, None);
+        assert_eq!(config.virtio_devices(), 1);
+    }
+
+    #[test]
+    fn a_net_with_a_bad_fd_mac_or_mtu_is_refused_before_kvm() {
+        let kernel = tempfile::NamedTempFile::new().unwrap();
+        let net = |text: &str| text.parse::<NetConfig>().unwrap();
+        let with = |nets: Vec<NetConfig>| VmConfig {
+            kernel: kernel.path().to_owned(),
+            nets,
+            ..VmConfig::default()
+        };
+        assert!(
+            with(vec![net("fd=3,mac=02:00:00:00:00:01,mtu=9000")])
+                .validate()
+                .is_ok()
+        );
+        for (nets, want) in [
+            (vec![net("fd=2,mac=02:00:00:00:00:01")], "tap_fd = 2"),
+            (
+                vec![
+                    net("fd=3,mac=02:00:00:00:00:01"),
+                    net("fd=3,mac=02:00:00:00:00:02"),
+                ],
+                "given twice",
+            ),
+            (vec![net("fd=3,mac=01:00:5e:00:00:01")], "unicast"),
+            (vec![net("fd=3,mac=00:00:00:00:00:00")], "unicast"),
+            (vec![net("fd=3,mac=02:00:00:00:00:01,mtu=60")], "mtu = 60"),
+        ] {
+            let e = with(nets).validate().unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
     }
 
     #[test]

@@ -113,14 +113,33 @@ pub fn inside(dir: &Path, path: &Path) -> Option<PathBuf> {
     Some(Path::new(JAIL_VM_DIR).join(rest))
 }
 
-/// Closes every descriptor above 2: the VMM starts with only what it
-/// opens itself.
-pub fn close_inherited_fds() -> std::io::Result<()> {
-    // SAFETY: close_range takes a range of descriptors and flags; nothing
-    // above 2 is ours yet.
-    if unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) } != 0 {
-        return Err(std::io::Error::last_os_error());
+/// Closes every descriptor above 2 but those in `keep` (the taps the
+/// launcher passed): the VMM starts with only what it opens itself and
+/// what it was handed on purpose.
+pub fn close_inherited_fds(keep: &[i32]) -> std::io::Result<()> {
+    let mut keep: Vec<u32> = keep
+        .iter()
+        .filter_map(|fd| u32::try_from(*fd).ok())
+        .filter(|fd| *fd > 2)
+        .collect();
+    keep.sort_unstable();
+    keep.dedup();
+    let close = |first: u32, last: u32| {
+        // SAFETY: close_range takes a range of descriptors and flags;
+        // nothing above 2 is ours yet but the descriptors kept.
+        if unsafe { libc::syscall(libc::SYS_close_range, first, last, 0u32) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    let mut from = 3u32;
+    for fd in keep {
+        if fd > from {
+            close(from, fd - 1)?;
+        }
+        from = fd + 1;
     }
+    close(from, u32::MAX)?;
     Ok(())
 }
 

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use capsid_vmm::builder::HostFiles;
-use capsid_vmm::config::{DiskConfig, Irqchip, SerialConfig, VmConfig, VsockConfig};
+use capsid_vmm::config::{DiskConfig, Irqchip, NetConfig, SerialConfig, VmConfig, VsockConfig};
 use capsid_vmm::jail::{self, JailConfig, Role};
 use capsid_vmm::logging::BoundedFile;
 use capsid_vmm::seccomp::{Filters, SeccompMode, ThreadKind};
@@ -23,7 +23,7 @@ Exit status:
 
 /// Runs one KVM micro-VM: a Linux kernel with a serial console, an i8042
 /// reset line, a boot-time marker, virtio-blk disks (images can be attached
-/// to spare slots while it runs) and virtio-vsock.
+/// to spare slots while it runs), virtio-vsock and virtio-net over taps.
 #[derive(Debug, Parser)]
 #[command(name = "capsid-vmm", version, after_help = EXIT_CODES)]
 struct Args {
@@ -48,6 +48,11 @@ struct Args {
     /// A virtio-blk disk: PATH[,ro][,id=ID]. Repeatable; /dev/vda is the first.
     #[arg(long = "disk", value_name = "PATH[,ro][,id=ID]")]
     disks: Vec<DiskConfig>,
+    /// A virtio-net device over a tap the launcher opened (IFF_TAP |
+    /// IFF_NO_PI | IFF_VNET_HDR) and passed as descriptor N:
+    /// fd=N,mac=XX:XX:XX:XX:XX:XX[,mtu=N]. Repeatable; eth0 is the first.
+    #[arg(long = "net", value_name = "fd=N,mac=MAC[,mtu=N]")]
+    nets: Vec<NetConfig>,
     /// Unix socket for virtio-vsock (host side of hybrid vsock).
     #[arg(long)]
     vsock_uds: Option<PathBuf>,
@@ -128,6 +133,7 @@ impl Args {
             config.mem_mib = mem_mib;
         }
         config.disks.extend(self.disks.iter().cloned());
+        config.nets.extend(self.nets.iter().cloned());
         match (self.vsock_uds.clone(), &mut config.vsock) {
             (Some(uds), Some(vsock)) => vsock.uds = uds,
             (Some(uds), None) => {
@@ -172,12 +178,18 @@ fn main() -> ExitCode {
     // Every file and socket the VMM makes is its own only (0600, 0700).
     // SAFETY: umask takes a mode and cannot fail.
     unsafe { libc::umask(0o077) };
-    // Nothing the launcher left open reaches the VMM (or the guest).
-    if let Err(e) = jail::close_inherited_fds() {
+    let args = Args::parse();
+    let config = args.to_config();
+    // Nothing the launcher left open reaches the VMM (or the guest) but
+    // the taps it passed.
+    let taps: Vec<i32> = match &config {
+        Ok(config) => config.nets.iter().map(|net| net.tap_fd).collect(),
+        Err(_) => Vec::new(),
+    };
+    if let Err(e) = jail::close_inherited_fds(&taps) {
         eprintln!("capsid-vmm: error: cannot close inherited descriptors: {e}");
         return exit_code(EXIT_VMM_ERROR);
     }
-    let args = Args::parse();
     if args.probe {
         return match serde_json::to_string(&capsid_vmm::probe::report()) {
             Ok(json) => {
@@ -212,7 +224,7 @@ fn main() -> ExitCode {
             .with_writer(std::io::stderr)
             .init(),
     }
-    match run(&args, started) {
+    match run(&args, config, started) {
         Ok(reason) => {
             match &reason {
                 ExitReason::GuestShutdown => tracing::info!("{reason}"),
@@ -229,8 +241,12 @@ fn main() -> ExitCode {
 
 /// Everything between the arguments and the VM's end: open what the VM
 /// needs, confine the process, build the VM, run it.
-fn run(args: &Args, started: Instant) -> Result<ExitReason, Box<dyn std::error::Error>> {
-    let mut config = args.to_config()?;
+fn run(
+    args: &Args,
+    config: Result<VmConfig, capsid_vmm::ConfigError>,
+    started: Instant,
+) -> Result<ExitReason, Box<dyn std::error::Error>> {
+    let mut config = config?;
     if let Some(launcher) = args.die_with_parent {
         jail::die_with(launcher)?;
     }

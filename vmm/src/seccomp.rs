@@ -239,7 +239,14 @@ fn rules(kind: ThreadKind, pid: u32) -> Rules {
                 ],
             );
             allow_arg(&mut rules, libc::SYS_socket, 0, &[libc::AF_UNIX as u64]);
-            allow_arg(&mut rules, libc::SYS_ioctl, 1, &[libc::FIONBIO]);
+            // A network device's tap: the offloads the driver took, set
+            // when it activates the device.
+            allow_arg(
+                &mut rules,
+                libc::SYS_ioctl,
+                1,
+                &[libc::FIONBIO, libc::TUNSETOFFLOAD],
+            );
         }
         ThreadKind::Api => {
             // A request with an image's descriptor: its kind and size.

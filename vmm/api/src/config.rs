@@ -8,7 +8,8 @@
 //!   "cmdline": "console=ttyS0 reboot=k panic=-1 quiet", "vcpus": 2, "mem_mib": 256,
 //!   "disks": [ { "path": "rootfs.erofs", "read_only": true, "id": "rootfs" } ],
 //!   "vsock": { "uds": "/run/capsid/vm1.vsock", "cid": 3 },
-//!   "serial": "file:/run/capsid/vm1.console", "spare_disks": 0 }
+//!   "serial": "file:/run/capsid/vm1.console", "spare_disks": 0,
+//!   "nets": [ { "tap_fd": 3, "mac": "02:00:0a:58:00:05", "mtu": 1500 } ] }
 //! ```
 
 use std::fmt;
@@ -37,6 +38,10 @@ pub enum SyntaxError {
     Serial(String),
     /// An `--irqchip` value.
     Irqchip(String),
+    /// A `--net` value, and what is wrong with it.
+    Net(String, &'static str),
+    /// A MAC address.
+    Mac(String),
 }
 
 impl fmt::Display for SyntaxError {
@@ -56,6 +61,18 @@ impl fmt::Display for SyntaxError {
             }
             Self::Irqchip(text) => {
                 write!(f, "invalid --irqchip {text:?}: expected kernel or split")
+            }
+            Self::Net(text, why) => {
+                write!(
+                    f,
+                    "invalid --net {text:?}: {why} (expected fd=N,mac=XX:XX:XX:XX:XX:XX[,mtu=N])"
+                )
+            }
+            Self::Mac(text) => {
+                write!(
+                    f,
+                    "invalid MAC address {text:?}: expected six hex bytes, as 02:00:00:00:00:01"
+                )
             }
         }
     }
@@ -186,6 +203,102 @@ impl FromStr for DiskConfig {
     }
 }
 
+/// An Ethernet MAC address, written `02:00:00:00:00:01`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct MacAddr(pub [u8; 6]);
+
+impl MacAddr {
+    /// A multicast (or broadcast) address, which no interface may have.
+    pub fn is_multicast(&self) -> bool {
+        self.0[0] & 1 != 0
+    }
+}
+
+impl FromStr for MacAddr {
+    type Err = SyntaxError;
+
+    fn from_str(s: &str) -> Result<Self, SyntaxError> {
+        let bad = || SyntaxError::Mac(s.to_owned());
+        let mut mac = [0u8; 6];
+        let mut parts = s.split(':');
+        for byte in &mut mac {
+            let part = parts.next().filter(|p| p.len() == 2).ok_or_else(bad)?;
+            *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
+        }
+        match parts.next() {
+            None => Ok(Self(mac)),
+            Some(_) => Err(bad()),
+        }
+    }
+}
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let [a, b, c, d, e, g] = self.0;
+        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+    }
+}
+
+impl TryFrom<String> for MacAddr {
+    type Error = SyntaxError;
+
+    fn try_from(s: String) -> Result<Self, SyntaxError> {
+        s.parse()
+    }
+}
+
+impl From<MacAddr> for String {
+    fn from(mac: MacAddr) -> String {
+        mac.to_string()
+    }
+}
+
+/// A virtio-net device whose other end is a tap the launcher opened and
+/// passed down (the VMM opens no network device itself, and runs in a
+/// network namespace of its own).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// The tap's descriptor in the VMM, inherited from its launcher: a tap
+    /// opened with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`.
+    pub tap_fd: i32,
+    /// The guest's MAC address.
+    pub mac: MacAddr,
+    /// The MTU the guest is told (`VIRTIO_NET_F_MTU`); none leaves it to
+    /// the guest (1500).
+    #[serde(default)]
+    pub mtu: Option<u16>,
+}
+
+impl FromStr for NetConfig {
+    type Err = SyntaxError;
+
+    /// `fd=N,mac=XX:XX:XX:XX:XX:XX[,mtu=N]`
+    fn from_str(s: &str) -> Result<Self, SyntaxError> {
+        let bad = |why| SyntaxError::Net(s.to_owned(), why);
+        let (mut fd, mut mac, mut mtu) = (None, None, None);
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("fd", n)) => fd = Some(n.parse().map_err(|_| bad("fd is not a number"))?),
+                Some(("mac", m)) => mac = Some(m.parse()?),
+                Some(("mtu", n)) => {
+                    mtu = Some(
+                        n.parse()
+                            .map_err(|_| bad("mtu is not a number up to 65535"))?,
+                    )
+                }
+                _ => return Err(bad("unknown option")),
+            }
+        }
+        Ok(NetConfig {
+            tap_fd: fd.ok_or_else(|| bad("no fd"))?,
+            mac: mac.ok_or_else(|| bad("no mac"))?,
+            mtu,
+        })
+    }
+}
+
 /// virtio-vsock with its host side on a Unix socket (hybrid vsock).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -250,12 +363,18 @@ pub struct VmConfig {
     /// Where the interrupt controllers live.
     #[serde(default)]
     pub irqchip: Irqchip,
+    /// virtio-net devices, `eth0` first.
+    #[serde(default)]
+    pub nets: Vec<NetConfig>,
 }
 
 impl VmConfig {
     /// How many virtio devices this VM has.
     pub fn virtio_devices(&self) -> usize {
-        self.disks.len() + usize::from(self.spare_disks) + usize::from(self.vsock.is_some())
+        self.disks.len()
+            + usize::from(self.spare_disks)
+            + usize::from(self.vsock.is_some())
+            + self.nets.len()
     }
 }
 
@@ -273,6 +392,7 @@ impl Default for VmConfig {
             spare_disks: 0,
             api_uds: None,
             irqchip: Irqchip::Kernel,
+            nets: Vec::new(),
         }
     }
 }

@@ -20,7 +20,9 @@
 pub mod config;
 pub mod host;
 
-pub use config::{DiskConfig, Irqchip, SerialConfig, SyntaxError, VmConfig, VsockConfig};
+pub use config::{
+    DiskConfig, Irqchip, MacAddr, NetConfig, SerialConfig, SyntaxError, VmConfig, VsockConfig,
+};
 use serde::{Deserialize, Serialize};
 
 /// The guest kernel command line capsid-vmm boots with unless told

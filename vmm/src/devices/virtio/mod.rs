@@ -1,14 +1,15 @@
 //! virtio over MMIO: the transport ([`mmio`]), the devices ([`block`],
-//! [`vsock`]), and what they share: the device interface, interrupts, the
+//! [`net`], [`vsock`]), and what they share: the device interface, interrupts, the
 //! worker thread that serves a device's queues, and descriptor-chain checks.
 //!
 //! Every device follows the same template (Firecracker's): `mod.rs` with the
 //! wire definitions, `device.rs` with the [`VirtioDevice`] and its worker's
 //! event handling, and the queue processing as pure code over `virtio-queue`
-//! (`request.rs`, `packet.rs`, `muxer.rs`), unit-tested with its mock queues.
+//! (`request.rs`, `frames.rs`, `packet.rs`, `muxer.rs`), unit-tested with its mock queues.
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 pub mod vsock;
 mod worker;
 
@@ -111,7 +112,7 @@ pub enum ActivateError {
 
 /// A virtio device, as the MMIO transport sees it.
 pub trait VirtioDevice: Send + std::fmt::Debug {
-    /// The virtio device ID (2 = block, 19 = vsock).
+    /// The virtio device ID (1 = net, 2 = block, 19 = vsock).
     fn device_type(&self) -> u32;
     /// The largest size of each queue.
     fn queue_max_sizes(&self) -> &[u16];
