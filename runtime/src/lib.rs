@@ -1,8 +1,8 @@
 //! What the `capsid` CLI and `containerd-shim-capsid-v2` share: the
 //! configuration ([`config`]), the bundle's spec for the guest ([`spec`]),
 //! the sandbox lifecycle ([`sandbox`], [`container`]) over a guest agent
-//! ([`agent`]) and a micro-VM ([`vm`]), and what confines its VMM
-//! ([`confine`]).
+//! ([`agent`]) and a micro-VM ([`vm`]), what confines its VMM
+//! ([`confine`]), and the taps its network devices serve ([`tap`]).
 
 #![warn(missing_docs)]
 
@@ -16,6 +16,7 @@ pub mod sandbox;
 pub mod scratch;
 pub mod seccomp_profile;
 pub mod spec;
+pub mod tap;
 pub mod vm;
 
 /// Rootfs and OCI images, for the runtime's callers.
