@@ -19,6 +19,10 @@
 //! | `blk-speed:DEV`       | reads all of DEV in 1 MiB reads, reports bytes and microseconds |
 //! | `blk-ro:DEV`          | checks that DEV refuses writes                                  |
 //! | `blk-write:DEV`       | writes [`WRITE_PATTERN`] at offset 4096 of DEV and syncs        |
+//! | `net-up:ADDR`         | gives eth0 ADDR/24 and brings it up; reports its MAC and MTU   |
+//! | `net-echo:IP:P`       | TCP to IP:P, sends a line, expects it back                      |
+//! | `net-pull:IP:P:N`     | TCP to IP:P, reads N bytes, checks the pattern `i % 251`        |
+//! | `net-push:IP:P:N`     | TCP to IP:P, writes N bytes of the pattern, expects `got N`     |
 //! | `hang`                | waits forever (for tests that stop the VM from outside)         |
 
 use std::ffi::CStr;
@@ -104,12 +108,174 @@ fn run_step(step: &str) -> io::Result<String> {
         "blk-speed" => blk_speed(arg()?),
         "blk-ro" => blk_ro(arg()?),
         "blk-write" => blk_write(arg()?),
+        "net-up" => net_up(arg()?),
+        "net-echo" => {
+            let ip = arg()?;
+            net_echo(ip, parse(arg()?)?)
+        }
+        "net-pull" | "net-push" => {
+            let (ip, port) = (arg()?, parse(arg()?)?);
+            net_stream(ip, port, parse(arg()?)?, name == "net-push")
+        }
         "hang" => {
             say(&format!("{STEP} hang waiting"));
             pause_forever()
         }
         _ => Err(io::Error::other(format!("unknown step {name}"))),
     }
+}
+
+/// An `ifreq` for eth0.
+fn eth0_ifreq() -> libc::ifreq {
+    // SAFETY: ifreq is plain data; all-zero is a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in ifr.ifr_name.iter_mut().zip(b"eth0") {
+        *dst = src.cast_signed();
+    }
+    ifr
+}
+
+fn sockaddr_in(ip: std::net::Ipv4Addr) -> libc::sockaddr {
+    let addr = libc::sockaddr_in {
+        sin_family: libc::sa_family_t::try_from(libc::AF_INET).unwrap_or(0),
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr are both 16 bytes of plain data.
+    unsafe { std::mem::transmute(addr) }
+}
+
+fn ifreq_call(socket: &OwnedFd, request: libc::Ioctl, ifr: &mut libc::ifreq) -> io::Result<()> {
+    // SAFETY: every request used here reads or writes one ifreq.
+    if unsafe { libc::ioctl(socket.as_raw_fd(), request, &raw mut *ifr) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn net_up(addr: &str) -> io::Result<String> {
+    let ip: std::net::Ipv4Addr = parse(addr)?;
+    // SAFETY: socket has no memory preconditions; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh socket this function owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut ifr = eth0_ifreq();
+    ifr.ifr_ifru.ifru_addr = sockaddr_in(ip);
+    ifreq_call(&socket, libc::SIOCSIFADDR, &mut ifr)?;
+    ifr.ifr_ifru.ifru_netmask = sockaddr_in(std::net::Ipv4Addr::new(255, 255, 255, 0));
+    ifreq_call(&socket, libc::SIOCSIFNETMASK, &mut ifr)?;
+    ifreq_call(&socket, libc::SIOCGIFFLAGS, &mut ifr)?;
+    // SAFETY: SIOCGIFFLAGS filled in the flags.
+    let flags = unsafe { ifr.ifr_ifru.ifru_flags };
+    ifr.ifr_ifru.ifru_flags = flags | i16::try_from(libc::IFF_UP).unwrap_or(0);
+    ifreq_call(&socket, libc::SIOCSIFFLAGS, &mut ifr)?;
+    ifreq_call(&socket, libc::SIOCGIFHWADDR, &mut ifr)?;
+    // SAFETY: SIOCGIFHWADDR filled in the hardware address.
+    let hw = unsafe { ifr.ifr_ifru.ifru_hwaddr.sa_data };
+    let mac: Vec<String> = hw[..6]
+        .iter()
+        .map(|b| format!("{:02x}", b.cast_unsigned()))
+        .collect();
+    ifreq_call(&socket, libc::SIOCGIFMTU, &mut ifr)?;
+    // SAFETY: SIOCGIFMTU filled in the MTU.
+    let mtu = unsafe { ifr.ifr_ifru.ifru_mtu };
+    Ok(format!("mac={} mtu={mtu}", mac.join(":")))
+}
+
+/// Connects to `ip:port`, retrying for a while (the host's side may still
+/// be learning the guest's address).
+fn tcp_connect(ip: &str, port: u16) -> io::Result<std::net::TcpStream> {
+    let addr: std::net::Ipv4Addr = parse(ip)?;
+    let mut last = io::Error::other("no attempt");
+    for _ in 0..50 {
+        match std::net::TcpStream::connect_timeout(
+            &(addr, port).into(),
+            std::time::Duration::from_secs(5),
+        ) {
+            Ok(stream) => {
+                stream.set_read_timeout(Some(std::time::Duration::from_secs(60)))?;
+                return Ok(stream);
+            }
+            Err(e) => last = e,
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    Err(last)
+}
+
+fn net_echo(ip: &str, port: u16) -> io::Result<String> {
+    let mut stream = tcp_connect(ip, port)?;
+    let message = "hello over virtio-net\n";
+    stream.write_all(message.as_bytes())?;
+    let mut reply = Vec::new();
+    let mut byte = [0u8; 1];
+    while reply.len() < 4096 && stream.read(&mut byte)? == 1 {
+        reply.push(byte[0]);
+        if byte[0] == b'\n' {
+            break;
+        }
+    }
+    if reply != message.as_bytes() {
+        return Err(io::Error::other(format!(
+            "echo came back as {:?}",
+            String::from_utf8_lossy(&reply)
+        )));
+    }
+    Ok(format!("echoed {} bytes", message.len()))
+}
+
+/// Byte `i` of what `net-pull` and `net-push` carry.
+fn net_pattern(i: u64) -> u8 {
+    u8::try_from(i % 251).unwrap_or(0)
+}
+
+/// Reads (pull) or writes (push) `len` bytes over TCP, checking them, and
+/// reports the time it took.
+fn net_stream(ip: &str, port: u16, len: u64, push: bool) -> io::Result<String> {
+    let mut stream = tcp_connect(ip, port)?;
+    let started = std::time::Instant::now();
+    let mut buf = vec![0u8; 64 << 10];
+    let mut done = 0u64;
+    while done < len {
+        let n = usize::try_from((len - done).min(64 << 10)).unwrap_or(0);
+        if push {
+            for (i, b) in buf[..n].iter_mut().enumerate() {
+                *b = net_pattern(done + i as u64);
+            }
+            stream.write_all(&buf[..n])?;
+        } else {
+            let got = stream.read(&mut buf[..n])?;
+            if got == 0 {
+                return Err(io::Error::other(format!(
+                    "the host closed after {done} bytes"
+                )));
+            }
+            if let Some(i) = (0..got).find(|i| buf[*i] != net_pattern(done + *i as u64)) {
+                return Err(io::Error::other(format!(
+                    "byte {} is wrong",
+                    done + i as u64
+                )));
+            }
+            done += got as u64;
+            continue;
+        }
+        done += n as u64;
+    }
+    if push {
+        stream.shutdown(std::net::Shutdown::Write)?;
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply)?;
+        if reply.trim_end() != format!("got {len}") {
+            return Err(io::Error::other(format!("the host answered {reply:?}")));
+        }
+    }
+    Ok(format!("bytes={len} us={}", started.elapsed().as_micros()))
 }
 
 fn parse<T: std::str::FromStr>(text: &str) -> io::Result<T> {

@@ -33,13 +33,14 @@ pub const READY_MARKER: &str = "CAPSID-TESTBED-READY";
 /// Printed by the test host's init with the command's exit code.
 pub const EXIT_MARKER: &str = "CAPSID-TESTBED-EXIT";
 /// The test host's kernel modules, in load order, and where Debian's
-/// package has them: the three that give it `/dev/kvm`, and overlayfs (for
-/// containerd's default snapshotter).
-const HOST_MODULES: [(&str, &str); 4] = [
+/// package has them: the three that give it `/dev/kvm`, overlayfs (for
+/// containerd's default snapshotter), and tun (the taps virtio-net serves).
+const HOST_MODULES: [(&str, &str); 5] = [
     ("irqbypass", "virt/lib/irqbypass.ko"),
     ("kvm", "arch/x86/kvm/kvm.ko"),
     ("kvm-amd", "arch/x86/kvm/kvm-amd.ko"),
     ("overlay", "fs/overlayfs/overlay.ko"),
+    ("tun", "drivers/net/tun.ko"),
 ];
 /// Where the testbed binary itself goes in the test host, for `hold-kvm`.
 const HOLD_KVM_PROGRAM: &str = "/testbed/capsid-testbed";

@@ -3,6 +3,8 @@
 
 use std::ffi::OsString;
 use std::fs::File;
+use std::os::fd::RawFd;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -26,6 +28,19 @@ impl VmmRun {
     /// Starts `vmm` with `args`; the serial console goes to
     /// `<scratch>/<name>.console`, the VMM's log (level info) to `<name>.log`.
     pub fn start(vmm: &Path, args: &[OsString], scratch: &Path, name: &str) -> Self {
+        Self::start_passing(vmm, args, scratch, name, &[])
+    }
+
+    /// [`Self::start`], the VMM inheriting each descriptor `(ours, as)` of
+    /// `pass` as its number `as` (a tap for `--net fd=N`). Ours stay
+    /// close-on-exec: no other child of the test gets them.
+    pub fn start_passing(
+        vmm: &Path,
+        args: &[OsString],
+        scratch: &Path,
+        name: &str,
+        pass: &[(RawFd, RawFd)],
+    ) -> Self {
         let console_path = scratch.join(format!("{name}.console"));
         let log_path = scratch.join(format!("{name}.log"));
         // The VMM appends to its console file: start from an empty one.
@@ -42,6 +57,25 @@ impl VmmRun {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
+        let pass = pass.to_vec();
+        // SAFETY: the closure runs between fork and exec and calls only
+        // dup2(2) and fcntl(2), which are async-signal-safe, on descriptors
+        // the caller keeps open.
+        unsafe {
+            command.pre_exec(move || {
+                for &(ours, theirs) in &pass {
+                    let rc = if ours == theirs {
+                        libc::fcntl(ours, libc::F_SETFD, 0)
+                    } else {
+                        libc::dup2(ours, theirs)
+                    };
+                    if rc < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
         let started = Instant::now();
         let child = ChildGuard::spawn(&mut command).expect("spawn capsid-vmm");
         Self {
@@ -65,10 +99,23 @@ impl VmmRun {
         marker: &str,
         timeout: Duration,
     ) -> (Self, String, Duration) {
+        Self::start_booted_passing(vmm, args, scratch, name, marker, timeout, &[])
+    }
+
+    /// [`Self::start_booted`], passing descriptors as [`Self::start_passing`].
+    pub fn start_booted_passing(
+        vmm: &Path,
+        args: &[OsString],
+        scratch: &Path,
+        name: &str,
+        marker: &str,
+        timeout: Duration,
+        pass: &[(RawFd, RawFd)],
+    ) -> (Self, String, Duration) {
         let mut boots = 0;
         loop {
             boots += 1;
-            let mut run = Self::start(vmm, args, scratch, name);
+            let mut run = Self::start_passing(vmm, args, scratch, name, pass);
             match run.try_wait_for_line(marker, timeout) {
                 Ok((line, after)) => return (run, line, after),
                 Err(why) if run.crashed() && boots < crate::retry::BOOTS_PER_GUEST => {

@@ -293,3 +293,133 @@ fn vmm_boots_a_bzimage_through_the_64_bit_boot_protocol() {
     assert!(log.contains("protocol=Linux64"), "{log}");
     println!("bzImage: {line} ({:.3} s)", after.as_secs_f64());
 }
+
+/// Byte `i` of what `net-pull` and `net-push` carry (as the test init).
+fn net_pattern(i: u64) -> u8 {
+    u8::try_from(i % 251).unwrap()
+}
+
+/// Serves one TCP connection on `listener` with `serve`, giving up (and
+/// returning an error) when nobody connects before the deadline.
+fn serve_one(
+    listener: std::net::TcpListener,
+    serve: impl FnOnce(std::net::TcpStream) -> std::io::Result<String> + Send + 'static,
+) -> std::thread::JoinHandle<std::io::Result<String>> {
+    std::thread::spawn(move || {
+        listener.set_nonblocking(true)?;
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        let stream = loop {
+            match listener.accept() {
+                Ok((stream, _)) => break stream,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() > deadline {
+                        return Err(std::io::Error::other("the guest never connected"));
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        stream.set_nonblocking(false)?;
+        stream.set_read_timeout(Some(BOOT_TIMEOUT))?;
+        serve(stream)
+    })
+}
+
+fn ip(args: &[&str]) {
+    let status = std::process::Command::new("ip")
+        .args(args)
+        .status()
+        .unwrap();
+    assert!(status.success(), "ip {args:?}: {status}");
+}
+
+#[test]
+fn vmm_guest_talks_tcp_to_the_host_over_virtio_net() {
+    use std::io::Read;
+    if !require_kvm("vmm_guest_talks_tcp_to_the_host_over_virtio_net") {
+        return;
+    }
+    const BYTES: u64 = 4 << 20;
+    let scratch = ScratchDir::new("capsid-e2e").unwrap();
+    // The tap, as a launcher makes it; ours stays close-on-exec and the VMM
+    // gets it as descriptor 3.
+    let name = format!("capsid-t{}", std::process::id() % 10_000);
+    let tap = capsid_runtime::tap::create_tap(&name).unwrap();
+    ip(&["addr", "add", "10.231.77.1/24", "dev", &name]);
+    ip(&["link", "set", &name, "up"]);
+    let listen = || std::net::TcpListener::bind("10.231.77.1:0").unwrap();
+    let (echo, pull, push) = (listen(), listen(), listen());
+    let port = |l: &std::net::TcpListener| l.local_addr().unwrap().port();
+    let steps = format!(
+        "net-up:10.231.77.2,net-echo:10.231.77.1:{},net-pull:10.231.77.1:{}:{BYTES},net-push:10.231.77.1:{}:{BYTES}",
+        port(&echo),
+        port(&pull),
+        port(&push)
+    );
+    let echo = serve_one(echo, |mut stream| {
+        let mut line = String::new();
+        BufReader::new(&stream).read_line(&mut line)?;
+        stream.write_all(line.as_bytes())?;
+        Ok(line)
+    });
+    let pull = serve_one(pull, |mut stream| {
+        let data: Vec<u8> = (0..BYTES).map(net_pattern).collect();
+        stream.write_all(&data)?;
+        Ok(format!("sent {BYTES}"))
+    });
+    let push = serve_one(push, |mut stream| {
+        let mut data = Vec::new();
+        stream.read_to_end(&mut data)?;
+        let n = u64::try_from(data.len()).unwrap();
+        let good = data.iter().zip(0..).all(|(b, i)| *b == net_pattern(i));
+        stream.write_all(format!("got {n}\n").as_bytes())?;
+        Ok(format!("received {n} good={good}"))
+    });
+
+    let mut args = base_args(&scratch, &steps);
+    args.extend([os("--net"), os("fd=3,mac=02:ca:b5:1d:00:02,mtu=1400")]);
+    let (mut run, _, _) = VmmRun::start_booted_passing(
+        &artifact("CAPSID_VMM"),
+        &args,
+        scratch.path(),
+        "net",
+        MARKER,
+        BOOT_TIMEOUT,
+        &[(std::os::fd::AsRawFd::as_raw_fd(&tap), 3)],
+    );
+    let status = run.wait_exit(BOOT_TIMEOUT);
+    let console = run.console();
+    assert_eq!(status.code(), Some(0), "{}", run.describe());
+    let up = step_line(&console, "net-up:10.231.77.2");
+    assert!(
+        up.contains("ok mac=02:ca:b5:1d:00:02 mtu=1400"),
+        "{up}\n{console}"
+    );
+    for step in ["net-echo", "net-pull", "net-push"] {
+        let line = console
+            .lines()
+            .find(|l| l.starts_with(&format!("{STEP} {step}:")))
+            .unwrap_or_else(|| panic!("no {step} result:\n{console}"));
+        assert!(line.contains(" ok"), "{line}\n{}", run.describe());
+        println!("{line}");
+    }
+    assert_eq!(echo.join().unwrap().unwrap(), "hello over virtio-net\n");
+    assert_eq!(pull.join().unwrap().unwrap(), format!("sent {BYTES}"));
+    assert_eq!(
+        push.join().unwrap().unwrap(),
+        format!("received {BYTES} good=true")
+    );
+    let log = run.log();
+    let metrics = log
+        .lines()
+        .find(|l| l.contains("virtio-net stops"))
+        .unwrap_or_else(|| panic!("no virtio-net metrics in the VMM's log:\n{log}"));
+    println!("{metrics}");
+    assert!(metrics.contains("\"tx_dropped\":0"), "{metrics}");
+    drop(tap);
+    assert!(
+        !Path::new("/sys/class/net").join(&name).exists(),
+        "the tap goes with its last descriptor"
+    );
+}
