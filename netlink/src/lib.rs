@@ -23,7 +23,9 @@ use netlink_packet_core::{
     NetlinkPayload,
 };
 use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
-use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use netlink_packet_route::link::{
+    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
@@ -291,6 +293,51 @@ impl Netlink {
         self.request(
             "set a link up",
             RouteNetlinkMessage::SetLink(message),
+            NLM_F_ACK,
+        )?;
+        Ok(())
+    }
+
+    /// Makes a veth pair, `name` here and `peer` in the network namespace
+    /// open at `peer_netns` (here when `None`).
+    pub fn add_veth(
+        &mut self,
+        name: &str,
+        peer: &str,
+        peer_netns: Option<std::os::fd::BorrowedFd<'_>>,
+    ) -> Result<()> {
+        let mut peer_message = LinkMessage::default();
+        peer_message
+            .attributes
+            .push(LinkAttribute::IfName(peer.to_owned()));
+        if let Some(fd) = peer_netns {
+            peer_message
+                .attributes
+                .push(LinkAttribute::NetNsFd(fd.as_raw_fd()));
+        }
+        let mut message = LinkMessage::default();
+        message
+            .attributes
+            .push(LinkAttribute::IfName(name.to_owned()));
+        message.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::Veth),
+            LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer_message))),
+        ]));
+        self.request(
+            "add a veth pair",
+            RouteNetlinkMessage::NewLink(message),
+            NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+        )?;
+        Ok(())
+    }
+
+    /// Removes interface `link` (and a veth's peer with it).
+    pub fn del_link(&mut self, link: u32) -> Result<()> {
+        let mut message = LinkMessage::default();
+        message.header.index = link;
+        self.request(
+            "remove a link",
+            RouteNetlinkMessage::DelLink(message),
             NLM_F_ACK,
         )?;
         Ok(())
