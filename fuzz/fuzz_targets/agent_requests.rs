@@ -1,8 +1,8 @@
 //! The agent's side of the protocol: frames as a host (or anything that
 //! reached the agent's port) would send them, decoded, and every request
 //! taken through the checks and plans the agent makes before it acts —
-//! ids, the process spec, seccomp, mounts, devices, sysctls. Nothing may
-//! panic or allocate without bound.
+//! ids, the process spec, seccomp, mounts, devices, sysctls, the network
+//! description. Nothing may panic or allocate without bound.
 #![no_main]
 
 use capsid_agent::container::{with_disks, with_files};
@@ -54,6 +54,10 @@ fuzz_target!(|data: &[u8]| {
             }
             Request::SignalProcess { process, .. } | Request::ResizeTty { process, .. } => {
                 let _ = process.validate();
+            }
+            // Checked only: applying it would change the fuzzing host's network.
+            Request::ConfigureNetwork(config) => {
+                let _ = capsid_agent::network::check(&config);
             }
             _ => {}
         }

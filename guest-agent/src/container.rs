@@ -78,6 +78,9 @@ pub enum ContainerError {
     /// Its stdio could not be set up.
     #[error(transparent)]
     Stdio(#[from] StdioError),
+    /// The guest's network could not be configured.
+    #[error(transparent)]
+    Network(#[from] crate::network::NetworkError),
     /// A file operation failed.
     #[error("{what}")]
     Io {

@@ -13,6 +13,7 @@ pub mod config;
 pub mod container;
 pub mod devices;
 pub mod init;
+pub mod network;
 pub mod process;
 mod reaper;
 pub mod rootfs;

@@ -61,6 +61,12 @@ fn serve(config: &AgentConfig, started: Instant) -> Result<(), String> {
         .name("reaper".into())
         .spawn(move || reaper.run())
         .map_err(|e| format!("cannot start the reaper: {e}"))?;
+    if let Err(e) = capsid_agent::network::loopback_up() {
+        tracing::warn!(
+            "cannot bring the loopback interface up: {}",
+            capsid_base::error_chain(&e)
+        );
+    }
     let listener = vsock::VsockListener::bind(config.port)
         .map_err(|e| format!("cannot listen on vsock port {}: {e}", config.port))?;
     init::boot_marker();

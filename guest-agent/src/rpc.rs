@@ -11,6 +11,7 @@ use capsid_protocol::{
 };
 
 use crate::container::{ContainerError, Containers};
+use crate::network::NetworkError;
 use crate::process::ProcessError;
 use crate::vsock::VsockStream;
 
@@ -47,6 +48,9 @@ fn code(error: &ContainerError) -> ErrorCode {
         | ContainerError::Stdio(crate::stdio::StdioError::NoTerminal) => {
             ErrorCode::FailedPrecondition
         }
+        ContainerError::Network(NetworkError::Invalid(_)) => ErrorCode::InvalidArgument,
+        ContainerError::Network(NetworkError::NoInterface(_)) => ErrorCode::NotFound,
+        ContainerError::Network(NetworkError::Again) => ErrorCode::FailedPrecondition,
         _ => ErrorCode::Internal,
     }
 }
@@ -108,6 +112,10 @@ fn dispatch(sandbox: &Containers, request: Request) -> Result<Response, Containe
         },
         Request::RemoveContainer { container_id } => {
             sandbox.remove(&container_id)?;
+            Response::Ok
+        }
+        Request::ConfigureNetwork(config) => {
+            crate::network::configure(&config)?;
             Response::Ok
         }
         Request::Shutdown => {

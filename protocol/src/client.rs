@@ -410,6 +410,12 @@ impl AgentClient {
         self.call_ok("RemoveContainer", &request)
     }
 
+    /// Gives the guest's interfaces their addresses, MTUs and routes.
+    pub fn configure_network(&self, config: &crate::NetworkConfig) -> Result<(), ClientError> {
+        let request = Request::ConfigureNetwork(Box::new(config.clone()));
+        self.call_ok("ConfigureNetwork", &request)
+    }
+
     /// Asks the agent to stop everything and reboot the VM (the VMM then
     /// exits 0).
     pub fn shutdown(&self) -> Result<(), ClientError> {

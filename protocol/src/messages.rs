@@ -253,8 +253,81 @@ pub enum Request {
         /// The container.
         container_id: String,
     },
+    /// Gives the guest's network interfaces what the host's have (once,
+    /// before the first container). Answer: `Ok`.
+    ConfigureNetwork(Box<NetworkConfig>),
     /// Answers `Ok`, then stops every process, syncs and reboots the VM.
     Shutdown,
+}
+
+/// An address and its prefix length, `10.88.0.5/16` on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IpNet {
+    /// The address.
+    pub addr: std::net::IpAddr,
+    /// The prefix length (at most 32 for IPv4, 128 for IPv6).
+    pub prefix: u8,
+}
+
+impl IpNet {
+    /// Whether the prefix fits the address family.
+    pub fn is_valid(&self) -> bool {
+        self.prefix <= if self.addr.is_ipv4() { 32 } else { 128 }
+    }
+}
+
+impl std::fmt::Display for IpNet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// The most interfaces, addresses per interface and routes a
+/// [`NetworkConfig`] may hold (the agent refuses more).
+pub const MAX_INTERFACES: usize = 16;
+/// See [`MAX_INTERFACES`].
+pub const MAX_ADDRESSES: usize = 64;
+/// See [`MAX_INTERFACES`].
+pub const MAX_ROUTES: usize = 256;
+
+/// The guest's network: one interface per virtio-net device, as the
+/// host's interface it stands for was configured, and the routes out.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// The interfaces, found in the guest by their MAC address.
+    pub interfaces: Vec<NetInterface>,
+    /// The routes, after the interfaces' addresses.
+    pub routes: Vec<NetRoute>,
+}
+
+/// One guest interface.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetInterface {
+    /// The name of the host interface it stands for (`eth0`), for messages.
+    pub name: String,
+    /// Its MAC address (the virtio-net device's).
+    pub mac: [u8; 6],
+    /// Its MTU.
+    pub mtu: u32,
+    /// Its addresses.
+    pub addresses: Vec<IpNet>,
+}
+
+/// One route of the guest's main table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetRoute {
+    /// Where it leads; `None` is the default route.
+    #[serde(default)]
+    pub dest: Option<IpNet>,
+    /// Through which router; `None` for a directly reachable network.
+    #[serde(default)]
+    pub gateway: Option<std::net::IpAddr>,
+    /// Out through the interface with this MAC address.
+    pub mac: [u8; 6],
 }
 
 /// The agent's answer to a [`Hello`] or a [`Request`]. Hostile to the
