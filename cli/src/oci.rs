@@ -341,6 +341,7 @@ pub fn monitor(args: &MonitorArgs) -> anyhow::Result<ExitCode> {
             &capsid_runtime::images::cache_dir(),
         )
         .context("cannot make the rootfs image")?;
+        let netns = capsid_runtime::spec::network_namespace(&spec);
         let (agent_spec, files) = capsid_runtime::spec::container_spec(spec)?;
         let (sandbox, rootfs) = Sandbox::boot(
             &config,
@@ -359,6 +360,7 @@ pub fn monitor(args: &MonitorArgs) -> anyhow::Result<ExitCode> {
                     &|| stop.load(Ordering::Relaxed),
                     &|why| eprintln!("capsid: {why}"),
                 ),
+                network: netns.as_deref(),
             },
         )?;
         let sandbox = Arc::new(sandbox);

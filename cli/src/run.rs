@@ -101,11 +101,36 @@ pub struct RunArgs {
     /// seccomp=PATH uses the OCI profile in that JSON file instead.
     #[arg(long = "security-opt", value_name = "seccomp=unconfined|seccomp=PATH", value_parser = parse_security_opt)]
     security_opt: Vec<SecurityOpt>,
+    /// The micro-VM's network: none (no network device; only loopback),
+    /// or netns:PATH, the interfaces of the network namespace at PATH
+    /// (made by `ip netns add`, CNI or a container engine) handed to the
+    /// guest with their addresses and routes.
+    #[arg(long, value_name = "none|netns:PATH", default_value = "none", value_parser = parse_network)]
+    network: Network,
     #[command(flatten)]
     artifacts: Artifacts,
     /// The command and its arguments (with --image: the image's Cmd if none).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     command: Vec<String>,
+}
+
+/// A `--network`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Network {
+    /// No network device.
+    None,
+    /// The interfaces of this network namespace.
+    Netns(PathBuf),
+}
+
+pub fn parse_network(text: &str) -> Result<Network, String> {
+    match text.split_once(':') {
+        None if text == "none" => Ok(Network::None),
+        Some(("netns", path)) if !path.is_empty() => Ok(Network::Netns(path.into())),
+        _ => Err(format!(
+            "{text:?}: supported are none and netns:PATH (a network namespace, e.g. /run/netns/NAME)"
+        )),
+    }
 }
 
 /// A `--security-opt`.
@@ -357,6 +382,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             // Booted on the main thread: the VM dies with this process,
             // even of a SIGKILL.
             die_with_owner: true,
+            network: match &args.network {
+                Network::None => None,
+                Network::Netns(path) => Some(path),
+            },
             policy: config.boot_policy(wait, &|| stop.load(Ordering::Relaxed), &|why| {
                 progress.say(&format!("capsid: {why}"));
             }),

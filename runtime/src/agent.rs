@@ -11,8 +11,8 @@
 use std::os::unix::net::UnixStream;
 
 use capsid_protocol::{
-    AgentClient, ClientError, ContainerStats, CreateContainer, ExecProcess, ExitStatus, ProcessRef,
-    Stream,
+    AgentClient, ClientError, ContainerStats, CreateContainer, ExecProcess, ExitStatus,
+    NetworkConfig, ProcessRef, Stream,
 };
 use oci_spec::runtime::LinuxResources;
 
@@ -52,6 +52,8 @@ pub trait Agent: Send + Sync + std::fmt::Debug {
     fn list_processes(&self, container_id: &str) -> Result<Vec<u32>, ClientError>;
     /// Kills what is left of the container and removes it.
     fn remove_container(&self, container_id: &str) -> Result<(), ClientError>;
+    /// Gives the guest's interfaces their addresses, MTUs and routes.
+    fn configure_network(&self, config: &NetworkConfig) -> Result<(), ClientError>;
     /// Stops everything and reboots the guest (the VMM then exits).
     fn shutdown(&self) -> Result<(), ClientError>;
     /// One standard stream of a created process, as plain bytes; for
@@ -115,6 +117,10 @@ impl Agent for AgentClient {
 
     fn remove_container(&self, container_id: &str) -> Result<(), ClientError> {
         AgentClient::remove_container(self, container_id)
+    }
+
+    fn configure_network(&self, config: &NetworkConfig) -> Result<(), ClientError> {
+        AgentClient::configure_network(self, config)
     }
 
     fn shutdown(&self) -> Result<(), ClientError> {

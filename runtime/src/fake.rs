@@ -322,6 +322,14 @@ impl Agent for FakeAgent {
         Ok(())
     }
 
+    fn configure_network(
+        &self,
+        config: &capsid_protocol::NetworkConfig,
+    ) -> Result<(), ClientError> {
+        let names: Vec<&str> = config.interfaces.iter().map(|i| i.name.as_str()).collect();
+        self.enter("ConfigureNetwork", names.join(",")).map(drop)
+    }
+
     fn shutdown(&self) -> Result<(), ClientError> {
         let mut state = self.enter("Shutdown", String::new())?;
         state.0.vm_died = true;

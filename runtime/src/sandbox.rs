@@ -23,6 +23,7 @@
 //! (`crate::fake`).
 
 use std::collections::HashSet;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -39,9 +40,10 @@ use crate::agent::Agent;
 use crate::config::{Config, ConfigError, VmSize};
 use crate::confine::Confinement;
 use crate::container::{Container, Process, ProcessIo};
+use crate::network::{self, Wiring};
 use crate::vm::{
-    BootPolicy, MicroVm, MicroVmError, VmApi, VmSpec, alive_with, diagnostics_in, kill_orphans,
-    rootfs_disk, vsock_path,
+    BootPolicy, MicroVm, MicroVmError, VmApi, VmNet, VmSpec, alive_with, diagnostics_in,
+    kill_orphans, rootfs_disk, vsock_path,
 };
 use capsid_base::lock;
 
@@ -60,6 +62,9 @@ pub enum SandboxError {
     /// The VM has died.
     #[error("the micro-VM is gone")]
     Gone,
+    /// The sandbox's network could not be wired.
+    #[error("cannot give the micro-VM its network")]
+    Network(#[from] crate::network::NetworkError),
     /// The process has ended.
     #[error("process {0} has already finished")]
     Finished(ProcessRef),
@@ -245,7 +250,13 @@ pub struct BootRequest<'a> {
     pub die_with_owner: bool,
     /// The deadline, the retries, and where to say so.
     pub policy: BootPolicy<'a>,
+    /// The network namespace whose interfaces the VM gets
+    /// ([`crate::network`]); `None`: no network device at all.
+    pub network: Option<&'a Path>,
 }
+
+/// Where a sandbox's network wiring is kept for [`Sandbox::reopen`].
+const NETWORK_FILE: &str = "network.json";
 
 /// What taking a sandbox down removes besides its VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -270,6 +281,8 @@ pub struct Sandbox {
     /// Whether the VM goes down with this sandbox (its last container, its
     /// drop); not for one [`Sandbox::reopen`] found.
     owner: bool,
+    /// What [`crate::network::unwire`] takes down when the sandbox goes.
+    network: Option<Wiring>,
 }
 
 /// How long a guest has to shut down by itself before its VMM is killed.
@@ -283,7 +296,31 @@ impl Sandbox {
     /// error, nothing it made is left (the directory is the caller's).
     pub fn boot(config: &Config, request: BootRequest<'_>) -> Result<(Self, Rootfs), SandboxError> {
         let (disk, rootfs) = rootfs_disk(request.image);
-        let (vm, client) = MicroVm::boot(
+        let name = request.name;
+        // The taps live in `wired` until the VM is up: the VMM holds its
+        // copies from then on, and a tap goes with the VMM.
+        let wired = request
+            .network
+            .map(network::wire)
+            .transpose()?
+            .filter(|w| !w.devices.is_empty());
+        let unwire = |wired: &Option<network::Wired>| {
+            if let Some(wired) = wired
+                && let Err(e) = network::unwire(&wired.wiring)
+            {
+                log::warn!("{name}: {}", capsid_base::error_chain(&e));
+            }
+        };
+        let nets = wired
+            .iter()
+            .flat_map(|w| &w.devices)
+            .map(|device| VmNet {
+                tap: device.tap.as_raw_fd(),
+                mac: device.mac,
+                mtu: device.mtu,
+            })
+            .collect();
+        let booted = MicroVm::boot(
             &VmSpec {
                 boot: config.boot_files()?,
                 vcpus: request.size.vcpus,
@@ -294,10 +331,17 @@ impl Sandbox {
                 log_level: "warn".into(),
                 confinement: config.confinement(),
                 die_with_owner: request.die_with_owner,
+                nets,
             },
             &request.policy,
-        )?;
-        let name = request.name;
+        );
+        let (vm, client) = match booted {
+            Ok(booted) => booted,
+            Err(e) => {
+                unwire(&wired);
+                return Err(e.into());
+            }
+        };
         log::info!(
             "{name}: micro-VM {} ({} vCPUs, {} MiB, {} spare disk slots) booted with {}",
             vm.pid(),
@@ -306,6 +350,25 @@ impl Sandbox {
             request.spare_disks,
             request.image.path.display()
         );
+        if let Some(w) = &wired {
+            let configured = client.configure_network(&w.config);
+            let recorded = serde_json::to_vec(&w.wiring)
+                .map_err(std::io::Error::other)
+                .and_then(|json| std::fs::write(request.dir.join(NETWORK_FILE), json));
+            if let Err(e) = recorded {
+                log::warn!("{name}: cannot record the network wiring: {e}");
+            }
+            if let Err(e) = configured {
+                drop(vm);
+                unwire(&wired);
+                return Err(e.into());
+            }
+            log::info!(
+                "{name}: network from {}: {}",
+                w.wiring.netns.display(),
+                network::describe(&w.config)
+            );
+        }
         let vm: Arc<dyn Vm> = Arc::new(BootedVm::new(vm));
         let weak = Arc::downgrade(&vm);
         let owner = name.to_owned();
@@ -319,7 +382,9 @@ impl Sandbox {
             }
         }));
         let dir = (request.teardown == Teardown::RemoveDir).then(|| request.dir.to_owned());
-        Ok((Self::new(name, Arc::new(client), vm, dir), rootfs))
+        let mut sandbox = Self::new(name, Arc::new(client), vm, dir);
+        sandbox.network = wired.map(|w| w.wiring);
+        Ok((sandbox, rootfs))
     }
 
     /// A sandbox over a running VM and its agent, with no container yet;
@@ -334,6 +399,7 @@ impl Sandbox {
             next_disk: AtomicU32::new(1),
             down: AtomicBool::new(false),
             owner: true,
+            network: None,
         }
     }
 
@@ -356,6 +422,9 @@ impl Sandbox {
         let client = AgentClient::connect(&vsock_path(dir), DEFAULT_AGENT_PORT, wait, io_timeout)?;
         let mut sandbox = Self::new(name, Arc::new(client), Arc::new(vm), None);
         sandbox.owner = false;
+        sandbox.network = std::fs::read(dir.join(NETWORK_FILE))
+            .ok()
+            .and_then(|json| serde_json::from_slice(&json).ok());
         Ok(sandbox)
     }
 
@@ -500,6 +569,11 @@ impl Sandbox {
             }
         }
         self.vm.kill();
+        if let Some(wiring) = &self.network
+            && let Err(e) = network::unwire(wiring)
+        {
+            log::warn!("{}: {}", self.name, capsid_base::error_chain(&e));
+        }
         if let Some(dir) = &self.dir
             && let Err(e) = std::fs::remove_dir_all(dir)
             && e.kind() != std::io::ErrorKind::NotFound

@@ -61,6 +61,20 @@ pub fn root_path(spec: &Spec) -> std::path::PathBuf {
         .map_or_else(|| "rootfs".into(), |r| r.path().clone())
 }
 
+/// The network namespace the spec joins by path (what CRI, CNI, Docker
+/// and Podman give a pod or container): its interfaces become the VM's.
+/// A spec that asks for a new namespace, or none, gets no network device.
+pub fn network_namespace(spec: &Spec) -> Option<std::path::PathBuf> {
+    spec.linux()
+        .as_ref()?
+        .namespaces()
+        .as_ref()?
+        .iter()
+        .find(|ns| ns.typ() == oci_spec::runtime::LinuxNamespaceType::Network)?
+        .path()
+        .clone()
+}
+
 /// The bundle's spec as the agent should apply it in the guest, and the
 /// host files copied in for its `file:N` mounts.
 pub fn container_spec(mut spec: Spec) -> Result<(Spec, Vec<Vec<u8>>), SpecError> {
@@ -165,6 +179,24 @@ mod tests {
                 "mounts":{mounts}}}"#
         ))
         .unwrap()
+    }
+
+    #[test]
+    fn only_a_network_namespace_joined_by_path_brings_a_network() {
+        let with = |namespaces: &str| -> Spec {
+            serde_json::from_str(&format!(
+                r#"{{"ociVersion":"1.0.2","linux":{{"namespaces":{namespaces}}}}}"#
+            ))
+            .unwrap()
+        };
+        let cni = with(r#"[{"type":"pid"},{"type":"network","path":"/var/run/netns/cni-1"}]"#);
+        assert_eq!(
+            network_namespace(&cni).as_deref(),
+            Some(std::path::Path::new("/var/run/netns/cni-1"))
+        );
+        assert_eq!(network_namespace(&with(r#"[{"type":"network"}]"#)), None);
+        assert_eq!(network_namespace(&with(r#"[{"type":"pid"}]"#)), None);
+        assert_eq!(network_namespace(&spec("[]")), None);
     }
 
     #[test]

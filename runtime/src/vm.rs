@@ -19,7 +19,8 @@
 //! never a recycled one.
 
 use std::fs::File;
-use std::os::unix::process::ExitStatusExt;
+use std::os::fd::RawFd;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,8 +29,8 @@ use std::time::{Duration, Instant};
 use capsid_images::rootfs::{Format, RootfsImage};
 use capsid_protocol::{AgentClient, ClientError, DEFAULT_AGENT_PORT, Filesystem, Rootfs};
 use capsid_vmm_api::{
-    ApiRequest, ApiResponse, DEFAULT_CMDLINE, DiskConfig, Irqchip, SerialConfig, VmConfig,
-    VsockConfig,
+    ApiRequest, ApiResponse, DEFAULT_CMDLINE, DiskConfig, Irqchip, MacAddr, NetConfig,
+    SerialConfig, VmConfig, VsockConfig,
 };
 
 use crate::config::BootFiles;
@@ -159,6 +160,53 @@ pub struct VmSpec {
     /// caller whose VM must not outlive it (`capsid run`, a monitor), and
     /// that boots it from a thread that lives as long as the VM.
     pub die_with_owner: bool,
+    /// virtio-net devices, over taps the caller keeps open while the VM is
+    /// launched ([`crate::network`]); the first is the guest's `eth0`.
+    pub nets: Vec<VmNet>,
+}
+
+/// A virtio-net device of a VM to launch.
+#[derive(Debug, Clone, Copy)]
+pub struct VmNet {
+    /// The tap, open (close-on-exec) in the caller; the VMM gets a copy.
+    pub tap: RawFd,
+    /// The guest's MAC address.
+    pub mac: MacAddr,
+    /// The guest's MTU.
+    pub mtu: u16,
+}
+
+/// The descriptor number the VMM gets the first tap as; the others follow.
+const FIRST_TAP_FD: RawFd = 3;
+/// The most taps one VM takes.
+const MAX_TAPS: usize = capsid_protocol::MAX_INTERFACES;
+
+/// In the child between fork and exec: puts each tap of `taps` (the
+/// first `count`) at descriptor [`FIRST_TAP_FD`] + its index, without the
+/// close-on-exec flag. Each is first copied above every target, so a
+/// source that sits on a target is not overwritten before it is copied.
+/// Only async-signal-safe calls, and no allocation.
+fn place_taps(taps: &[RawFd; MAX_TAPS], count: usize) -> std::io::Result<()> {
+    let count = count.min(MAX_TAPS);
+    let above = FIRST_TAP_FD + RawFd::try_from(MAX_TAPS).unwrap_or(16);
+    let mut moved = [-1; MAX_TAPS];
+    for i in 0..count {
+        // SAFETY: fcntl on a descriptor the parent keeps open; the copy
+        // is close-on-exec, and replaced below.
+        moved[i] = unsafe { libc::fcntl(taps[i], libc::F_DUPFD_CLOEXEC, above) };
+        if moved[i] < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    for (i, source) in moved.iter().enumerate().take(count) {
+        let target = FIRST_TAP_FD + RawFd::try_from(i).unwrap_or(0);
+        // SAFETY: dup2 of our copy onto the target number, which is not
+        // close-on-exec afterwards.
+        if unsafe { libc::dup2(*source, target) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 impl VmSpec {
@@ -196,8 +244,16 @@ impl VmSpec {
             spare_disks: self.spare_disks,
             api_uds: (self.spare_disks > 0).then(|| dir.join(API_SOCKET)),
             irqchip: Irqchip::default(),
-            // No network yet: `capsid run` defaults to none (issue 16).
-            nets: Vec::new(),
+            nets: self
+                .nets
+                .iter()
+                .zip(FIRST_TAP_FD..)
+                .map(|(net, tap_fd)| NetConfig {
+                    tap_fd,
+                    mac: net.mac,
+                    mtu: Some(net.mtu),
+                })
+                .collect(),
         }
     }
 }
@@ -395,6 +451,25 @@ impl MicroVm {
         if spec.die_with_owner {
             // Our pid, not the VMM's getppid(): we may die before it asks.
             command.args(["--die-with-parent", &std::process::id().to_string()]);
+        }
+        if !spec.nets.is_empty() {
+            if spec.nets.len() > MAX_TAPS {
+                return Err(MicroVmError::Scratch(
+                    spec.dir.clone(),
+                    std::io::Error::other(format!("more than {MAX_TAPS} network devices")),
+                ));
+            }
+            let mut taps = [-1; MAX_TAPS];
+            for (slot, net) in taps.iter_mut().zip(&spec.nets) {
+                *slot = net.tap;
+            }
+            let count = spec.nets.len();
+            // SAFETY: the closure runs between fork and exec and makes only
+            // async-signal-safe calls (fcntl, dup2) on descriptors the
+            // caller keeps open; it allocates nothing.
+            unsafe {
+                command.pre_exec(move || place_taps(&taps, count));
+            }
         }
         let child = command
             .stdin(Stdio::null())
@@ -781,6 +856,7 @@ mod tests {
 
     fn spec(dir: &Path, vmm: &Path) -> VmSpec {
         VmSpec {
+            nets: Vec::new(),
             boot: BootFiles {
                 vmm: vmm.into(),
                 kernel: vmm.into(),

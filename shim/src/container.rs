@@ -82,6 +82,15 @@ impl ProcessIo for Fifos {
 /// A process of a task.
 pub type Proc = Process<Fifos>;
 
+/// What a task's VM gets besides its size and first image.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct VmOptions<'a> {
+    /// Disk slots for the pod's other containers.
+    pub spare_disks: u8,
+    /// The network namespace whose interfaces the VM gets (the spec's).
+    pub network: Option<&'a Path>,
+}
+
 /// Where a task's VM comes from: booted by capsid-runtime, or (in tests)
 /// made of fakes.
 pub trait Vms: Send + Sync {
@@ -100,7 +109,7 @@ pub trait Vms: Send + Sync {
         id: &str,
         size: VmSize,
         image: &RootfsImage,
-        spare_disks: u8,
+        options: VmOptions<'_>,
         record: &dyn Fn(&Path),
     ) -> Result<(Sandbox, capsid_runtime::protocol::Rootfs), ContainerError>;
 }
@@ -125,7 +134,7 @@ impl Vms for MicroVms {
         id: &str,
         size: VmSize,
         image: &RootfsImage,
-        spare_disks: u8,
+        options: VmOptions<'_>,
         record: &dyn Fn(&Path),
     ) -> Result<(Sandbox, capsid_runtime::protocol::Rootfs), ContainerError> {
         std::fs::create_dir_all(&config.run_dir)
@@ -141,7 +150,7 @@ impl Vms for MicroVms {
                 name: id,
                 size,
                 image,
-                spare_disks,
+                spare_disks: options.spare_disks,
                 dir: dir.path(),
                 teardown: Teardown::RemoveDir,
                 // The shim boots from a pool thread that may end first;
@@ -150,6 +159,7 @@ impl Vms for MicroVms {
                 policy: config.boot_policy(AGENT_IO_TIMEOUT, &|| false, &|why| {
                     log::warn!("{id}: {why}");
                 }),
+                network: options.network,
             },
         )?;
         // The sandbox owns the directory from here.
@@ -198,6 +208,7 @@ impl Task {
         let role = Role::of(&spec);
         let size = config.size_for(&spec)?;
         let root_path = capsid_runtime::spec::root_path(&spec);
+        let netns = capsid_runtime::spec::network_namespace(&spec);
         let (agent_spec, files) = capsid_runtime::spec::container_spec(spec)?;
         let image = vms.image(bundle, mounts, &root_path)?;
         let (sandbox, disk, rootfs) = match role {
@@ -207,10 +218,13 @@ impl Task {
                 (sandbox, Some(disk), rootfs)
             }
             Role::Alone | Role::PodSandbox => {
-                let spare = if role == Role::PodSandbox {
-                    config.pod_containers
-                } else {
-                    0
+                let options = VmOptions {
+                    spare_disks: if role == Role::PodSandbox {
+                        config.pod_containers
+                    } else {
+                        0
+                    },
+                    network: netns.as_deref(),
                 };
                 let record = |scratch: &Path| {
                     Leftovers {
@@ -219,7 +233,7 @@ impl Task {
                     .record(bundle);
                 };
                 let (sandbox, rootfs) = vms
-                    .boot(config, id, size, &image, spare, &record)
+                    .boot(config, id, size, &image, options, &record)
                     .inspect_err(|_| {
                         let _ = std::fs::remove_file(bundle.join(STATE_FILE));
                     })?;

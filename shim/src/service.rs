@@ -668,7 +668,7 @@ mod tests {
             id: &str,
             _size: VmSize,
             _image: &RootfsImage,
-            _spare_disks: u8,
+            _options: crate::container::VmOptions<'_>,
             record: &dyn Fn(&Path),
         ) -> Result<(Sandbox, Rootfs), ContainerError> {
             record(Path::new("/run/capsid/vm-fake"));

@@ -78,6 +78,7 @@ impl AgentVm {
     ) -> Self {
         let scratch = ScratchDir::new("capsid-e2e").expect("scratch dir");
         let mut spec = VmSpec {
+            nets: Vec::new(),
             boot: BootFiles {
                 vmm: artifact("CAPSID_VMM"),
                 kernel: artifact("CAPSID_KERNEL"),

@@ -34,13 +34,20 @@ pub const READY_MARKER: &str = "CAPSID-TESTBED-READY";
 pub const EXIT_MARKER: &str = "CAPSID-TESTBED-EXIT";
 /// The test host's kernel modules, in load order, and where Debian's
 /// package has them: the three that give it `/dev/kvm`, overlayfs (for
-/// containerd's default snapshotter), and tun (the taps virtio-net serves).
-const HOST_MODULES: [(&str, &str); 5] = [
+/// containerd's default snapshotter), tun (the taps virtio-net serves),
+/// veth, and what the runtime redirects a sandbox's traffic with (the
+/// ingress qdisc, the u32 classifier, the mirred action). The test host
+/// has no modprobe that could load them on demand.
+const HOST_MODULES: [(&str, &str); 9] = [
     ("irqbypass", "virt/lib/irqbypass.ko"),
     ("kvm", "arch/x86/kvm/kvm.ko"),
     ("kvm-amd", "arch/x86/kvm/kvm-amd.ko"),
     ("overlay", "fs/overlayfs/overlay.ko"),
     ("tun", "drivers/net/tun.ko"),
+    ("veth", "drivers/net/veth.ko"),
+    ("sch_ingress", "net/sched/sch_ingress.ko"),
+    ("cls_u32", "net/sched/cls_u32.ko"),
+    ("act_mirred", "net/sched/act_mirred.ko"),
 ];
 /// Where the testbed binary itself goes in the test host, for `hold-kvm`.
 const HOLD_KVM_PROGRAM: &str = "/testbed/capsid-testbed";

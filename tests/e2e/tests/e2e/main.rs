@@ -6,5 +6,6 @@ mod boot;
 mod cli;
 mod containerd;
 mod faults;
+mod network;
 mod security;
 mod vmm;
