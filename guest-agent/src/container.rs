@@ -446,7 +446,9 @@ impl Containers {
                 LinuxNamespaceType::Ipc => flags |= libc::CLONE_NEWIPC,
                 LinuxNamespaceType::Cgroup => flags |= libc::CLONE_NEWCGROUP,
                 LinuxNamespaceType::Mount => {}
-                // The VM is the network boundary; it has no network yet.
+                // The VM is the network boundary: its containers share its
+                // network, which the host gave the interfaces of the
+                // namespace the spec named (`capsid_runtime::network`).
                 LinuxNamespaceType::Network => {}
                 other => {
                     return Err(ContainerError::Unsupported(format!(

@@ -130,6 +130,19 @@ pub fn container_spec(mut spec: Spec) -> Result<(Spec, Vec<Vec<u8>>), SpecError>
     }
     // Host hooks would run on the host with the container's say-so.
     spec.set_hooks(None);
+    // A network namespace joined by path is the host's: its interfaces are
+    // the VM's now (`crate::network`), and the container shares the VM's.
+    if let Some(mut linux) = spec.linux().clone()
+        && let Some(mut namespaces) = linux.namespaces().clone()
+    {
+        for ns in &mut namespaces {
+            if ns.typ() == oci_spec::runtime::LinuxNamespaceType::Network {
+                ns.set_path(None);
+            }
+        }
+        linux.set_namespaces(Some(namespaces));
+        spec.set_linux(Some(linux));
+    }
     Ok((spec, files))
 }
 
@@ -195,6 +208,20 @@ mod tests {
             Some(std::path::Path::new("/var/run/netns/cni-1"))
         );
         assert_eq!(network_namespace(&with(r#"[{"type":"network"}]"#)), None);
+        // The guest's spec keeps the namespace but not the host's path.
+        let (guest, _) = container_spec(cni).unwrap();
+        let namespaces = guest
+            .linux()
+            .as_ref()
+            .unwrap()
+            .namespaces()
+            .clone()
+            .unwrap();
+        assert_eq!(namespaces.len(), 2);
+        assert!(
+            namespaces.iter().all(|ns| ns.path().is_none()),
+            "{namespaces:?}"
+        );
         assert_eq!(network_namespace(&with(r#"[{"type":"pid"}]"#)), None);
         assert_eq!(network_namespace(&spec("[]")), None);
     }
