@@ -355,12 +355,19 @@ fn the_shim_killed_while_creating_in_an_exec_or_deleting_leaves_nothing() {
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("ctr task exec");
     let mut said = [0u8; 8];
-    std::io::Read::read_exact(exec.stdout.as_mut().unwrap(), &mut said)
-        .expect("the exec's first line");
+    if let Err(e) = std::io::Read::read_exact(exec.stdout.as_mut().unwrap(), &mut said) {
+        let _ = exec.kill();
+        let mut err = String::new();
+        let _ = std::io::Read::read_to_string(exec.stderr.as_mut().unwrap(), &mut err);
+        panic!(
+            "the exec's first line: {e}; ctr said: {err}\ncontainerd's log:\n{}",
+            containerd.log()
+        );
+    }
     assert_eq!(&said, b"started\n");
     kill_shim_of("k2");
     let status = ended_within_a_minute_of_the_fault(&mut exec, "ctr task exec");
@@ -689,12 +696,19 @@ fn the_vmm_killed_while_booting_or_in_an_exec_ends_the_call_with_its_cause() {
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("ctr task exec");
     let mut said = [0u8; 8];
-    std::io::Read::read_exact(exec.stdout.as_mut().unwrap(), &mut said)
-        .expect("the exec's first line");
+    if let Err(e) = std::io::Read::read_exact(exec.stdout.as_mut().unwrap(), &mut said) {
+        let _ = exec.kill();
+        let mut err = String::new();
+        let _ = std::io::Read::read_to_string(exec.stderr.as_mut().unwrap(), &mut err);
+        panic!(
+            "the exec's first line: {e}; ctr said: {err}\ncontainerd's log:\n{}",
+            containerd.log()
+        );
+    }
     let [keeper] = vms()[..] else {
         panic!("not one VM for v2: {:?}", vms());
     };
