@@ -1,7 +1,7 @@
 # Builds (or reuses) everything the end-to-end tests need and exports its
 # location in CAPSID_* variables. Sourced by test.sh and demo.sh.
 
-ensure_packages build-essential qemu-system-x86 busybox-static jq erofs-utils e2fsprogs libseccomp-dev containerd runc
+ensure_packages build-essential qemu-system-x86 busybox-static jq erofs-utils e2fsprogs libseccomp-dev containerd runc nftables
 
 log "==> guest kernel"
 CAPSID_KERNEL=$(kernel-config/build.sh)
@@ -67,7 +67,7 @@ run_with_kvm() {
         --with "$CAPSID_KERNEL" --with "$CAPSID_TEST_INIT" --with "$CAPSID_CLOUD_KERNEL" \
         --with "$CAPSID_VMM" --with "$CAPSID_AGENT_INITRAMFS" --with "$CAPSID_TEST_ROOTFS_IMAGE" --with "$CAPSID_TEST_DATA_IMAGE" \
         --with "$CAPSID_CLI" --with "$CAPSID_TEST_ROOTFS_DIR" --with /usr/bin/mkfs.erofs \
-        --with "$CAPSID_SHIM" --with "$CAPSID_TEST_IMAGES_DIR/busybox.oci.tar" --with "$CAPSID_TEST_IMAGES_DIR/busybox-user.oci.tar" --with "$CAPSID_TEST_IMAGES_DIR/busybox-user.oci" --with /usr/bin/containerd --with /usr/bin/ctr \
+        --with "$CAPSID_SHIM" --with "$CAPSID_TEST_IMAGES_DIR/busybox.oci.tar" --with "$CAPSID_TEST_IMAGES_DIR/busybox-user.oci.tar" --with "$CAPSID_TEST_IMAGES_DIR/busybox-user.oci" --with /usr/bin/containerd --with /usr/bin/ctr --with /usr/sbin/nft \
         "$@"
 }
 

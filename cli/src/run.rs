@@ -101,12 +101,18 @@ pub struct RunArgs {
     /// seccomp=PATH uses the OCI profile in that JSON file instead.
     #[arg(long = "security-opt", value_name = "seccomp=unconfined|seccomp=PATH", value_parser = parse_security_opt)]
     security_opt: Vec<SecurityOpt>,
-    /// The micro-VM's network: none (no network device; only loopback),
-    /// or netns:PATH, the interfaces of the network namespace at PATH
-    /// (made by `ip netns add`, CNI or a container engine) handed to the
-    /// guest with their addresses and routes.
-    #[arg(long, value_name = "none|netns:PATH", default_value = "none", value_parser = parse_network)]
+    /// The micro-VM's network: none (no network device; only loopback);
+    /// nat, a network of its own that reaches out through the host
+    /// (masqueraded, as Docker's bridge network); or netns:PATH, the
+    /// interfaces of the network namespace at PATH (made by `ip netns
+    /// add`, CNI or a container engine) with their addresses and routes.
+    #[arg(long, value_name = "none|nat|netns:PATH", default_value = "none", value_parser = parse_network)]
     network: Network,
+    /// With --network nat: publish the workload's port on the host's
+    /// (HOST_PORT:CONTAINER_PORT[/tcp|/udp], repeatable), for connections
+    /// from other hosts and namespaces.
+    #[arg(long = "publish", short = 'p', value_name = "HOST:CONTAINER[/udp]")]
+    publish: Vec<capsid_runtime::nat::Publish>,
     #[command(flatten)]
     artifacts: Artifacts,
     /// The command and its arguments (with --image: the image's Cmd if none).
@@ -119,6 +125,8 @@ pub struct RunArgs {
 pub enum Network {
     /// No network device.
     None,
+    /// A network of the run's own, masqueraded.
+    Nat,
     /// The interfaces of this network namespace.
     Netns(PathBuf),
 }
@@ -126,9 +134,10 @@ pub enum Network {
 pub fn parse_network(text: &str) -> Result<Network, String> {
     match text.split_once(':') {
         None if text == "none" => Ok(Network::None),
+        None if text == "nat" => Ok(Network::Nat),
         Some(("netns", path)) if !path.is_empty() => Ok(Network::Netns(path.into())),
         _ => Err(format!(
-            "{text:?}: supported are none and netns:PATH (a network namespace, e.g. /run/netns/NAME)"
+            "{text:?}: supported are none, nat and netns:PATH (a network namespace, e.g. /run/netns/NAME)"
         )),
     }
 }
@@ -298,6 +307,9 @@ pub fn ask_vmm(vmm: &Path) -> anyhow::Result<HostReport> {
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    if !args.publish.is_empty() && args.network != Network::Nat {
+        bail!("--publish needs --network nat: a published port leads into the run's own network");
+    }
     let config = args.artifacts.config()?;
     // A missing kernel, initramfs or VMM is named before anything else.
     let files = config.boot_files()?;
@@ -363,6 +375,19 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             scratch::runs_dir(&config.run_dir).display()
         )
     })?;
+    // Declared before the sandbox: it goes after the VM.
+    let nat = match args.network {
+        Network::Nat => Some(
+            capsid_runtime::nat::NatNetwork::create(scratch.path(), &args.publish)
+                .context("cannot make the run's network (--network nat)")?,
+        ),
+        _ => None,
+    };
+    let netns = match (&args.network, &nat) {
+        (Network::Netns(path), _) => Some(path.clone()),
+        (Network::Nat, Some(nat)) => Some(nat.netns()),
+        _ => None,
+    };
     // Wait for the agent, but notice a VMM that died and a signal meanwhile.
     let wait = config.agent_timeout();
     let progress = attach::Progress::start("booting the micro-VM");
@@ -382,10 +407,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             // Booted on the main thread: the VM dies with this process,
             // even of a SIGKILL.
             die_with_owner: true,
-            network: match &args.network {
-                Network::None => None,
-                Network::Netns(path) => Some(path),
-            },
+            network: netns.as_deref(),
             policy: config.boot_policy(wait, &|| stop.load(Ordering::Relaxed), &|why| {
                 progress.say(&format!("capsid: {why}"));
             }),

@@ -92,7 +92,7 @@ pub struct Wired {
 
 /// Runs `work` on a thread of its own inside the network namespace at
 /// `netns`.
-fn in_netns<T: Send>(
+pub(crate) fn in_netns<T: Send>(
     netns: &Path,
     work: impl FnOnce(&mut Netlink) -> Result<T, NetworkError> + Send,
 ) -> Result<T, NetworkError> {

@@ -145,6 +145,9 @@ fn sweep_dirs(run_dir: &Path, confinement: &Confinement) -> Vec<PathBuf> {
             continue;
         }
         crate::vm::kill_orphans(&path, confinement);
+        // Its network (`--network nat`): its namespace is bound in the
+        // directory, its veth and rules are the host's.
+        crate::nat::sweep_dir(&path);
         match std::fs::remove_dir_all(&path) {
             Ok(()) => swept.push(path),
             Err(e) => log::warn!(

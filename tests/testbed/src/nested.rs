@@ -35,10 +35,11 @@ pub const EXIT_MARKER: &str = "CAPSID-TESTBED-EXIT";
 /// The test host's kernel modules, in load order, and where Debian's
 /// package has them: the three that give it `/dev/kvm`, overlayfs (for
 /// containerd's default snapshotter), tun (the taps virtio-net serves),
-/// veth, and what the runtime redirects a sandbox's traffic with (the
-/// ingress qdisc, the u32 classifier, the mirred action). The test host
-/// has no modprobe that could load them on demand.
-const HOST_MODULES: [(&str, &str); 9] = [
+/// veth, what the runtime redirects a sandbox's traffic with (the
+/// ingress qdisc, the u32 classifier, the mirred action), and nftables
+/// with NAT for `capsid run --network nat`. The test host has no modprobe
+/// that could load them on demand.
+const HOST_MODULES: [(&str, &str); 19] = [
     ("irqbypass", "virt/lib/irqbypass.ko"),
     ("kvm", "arch/x86/kvm/kvm.ko"),
     ("kvm-amd", "arch/x86/kvm/kvm-amd.ko"),
@@ -48,6 +49,16 @@ const HOST_MODULES: [(&str, &str); 9] = [
     ("sch_ingress", "net/sched/sch_ingress.ko"),
     ("cls_u32", "net/sched/cls_u32.ko"),
     ("act_mirred", "net/sched/act_mirred.ko"),
+    ("nfnetlink", "net/netfilter/nfnetlink.ko"),
+    ("libcrc32c", "lib/libcrc32c.ko"),
+    ("nf_tables", "net/netfilter/nf_tables.ko"),
+    ("nf_defrag_ipv4", "net/ipv4/netfilter/nf_defrag_ipv4.ko"),
+    ("nf_defrag_ipv6", "net/ipv6/netfilter/nf_defrag_ipv6.ko"),
+    ("nf_conntrack", "net/netfilter/nf_conntrack.ko"),
+    ("nf_nat", "net/netfilter/nf_nat.ko"),
+    ("nft_chain_nat", "net/netfilter/nft_chain_nat.ko"),
+    ("nft_masq", "net/netfilter/nft_masq.ko"),
+    ("nft_nat", "net/netfilter/nft_nat.ko"),
 ];
 /// Where the testbed binary itself goes in the test host, for `hold-kvm`.
 const HOLD_KVM_PROGRAM: &str = "/testbed/capsid-testbed";
@@ -505,6 +516,22 @@ mod tests {
         let init = init_script();
         let at = |m: &str| init.find(&format!("/lib/testbed/{m}.ko")).unwrap();
         assert!(at("irqbypass") < at("kvm") && at("kvm") < at("kvm-amd"));
+        // Each after what its `depends=` names (the test host has no modprobe).
+        for (module, needs) in [
+            ("nf_tables", &["nfnetlink", "libcrc32c"][..]),
+            (
+                "nf_conntrack",
+                &["nf_defrag_ipv4", "nf_defrag_ipv6", "libcrc32c"],
+            ),
+            ("nf_nat", &["nf_conntrack"]),
+            ("nft_chain_nat", &["nf_tables", "nf_nat"]),
+            ("nft_masq", &["nf_tables", "nf_nat", "nf_conntrack"]),
+            ("nft_nat", &["nf_tables", "nf_nat", "nf_conntrack"]),
+        ] {
+            for need in needs {
+                assert!(at(need) < at(module), "{need} before {module}");
+            }
+        }
         assert!(init.contains(EXIT_MARKER));
     }
 }
