@@ -17,7 +17,6 @@
 //! the comment `capsid-nI`) and its namespace. IPv4 forwarding is turned on,
 //! as Docker does, and left on.
 
-use std::ffi::CString;
 use std::fs::File;
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr};
@@ -122,47 +121,6 @@ fn address(slot: u32, offset: u32) -> Ipv4Addr {
     Ipv4Addr::new(SUBNET.0, SUBNET.1, c, d)
 }
 
-/// Makes a network namespace bound at `path`, as `ip netns add` does.
-fn make_netns(path: &Path) -> std::io::Result<()> {
-    File::create(path)?;
-    let target =
-        CString::new(path.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            // SAFETY: unshare with a namespace flag changes only this
-            // thread, which ends here.
-            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // SAFETY: a bind mount of this thread's namespace onto a file
-            // we made; both paths are NUL-terminated.
-            let rc = unsafe {
-                libc::mount(
-                    c"/proc/thread-self/ns/net".as_ptr(),
-                    target.as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_BIND,
-                    std::ptr::null(),
-                )
-            };
-            if rc != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        })
-        .join()
-        .unwrap_or_else(|_| Err(std::io::Error::other("the namespace's thread panicked")))
-    })
-}
-
-fn remove_netns(path: &Path) {
-    if let Ok(target) = CString::new(path.as_os_str().as_encoded_bytes()) {
-        // SAFETY: umount2 with a NUL-terminated path; not mounted is fine.
-        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
-    }
-    let _ = std::fs::remove_file(path);
-}
-
 /// Runs `nft -f -` with `script`.
 fn nft(script: &str) -> Result<(), NatError> {
     let mut child = Command::new("nft")
@@ -201,7 +159,7 @@ impl NatNetwork {
     /// `published`.
     pub fn create(dir: &Path, published: &[Publish]) -> Result<Self, NatError> {
         let netns = dir.join(NETNS_FILE);
-        make_netns(&netns).map_err(|e| NatError::Netns(netns.clone(), e))?;
+        crate::network::bind_new_netns(&netns).map_err(|e| NatError::Netns(netns.clone(), e))?;
         let ns_file = File::open(&netns).map_err(|e| NatError::Netns(netns.clone(), e))?;
         let mut host = Netlink::new()?;
         let start = std::process::id() % SLOTS;
@@ -215,13 +173,13 @@ impl NatNetwork {
                 }
                 Err(NetlinkError::Refused(_, e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
                 Err(e) => {
-                    remove_netns(&netns);
+                    crate::network::unbind_netns(&netns);
                     return Err(e.into());
                 }
             }
         }
         let Some(slot) = slot else {
-            remove_netns(&netns);
+            crate::network::unbind_netns(&netns);
             return Err(NatError::Exhausted);
         };
         let network = Self {
@@ -365,7 +323,7 @@ fn take_down(dir: &Path, slot: u32) {
         Ok(()) => {}
         Err(e) => log::warn!("cannot remove {name}: {e}"),
     }
-    remove_netns(&dir.join(NETNS_FILE));
+    crate::network::unbind_netns(&dir.join(NETNS_FILE));
     let _ = std::fs::remove_file(dir.join(RECORD_FILE));
 }
 
@@ -383,7 +341,7 @@ pub fn sweep_dir(dir: &Path) {
         .and_then(|json| serde_json::from_slice::<Record>(&json).ok());
     match record {
         Some(Record { slot }) if slot < SLOTS => take_down(dir, slot),
-        _ => remove_netns(&dir.join(NETNS_FILE)),
+        _ => crate::network::unbind_netns(&dir.join(NETNS_FILE)),
     }
 }
 

@@ -21,6 +21,7 @@
 //! dropped its own); [`unwire`] removes what is left, the ingress qdiscs
 //! of the interfaces (with their filters).
 
+use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -115,6 +116,50 @@ pub(crate) fn in_netns<T: Send>(
             .join()
             .unwrap_or_else(|_| Err(NetworkError::Thread(netns.to_owned())))
     })
+}
+
+/// Makes a new network namespace, bound at `path` (a file made here), as
+/// `ip netns add` does: it lives until [`unbind_netns`].
+pub fn bind_new_netns(path: &Path) -> std::io::Result<()> {
+    File::create(path)?;
+    let target =
+        CString::new(path.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: unshare with a namespace flag changes only this
+            // thread, which ends here.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // SAFETY: a bind mount of this thread's namespace onto a file
+            // we made; both paths are NUL-terminated.
+            let rc = unsafe {
+                libc::mount(
+                    c"/proc/thread-self/ns/net".as_ptr(),
+                    target.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                )
+            };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("the namespace's thread panicked")))
+    })
+}
+
+/// Unbinds and removes a namespace made by [`bind_new_netns`]; one not
+/// there is not an error.
+pub fn unbind_netns(path: &Path) {
+    if let Ok(target) = CString::new(path.as_os_str().as_encoded_bytes()) {
+        // SAFETY: umount2 with a NUL-terminated path; not mounted is fine.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    }
+    let _ = std::fs::remove_file(path);
 }
 
 /// Wires every Ethernet interface of the namespace at `netns` (but
@@ -258,9 +303,7 @@ mod tests {
     use super::*;
     use std::net::{IpAddr, Ipv4Addr};
 
-    /// A network namespace made for the test, bind-mounted at a path as
-    /// `ip netns add` does, with a veth pair: one end in it with an
-    /// address and a default route, the other in a second namespace.
+    /// A network namespace made for the test; gone when dropped.
     struct TestNetns {
         dir: tempfile::TempDir,
     }
@@ -273,49 +316,22 @@ mod tests {
 
     impl Drop for TestNetns {
         fn drop(&mut self) {
-            let path = std::ffi::CString::new(self.path().as_os_str().as_encoded_bytes()).unwrap();
-            // SAFETY: umount2 with a NUL-terminated path.
-            unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+            unbind_netns(&self.path());
         }
     }
 
-    /// Makes the namespace on a thread of its own; None when this process
-    /// may not.
+    /// None (and a printed reason) when this process may not make one.
     fn test_netns() -> Option<TestNetns> {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ns");
-        File::create(&path).unwrap();
-        let made = std::thread::scope(|s| {
-            s.spawn(|| {
-                // SAFETY: unshare with a namespace flag changes only this thread.
-                if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-                    return false;
-                }
-                let source = c"/proc/thread-self/ns/net";
-                let target = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
-                // SAFETY: a bind mount of this thread's namespace file onto
-                // a file we made; both paths are NUL-terminated.
-                unsafe {
-                    libc::mount(
-                        source.as_ptr(),
-                        target.as_ptr(),
-                        std::ptr::null(),
-                        libc::MS_BIND,
-                        std::ptr::null(),
-                    ) == 0
-                }
-            })
-            .join()
-            .unwrap()
-        });
-        if !made {
-            println!(
-                "skipped: cannot make a network namespace: {}",
-                std::io::Error::last_os_error()
-            );
-            return None;
+        let ns = TestNetns {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        match bind_new_netns(&ns.path()) {
+            Ok(()) => Some(ns),
+            Err(e) => {
+                println!("skipped: cannot make a network namespace: {e}");
+                None
+            }
         }
-        Some(TestNetns { dir })
     }
 
     #[test]

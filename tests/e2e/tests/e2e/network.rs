@@ -4,7 +4,6 @@
 //! TCP both ways between the host and the workload, and nothing left in
 //! the namespace afterwards.
 
-use std::ffi::CString;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream};
@@ -27,26 +26,7 @@ struct Netns {
 impl Netns {
     fn new(name: &str) -> Self {
         let path = std::env::temp_dir().join(name);
-        File::create(&path).unwrap();
-        let target = CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
-        std::thread::spawn(move || {
-            // SAFETY: unshare with a namespace flag changes only this thread.
-            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
-            // SAFETY: a bind mount of this thread's namespace onto a file
-            // we made; both paths are NUL-terminated.
-            let rc = unsafe {
-                libc::mount(
-                    c"/proc/thread-self/ns/net".as_ptr(),
-                    target.as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_BIND,
-                    std::ptr::null(),
-                )
-            };
-            assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
-        })
-        .join()
-        .unwrap();
+        capsid_runtime::network::bind_new_netns(&path).unwrap();
         Self { path }
     }
 
@@ -83,10 +63,7 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let target = CString::new(self.path.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: umount2 with a NUL-terminated path.
-        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
-        let _ = std::fs::remove_file(&self.path);
+        capsid_runtime::network::unbind_netns(&self.path);
     }
 }
 
