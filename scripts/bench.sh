@@ -10,7 +10,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/lib.sh
 . scripts/artifacts.sh
 runs=${1:-20}
-scenarios=${SCENARIOS:-boot run ctr concurrent footprint throughput}
+scenarios=${SCENARIOS:-boot run ctr concurrent footprint throughput net}
 bench=$(bench_binary)
 CAPSID_COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 export CAPSID_COMMIT

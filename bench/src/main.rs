@@ -10,6 +10,7 @@
 //! | `concurrent` | K `capsid run` at once                       | K `runc run` at once              |
 //! | `footprint`  | shim + VMM PSS per sandbox; how many fit     | runc's shim + container           |
 //! | `throughput` | guest stdout → host, virtio-blk cold read    | runc stdout; QEMU virtio-blk      |
+//! | `net`        | TCP host ↔ sandbox over a pod's namespace    | runc in the same namespace        |
 //!
 //! Method: every time is taken here, outside the measured processes
 //! (spawn → first byte on the pipe → exit), except the VMM's own boot
@@ -52,6 +53,7 @@ mod concurrent;
 mod ctr;
 mod footprint;
 mod guests;
+mod net;
 mod run;
 mod throughput;
 
@@ -81,7 +83,7 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "boot,run,ctr,concurrent,footprint,throughput"
+        default_value = "boot,run,ctr,concurrent,footprint,throughput,net"
     )]
     scenarios: Vec<Which>,
     /// Sandbox counts for `concurrent`, comma-separated [default: 1,5,10;
@@ -121,6 +123,7 @@ enum Which {
     Concurrent,
     Footprint,
     Throughput,
+    Net,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -322,6 +325,11 @@ impl Bench {
     }
 
     fn capsid_run(&self, command: &[&str]) -> Command {
+        self.capsid_run_with(&[], command)
+    }
+
+    /// [`Self::capsid_run`] with more `capsid run` options.
+    fn capsid_run_with(&self, options: &[OsString], command: &[&str]) -> Command {
         let mut cmd = Command::new(artifact("CAPSID_CLI"));
         // Bounded, so that a guest that hangs is a recorded failure (124).
         let timeout = format!("{}s", TIMEOUT.as_secs());
@@ -332,6 +340,7 @@ impl Bench {
             "--timeout",
             &timeout,
         ])
+        .args(options)
         .arg("--rootfs")
         .arg(&self.rootfs)
         .arg("--")
@@ -350,6 +359,11 @@ impl Bench {
 
     /// A runc bundle over the same rootfs (read-only), running `command`.
     fn runc_run(&self, command: &[&str]) -> Command {
+        self.runc_run_in(command, None)
+    }
+
+    /// [`Self::runc_run`], in the network namespace at `netns` if given.
+    fn runc_run_in(&self, command: &[&str], netns: Option<&Path>) -> Command {
         let id = self.unique("runc");
         let bundle = self.scratch.join(&id);
         std::fs::create_dir_all(&bundle).expect("bundle dir");
@@ -378,6 +392,13 @@ impl Bench {
             .into();
         config["root"]["path"] = self.rootfs.to_string_lossy().into_owned().into();
         config["root"]["readonly"] = true.into();
+        if let Some(netns) = netns
+            && let Some(namespaces) = config["linux"]["namespaces"].as_array_mut()
+        {
+            for ns in namespaces.iter_mut().filter(|ns| ns["type"] == "network") {
+                ns["path"] = netns.to_string_lossy().into_owned().into();
+            }
+        }
         std::fs::write(&path, config.to_string()).expect("write config.json");
         let mut cmd = Command::new("runc");
         cmd.args(["run", "--bundle"]).arg(&bundle);
@@ -398,6 +419,7 @@ impl Bench {
                 Which::Concurrent => self.concurrent(),
                 Which::Footprint => self.footprint(),
                 Which::Throughput => self.throughput(),
+                Which::Net => self.net(),
             };
             let mut scenario = scenario;
             let retries = self.boot_retries.replace(0);
@@ -566,6 +588,7 @@ fn main() {
             Which::Concurrent => per_k,
             Which::Footprint => runs.clamp(1, 5) + density_cap,
             Which::Throughput => 2 * (runs.clamp(1, 5) + 1),
+            Which::Net => runs.clamp(1, 5) + 1,
         })
         .sum();
     let bench = Bench {

@@ -23,6 +23,7 @@ pub use capsid_images::initramfs;
 pub mod containerd;
 pub mod microvm;
 pub mod nested;
+pub mod netns;
 pub mod probe;
 pub mod procfs;
 pub mod qemu;

@@ -7,134 +7,30 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream};
-use std::os::fd::{AsFd, AsRawFd};
-use std::path::PathBuf;
+use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use capsid_e2e::require_kvm;
-use capsid_netlink::{IpNet, Netlink, Route};
+use capsid_netlink::{IpNet, Netlink};
 use capsid_testbed::containerd::{BUSYBOX, Containerd, wait_bounded};
+use capsid_testbed::netns::{Netns, PodNet};
 use std::process::Stdio;
 
 use crate::cli::capsid_run;
 
-/// A network namespace bound at a path, as `ip netns add` makes one.
-struct Netns {
-    path: PathBuf,
-}
-
-impl Netns {
-    fn new(name: &str) -> Self {
-        let path = std::env::temp_dir().join(name);
-        capsid_runtime::network::bind_new_netns(&path).unwrap();
-        Self { path }
-    }
-
-    /// Runs `work` on a thread inside the namespace (sockets it makes are
-    /// the namespace's).
-    fn enter<T: Send + 'static>(
-        &self,
-        work: impl FnOnce() -> T + Send + 'static,
-    ) -> std::thread::JoinHandle<T> {
-        let file = File::open(&self.path).unwrap();
-        std::thread::spawn(move || {
-            // SAFETY: setns on a namespace descriptor; this thread only.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0);
-            work()
-        })
-    }
-
-    /// Runs `work` with a netlink socket inside the namespace.
-    fn inside<T: Send>(&self, work: impl FnOnce(&mut Netlink) -> T + Send) -> T {
-        let file = File::open(&self.path).unwrap();
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                // SAFETY: setns on a namespace descriptor; this thread only.
-                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(rc, 0);
-                work(&mut Netlink::new().unwrap())
-            })
-            .join()
-            .unwrap()
-        })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        capsid_runtime::network::unbind_netns(&self.path);
-    }
+/// What these tests do with a pod's network.
+trait PodTraffic {
+    fn serve_and_call_back(&self) -> (u16, std::thread::JoinHandle<()>);
+    fn script(&self, port: u16) -> String;
+    fn check_output(&self, stdout: &str);
+    fn check_nothing_left(&self);
 }
 
 fn v4(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(a, b, c, d))
 }
 
-/// What CNI makes for a pod: a namespace with `eth0`, one end of a veth
-/// pair, at 10.233.`subnet`.2/24 with a default route through the other
-/// end, 10.233.`subnet`.1 in the host's namespace.
-struct PodNet {
-    netns: Netns,
-    host: Netlink,
-    veth: u32,
-    subnet: u8,
-}
-
-impl PodNet {
-    fn new(subnet: u8) -> Self {
-        let pid = std::process::id() % 10_000;
-        let netns = Netns::new(&format!("capsid-e2e-netns-{pid}-{subnet}"));
-        let host_end = format!("ce2e-{pid}-{subnet}");
-        let mut host = Netlink::new().unwrap();
-        let ns_file = File::open(&netns.path).unwrap();
-        host.add_veth(&host_end, "eth0", Some(ns_file.as_fd()))
-            .unwrap();
-        let veth = host.link_by_name(&host_end).unwrap().unwrap().index;
-        host.add_address(
-            veth,
-            IpNet {
-                addr: v4(10, 233, subnet, 1),
-                prefix: 24,
-            },
-        )
-        .unwrap();
-        host.set_up(veth, None).unwrap();
-        netns.inside(|netlink| {
-            let eth0 = netlink.link_by_name("eth0").unwrap().unwrap();
-            netlink.set_up(eth0.index, Some(1400)).unwrap();
-            netlink
-                .add_address(
-                    eth0.index,
-                    IpNet {
-                        addr: v4(10, 233, subnet, 2),
-                        prefix: 24,
-                    },
-                )
-                .unwrap();
-            let default = Route {
-                dest: None,
-                gateway: Some(v4(10, 233, subnet, 1)),
-                link: eth0.index,
-            };
-            netlink.add_route(&default).unwrap();
-        });
-        Self {
-            netns,
-            host,
-            veth,
-            subnet,
-        }
-    }
-
-    fn host_ip(&self) -> String {
-        format!("10.233.{}.1", self.subnet)
-    }
-
-    fn pod_ip(&self) -> String {
-        format!("10.233.{}.2", self.subnet)
-    }
-
+impl PodTraffic for PodNet {
     /// Serves one HTTP GET from the pod, then connects to the pod's port
     /// 8080 (retrying until it listens) and says hello.
     fn serve_and_call_back(&self) -> (u16, std::thread::JoinHandle<()>) {
@@ -205,12 +101,6 @@ impl PodNet {
     }
 }
 
-impl Drop for PodNet {
-    fn drop(&mut self) {
-        let _ = self.host.del_link(self.veth);
-    }
-}
-
 #[test]
 fn capsid_run_joins_a_network_namespace_and_talks_tcp_both_ways() {
     if !require_kvm("capsid_run_joins_a_network_namespace_and_talks_tcp_both_ways") {
@@ -218,7 +108,7 @@ fn capsid_run_joins_a_network_namespace_and_talks_tcp_both_ways() {
     }
     let pod = PodNet::new(0);
     let (port, host) = pod.serve_and_call_back();
-    let network = format!("netns:{}", pod.netns.path.display());
+    let network = pod.network_arg();
     let (output, took) = capsid_run(
         &[
             "--network",
