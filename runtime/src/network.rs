@@ -285,6 +285,27 @@ pub fn unwire(wiring: &Wiring) -> Result<(), NetworkError> {
     })
 }
 
+/// Where a sandbox records its [`Wiring`] in its directory, so that the
+/// wiring is taken down when its owner died (a swept `capsid run`, a shim
+/// containerd cleans up after).
+pub const WIRING_FILE: &str = "network.json";
+
+/// Takes down the wiring recorded in the directory `dir` of a sandbox
+/// whose owner is gone, and forgets it.
+pub fn unwire_recorded(dir: &Path) {
+    let path = dir.join(WIRING_FILE);
+    let Some(wiring) = std::fs::read(&path)
+        .ok()
+        .and_then(|json| serde_json::from_slice::<Wiring>(&json).ok())
+    else {
+        return;
+    };
+    if let Err(e) = unwire(&wiring) {
+        log::warn!("{}", capsid_base::error_chain(&e));
+    }
+    let _ = std::fs::remove_file(path);
+}
+
 /// The interfaces and addresses of `config`, for messages.
 pub fn describe(config: &NetworkConfig) -> String {
     config

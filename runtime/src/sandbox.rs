@@ -255,8 +255,9 @@ pub struct BootRequest<'a> {
     pub network: Option<&'a Path>,
 }
 
-/// Where a sandbox's network wiring is kept for [`Sandbox::reopen`].
-const NETWORK_FILE: &str = "network.json";
+/// Where a sandbox's network wiring is kept for [`Sandbox::reopen`] and
+/// for a sweep after its owner died.
+const NETWORK_FILE: &str = network::WIRING_FILE;
 
 /// What taking a sandbox down removes besides its VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -304,6 +305,16 @@ impl Sandbox {
             .map(network::wire)
             .transpose()?
             .filter(|w| !w.devices.is_empty());
+        // Recorded at once: an owner killed from here on leaves it to a
+        // sweep (`network::unwire_recorded`).
+        if let Some(w) = &wired {
+            let recorded = serde_json::to_vec(&w.wiring)
+                .map_err(std::io::Error::other)
+                .and_then(|json| std::fs::write(request.dir.join(NETWORK_FILE), json));
+            if let Err(e) = recorded {
+                log::warn!("{name}: cannot record the network wiring: {e}");
+            }
+        }
         let unwire = |wired: &Option<network::Wired>| {
             if let Some(wired) = wired
                 && let Err(e) = network::unwire(&wired.wiring)
@@ -352,12 +363,6 @@ impl Sandbox {
         );
         if let Some(w) = &wired {
             let configured = client.configure_network(&w.config);
-            let recorded = serde_json::to_vec(&w.wiring)
-                .map_err(std::io::Error::other)
-                .and_then(|json| std::fs::write(request.dir.join(NETWORK_FILE), json));
-            if let Err(e) = recorded {
-                log::warn!("{name}: cannot record the network wiring: {e}");
-            }
             if let Err(e) = configured {
                 drop(vm);
                 unwire(&wired);

@@ -145,8 +145,10 @@ fn sweep_dirs(run_dir: &Path, confinement: &Confinement) -> Vec<PathBuf> {
             continue;
         }
         crate::vm::kill_orphans(&path, confinement);
-        // Its network (`--network nat`): its namespace is bound in the
-        // directory, its veth and rules are the host's.
+        // Its network: the redirect in the namespace it joined, then (for
+        // `--network nat`) the namespace bound in the directory, its veth
+        // and its rules.
+        crate::network::unwire_recorded(&path);
         crate::nat::sweep_dir(&path);
         match std::fs::remove_dir_all(&path) {
             Ok(()) => swept.push(path),

@@ -299,6 +299,7 @@ pub fn cleanup_leftovers(bundle: &Path, id: &str) {
             if killed > 0 {
                 log::warn!("{id}: killed the capsid-vmm its shim left ({scratch})");
             }
+            capsid_runtime::network::unwire_recorded(&leftovers.scratch);
             let _ = std::fs::remove_dir_all(&leftovers.scratch);
         }
         let _ = std::fs::remove_file(&state);

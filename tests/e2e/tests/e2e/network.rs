@@ -129,6 +129,38 @@ fn capsid_run_joins_a_network_namespace_and_talks_tcp_both_ways() {
     host.join().unwrap();
     pod.check_output(&stdout);
     pod.check_nothing_left();
+
+    // A run killed with SIGKILL leaves its redirect in the namespace; the
+    // next run's sweep takes it down.
+    let mut killed = std::process::Command::new(capsid_testbed::artifact("CAPSID_CLI"))
+        .args(["run", "--rootfs"])
+        .arg(std::env::var_os("CAPSID_TEST_ROOTFS_DIR").unwrap())
+        .args(["--network", &network, "--", "sleep", "100"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !pod
+        .netns
+        .inside(|netlink| netlink.link_by_name("tap0_capsid").unwrap().is_some())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the killed run never wired the namespace"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    let (output, _) = capsid_run(&["--", "true"], b"");
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    pod.check_nothing_left();
 }
 
 #[test]
