@@ -198,7 +198,13 @@ struct Cycle {
     failure: Option<String>,
     /// Guests booted again after crashing at boot.
     retries: usize,
+    /// A failed cycle's stderr, its last lines (the VMM's log and the
+    /// guest's console, where it died).
+    detail: String,
 }
+
+/// How many lines of a failed cycle's stderr are printed.
+const DETAIL_LINES: usize = 60;
 
 /// Runs `command` to its end (bounded); a failure is the first line of
 /// stderr that says what went wrong.
@@ -216,6 +222,7 @@ fn cycle(mut command: Command) -> Cycle {
                 took: started.elapsed(),
                 failure: Some(format!("cannot start: {e}")),
                 retries: 0,
+                detail: String::new(),
             };
         }
     };
@@ -255,10 +262,16 @@ fn cycle(mut command: Command) -> Cycle {
         )),
         None => Some(format!("hung for {CYCLE_BOUND:?}")),
     };
+    let lines: Vec<&str> = stderr.lines().collect();
+    let detail = lines[lines.len().saturating_sub(DETAIL_LINES)..]
+        .iter()
+        .map(|l| format!("    | {}\n", l.chars().take(300).collect::<String>()))
+        .collect();
     Cycle {
         took,
         failure,
         retries,
+        detail,
     }
 }
 
@@ -372,7 +385,7 @@ fn soak(
         phase.millis.push(outcome.took.as_secs_f64() * 1000.0);
         phase.retries += outcome.retries;
         if let Some(cause) = outcome.failure {
-            eprintln!("{name} cycle {n} failed: {cause}");
+            eprintln!("{name} cycle {n} failed: {cause}\n{}", outcome.detail);
             phase.failures.entry(cause).or_default().push(n);
         }
         if n % every == 0 || n == cycles {
