@@ -58,6 +58,11 @@ enum Verb {
         /// wedged; the run is then repeated once on a fresh test host.
         #[arg(long, default_value_t = 600)]
         stall_secs: u64,
+        /// How QEMU's TCG runs the test host's vCPUs: `multi` (a host
+        /// thread each) or `single` (one thread taking turns).
+        #[arg(long, env = "CAPSID_TESTHOST_TCG_THREAD", default_value = "multi",
+              value_parser = ["multi", "single"])]
+        tcg_thread: String,
         #[arg(trailing_var_arg = true, required = true)]
         command: Vec<String>,
     },
@@ -92,6 +97,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         memory_mib,
         timeout_secs,
         stall_secs,
+        tcg_thread,
         command,
     } = cli.command
     else {
@@ -130,7 +136,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     // (benchmarks say that their absolute times are inflated).
     let env = std::env::vars()
         .filter(|(k, _)| k.starts_with("CAPSID_") || k.starts_with("RUST_") || k == "CI")
-        .filter(|(k, _)| k != "CAPSID_TESTBED_MODE" && k != "CAPSID_TESTHOST_KERNEL_DIR")
+        .filter(|(k, _)| {
+            !matches!(
+                k.as_str(),
+                "CAPSID_TESTBED_MODE" | "CAPSID_TESTHOST_KERNEL_DIR" | "CAPSID_TESTHOST_TCG_THREAD"
+            )
+        })
         .chain([("CAPSID_TESTBED_NESTED".to_owned(), "1".to_owned())])
         .collect();
     let nested = NestedRun {
@@ -140,6 +151,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         env,
         cwd: std::env::current_dir().unwrap_or_else(|_| "/".into()),
         cpus,
+        tcg_thread: &tcg_thread,
         memory_mib,
         timeout: Duration::from_secs(timeout_secs),
         stall: Duration::from_secs(stall_secs),

@@ -222,6 +222,8 @@ pub struct NestedRun<'a> {
     pub cwd: PathBuf,
     /// The test host's CPUs.
     pub cpus: u32,
+    /// QEMU's TCG threading for the test host: "multi" or "single".
+    pub tcg_thread: &'a str,
     /// The test host's memory, in MiB.
     pub memory_mib: u32,
     /// The limit for the whole run, boot included.
@@ -257,8 +259,9 @@ impl NestedRun<'_> {
 
         let console_log = scratch.join("console.log");
         let output_log = scratch.join("output.log");
+        let accel = format!("tcg,thread={}", self.tcg_thread);
         let mut qemu = DirectBoot {
-            machine: &["-accel", "tcg,thread=multi", "-cpu", "max"],
+            machine: &["-accel", &accel, "-cpu", "max"],
             cpus: self.cpus,
             memory_mib: self.memory_mib,
             kernel: &self.kernel.vmlinuz,
