@@ -5,7 +5,9 @@
 # QEMU microvm, the same kernel, initramfs and command line, with QEMU's
 # default split irqchip: its PIC, IOAPIC and PIT in QEMU; qemu-kirq: the
 # same with them in the kernel, as capsid-vmm has them; capsid-split:
-# capsid-vmm with --irqchip split, its IOAPIC in the VMM and no PIC or PIT;
+# capsid-vmm with --irqchip split, its IOAPIC in the VMM and no PIC or PIT
+# (capsid-vmm's default since 2026-12-01); capsid-kirq: capsid-vmm with
+# --irqchip kernel, KVM's PIC, IOAPIC and PIT (its default before);
 # qemu-noxsave: qemu with the guest's XSAVE hidden (-cpu host,-xsave), the
 # experiment on the test host's XSAVE inconsistency (docs/reliability.md);
 # "both" means "capsid qemu"), in turn each round, and counts the guests
@@ -28,7 +30,7 @@ trap 'rm -rf "$out"' EXIT
 cmdline="console=ttyS0 reboot=k panic=-1 earlyprintk=serial,ttyS0 loglevel=8"
 start() {
     dir=$1
-    if [ "$VMM" != capsid ] && [ "$VMM" != capsid-split ]; then
+    if [ "${VMM#capsid}" = "$VMM" ]; then
         irqchip=
         [ "$VMM" = qemu-kirq ] && irqchip="-machine ioapic2=off,kernel-irqchip=on"
         cpu=host
@@ -42,6 +44,7 @@ start() {
     else
         irqchip=
         [ "$VMM" = capsid-split ] && irqchip="--irqchip split"
+        [ "$VMM" = capsid-kirq ] && irqchip="--irqchip kernel"
         "$CAPSID_VMM" --kernel "$CAPSID_KERNEL" --initrd "$CAPSID_AGENT_INITRAMFS" \
             --vcpus 1 --mem-mib 256 --vsock-uds "$dir/vsock.sock" \
             --serial "file:$dir/console" --log-level warn --cmdline "$cmdline" $irqchip $VMM_FLAGS \

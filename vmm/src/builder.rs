@@ -206,7 +206,11 @@ pub fn build(
     let ram = Arc::new(GuestRam::new(mem_bytes)?);
     let vm = Arc::new(Vm::with(kvm)?);
     vm.register_memory(&ram)?;
-    vm.create_irqchip(config.irqchip)?;
+    let irqchip = usable_irqchip(
+        config.irqchip,
+        vm.kvm().check_extension(kvm_ioctls::Cap::TscDeadlineTimer),
+    );
+    vm.create_irqchip(irqchip)?;
     phase("VM, memory and irqchip created");
     let exit = Arc::new(ExitNotifier::new().map_err(BuildError::EventFd)?);
 
@@ -252,7 +256,7 @@ pub fn build(
         devices.push(Box::new(net));
     }
     let mut mmio = Bus::new();
-    if config.irqchip == Irqchip::Split {
+    if irqchip == Irqchip::Split {
         let ioapic = Ioapic::new(mptable::ioapic_id(config.vcpus), Box::new(Arc::clone(&vm)));
         mmio.insert(
             Arc::new(Mutex::new(ioapic)),
@@ -344,5 +348,31 @@ fn serial_output(serial: &SerialConfig, file: Option<BoundedFile>) -> Box<dyn Wr
         (SerialConfig::File(_), Some(file)) => Box::new(LineWriter::new(file)),
         (SerialConfig::Stdout, _) => Box::new(LineWriter::new(std::io::stdout())),
         _ => Box::new(std::io::sink()),
+    }
+}
+
+/// The irqchip a VM gets: the split one needs the TSC-deadline LAPIC timer
+/// (it has no PIT to time with), so where KVM lacks it the VM gets KVM's
+/// interrupt controllers, and the log says so.
+fn usable_irqchip(asked: Irqchip, tsc_deadline: bool) -> Irqchip {
+    if asked == Irqchip::Split && !tsc_deadline {
+        tracing::warn!(
+            "KVM has no TSC-deadline timer, which the split irqchip needs (it has no PIT); \
+             using KVM's interrupt controllers"
+        );
+        return Irqchip::Kernel;
+    }
+    asked
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_split_irqchip_falls_back_to_kvms_without_a_tsc_deadline_timer() {
+        assert_eq!(usable_irqchip(Irqchip::Split, true), Irqchip::Split);
+        assert_eq!(usable_irqchip(Irqchip::Split, false), Irqchip::Kernel);
+        assert_eq!(usable_irqchip(Irqchip::Kernel, true), Irqchip::Kernel);
     }
 }

@@ -98,12 +98,14 @@ pub enum SerialConfig {
 #[serde(rename_all = "lowercase")]
 pub enum Irqchip {
     /// All in KVM: PIC, IOAPIC, PIT and the LAPICs (Firecracker's choice).
-    #[default]
     Kernel,
-    /// The LAPICs in KVM, the IOAPIC in the VMM, no PIC and no PIT (Cloud
-    /// Hypervisor's choice): the guest times with the TSC-deadline LAPIC
-    /// timer and kvm-clock, and never runs the kernel's PIT and IO-APIC
-    /// timer checks.
+    /// The default: the LAPICs in KVM, the IOAPIC in the VMM, no PIC and no
+    /// PIT (Cloud Hypervisor's choice): the guest times with the
+    /// TSC-deadline LAPIC timer and kvm-clock, never runs the kernel's PIT
+    /// and IO-APIC timer checks, and every device interrupt is an MSI that
+    /// KVM injects at once (an IOAPIC pin in KVM is injected from a kernel
+    /// worker thread). docs/reliability.md has why it is the default.
+    #[default]
     Split,
 }
 
@@ -391,7 +393,7 @@ impl Default for VmConfig {
             serial: SerialConfig::Stdout,
             spare_disks: 0,
             api_uds: None,
-            irqchip: Irqchip::Kernel,
+            irqchip: Irqchip::Split,
             nets: Vec::new(),
         }
     }
