@@ -375,6 +375,7 @@ pub fn monitor(args: &MonitorArgs) -> anyhow::Result<ExitCode> {
                 stdout: true,
                 stderr: true,
             },
+            share: None,
         };
         let container = sandbox.create(request, Copies::attach)?;
         let state = State {

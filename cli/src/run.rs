@@ -492,6 +492,7 @@ fn drive(
             spec,
             files: Vec::new(),
             stdio: attach::stdio_request(args.tty),
+            share: None,
         },
         |_, _| Ok::<(), SandboxError>(()),
     )?;

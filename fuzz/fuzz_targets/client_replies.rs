@@ -30,6 +30,7 @@ fuzz_target!(|data: &[u8]| {
         spec: Default::default(),
         stdio: StdioRequest::default(),
         files: Vec::new(),
+        share: None,
     });
     let _ = client.exec_process(ExecProcess {
         process: ProcessRef::exec("c", "e"),

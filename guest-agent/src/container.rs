@@ -21,12 +21,12 @@ use std::time::{Duration, Instant};
 
 use capsid_protocol::{
     ContainerStats, CreateContainer, ExecProcess, ExitStatus, FILE_SOURCE, MAX_COPIED_BYTES,
-    MAX_COPIED_FILES, ProcessRef, Stream, validate_id,
+    MAX_COPIED_FILES, ProcessRef, SharedNamespace, SharedNamespaces, Stream, validate_id,
 };
 use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, LinuxSeccomp, Mount};
 
 use crate::cgroup::{Cgroup, CgroupError};
-use crate::process::{self, Namespaces, ProcessError, ProcessPlan, SpawnRequest, StartGate};
+use crate::process::{self, Namespaces, ProcessError, ProcessPlan, Share, SpawnRequest, StartGate};
 use crate::reaper::{ExitCell, Reaper};
 use crate::rootfs::{RootfsError, RootfsPlan};
 use crate::stdio::{ProcessIo, StdioError};
@@ -407,6 +407,49 @@ impl Containers {
         }
     }
 
+    /// The container `id` shares namespaces with, and the `CLONE_NEW*`
+    /// kinds it joins, checked: a running container of this guest other
+    /// than itself, whose init has a pidfd, and no kind the spec also asks
+    /// a new namespace of (`own`, `own_pid`).
+    fn sharer(
+        &self,
+        id: &str,
+        share: &SharedNamespaces,
+        own: libc::c_int,
+        own_pid: bool,
+    ) -> Result<(Arc<Container>, libc::c_int), ContainerError> {
+        validate_id("shared namespaces' container id", &share.container)
+            .map_err(ContainerError::InvalidArgument)?;
+        if share.container == id {
+            return Err(ContainerError::InvalidArgument(format!(
+                "container {id:?} cannot share its own namespaces"
+            )));
+        }
+        let mut kinds = 0;
+        for kind in &share.kinds {
+            let (flag, asked_new) = match kind {
+                SharedNamespace::Ipc => (libc::CLONE_NEWIPC, own & libc::CLONE_NEWIPC != 0),
+                SharedNamespace::Uts => (libc::CLONE_NEWUTS, own & libc::CLONE_NEWUTS != 0),
+                SharedNamespace::Pid => (libc::CLONE_NEWPID, own_pid),
+            };
+            if asked_new {
+                return Err(ContainerError::InvalidArgument(format!(
+                    "the spec asks for a new {kind:?} namespace and to share {:?}'s",
+                    share.container
+                )));
+            }
+            kinds |= flag;
+        }
+        let sandbox = self.container(&share.container)?;
+        if sandbox.init.exit.get().is_some() || sandbox.init.pidfd.is_none() {
+            return Err(ContainerError::FailedPrecondition(format!(
+                "container {:?}, whose namespaces {id:?} shares, is not running",
+                share.container
+            )));
+        }
+        Ok((sandbox, kinds))
+    }
+
     pub(crate) fn create(&self, request: CreateContainer) -> Result<u32, ContainerError> {
         let id = request.id.clone();
         validate_id("container id", &id).map_err(ContainerError::InvalidArgument)?;
@@ -457,6 +500,15 @@ impl Containers {
                 }
             }
         }
+        // A pod's container joins its sandbox's namespaces through the
+        // sandbox init's pidfd; `sharer` keeps that init for the spawn.
+        let sharer = match &request.share {
+            Some(share) => Some(self.sharer(&id, share, flags, pid_ns)?),
+            None => None,
+        };
+        if let Some((_, kinds)) = &sharer {
+            uts &= kinds & libc::CLONE_NEWUTS == 0;
+        }
         let plan = ProcessPlan::from_oci(process, linux.and_then(|l| l.seccomp().as_ref()))?;
         let dir = Path::new(CONTAINERS_DIR).join(&id);
         let rootfs = dir.join("rootfs");
@@ -492,7 +544,16 @@ impl Containers {
         let init = self.spawn(
             &plan,
             request.stdio,
-            Namespaces::New { flags, pid: pid_ns },
+            Namespaces::New {
+                flags,
+                pid: pid_ns,
+                share: sharer.as_ref().and_then(|(sandbox, kinds)| {
+                    Some(Share {
+                        pidfd: sandbox.init.pidfd.as_ref()?.as_raw_fd(),
+                        kinds: *kinds,
+                    })
+                }),
+            },
             Some(&rootfs_plan),
             &cgroup,
         )?;
@@ -715,6 +776,37 @@ impl Containers {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sharing_namespaces_needs_another_running_container_and_no_own_of_that_kind() {
+        let containers = Containers::default();
+        let share = |container: &str, kinds: &[SharedNamespace]| SharedNamespaces {
+            container: container.into(),
+            kinds: kinds.to_vec(),
+        };
+        let ipc_uts = [SharedNamespace::Ipc, SharedNamespace::Uts];
+        let refused = |result: Result<(Arc<Container>, libc::c_int), ContainerError>| {
+            result.map(|_| ()).unwrap_err().to_string()
+        };
+        let own = libc::CLONE_NEWNS;
+        let error = refused(containers.sharer("app", &share("app", &ipc_uts), own, false));
+        assert!(error.contains("its own namespaces"), "{error}");
+        let error = refused(containers.sharer("app", &share("../x", &ipc_uts), own, false));
+        assert!(error.contains("container id"), "{error}");
+        let error = refused(containers.sharer(
+            "app",
+            &share("pod", &ipc_uts),
+            own | libc::CLONE_NEWIPC,
+            false,
+        ));
+        assert!(error.contains("new Ipc namespace"), "{error}");
+        let error =
+            refused(containers.sharer("app", &share("pod", &[SharedNamespace::Pid]), own, true));
+        assert!(error.contains("new Pid namespace"), "{error}");
+        // Checked before anything is looked up; then the pod must exist.
+        let error = refused(containers.sharer("app", &share("pod", &ipc_uts), own, false));
+        assert!(error.contains("pod"), "{error}");
+    }
 
     #[test]
     fn a_failed_create_unmakes_its_steps_in_reverse_and_a_finished_one_keeps_them() {

@@ -108,6 +108,7 @@ fn plan(args: &str, cgroup_procs: &std::path::Path) -> ChildPlan {
         process: ProcessPlan::from_oci(&process, None).unwrap(),
         // No new namespace: unshare(0).
         unshare: Some(0),
+        join: None,
         rootfs: None,
         cgroup_procs: cgroup_procs.to_owned(),
     }

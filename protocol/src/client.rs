@@ -769,6 +769,7 @@ mod tests {
                     spec: Default::default(),
                     stdio: StdioRequest::default(),
                     files: Vec::new(),
+                    share: None,
                 })
                 .unwrap_err();
             assert!(

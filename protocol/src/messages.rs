@@ -175,6 +175,32 @@ pub struct CreateContainer {
     /// [`MAX_COPIED_BYTES`] bytes in all.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub files: Vec<Vec<u8>>,
+    /// Namespaces it shares with another container of the VM instead of
+    /// having its own: a pod's containers with its sandbox, as CRI asks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share: Option<SharedNamespaces>,
+}
+
+/// The namespaces a container joins, those of another container's init.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharedNamespaces {
+    /// The container whose namespaces are joined ([`validate_id`]).
+    pub container: String,
+    /// Which of them.
+    pub kinds: Vec<SharedNamespace>,
+}
+
+/// A namespace kind a pod's containers may share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SharedNamespace {
+    /// System V IPC and POSIX message queues.
+    Ipc,
+    /// The hostname.
+    Uts,
+    /// Process ids (a pod that shares its process namespace).
+    Pid,
 }
 
 /// A bind mount source naming the N-th of [`CreateContainer::files`].
@@ -547,6 +573,10 @@ pub(crate) mod tests {
                     stderr: false,
                 },
                 files: vec![b"127.0.0.1 localhost\n".to_vec()],
+                share: Some(SharedNamespaces {
+                    container: "pod".into(),
+                    kinds: vec![SharedNamespace::Ipc, SharedNamespace::Uts],
+                }),
             })),
             Request::ExecProcess(Box::new(ExecProcess {
                 process: process.clone(),

@@ -81,6 +81,7 @@ impl FakeAgent {
             spec: Spec::default(),
             files: Vec::new(),
             stdio: StdioRequest::default(),
+            share: None,
         }
     }
 

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use capsid_images::rootfs::RootfsImage;
 use capsid_protocol::{
     AgentClient, ClientError, CreateContainer, DEFAULT_AGENT_PORT, ErrorCode, ProcessRef, Rootfs,
-    StdioRequest,
+    SharedNamespaces, StdioRequest,
 };
 use oci_spec::runtime::Spec;
 
@@ -473,6 +473,7 @@ impl Sandbox {
             spec,
             files,
             stdio,
+            share,
         } = request;
         lock(&self.members).insert(id.clone());
         let created = self.agent.create_container(CreateContainer {
@@ -481,6 +482,7 @@ impl Sandbox {
             spec,
             stdio,
             files,
+            share,
         });
         let pid = match created {
             Ok(pid) => pid,
@@ -614,6 +616,9 @@ pub struct ContainerRequest {
     pub files: Vec<Vec<u8>>,
     /// The streams of its init the host will attach.
     pub stdio: StdioRequest,
+    /// The namespaces it shares with its pod's sandbox
+    /// ([`crate::spec::pod_namespaces`]).
+    pub share: Option<SharedNamespaces>,
 }
 
 /// CRI's annotation of what a container is in its pod ("sandbox" or

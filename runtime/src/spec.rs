@@ -8,19 +8,40 @@
 //! ```text
 //!  bind of a small host file (CRI's /etc/hosts, resolv.conf, hostname)
 //!      ─▶ its contents go along (CreateContainer.files), source `file:N`
+//!  bind of an empty host tmpfs at /dev/shm (CRI's pod shm, docker's)
+//!      ─▶ a tmpfs of the same size in the guest
 //!  bind of `disk:ID` (a disk of the VM)              ─▶ as it is
 //!  bind of a host directory, or too much to copy      ─▶ refused, with why
 //! ```
 //!
+//! Each container of a pod gets a /dev/shm of its own that way: POSIX
+//! shared memory is not shared between the containers of a pod, as it is
+//! under runc.
+//!
 //! The copy is one-way, taken at create: the host does not see what the
 //! container writes there. Hooks name host programs and are dropped.
 
-use capsid_protocol::{FILE_SOURCE, MAX_COPIED_BYTES, MAX_COPIED_FILES};
+use capsid_protocol::{
+    FILE_SOURCE, MAX_COPIED_BYTES, MAX_COPIED_FILES, SharedNamespace, SharedNamespaces,
+};
 use oci_spec::runtime::Spec;
 
 /// A part of the bundle's spec the guest cannot be given.
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
+    /// A namespace joined by path that is not the pod's sandbox's.
+    #[error(
+        "linux.namespaces: the {kind} namespace at {path} is not the pod's: a container in a \
+         micro-VM shares namespaces only with its pod's sandbox (/proc/{sandbox_pid}/ns/{kind})"
+    )]
+    ForeignNamespace {
+        /// ipc, uts or pid.
+        kind: &'static str,
+        /// The path the spec names.
+        path: String,
+        /// The pid the sandbox's namespaces are named by (its VMM's).
+        sandbox_pid: u32,
+    },
     /// A bind mount of a host directory (the VM shares no file system).
     #[error(
         "mount at {destination}: host bind mounts are not supported ({host_path} is on the host; \
@@ -90,6 +111,12 @@ pub fn container_spec(mut spec: Spec) -> Result<(Spec, Vec<Vec<u8>>), SpecError>
                 continue;
             }
             let destination = mount.destination().display().to_string();
+            if destination == "/dev/shm"
+                && let Some(bytes) = empty_host_tmpfs_bytes(&source)
+            {
+                *mount = guest_shm(mount, bytes);
+                continue;
+            }
             let copy_error = |reason: String| SpecError::Copy {
                 destination: destination.clone(),
                 host_path: source.clone(),
@@ -144,6 +171,104 @@ pub fn container_spec(mut spec: Spec) -> Result<(Spec, Vec<Vec<u8>>), SpecError>
         spec.set_linux(Some(linux));
     }
     Ok((spec, files))
+}
+
+/// The namespaces a pod's container joins by path (what CRI gives it:
+/// the IPC and UTS namespaces of its pod's sandbox, and its PID namespace
+/// when the pod shares one), taken out of `spec` and named for the agent,
+/// which joins the sandbox container's in the guest. The sandbox's are
+/// named by `/proc/PID/ns/KIND`, PID being what the shim reported for it
+/// (its VMM's); any other path is refused.
+pub fn pod_namespaces(
+    spec: &mut Spec,
+    sandbox_id: &str,
+    sandbox_pid: u32,
+) -> Result<Option<SharedNamespaces>, SpecError> {
+    use oci_spec::runtime::LinuxNamespaceType;
+    let Some(mut linux) = spec.linux().clone() else {
+        return Ok(None);
+    };
+    let Some(namespaces) = linux.namespaces().clone() else {
+        return Ok(None);
+    };
+    let mut kinds = Vec::new();
+    let mut kept = Vec::new();
+    for ns in namespaces {
+        let (kind, name) = match ns.typ() {
+            LinuxNamespaceType::Ipc => (SharedNamespace::Ipc, "ipc"),
+            LinuxNamespaceType::Uts => (SharedNamespace::Uts, "uts"),
+            LinuxNamespaceType::Pid => (SharedNamespace::Pid, "pid"),
+            _ => {
+                kept.push(ns);
+                continue;
+            }
+        };
+        let Some(path) = ns.path() else {
+            kept.push(ns);
+            continue;
+        };
+        if *path != std::path::Path::new(&format!("/proc/{sandbox_pid}/ns/{name}")) {
+            return Err(SpecError::ForeignNamespace {
+                kind: name,
+                path: path.display().to_string(),
+                sandbox_pid,
+            });
+        }
+        kinds.push(kind);
+    }
+    if kinds.is_empty() {
+        return Ok(None);
+    }
+    linux.set_namespaces(Some(kept));
+    spec.set_linux(Some(linux));
+    Ok(Some(SharedNamespaces {
+        container: sandbox_id.to_owned(),
+        kinds,
+    }))
+}
+
+/// The size of the host tmpfs that directory `path` is on, if it is on
+/// one and empty (what containerd's CRI and docker bind at /dev/shm).
+fn empty_host_tmpfs_bytes(path: &str) -> Option<u64> {
+    let c_path = std::ffi::CString::new(path).ok()?;
+    let mut stat = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: `c_path` is a NUL-terminated string and `stat` points to a
+    // `statfs` the call may write; nothing else is touched.
+    if unsafe { libc::statfs(c_path.as_ptr(), stat.as_mut_ptr()) } != 0 {
+        return None;
+    }
+    // SAFETY: statfs succeeded, so it filled in `stat` (zeroed before).
+    let stat = unsafe { stat.assume_init() };
+    if stat.f_type != libc::TMPFS_MAGIC {
+        return None;
+    }
+    let mut entries = std::fs::read_dir(path).ok()?;
+    if entries.next().is_some() {
+        return None;
+    }
+    let blocks = stat.f_blocks;
+    let block_size = u64::try_from(stat.f_bsize).ok()?;
+    Some(blocks.saturating_mul(block_size))
+}
+
+/// A tmpfs of `bytes` at `bind`'s destination in the guest, read-only and
+/// with nosuid, nodev, noexec where the bind had them.
+fn guest_shm(bind: &oci_spec::runtime::Mount, bytes: u64) -> oci_spec::runtime::Mount {
+    let kept = ["ro", "nosuid", "nodev", "noexec"];
+    let mut options: Vec<String> = bind
+        .options()
+        .iter()
+        .flatten()
+        .filter(|o| kept.contains(&o.as_str()))
+        .cloned()
+        .collect();
+    options.push("mode=1777".into());
+    options.push(format!("size={bytes}"));
+    let mut shm = bind.clone();
+    shm.set_typ(Some("tmpfs".into()));
+    shm.set_source(Some("shm".into()));
+    shm.set_options(Some(options));
+    shm
 }
 
 /// What [`read_small_file`] found.
@@ -271,6 +396,84 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(error.contains("KiB in all"), "{error}");
+    }
+
+    #[test]
+    fn an_empty_host_tmpfs_at_dev_shm_becomes_a_guest_tmpfs_of_its_size() {
+        // What containerd's CRI binds at a pod's /dev/shm: an empty tmpfs.
+        // /dev/shm is a tmpfs on every Debian host.
+        let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+        let bind = |source: &std::path::Path| {
+            spec(&format!(
+                r#"[{{"destination":"/dev/shm","type":"bind","source":"{}",
+                     "options":["rbind","ro","nosuid","nodev","noexec"]}}]"#,
+                source.display()
+            ))
+        };
+        let (ok, files) = container_spec(bind(shm.path())).unwrap();
+        assert!(files.is_empty());
+        let mount = &ok.mounts().as_ref().unwrap()[0];
+        assert_eq!(mount.typ().as_deref(), Some("tmpfs"));
+        assert_eq!(mount.source().as_ref().unwrap().to_str(), Some("shm"));
+        let options = mount.options().as_ref().unwrap();
+        for kept in ["ro", "nosuid", "nodev", "noexec", "mode=1777"] {
+            assert!(options.iter().any(|o| o == kept), "{kept}: {options:?}");
+        }
+        let size = empty_host_tmpfs_bytes(shm.path().to_str().unwrap()).unwrap();
+        assert!(size > 0);
+        assert!(options.contains(&format!("size={size}")), "{options:?}");
+        assert!(!options.iter().any(|o| o.contains("bind")), "{options:?}");
+
+        // Something in it would be lost: refused, as a directory on disk is.
+        std::fs::write(shm.path().join("segment"), b"x").unwrap();
+        let error = container_spec(bind(shm.path())).unwrap_err().to_string();
+        assert!(error.contains("host bind mounts"), "{error}");
+        let on_disk = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let error = container_spec(bind(on_disk.path()))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("host bind mounts"), "{error}");
+    }
+
+    #[test]
+    fn a_pod_containers_namespaces_joined_by_path_become_its_sandboxs() {
+        let member = |ipc: &str| -> Spec {
+            serde_json::from_str(&format!(
+                r#"{{"ociVersion":"1.0.2","linux":{{"namespaces":[
+                    {{"type":"mount"}},
+                    {{"type":"network","path":"/var/run/netns/cni-1"}},
+                    {{"type":"ipc","path":"{ipc}"}},
+                    {{"type":"uts","path":"/proc/42/ns/uts"}},
+                    {{"type":"pid"}}]}}}}"#
+            ))
+            .unwrap()
+        };
+        let mut spec = member("/proc/42/ns/ipc");
+        let share = pod_namespaces(&mut spec, "pod", 42).unwrap().unwrap();
+        assert_eq!(share.container, "pod");
+        assert_eq!(share.kinds, [SharedNamespace::Ipc, SharedNamespace::Uts]);
+        let left: Vec<_> = spec
+            .linux()
+            .as_ref()
+            .unwrap()
+            .namespaces()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|ns| format!("{:?}", ns.typ()))
+            .collect();
+        // Its own PID namespace stays; the network is the VM's.
+        assert_eq!(left, ["Mount", "Network", "Pid"]);
+
+        let error = pod_namespaces(&mut member("/proc/1/ns/ipc"), "pod", 42)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("/proc/1/ns/ipc") && error.contains("pod's sandbox"),
+            "{error}"
+        );
+        let mut alone = spec.clone();
+        assert!(pod_namespaces(&mut alone, "pod", 42).unwrap().is_none());
     }
 
     #[test]

@@ -209,11 +209,17 @@ impl Task {
         let size = config.size_for(&spec)?;
         let root_path = capsid_runtime::spec::root_path(&spec);
         let netns = capsid_runtime::spec::network_namespace(&spec);
-        let (agent_spec, files) = capsid_runtime::spec::container_spec(spec)?;
+        let (mut agent_spec, files) = capsid_runtime::spec::container_spec(spec)?;
+        let mut share = None;
         let image = vms.image(bundle, mounts, &root_path)?;
         let (sandbox, disk, rootfs) = match role {
             Role::PodMember { sandbox_id } => {
-                let sandbox = pod(&sandbox_id).ok_or(ContainerError::NoPod(sandbox_id))?;
+                let sandbox = pod(&sandbox_id).ok_or(ContainerError::NoPod(sandbox_id.clone()))?;
+                share = capsid_runtime::spec::pod_namespaces(
+                    &mut agent_spec,
+                    &sandbox_id,
+                    sandbox.vmm_pid(),
+                )?;
                 let (disk, rootfs) = sandbox.join(id, &image)?;
                 (sandbox, Some(disk), rootfs)
             }
@@ -247,6 +253,7 @@ impl Task {
             spec: agent_spec,
             files,
             stdio: stdio.request(),
+            share,
         };
         let container = sandbox
             .create(request, |agent, process| {

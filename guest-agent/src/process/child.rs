@@ -94,6 +94,10 @@ fn prepare(sys: &impl Syscall, plan: &ChildPlan) -> Result<(), String> {
     sys.setsid().map_err(|e| format!("setsid: {e}"))?;
     sys.write_file(&plan.cgroup_procs, "0")
         .map_err(|e| format!("join cgroup {}: {e}", plan.cgroup_procs.display()))?;
+    if let Some(kinds) = plan.join {
+        sys.setns(JOIN_PIDFD, kinds)
+            .map_err(|e| format!("join the pod's namespaces: {e}"))?;
+    }
     match plan.unshare {
         Some(flags) => sys
             .unshare(flags)
@@ -412,17 +416,25 @@ mod tests {
     #[test]
     fn an_init_joins_its_cgroup_then_makes_its_namespaces_and_an_exec_joins_the_inits() {
         let sys = RecordingSyscall::default();
-        let child = |unshare| ChildPlan {
+        let child = |unshare, join| ChildPlan {
             process: plan(
                 r#"{"args": ["id"], "cwd": "/", "user": {"uid": 0, "gid": 0}}"#,
                 false,
             ),
             unshare,
+            join,
             rootfs: None,
             cgroup_procs: "/sys/fs/cgroup/c1/cgroup.procs".into(),
         };
-        prepare(&sys, &child(Some(libc::CLONE_NEWNS | libc::CLONE_NEWUTS))).unwrap();
-        prepare(&sys, &child(None)).unwrap();
+        prepare(
+            &sys,
+            &child(Some(libc::CLONE_NEWNS | libc::CLONE_NEWUTS), None),
+        )
+        .unwrap();
+        prepare(&sys, &child(None, None)).unwrap();
+        // A pod's container: its sandbox's IPC and UTS, then its own mounts.
+        let shared = libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+        prepare(&sys, &child(Some(libc::CLONE_NEWNS), Some(shared))).unwrap();
         let joined =
             libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWCGROUP | libc::CLONE_NEWNS;
         assert_eq!(
@@ -434,6 +446,10 @@ mod tests {
                 "setsid".to_owned(),
                 "write /sys/fs/cgroup/c1/cgroup.procs 0".to_owned(),
                 format!("setns {JOIN_PIDFD} {joined:#x}"),
+                "setsid".to_owned(),
+                "write /sys/fs/cgroup/c1/cgroup.procs 0".to_owned(),
+                format!("setns {JOIN_PIDFD} {shared:#x}"),
+                format!("unshare {:#x}", libc::CLONE_NEWNS),
             ]
         );
     }

@@ -36,7 +36,7 @@ use child::INIT_NAME_C;
 pub use child::{INIT_NAME, main as init_main};
 pub use fds::{pidfd_signal, setns_pidfd};
 pub use plan::ProcessPlan;
-pub use spawn::{ChildPlan, Namespaces, SpawnRequest, Spawned, StartGate, spawn};
+pub use spawn::{ChildPlan, Namespaces, Share, SpawnRequest, Spawned, StartGate, spawn};
 
 /// Why a process could not be made or started.
 #[derive(Debug, thiserror::Error)]

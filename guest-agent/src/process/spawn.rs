@@ -38,6 +38,10 @@ pub struct ChildPlan {
     /// `CLONE_NEW*` flags to unshare (a container's init); `None`: join
     /// the namespaces of the init whose pidfd is [`JOIN_PIDFD`] (an exec).
     pub unshare: Option<libc::c_int>,
+    /// A container's init that shares namespaces with another container:
+    /// the `CLONE_NEW*` kinds to join through [`JOIN_PIDFD`] first.
+    #[serde(default)]
+    pub join: Option<libc::c_int>,
     /// The container's root, for its init.
     pub rootfs: Option<RootfsPlan>,
     /// The cgroup to join.
@@ -96,6 +100,8 @@ pub enum Namespaces {
         flags: libc::c_int,
         /// Whether the spawning thread makes a new PID namespace.
         pid: bool,
+        /// Namespaces joined instead (a pod's container, its sandbox's).
+        share: Option<Share>,
     },
     /// An exec: the namespaces of the container's init, joined through
     /// its pidfd (atomically, and never those of a process that took a
@@ -104,6 +110,25 @@ pub enum Namespaces {
         /// The container init's pidfd.
         init_pidfd: RawFd,
     },
+}
+
+/// Namespaces a container's init joins: another container init's.
+#[derive(Debug, Clone, Copy)]
+pub struct Share {
+    /// That init's pidfd.
+    pub pidfd: RawFd,
+    /// `CLONE_NEWIPC`, `CLONE_NEWUTS`, `CLONE_NEWPID`: the ones joined.
+    pub kinds: libc::c_int,
+}
+
+impl Namespaces {
+    /// The pidfd whose namespaces the child joins, if any.
+    fn join_pidfd(self) -> Option<RawFd> {
+        match self {
+            Self::New { share, .. } => share.map(|s| s.pidfd),
+            Self::Join { init_pidfd } => Some(init_pidfd),
+        }
+    }
 }
 
 /// A process to start.
@@ -206,6 +231,13 @@ pub fn spawn(
             Namespaces::New { flags, .. } => Some(flags),
             Namespaces::Join { .. } => None,
         },
+        // The PID namespace is the spawning thread's to join.
+        join: match namespaces {
+            Namespaces::New {
+                share: Some(share), ..
+            } => Some(share.kinds & !libc::CLONE_NEWPID),
+            _ => None,
+        },
         rootfs: request.rootfs.cloned(),
         cgroup_procs: request.cgroup_procs.to_owned(),
     })?;
@@ -216,6 +248,12 @@ pub fn spawn(
         scope
             .spawn(|| -> Result<(i32, Option<OwnedFd>), ProcessError> {
                 match namespaces {
+                    Namespaces::New {
+                        share: Some(share), ..
+                    } if share.kinds & libc::CLONE_NEWPID != 0 => {
+                        setns_pidfd(share.pidfd, libc::CLONE_NEWPID)
+                            .map_err(io_error("join the pod's PID namespace"))?;
+                    }
                     Namespaces::New { pid: true, .. } => {
                         // SAFETY: unshare takes flags only.
                         if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
@@ -307,8 +345,8 @@ impl ForkedChild<'_> {
             -1,
         ];
         let mut count = 7;
-        if let Namespaces::Join { init_pidfd } = self.namespaces {
-            fds[6] = init_pidfd;
+        if let Some(pidfd) = self.namespaces.join_pidfd() {
+            fds[6] = pidfd;
             fds[7] = self.binary;
             count = 8;
         }

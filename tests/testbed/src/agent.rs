@@ -156,6 +156,7 @@ impl AgentVm {
                 spec,
                 stdio,
                 files: Vec::new(),
+                share: None,
             })
             .unwrap_or_else(|e| panic!("create {id}: {e}"))
     }

@@ -480,6 +480,7 @@ fn a_writable_disk_mounted_in_two_containers_keeps_what_was_written() {
             spec: bad,
             stdio: StdioRequest::default(),
             files: Vec::new(),
+            share: None,
         })
         .unwrap_err();
     assert!(err.to_string().contains("should be ext4 or erofs"), "{err}");
