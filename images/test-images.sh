@@ -6,6 +6,9 @@
 #                            and group extra (2000)
 #   <out>/busybox.oci.tar    an OCI image layout of it, runs as root
 #   <out>/busybox-user.oci.tar  the same layer, runs as capsid (1000:1000)
+#   <out>/pause.oci.tar      the same layer as a pod's pause image
+#                            (docker.io/capsid/pause:latest): a shell that
+#                            sleeps until SIGTERM or SIGINT, then exits 0
 #
 # Reproducible: sorted tar entries, fixed times and owners, gzip -n.
 #   images/test-images.sh OUT_DIR CHECKER_BINARY
@@ -61,10 +64,10 @@ blob() { # FILE -> prints "digest size", moves FILE into blobs
     echo "$digest $size"
 }
 
-image() { # NAME USER
-    local name=$1 user=$2 layout=$stage/$1 config manifest
-    printf '{"architecture":"amd64","os":"linux","config":{"User":"%s","Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],"Cmd":["/bin/sh"],"WorkingDir":"/"},"rootfs":{"type":"layers","diff_ids":["sha256:%s"]}}' \
-        "$user" "$diff_id" > "$stage/config.json"
+image() { # NAME USER [CMD as a JSON array]
+    local name=$1 user=$2 cmd=${3:-'["/bin/sh"]'} layout=$stage/$1 config manifest
+    printf '{"architecture":"amd64","os":"linux","config":{"User":"%s","Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],"Cmd":%s,"WorkingDir":"/"},"rootfs":{"type":"layers","diff_ids":["sha256:%s"]}}' \
+        "$user" "$cmd" "$diff_id" > "$stage/config.json"
     read -r config config_size < <(blob "$stage/config.json")
     printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:%s","size":%s},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"sha256:%s","size":%s}]}' \
         "$config" "$config_size" "$layer" "$layer_size" > "$stage/manifest.json"
@@ -79,9 +82,11 @@ image() { # NAME USER
 }
 image busybox ""
 image busybox-user "1000:1000"
+# As PID 1 of its namespace the shell gets only the signals it handles.
+image pause "" '["/bin/sh","-c","trap \"exit 0\" TERM INT; while :; do sleep 3600 & wait $!; done"]'
 
 mkdir -p "$out"
 rm -rf "$out/rootfs"
 mv "$root" "$out/rootfs"
-mv "$stage/busybox.oci.tar" "$stage/busybox-user.oci.tar" "$out/"
-log "test images: $out (rootfs $(du -sh "$out/rootfs" | cut -f1), busybox.oci.tar, busybox-user.oci.tar)"
+mv "$stage/busybox.oci.tar" "$stage/busybox-user.oci.tar" "$stage/pause.oci.tar" "$out/"
+log "test images: $out (rootfs $(du -sh "$out/rootfs" | cut -f1), busybox.oci.tar, busybox-user.oci.tar, pause.oci.tar)"

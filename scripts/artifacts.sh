@@ -1,7 +1,8 @@
 # Builds (or reuses) everything the end-to-end tests need and exports its
 # location in CAPSID_* variables. Sourced by test.sh and demo.sh.
 
-ensure_packages build-essential qemu-system-x86 busybox-static jq erofs-utils e2fsprogs libseccomp-dev containerd runc nftables
+ensure_packages build-essential qemu-system-x86 busybox-static jq erofs-utils e2fsprogs libseccomp-dev containerd runc nftables \
+    containernetworking-plugins protobuf-compiler
 
 log "==> guest kernel"
 CAPSID_KERNEL=$(kernel-config/build.sh)
@@ -68,6 +69,8 @@ run_with_kvm() {
         --with "$CAPSID_VMM" --with "$CAPSID_AGENT_INITRAMFS" --with "$CAPSID_TEST_ROOTFS_IMAGE" --with "$CAPSID_TEST_DATA_IMAGE" \
         --with "$CAPSID_CLI" --with "$CAPSID_TEST_ROOTFS_DIR" --with /usr/bin/mkfs.erofs \
         --with "$CAPSID_SHIM" --with "$CAPSID_TEST_IMAGES_DIR/busybox.oci.tar" --with "$CAPSID_TEST_IMAGES_DIR/busybox-user.oci.tar" --with "$CAPSID_TEST_IMAGES_DIR/busybox-user.oci" --with /usr/bin/containerd --with /usr/bin/ctr --with /usr/sbin/nft \
+        --with "$CAPSID_TEST_IMAGES_DIR/pause.oci.tar" --with /usr/lib/cni \
+        --with /usr/sbin/runc --with /usr/bin/containerd-shim-runc-v2 \
         "$@"
 }
 
@@ -89,10 +92,4 @@ bench_binary() {
 soak_binary() {
     cargo build --quiet -p capsid-e2e --bin capsid-soak
     echo "$PWD/target/debug/capsid-soak"
-}
-
-# The benchmark's peers, as run_with_kvm options: runc itself and
-# containerd's runc shim (Debian's runc and containerd, installed above).
-bench_peers() {
-    echo --with /usr/sbin/runc --with /usr/bin/containerd-shim-runc-v2
 }

@@ -18,8 +18,8 @@ mkdir -p target/bench
 : > target/bench/bench.log
 for scenario in $scenarios; do
     log "==> capsid bench $scenario: $runs runs of each series"
-    # shellcheck disable=SC2046,SC2086 # bench_peers prints --with options; BENCH_ARGS are words
-    run_with_kvm --with "$bench" $(bench_peers) -- \
+    # shellcheck disable=SC2086 # BENCH_ARGS are words
+    run_with_kvm --with "$bench" -- \
         "$bench" --runs "$runs" --scenarios "$scenario" --out /tmp/capsid-bench ${BENCH_ARGS:-} \
         | tee -a target/bench/bench.log
 done

@@ -44,8 +44,7 @@ log "==> a benchmark smoke run (every scenario, 2 runs) so it cannot rot"
 bench=$(bench_binary)
 CAPSID_COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 export CAPSID_COMMIT
-# shellcheck disable=SC2046 # bench_peers prints --with options, one word each
-run_with_kvm --with "$bench" $(bench_peers) -- \
+run_with_kvm --with "$bench" -- \
     "$bench" --runs 2 --concurrency 1,2 --density-cap 2 --stdout-bytes 4194304 --out /tmp/capsid-bench-smoke
 
 log "==> all tests passed in $(( $(date +%s) - started )) s"

@@ -13,6 +13,8 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
 use capsid_testbed::containerd;
+
+pub mod cri;
 use capsid_testbed::probe::{Mode, Probe, probe};
 
 /// Whether real guests can boot here; prints the reason once per process.

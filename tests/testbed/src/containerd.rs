@@ -24,6 +24,17 @@ pub const RUNTIME: &str = "io.containerd.capsid.v2";
 pub const BUSYBOX: &str = "docker.io/capsid/busybox:latest";
 /// The busybox test image whose config runs as an unprivileged user.
 pub const BUSYBOX_USER: &str = "docker.io/capsid/busybox-user:latest";
+/// The pods' pause image (CRI's `sandbox_image`), made locally.
+pub const PAUSE: &str = "docker.io/capsid/pause:latest";
+/// CRI's runtime handler for capsid (a pod's `runtime_handler`, a
+/// Kubernetes RuntimeClass's `handler`).
+pub const CRI_HANDLER: &str = "capsid";
+/// The pods' subnet, which the bridge CNI's host-local IPAM hands out.
+pub const POD_SUBNET: &str = "10.88.0.0/16";
+/// The bridge the bridge CNI puts the pods' host ends on; CNI leaves it.
+pub const POD_BRIDGE: &str = "capsid-cni0";
+/// Where Debian's containernetworking-plugins has the CNI plugins.
+const CNI_BIN_DIR: &str = "/usr/lib/cni";
 /// A `ctr` call that takes longer has hung (nested guests boot in seconds).
 const CTR_BOUND: Duration = Duration::from_secs(240);
 
@@ -45,6 +56,19 @@ fn shim_sockets() -> Vec<PathBuf> {
 impl Containerd {
     /// Starts one and waits until it answers; panics when it cannot.
     pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// Starts one with its CRI plugin, as a Kubernetes node runs it: the
+    /// runtime handlers `capsid` (ours) and `runc`, the bridge CNI (with
+    /// host-local IPAM on [`POD_SUBNET`]) and the locally made pause image,
+    /// the test images in CRI's namespace `k8s.io`. The CRI socket is the
+    /// gRPC one, [`Containerd::socket`].
+    pub fn start_cri() -> Self {
+        Self::start_with(true)
+    }
+
+    fn start_with(cri: bool) -> Self {
         let dir = std::env::temp_dir().join(format!("capsid-ctd-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("bin")).unwrap();
@@ -54,13 +78,19 @@ impl Containerd {
         )
         .unwrap();
         let d = dir.display();
+        let plugins = if cri {
+            std::fs::create_dir_all(dir.join("cni")).unwrap();
+            std::fs::write(dir.join("cni/10-capsid-test.conflist"), cni_config()).unwrap();
+            cri_config(&dir)
+        } else {
+            "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n".to_owned()
+        };
         std::fs::write(
             dir.join("config.toml"),
             format!(
                 "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n\
-                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
                  [grpc]\n  address = \"{d}/containerd.sock\"\n\
-                 [ttrpc]\n  address = \"{d}/containerd.sock.ttrpc\"\n"
+                 [ttrpc]\n  address = \"{d}/containerd.sock.ttrpc\"\n{plugins}"
             ),
         )
         .unwrap();
@@ -82,16 +112,39 @@ impl Containerd {
             sockets_before: shim_sockets(),
         };
         containerd.wait_until_it_answers();
+        let images_dir = PathBuf::from(
+            std::env::var_os("CAPSID_TEST_IMAGES_DIR")
+                .expect("CAPSID_TEST_IMAGES_DIR is set by `make test`"),
+        );
+        if cri {
+            // CRI's namespace, unpacked for its snapshotter (overlayfs).
+            for image in ["busybox.oci.tar", "pause.oci.tar"] {
+                let tar = images_dir.join(image);
+                containerd.ctr_ok(&[
+                    "--namespace",
+                    "k8s.io",
+                    "images",
+                    "import",
+                    "--snapshotter",
+                    "overlayfs",
+                    tar.to_str().unwrap(),
+                ]);
+            }
+            return containerd;
+        }
         for image in ["busybox.oci.tar", "busybox-user.oci.tar"] {
-            let dir = std::env::var_os("CAPSID_TEST_IMAGES_DIR")
-                .expect("CAPSID_TEST_IMAGES_DIR is set by `make test`");
-            let tar = PathBuf::from(dir).join(image);
+            let tar = images_dir.join(image);
             let tar = tar.to_str().unwrap();
             for snapshotter in ["native", "overlayfs"] {
                 containerd.ctr_ok(&["images", "import", "--snapshotter", snapshotter, tar]);
             }
         }
         containerd
+    }
+
+    /// Its gRPC socket, which also serves CRI when started with it.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("containerd.sock")
     }
 
     fn wait_until_it_answers(&self) {
@@ -276,6 +329,59 @@ impl Drop for Containerd {
         self.stop_daemon();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The CRI plugin's section of containerd's configuration (version 2, as
+/// containerd 1.6 reads it): our runtime as handler [`CRI_HANDLER`], runc
+/// as the default, the CNI configuration in `dir/cni`.
+fn cri_config(dir: &Path) -> String {
+    let d = dir.display();
+    // runc cannot pivot_root out of an initramfs (the nested test host's
+    // root), as `runc --no-pivot` says.
+    let no_pivot = root_is_initramfs();
+    format!(
+        "[plugins.\"io.containerd.grpc.v1.cri\"]\n\
+         \x20 sandbox_image = \"{PAUSE}\"\n\
+         \x20 stream_server_address = \"127.0.0.1\"\n\
+         \x20 stream_server_port = \"0\"\n\
+         \x20 disable_apparmor = true\n\
+         \x20 [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n\
+         \x20   snapshotter = \"overlayfs\"\n\
+         \x20   default_runtime_name = \"runc\"\n\
+         \x20   [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n\
+         \x20     runtime_type = \"io.containerd.runc.v2\"\n\
+         \x20     [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc.options]\n\
+         \x20       NoPivotRoot = {no_pivot}\n\
+         \x20   [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.{CRI_HANDLER}]\n\
+         \x20     runtime_type = \"{RUNTIME}\"\n\
+         \x20 [plugins.\"io.containerd.grpc.v1.cri\".cni]\n\
+         \x20   bin_dir = \"{CNI_BIN_DIR}\"\n\
+         \x20   conf_dir = \"{d}/cni\"\n\
+         \x20   max_conf_num = 1\n"
+    )
+}
+
+/// Whether `/` is the initramfs (the kernel's `rootfs`), which cannot be
+/// pivoted out of.
+fn root_is_initramfs() -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo").is_ok_and(|mounts| {
+        mounts
+            .lines()
+            .any(|l| l.split(' ').nth(4) == Some("/") && l.contains(" - rootfs "))
+    })
+}
+
+/// The pods' network: Debian's bridge plugin on [`POD_BRIDGE`], the node's
+/// gateway on it, host-local addresses from [`POD_SUBNET`].
+fn cni_config() -> String {
+    format!(
+        r#"{{"cniVersion": "1.0.0", "name": "capsid-test", "plugins": [
+  {{"type": "bridge", "bridge": "{POD_BRIDGE}", "isGateway": true, "ipMasq": false,
+    "ipam": {{"type": "host-local", "ranges": [[{{"subnet": "{POD_SUBNET}"}}]],
+             "routes": [{{"dst": "0.0.0.0/0"}}]}}}}
+]}}
+"#
+    )
 }
 
 /// containerd on `dir`'s configuration, logging (appending) to

@@ -36,10 +36,11 @@ pub const EXIT_MARKER: &str = "CAPSID-TESTBED-EXIT";
 /// package has them: the three that give it `/dev/kvm`, overlayfs (for
 /// containerd's default snapshotter), tun (the taps virtio-net serves),
 /// veth, what the runtime redirects a sandbox's traffic with (the
-/// ingress qdisc, the u32 classifier, the mirred action), and nftables
-/// with NAT for `capsid run --network nat`. The test host has no modprobe
-/// that could load them on demand.
-const HOST_MODULES: [(&str, &str); 19] = [
+/// ingress qdisc, the u32 classifier, the mirred action), nftables
+/// with NAT for `capsid run --network nat`, and the bridge CNI's bridge
+/// for the CRI tests. The test host has no modprobe that could load them
+/// on demand.
+const HOST_MODULES: [(&str, &str); 22] = [
     ("irqbypass", "virt/lib/irqbypass.ko"),
     ("kvm", "arch/x86/kvm/kvm.ko"),
     ("kvm-amd", "arch/x86/kvm/kvm-amd.ko"),
@@ -59,6 +60,9 @@ const HOST_MODULES: [(&str, &str); 19] = [
     ("nft_chain_nat", "net/netfilter/nft_chain_nat.ko"),
     ("nft_masq", "net/netfilter/nft_masq.ko"),
     ("nft_nat", "net/netfilter/nft_nat.ko"),
+    ("llc", "net/llc/llc.ko"),
+    ("stp", "net/802/stp.ko"),
+    ("bridge", "net/bridge/bridge.ko"),
 ];
 /// Where the testbed binary itself goes in the test host, for `hold-kvm`.
 const HOLD_KVM_PROGRAM: &str = "/testbed/capsid-testbed";
@@ -475,6 +479,10 @@ mount -t tmpfs tmpfs /run
 mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null
 # /tmp stays on the initramfs (a tmpfs itself), so --with paths under /tmp are visible.
 ip link set lo up 2>/dev/null
+# What every node has, and containerd's CRI copies into each pod.
+mkdir -p /etc
+[ -e /etc/hosts ] || printf '127.0.0.1 localhost\n::1 localhost\n' > /etc/hosts
+[ -e /etc/resolv.conf ] || printf 'nameserver 127.0.0.1\n' > /etc/resolv.conf
 out=/dev/ttyS1
 stty -F $out raw -echo
 for m in {modules}; do

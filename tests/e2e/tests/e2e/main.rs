@@ -5,6 +5,7 @@ mod agent;
 mod boot;
 mod cli;
 mod containerd;
+mod cri;
 mod faults;
 mod network;
 mod security;
