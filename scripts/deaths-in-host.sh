@@ -5,9 +5,9 @@
 # QEMU microvm, the same kernel, initramfs and command line, with QEMU's
 # default split irqchip: its PIC, IOAPIC and PIT in QEMU; qemu-kirq: the
 # same with them in the kernel, as capsid-vmm has them; capsid-split:
-# capsid-vmm with --irqchip split, its IOAPIC in the VMM and no PIC or PIT
-# (capsid-vmm's default since 2026-12-01); capsid-kirq: capsid-vmm with
-# --irqchip kernel, KVM's PIC, IOAPIC and PIT (its default before);
+# capsid-vmm with --irqchip split, its IOAPIC in the VMM and no PIC or PIT;
+# capsid-kirq: capsid-vmm with --irqchip kernel spelled out, KVM's PIC,
+# IOAPIC and PIT (its default);
 # qemu-noxsave: qemu with the guest's XSAVE hidden (-cpu host,-xsave), the
 # experiment on the test host's XSAVE inconsistency (docs/reliability.md);
 # "both" means "capsid qemu"), in turn each round, and counts the guests

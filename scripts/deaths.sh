@@ -9,10 +9,9 @@
 # crashes now and then); a test host that dies cuts its batch short, and
 # the report says so. DEATHS_VMMS lists the series [default: "capsid
 # qemu"; "qemu-kirq" is QEMU with its interrupt controllers and PIT in the
-# kernel, as capsid-vmm had them by default; "capsid-split" is capsid-vmm
-# with --irqchip split, its IOAPIC in the VMM and no PIC or PIT (its default
-# now); "capsid-kirq" is capsid-vmm with --irqchip kernel, KVM's PIC, IOAPIC
-# and PIT;
+# kernel, as capsid-vmm has them by default; "capsid-split" is capsid-vmm
+# with --irqchip split, its IOAPIC in the VMM and no PIC or PIT;
+# "capsid-kirq" is capsid-vmm with --irqchip kernel spelled out;
 # "qemu-noxsave" is QEMU's default with the guest's XSAVE hidden]. DEATHS_VMM_FLAGS adds flags to
 # capsid-vmm's and DEATHS_QEMU_FLAGS to QEMU's (the experiments:
 # DEATHS_VMM_FLAGS="--seccomp none"; DEATHS_QEMU_FLAGS="-sandbox on",

@@ -284,7 +284,7 @@ mod tests {
     }
 
     #[test]
-    fn the_irqchip_is_split_unless_the_kernels_is_asked_for() {
+    fn the_irqchip_is_the_kernels_unless_split_is_asked_for() {
         assert_eq!("kernel".parse::<Irqchip>().unwrap(), Irqchip::Kernel);
         assert_eq!("split".parse::<Irqchip>().unwrap(), Irqchip::Split);
         let bad = "userspace".parse::<Irqchip>().unwrap_err();
@@ -293,11 +293,11 @@ mod tests {
             "{bad}"
         );
         let config: VmConfig = serde_json::from_str(r#"{"kernel": "/k"}"#).unwrap();
-        assert_eq!(config.irqchip, Irqchip::Split);
-        assert_eq!(VmConfig::default().irqchip, Irqchip::Split);
-        let config: VmConfig =
-            serde_json::from_str(r#"{"kernel": "/k", "irqchip": "kernel"}"#).unwrap();
         assert_eq!(config.irqchip, Irqchip::Kernel);
+        assert_eq!(VmConfig::default().irqchip, Irqchip::Kernel);
+        let config: VmConfig =
+            serde_json::from_str(r#"{"kernel": "/k", "irqchip": "split"}"#).unwrap();
+        assert_eq!(config.irqchip, Irqchip::Split);
     }
 
     #[test]

@@ -68,7 +68,8 @@ struct Args {
     api_uds: Option<PathBuf>,
     /// Where the interrupt controllers live: kernel (KVM's PIC, IOAPIC and
     /// PIT) or split (KVM's LAPICs, the VMM's IOAPIC, no PIC or PIT)
-    /// [default: split, or kernel where KVM has no TSC-deadline timer].
+    /// [default: kernel; split falls back to it where KVM has no
+    /// TSC-deadline timer].
     #[arg(long, value_name = "kernel|split")]
     irqchip: Option<Irqchip>,
     /// Where the serial console goes: stdout, file:PATH (at most 1 MiB, the

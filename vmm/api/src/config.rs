@@ -97,15 +97,16 @@ pub enum SerialConfig {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Irqchip {
-    /// All in KVM: PIC, IOAPIC, PIT and the LAPICs (Firecracker's choice).
-    Kernel,
-    /// The default: the LAPICs in KVM, the IOAPIC in the VMM, no PIC and no
-    /// PIT (Cloud Hypervisor's choice): the guest times with the
-    /// TSC-deadline LAPIC timer and kvm-clock, never runs the kernel's PIT
-    /// and IO-APIC timer checks, and every device interrupt is an MSI that
-    /// KVM injects at once (an IOAPIC pin in KVM is injected from a kernel
-    /// worker thread). docs/reliability.md has why it is the default.
+    /// The default: all in KVM: PIC, IOAPIC, PIT and the LAPICs
+    /// (Firecracker's choice).
     #[default]
+    Kernel,
+    /// The LAPICs in KVM, the IOAPIC in the VMM, no PIC and no PIT (Cloud
+    /// Hypervisor's choice): the guest times with the TSC-deadline LAPIC
+    /// timer and kvm-clock, never runs the kernel's PIT and IO-APIC timer
+    /// checks, and every device interrupt is an MSI that KVM injects at
+    /// once (an IOAPIC pin in KVM is injected from a kernel worker thread).
+    /// docs/reliability.md says why it is not the default.
     Split,
 }
 
@@ -393,7 +394,7 @@ impl Default for VmConfig {
             serial: SerialConfig::Stdout,
             spare_disks: 0,
             api_uds: None,
-            irqchip: Irqchip::Split,
+            irqchip: Irqchip::Kernel,
             nets: Vec::new(),
         }
     }
