@@ -69,7 +69,8 @@ run_with_kvm() {
         --with "$CAPSID_VMM" --with "$CAPSID_AGENT_INITRAMFS" --with "$CAPSID_TEST_ROOTFS_IMAGE" --with "$CAPSID_TEST_DATA_IMAGE" \
         --with "$CAPSID_CLI" --with "$CAPSID_TEST_ROOTFS_DIR" --with /usr/bin/mkfs.erofs \
         --with "$CAPSID_SHIM" --with "$CAPSID_TEST_IMAGES_DIR/busybox.oci.tar" --with "$CAPSID_TEST_IMAGES_DIR/busybox-user.oci.tar" --with "$CAPSID_TEST_IMAGES_DIR/busybox-user.oci" --with /usr/bin/containerd --with /usr/bin/ctr --with /usr/sbin/nft \
-        --with "$CAPSID_TEST_IMAGES_DIR/pause.oci.tar" --with /usr/lib/cni \
+        --with "$CAPSID_TEST_IMAGES_DIR/pause.oci.tar" \
+        --with /usr/lib/cni/bridge --with /usr/lib/cni/host-local --with /usr/lib/cni/loopback \
         --with /usr/sbin/runc --with /usr/bin/containerd-shim-runc-v2 \
         "$@"
 }
