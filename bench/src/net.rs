@@ -1,8 +1,7 @@
 //! `net`: TCP between the host and a sandbox over a pod's network — the
 //! same namespace for both, made as CNI's bridge plugin makes one (a veth,
 //! `eth0` in the namespace); ours hands it to the guest's virtio-net
-//! (`docs/networking.md`), runc's container uses it directly — and between
-//! two pods, routed through the host as a node routes between its pods.
+//! (`docs/networking.md`), runc's container uses it directly.
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
@@ -17,24 +16,15 @@ use super::*;
 const ROUND_TRIPS: usize = 200;
 /// The sandbox's echo port.
 const ECHO_PORT: u16 = 8080;
-/// The port the pod → pod server listens on.
-const POD_PORT: u16 = 8081;
-/// Prints the time since boot in seconds, to the hundredth (/proc/uptime:
-/// busybox's `date` has no sub-second field, and a container's seccomp
-/// profile may refuse `adjtimex`). Fine for transfers of a second or so.
-const CLOCK: &str = "now() { read -r t _ < /proc/uptime; echo \"$t\"; }";
 
 impl Bench {
     pub(crate) fn net(&self) -> Scenario {
         let mut scenario = Scenario::new(
             "net",
-            "TCP over a pod's network (a veth in a namespace, as CNI makes it): N bytes host → sandbox (`wget` of an HTTP body) and sandbox → host (`head -c N /dev/zero | nc`), timed by the host from the first body byte to the last; 200 one-byte round trips the host drives to `nc -l -e cat` in the sandbox; N bytes pod → pod (a sandbox in a second pod, routed through the host, serves them with `nc -l -e head`), timed in the client sandbox around its `nc` (/proc/uptime, to 10 ms), start and connect included",
+            "TCP over a pod's network (a veth in a namespace, as CNI makes it): N bytes host → sandbox (`wget` of an HTTP body) and sandbox → host (`head -c N /dev/zero | nc`), timed by the host from the first body byte to the last; 200 one-byte round trips the host drives to `nc -l -e cat` in the sandbox",
         );
         let pod = PodNet::new(90);
-        let peer = PodNet::new(91);
-        let _forwarding = Forwarding::on();
         let bytes = self.args.stdout_bytes;
-        let mut across = Pair::new("capsid: pod → pod", "runc: pod → pod", "MB/s");
         let mut down = Pair::new("capsid: host → sandbox", "runc: host → sandbox", "MB/s");
         let mut up = Pair::new("capsid: sandbox → host", "runc: sandbox → host", "MB/s");
         let mut rtt = Pair::new("capsid: round trip", "runc: round trip", "µs");
@@ -81,99 +71,11 @@ impl Bench {
                 }
             }
             let _ = sandbox.wait();
-            // Pod → pod: a sandbox in `peer` serves N bytes to one
-            // connection; one in `pod` connects (retrying while the other
-            // boots) and times its read around `nc`.
-            match self.pod_to_pod(ours, &pod, &peer, bytes) {
-                Ok(took) if counted => across.of(ours).samples.push(rate(bytes, took)),
-                Ok(_) => {}
-                Err(e) => self.failed(format!("{who} net pod → pod: {e}")),
-            }
         });
         down.into(&mut scenario, "host → sandbox MB/s (higher is better)");
         up.into(&mut scenario, "sandbox → host MB/s (higher is better)");
         rtt.into(&mut scenario, "TCP round trip µs (lower is better)");
-        across.into(&mut scenario, "pod → pod MB/s (higher is better)");
         scenario
-    }
-
-    /// One pod → pod transfer of `bytes`, as the client sandbox timed it.
-    fn pod_to_pod(
-        &self,
-        ours: bool,
-        client_pod: &PodNet,
-        server_pod: &PodNet,
-        bytes: u64,
-    ) -> Result<Duration, String> {
-        let port = POD_PORT.to_string();
-        let count = bytes.to_string();
-        let mut server = self
-            .sandbox_in(
-                ours,
-                server_pod,
-                &[
-                    "nc",
-                    "-l",
-                    "-p",
-                    &port,
-                    "-e",
-                    "head",
-                    "-c",
-                    &count,
-                    "/dev/zero",
-                ],
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("start the server sandbox: {e}"))?;
-        let script = format!(
-            "{CLOCK}; i=0; while :; do s=$(now); n=$(nc {ip} {port} </dev/null | wc -c); \
-             e=$(now); [ \"$n\" -gt 0 ] && break; i=$((i + 1)); [ $i -gt 600 ] && break; \
-             sleep 0.1; done; echo \"POD2POD $n $s $e\"",
-            ip = server_pod.pod_ip()
-        );
-        let client = self
-            .sandbox_in(ours, client_pod, &["sh", "-c", &script])
-            .stdin(Stdio::null())
-            .output();
-        // The server ends after its one connection; a client that never
-        // connected leaves it listening.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while matches!(server.try_wait(), Ok(None)) {
-            if Instant::now() > deadline {
-                let _ = server.kill();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = server.wait();
-        let client = client.map_err(|e| format!("run the client sandbox: {e}"))?;
-        let stdout = String::from_utf8_lossy(&client.stdout);
-        let line = stdout
-            .lines()
-            .find_map(|l| l.strip_prefix("POD2POD "))
-            .ok_or_else(|| {
-                format!(
-                    "the client said nothing ({}): {}",
-                    client.status,
-                    String::from_utf8_lossy(&client.stderr).trim_end()
-                )
-            })?;
-        let fields: Vec<f64> = line
-            .split_whitespace()
-            .map(|f| f.parse().unwrap_or(f64::NAN))
-            .collect();
-        match fields[..] {
-            [n, start, end] if n == bytes as f64 && end > start => {
-                Ok(Duration::from_secs_f64(end - start))
-            }
-            [n, ..] if n == bytes as f64 => Err(format!(
-                "the client's clock did not move ({line:?}): too short a transfer to time"
-            )),
-            _ => Err(format!("the client read {line:?}, not {bytes} bytes")),
-        }
     }
 
     /// `command` in a fresh sandbox in `pod`'s network namespace.
@@ -183,32 +85,6 @@ impl Bench {
             self.capsid_run_with(&options, command)
         } else {
             self.runc_run_in(command, Some(&pod.netns.path))
-        }
-    }
-}
-
-/// IPv4 forwarding in the host's namespace while it lives (pod → pod goes
-/// through the host, as a node routes between its pods), then as it was.
-struct Forwarding(Option<String>);
-
-const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
-
-impl Forwarding {
-    fn on() -> Self {
-        let was = std::fs::read_to_string(IP_FORWARD).ok();
-        if was.as_deref().map(str::trim) != Some("1") {
-            let _ = std::fs::write(IP_FORWARD, "1");
-        }
-        Self(was)
-    }
-}
-
-impl Drop for Forwarding {
-    fn drop(&mut self) {
-        if let Some(was) = &self.0
-            && was.trim() != "1"
-        {
-            let _ = std::fs::write(IP_FORWARD, was.trim());
         }
     }
 }
