@@ -167,7 +167,7 @@ pub fn unbind_netns(path: &Path) {
 /// interfaces get. A namespace with none (`--network none` of an engine,
 /// which still makes one) gives the VM no device, as runc's container
 /// gets only loopback. On an error nothing is left in the namespace.
-pub fn wire(netns: &Path) -> Result<Wired, NetworkError> {
+pub fn wire(netns: &Path, record: &(dyn Fn(&Wiring) + Sync)) -> Result<Wired, NetworkError> {
     let at = netns.to_owned();
     in_netns(netns, move |netlink| {
         let nl = |e| NetworkError::Netlink(at.clone(), e);
@@ -181,6 +181,12 @@ pub fn wire(netns: &Path) -> Result<Wired, NetworkError> {
         if links.len() > MAX_INTERFACES {
             return Err(NetworkError::TooMany(at.clone(), links.len()));
         }
+        // Told before anything is made: an owner killed from here on
+        // leaves a record a sweep takes the wiring down by.
+        record(&Wiring {
+            netns: at.clone(),
+            interfaces: links.iter().map(|l| l.name.clone()).collect(),
+        });
         let mut wired = Wired {
             devices: Vec::new(),
             config: NetworkConfig::default(),
@@ -360,9 +366,9 @@ mod tests {
         let Some(ns) = test_netns() else {
             return;
         };
-        let wired = wire(&ns.path()).unwrap();
+        let wired = wire(&ns.path(), &|_| {}).unwrap();
         assert!(wired.devices.is_empty() && wired.config.interfaces.is_empty());
-        let e = wire(Path::new("/nonexistent/netns")).unwrap_err();
+        let e = wire(Path::new("/nonexistent/netns"), &|_| {}).unwrap_err();
         assert!(e.to_string().contains("/nonexistent/netns"), "{e}");
         // Nothing to take down in a namespace that is gone.
         unwire(&Wiring {
@@ -403,7 +409,18 @@ mod tests {
         })
         .unwrap();
 
-        let wired = wire(&pod.path()).unwrap();
+        // The wiring is told before any of it is made (a run killed while
+        // it wires leaves a record; this was told only afterwards).
+        let told = std::sync::Mutex::new(Vec::new());
+        let wired = wire(&pod.path(), &|wiring| {
+            let mut netlink = Netlink::new().unwrap();
+            assert!(netlink.link_by_name("tap0_capsid").unwrap().is_none());
+            let eth0 = netlink.link_by_name("eth0").unwrap().unwrap();
+            assert!(netlink.del_ingress_qdisc(eth0.index).is_err());
+            told.lock().unwrap().push(wiring.interfaces.clone());
+        })
+        .unwrap();
+        assert_eq!(*told.lock().unwrap(), vec![vec!["eth0".to_owned()]]);
         assert_eq!(wired.devices.len(), 1);
         assert_eq!(wired.devices[0].mac.0, eth0.mac.unwrap());
         assert_eq!(wired.devices[0].mtu, 1450);
@@ -432,7 +449,7 @@ mod tests {
             .expect("the tap");
         assert!(tap.up && tap.mtu == 1450, "{tap:?}");
         // Wiring again while the first wiring stands is refused whole.
-        assert!(wire(&pod.path()).is_err());
+        assert!(wire(&pod.path(), &|_| {}).is_err());
 
         unwire(&wired.wiring).unwrap();
         drop(wired);
@@ -442,7 +459,7 @@ mod tests {
             "the tap goes with its descriptor: {seen:?}"
         );
         // With the qdisc gone, the interface can be wired again.
-        let again = wire(&pod.path()).unwrap();
+        let again = wire(&pod.path(), &|_| {}).unwrap();
         unwire(&again.wiring).unwrap();
     }
 }

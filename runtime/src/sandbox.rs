@@ -298,23 +298,24 @@ impl Sandbox {
     pub fn boot(config: &Config, request: BootRequest<'_>) -> Result<(Self, Rootfs), SandboxError> {
         let (disk, rootfs) = rootfs_disk(request.image);
         let name = request.name;
-        // The taps live in `wired` until the VM is up: the VMM holds its
-        // copies from then on, and a tap goes with the VMM.
-        let wired = request
-            .network
-            .map(network::wire)
-            .transpose()?
-            .filter(|w| !w.devices.is_empty());
-        // Recorded at once: an owner killed from here on leaves it to a
-        // sweep (`network::unwire_recorded`).
-        if let Some(w) = &wired {
-            let recorded = serde_json::to_vec(&w.wiring)
+        // The wiring is recorded before anything of it is made: an owner
+        // killed from there on leaves it to a sweep
+        // (`network::unwire_recorded`).
+        let record = |wiring: &network::Wiring| {
+            let recorded = serde_json::to_vec(wiring)
                 .map_err(std::io::Error::other)
                 .and_then(|json| std::fs::write(request.dir.join(NETWORK_FILE), json));
             if let Err(e) = recorded {
                 log::warn!("{name}: cannot record the network wiring: {e}");
             }
-        }
+        };
+        let wired = request
+            .network
+            .map(|netns| network::wire(netns, &record))
+            .transpose()?
+            .filter(|w| !w.devices.is_empty());
+        // The taps live in `wired` until the VM is up: the VMM holds its
+        // copies from then on, and a tap goes with the VMM.
         let unwire = |wired: &Option<network::Wired>| {
             if let Some(wired) = wired
                 && let Err(e) = network::unwire(&wired.wiring)
