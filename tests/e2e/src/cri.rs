@@ -246,9 +246,9 @@ impl Cri {
         (cpu, memory)
     }
 
-    /// Stops and removes pod `id` with its containers, if it is still
-    /// there; what fails is only printed (for clean-up after a failure).
-    pub fn remove_pod_quietly(&self, id: &str) {
+    /// Stops and removes pod `id` with its containers; both calls are
+    /// made, and the first refusal is returned.
+    fn try_remove_pod(&self, id: &str) -> Result<(), tonic::Status> {
         let mut service = self.service.clone();
         let stopped = self.try_call(
             "StopPodSandbox",
@@ -262,26 +262,22 @@ impl Cri {
                 pod_sandbox_id: id.to_owned(),
             }),
         );
-        if let Err(e) = stopped.and(removed) {
+        stopped.and(removed).map(|_| ())
+    }
+
+    /// Stops and removes pod `id` with its containers, if it is still
+    /// there; what fails is only printed (for clean-up after a failure).
+    pub fn remove_pod_quietly(&self, id: &str) {
+        if let Err(e) = self.try_remove_pod(id) {
             eprintln!("clean-up of pod {id}: {e}");
         }
     }
 
     /// Stops and removes pod `id` with its containers.
     pub fn remove_pod(&self, id: &str) {
-        let mut service = self.service.clone();
-        self.call(
-            "StopPodSandbox",
-            service.stop_pod_sandbox(StopPodSandboxRequest {
-                pod_sandbox_id: id.to_owned(),
-            }),
-        );
-        self.call(
-            "RemovePodSandbox",
-            service.remove_pod_sandbox(RemovePodSandboxRequest {
-                pod_sandbox_id: id.to_owned(),
-            }),
-        );
+        if let Err(status) = self.try_remove_pod(id) {
+            panic!("CRI StopPodSandbox/RemovePodSandbox of {id}: {status}");
+        }
     }
 }
 

@@ -62,6 +62,18 @@ impl Drop for Netns {
     }
 }
 
+/// The names of this namespace's network interfaces (the host's, for a
+/// test's leak checks).
+pub fn link_names() -> Vec<String> {
+    Netlink::new()
+        .unwrap()
+        .links()
+        .unwrap()
+        .into_iter()
+        .map(|l| l.name)
+        .collect()
+}
+
 fn v4(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(a, b, c, d))
 }

@@ -7,21 +7,27 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use capsid_e2e::cri::Cri;
+use capsid_e2e::cri::{Cri, Exec};
 use capsid_e2e::require_kvm;
-use capsid_netlink::Netlink;
 use capsid_testbed::containerd::{BUSYBOX, CRI_HANDLER, Containerd, PAUSE, POD_BRIDGE};
+use capsid_testbed::netns::link_names;
 use k8s_cri::v1::DnsConfig;
 
-/// The web server each pod runs: busybox httpd serving `name` on 8080.
-/// (Its clients are `wget -q -O - URL`, bounded by ExecSync's timeout:
-/// Debian's static busybox wget crashes with `-T`.)
-fn web_server(name: &str) -> Vec<String> {
-    vec![
-        "sh".into(),
-        "-c".into(),
-        format!("mkdir -p /www && echo {name} > /www/index.html && exec httpd -f -p 8080 -h /www"),
-    ]
+/// The script of the web server each pod runs: busybox httpd serving
+/// `name` on 8080.
+fn web_server(name: &str) -> String {
+    format!("mkdir -p /www && echo {name} > /www/index.html && exec httpd -f -p 8080 -h /www")
+}
+
+/// `GET /` on `ip`:8080 from inside container `id`: `wget -q -O - URL`,
+/// bounded by ExecSync's timeout (Debian's static busybox wget crashes
+/// with `-T`).
+fn fetch_in(cri: &Cri, id: &str, ip: &str) -> Exec {
+    cri.exec(
+        id,
+        &["wget", "-q", "-O", "-", &format!("http://{ip}:8080/")],
+        60,
+    )
 }
 
 /// `GET /` on `ip`:8080 from the host, retried until the server answers
@@ -54,13 +60,7 @@ fn http_get(ip: &str) -> String {
 /// The host's network interfaces and the namespaces bound under
 /// /var/run/netns (where containerd's CRI puts a pod's).
 fn host_network() -> (BTreeSet<String>, BTreeSet<String>) {
-    let links = Netlink::new()
-        .unwrap()
-        .links()
-        .unwrap()
-        .into_iter()
-        .map(|l| l.name)
-        .collect();
+    let links = link_names().into_iter().collect();
     let namespaces = std::fs::read_dir("/var/run/netns")
         .map(|entries| {
             entries
@@ -121,8 +121,7 @@ fn a_capsid_pod_through_cri_serves_talks_to_a_runc_pod_and_leaves_nothing() {
     assert!(ready, "the capsid pod is not ready");
     assert!(pod_ip.starts_with("10.88."), "capsid pod IP {pod_ip:?}");
     let web = web_server("capsid-pod");
-    let web: Vec<&str> = web.iter().map(String::as_str).collect();
-    let server = cri.start_container(&pod, "web", "httpd", BUSYBOX, &web);
+    let server = cri.start_container(&pod, "web", "httpd", BUSYBOX, &["sh", "-c", &web]);
     assert!(
         cri.is_running(&server),
         "{:?}",
@@ -158,11 +157,7 @@ fn a_capsid_pod_through_cri_serves_talks_to_a_runc_pod_and_leaves_nothing() {
 
     // A second container joins the pod and shares its network.
     let client = cri.start_container(&pod, "web", "client", BUSYBOX, &["sleep", "3600"]);
-    let local = cri.exec(
-        &client,
-        &["wget", "-q", "-O", "-", "http://127.0.0.1:8080/"],
-        60,
-    );
+    let local = fetch_in(&cri, &client, "127.0.0.1");
     assert_eq!(local.exit_code, 0, "{local:?}");
     assert!(local.stdout.contains("capsid-pod"), "{local:?}");
 
@@ -173,23 +168,14 @@ fn a_capsid_pod_through_cri_serves_talks_to_a_runc_pod_and_leaves_nothing() {
     pods.ids.push(peer.clone());
     let (peer_ip, _) = cri.pod_ip(&peer);
     let web = web_server("runc-pod");
-    let web: Vec<&str> = web.iter().map(String::as_str).collect();
-    let peer_server = cri.start_container(&peer, "peer", "httpd", BUSYBOX, &web);
+    let peer_server = cri.start_container(&peer, "peer", "httpd", BUSYBOX, &["sh", "-c", &web]);
     http_get(&peer_ip);
-    let to_runc = cri.exec(
-        &server,
-        &["wget", "-q", "-O", "-", &format!("http://{peer_ip}:8080/")],
-        60,
-    );
+    let to_runc = fetch_in(&cri, &server, &peer_ip);
     assert!(
         to_runc.stdout.contains("runc-pod"),
         "capsid → runc: {to_runc:?}"
     );
-    let to_capsid = cri.exec(
-        &peer_server,
-        &["wget", "-q", "-O", "-", &format!("http://{pod_ip}:8080/")],
-        60,
-    );
+    let to_capsid = fetch_in(&cri, &peer_server, &pod_ip);
     assert!(
         to_capsid.stdout.contains("capsid-pod"),
         "runc → capsid: {to_capsid:?}"

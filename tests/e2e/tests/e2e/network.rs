@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use capsid_e2e::require_kvm;
 use capsid_netlink::{IpNet, Netlink};
 use capsid_testbed::containerd::{BUSYBOX, Containerd, wait_bounded};
-use capsid_testbed::netns::{Netns, PodNet};
+use capsid_testbed::netns::{Netns, PodNet, link_names};
 use std::process::Stdio;
 
 use crate::cli::capsid_run;
@@ -231,12 +231,8 @@ fn a_network_namespace_that_is_not_there_is_named_and_nothing_boots() {
 
 /// The host's `capsid-nN` interfaces and the nftables rules they own.
 fn nat_leftovers() -> (Vec<String>, String) {
-    let links = Netlink::new()
-        .unwrap()
-        .links()
-        .unwrap()
+    let links = link_names()
         .into_iter()
-        .map(|l| l.name)
         .filter(|n| n.starts_with("capsid-n"))
         .collect();
     let rules = std::process::Command::new("nft")
