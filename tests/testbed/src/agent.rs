@@ -234,7 +234,12 @@ impl AgentVm {
             .vm
             .wait_timeout(Duration::from_secs(60))
             .expect("wait for capsid-vmm")
-            .unwrap_or_else(|| panic!("capsid-vmm still runs 60 s after Shutdown"));
+            .unwrap_or_else(|| {
+                panic!(
+                    "capsid-vmm still runs 60 s after Shutdown{}",
+                    self.vm.diagnostics()
+                )
+            });
         assert!(
             status.success(),
             "VMM exit {status}{}",
