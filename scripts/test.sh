@@ -7,8 +7,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/lib.sh
 started=$(date +%s)
 
-# Build dependencies first: clippy compiles everything (libseccomp for the agent).
-ensure_packages build-essential libseccomp-dev erofs-utils e2fsprogs
+# Build dependencies first: clippy compiles everything (libseccomp for the
+# agent, protoc for the e2e tests' CRI client).
+ensure_packages build-essential libseccomp-dev erofs-utils e2fsprogs protobuf-compiler
 
 log "==> cargo fmt --check"
 cargo fmt --all -- --check
