@@ -155,7 +155,7 @@ spec = {
 }
 process = {"container_id": "c1", "exec_id": None}
 requests = [
-    {"type": "control", "version": 2},
+    {"type": "control", "version": 3},
     {
         "type": "create_container",
         "id": "c1",

@@ -44,6 +44,10 @@ fn code(error: &ContainerError) -> ErrorCode {
         // The spec was valid but the child could not apply it (no such
         // program, cwd missing, …): the caller's to fix.
         ContainerError::Process(ProcessError::Child(_)) => ErrorCode::FailedPrecondition,
+        ContainerError::Process(ProcessError::ProgramNotFound(_)) => ErrorCode::ProgramNotFound,
+        ContainerError::Process(ProcessError::ProgramNotExecutable(_)) => {
+            ErrorCode::ProgramNotExecutable
+        }
         ContainerError::Stdio(crate::stdio::StdioError::NotAvailable(_))
         | ContainerError::Stdio(crate::stdio::StdioError::NoTerminal) => {
             ErrorCode::FailedPrecondition

@@ -526,6 +526,26 @@ pub enum ErrorCode {
     Unsupported,
     /// The agent failed.
     Internal,
+    /// The process's program is not there (not in its PATH, or no such
+    /// file): a shell's 127.
+    ProgramNotFound,
+    /// The process's program is there but cannot be executed (a directory,
+    /// no exec permission, not an executable format): a shell's 126.
+    ProgramNotExecutable,
+}
+
+impl ErrorCode {
+    /// The exit status a process that could not start with this error has,
+    /// as docker, runc and a shell give it: 127 when its program is not
+    /// found, 126 when it is but cannot be executed; `None` for the other
+    /// codes, which say nothing of the program.
+    pub fn start_status(self) -> Option<u8> {
+        match self {
+            Self::ProgramNotFound => Some(127),
+            Self::ProgramNotExecutable => Some(126),
+            _ => None,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -20,7 +20,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
-use capsid_protocol::{ContainerStats, ExecProcess, ExitStatus, ProcessRef, StdioRequest};
+use capsid_protocol::{
+    ClientError, ContainerStats, ExecProcess, ExitStatus, ProcessRef, StdioRequest,
+};
 use oci_spec::runtime::LinuxResources;
 
 use crate::agent::Agent;
@@ -247,13 +249,13 @@ impl<Io: ProcessIo> Container<Io> {
             return Err(SandboxError::AlreadyStarted(proc.process.clone()));
         }
         if let Err(e) = self.agent().start_process(&proc.process) {
-            let why = capsid_base::error_chain(&e);
-            let code = if why.contains("No such file") {
-                127
-            } else {
-                126
+            // The agent says which (ErrorCode::start_status); any other
+            // failure to start is runc's 126 too.
+            let code = match &e {
+                ClientError::Agent { code, .. } => code.start_status().unwrap_or(126),
+                _ => 126,
             };
-            proc.stop(code, false, on_exit);
+            proc.stop(u32::from(code), false, on_exit);
             return Err(e.into());
         }
         proc.set_running();
@@ -420,24 +422,44 @@ mod tests {
 
     #[test]
     fn a_process_that_cannot_start_has_ended_as_runcs_would() {
-        let (container, agent, _) = container();
-        agent.refuse_with(
-            "StartProcess",
-            ErrorCode::Internal,
-            "exec: No such file or directory",
-        );
-        let (tx, rx) = mpsc::channel();
-        let init = Arc::clone(&container.init);
-        assert!(
-            container
-                .start(&init, move |exit| tx.send(exit.status).unwrap())
-                .is_err()
-        );
-        assert_eq!(rx.recv_timeout(Duration::from_secs(1)), Ok(127));
-        assert!(matches!(
-            init.state(),
-            ProcState::Stopped { status: 127, .. }
-        ));
+        // By the agent's code, not its words: the agent says "not found in
+        // PATH", which the old match on "No such file" took for 126.
+        for (code, message, status) in [
+            (
+                ErrorCode::ProgramNotFound,
+                "exec x: not found in PATH /bin",
+                127,
+            ),
+            (
+                ErrorCode::ProgramNotExecutable,
+                "exec /bin: Permission denied",
+                126,
+            ),
+            (
+                ErrorCode::FailedPrecondition,
+                "exec: No such file or directory",
+                126,
+            ),
+        ] {
+            let (container, agent, _) = container();
+            agent.refuse_with("StartProcess", code, message);
+            let (tx, rx) = mpsc::channel();
+            let init = Arc::clone(&container.init);
+            assert!(
+                container
+                    .start(&init, move |exit| tx.send(exit.status).unwrap())
+                    .is_err()
+            );
+            assert_eq!(
+                rx.recv_timeout(Duration::from_secs(1)),
+                Ok(status),
+                "{code:?}"
+            );
+            assert!(matches!(
+                init.state(),
+                ProcState::Stopped { status: s, .. } if s == status
+            ));
+        }
     }
 
     #[test]

@@ -61,6 +61,10 @@ fn from_container(e: ContainerError) -> ttrpc::Error {
             Some(ErrorCode::AlreadyExists) => Code::ALREADY_EXISTS,
             Some(ErrorCode::FailedPrecondition) => Code::FAILED_PRECONDITION,
             Some(ErrorCode::Unsupported) => Code::UNIMPLEMENTED,
+            // The caller's to fix, as the agent's other set-up failures.
+            Some(ErrorCode::ProgramNotFound | ErrorCode::ProgramNotExecutable) => {
+                Code::FAILED_PRECONDITION
+            }
             Some(ErrorCode::Internal) | None => Code::INTERNAL,
         },
         ContainerError::Config(_) | ContainerError::Spec(_) | ContainerError::Bundle(_) => {

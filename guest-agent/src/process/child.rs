@@ -30,8 +30,48 @@ fn errno(what: &str) -> String {
     format!("{what}: {}", io::Error::last_os_error())
 }
 
+/// Why `capsid-init` failed, as the agent is told: a status byte, then why.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Failure {
+    /// "E": anything before the exec.
+    Setup(String),
+    /// "N": the program is not there (a shell's 127).
+    NotFound(String),
+    /// "X": the program is there but cannot be executed (126).
+    NotExecutable(String),
+}
+
+impl From<String> for Failure {
+    fn from(why: String) -> Self {
+        Self::Setup(why)
+    }
+}
+
+impl Failure {
+    fn message(&self) -> Vec<u8> {
+        let (kind, why) = match self {
+            Self::Setup(why) => ('E', why),
+            Self::NotFound(why) => ('N', why),
+            Self::NotExecutable(why) => ('X', why),
+        };
+        format!("{kind}{why}").into_bytes()
+    }
+
+    /// A failed execve(2) of `program`, by its errno: ENOENT and ENOTDIR
+    /// (the file, or a script's interpreter, is not there) are not found;
+    /// anything else (EACCES, ENOEXEC, …) cannot be executed.
+    fn of_exec(program: &str, error: &io::Error) -> Self {
+        let why = format!("exec {program}: {error}");
+        match error.raw_os_error() {
+            Some(libc::ENOENT | libc::ENOTDIR) => Self::NotFound(why),
+            _ => Self::NotExecutable(why),
+        }
+    }
+}
+
 /// `capsid-init`'s whole life; never returns. Errors go to the agent as
-/// "E<why>" on the status socket, then the process exits 127.
+/// "E<why>" ("N" or "X" for the program; [`Failure`]) on the status
+/// socket, then the process exits 127.
 pub fn main() -> ! {
     // SAFETY: prctl with integer arguments.
     unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
@@ -43,9 +83,11 @@ pub fn main() -> ! {
     }
     // SAFETY: fd 3 is the status socket, handed to us by the agent.
     let mut status = unsafe { File::from_raw_fd(STATUS_FD) };
-    let result = read_plan().and_then(|plan| run(&plan, &mut status));
-    if let Err(why) = result {
-        let _ = status.write_all(format!("E{why}").as_bytes());
+    let result = read_plan()
+        .map_err(Failure::from)
+        .and_then(|plan| run(&plan, &mut status));
+    if let Err(failure) = result {
+        let _ = status.write_all(&failure.message());
     }
     // SAFETY: _exit ends this process without running Rust's cleanup.
     unsafe { libc::_exit(127) }
@@ -62,7 +104,7 @@ fn read_plan() -> Result<ChildPlan, String> {
 }
 
 /// Enter the container, report ready, wait for start, exec.
-fn run(plan: &ChildPlan, status: &mut File) -> Result<(), String> {
+fn run(plan: &ChildPlan, status: &mut File) -> Result<(), Failure> {
     prepare(&LinuxSyscall, plan)?;
     if plan.process.terminal {
         let master = open_terminal()?;
@@ -186,7 +228,7 @@ fn reset_signals() -> Result<(), String> {
 }
 
 /// Identity, limits, privileges, then exec. Runs in the container's root.
-fn finish_and_exec(plan: &ProcessPlan) -> Result<(), String> {
+fn finish_and_exec(plan: &ProcessPlan) -> Result<(), Failure> {
     // Before a seccomp profile might refuse the calls.
     reset_signals()?;
     take_identity(&LinuxSyscall, plan)?;
@@ -198,7 +240,10 @@ fn finish_and_exec(plan: &ProcessPlan) -> Result<(), String> {
     // SAFETY: `program` is NUL-terminated; argv and envp are null-terminated
     // arrays of NUL-terminated strings that outlive the call.
     unsafe { libc::execve(program.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
-    Err(errno(&format!("exec {}", program.to_string_lossy())))
+    Err(Failure::of_exec(
+        &program.to_string_lossy(),
+        &io::Error::last_os_error(),
+    ))
 }
 
 /// The process's limits, ids and privileges, in runc's order: rlimits;
@@ -262,7 +307,7 @@ fn take_identity(sys: &impl Syscall, plan: &ProcessPlan) -> Result<(), String> {
 }
 
 /// args[0], searched in the process's PATH when it has no slash.
-fn find_program(plan: &ProcessPlan) -> Result<CString, String> {
+fn find_program(plan: &ProcessPlan) -> Result<CString, Failure> {
     let name = plan.args[0].as_bytes();
     if name.contains(&b'/') {
         return Ok(plan.args[0].clone());
@@ -277,17 +322,47 @@ fn find_program(plan: &ProcessPlan) -> Result<CString, String> {
             return Ok(c);
         }
     }
-    Err(format!(
+    Err(Failure::NotFound(format!(
         "exec {}: not found in PATH {}",
         String::from_utf8_lossy(name),
         plan.path
-    ))
+    )))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::syscall::recording::RecordingSyscall;
+
+    #[test]
+    fn a_program_not_there_and_one_that_cannot_run_are_told_apart() {
+        // Before, every failure was "E<why>", and the host guessed 127 or
+        // 126 from the words.
+        let not_found = Failure::of_exec("/x", &io::Error::from_raw_os_error(libc::ENOENT));
+        assert_eq!(
+            not_found,
+            Failure::NotFound("exec /x: No such file or directory (os error 2)".into())
+        );
+        assert_eq!(
+            Failure::of_exec("/x/y", &io::Error::from_raw_os_error(libc::ENOTDIR)).message()[0],
+            b'N'
+        );
+        for errno in [libc::EACCES, libc::ENOEXEC, libc::EISDIR, libc::ETXTBSY] {
+            let failure = Failure::of_exec("/bin", &io::Error::from_raw_os_error(errno));
+            assert!(matches!(failure, Failure::NotExecutable(_)), "{errno}");
+            assert_eq!(failure.message()[0], b'X');
+        }
+        assert_eq!(
+            Failure::from("setsid: EPERM".to_owned()).message(),
+            b"Esetsid: EPERM"
+        );
+        let plan = plan(
+            r#"{"args": ["no-such-program"], "cwd": "/", "env": ["PATH=/nonexistent:/bin"],
+                "user": {"uid": 0, "gid": 0}}"#,
+            false,
+        );
+        assert!(matches!(find_program(&plan), Err(Failure::NotFound(_))));
+    }
 
     #[test]
     fn a_process_starts_with_default_signal_actions_and_nothing_blocked() {

@@ -22,7 +22,8 @@
 //!              (or "E<why>")
 //!  StartProcess: write fd 4 ──────────▶   rlimits, groups, gid, uid, caps,
 //!                                          umask, cwd, no_new_privs, seccomp,
-//!  read status to EOF ◀── EOF (or "E") ─   execve (fds 3-6 close on exec)
+//!  read status to EOF ◀── EOF (or "E",   execve (fds 3-6 close on exec)
+//!                     "N": no program, "X": not executable, + why)
 //! ```
 
 use std::io;
@@ -50,6 +51,12 @@ pub enum ProcessError {
     /// The child failed during set-up, in its words.
     #[error("container process setup failed: {0}")]
     Child(String),
+    /// The program to execute is not there.
+    #[error("{0}")]
+    ProgramNotFound(String),
+    /// The program is there but cannot be executed.
+    #[error("{0}")]
+    ProgramNotExecutable(String),
     /// A call of the agent's failed.
     #[error("{what}")]
     Io {

@@ -179,7 +179,7 @@ impl StartGate {
         drop(start);
         match read_status(&mut status)? {
             (Status::Eof, _) => Ok(()),
-            (Status::Error(why), _) => Err(ProcessError::Child(why)),
+            (Status::Error(error), _) => Err(error),
             (Status::Ready, _) => Err(ProcessError::Child("unexpected status".into())),
         }
     }
@@ -187,7 +187,7 @@ impl StartGate {
 
 enum Status {
     Ready,
-    Error(String),
+    Error(ProcessError),
     Eof,
 }
 
@@ -210,7 +210,17 @@ fn read_status(status: &mut UnixStream) -> Result<(Status, Option<OwnedFd>), Pro
     }
     let mut why = String::new();
     let _ = status.take(MAX_STATUS).read_to_string(&mut why);
-    Ok((Status::Error(why), None))
+    Ok((Status::Error(child_error(kind, why)), None))
+}
+
+/// The child's error by its status byte (`child.rs`): the program not
+/// found, not executable, or anything else.
+fn child_error(kind: u8, why: String) -> ProcessError {
+    match kind {
+        b'N' => ProcessError::ProgramNotFound(why),
+        b'X' => ProcessError::ProgramNotExecutable(why),
+        _ => ProcessError::Child(why),
+    }
 }
 
 /// Forks the process and waits until it is ready to exec. Its pid is
@@ -313,7 +323,7 @@ pub fn spawn(
                 status,
             },
         }),
-        (Status::Error(why), _) => Err(ProcessError::Child(why)),
+        (Status::Error(error), _) => Err(error),
         (Status::Eof, _) => Err(ProcessError::Child(
             "the process ended during setup without saying why".into(),
         )),
@@ -377,5 +387,28 @@ impl ForkedChild<'_> {
         unsafe { libc::write(STATUS_FD, FAILED.as_ptr().cast(), FAILED.len()) };
         // SAFETY: _exit ends this process without running Rust's cleanup.
         unsafe { libc::_exit(127) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_childs_status_byte_types_its_error() {
+        assert!(matches!(
+            child_error(b'N', "exec x: not found".into()),
+            ProcessError::ProgramNotFound(why) if why == "exec x: not found"
+        ));
+        assert!(matches!(
+            child_error(b'X', "exec /bin: Permission denied".into()),
+            ProcessError::ProgramNotExecutable(_)
+        ));
+        for kind in [b'E', b'?', 0] {
+            assert!(matches!(
+                child_error(kind, "w".into()),
+                ProcessError::Child(_)
+            ));
+        }
     }
 }
