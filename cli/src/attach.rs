@@ -1,13 +1,14 @@
 //! A process in the guest, attached to this terminal: its output to ours,
 //! our input to it (raw mode and the window size with a tty), its exit
-//! status; `--timeout` and SIGINT/SIGTERM kill it. Shared by `capsid run`
-//! and `capsid exec`.
+//! status; `--timeout` kills it, and SIGINT, SIGTERM and SIGHUP are passed
+//! on to it (docker's sig-proxy; a second one, or [`GRACE`] without an
+//! exit, kills it). Shared by `capsid run` and `capsid exec`.
 
 use std::io::{self, IsTerminal, Read, Write};
 use std::net::Shutdown;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -55,35 +56,159 @@ fn window_size() -> Option<(u16, u16)> {
     (ok && size.ws_row > 0).then_some((size.ws_row, size.ws_col))
 }
 
-/// A spinner on stderr for a long step (image conversion, boot), when
-/// stderr is a terminal; cleared when dropped.
-pub struct Progress(Option<indicatif::ProgressBar>);
+/// A spinner on stderr for a long step (image conversion, boot), when a
+/// person watches it ([`draws_spinners`]); cleared when dropped. In a log
+/// a step that took [`SLOW_STEP`] or more is one plain line when it ends,
+/// with how long it took; a quick one says nothing.
+pub struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    /// Without a spinner: the step and when it started.
+    plain: Option<(String, Instant)>,
+}
+
+/// How long a step takes before a log is told of it.
+const SLOW_STEP: Duration = Duration::from_secs(2);
+
+/// Whether stderr is a terminal someone watches: a tty, with a `TERM` that
+/// is not `dumb`, and not under CI (`CI` set, as every CI service does). A
+/// serial console, a CI runner's pty or a log file gets no spinner frames.
+fn draws_spinners(stderr_is_tty: bool, term: Option<&str>, ci: Option<&str>) -> bool {
+    let ci = ci.is_some_and(|v| !v.is_empty() && v != "0" && v != "false");
+    stderr_is_tty && !ci && term.is_some_and(|t| !t.is_empty() && t != "dumb")
+}
 
 impl Progress {
     pub fn start(message: &str) -> Self {
-        if !io::stderr().is_terminal() {
-            return Self(None);
+        let var = |name| std::env::var(name).ok();
+        if !draws_spinners(
+            io::stderr().is_terminal(),
+            var("TERM").as_deref(),
+            var("CI").as_deref(),
+        ) {
+            return Self {
+                bar: None,
+                plain: Some((message.to_owned(), Instant::now())),
+            };
         }
         let bar = indicatif::ProgressBar::new_spinner();
         bar.set_message(format!("capsid: {message}"));
         bar.enable_steady_tick(Duration::from_millis(100));
-        Self(Some(bar))
+        Self {
+            bar: Some(bar),
+            plain: None,
+        }
     }
 
     /// Prints `line` on stderr above the spinner.
     pub fn say(&self, line: &str) {
-        match &self.0 {
+        match &self.bar {
             Some(bar) => bar.suspend(|| eprintln!("{line}")),
             None => eprintln!("{line}"),
         }
     }
 }
 
+/// The plain line a step that took `took` leaves in a log, if any.
+fn plain_line(step: &str, took: Duration) -> Option<String> {
+    (took >= SLOW_STEP).then(|| format!("capsid: {step}: {:.1} s", took.as_secs_f64()))
+}
+
 impl Drop for Progress {
     fn drop(&mut self) {
-        if let Some(bar) = &self.0 {
+        if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }
+        if let Some((step, started)) = &self.plain
+            && let Some(line) = plain_line(step, started.elapsed())
+        {
+            eprintln!("{line}");
+        }
+    }
+}
+
+/// How long a command may take to exit after the first signal was passed
+/// on to it before it is killed (`docker stop`'s default).
+pub const GRACE: Duration = Duration::from_secs(10);
+
+/// SIGINT, SIGTERM and SIGHUP sent to capsid. Until the command runs, any
+/// of them stops what capsid is doing (the boot, say); while it runs,
+/// [`run_attached`] passes the first on to it and kills it on the second.
+#[derive(Debug, Default)]
+pub struct Signals {
+    count: AtomicUsize,
+    last: AtomicI32,
+}
+
+impl Signals {
+    /// Installs the handlers.
+    pub fn install() -> anyhow::Result<Arc<Self>> {
+        let signals = Arc::new(Self::default());
+        for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            let noted = Arc::clone(&signals);
+            // SAFETY: the handler only stores to atomics, which is
+            // async-signal-safe; it allocates and locks nothing.
+            unsafe { signal_hook::low_level::register(signal, move || noted.note(signal)) }
+                .map_err(|e| anyhow::anyhow!("cannot install signal handlers: {e}"))?;
+        }
+        Ok(signals)
+    }
+
+    fn note(&self, signal: i32) {
+        self.last.store(signal, Ordering::SeqCst);
+        self.count.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Whether any came.
+    pub fn any(&self) -> bool {
+        self.count.load(Ordering::SeqCst) > 0
+    }
+}
+
+/// What to do about the signals that came while the command ran.
+#[derive(Debug, Default)]
+struct SigProxy {
+    /// Signals dealt with.
+    seen: usize,
+    /// When the command is killed if it has not exited: set when the first
+    /// signal was passed on.
+    kill_at: Option<Instant>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Act {
+    Nothing,
+    /// Pass this signal on.
+    Pass(i32),
+    /// Kill the command: a second signal, or the grace period is over.
+    Kill,
+}
+
+impl SigProxy {
+    fn act(&mut self, count: usize, last: i32, now: Instant) -> Act {
+        if count > self.seen {
+            let first = self.seen == 0 && count == 1;
+            self.seen = count;
+            if first {
+                self.kill_at = Some(now + GRACE);
+                return Act::Pass(last);
+            }
+            self.kill_at = None;
+            return Act::Kill;
+        }
+        if self.kill_at.is_some_and(|at| now >= at) {
+            self.kill_at = None;
+            return Act::Kill;
+        }
+        Act::Nothing
+    }
+}
+
+fn signal_name(signal: i32) -> &'static str {
+    match signal {
+        libc::SIGINT => "SIGINT",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGHUP => "SIGHUP",
+        _ => "a signal",
     }
 }
 
@@ -102,7 +227,7 @@ pub struct Session<'a> {
     pub process: &'a ProcessRef,
     pub tty: bool,
     pub timeout: Option<Duration>,
-    pub stop: &'a AtomicBool,
+    pub signals: &'a Signals,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -206,6 +331,8 @@ pub fn run_attached(
     }
     let started = Instant::now();
     let mut timed_out = None;
+    let mut proxy = SigProxy::default();
+    let kill = || client.signal_process(process, libc::SIGKILL, process.exec_id.is_none());
     let status = loop {
         match status_rx.recv_timeout(Duration::from_millis(50)) {
             Ok(status) => break status?,
@@ -214,10 +341,30 @@ pub fn run_attached(
         }
         alive()?;
         let expired = session.timeout.filter(|&t| started.elapsed() > t);
-        if (expired.is_some() && timed_out.is_none()) || session.stop.load(Ordering::Relaxed) {
-            timed_out = timed_out.or(expired);
-            client.signal_process(process, libc::SIGKILL, process.exec_id.is_none())?;
-            session.stop.store(false, Ordering::Relaxed);
+        if expired.is_some() && timed_out.is_none() {
+            timed_out = expired;
+            kill()?;
+        }
+        let signals = session.signals;
+        match proxy.act(
+            signals.count.load(Ordering::SeqCst),
+            signals.last.load(Ordering::SeqCst),
+            Instant::now(),
+        ) {
+            Act::Nothing => {}
+            Act::Pass(signal) => {
+                eprintln!(
+                    "capsid: passed {} on to the command; another signal, or {} s without \
+                     an exit, kills it",
+                    signal_name(signal),
+                    GRACE.as_secs()
+                );
+                client.signal_process(process, signal, false)?;
+            }
+            Act::Kill => {
+                eprintln!("capsid: killing the command");
+                kill()?;
+            }
         }
     };
     let copiers = if session.tty { 1 } else { 2 };
@@ -237,6 +384,62 @@ pub fn run_attached(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_signal_is_passed_on_and_a_second_or_the_grace_period_kills() {
+        let t0 = Instant::now();
+        let mut proxy = SigProxy::default();
+        assert_eq!(proxy.act(0, 0, t0), Act::Nothing);
+        assert_eq!(
+            proxy.act(1, libc::SIGTERM, t0),
+            Act::Pass(libc::SIGTERM),
+            "a CI runner's cancel reaches the job"
+        );
+        assert_eq!(proxy.act(1, libc::SIGTERM, t0 + GRACE / 2), Act::Nothing);
+        assert_eq!(proxy.act(2, libc::SIGINT, t0 + GRACE / 2), Act::Kill);
+        assert_eq!(proxy.act(2, libc::SIGINT, t0 + GRACE * 2), Act::Nothing);
+
+        // No second signal: the grace period ends it, once.
+        let mut proxy = SigProxy::default();
+        assert_eq!(proxy.act(1, libc::SIGHUP, t0), Act::Pass(libc::SIGHUP));
+        assert_eq!(proxy.act(1, libc::SIGHUP, t0 + GRACE), Act::Kill);
+        assert_eq!(proxy.act(1, libc::SIGHUP, t0 + GRACE * 2), Act::Nothing);
+
+        // Two at once (or one before the command ran and one after): kill.
+        let mut proxy = SigProxy::default();
+        assert_eq!(proxy.act(2, libc::SIGTERM, t0), Act::Kill);
+    }
+
+    #[test]
+    fn spinners_are_drawn_only_for_a_person_at_a_terminal() {
+        // Before, the demo's log (a serial console: a tty without TERM)
+        // held some sixty frames of "booting the micro-VM".
+        assert!(draws_spinners(true, Some("xterm-256color"), None));
+        assert!(
+            !draws_spinners(false, Some("xterm"), None),
+            "a pipe or file"
+        );
+        assert!(!draws_spinners(true, None, None), "a console without TERM");
+        assert!(!draws_spinners(true, Some("dumb"), None));
+        assert!(!draws_spinners(true, Some("xterm"), Some("true")), "CI");
+        assert!(draws_spinners(true, Some("xterm"), Some("false")));
+        assert_eq!(plain_line("booting", Duration::from_millis(300)), None);
+        assert_eq!(
+            plain_line("booting the micro-VM", Duration::from_millis(3250)).as_deref(),
+            Some("capsid: booting the micro-VM: 3.2 s")
+        );
+    }
+
+    #[test]
+    fn signals_are_counted_with_the_last_one() {
+        let signals = Signals::default();
+        assert!(!signals.any());
+        signals.note(libc::SIGTERM);
+        signals.note(libc::SIGINT);
+        assert!(signals.any());
+        assert_eq!(signals.count.load(Ordering::SeqCst), 2);
+        assert_eq!(signals.last.load(Ordering::SeqCst), libc::SIGINT);
+    }
 
     #[test]
     fn output_that_never_ends_is_given_up_on_after_the_bound() {

@@ -72,8 +72,30 @@ fn bench(args: &[std::ffi::OsString]) -> anyhow::Result<ExitCode> {
     )
 }
 
+/// The exit status of a usage error (an unknown option, a bad value), as
+/// of every other failure of capsid itself: docker's and podman's 125, not
+/// clap's 2, which a command's own status could be.
+const USAGE_ERROR: u8 = 125;
+
+/// The command line, or how to exit: `--help` and `--version` print and
+/// succeed; a usage error is printed and exits [`USAGE_ERROR`].
+fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Cli, ExitCode> {
+    Cli::try_parse_from(args).map_err(|e| {
+        let _ = e.print();
+        if e.use_stderr() {
+            ExitCode::from(USAGE_ERROR)
+        } else {
+            ExitCode::SUCCESS
+        }
+    })
+}
+
 fn main() -> ExitCode {
-    let result = match Cli::parse().command {
+    let cli = match parse(std::env::args_os()) {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
+    let result = match cli.command {
         Verb::Run(args) => run::run(args),
         Verb::Doctor(args) => doctor::doctor(&args),
         Verb::Create(args) => oci::create(&args),
@@ -89,8 +111,96 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("capsid: error: {e:#}");
-            // 125: the runtime failed, as docker and podman report it.
-            ExitCode::from(125)
+            ExitCode::from(failure_status(&e))
         }
+    }
+}
+
+/// How capsid exits when it failed: 127 when the command's program is not
+/// there, 126 when it cannot be executed (the agent says which), else 125:
+/// the runtime failed. As docker and podman report them.
+fn failure_status(e: &anyhow::Error) -> u8 {
+    use capsid_runtime::protocol::ClientError;
+    e.chain()
+        .find_map(|cause| match cause.downcast_ref::<ClientError>() {
+            Some(ClientError::Agent { code, .. }) => code.start_status(),
+            _ => None,
+        })
+        .unwrap_or(125)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(args: &[&str]) -> Result<Vec<String>, clap::error::ErrorKind> {
+        let args = ["capsid", "run", "--rootfs", "/r"].iter().chain(args);
+        match Cli::try_parse_from(args) {
+            Ok(Cli {
+                command: Verb::Run(run),
+            }) => Ok(run.command()),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(e.kind()),
+        }
+    }
+
+    #[test]
+    fn an_unknown_option_before_the_command_is_an_error_not_the_command() {
+        // Before the fix each of these booted a VM and tried to execute the
+        // option as the command.
+        use clap::error::ErrorKind::UnknownArgument;
+        for args in [
+            &["--frobnicate", "true"][..],
+            &["-it", "sh"],
+            &["--rm", "true"],
+            &["--memroy", "128M", "true"],
+        ] {
+            assert_eq!(run(args), Err(UnknownArgument), "{args:?}");
+        }
+        // The command's own options are its own, with or without `--`.
+        assert_eq!(
+            run(&["ls", "-la", "--color"]).unwrap(),
+            ["ls", "-la", "--color"]
+        );
+        assert_eq!(run(&["--", "-x", "--rm"]).unwrap(), ["-x", "--rm"]);
+        assert_eq!(
+            run(&["-e", "A=1", "--", "env"]).unwrap(),
+            ["env"],
+            "capsid's options before --"
+        );
+    }
+
+    #[test]
+    fn a_program_not_found_exits_127_one_not_executable_126_else_125() {
+        use capsid_runtime::protocol::{ClientError, ErrorCode};
+        let refused = |code| {
+            anyhow::Error::new(ClientError::Agent {
+                call: "StartProcess",
+                code,
+                message: "exec x: not found in PATH /bin".into(),
+            })
+            .context("cannot start the command")
+        };
+        assert_eq!(failure_status(&refused(ErrorCode::ProgramNotFound)), 127);
+        assert_eq!(
+            failure_status(&refused(ErrorCode::ProgramNotExecutable)),
+            126
+        );
+        assert_eq!(failure_status(&refused(ErrorCode::Internal)), 125);
+        assert_eq!(failure_status(&anyhow::anyhow!("no kernel")), 125);
+    }
+
+    #[test]
+    fn usage_errors_exit_125_and_help_succeeds() {
+        let args = |a: &[&str]| a.iter().map(std::ffi::OsString::from).collect::<Vec<_>>();
+        let code = |a: &[&str]| format!("{:?}", parse(args(a)).err());
+        assert_eq!(
+            code(&["capsid", "run", "--rootfs", "/r", "--memroy", "1M", "true"]),
+            format!("{:?}", Some(ExitCode::from(125)))
+        );
+        assert_eq!(
+            code(&["capsid", "--version"]),
+            format!("{:?}", Some(ExitCode::SUCCESS))
+        );
     }
 }

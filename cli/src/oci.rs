@@ -133,8 +133,8 @@ pub struct ExecArgs {
     #[arg(long, short = 'p')]
     process: Option<PathBuf>,
     id: String,
-    /// The command and its arguments.
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    /// The command and its arguments (options before it are capsid's).
+    #[arg(trailing_var_arg = true)]
     command: Vec<String>,
 }
 
@@ -624,17 +624,14 @@ pub fn exec(args: &ExecArgs) -> anyhow::Result<ExitCode> {
         spec: process,
         stdio: attach::stdio_request(tty),
     })?;
-    let stop = Arc::new(AtomicBool::new(false));
-    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        signal_hook::flag::register(signal, Arc::clone(&stop))?;
-    }
+    let signals = attach::Signals::install()?;
     let ended = attach::run_attached(
         &attach::Session {
             agent: client,
             process: &target,
             tty,
             timeout: None,
-            stop: &stop,
+            signals: &signals,
         },
         &mut || Ok(()),
     )?;

@@ -8,7 +8,9 @@
 //!   ─▶ Shutdown ─▶ VMM exits ─▶ scratch dir removed ─▶ exit with the status
 //! ```
 //!
-//! Whatever happens (an error, a timeout, SIGINT/SIGTERM), the VMM is killed
+//! SIGINT, SIGTERM and SIGHUP are passed on to the command once it runs (a
+//! second one kills it; `attach`). Whatever happens (an error, a timeout, a
+//! signal before the command ran), the VMM is killed
 //! and the scratch directory removed before `capsid` exits. A SIGKILL takes
 //! the VMM with it (its parent-death signal); the scratch directory and the
 //! VM's cgroup it leaves are removed by the next `capsid run` or `capsid
@@ -17,7 +19,6 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -32,7 +33,6 @@ use clap::Args;
 
 use crate::attach;
 use crate::workload::{self, Workload};
-use oci_spec::runtime::Spec;
 
 /// Where the guest kernel, initramfs and VMM are: these flags, else the
 /// environment (CAPSID_KERNEL, CAPSID_AGENT_INITRAMFS, CAPSID_VMM), else the
@@ -116,8 +116,18 @@ pub struct RunArgs {
     #[command(flatten)]
     artifacts: Artifacts,
     /// The command and its arguments (with --image: the image's Cmd if none).
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    /// Options before it are capsid's: an unknown one is an error, not the
+    /// command (`--` ends them, for a command that starts with `-`).
+    #[arg(trailing_var_arg = true)]
     command: Vec<String>,
+}
+
+#[cfg(test)]
+impl RunArgs {
+    /// The command as parsed.
+    pub fn command(&self) -> Vec<String> {
+        self.command.clone()
+    }
 }
 
 /// A `--network`.
@@ -345,11 +355,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         },
         &capsid_runtime::images::cache_dir(),
     )?;
-    let stop = Arc::new(AtomicBool::new(false));
-    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        signal_hook::flag::register(signal, Arc::clone(&stop))
-            .context("cannot install signal handlers")?;
-    }
+    let signals = attach::Signals::install()?;
 
     let started = Instant::now();
     debug!("rootfs image for {}", workload.rootfs.display());
@@ -408,7 +414,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             // even of a SIGKILL.
             die_with_owner: true,
             network: netns.as_deref(),
-            policy: config.boot_policy(wait, &|| stop.load(Ordering::Relaxed), &|why| {
+            policy: config.boot_policy(wait, &|| signals.any(), &|why| {
                 progress.say(&format!("capsid: {why}"));
             }),
         },
@@ -416,7 +422,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let sandbox = Arc::new(sandbox);
     drop(progress);
     debug!("agent answered: {}", sandbox.agent().describe());
-    let outcome = drive(&args, &workload, rootfs, &sandbox, &stop);
+    let outcome = drive(&args, &workload, rootfs, &sandbox, &signals);
     outcome.map_err(|e| explain(e, &sandbox))
 }
 
@@ -457,25 +463,35 @@ fn explain(e: anyhow::Error, sandbox: &Sandbox) -> anyhow::Error {
     }
 }
 
+/// Twelve hex digits from the kernel's random numbers, as docker's short
+/// container ids: the hostname the container sees.
+fn container_hostname() -> String {
+    let mut bytes = [0u8; 6];
+    let read = std::fs::File::open("/dev/urandom").and_then(|mut f| {
+        use std::io::Read;
+        f.read_exact(&mut bytes)
+    });
+    if read.is_err() {
+        // Unique enough for a name nobody else sees.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        bytes.copy_from_slice(&(nanos ^ u128::from(std::process::id())).to_le_bytes()[..6]);
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 fn drive(
     args: &RunArgs,
     workload: &Workload,
     rootfs: Rootfs,
     sandbox: &Arc<Sandbox>,
-    stop: &AtomicBool,
+    signals: &attach::Signals,
 ) -> anyhow::Result<ExitCode> {
-    let mut spec = Spec::default();
-    let mut process = spec.process().clone().unwrap_or_default();
-    process.set_args(Some(workload.args.clone()));
-    process.set_terminal(Some(args.tty));
-    workload::apply(
-        &mut process,
-        &workload.env,
-        workload.cwd.as_deref(),
-        workload.user,
-    );
+    let mut spec = workload::docker_spec(workload, args.tty, &container_hostname())?;
+    let process = spec.process().clone().unwrap_or_default();
     let seccomp = seccomp_for(&args.security_opt, &process)?;
-    spec.set_process(Some(process));
     if let Some(mut linux) = spec.linux().clone() {
         linux.set_seccomp(seccomp);
         spec.set_linux(Some(linux));
@@ -503,7 +519,7 @@ fn drive(
             process: &container.init.process,
             tty: args.tty,
             timeout: args.timeout,
-            stop,
+            signals,
         },
         &mut || {
             if sandbox.running() {
@@ -521,6 +537,7 @@ fn drive(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use oci_spec::runtime::Spec;
 
     #[test]
     fn a_native_verdict_is_kept_for_the_same_boot_and_binary_only() {

@@ -3,9 +3,12 @@
 //! (unpacked once per manifest) with its config's Entrypoint, Cmd, Env,
 //! WorkingDir and User under the command line's overrides, as docker does.
 
+use std::collections::HashSet;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use oci_spec::runtime::{Capability, LinuxCapabilitiesBuilder, Spec};
 
 #[derive(Debug, PartialEq, Eq)]
 pub struct Workload {
@@ -29,6 +32,47 @@ pub fn parse_image_ref(text: &str) -> anyhow::Result<(PathBuf, Option<String>)> 
     }
 }
 
+/// The most of an image's /etc/passwd or /etc/group read.
+const MAX_ACCOUNTS_FILE: u64 = 1 << 20;
+
+/// `etc/NAME` in the image, if it is a plain file under a plain `etc`
+/// directory: a symbolic link there would have capsid read a file of the
+/// host's.
+fn accounts_file(rootfs: &Path, name: &str) -> Option<String> {
+    let etc = rootfs.join("etc");
+    let file = etc.join(name);
+    let plain = |path: &Path, dir: bool| {
+        std::fs::symlink_metadata(path)
+            .is_ok_and(|m| !m.file_type().is_symlink() && m.is_dir() == dir)
+    };
+    if !plain(&etc, true) || !plain(&file, false) {
+        return None;
+    }
+    let mut text = String::new();
+    std::fs::File::open(&file)
+        .ok()?
+        .take(MAX_ACCOUNTS_FILE)
+        .read_to_string(&mut text)
+        .ok()?;
+    Some(text)
+}
+
+/// The fields of the `etc/NAME` line whose field `column` is `key`.
+fn account(rootfs: &Path, name: &str, column: usize, key: &str) -> Option<Vec<String>> {
+    let text = accounts_file(rootfs, name)?;
+    text.lines()
+        .map(|line| line.split(':').map(str::to_owned).collect::<Vec<_>>())
+        .find(|fields| fields.len() >= 4 && fields[column] == key)
+}
+
+/// The home directory of `uid` in the image's /etc/passwd, else docker's
+/// default: /root for root, / for anyone else.
+fn home_of(rootfs: &Path, uid: u32) -> String {
+    account(rootfs, "passwd", 2, &uid.to_string())
+        .and_then(|fields| fields.get(5).filter(|home| home.starts_with('/')).cloned())
+        .unwrap_or_else(|| if uid == 0 { "/root" } else { "/" }.to_owned())
+}
+
 /// Resolves a user name or number (and an optional group) the way the
 /// image's /etc/passwd and /etc/group say.
 fn resolve_user(rootfs: &Path, user: &str) -> anyhow::Result<(u32, u32)> {
@@ -37,7 +81,7 @@ fn resolve_user(rootfs: &Path, user: &str) -> anyhow::Result<(u32, u32)> {
         None => (user, None),
     };
     let lookup = |file: &str, key: &str| -> Option<(u32, u32)> {
-        let text = std::fs::read_to_string(rootfs.join(file)).ok()?;
+        let text = accounts_file(rootfs, file.trim_start_matches("etc/"))?;
         text.lines().find_map(|line| {
             let fields: Vec<&str> = line.split(':').collect();
             (fields.len() >= 4 && fields[0] == key)
@@ -81,6 +125,87 @@ pub fn apply(
         spec_user.set_gid(gid);
         process.set_user(spec_user);
     }
+}
+
+/// Docker's default capabilities (moby's `oci/caps/defaults.go`).
+const DEFAULT_CAPABILITIES: [Capability; 14] = [
+    Capability::Chown,
+    Capability::DacOverride,
+    Capability::Fsetid,
+    Capability::Fowner,
+    Capability::Mknod,
+    Capability::NetRaw,
+    Capability::Setgid,
+    Capability::Setuid,
+    Capability::Setfcap,
+    Capability::Setpcap,
+    Capability::NetBindService,
+    Capability::SysChroot,
+    Capability::Kill,
+    Capability::AuditWrite,
+];
+
+/// The default search path, as docker's when the image sets none.
+const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// `entries` with one value per name, the last one given, in the order
+/// the names first came (a later `-e PATH=…` replaces the image's PATH
+/// rather than standing behind it, where getenv(3) would not see it).
+fn merge_env(entries: impl IntoIterator<Item = String>) -> Vec<String> {
+    let mut merged: Vec<String> = Vec::new();
+    for entry in entries {
+        let name = entry
+            .split_once('=')
+            .map_or(entry.as_str(), |(name, _)| name);
+        match merged
+            .iter_mut()
+            .find(|e| e.split_once('=').map_or(e.as_str(), |(n, _)| n) == name)
+        {
+            Some(slot) => *slot = entry.clone(),
+            None => merged.push(entry.clone()),
+        }
+    }
+    merged
+}
+
+/// The container `docker run` would make for `workload`, not the
+/// `oci-spec` crate's example spec (hostname `youki`, three capabilities
+/// with inheritable and ambient filled, `TERM` always, no `HOME`): the
+/// hostname `id`, docker's 14 default capabilities with empty inheritable
+/// and ambient sets, `PATH`, `HOSTNAME`, `TERM` only with a tty, the
+/// image's and the command line's variables, and `HOME` from the image's
+/// /etc/passwd unless given.
+pub fn docker_spec(workload: &Workload, tty: bool, id: &str) -> anyhow::Result<Spec> {
+    let mut spec = Spec::default();
+    spec.set_hostname(Some(id.to_owned()));
+    let mut process = spec.process().clone().unwrap_or_default();
+    process.set_args(Some(workload.args.clone()));
+    process.set_terminal(Some(tty));
+    let mut env = vec![DEFAULT_PATH.to_owned(), format!("HOSTNAME={id}")];
+    if tty {
+        env.push("TERM=xterm".into());
+    }
+    env.extend(workload.env.iter().cloned());
+    let mut env = merge_env(env);
+    if !env.iter().any(|e| e.starts_with("HOME=")) {
+        let uid = workload.user.map_or(0, |(uid, _)| uid);
+        env.push(format!("HOME={}", home_of(&workload.rootfs, uid)));
+    }
+    process.set_env(Some(env));
+    let granted: HashSet<Capability> = DEFAULT_CAPABILITIES.into_iter().collect();
+    process.set_capabilities(Some(
+        LinuxCapabilitiesBuilder::default()
+            .bounding(granted.clone())
+            .effective(granted.clone())
+            .permitted(granted)
+            .inheritable(HashSet::new())
+            .ambient(HashSet::new())
+            .build()
+            .context("the default capabilities")?,
+    ));
+    apply(&mut process, &[], workload.cwd.as_deref(), workload.user);
+    spec.set_process(Some(process));
+    Ok(spec)
 }
 
 pub struct Overrides<'a> {
@@ -178,6 +303,76 @@ mod tests {
                 .to_string()
                 .contains("passwd")
         );
+    }
+
+    #[test]
+    fn a_container_gets_dockers_defaults_not_the_example_specs() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join("etc")).unwrap();
+        std::fs::write(
+            root.path().join("etc/passwd"),
+            "root:x:0:0::/root:/bin/sh\ncapsid:x:1000:1000::/home/capsid:/bin/sh\n",
+        )
+        .unwrap();
+        let workload = |user, env: &[&str]| Workload {
+            rootfs: root.path().into(),
+            args: vec!["id".into()],
+            env: env.iter().map(|e| (*e).to_owned()).collect(),
+            cwd: None,
+            user,
+        };
+        let spec = docker_spec(&workload(None, &[]), false, "0123456789ab").unwrap();
+        assert_eq!(spec.hostname().as_deref(), Some("0123456789ab"));
+        let process = spec.process().as_ref().unwrap();
+        assert_eq!(
+            process.env().as_ref().unwrap(),
+            &[DEFAULT_PATH, "HOSTNAME=0123456789ab", "HOME=/root"],
+            "no TERM without a tty"
+        );
+        let caps = process.capabilities().as_ref().unwrap();
+        assert_eq!(caps.bounding().as_ref().unwrap().len(), 14);
+        assert!(
+            caps.effective()
+                .as_ref()
+                .unwrap()
+                .contains(&Capability::Chown)
+        );
+        assert_eq!(caps.permitted(), caps.bounding());
+        assert!(caps.inheritable().as_ref().unwrap().is_empty());
+        assert!(caps.ambient().as_ref().unwrap().is_empty());
+
+        let spec = docker_spec(
+            &workload(Some((1000, 1000)), &["PATH=/opt/bin", "A=1", "A=2"]),
+            true,
+            "id",
+        )
+        .unwrap();
+        let env = spec.process().as_ref().unwrap().env().clone().unwrap();
+        assert_eq!(
+            env,
+            [
+                "PATH=/opt/bin",
+                "HOSTNAME=id",
+                "TERM=xterm",
+                "A=2",
+                "HOME=/home/capsid"
+            ]
+        );
+        let spec = docker_spec(&workload(Some((4242, 4242)), &["HOME=/h"]), false, "id").unwrap();
+        let env = spec.process().as_ref().unwrap().env().clone().unwrap();
+        assert_eq!(env.last().map(String::as_str), Some("HOME=/h"));
+        assert_eq!(home_of(root.path(), 4242), "/");
+    }
+
+    #[test]
+    fn the_images_accounts_are_not_read_through_a_symbolic_link() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join("etc")).unwrap();
+        let outside = root.path().join("host-passwd");
+        std::fs::write(&outside, "root:x:0:0::/secret:/bin/sh\n").unwrap();
+        std::os::unix::fs::symlink(&outside, root.path().join("etc/passwd")).unwrap();
+        assert_eq!(home_of(root.path(), 0), "/root");
+        assert!(resolve_user(root.path(), "root").is_err());
     }
 
     #[test]

@@ -203,9 +203,146 @@ fn capsid_run_gives_the_commands_output_and_exit_code() {
     assert!(printed.contains("/dev/pts/"), "{printed:?}");
     assert_eq!(code, Some(5), "{printed:?}");
 
-    let (output, _) = capsid_run(&["--", "no-such-program"], b"");
-    assert_eq!(output.status.code(), Some(125));
-    assert!(String::from_utf8_lossy(&output.stderr).contains("no-such-program"));
+    // As docker: 127 for a program that is not there, 126 for one that
+    // cannot be executed (before, both were 125).
+    for (command, code) in [
+        ("no-such-program", 127),
+        ("/no/such/program", 127),
+        ("/bin", 126),
+        ("/etc/passwd", 126),
+    ] {
+        let (output, _) = capsid_run(&["--", command], b"");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(code), "{command}: {stderr}");
+        assert!(stderr.contains(command), "{stderr}");
+    }
+    assert_eq!(leftovers(), Vec::<String>::new());
+}
+
+#[test]
+fn a_container_gets_dockers_defaults() {
+    if !require_kvm("a_container_gets_dockers_defaults") {
+        return;
+    }
+    // Before: hostname `youki`, TERM=xterm without a tty, no HOME, and
+    // three capabilities (inheritable and ambient too), so root could not
+    // chown.
+    let script = "hostname; echo \"$HOSTNAME|$HOME|${TERM-unset}\"; \
+                  grep -E '^Cap(Inh|Prm|Eff|Bnd|Amb)' /proc/self/status; \
+                  touch /owned && chown 1000:1000 /owned && echo chowned";
+    let (output, _) = capsid_run(&["--", "sh", "-c", script], b"");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stdout}{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    let hostname = lines[0];
+    assert!(
+        hostname.len() == 12 && hostname.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{stdout}"
+    );
+    assert_eq!(lines[1], format!("{hostname}|/root|unset"), "{stdout}");
+    for (key, want) in [
+        ("CapInh", "0000000000000000"),
+        ("CapPrm", "00000000a80425fb"),
+        ("CapEff", "00000000a80425fb"),
+        ("CapBnd", "00000000a80425fb"),
+        ("CapAmb", "0000000000000000"),
+    ] {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with(key) && l.ends_with(want)),
+            "{key} {want}: {stdout}"
+        );
+    }
+    assert_eq!(lines.last(), Some(&"chowned"), "{stdout}{stderr}");
+}
+
+#[test]
+fn an_unknown_option_is_a_usage_error_and_boots_nothing() {
+    // Before, `--memroy 128M true` booted a VM and tried to execute
+    // "--memroy" (exit 125 after a boot); clap's usage errors exited 2.
+    for args in [
+        &["--memroy", "128M", "true"][..],
+        &["--rm", "true"],
+        &["-it", "sh"],
+    ] {
+        let (output, took) = capsid_run(args, b"");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(125), "{args:?}: {stderr}");
+        assert!(stderr.contains("unexpected argument"), "{stderr}");
+        assert!(!stderr.contains("agent answered"), "it booted: {stderr}");
+        assert!(took < Duration::from_secs(10), "{took:?}");
+    }
+    let (output, _) = capsid_run(&["--memroy", "128M", "true"], b"");
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("--memory"),
+        "the near miss is named"
+    );
+}
+
+#[test]
+fn a_signal_to_capsid_run_reaches_the_command_and_a_second_one_kills_it() {
+    if !require_kvm("a_signal_to_capsid_run_reaches_the_command_and_a_second_one_kills_it") {
+        return;
+    }
+    let rootfs = std::env::var("CAPSID_TEST_ROOTFS_DIR").unwrap();
+    let run = |script: &str| {
+        Command::new(artifact("CAPSID_CLI"))
+            .args(["run", "--rootfs", &rootfs, "--", "sh", "-c", script])
+            .env("TMPDIR", std::env::temp_dir())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn capsid")
+    };
+    // Waits for the line `ready` on stdout, sends `signals`, returns the
+    // output and status.
+    let drive = |mut child: std::process::Child, signals: &[i32]| {
+        use std::io::BufRead;
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        let started = Instant::now();
+        while line.trim() != "ready" {
+            line.clear();
+            if stdout.read_line(&mut line).unwrap_or(0) == 0 || started.elapsed() > RUN_BOUND {
+                let _ = child.kill();
+                let output = child.wait_with_output().unwrap();
+                panic!("no `ready`: {}", String::from_utf8_lossy(&output.stderr));
+            }
+        }
+        for &signal in signals {
+            unsafe_free_kill(child.id(), signal);
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut stdout, &mut rest);
+        let output = child.wait_with_output().unwrap();
+        (rest, output, started.elapsed())
+    };
+    // A CI runner's cancel: the job's trap runs and its status is ours.
+    let trapping = run("trap 'echo cleaned up; exit 3' TERM; echo ready; sleep 60 & wait");
+    let (rest, output, took) = drive(trapping, &[libc::SIGTERM]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(rest, "cleaned up\n", "{stderr}");
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("passed SIGTERM on to the command"),
+        "{stderr}"
+    );
+    assert!(took < Duration::from_secs(50), "{took:?}");
+    // One that ignores it: a second signal kills it at once.
+    let deaf = run("trap '' TERM INT; echo ready; sleep 60 & wait; wait");
+    let (_, output, took) = drive(deaf, &[libc::SIGTERM, libc::SIGINT]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(137), "{stderr}");
+    assert!(stderr.contains("killing the command"), "{stderr}");
+    assert!(took < Duration::from_secs(50), "{took:?}");
+    assert_eq!(
+        processes_left_after(Duration::from_secs(10)),
+        Vec::<String>::new()
+    );
     assert_eq!(leftovers(), Vec::<String>::new());
 }
 

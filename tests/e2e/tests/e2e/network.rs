@@ -218,7 +218,7 @@ fn a_network_namespace_that_is_not_there_is_named_and_nothing_boots() {
     );
     let (output, _) = capsid_run(&["--network", "host", "--", "true"], b"");
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert_eq!(output.status.code(), Some(125), "{stderr}");
     assert!(
         stderr.contains("supported are none, nat and netns:PATH"),
         "{stderr}"
