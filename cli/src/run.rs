@@ -30,6 +30,7 @@ use capsid_runtime::{
     BootRequest, Config, ContainerRequest, MicroVmError, Sandbox, SandboxError, Teardown, VmSize,
 };
 use clap::Args;
+use oci_spec::runtime::Spec;
 
 use crate::attach;
 use crate::workload::{self, Workload};
@@ -84,6 +85,11 @@ pub struct RunArgs {
     /// (default: the configuration's, 256M).
     #[arg(long, value_parser = parse_size_mib)]
     memory: Option<u32>,
+    /// The most processes and threads the container may have at once
+    /// (its cgroup's pids.max in the guest; -1: no limit, the default), so
+    /// a fork bomb stops there.
+    #[arg(long, value_name = "N", allow_hyphen_values = true, value_parser = parse_pids_limit)]
+    pids_limit: Option<i64>,
     /// An environment variable for the command (repeatable).
     #[arg(long = "env", short = 'e', value_parser = parse_env)]
     env: Vec<String>,
@@ -216,6 +222,33 @@ pub fn parse_user(text: &str) -> Result<(u32, u32), String> {
         Some((uid, gid)) => Ok((number(uid)?, number(gid)?)),
         None => number(text).map(|uid| (uid, uid)),
     }
+}
+
+fn parse_pids_limit(text: &str) -> Result<i64, String> {
+    match text.parse::<i64>() {
+        Ok(n) if n >= 1 || n == -1 => Ok(n),
+        _ => Err(format!(
+            "{text:?}: give a number of processes, 1 or more (-1: no limit)"
+        )),
+    }
+}
+
+/// `spec` with the container's cgroup limits from the command line.
+fn with_limits(mut spec: Spec, pids_limit: Option<i64>) -> anyhow::Result<Spec> {
+    let Some(limit) = pids_limit.filter(|&n| n > 0) else {
+        return Ok(spec);
+    };
+    let mut linux = spec.linux().clone().unwrap_or_default();
+    let mut resources = linux.resources().clone().unwrap_or_default();
+    resources.set_pids(Some(
+        oci_spec::runtime::LinuxPidsBuilder::default()
+            .limit(limit)
+            .build()
+            .context("the pids limit")?,
+    ));
+    linux.set_resources(Some(resources));
+    spec.set_linux(Some(linux));
+    Ok(spec)
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -489,7 +522,8 @@ fn drive(
     sandbox: &Arc<Sandbox>,
     signals: &attach::Signals,
 ) -> anyhow::Result<ExitCode> {
-    let mut spec = workload::docker_spec(workload, args.tty, &container_hostname())?;
+    let spec = workload::docker_spec(workload, args.tty, &container_hostname())?;
+    let mut spec = with_limits(spec, args.pids_limit)?;
     let process = spec.process().clone().unwrap_or_default();
     let seccomp = seccomp_for(&args.security_opt, &process)?;
     if let Some(mut linux) = spec.linux().clone() {
@@ -537,7 +571,6 @@ fn drive(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use oci_spec::runtime::Spec;
 
     #[test]
     fn a_native_verdict_is_kept_for_the_same_boot_and_binary_only() {
@@ -609,6 +642,28 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
+    }
+
+    #[test]
+    fn a_pids_limit_reaches_the_containers_resources() {
+        assert_eq!(parse_pids_limit("64"), Ok(64));
+        assert_eq!(parse_pids_limit("-1"), Ok(-1));
+        for bad in ["0", "-2", "many", ""] {
+            assert!(parse_pids_limit(bad).is_err(), "{bad:?}");
+        }
+        let pids = |spec: &Spec| {
+            spec.linux()
+                .as_ref()
+                .and_then(|l| l.resources().as_ref())
+                .and_then(|r| r.pids().as_ref())
+                .map(|p| p.limit())
+        };
+        assert_eq!(
+            pids(&with_limits(Spec::default(), Some(64)).unwrap()),
+            Some(64)
+        );
+        assert_eq!(pids(&with_limits(Spec::default(), Some(-1)).unwrap()), None);
+        assert_eq!(pids(&with_limits(Spec::default(), None).unwrap()), None);
     }
 
     #[test]

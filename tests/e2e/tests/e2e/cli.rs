@@ -259,6 +259,46 @@ fn a_container_gets_dockers_defaults() {
 }
 
 #[test]
+fn a_fork_bomb_stops_at_the_pids_limit_and_the_next_job_runs() {
+    if !require_kvm("a_fork_bomb_stops_at_the_pids_limit_and_the_next_job_runs") {
+        return;
+    }
+    // An inner shell forks sleepers until fork fails, noting each; the
+    // outer one (the container's init) then kills them all with builtins
+    // (no fork is left to it) and says how many there were.
+    let script = "sh -c 'n=0; while :; do sleep 60 & n=$((n + 1)); echo $n > /tmp/n; done' \
+                  2>/dev/null; kill -KILL -1; read n < /tmp/n; echo forked $n";
+    let (output, _) = capsid_run(
+        &[
+            "--pids-limit",
+            "16",
+            "--timeout",
+            "60s",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+        b"",
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stdout}{stderr}");
+    let forked: u32 = stdout
+        .trim()
+        .strip_prefix("forked ")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{stdout}{stderr}"));
+    // 16 in all: the two shells and at most 14 sleepers.
+    assert!((8..=14).contains(&forked), "{forked}: {stderr}");
+    let (output, _) = capsid_run(&["--", "echo", "next"], b"");
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "next\n");
+    let (output, _) = capsid_run(&["--pids-limit", "0", "--", "true"], b"");
+    assert_eq!(output.status.code(), Some(125));
+    assert_eq!(leftovers(), Vec::<String>::new());
+}
+
+#[test]
 fn an_unknown_option_is_a_usage_error_and_boots_nothing() {
     // Before, `--memroy 128M true` booted a VM and tried to execute
     // "--memroy" (exit 125 after a boot); clap's usage errors exited 2.
