@@ -119,6 +119,12 @@ pub struct RunArgs {
     /// from other hosts and namespaces.
     #[arg(long = "publish", short = 'p', value_name = "HOST:CONTAINER[/udp]")]
     publish: Vec<capsid_runtime::nat::Publish>,
+    /// A secret for the command (repeatable): FILE's contents at
+    /// /run/secrets/NAME in the container, read-only. It goes over vsock
+    /// into guest memory only: never into an image, a disk, a cache or a
+    /// log (requests are logged with the files' sizes alone).
+    #[arg(long = "secret", value_name = "NAME=@FILE", value_parser = parse_secret)]
+    secrets: Vec<Secret>,
     #[command(flatten)]
     artifacts: Artifacts,
     /// The command and its arguments (with --image: the image's Cmd if none).
@@ -134,6 +140,99 @@ impl RunArgs {
     pub fn command(&self) -> Vec<String> {
         self.command.clone()
     }
+}
+
+/// A `--secret NAME=@FILE`, before it is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Secret {
+    name: String,
+    file: PathBuf,
+}
+
+/// Where the container sees its secrets, as docker's.
+const SECRETS_DIR: &str = "/run/secrets";
+
+pub fn parse_secret(text: &str) -> Result<Secret, String> {
+    let Some((name, file)) = text.split_once("=@") else {
+        return Err(format!("{text:?} is not NAME=@FILE"));
+    };
+    let plain = !name.is_empty()
+        && name.len() <= 64
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if !plain {
+        return Err(format!(
+            "{name:?}: a secret's name is 1 to 64 of A-Z a-z 0-9 . _ - (it becomes {SECRETS_DIR}/NAME)"
+        ));
+    }
+    if file.is_empty() {
+        return Err(format!("{text:?}: no FILE after =@"));
+    }
+    Ok(Secret {
+        name: name.to_owned(),
+        file: file.into(),
+    })
+}
+
+/// The secrets' contents, read before anything boots, with the bind
+/// mounts that show them (`file:N` sources; the agent writes them into
+/// its own memory), within what one request may copy.
+fn read_secrets(
+    secrets: &[Secret],
+) -> anyhow::Result<(Vec<Vec<u8>>, Vec<oci_spec::runtime::Mount>)> {
+    use capsid_runtime::protocol::{FILE_SOURCE, MAX_COPIED_BYTES, MAX_COPIED_FILES};
+    if secrets.len() > MAX_COPIED_FILES {
+        bail!("{} secrets: at most {MAX_COPIED_FILES}", secrets.len());
+    }
+    let mut files = Vec::new();
+    let mut mounts = Vec::new();
+    let mut total = 0;
+    for (n, secret) in secrets.iter().enumerate() {
+        if secrets[..n].iter().any(|s| s.name == secret.name) {
+            bail!("--secret {}: given twice", secret.name);
+        }
+        let what = || format!("--secret {}: {}", secret.name, secret.file.display());
+        let metadata = std::fs::metadata(&secret.file).with_context(what)?;
+        if !metadata.is_file() {
+            bail!("{}: not a regular file", what());
+        }
+        let room = MAX_COPIED_BYTES - total;
+        let mut contents = Vec::new();
+        std::io::Read::read_to_end(
+            &mut std::io::Read::take(
+                std::fs::File::open(&secret.file).with_context(what)?,
+                room as u64 + 1,
+            ),
+            &mut contents,
+        )
+        .with_context(what)?;
+        if contents.len() > room {
+            bail!(
+                "{}: the secrets come to more than {} KiB in all",
+                what(),
+                MAX_COPIED_BYTES / 1024
+            );
+        }
+        total += contents.len();
+        files.push(contents);
+        mounts.push(
+            oci_spec::runtime::MountBuilder::default()
+                .destination(format!("{SECRETS_DIR}/{}", secret.name))
+                .typ("bind")
+                .source(format!("{FILE_SOURCE}{n}"))
+                .options(
+                    ["rbind", "ro", "nosuid", "nodev", "noexec"]
+                        .map(String::from)
+                        .to_vec(),
+                )
+                .build()
+                .context("a secret's mount")?,
+        );
+    }
+    Ok((files, mounts))
 }
 
 /// A `--network`.
@@ -388,6 +487,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         },
         &capsid_runtime::images::cache_dir(),
     )?;
+    let (secret_files, secret_mounts) = read_secrets(&args.secrets)?;
     let signals = attach::Signals::install()?;
 
     let started = Instant::now();
@@ -455,7 +555,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let sandbox = Arc::new(sandbox);
     drop(progress);
     debug!("agent answered: {}", sandbox.agent().describe());
-    let outcome = drive(&args, &workload, rootfs, &sandbox, &signals);
+    let secrets = Secrets {
+        files: secret_files,
+        mounts: secret_mounts,
+    };
+    let outcome = drive(&args, &workload, rootfs, secrets, &sandbox, &signals);
     outcome.map_err(|e| explain(e, &sandbox))
 }
 
@@ -515,15 +619,25 @@ fn container_hostname() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The secrets' contents and the mounts that show them.
+struct Secrets {
+    files: Vec<Vec<u8>>,
+    mounts: Vec<oci_spec::runtime::Mount>,
+}
+
 fn drive(
     args: &RunArgs,
     workload: &Workload,
     rootfs: Rootfs,
+    secrets: Secrets,
     sandbox: &Arc<Sandbox>,
     signals: &attach::Signals,
 ) -> anyhow::Result<ExitCode> {
     let spec = workload::docker_spec(workload, args.tty, &container_hostname())?;
     let mut spec = with_limits(spec, args.pids_limit)?;
+    let mut mounts = spec.mounts().clone().unwrap_or_default();
+    mounts.extend(secrets.mounts);
+    spec.set_mounts(Some(mounts));
     let process = spec.process().clone().unwrap_or_default();
     let seccomp = seccomp_for(&args.security_opt, &process)?;
     if let Some(mut linux) = spec.linux().clone() {
@@ -540,7 +654,7 @@ fn drive(
             rootfs,
             disk: None,
             spec,
-            files: Vec::new(),
+            files: secrets.files,
             stdio: attach::stdio_request(args.tty),
             share: None,
         },
@@ -664,6 +778,41 @@ mod tests {
         );
         assert_eq!(pids(&with_limits(Spec::default(), Some(-1)).unwrap()), None);
         assert_eq!(pids(&with_limits(Spec::default(), None).unwrap()), None);
+    }
+
+    #[test]
+    fn secrets_are_named_plainly_read_before_the_boot_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "s3cret").unwrap();
+        let arg = format!("npm_token=@{}", token.display());
+        let secret = parse_secret(&arg).unwrap();
+        for bad in ["x", "=@/f", "../x=@/f", "a/b=@/f", "x=@", ".=@/f"] {
+            assert!(parse_secret(bad).is_err(), "{bad:?}");
+        }
+        let (files, mounts) = read_secrets(std::slice::from_ref(&secret)).unwrap();
+        assert_eq!(files, [b"s3cret".to_vec()]);
+        assert_eq!(mounts[0].destination(), Path::new("/run/secrets/npm_token"));
+        assert_eq!(mounts[0].source().as_deref(), Some(Path::new("file:0")));
+        assert!(
+            mounts[0]
+                .options()
+                .as_ref()
+                .unwrap()
+                .contains(&"ro".to_owned())
+        );
+        // Twice, a directory, a missing file, too big: refused, by name.
+        let twice = read_secrets(&[secret.clone(), secret]).unwrap_err();
+        assert!(twice.to_string().contains("given twice"), "{twice}");
+        let dir_arg = format!("d=@{}", dir.path().display());
+        let e = read_secrets(&[parse_secret(&dir_arg).unwrap()]).unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        assert!(read_secrets(&[parse_secret("m=@/no/such/file").unwrap()]).is_err());
+        let big = dir.path().join("big");
+        std::fs::write(&big, vec![b'x'; 129 * 1024]).unwrap();
+        let e =
+            read_secrets(&[parse_secret(&format!("b=@{}", big.display())).unwrap()]).unwrap_err();
+        assert!(e.to_string().contains("128 KiB"), "{e}");
     }
 
     #[test]

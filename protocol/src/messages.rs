@@ -157,7 +157,9 @@ pub struct Rootfs {
 /// `process`, `hostname`, `mounts` and `linux` (namespaces, resources,
 /// seccomp, masked and read-only paths, sysctl); `root.path` is replaced by
 /// `rootfs`, and hooks are refused (they would run host programs).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// Its `Debug` shows the copied files' sizes only: they may be secrets
+/// (`capsid run --secret`), and requests are logged.
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateContainer {
     /// The container's id ([`validate_id`]).
@@ -179,6 +181,24 @@ pub struct CreateContainer {
     /// having its own: a pod's containers with its sandbox, as CRI asks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub share: Option<SharedNamespaces>,
+}
+
+impl std::fmt::Debug for CreateContainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let sizes: Vec<String> = self
+            .files
+            .iter()
+            .map(|file| format!("<{} bytes>", file.len()))
+            .collect();
+        f.debug_struct("CreateContainer")
+            .field("id", &self.id)
+            .field("rootfs", &self.rootfs)
+            .field("spec", &self.spec)
+            .field("stdio", &self.stdio)
+            .field("files", &sizes)
+            .field("share", &self.share)
+            .finish()
+    }
 }
 
 /// The namespaces a container joins, those of another container's init.
@@ -627,6 +647,22 @@ pub(crate) mod tests {
             },
             Request::Shutdown,
         ]
+    }
+
+    #[test]
+    fn a_logged_create_request_shows_the_copied_files_sizes_not_their_bytes() {
+        let mut requests = sample_requests();
+        let Request::CreateContainer(create) = &mut requests[0] else {
+            panic!("the first sample creates")
+        };
+        create.files.push(b"hunter2-secret-token".to_vec());
+        let logged = format!("{:?}", requests[0]);
+        assert!(!logged.contains("hunter2"), "{logged}");
+        assert!(!logged.contains("localhost"), "{logged}");
+        assert!(
+            logged.contains("<20 bytes>") && logged.contains("c1"),
+            "{logged}"
+        );
     }
 
     #[test]

@@ -299,6 +299,60 @@ fn a_fork_bomb_stops_at_the_pids_limit_and_the_next_job_runs() {
 }
 
 #[test]
+fn a_secret_is_readable_in_the_container_and_nowhere_on_the_host_after() {
+    if !require_kvm("a_secret_is_readable_in_the_container_and_nowhere_on_the_host_after") {
+        return;
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let token = format!("capsid-secret-{}-{nanos}", std::process::id());
+    let scratch = capsid_testbed::ScratchDir::new("capsid-e2e-secret").unwrap();
+    let source = scratch.join("token");
+    std::fs::write(&source, &token).unwrap();
+    let arg = format!("token=@{}", source.display());
+    let script = "cat /run/secrets/token; echo; \
+                  (echo x > /run/secrets/token) 2>/dev/null && echo writable; \
+                  grep -c ' /run/secrets/token ' /proc/self/mounts";
+    let (output, _) = capsid_run(&["--secret", &arg, "--", "sh", "-c", script], b"");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stdout}{stderr}");
+    assert_eq!(stdout, format!("{token}\n1\n"), "read-only, mounted once");
+    assert!(
+        !stderr.contains(&token),
+        "the secret reached capsid's stderr"
+    );
+    // Nowhere on the host but its source: not in a scratch dir, a cache,
+    // a log or a run dir.
+    let cache = std::env::var("CAPSID_CACHE").unwrap_or_else(|_| "/var/cache/capsid".into());
+    let found = Command::new("grep")
+        .args(["-rlsF", "--exclude-dir=proc", "--exclude-dir=sys", &token])
+        .arg(std::env::temp_dir())
+        .args(["/run", "/var/log", "/var/tmp", &cache])
+        .output()
+        .unwrap();
+    let found = String::from_utf8_lossy(&found.stdout);
+    let elsewhere: Vec<&str> = found
+        .lines()
+        .filter(|path| std::path::Path::new(path) != source)
+        .collect();
+    assert_eq!(
+        elsewhere,
+        Vec::<&str>::new(),
+        "the secret was written there"
+    );
+    // A bad secret is refused before anything boots.
+    let (output, took) = capsid_run(&["--secret", "x=@/no/such/file", "--", "true"], b"");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(125), "{stderr}");
+    assert!(stderr.contains("--secret x: /no/such/file"), "{stderr}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    assert_eq!(leftovers(), Vec::<String>::new());
+}
+
+#[test]
 fn an_unknown_option_is_a_usage_error_and_boots_nothing() {
     // Before, `--memroy 128M true` booted a VM and tried to execute
     // "--memroy" (exit 125 after a boot); clap's usage errors exited 2.
