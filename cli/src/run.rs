@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use capsid_runtime::config::parse_size_mib;
-use capsid_runtime::protocol::{ClientError, Rootfs};
+use capsid_runtime::protocol::{ClientError, ContainerStats, ExitStatus, Rootfs};
 use capsid_runtime::scratch::{self, Scratch};
 use capsid_runtime::vmm_api::host::{self, HostReport, Mode, Probe};
 use capsid_runtime::{
@@ -677,9 +677,27 @@ fn drive(
             }
         },
     )?;
+    if let attach::Ended::Exited(ExitStatus::Signal(libc::SIGKILL)) = ended
+        && let Ok(stats) = sandbox.agent().stats(CONTAINER_ID)
+        && let Some(line) = oom_line(&stats)
+    {
+        eprintln!("{line}");
+    }
     debug!("output streams ended; shutting down");
     sandbox.shut_down()?;
     Ok(ended.exit_code())
+}
+
+/// What to say of a command that SIGKILL ended, if the out-of-memory
+/// killer did it (not a silent 137, as docker's `OOMKilled`).
+fn oom_line(stats: &ContainerStats) -> Option<String> {
+    (stats.memory_events.oom_kill > 0).then(|| {
+        format!(
+            "capsid: the command was killed: out of memory (its limit: {} MiB; \
+             --memory gives the micro-VM more)",
+            stats.memory_limit_bytes >> 20
+        )
+    })
 }
 
 #[cfg(test)]
@@ -813,6 +831,19 @@ mod tests {
         let e =
             read_secrets(&[parse_secret(&format!("b=@{}", big.display())).unwrap()]).unwrap_err();
         assert!(e.to_string().contains("128 KiB"), "{e}");
+    }
+
+    #[test]
+    fn an_oom_kill_is_named() {
+        let mut stats = ContainerStats::default();
+        assert_eq!(oom_line(&stats), None, "a SIGKILL by someone else");
+        stats.memory_events.oom_kill = 1;
+        stats.memory_limit_bytes = 96 << 20;
+        let line = oom_line(&stats).unwrap();
+        assert!(
+            line.contains("out of memory") && line.contains("96 MiB"),
+            "{line}"
+        );
     }
 
     #[test]

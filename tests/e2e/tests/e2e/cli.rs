@@ -353,6 +353,34 @@ fn a_secret_is_readable_in_the_container_and_nowhere_on_the_host_after() {
 }
 
 #[test]
+fn an_oom_kill_is_named_not_a_silent_137() {
+    if !require_kvm("an_oom_kill_is_named_not_a_silent_137") {
+        return;
+    }
+    // 120 MiB touched in a 128 MiB micro-VM: the OOM killer takes dd.
+    let (output, _) = capsid_run(
+        &[
+            "--memory",
+            "128M",
+            "--",
+            "dd",
+            "if=/dev/zero",
+            "of=/dev/null",
+            "bs=120M",
+            "count=1",
+        ],
+        b"",
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(137), "{stderr}");
+    assert!(
+        stderr.contains("capsid: the command was killed: out of memory"),
+        "{stderr}"
+    );
+    assert_eq!(leftovers(), Vec::<String>::new());
+}
+
+#[test]
 fn an_unknown_option_is_a_usage_error_and_boots_nothing() {
     // Before, `--memroy 128M true` booted a VM and tried to execute
     // "--memroy" (exit 125 after a boot); clap's usage errors exited 2.
