@@ -8,7 +8,7 @@ use std::io::{self, IsTerminal, Read, Write};
 use std::net::Shutdown;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -228,6 +228,25 @@ pub struct Session<'a> {
     pub tty: bool,
     pub timeout: Option<Duration>,
     pub signals: &'a Signals,
+    /// Counts the bytes each stream carried.
+    pub traffic: &'a Arc<Traffic>,
+}
+
+/// Bytes the command's streams carried, counted as they are copied.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    pub stdin: AtomicU64,
+    pub stdout: AtomicU64,
+    pub stderr: AtomicU64,
+}
+
+/// How a session went: how the command ended, how long it ran (start to
+/// exit) and how long its output took to drain after.
+#[derive(Debug, Clone, Copy)]
+pub struct Attached {
+    pub ended: Ended,
+    pub ran: Duration,
+    pub drained: Duration,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -238,16 +257,19 @@ pub enum Ended {
 
 impl Ended {
     /// The command's status as a shell reports it; 124 on a timeout.
-    pub fn exit_code(self) -> ExitCode {
+    pub fn status(self) -> u8 {
         match self {
-            Self::Exited(status) => {
-                ExitCode::from(u8::try_from(status.shell_code()).unwrap_or(255))
-            }
-            Self::TimedOut(after) => {
-                eprintln!("capsid: timed out after {after:?}; the command was killed");
-                ExitCode::from(124)
-            }
+            Self::Exited(status) => u8::try_from(status.shell_code()).unwrap_or(255),
+            Self::TimedOut(_) => 124,
         }
+    }
+
+    /// [`Self::status`], saying so on a timeout.
+    pub fn exit_code(self) -> ExitCode {
+        if let Self::TimedOut(after) = self {
+            eprintln!("capsid: timed out after {after:?}; the command was killed");
+        }
+        ExitCode::from(self.status())
     }
 }
 
@@ -271,7 +293,7 @@ fn drain(done: &std::sync::mpsc::Receiver<()>, copiers: usize, bound: Duration) 
 pub fn run_attached(
     session: &Session<'_>,
     alive: &mut dyn FnMut() -> anyhow::Result<()>,
-) -> anyhow::Result<Ended> {
+) -> anyhow::Result<Attached> {
     let Session { agent, process, .. } = *session;
     let client: &dyn Agent = &**agent;
     if session.tty
@@ -283,7 +305,12 @@ pub fn run_attached(
     let copy_out = |stream: Stream, mut to: Box<dyn Write + Send>| -> anyhow::Result<_> {
         let mut from = client.attach(process, stream)?;
         let done = done.clone();
+        let traffic = Arc::clone(session.traffic);
         thread::spawn(move || {
+            let counter = match stream {
+                Stream::Stderr => &traffic.stderr,
+                _ => &traffic.stdout,
+            };
             let mut buffer = vec![0; 64 * 1024];
             while let Ok(n) = from.read(&mut buffer) {
                 if n == 0
@@ -294,6 +321,7 @@ pub fn run_attached(
                 {
                     break;
                 }
+                counter.fetch_add(n as u64, Ordering::Relaxed);
             }
             let _ = done.send(());
         });
@@ -309,6 +337,7 @@ pub fn run_attached(
     client.start_process(process)?;
     // Stdin is copied by a thread that may block in read forever; it is not
     // joined (the process exits without it).
+    let traffic = Arc::clone(session.traffic);
     thread::spawn(move || {
         let mut buffer = vec![0; 64 * 1024];
         let mut stdin = io::stdin();
@@ -316,6 +345,7 @@ pub fn run_attached(
             if n == 0 || stdin_stream.write_all(&buffer[..n]).is_err() {
                 break;
             }
+            traffic.stdin.fetch_add(n as u64, Ordering::Relaxed);
         }
         let _ = stdin_stream.shutdown(Shutdown::Write);
     });
@@ -367,6 +397,7 @@ pub fn run_attached(
             }
         }
     };
+    let ran = started.elapsed();
     let copiers = if session.tty { 1 } else { 2 };
     if !drain(&drained, copiers, DRAIN_BOUND) {
         eprintln!(
@@ -375,9 +406,13 @@ pub fn run_attached(
         );
     }
     drop(raw);
-    Ok(match timed_out {
-        Some(after) => Ended::TimedOut(after),
-        None => Ended::Exited(status),
+    Ok(Attached {
+        ended: match timed_out {
+            Some(after) => Ended::TimedOut(after),
+            None => Ended::Exited(status),
+        },
+        ran,
+        drained: started.elapsed().saturating_sub(ran),
     })
 }
 

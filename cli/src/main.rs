@@ -119,7 +119,7 @@ fn main() -> ExitCode {
 /// How capsid exits when it failed: 127 when the command's program is not
 /// there, 126 when it cannot be executed (the agent says which), else 125:
 /// the runtime failed. As docker and podman report them.
-fn failure_status(e: &anyhow::Error) -> u8 {
+pub(crate) fn failure_status(e: &anyhow::Error) -> u8 {
     use capsid_runtime::protocol::ClientError;
     e.chain()
         .find_map(|cause| match cause.downcast_ref::<ClientError>() {

@@ -632,10 +632,11 @@ pub fn exec(args: &ExecArgs) -> anyhow::Result<ExitCode> {
             tty,
             timeout: None,
             signals: &signals,
+            traffic: &Arc::default(),
         },
         &mut || Ok(()),
     )?;
-    Ok(ended.exit_code())
+    Ok(ended.ended.exit_code())
 }
 
 #[cfg(test)]

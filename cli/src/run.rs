@@ -125,6 +125,12 @@ pub struct RunArgs {
     /// log (requests are logged with the files' sizes alone).
     #[arg(long = "secret", value_name = "NAME=@FILE", value_parser = parse_secret)]
     secrets: Vec<Secret>,
+    /// Write what a CI system shows its users to FILE (JSON), also when
+    /// the run fails: the exit status, the signal, whether the OOM killer
+    /// or --timeout ended it, durations (image, boot, run, output), the
+    /// container's peak memory and the bytes of each stream.
+    #[arg(long, value_name = "FILE.json")]
+    report: Option<PathBuf>,
     #[command(flatten)]
     artifacts: Artifacts,
     /// The command and its arguments (with --image: the image's Cmd if none).
@@ -448,7 +454,108 @@ pub fn ask_vmm(vmm: &Path) -> anyhow::Result<HostReport> {
         .with_context(|| format!("cannot ask {} --probe about this host", vmm.display()))
 }
 
+/// `--report FILE.json`: one run, for a CI system's users.
+#[derive(Debug, Default, serde::Serialize)]
+struct Report {
+    /// capsid's exit status.
+    exit_status: u8,
+    /// The command's exit code, if it exited.
+    exit_code: Option<i32>,
+    /// The signal that ended the command, if one did.
+    signal: Option<i32>,
+    /// The out-of-memory killer ended it.
+    oom_killed: bool,
+    /// `--timeout` ended it.
+    timed_out: bool,
+    /// Why capsid failed, if it did.
+    error: Option<String>,
+    /// Milliseconds of each step that ran.
+    durations_ms: Durations,
+    /// The container's peak memory (its cgroup's memory.peak).
+    peak_memory_bytes: Option<u64>,
+    /// What each stream carried.
+    bytes: Bytes,
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+struct Durations {
+    /// The rootfs image (or the image unpacked and converted).
+    image: Option<u64>,
+    /// Spawning the VMM until its agent answered.
+    boot: Option<u64>,
+    /// The command's start to its exit.
+    run: Option<u64>,
+    /// Its exit to the end of its output.
+    output: Option<u64>,
+    /// All of `capsid run`.
+    total: u64,
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+struct Bytes {
+    stdin: u64,
+    stdout: u64,
+    stderr: u64,
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl Report {
+    /// Written whole or not at all: to a temporary file beside it, then
+    /// renamed.
+    fn write(&self, path: &Path) -> anyhow::Result<()> {
+        let json = serde_json::to_vec_pretty(self)?;
+        let partial = path.with_extension(format!("partial.{}", std::process::id()));
+        std::fs::write(&partial, json)
+            .and_then(|()| std::fs::rename(&partial, path))
+            .map_err(|e| {
+                let _ = std::fs::remove_file(&partial);
+                anyhow::anyhow!("cannot write the report {}: {e}", path.display())
+            })
+    }
+}
+
+/// A `--report` whose directory is missing is named before anything boots.
+fn check_report_path(path: &Path) -> anyhow::Result<()> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        bail!(
+            "--report {}: the directory {} does not exist",
+            path.display(),
+            dir.display()
+        );
+    }
+    if path.is_dir() {
+        bail!("--report {}: a directory, not a file", path.display());
+    }
+    Ok(())
+}
+
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let Some(path) = args.report.clone() else {
+        return run_with(&args, &mut Report::default());
+    };
+    check_report_path(&path)?;
+    let started = Instant::now();
+    let mut report = Report::default();
+    let result = run_with(&args, &mut report);
+    report.durations_ms.total = millis(started.elapsed());
+    if let Err(e) = &result {
+        report.exit_status = crate::failure_status(e);
+        report.error = Some(format!("{e:#}"));
+    }
+    if let Err(e) = report.write(&path) {
+        eprintln!("capsid: {e:#}");
+    }
+    result
+}
+
+fn run_with(args: &RunArgs, report: &mut Report) -> anyhow::Result<ExitCode> {
     if !args.publish.is_empty() && args.network != Network::Nat {
         bail!("--publish needs --network nat: a published port leads into the run's own network");
     }
@@ -500,6 +607,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     )
     .context("cannot make the rootfs image")?;
     drop(progress);
+    report.durations_ms.image = Some(millis(started.elapsed()));
     if image.built {
         eprintln!(
             "capsid: converted {} to an {} image in {:.1} s (cached for next time)",
@@ -530,6 +638,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     // Wait for the agent, but notice a VMM that died and a signal meanwhile.
     let wait = config.agent_timeout();
     let progress = attach::Progress::start("booting the micro-VM");
+    let booting = Instant::now();
     let (sandbox, rootfs) = Sandbox::boot(
         &config,
         BootRequest {
@@ -554,12 +663,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     )?;
     let sandbox = Arc::new(sandbox);
     drop(progress);
+    report.durations_ms.boot = Some(millis(booting.elapsed()));
     debug!("agent answered: {}", sandbox.agent().describe());
     let secrets = Secrets {
         files: secret_files,
         mounts: secret_mounts,
     };
-    let outcome = drive(&args, &workload, rootfs, secrets, &sandbox, &signals);
+    let outcome = drive(args, &workload, rootfs, secrets, &sandbox, &signals, report);
     outcome.map_err(|e| explain(e, &sandbox))
 }
 
@@ -632,6 +742,7 @@ fn drive(
     secrets: Secrets,
     sandbox: &Arc<Sandbox>,
     signals: &attach::Signals,
+    report: &mut Report,
 ) -> anyhow::Result<ExitCode> {
     let spec = workload::docker_spec(workload, args.tty, &container_hostname())?;
     let mut spec = with_limits(spec, args.pids_limit)?;
@@ -661,13 +772,15 @@ fn drive(
         |_, _| Ok::<(), SandboxError>(()),
     )?;
     debug!("container created");
-    let ended = attach::run_attached(
+    let traffic = Arc::new(attach::Traffic::default());
+    let attached = attach::run_attached(
         &attach::Session {
             agent: sandbox.agent(),
             process: &container.init.process,
             tty: args.tty,
             timeout: args.timeout,
             signals,
+            traffic: &traffic,
         },
         &mut || {
             if sandbox.running() {
@@ -677,12 +790,41 @@ fn drive(
             }
         },
     )?;
-    if let attach::Ended::Exited(ExitStatus::Signal(libc::SIGKILL)) = ended
-        && let Ok(stats) = sandbox.agent().stats(CONTAINER_ID)
-        && let Some(line) = oom_line(&stats)
-    {
+    let ended = attached.ended;
+    let stats = sandbox.agent().stats(CONTAINER_ID).ok();
+    let oom = match (ended, &stats) {
+        (attach::Ended::Exited(ExitStatus::Signal(libc::SIGKILL)), Some(stats)) => oom_line(stats),
+        _ => None,
+    };
+    if let Some(line) = &oom {
         eprintln!("{line}");
     }
+    *report = Report {
+        exit_status: ended.status(),
+        exit_code: match ended {
+            attach::Ended::Exited(ExitStatus::Code(code)) => Some(code),
+            _ => None,
+        },
+        signal: match ended {
+            attach::Ended::Exited(ExitStatus::Signal(signal)) => Some(signal),
+            attach::Ended::TimedOut(_) => Some(libc::SIGKILL),
+            attach::Ended::Exited(ExitStatus::Code(_)) => None,
+        },
+        oom_killed: oom.is_some(),
+        timed_out: matches!(ended, attach::Ended::TimedOut(_)),
+        error: None,
+        durations_ms: Durations {
+            run: Some(millis(attached.ran)),
+            output: Some(millis(attached.drained)),
+            ..std::mem::take(&mut report.durations_ms)
+        },
+        peak_memory_bytes: stats.map(|s| s.memory_peak_bytes),
+        bytes: Bytes {
+            stdin: traffic.stdin.load(std::sync::atomic::Ordering::Relaxed),
+            stdout: traffic.stdout.load(std::sync::atomic::Ordering::Relaxed),
+            stderr: traffic.stderr.load(std::sync::atomic::Ordering::Relaxed),
+        },
+    };
     debug!("output streams ended; shutting down");
     sandbox.shut_down()?;
     Ok(ended.exit_code())
@@ -831,6 +973,32 @@ mod tests {
         let e =
             read_secrets(&[parse_secret(&format!("b=@{}", big.display())).unwrap()]).unwrap_err();
         assert!(e.to_string().contains("128 KiB"), "{e}");
+    }
+
+    #[test]
+    fn a_report_is_checked_before_the_boot_and_written_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(check_report_path(&dir.path().join("r.json")).is_ok());
+        let missing = check_report_path(&dir.path().join("no/r.json")).unwrap_err();
+        assert!(missing.to_string().contains("does not exist"), "{missing}");
+        assert!(check_report_path(dir.path()).is_err());
+        let path = dir.path().join("r.json");
+        let report = Report {
+            exit_status: 137,
+            signal: Some(9),
+            oom_killed: true,
+            ..Report::default()
+        };
+        report.write(&path).unwrap();
+        let json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(json["exit_status"], 137);
+        assert_eq!(json["oom_killed"], true);
+        assert_eq!(json["exit_code"], serde_json::Value::Null);
+        assert_eq!(json["bytes"]["stdout"], 0);
+        assert!(json["durations_ms"].get("boot").is_some());
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().collect();
+        assert_eq!(names.len(), 1, "no partial file left");
     }
 
     #[test]

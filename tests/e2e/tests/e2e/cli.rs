@@ -380,6 +380,70 @@ fn an_oom_kill_is_named_not_a_silent_137() {
     assert_eq!(leftovers(), Vec::<String>::new());
 }
 
+/// `capsid run --report FILE ARGS...`: the run's output and its report.
+fn reported(args: &[&str], stdin: &[u8]) -> (Output, serde_json::Value) {
+    let scratch = capsid_testbed::ScratchDir::new("capsid-e2e-report").unwrap();
+    let path = scratch.join("report.json");
+    let mut all = vec!["--report", path.to_str().unwrap()];
+    all.extend(args);
+    let (output, _) = capsid_run(&all, stdin);
+    let text = std::fs::read(&path).unwrap_or_else(|e| {
+        panic!(
+            "no report ({e}): {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    (output, serde_json::from_slice(&text).unwrap())
+}
+
+#[test]
+fn a_report_says_how_the_run_went() {
+    if !require_kvm("a_report_says_how_the_run_went") {
+        return;
+    }
+    let (output, report) = reported(
+        &["--", "sh", "-c", "cat; echo out; echo err >&2; exit 3"],
+        b"abc",
+    );
+    assert_eq!(output.status.code(), Some(3));
+    eprintln!("report: {report:#}");
+    assert_eq!(report["exit_status"], 3);
+    assert_eq!(report["exit_code"], 3);
+    assert_eq!(report["signal"], serde_json::Value::Null);
+    assert_eq!(report["oom_killed"], false);
+    assert_eq!(report["timed_out"], false);
+    assert_eq!(report["bytes"]["stdin"], 3);
+    assert_eq!(report["bytes"]["stdout"], 7);
+    assert_eq!(report["bytes"]["stderr"], 4);
+    for step in ["image", "boot", "run", "output", "total"] {
+        assert!(report["durations_ms"][step].is_u64(), "{step}: {report}");
+    }
+    assert!(report["durations_ms"]["boot"].as_u64() > Some(0));
+    assert!(report["peak_memory_bytes"].as_u64() > Some(0), "{report}");
+
+    let (output, report) = reported(&["--timeout", "2s", "--", "sleep", "100"], b"");
+    assert_eq!(output.status.code(), Some(124));
+    assert_eq!(
+        (
+            report["exit_status"].as_u64(),
+            report["timed_out"].as_bool()
+        ),
+        (Some(124), Some(true))
+    );
+
+    // A failure is reported too.
+    let (output, report) = reported(&["--", "no-such-program"], b"");
+    assert_eq!(output.status.code(), Some(127));
+    assert_eq!(report["exit_status"], 127);
+    assert!(
+        report["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no-such-program")),
+        "{report}"
+    );
+    assert_eq!(leftovers(), Vec::<String>::new());
+}
+
 #[test]
 fn an_unknown_option_is_a_usage_error_and_boots_nothing() {
     // Before, `--memroy 128M true` booted a VM and tried to execute
