@@ -559,6 +559,9 @@ fn run_with(args: &RunArgs, report: &mut Report) -> anyhow::Result<ExitCode> {
     if !args.publish.is_empty() && args.network != Network::Nat {
         bail!("--publish needs --network nat: a published port leads into the run's own network");
     }
+    if let Some(rootfs) = &args.rootfs {
+        workload::check_rootfs(rootfs)?;
+    }
     let config = args.artifacts.config()?;
     // A missing kernel, initramfs or VMM is named before anything else.
     let files = config.boot_files()?;

@@ -216,12 +216,37 @@ pub struct Overrides<'a> {
     pub user: Option<(u32, u32)>,
 }
 
+/// A `--rootfs` that cannot be a container's root is refused before
+/// anything boots: not a directory, empty, or an OCI image layout (which
+/// `--image` takes).
+pub fn check_rootfs(rootfs: &Path) -> anyhow::Result<()> {
+    if !rootfs.is_dir() {
+        bail!("--rootfs {}: not a directory", rootfs.display());
+    }
+    let mut entries = std::fs::read_dir(rootfs)
+        .with_context(|| format!("--rootfs {}: cannot read it", rootfs.display()))?;
+    if entries.next().is_none() {
+        bail!(
+            "--rootfs {}: an empty directory; give the container's root file system \
+             (a directory with bin/, etc/, …)",
+            rootfs.display()
+        );
+    }
+    if rootfs.join("oci-layout").is_file() && rootfs.join("index.json").is_file() {
+        bail!(
+            "--rootfs {}: an OCI image layout, not a root file system; run it with \
+             --image {}",
+            rootfs.display(),
+            rootfs.display()
+        );
+    }
+    Ok(())
+}
+
 pub fn resolve(overrides: &Overrides<'_>, cache: &Path) -> anyhow::Result<Workload> {
     match (overrides.rootfs, overrides.image) {
         (Some(rootfs), None) => {
-            if !rootfs.is_dir() {
-                bail!("--rootfs {}: not a directory", rootfs.display());
-            }
+            check_rootfs(rootfs)?;
             if overrides.command.is_empty() {
                 bail!("no command: `capsid run --rootfs DIR -- CMD...`");
             }
@@ -373,6 +398,27 @@ mod tests {
         std::os::unix::fs::symlink(&outside, root.path().join("etc/passwd")).unwrap();
         assert_eq!(home_of(root.path(), 0), "/root");
         assert!(resolve_user(root.path(), "root").is_err());
+    }
+
+    #[test]
+    fn a_rootfs_that_cannot_be_one_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = check_rootfs(dir.path()).unwrap_err().to_string();
+        assert!(empty.contains("an empty directory"), "{empty}");
+        std::fs::write(dir.path().join("oci-layout"), "{}").unwrap();
+        std::fs::write(dir.path().join("index.json"), "{}").unwrap();
+        let layout = check_rootfs(dir.path()).unwrap_err().to_string();
+        assert!(layout.contains("--image"), "{layout}");
+        let file = dir.path().join("index.json");
+        assert!(
+            check_rootfs(&file)
+                .unwrap_err()
+                .to_string()
+                .contains("not a directory")
+        );
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join("bin")).unwrap();
+        assert!(check_rootfs(root.path()).is_ok());
     }
 
     #[test]

@@ -465,6 +465,15 @@ fn an_unknown_option_is_a_usage_error_and_boots_nothing() {
         String::from_utf8_lossy(&output.stderr).contains("--memory"),
         "the near miss is named"
     );
+    // A rootfs that cannot be one is refused before anything boots.
+    let empty = capsid_testbed::ScratchDir::new("capsid-e2e-empty-rootfs").unwrap();
+    let source = ["--rootfs".as_ref(), empty.path().as_os_str()];
+    let (output, took) = capsid_run_from(&source, &["--", "true"], b"");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(125), "{stderr}");
+    assert!(stderr.contains("an empty directory"), "{stderr}");
+    assert!(took < Duration::from_secs(20), "{took:?}");
+    assert_eq!(leftovers(), Vec::<String>::new());
 }
 
 #[test]
