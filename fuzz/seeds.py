@@ -220,6 +220,12 @@ write("oci_layer", "symlink-out", layer([entry("out", tarfile.SYMTYPE, link="../
 write("oci_layer", "hardlink-out", layer([entry("passwd", tarfile.LNKTYPE, link="../sentinel")]))
 write("oci_layer", "whiteout-out", layer([entry("../.wh.sentinel")]))
 write("oci_layer", "device", layer([entry("dev/mem", tarfile.CHRTYPE, mode=0o666)]))
+write("output_tar", "benign", layer([entry("dist", tarfile.DIRTYPE, mode=0o755), entry("dist/app", data=b"\x7fELF", mode=0o755), entry("latest", tarfile.SYMTYPE, link="dist/app")]))
+write("output_tar", "dotdot", layer([entry("../sentinel", data=b"overwritten")]))
+write("output_tar", "symlink-out", layer([entry("out", tarfile.SYMTYPE, link="../"), entry("out/sentinel", data=b"through a link")]))
+write("output_tar", "symlink-chain", layer([entry("s", tarfile.SYMTYPE, link="."), entry("t", tarfile.SYMTYPE, link="s/../sentinel")]))
+write("output_tar", "hardlink-out", layer([entry("passwd", tarfile.LNKTYPE, link="../sentinel")]))
+write("output_tar", "setuid", layer([entry("su", data=b"\x7fELF", mode=0o4755)]))
 
 # virtio-net: the same queue layout as virtio-blk; a transmit chain of a
 # header and an Ethernet frame, then (as a receive queue) the same

@@ -29,7 +29,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Verb {
     /// Run one command in a fresh micro-VM, attached; exit with its status.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// Check this host (KVM, kernel, initramfs, tools) and say how to fix it.
     Doctor(doctor::DoctorArgs),
     /// OCI: create a container from a bundle, in its own micro-VM (not started).
@@ -96,7 +96,7 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     let result = match cli.command {
-        Verb::Run(args) => run::run(args),
+        Verb::Run(args) => run::run(*args),
         Verb::Doctor(args) => doctor::doctor(&args),
         Verb::Create(args) => oci::create(&args),
         Verb::Start(args) => oci::start(&args),

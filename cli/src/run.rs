@@ -125,6 +125,22 @@ pub struct RunArgs {
     /// log (requests are logged with the files' sizes alone).
     #[arg(long = "secret", value_name = "NAME=@FILE", value_parser = parse_secret)]
     secrets: Vec<Secret>,
+    /// When the command ends (also on a failure or --timeout), copy the
+    /// container's GUEST_DIR to HOST_DIR (repeatable). The host checks
+    /// every entry — no absolute paths, no `..`, no link leading outside,
+    /// no hard links, devices, fifos or set-id bits, at most 1 GiB and
+    /// 100,000 entries — and HOST_DIR (new, or an empty directory) appears
+    /// only when all of it was accepted; a refused entry is named.
+    #[arg(long = "output", value_name = "GUEST_DIR:HOST_DIR", value_parser = parse_output)]
+    outputs: Vec<Output>,
+    /// The most bytes of file contents each --output may hold (a number
+    /// with an optional K, M or G suffix; default 1G).
+    #[arg(long, value_name = "SIZE", value_parser = parse_bytes)]
+    output_max_bytes: Option<u64>,
+    /// The most entries (files, directories, links) each --output may
+    /// hold (default 100000).
+    #[arg(long, value_name = "N")]
+    output_max_entries: Option<u64>,
     /// Write what a CI system shows its users to FILE (JSON), also when
     /// the run fails: the exit status, the signal, whether the OOM killer
     /// or --timeout ended it, durations (image, boot, run, output), the
@@ -146,6 +162,93 @@ impl RunArgs {
     pub fn command(&self) -> Vec<String> {
         self.command.clone()
     }
+}
+
+/// A `--output GUEST_DIR:HOST_DIR`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Output {
+    guest: String,
+    host: PathBuf,
+}
+
+fn parse_bytes(text: &str) -> Result<u64, String> {
+    let (number, shift) = match text.as_bytes().last() {
+        Some(b'K' | b'k') => (&text[..text.len() - 1], 10),
+        Some(b'M' | b'm') => (&text[..text.len() - 1], 20),
+        Some(b'G' | b'g') => (&text[..text.len() - 1], 30),
+        _ => (text, 0),
+    };
+    number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("{text:?} is not a size like 512K, 100M or 2G"))
+}
+
+pub fn parse_output(text: &str) -> Result<Output, String> {
+    match text.split_once(':') {
+        Some((guest, host)) if guest.starts_with('/') && !host.is_empty() => Ok(Output {
+            guest: guest.to_owned(),
+            host: host.into(),
+        }),
+        _ => Err(format!(
+            "{text:?} is not GUEST_DIR:HOST_DIR (GUEST_DIR absolute, in the container)"
+        )),
+    }
+}
+
+/// How long the output stream may stall before it is given up on.
+const OUTPUT_IDLE: Duration = Duration::from_secs(30);
+
+/// Copies each `--output` out of the finished container; what to report
+/// of each, and whether all arrived.
+fn collect_outputs(
+    outputs: &[Output],
+    limits: capsid_runtime::images::output::Limits,
+    agent: &dyn capsid_runtime::Agent,
+) -> (Vec<OutputReport>, bool) {
+    use capsid_runtime::images::output;
+    let mut reports = Vec::new();
+    let mut all = true;
+    for out in outputs {
+        let started = Instant::now();
+        let result = agent
+            .archive(CONTAINER_ID, &out.guest, OUTPUT_IDLE)
+            .map_err(anyhow::Error::from)
+            .and_then(|stream| output::unpack(stream, &out.host, limits).map_err(Into::into));
+        let mut report = OutputReport {
+            guest: out.guest.clone(),
+            host: out.host.display().to_string(),
+            ms: millis(started.elapsed()),
+            ..OutputReport::default()
+        };
+        match result {
+            Ok(unpacked) => {
+                report.files = unpacked.files;
+                report.bytes = unpacked.bytes;
+                eprintln!(
+                    "capsid: copied {} to {}: {} files, {} bytes",
+                    out.guest,
+                    out.host.display(),
+                    unpacked.files,
+                    unpacked.bytes
+                );
+            }
+            Err(e) => {
+                all = false;
+                let message = format!(
+                    "--output {}: {e:#}; nothing was written to {}",
+                    out.guest,
+                    out.host.display()
+                );
+                eprintln!("capsid: {message}");
+                report.error = Some(message);
+            }
+        }
+        reports.push(report);
+    }
+    (reports, all)
 }
 
 /// A `--secret NAME=@FILE`, before it is read.
@@ -475,6 +578,20 @@ struct Report {
     peak_memory_bytes: Option<u64>,
     /// What each stream carried.
     bytes: Bytes,
+    /// Each `--output`.
+    outputs: Vec<OutputReport>,
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+struct OutputReport {
+    guest: String,
+    host: String,
+    files: u64,
+    bytes: u64,
+    /// Milliseconds to copy it.
+    ms: u64,
+    /// Why it was refused or failed; then nothing is at `host`.
+    error: Option<String>,
 }
 
 #[derive(Debug, Default, serde::Serialize)]
@@ -561,6 +678,10 @@ fn run_with(args: &RunArgs, report: &mut Report) -> anyhow::Result<ExitCode> {
     }
     if let Some(rootfs) = &args.rootfs {
         workload::check_rootfs(rootfs)?;
+    }
+    for out in &args.outputs {
+        capsid_runtime::images::output::check_destination(&out.host)
+            .with_context(|| format!("--output {}", out.guest))?;
     }
     let config = args.artifacts.config()?;
     // A missing kernel, initramfs or VMM is named before anything else.
@@ -802,6 +923,12 @@ fn drive(
     if let Some(line) = &oom {
         eprintln!("{line}");
     }
+    let defaults = capsid_runtime::images::output::Limits::default();
+    let limits = capsid_runtime::images::output::Limits {
+        bytes: args.output_max_bytes.unwrap_or(defaults.bytes),
+        entries: args.output_max_entries.unwrap_or(defaults.entries),
+    };
+    let (outputs, all_out) = collect_outputs(&args.outputs, limits, &**sandbox.agent());
     *report = Report {
         exit_status: ended.status(),
         exit_code: match ended {
@@ -827,9 +954,15 @@ fn drive(
             stdout: traffic.stdout.load(std::sync::atomic::Ordering::Relaxed),
             stderr: traffic.stderr.load(std::sync::atomic::Ordering::Relaxed),
         },
+        outputs,
     };
     debug!("output streams ended; shutting down");
     sandbox.shut_down()?;
+    // A job that succeeded but whose output did not arrive has not.
+    if !all_out && ended.status() == 0 {
+        report.exit_status = 125;
+        return Ok(ExitCode::from(125));
+    }
     Ok(ended.exit_code())
 }
 
@@ -1002,6 +1135,26 @@ mod tests {
         assert!(json["durations_ms"].get("boot").is_some());
         let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().collect();
         assert_eq!(names.len(), 1, "no partial file left");
+    }
+
+    #[test]
+    fn outputs_parse_as_guest_and_host_dirs() {
+        assert_eq!(
+            parse_output("/work/dist:out/dist"),
+            Ok(Output {
+                guest: "/work/dist".into(),
+                host: "out/dist".into()
+            })
+        );
+        for bad in ["dist:out", "/work", "/work:", ":out"] {
+            assert!(parse_output(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(parse_bytes("512K"), Ok(512 << 10));
+        assert_eq!(parse_bytes("2G"), Ok(2 << 30));
+        assert_eq!(parse_bytes("100"), Ok(100));
+        for bad in ["0", "x", "1T", "-1M", ""] {
+            assert!(parse_bytes(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

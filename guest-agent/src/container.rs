@@ -385,6 +385,22 @@ impl Containers {
         Arc::clone(&self.reaper)
     }
 
+    /// The directory `path` of container `id`'s root file system, opened
+    /// inside that root, for a tar stream (`crate::archive`).
+    pub fn archive_dir(&self, id: &str, path: &str) -> Result<OwnedFd, ContainerError> {
+        use crate::archive::ArchiveError;
+        validate_id("container id", id).map_err(ContainerError::InvalidArgument)?;
+        let container = self.container(id)?;
+        crate::archive::open_in_root(&container.dir.join("rootfs"), path).map_err(|e| match e {
+            ArchiveError::BadPath(_) => ContainerError::InvalidArgument(e.to_string()),
+            ArchiveError::NotFound(_) => ContainerError::FailedPrecondition(e.to_string()),
+            ArchiveError::Open { path, source } => ContainerError::Io {
+                what: format!("open {path} in the container"),
+                source,
+            },
+        })
+    }
+
     fn container(&self, id: &str) -> Result<Arc<Container>, ContainerError> {
         lock(&self.containers)
             .get(id)

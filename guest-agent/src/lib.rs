@@ -8,6 +8,7 @@
 
 #![warn(missing_docs)]
 
+pub mod archive;
 mod cgroup;
 pub mod config;
 pub mod container;

@@ -160,7 +160,9 @@ fn serve_inner(connection: &mut VsockStream, sandbox: &Containers) -> Result<Aft
         Err(e) => return Err(e),
     };
     let version = match &hello {
-        Hello::Control { version } | Hello::Stdio { version, .. } => *version,
+        Hello::Control { version }
+        | Hello::Stdio { version, .. }
+        | Hello::Archive { version, .. } => *version,
     };
     if version != PROTOCOL_VERSION {
         // Answer in the shape the client understands, then hang up.
@@ -185,6 +187,29 @@ fn serve_inner(connection: &mut VsockStream, sandbox: &Containers) -> Result<Aft
             if let Err(e) = attached {
                 write_frame(connection, &error_response(&e))?;
             }
+            Ok(After::Continue)
+        }
+        Hello::Archive {
+            container_id, path, ..
+        } => {
+            let dir = match sandbox.archive_dir(&container_id, &path) {
+                Ok(dir) => dir,
+                Err(e) => {
+                    write_frame(connection, &error_response(&e))?;
+                    return Ok(After::Continue);
+                }
+            };
+            write_frame(connection, &Response::Ok)?;
+            connection.set_read_timeout(None).map_err(CodecError::Io)?;
+            match crate::archive::write_tar(dir, &mut *connection) {
+                Ok(sent) => tracing::info!(
+                    "sent {path} of {container_id}: {} entries, {} bytes",
+                    sent.entries,
+                    sent.bytes
+                ),
+                Err(e) => tracing::info!("sending {path} of {container_id} stopped: {e}"),
+            }
+            let _ = connection.shutdown(std::net::Shutdown::Write);
             Ok(After::Continue)
         }
         Hello::Control { .. } => {

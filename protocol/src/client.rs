@@ -448,6 +448,27 @@ impl AgentClient {
         Ok(connection)
     }
 
+    /// A tar stream of the directory `path` of a container's root file
+    /// system (`Hello::Archive`); every read waits at most `idle`, so a
+    /// guest that stalls the stream is an error, not a hang. Its contents
+    /// are the container's: check every entry.
+    pub fn archive(
+        &self,
+        container_id: &str,
+        path: &str,
+        idle: Duration,
+    ) -> Result<UnixStream, ClientError> {
+        let connection = self.open(&Hello::Archive {
+            version: PROTOCOL_VERSION,
+            container_id: container_id.to_owned(),
+            path: path.to_owned(),
+        })?;
+        connection
+            .set_read_timeout(Some(idle))
+            .map_err(|e| ClientError::Socket(self.uds.clone(), e))?;
+        Ok(connection)
+    }
+
     /// A new connection to the agent, its hello answered, within the
     /// call deadline.
     fn open(&self, first: &Hello) -> Result<UnixStream, ClientError> {
@@ -569,7 +590,7 @@ fn hello<S: Read + Write>(
             }
             Ok(clean_text(&agent))
         }
-        (Hello::Stdio { .. }, Response::Ok) => Ok(String::new()),
+        (Hello::Stdio { .. } | Hello::Archive { .. }, Response::Ok) => Ok(String::new()),
         (_, Response::Error { code, message }) => Err(ClientError::Agent {
             call,
             code,

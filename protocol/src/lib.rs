@@ -16,6 +16,10 @@
 //!                                    ◀──  Response::Ok        then plain bytes:
 //!  stdin: host → process, host half-close = EOF for the process
 //!  stdout/stderr: process → host, EOF when every writer has closed
+//!  ── archive connection (capsid run --output) ────────────────────────────
+//!  Hello::Archive{container_id, path} ──▶
+//!                                    ◀──  Response::Ok        then a tar
+//!                                         stream of that directory, EOF
 //! ```
 //!
 //! Frames are a 4-byte big-endian length and a JSON body ([`codec`]), at most

@@ -22,6 +22,17 @@ pub enum Hello {
         /// Which of its streams.
         stream: Stream,
     },
+    /// After `Response::Ok`, a tar stream of a directory of a container's
+    /// root file system, then EOF (`capsid run --output`). What it holds
+    /// came from the container: the host checks every entry.
+    Archive {
+        /// The protocol version the host speaks.
+        version: u32,
+        /// The container ([`validate_id`]).
+        container_id: String,
+        /// The directory, an absolute path inside the container.
+        path: String,
+    },
 }
 
 /// One of a process's standard streams.

@@ -9,6 +9,7 @@
 //! is gone, on a connection of its own: other calls go on meanwhile.
 
 use std::os::unix::net::UnixStream;
+use std::time::Duration;
 
 use capsid_protocol::{
     AgentClient, ClientError, ContainerStats, CreateContainer, ExecProcess, ExitStatus,
@@ -59,6 +60,15 @@ pub trait Agent: Send + Sync + std::fmt::Debug {
     /// One standard stream of a created process, as plain bytes; for
     /// stdin, `shutdown(Write)` is EOF.
     fn attach(&self, process: &ProcessRef, stream: Stream) -> Result<UnixStream, ClientError>;
+    /// A tar stream of the directory `path` of a container's root file
+    /// system, each read bounded by `idle`; its entries are the
+    /// container's, to be checked (`capsid_images::output`).
+    fn archive(
+        &self,
+        container_id: &str,
+        path: &str,
+        idle: Duration,
+    ) -> Result<UnixStream, ClientError>;
 }
 
 impl Agent for AgentClient {
@@ -129,5 +139,14 @@ impl Agent for AgentClient {
 
     fn attach(&self, process: &ProcessRef, stream: Stream) -> Result<UnixStream, ClientError> {
         AgentClient::attach(self, process, stream)
+    }
+
+    fn archive(
+        &self,
+        container_id: &str,
+        path: &str,
+        idle: Duration,
+    ) -> Result<UnixStream, ClientError> {
+        AgentClient::archive(self, container_id, path, idle)
     }
 }

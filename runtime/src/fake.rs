@@ -352,6 +352,20 @@ impl Agent for FakeAgent {
         }
         Ok(host)
     }
+
+    fn archive(
+        &self,
+        container_id: &str,
+        path: &str,
+        _idle: std::time::Duration,
+    ) -> Result<UnixStream, ClientError> {
+        let _state = self.enter("Archive", format!("{container_id} {path}"))?;
+        Err(ClientError::Agent {
+            call: "Archive",
+            code: ErrorCode::Unsupported,
+            message: "the fake agent keeps no files".into(),
+        })
+    }
 }
 
 /// A VM in memory: it runs until killed or crashed, and records the disks

@@ -5,6 +5,7 @@
 
 pub mod initramfs;
 pub mod oci;
+pub mod output;
 pub mod rootfs;
 
 use std::path::{Path, PathBuf};

@@ -444,6 +444,129 @@ fn a_report_says_how_the_run_went() {
     assert_eq!(leftovers(), Vec::<String>::new());
 }
 
+/// Names in `dir`, sorted.
+fn names_in(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_jobs_output_comes_out_checked_also_after_a_failure_or_timeout() {
+    if !require_kvm("a_jobs_output_comes_out_checked_also_after_a_failure_or_timeout") {
+        return;
+    }
+    let scratch = capsid_testbed::ScratchDir::new("capsid-e2e-output").unwrap();
+    let host = |name: &str| scratch.join(name).to_str().unwrap().to_owned();
+    // A failing job's artefacts arrive, links that stay inside included.
+    let out = format!("/work/dist:{}", host("dist"));
+    let (output, report) = reported(
+        &[
+            "--output",
+            &out,
+            "--",
+            "sh",
+            "-c",
+            "mkdir -p /work/dist/sub && echo hi > /work/dist/a.txt && echo deep > /work/dist/sub/b \
+             && ln -s a.txt /work/dist/latest && ln /work/dist/a.txt /work/dist/hard; exit 3",
+        ],
+        b"",
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
+    let dist = scratch.join("dist");
+    assert_eq!(
+        std::fs::read_to_string(dist.join("latest")).unwrap(),
+        "hi\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dist.join("sub/b")).unwrap(),
+        "deep\n"
+    );
+    // A hard link arrives as a copy (the agent sends contents, never links).
+    assert_eq!(std::fs::read_to_string(dist.join("hard")).unwrap(), "hi\n");
+    assert_eq!(report["outputs"][0]["files"], 3, "{report}");
+    assert_eq!(report["outputs"][0]["error"], serde_json::Value::Null);
+    // A job that timed out still hands over what it made.
+    let out = format!("/o:{}", host("partial"));
+    let (output, _) = capsid_run(
+        &[
+            "--timeout",
+            "3s",
+            "--output",
+            &out,
+            "--",
+            "sh",
+            "-c",
+            "mkdir /o; echo so far > /o/f; sleep 100",
+        ],
+        b"",
+    );
+    assert_eq!(output.status.code(), Some(124));
+    assert_eq!(
+        std::fs::read_to_string(scratch.join("partial/f")).unwrap(),
+        "so far\n"
+    );
+
+    // Hostile outputs: refused by name, nothing written, and a job that
+    // succeeded fails (125) since its output did not arrive.
+    for (script, limits, refusal) in [
+        ("ln -s /etc/shadow /o/x", &[][..], "absolute path"),
+        ("ln -s ../../etc /o/x", &[], "outside the output"),
+        ("mknod /o/null c 1 3", &[], "character device"),
+        ("mkfifo /o/pipe", &[], "fifo"),
+        ("touch /o/su && chmod u+s /o/su", &[], "set-user-id"),
+        (
+            "for i in $(seq 30); do : > /o/$i; done",
+            &["--output-max-entries", "20"][..],
+            "more than 20 entries",
+        ),
+        (
+            "head -c 2M /dev/zero > /o/big",
+            &["--output-max-bytes", "1M"],
+            "more than 1048576 bytes",
+        ),
+    ] {
+        let dest = host("hostile");
+        let out = format!("/o:{dest}");
+        let mut args = vec!["--output", &out];
+        args.extend(limits);
+        let script = format!("mkdir /o && {script}");
+        args.extend(["--", "sh", "-c", &script]);
+        let (output, report) = reported(&args, b"");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(125), "{script}: {stderr}");
+        assert!(stderr.contains(refusal), "{script}: {stderr}");
+        assert!(
+            report["outputs"][0]["error"]
+                .as_str()
+                .is_some_and(|e| e.contains(refusal)),
+            "{report}"
+        );
+        assert!(
+            !std::path::Path::new(&dest).exists(),
+            "{script}: {dest} appeared"
+        );
+        assert_eq!(
+            names_in(scratch.path()),
+            ["dist", "partial"],
+            "{script}: written beside"
+        );
+    }
+    // A destination that is there already is named before anything boots.
+    let out = format!("/o:{}", host("dist"));
+    let (output, took) = capsid_run(&["--output", &out, "--", "true"], b"");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(125), "{stderr}");
+    assert!(stderr.contains("not an empty directory"), "{stderr}");
+    assert!(took < Duration::from_secs(20), "{took:?}");
+    assert_eq!(leftovers(), Vec::<String>::new());
+}
+
 #[test]
 fn an_unknown_option_is_a_usage_error_and_boots_nothing() {
     // Before, `--memroy 128M true` booted a VM and tried to execute
