@@ -119,6 +119,13 @@ pub struct RunArgs {
     /// from other hosts and namespaces.
     #[arg(long = "publish", short = 'p', value_name = "HOST:CONTAINER[/udp]")]
     publish: Vec<capsid_runtime::nat::Publish>,
+    /// With --network nat: the only destinations the workload may open
+    /// connections to (IPv4 CIDR, with a TCP/UDP port or any), enforced by
+    /// the host's nftables where nothing in the guest can change it.
+    /// Link-local addresses (cloud metadata) are refused unless listed,
+    /// also without --egress.
+    #[arg(long, value_name = "allow=CIDR[:PORT],…")]
+    egress: Option<capsid_runtime::nat::Egress>,
     /// A secret for the command (repeatable): FILE's contents at
     /// /run/secrets/NAME in the container, read-only. It goes over vsock
     /// into guest memory only: never into an image, a disk, a cache or a
@@ -676,6 +683,12 @@ fn run_with(args: &RunArgs, report: &mut Report) -> anyhow::Result<ExitCode> {
     if !args.publish.is_empty() && args.network != Network::Nat {
         bail!("--publish needs --network nat: a published port leads into the run's own network");
     }
+    if args.egress.is_some() && args.network != Network::Nat {
+        bail!(
+            "--egress needs --network nat: it filters the run's own network \
+             (without a network the workload reaches nothing)"
+        );
+    }
     if let Some(rootfs) = &args.rootfs {
         workload::check_rootfs(rootfs)?;
     }
@@ -749,8 +762,12 @@ fn run_with(args: &RunArgs, report: &mut Report) -> anyhow::Result<ExitCode> {
     // Declared before the sandbox: it goes after the VM.
     let nat = match args.network {
         Network::Nat => Some(
-            capsid_runtime::nat::NatNetwork::create(scratch.path(), &args.publish)
-                .context("cannot make the run's network (--network nat)")?,
+            capsid_runtime::nat::NatNetwork::create(
+                scratch.path(),
+                &args.publish,
+                args.egress.as_ref(),
+            )
+            .context("cannot make the run's network (--network nat)")?,
         ),
         _ => None,
     };

@@ -5,8 +5,16 @@
 //! ```text
 //!  host: capsid-nI (10.240.a.b+1/30) ── veth ── run's netns: eth0 (10.240.a.b+2/30, default via +1)
 //!        nftables `ip capsid`: postrouting masquerade of the /30 leaving by any other interface;
-//!                              prerouting dnat HOST_PORT → guest:PORT for each -p
+//!                              prerouting dnat HOST_PORT → guest:PORT for each -p;
+//!                              input and forward: what comes in by capsid-nI may not
+//!                              reach link-local addresses (cloud metadata), and with
+//!                              --egress only the allowed destinations (replies to
+//!                              connections made to the workload always)
 //! ```
+//!
+//! The egress rules stand on the host, in the path every packet of the
+//! workload takes (the tap is redirected to the veth by tc, past the run's
+//! namespace, so nothing in the guest or that namespace can change them).
 //!
 //! Each run takes a /30 of 10.240.0.0/16, numbered I (0 to 16383), found
 //! free by creating the host end `capsid-nI` (an existing name is taken by
@@ -96,6 +104,98 @@ impl std::str::FromStr for Publish {
     }
 }
 
+/// `--egress allow=CIDR[:PORT],…`: the only destinations a workload may
+/// open connections to (TCP or UDP, on that port or any).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Egress {
+    /// Each allowed destination.
+    pub allow: Vec<Allowed>,
+}
+
+/// One allowed destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Allowed {
+    /// The network.
+    pub addr: Ipv4Addr,
+    /// Its prefix length.
+    pub prefix: u8,
+    /// The port, or any.
+    pub port: Option<u16>,
+}
+
+impl std::str::FromStr for Egress {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let list = text.strip_prefix("allow=").ok_or_else(|| {
+            format!("{text:?}: expected allow=CIDR[:PORT],… (as allow=10.0.0.0/8:443,192.0.2.7)")
+        })?;
+        let allow = list
+            .split(',')
+            .map(|item| {
+                let bad = || format!("{item:?}: expected an IPv4 CIDR[:PORT], as 10.0.0.0/8:443");
+                let (net, port) = match item.rsplit_once(':') {
+                    Some((net, port)) => {
+                        let port = port
+                            .parse::<u16>()
+                            .ok()
+                            .filter(|p| *p > 0)
+                            .ok_or_else(bad)?;
+                        (net, Some(port))
+                    }
+                    None => (item, None),
+                };
+                let (addr, prefix) = match net.split_once('/') {
+                    Some((addr, prefix)) => (addr, prefix.parse::<u8>().map_err(|_| bad())?),
+                    None => (net, 32),
+                };
+                let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
+                if prefix > 32 {
+                    return Err(bad());
+                }
+                // The network itself: host bits cleared.
+                let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+                Ok(Allowed {
+                    addr: Ipv4Addr::from(u32::from(addr) & mask),
+                    prefix,
+                    port,
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(Self { allow })
+    }
+}
+
+/// The filter rules of the run whose host end is `name`: what comes in by
+/// it may answer connections made to it, may not reach link-local
+/// addresses (cloud metadata services) unless allowed, and with `egress`
+/// may reach only what it allows.
+fn filter_rules(name: &str, egress: Option<&Egress>) -> String {
+    let mut script = String::new();
+    for chain in ["input", "forward"] {
+        let mut rule = |what: &str| {
+            script.push_str(&format!(
+                "add rule ip {TABLE} {chain} iifname \"{name}\" {what} comment \"{name}\"\n"
+            ));
+        };
+        rule("ct state established,related accept");
+        for allowed in egress.map(|e| e.allow.as_slice()).unwrap_or_default() {
+            let net = format!("ip daddr {}/{}", allowed.addr, allowed.prefix);
+            match allowed.port {
+                Some(port) => rule(&format!(
+                    "{net} meta l4proto {{ tcp, udp }} th dport {port} accept"
+                )),
+                None => rule(&format!("{net} accept")),
+            }
+        }
+        rule("ip daddr 169.254.0.0/16 drop");
+        if egress.is_some() {
+            rule("drop");
+        }
+    }
+    script
+}
+
 /// What a run's directory records of its network.
 #[derive(Debug, Serialize, Deserialize)]
 struct Record {
@@ -152,12 +252,18 @@ fn nft(script: &str) -> Result<(), NatError> {
 const TABLE_SCRIPT: &str = "add table ip capsid
 add chain ip capsid postrouting { type nat hook postrouting priority srcnat; policy accept; }
 add chain ip capsid prerouting { type nat hook prerouting priority dstnat; policy accept; }
+add chain ip capsid input { type filter hook input priority filter; policy accept; }
+add chain ip capsid forward { type filter hook forward priority filter; policy accept; }
 ";
 
 impl NatNetwork {
     /// Makes the run's network in its directory `dir`, publishing
-    /// `published`.
-    pub fn create(dir: &Path, published: &[Publish]) -> Result<Self, NatError> {
+    /// `published`, reaching only what `egress` allows if given.
+    pub fn create(
+        dir: &Path,
+        published: &[Publish],
+        egress: Option<&Egress>,
+    ) -> Result<Self, NatError> {
         let netns = dir.join(NETNS_FILE);
         crate::network::bind_new_netns(&netns).map_err(|e| NatError::Netns(netns.clone(), e))?;
         let ns_file = File::open(&netns).map_err(|e| NatError::Netns(netns.clone(), e))?;
@@ -191,11 +297,16 @@ impl NatNetwork {
         record
             .and_then(|json| std::fs::write(dir.join(RECORD_FILE), json))
             .map_err(|e| NatError::Record(dir.join(RECORD_FILE), e))?;
-        network.configure(&mut host, published)?;
+        network.configure(&mut host, published, egress)?;
         Ok(network)
     }
 
-    fn configure(&self, host: &mut Netlink, published: &[Publish]) -> Result<(), NatError> {
+    fn configure(
+        &self,
+        host: &mut Netlink,
+        published: &[Publish],
+        egress: Option<&Egress>,
+    ) -> Result<(), NatError> {
         let slot = self.slot;
         let link = host
             .link_by_name(&host_link(slot))?
@@ -252,6 +363,7 @@ impl NatNetwork {
                 p.guest
             ));
         }
+        script.push_str(&filter_rules(&name, egress));
         nft(&script)?;
         Ok(())
     }
@@ -392,6 +504,70 @@ mod tests {
             "delete rule ip capsid postrouting handle 3\ndelete rule ip capsid prerouting handle 5\n"
         );
         assert_eq!(deletions(listing, "capsid-n2"), "");
+    }
+
+    #[test]
+    fn egress_lists_parse_to_networks_and_a_bad_one_says_what_is_expected() {
+        let egress: Egress = "allow=10.1.2.3/8:443,192.0.2.7".parse().unwrap();
+        assert_eq!(
+            egress.allow,
+            [
+                Allowed {
+                    addr: Ipv4Addr::new(10, 0, 0, 0),
+                    prefix: 8,
+                    port: Some(443)
+                },
+                Allowed {
+                    addr: Ipv4Addr::new(192, 0, 2, 7),
+                    prefix: 32,
+                    port: None
+                },
+            ]
+        );
+        let all: Egress = "allow=0.0.0.0/0".parse().unwrap();
+        assert_eq!(all.allow[0].prefix, 0);
+        for bad in [
+            "10.0.0.0/8",
+            "allow=",
+            "allow=10.0.0.0/33",
+            "allow=host:80",
+            "allow=1.2.3.4:0",
+        ] {
+            assert!(bad.parse::<Egress>().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_filter_refuses_metadata_always_and_all_but_the_allowed_with_egress() {
+        let open = filter_rules("capsid-n7", None);
+        assert!(open.contains(
+            "add rule ip capsid forward iifname \"capsid-n7\" ip daddr 169.254.0.0/16 drop comment \"capsid-n7\""
+        ));
+        assert!(
+            !open.lines().any(|l| l.contains("\" drop comment")),
+            "{open}"
+        );
+        let egress: Egress = "allow=10.240.0.0/16:8080".parse().unwrap();
+        let closed = filter_rules("capsid-n7", Some(&egress));
+        for chain in ["input", "forward"] {
+            let lines: Vec<&str> = closed
+                .lines()
+                .filter(|l| l.contains(&format!("capsid {chain} ")))
+                .collect();
+            assert_eq!(lines.len(), 4, "{closed}");
+            assert!(lines[0].contains("ct state established,related accept"));
+            assert!(
+                lines[1].contains(
+                    "ip daddr 10.240.0.0/16 meta l4proto { tcp, udp } th dport 8080 accept"
+                )
+            );
+            assert!(lines[2].contains("169.254.0.0/16 drop"));
+            assert!(
+                lines[3].contains("iifname \"capsid-n7\" drop comment"),
+                "{}",
+                lines[3]
+            );
+        }
     }
 
     #[test]

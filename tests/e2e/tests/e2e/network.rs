@@ -229,6 +229,87 @@ fn a_network_namespace_that_is_not_there_is_named_and_nothing_boots() {
     assert!(stderr.contains("--publish needs --network nat"), "{stderr}");
 }
 
+#[test]
+fn with_egress_only_the_allowed_destinations_answer() {
+    if !require_kvm("with_egress_only_the_allowed_destinations_answer") {
+        return;
+    }
+    // Two servers on the test host's own addresses; the run's gateway is
+    // one of them. Only the first port is allowed.
+    let servers: Vec<TcpListener> = (0..2)
+        .map(|_| TcpListener::bind("0.0.0.0:0").unwrap())
+        .collect();
+    let ports: Vec<u16> = servers
+        .iter()
+        .map(|s| s.local_addr().unwrap().port())
+        .collect();
+    for server in servers {
+        server.set_nonblocking(true).unwrap();
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(150);
+            while Instant::now() < deadline {
+                match server.accept() {
+                    Ok((mut stream, _)) => {
+                        let _ = stream.write_all(b"answered\n");
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+    }
+    let script = format!(
+        "gw=$(ip route | awk '/default/ {{print $3}}'); \
+         for p in {a} {b}; do if timeout 10 nc $gw $p </dev/null | grep -q answered; \
+         then echo \"$p open\"; else echo \"$p closed\"; fi; done",
+        a = ports[0],
+        b = ports[1]
+    );
+    let allow = format!("allow=10.240.0.0/16:{}", ports[0]);
+    let (output, _) = capsid_run(
+        &[
+            "--network",
+            "nat",
+            "--egress",
+            &allow,
+            "--timeout",
+            "120s",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+        b"",
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stdout}{stderr}");
+    assert_eq!(
+        stdout,
+        format!("{} open\n{} closed\n", ports[0], ports[1]),
+        "{stderr}"
+    );
+    // Without --egress both answer (and the rules are gone).
+    let (output, _) = capsid_run(
+        &[
+            "--network",
+            "nat",
+            "--timeout",
+            "120s",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+        b"",
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(stdout, format!("{} open\n{} open\n", ports[0], ports[1]));
+    assert_eq!(nat_leftovers(), (Vec::new(), String::new()));
+    let (output, _) = capsid_run(&["--egress", &allow, "--", "true"], b"");
+    assert_eq!(output.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--egress needs --network nat"));
+}
+
 /// The host's `capsid-nN` interfaces and the nftables rules they own.
 fn nat_leftovers() -> (Vec<String>, String) {
     let links = link_names()
