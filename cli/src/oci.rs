@@ -361,6 +361,7 @@ pub fn monitor(args: &MonitorArgs) -> anyhow::Result<ExitCode> {
                     &|why| eprintln!("capsid: {why}"),
                 ),
                 network: netns.as_deref(),
+                scratch_disk: None,
             },
         )?;
         let sandbox = Arc::new(sandbox);

@@ -85,6 +85,12 @@ pub struct RunArgs {
     /// (default: the configuration's, 256M).
     #[arg(long, value_parser = parse_size_mib)]
     memory: Option<u32>,
+    /// The container's writable layer on a sparse scratch disk of this
+    /// size (a number with K, M or G; made per run, never mounted on the
+    /// host) instead of the guest's memory, so a disk filler stops at
+    /// ENOSPC; without it, writes count against --memory.
+    #[arg(long, value_name = "SIZE", value_parser = parse_bytes)]
+    disk: Option<u64>,
     /// The most processes and threads the container may have at once
     /// (its cgroup's pids.max in the guest; -1: no limit, the default), so
     /// a fork bomb stops there.
@@ -605,6 +611,8 @@ struct OutputReport {
 struct Durations {
     /// The rootfs image (or the image unpacked and converted).
     image: Option<u64>,
+    /// Making the `--disk` scratch disk.
+    disk: Option<u64>,
     /// Spawning the VMM until its agent answered.
     boot: Option<u64>,
     /// The command's start to its exit.
@@ -776,6 +784,19 @@ fn run_with(args: &RunArgs, report: &mut Report) -> anyhow::Result<ExitCode> {
         (Network::Nat, Some(nat)) => Some(nat.netns()),
         _ => None,
     };
+    let scratch_disk = match args.disk {
+        Some(bytes) => {
+            let made = Instant::now();
+            let path = scratch.path().join("scratch.ext4");
+            let progress = attach::Progress::start("making the scratch disk");
+            capsid_runtime::images::rootfs::scratch_disk(&path, bytes)
+                .context("cannot make the scratch disk (--disk)")?;
+            drop(progress);
+            report.durations_ms.disk = Some(millis(made.elapsed()));
+            Some(path)
+        }
+        None => None,
+    };
     // Wait for the agent, but notice a VMM that died and a signal meanwhile.
     let wait = config.agent_timeout();
     let progress = attach::Progress::start("booting the micro-VM");
@@ -797,6 +818,7 @@ fn run_with(args: &RunArgs, report: &mut Report) -> anyhow::Result<ExitCode> {
             // even of a SIGKILL.
             die_with_owner: true,
             network: netns.as_deref(),
+            scratch_disk: scratch_disk.as_deref(),
             policy: config.boot_policy(wait, &|| signals.any(), &|why| {
                 progress.say(&format!("capsid: {why}"));
             }),

@@ -332,7 +332,30 @@ fn mount_rootfs(
     let rootfs = dir.join("rootfs");
     let fstype = request.filesystem.name();
     if request.overlay {
-        let (lower, upper, work) = (dir.join("lower"), dir.join("upper"), dir.join("work"));
+        // The writes go to the guest's tmpfs, or to a disk of their own.
+        let writes = match &request.upper_disk {
+            Some(id) => {
+                let scratch = dir.join("scratch");
+                sys.mkdir_all(&scratch)
+                    .map_err(io_error(format!("mkdir {}", scratch.display())))?;
+                let disk = find_disk(id)?;
+                sys.mount(
+                    Some(&disk),
+                    &scratch,
+                    Some("ext4"),
+                    libc::MS_NOSUID | libc::MS_NODEV,
+                    None,
+                )
+                .map_err(io_error(format!(
+                    "mount the scratch disk {}",
+                    disk.display()
+                )))?;
+                mounts.push(scratch.clone());
+                scratch
+            }
+            None => dir.clone(),
+        };
+        let (lower, upper, work) = (dir.join("lower"), writes.join("upper"), writes.join("work"));
         for d in [&lower, &upper, &work, &rootfs] {
             sys.mkdir_all(d)
                 .map_err(io_error(format!("mkdir {}", d.display())))?;
@@ -862,6 +885,7 @@ mod tests {
             disk_id: "rootfs".into(),
             filesystem: Filesystem::Erofs,
             overlay,
+            upper_disk: None,
         };
         let flags = |ro: bool| ROOTFS_FLAGS | if ro { libc::MS_RDONLY } else { 0 };
 

@@ -786,6 +786,7 @@ mod tests {
                         disk_id: "r".into(),
                         filesystem: Filesystem::Erofs,
                         overlay: true,
+                        upper_disk: None,
                     },
                     spec: Default::default(),
                     stdio: StdioRequest::default(),

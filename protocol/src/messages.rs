@@ -159,9 +159,14 @@ pub struct Rootfs {
     pub disk_id: String,
     /// What is on it.
     pub filesystem: Filesystem,
-    /// True: the disk is read-only and writes go to an overlay on tmpfs.
-    /// False: the disk itself is mounted read-write.
+    /// True: the disk is read-only and writes go to an overlay on tmpfs
+    /// (or on `upper_disk`). False: the disk itself is mounted read-write.
     pub overlay: bool,
+    /// With `overlay`: the id of a disk holding an ext4 file system on
+    /// which the overlay's writes go instead of the guest's memory
+    /// (`capsid run --disk`), so a disk filler meets ENOSPC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upper_disk: Option<String>,
 }
 
 /// `CreateContainer`: the OCI spec as the bundle has it. The agent uses
@@ -616,6 +621,7 @@ pub(crate) mod tests {
                     disk_id: "rootfs".into(),
                     filesystem: Filesystem::Erofs,
                     overlay: true,
+                    upper_disk: None,
                 },
                 spec: Spec::default(),
                 stdio: StdioRequest {

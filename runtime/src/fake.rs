@@ -76,6 +76,7 @@ impl FakeAgent {
                 disk_id: crate::vm::ROOTFS_DISK.into(),
                 filesystem: Filesystem::Erofs,
                 overlay: true,
+                upper_disk: None,
             },
             disk: None,
             spec: Spec::default(),
@@ -428,6 +429,7 @@ impl Vm for FakeVm {
                 Format::Ext4 => Filesystem::Ext4,
             },
             overlay: true,
+            upper_disk: None,
         })
     }
 

@@ -42,7 +42,7 @@ use crate::confine::Confinement;
 use crate::container::{Container, Process, ProcessIo};
 use crate::network::{self, Wiring};
 use crate::vm::{
-    BootPolicy, MicroVm, MicroVmError, VmApi, VmNet, VmSpec, alive_with, diagnostics_in,
+    BootPolicy, Disk, MicroVm, MicroVmError, VmApi, VmNet, VmSpec, alive_with, diagnostics_in,
     kill_orphans, rootfs_disk, vsock_path,
 };
 use capsid_base::lock;
@@ -253,7 +253,14 @@ pub struct BootRequest<'a> {
     /// The network namespace whose interfaces the VM gets
     /// ([`crate::network`]); `None`: no network device at all.
     pub network: Option<&'a Path>,
+    /// An ext4 image (`capsid_images::rootfs::scratch_disk`) for the first
+    /// container's writes, the VM's writable disk "scratch"; `None`: they
+    /// go to the guest's memory.
+    pub scratch_disk: Option<&'a Path>,
 }
+
+/// The disk id of [`BootRequest::scratch_disk`] in the VM.
+pub const SCRATCH_DISK: &str = "scratch";
 
 /// Where a sandbox's network wiring is kept for [`Sandbox::reopen`] and
 /// for a sweep after its owner died.
@@ -296,7 +303,16 @@ impl Sandbox {
     /// down (a guest that stalls one call may stall them all). On an
     /// error, nothing it made is left (the directory is the caller's).
     pub fn boot(config: &Config, request: BootRequest<'_>) -> Result<(Self, Rootfs), SandboxError> {
-        let (disk, rootfs) = rootfs_disk(request.image);
+        let (disk, mut rootfs) = rootfs_disk(request.image);
+        let mut disks = vec![disk];
+        if let Some(path) = request.scratch_disk {
+            disks.push(Disk {
+                path: path.to_owned(),
+                read_only: false,
+                id: SCRATCH_DISK.into(),
+            });
+            rootfs.upper_disk = Some(SCRATCH_DISK.into());
+        }
         let name = request.name;
         // The wiring is recorded before anything of it is made: an owner
         // killed from there on leaves it to a sweep
@@ -337,7 +353,7 @@ impl Sandbox {
                 boot: config.boot_files()?,
                 vcpus: request.size.vcpus,
                 memory_mib: request.size.memory_mib,
-                disks: vec![disk],
+                disks,
                 spare_disks: request.spare_disks,
                 dir: request.dir.to_owned(),
                 log_level: "warn".into(),

@@ -132,6 +132,7 @@ fn rootfs_on(image: &RootfsImage, id: &str) -> Rootfs {
             Format::Ext4 => Filesystem::Ext4,
         },
         overlay: true,
+        upper_disk: None,
     }
 }
 

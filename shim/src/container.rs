@@ -160,6 +160,7 @@ impl Vms for MicroVms {
                     log::warn!("{id}: {why}");
                 }),
                 network: options.network,
+                scratch_disk: None,
             },
         )?;
         // The sandbox owns the directory from here.

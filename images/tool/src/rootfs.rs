@@ -322,6 +322,38 @@ fn make_ext4(dir: &Path, out: &Path) -> Result<(), RootfsError> {
     )
 }
 
+/// A sparse file of `bytes` (rounded up to whole MiB) at `out` holding an
+/// empty ext4 file system: a container's writable layer (`capsid run
+/// --disk`), which the guest fills and the host never mounts. Sparse, and
+/// without a journal: it lives as long as one run.
+pub fn scratch_disk(out: &Path, bytes: u64) -> Result<(), RootfsError> {
+    let mib = bytes.div_ceil(1 << 20).max(8);
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(out)
+        .map_err(|e| RootfsError::Write(out.to_owned(), e))?;
+    file.set_len(mib << 20)
+        .map_err(|e| RootfsError::Write(out.to_owned(), e))?;
+    drop(file);
+    run(
+        "mkfs.ext4",
+        "e2fsprogs",
+        Command::new("mkfs.ext4")
+            .args([
+                "-q",
+                "-F",
+                "-O",
+                "^has_journal",
+                "-E",
+                "lazy_itable_init=1,nodiscard",
+                "-m",
+                "0",
+            ])
+            .arg(out),
+    )
+}
+
 /// virtio-blk disks are whole 512-byte sectors.
 fn pad_to_sectors(path: &Path) -> Result<(), RootfsError> {
     let file = fs::OpenOptions::new()
@@ -339,6 +371,36 @@ fn pad_to_sectors(path: &Path) -> Result<(), RootfsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_scratch_disk_is_sparse_ext4_of_whole_mib() {
+        if !tool_available("mkfs.ext4") {
+            eprintln!("skipped: no mkfs.ext4");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("scratch.ext4");
+        scratch_disk(&disk, 1 << 30).unwrap();
+        let meta = fs::metadata(&disk).unwrap();
+        assert_eq!(meta.len(), 1 << 30);
+        use std::os::unix::fs::MetadataExt;
+        assert!(
+            meta.blocks() * 512 < 64 << 20,
+            "not sparse: {} blocks",
+            meta.blocks()
+        );
+        let mut superblock = [0u8; 2048];
+        io::Read::read_exact(&mut fs::File::open(&disk).unwrap(), &mut superblock).unwrap();
+        assert_eq!(
+            &superblock[1024 + 0x38..1024 + 0x3a],
+            &[0x53, 0xef],
+            "ext4 magic"
+        );
+        assert!(
+            scratch_disk(&disk, 1 << 20).is_err(),
+            "an existing file is not replaced"
+        );
+    }
 
     #[test]
     fn a_tool_that_hangs_is_stopped_at_the_bound_with_a_clear_error() {

@@ -152,6 +152,7 @@ impl AgentVm {
                     disk_id: ROOTFS_DISK.into(),
                     filesystem: Filesystem::Erofs,
                     overlay: true,
+                    upper_disk: None,
                 },
                 spec,
                 stdio,

@@ -476,6 +476,7 @@ fn a_writable_disk_mounted_in_two_containers_keeps_what_was_written() {
                 disk_id: capsid_testbed::agent::ROOTFS_DISK.into(),
                 filesystem: capsid_protocol::Filesystem::Erofs,
                 overlay: true,
+                upper_disk: None,
             },
             spec: bad,
             stdio: StdioRequest::default(),

@@ -202,6 +202,11 @@ fn capsid_run_gives_the_commands_output_and_exit_code() {
     let (printed, code) = on_a_pty(Command::new(artifact("CAPSID_CLI")).args(args), &args);
     assert!(printed.contains("/dev/pts/"), "{printed:?}");
     assert_eq!(code, Some(5), "{printed:?}");
+    // No stray NUL (shown as ^@) at the start of a tty session.
+    assert!(
+        !printed.contains('\0') && !printed.contains("^@"),
+        "{printed:?}"
+    );
 
     // As docker: 127 for a program that is not there, 126 for one that
     // cannot be executed (before, both were 125).
@@ -564,6 +569,33 @@ fn a_jobs_output_comes_out_checked_also_after_a_failure_or_timeout() {
     assert_eq!(output.status.code(), Some(125), "{stderr}");
     assert!(stderr.contains("not an empty directory"), "{stderr}");
     assert!(took < Duration::from_secs(20), "{took:?}");
+    assert_eq!(leftovers(), Vec::<String>::new());
+}
+
+#[test]
+fn a_disk_filler_stops_at_the_scratch_disk_and_the_next_job_runs() {
+    if !require_kvm("a_disk_filler_stops_at_the_scratch_disk_and_the_next_job_runs") {
+        return;
+    }
+    // 200 MiB into a 64 MiB writable layer: ENOSPC, the VM lives on.
+    let script = "dd if=/dev/zero of=/fill bs=1M count=200 2>&1 | tail -1; \
+                  df -k / | tail -1; echo alive";
+    let (output, report) = reported(&["--disk", "64M", "--", "sh", "-c", script], b"");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("No space left on device"), "{stdout}");
+    assert!(stdout.ends_with("alive\n"), "{stdout}");
+    let size_kib: u64 = stdout
+        .lines()
+        .find(|l| l.starts_with("overlay"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no overlay in df: {stdout}"));
+    assert!((48_000..=66_000).contains(&size_kib), "{size_kib} KiB");
+    assert!(report["durations_ms"]["disk"].is_u64(), "{report}");
+    let (output, _) = capsid_run(&["--", "echo", "next"], b"");
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "next\n");
     assert_eq!(leftovers(), Vec::<String>::new());
 }
 
