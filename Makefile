@@ -1,7 +1,7 @@
 # The two commands of the README. Both install what they need (Debian
 # packages, the guest kernel, the nested test host's kernel) and reuse caches.
 
-.PHONY: demo test bench fuzz deaths soak
+.PHONY: demo test bench fuzz deaths soak ci-example
 demo:
 	bash scripts/demo.sh
 
@@ -33,3 +33,8 @@ SOAK_RUNS ?= 1000
 SOAK_CTR_RUNS ?= 200
 soak:
 	bash scripts/soak.sh $(SOAK_RUNS) $(SOAK_CTR_RUNS)
+
+# The worked example of docs/ci.md: a small project's build and test as an
+# untrusted CI job, its artefacts and report out.
+ci-example:
+	bash scripts/ci-example.sh

@@ -213,6 +213,30 @@ pub fn parse_output(text: &str) -> Result<Output, String> {
 
 /// How long the output stream may stall before it is given up on.
 const OUTPUT_IDLE: Duration = Duration::from_secs(30);
+/// How long one output may take in all: a guest that drip-feeds it
+/// (a byte just within [`OUTPUT_IDLE`]) cannot hold capsid for longer.
+const OUTPUT_DEADLINE: Duration = Duration::from_secs(600);
+
+/// A reader that fails once `until` has passed.
+struct Until<R> {
+    inner: R,
+    until: Instant,
+}
+
+impl<R: std::io::Read> std::io::Read for Until<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if Instant::now() > self.until {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "the output took longer than {} s",
+                    OUTPUT_DEADLINE.as_secs()
+                ),
+            ));
+        }
+        self.inner.read(buf)
+    }
+}
 
 /// Copies each `--output` out of the finished container; what to report
 /// of each, and whether all arrived.
@@ -229,7 +253,13 @@ fn collect_outputs(
         let result = agent
             .archive(CONTAINER_ID, &out.guest, OUTPUT_IDLE)
             .map_err(anyhow::Error::from)
-            .and_then(|stream| output::unpack(stream, &out.host, limits).map_err(Into::into));
+            .and_then(|stream| {
+                let bounded = Until {
+                    inner: stream,
+                    until: started + OUTPUT_DEADLINE,
+                };
+                output::unpack(bounded, &out.host, limits).map_err(Into::into)
+            });
         let mut report = OutputReport {
             guest: out.guest.clone(),
             host: out.host.display().to_string(),
@@ -1194,6 +1224,22 @@ mod tests {
         for bad in ["0", "x", "1T", "-1M", ""] {
             assert!(parse_bytes(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn an_output_past_its_deadline_fails_its_next_read() {
+        use std::io::Read;
+        let mut late = Until {
+            inner: &b"tar"[..],
+            until: Instant::now() - Duration::from_secs(1),
+        };
+        let e = late.read(&mut [0; 8]).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        let mut early = Until {
+            inner: &b"tar"[..],
+            until: Instant::now() + Duration::from_secs(60),
+        };
+        assert_eq!(early.read(&mut [0; 8]).unwrap(), 3);
     }
 
     #[test]
