@@ -67,7 +67,7 @@ run_with_kvm() {
         --with /usr/bin/qemu-system-x86_64 --with /usr/share/qemu --with /usr/share/seabios \
         --with "$CAPSID_KERNEL" --with "$CAPSID_TEST_INIT" --with "$CAPSID_CLOUD_KERNEL" \
         --with "$CAPSID_VMM" --with "$CAPSID_AGENT_INITRAMFS" --with "$CAPSID_TEST_ROOTFS_IMAGE" --with "$CAPSID_TEST_DATA_IMAGE" \
-        --with "$CAPSID_CLI" --with "$CAPSID_TEST_ROOTFS_DIR" --with /usr/bin/mkfs.erofs \
+        --with "$CAPSID_CLI" --with "$CAPSID_TEST_ROOTFS_DIR" --with /usr/bin/mkfs.erofs --with /usr/sbin/mke2fs --with /usr/sbin/mkfs.ext4 \
         --with "$CAPSID_SHIM" --with "$CAPSID_TEST_IMAGES_DIR/busybox.oci.tar" --with "$CAPSID_TEST_IMAGES_DIR/busybox-user.oci.tar" --with "$CAPSID_TEST_IMAGES_DIR/busybox-user.oci" --with /usr/bin/containerd --with /usr/bin/ctr --with /usr/sbin/nft \
         --with "$CAPSID_TEST_IMAGES_DIR/pause.oci.tar" \
         --with /usr/lib/cni/bridge --with /usr/lib/cni/host-local --with /usr/lib/cni/loopback \

@@ -362,6 +362,7 @@ pub fn monitor(args: &MonitorArgs) -> anyhow::Result<ExitCode> {
                 ),
                 network: netns.as_deref(),
                 scratch_disk: None,
+                extra_disks: &[],
             },
         )?;
         let sandbox = Arc::new(sandbox);

@@ -91,6 +91,18 @@ pub struct RunArgs {
     /// ENOSPC; without it, writes count against --memory.
     #[arg(long, value_name = "SIZE", value_parser = parse_bytes)]
     disk: Option<u64>,
+    /// A host directory in the container (repeatable): `:ro` (the
+    /// default) as a read-only erofs image of it, cached by content; `:rw`
+    /// as a writable ext4 copy made for the run, which is dropped after.
+    /// The guest never sees the host's file system, only images of it.
+    #[arg(long = "volume", short = 'v', value_name = "HOST_DIR:GUEST_PATH[:ro|:rw]", value_parser = parse_volume)]
+    volumes: Vec<Volume>,
+    /// A persistent cache (repeatable): an ext4 image kept as
+    /// $CAPSID_CACHE/caches/NAME.ext4 between runs (made empty, of SIZE,
+    /// default 1G, the first time), mounted read-write at GUEST_PATH, never
+    /// on the host, and held by one run at a time.
+    #[arg(long = "cache", value_name = "NAME:GUEST_PATH[:SIZE]", value_parser = parse_cache)]
+    caches: Vec<CacheArg>,
     /// The most processes and threads the container may have at once
     /// (its cgroup's pids.max in the guest; -1: no limit, the default), so
     /// a fork bomb stops there.
@@ -175,6 +187,166 @@ impl RunArgs {
     pub fn command(&self) -> Vec<String> {
         self.command.clone()
     }
+}
+
+/// A `--volume HOST_DIR:GUEST_PATH[:ro|:rw]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Volume {
+    host: PathBuf,
+    guest: String,
+    writable: bool,
+}
+
+pub fn parse_volume(text: &str) -> Result<Volume, String> {
+    let bad = || format!("{text:?} is not HOST_DIR:GUEST_PATH[:ro|:rw] (GUEST_PATH absolute)");
+    let (rest, writable) = match text.rsplit_once(':') {
+        Some((rest, "ro")) => (rest, false),
+        Some((rest, "rw")) => (rest, true),
+        _ => (text, false),
+    };
+    match rest.split_once(':') {
+        Some((host, guest))
+            if !host.is_empty()
+                && guest.starts_with('/')
+                && guest != "/"
+                && !guest.contains(':') =>
+        {
+            Ok(Volume {
+                host: host.into(),
+                guest: guest.to_owned(),
+                writable,
+            })
+        }
+        _ => Err(bad()),
+    }
+}
+
+/// A `--cache NAME:GUEST_PATH[:SIZE]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheArg {
+    name: String,
+    guest: String,
+    bytes: u64,
+}
+
+/// A new cache's size unless given.
+const CACHE_BYTES: u64 = 1 << 30;
+
+pub fn parse_cache(text: &str) -> Result<CacheArg, String> {
+    let bad = || format!("{text:?} is not NAME:GUEST_PATH[:SIZE] (GUEST_PATH absolute)");
+    let mut parts = text.splitn(3, ':');
+    let (Some(name), Some(guest)) = (parts.next(), parts.next()) else {
+        return Err(bad());
+    };
+    if !capsid_runtime::images::caches::valid_name(name) {
+        return Err(format!(
+            "{name:?}: a cache's name is 1 to 64 of A-Z a-z 0-9 . _ - (not starting with .)"
+        ));
+    }
+    if !guest.starts_with('/') || guest == "/" {
+        return Err(bad());
+    }
+    let bytes = match parts.next() {
+        Some(size) => parse_bytes(size)?,
+        None => CACHE_BYTES,
+    };
+    Ok(CacheArg {
+        name: name.to_owned(),
+        guest: guest.to_owned(),
+        bytes,
+    })
+}
+
+/// The most volumes and caches one run attaches.
+const MAX_EXTRA_DISKS: usize = 8;
+
+/// What `--volume` and `--cache` give the VM: its disks, the container's
+/// mounts of them, and the caches' locks, held for the run.
+#[derive(Default)]
+struct ExtraDisks {
+    disks: Vec<capsid_runtime::Disk>,
+    mounts: Vec<oci_spec::runtime::Mount>,
+    held: Vec<capsid_runtime::images::caches::HeldCache>,
+}
+
+fn disk_mount(
+    guest: &str,
+    id: &str,
+    fstype: &str,
+    writable: bool,
+) -> anyhow::Result<oci_spec::runtime::Mount> {
+    let mut options = vec!["nosuid".to_owned(), "nodev".to_owned()];
+    if !writable {
+        options.push("ro".into());
+    }
+    oci_spec::runtime::MountBuilder::default()
+        .destination(guest)
+        .typ(fstype)
+        .source(format!("disk:{id}"))
+        .options(options)
+        .build()
+        .context("a disk's mount")
+}
+
+/// Images the volumes (read-only ones cached by content, writable ones
+/// copied into `scratch`) and takes the caches.
+fn extra_disks(args: &RunArgs, scratch: &Path) -> anyhow::Result<ExtraDisks> {
+    use capsid_runtime::images::{caches, rootfs};
+    if args.volumes.len() + args.caches.len() > MAX_EXTRA_DISKS {
+        bail!("at most {MAX_EXTRA_DISKS} --volume and --cache in all");
+    }
+    let mut extra = ExtraDisks::default();
+    let cache_dir = capsid_runtime::images::cache_dir();
+    for (n, volume) in args.volumes.iter().enumerate() {
+        let what = || format!("--volume {}", volume.host.display());
+        if !volume.host.is_dir() {
+            bail!("{}: not a directory", what());
+        }
+        let format = if volume.writable {
+            rootfs::Format::Ext4
+        } else {
+            rootfs::Format::Erofs
+        };
+        let progress = attach::Progress::start(&format!("imaging {}", volume.host.display()));
+        let image = rootfs::image(&volume.host, Some(format), &cache_dir).with_context(what)?;
+        drop(progress);
+        let id = format!("vol{n}");
+        let path = if volume.writable {
+            // The cached image stays as it was made: the guest writes a copy.
+            let copy = scratch.join(format!("{id}.ext4"));
+            std::fs::copy(&image.path, &copy)
+                .with_context(|| format!("{}: copy its image", what()))?;
+            copy
+        } else {
+            image.path.clone()
+        };
+        extra.disks.push(capsid_runtime::Disk {
+            path,
+            read_only: !volume.writable,
+            id: id.clone(),
+        });
+        extra.mounts.push(disk_mount(
+            &volume.guest,
+            &id,
+            image.format.name(),
+            volume.writable,
+        )?);
+    }
+    for (n, cache) in args.caches.iter().enumerate() {
+        let held = caches::hold(&cache_dir, &cache.name, cache.bytes)
+            .with_context(|| format!("--cache {}", cache.name))?;
+        let id = format!("cache{n}");
+        extra.disks.push(capsid_runtime::Disk {
+            path: held.path.clone(),
+            read_only: false,
+            id: id.clone(),
+        });
+        extra
+            .mounts
+            .push(disk_mount(&cache.guest, &id, "ext4", true)?);
+        extra.held.push(held);
+    }
+    Ok(extra)
 }
 
 /// A `--output GUEST_DIR:HOST_DIR`.
@@ -814,6 +986,7 @@ fn run_with(args: &RunArgs, report: &mut Report) -> anyhow::Result<ExitCode> {
         (Network::Nat, Some(nat)) => Some(nat.netns()),
         _ => None,
     };
+    let extra = extra_disks(args, scratch.path())?;
     let scratch_disk = match args.disk {
         Some(bytes) => {
             let made = Instant::now();
@@ -849,6 +1022,7 @@ fn run_with(args: &RunArgs, report: &mut Report) -> anyhow::Result<ExitCode> {
             die_with_owner: true,
             network: netns.as_deref(),
             scratch_disk: scratch_disk.as_deref(),
+            extra_disks: &extra.disks,
             policy: config.boot_policy(wait, &|| signals.any(), &|why| {
                 progress.say(&format!("capsid: {why}"));
             }),
@@ -858,11 +1032,16 @@ fn run_with(args: &RunArgs, report: &mut Report) -> anyhow::Result<ExitCode> {
     drop(progress);
     report.durations_ms.boot = Some(millis(booting.elapsed()));
     debug!("agent answered: {}", sandbox.agent().describe());
-    let secrets = Secrets {
+    let mut mounts = secret_mounts;
+    mounts.extend(extra.mounts.iter().cloned());
+    let additions = Additions {
         files: secret_files,
-        mounts: secret_mounts,
+        mounts,
     };
-    let outcome = drive(args, &workload, rootfs, secrets, &sandbox, &signals, report);
+    let outcome = drive(
+        args, &workload, rootfs, additions, &sandbox, &signals, report,
+    );
+    drop(extra);
     outcome.map_err(|e| explain(e, &sandbox))
 }
 
@@ -922,8 +1101,9 @@ fn container_hostname() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The secrets' contents and the mounts that show them.
-struct Secrets {
+/// What the container gets besides its image: copied files (the
+/// secrets) and mounts (the secrets', the volumes', the caches').
+struct Additions {
     files: Vec<Vec<u8>>,
     mounts: Vec<oci_spec::runtime::Mount>,
 }
@@ -932,7 +1112,7 @@ fn drive(
     args: &RunArgs,
     workload: &Workload,
     rootfs: Rootfs,
-    secrets: Secrets,
+    additions: Additions,
     sandbox: &Arc<Sandbox>,
     signals: &attach::Signals,
     report: &mut Report,
@@ -940,7 +1120,7 @@ fn drive(
     let spec = workload::docker_spec(workload, args.tty, &container_hostname())?;
     let mut spec = with_limits(spec, args.pids_limit)?;
     let mut mounts = spec.mounts().clone().unwrap_or_default();
-    mounts.extend(secrets.mounts);
+    mounts.extend(additions.mounts);
     spec.set_mounts(Some(mounts));
     let process = spec.process().clone().unwrap_or_default();
     let seccomp = seccomp_for(&args.security_opt, &process)?;
@@ -958,7 +1138,7 @@ fn drive(
             rootfs,
             disk: None,
             spec,
-            files: secrets.files,
+            files: additions.files,
             stdio: attach::stdio_request(args.tty),
             share: None,
         },
@@ -1240,6 +1420,36 @@ mod tests {
             until: Instant::now() + Duration::from_secs(60),
         };
         assert_eq!(early.read(&mut [0; 8]).unwrap(), 3);
+    }
+
+    #[test]
+    fn volumes_and_caches_parse_or_say_what_is_expected() {
+        assert_eq!(
+            parse_volume("src:/work"),
+            Ok(Volume {
+                host: "src".into(),
+                guest: "/work".into(),
+                writable: false
+            })
+        );
+        assert!(parse_volume("/a:b:/c:rw").is_err(), "GUEST_PATH absolute");
+        assert!(parse_volume("/data:/d:rw").unwrap().writable);
+        assert!(!parse_volume("/data:/d:ro").unwrap().writable);
+        for bad in ["src", ":/work", "src:work", "src:/", "src:/w:xx"] {
+            assert!(parse_volume(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            parse_cache("cargo:/root/.cargo:2G"),
+            Ok(CacheArg {
+                name: "cargo".into(),
+                guest: "/root/.cargo".into(),
+                bytes: 2 << 30
+            })
+        );
+        assert_eq!(parse_cache("npm:/n").unwrap().bytes, CACHE_BYTES);
+        for bad in ["npm", "../x:/n", "npm:n", "npm:/n:lots"] {
+            assert!(parse_cache(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -257,6 +257,9 @@ pub struct BootRequest<'a> {
     /// container's writes, the VM's writable disk "scratch"; `None`: they
     /// go to the guest's memory.
     pub scratch_disk: Option<&'a Path>,
+    /// Further disks from boot on, which the container's mounts name by
+    /// id (`disk:ID`): `capsid run --volume` and `--cache`.
+    pub extra_disks: &'a [Disk],
 }
 
 /// The disk id of [`BootRequest::scratch_disk`] in the VM.
@@ -313,6 +316,7 @@ impl Sandbox {
             });
             rootfs.upper_disk = Some(SCRATCH_DISK.into());
         }
+        disks.extend(request.extra_disks.iter().cloned());
         let name = request.name;
         // The wiring is recorded before anything of it is made: an owner
         // killed from there on leaves it to a sweep

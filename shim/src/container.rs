@@ -161,6 +161,7 @@ impl Vms for MicroVms {
                 }),
                 network: options.network,
                 scratch_disk: None,
+                extra_disks: &[],
             },
         )?;
         // The sandbox owns the directory from here.

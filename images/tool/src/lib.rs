@@ -3,6 +3,7 @@
 
 #![warn(missing_docs)]
 
+pub mod caches;
 pub mod initramfs;
 pub mod oci;
 pub mod output;

@@ -600,6 +600,105 @@ fn a_disk_filler_stops_at_the_scratch_disk_and_the_next_job_runs() {
 }
 
 #[test]
+fn volumes_are_images_of_host_dirs_and_caches_outlive_a_run_held_by_one_at_a_time() {
+    if !require_kvm(
+        "volumes_are_images_of_host_dirs_and_caches_outlive_a_run_held_by_one_at_a_time",
+    ) {
+        return;
+    }
+    let scratch = capsid_testbed::ScratchDir::new("capsid-e2e-volume").unwrap();
+    let src = scratch.join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("a.txt"), "from the host\n").unwrap();
+    let ro = format!("{}:/src", src.display());
+    let rw = format!("{}:/rw:rw", src.display());
+    let script = "cat /src/a.txt; (echo x > /src/new) 2>/dev/null || echo read-only; \
+                  echo changed > /rw/a.txt && cat /rw/a.txt";
+    let (output, _) = capsid_run(&["-v", &ro, "-v", &rw, "--", "sh", "-c", script], b"");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stdout}{stderr}");
+    assert_eq!(stdout, "from the host\nread-only\nchanged\n");
+    // The host's directory never saw the guest's writes.
+    assert_eq!(
+        std::fs::read_to_string(src.join("a.txt")).unwrap(),
+        "from the host\n"
+    );
+    assert_eq!(names_in(&src), ["a.txt"]);
+
+    // A cache: what one run leaves, the next finds.
+    let name = format!("e2e-{}", std::process::id());
+    let cache = format!("{name}:/cache:64M");
+    let (output, _) = capsid_run(
+        &[
+            "--cache",
+            &cache,
+            "--",
+            "sh",
+            "-c",
+            "echo kept > /cache/stamp",
+        ],
+        b"",
+    );
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let (output, _) = capsid_run(&["--cache", &cache, "--", "cat", "/cache/stamp"], b"");
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "kept\n");
+    // Held by one run at a time: a second is refused at once.
+    let rootfs = std::env::var("CAPSID_TEST_ROOTFS_DIR").unwrap();
+    let mut holder = Command::new(artifact("CAPSID_CLI"))
+        .args([
+            "run",
+            "--rootfs",
+            &rootfs,
+            "--cache",
+            &cache,
+            "--",
+            "sh",
+            "-c",
+            "echo ready; sleep 60",
+        ])
+        .env("TMPDIR", std::env::temp_dir())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line, "ready\n");
+    let (output, took) = capsid_run(&["--cache", &cache, "--", "true"], b"");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(125), "{stderr}");
+    assert!(stderr.contains("in use by another job"), "{stderr}");
+    assert!(took < Duration::from_secs(20), "{took:?}");
+    unsafe_free_kill(holder.id(), libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(300));
+    unsafe_free_kill(holder.id(), libc::SIGTERM);
+    let _ = holder.wait();
+    let caches = std::path::PathBuf::from(
+        std::env::var("CAPSID_CACHE").unwrap_or_else(|_| "/var/cache/capsid".into()),
+    )
+    .join("caches");
+    for file in [format!("{name}.ext4"), format!("{name}.lock")] {
+        std::fs::remove_file(caches.join(file)).unwrap();
+    }
+    assert_eq!(
+        processes_left_after(Duration::from_secs(10)),
+        Vec::<String>::new()
+    );
+    assert_eq!(leftovers(), Vec::<String>::new());
+}
+
+#[test]
 fn an_unknown_option_is_a_usage_error_and_boots_nothing() {
     // Before, `--memroy 128M true` booted a VM and tried to execute
     // "--memroy" (exit 125 after a boot); clap's usage errors exited 2.
