@@ -1165,10 +1165,11 @@ fn drive(
     )?;
     let ended = attached.ended;
     let stats = sandbox.agent().stats(CONTAINER_ID).ok();
-    let oom = match (ended, &stats) {
-        (attach::Ended::Exited(ExitStatus::Signal(libc::SIGKILL)), Some(stats)) => oom_line(stats),
-        _ => None,
-    };
+    let sigkilled = matches!(
+        ended,
+        attach::Ended::Exited(ExitStatus::Signal(libc::SIGKILL))
+    );
+    let oom = stats.as_ref().and_then(|stats| oom_line(stats, sigkilled));
     if let Some(line) = &oom {
         eprintln!("{line}");
     }
@@ -1215,16 +1216,24 @@ fn drive(
     Ok(ended.exit_code())
 }
 
-/// What to say of a command that SIGKILL ended, if the out-of-memory
-/// killer did it (not a silent 137, as docker's `OOMKilled`).
-fn oom_line(stats: &ContainerStats) -> Option<String> {
-    (stats.memory_events.oom_kill > 0).then(|| {
-        format!(
-            "capsid: the command was killed: out of memory (its limit: {} MiB; \
-             --memory gives the micro-VM more)",
-            stats.memory_limit_bytes >> 20
-        )
-    })
+/// What to say if the out-of-memory killer killed any of the command's
+/// processes (as docker's `OOMKilled`): the command itself, when SIGKILL
+/// ended it (not a silent 137), or some of its children.
+fn oom_line(stats: &ContainerStats, sigkilled: bool) -> Option<String> {
+    let kills = stats.memory_events.oom_kill;
+    let limit = format!(
+        "its limit: {} MiB; --memory gives the micro-VM more",
+        stats.memory_limit_bytes >> 20
+    );
+    match kills {
+        0 => None,
+        _ if sigkilled => Some(format!(
+            "capsid: the command was killed: out of memory ({limit})"
+        )),
+        n => Some(format!(
+            "capsid: the out-of-memory killer killed {n} of the command's processes ({limit})"
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -1455,12 +1464,17 @@ mod tests {
     #[test]
     fn an_oom_kill_is_named() {
         let mut stats = ContainerStats::default();
-        assert_eq!(oom_line(&stats), None, "a SIGKILL by someone else");
-        stats.memory_events.oom_kill = 1;
+        assert_eq!(oom_line(&stats, true), None, "a SIGKILL by someone else");
+        stats.memory_events.oom_kill = 2;
         stats.memory_limit_bytes = 96 << 20;
-        let line = oom_line(&stats).unwrap();
+        let line = oom_line(&stats, true).unwrap();
         assert!(
-            line.contains("out of memory") && line.contains("96 MiB"),
+            line.contains("killed: out of memory") && line.contains("96 MiB"),
+            "{line}"
+        );
+        let line = oom_line(&stats, false).unwrap();
+        assert!(
+            line.contains("killed 2 of the command's processes"),
             "{line}"
         );
     }

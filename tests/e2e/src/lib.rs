@@ -44,14 +44,22 @@ pub fn require_kvm(test: &str) -> bool {
 /// name it in a failure.
 pub fn on_a_pty(command: &mut Command, args: &[&str]) -> (String, Option<i32>) {
     let (mut master, mut slave) = (0, 0);
-    // SAFETY: openpty fills two fds; the name, termios and size are optional.
+    // A terminal's size, as a person's has: the command's tty is resized.
+    let size = libc::winsize {
+        ws_row: 24,
+        ws_col: 80,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: openpty fills two fds; the name and termios are optional and
+    // `size` outlives the call.
     let rc = unsafe {
         libc::openpty(
             &mut master,
             &mut slave,
             std::ptr::null_mut(),
             std::ptr::null(),
-            std::ptr::null(),
+            &size,
         )
     };
     assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());

@@ -37,10 +37,11 @@ pub const EXIT_MARKER: &str = "CAPSID-TESTBED-EXIT";
 /// containerd's default snapshotter), tun (the taps virtio-net serves),
 /// veth, what the runtime redirects a sandbox's traffic with (the
 /// ingress qdisc, the u32 classifier, the mirred action), nftables
-/// with NAT for `capsid run --network nat`, and the bridge CNI's bridge
+/// with NAT for `capsid run --network nat` (and conntrack matches for its
+/// egress filter), and the bridge CNI's bridge
 /// for the CRI tests. The test host has no modprobe that could load them
 /// on demand.
-const HOST_MODULES: [(&str, &str); 22] = [
+const HOST_MODULES: [(&str, &str); 23] = [
     ("irqbypass", "virt/lib/irqbypass.ko"),
     ("kvm", "arch/x86/kvm/kvm.ko"),
     ("kvm-amd", "arch/x86/kvm/kvm-amd.ko"),
@@ -60,6 +61,7 @@ const HOST_MODULES: [(&str, &str); 22] = [
     ("nft_chain_nat", "net/netfilter/nft_chain_nat.ko"),
     ("nft_masq", "net/netfilter/nft_masq.ko"),
     ("nft_nat", "net/netfilter/nft_nat.ko"),
+    ("nft_ct", "net/netfilter/nft_ct.ko"),
     ("llc", "net/llc/llc.ko"),
     ("stp", "net/802/stp.ko"),
     ("bridge", "net/bridge/bridge.ko"),

@@ -197,10 +197,11 @@ fn capsid_run_gives_the_commands_output_and_exit_code() {
         "--",
         "sh",
         "-c",
-        "tty; exit 5",
+        "tty; stty size; exit 5",
     ];
     let (printed, code) = on_a_pty(Command::new(artifact("CAPSID_CLI")).args(args), &args);
     assert!(printed.contains("/dev/pts/"), "{printed:?}");
+    assert!(printed.contains("24 80"), "the terminal's size: {printed:?}");
     assert_eq!(code, Some(5), "{printed:?}");
     // No stray NUL (shown as ^@) at the start of a tty session.
     assert!(
@@ -362,20 +363,13 @@ fn an_oom_kill_is_named_not_a_silent_137() {
     if !require_kvm("an_oom_kill_is_named_not_a_silent_137") {
         return;
     }
-    // 120 MiB touched in a 128 MiB micro-VM: the OOM killer takes dd.
-    let (output, _) = capsid_run(
-        &[
-            "--memory",
-            "128M",
-            "--",
-            "dd",
-            "if=/dev/zero",
-            "of=/dev/null",
-            "bs=120M",
-            "count=1",
-        ],
-        b"",
-    );
+    // A string that grows by 1 MiB at a time in a 128 MiB micro-VM: no
+    // single allocation is refused, the OOM killer takes awk. (A single
+    // 120 MiB buffer is refused by the kernel's overcommit heuristic:
+    // `dd: out of memory`, exit 1.)
+    let hog = "BEGIN { c = sprintf(\"%1024s\", \"\"); for (i = 0; i < 10; i++) c = c c; \
+               while (1) s = s c }";
+    let (output, _) = capsid_run(&["--memory", "128M", "--", "awk", hog], b"");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(137), "{stderr}");
     assert!(
@@ -531,7 +525,7 @@ fn a_jobs_output_comes_out_checked_also_after_a_failure_or_timeout() {
             "more than 20 entries",
         ),
         (
-            "head -c 2M /dev/zero > /o/big",
+            "head -c 2097152 /dev/zero > /o/big",
             &["--output-max-bytes", "1M"],
             "more than 1048576 bytes",
         ),
@@ -578,7 +572,7 @@ fn a_disk_filler_stops_at_the_scratch_disk_and_the_next_job_runs() {
         return;
     }
     // 200 MiB into a 64 MiB writable layer: ENOSPC, the VM lives on.
-    let script = "dd if=/dev/zero of=/fill bs=1M count=200 2>&1 | tail -1; \
+    let script = "dd if=/dev/zero of=/fill bs=1M count=200 2>&1 | grep -m1 'No space'; \
                   df -k / | tail -1; echo alive";
     let (output, report) = reported(&["--disk", "64M", "--", "sh", "-c", script], b"");
     let stdout = String::from_utf8_lossy(&output.stdout);
