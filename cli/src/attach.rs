@@ -6,6 +6,7 @@
 
 use std::io::{self, IsTerminal, Read, Write};
 use std::net::Shutdown;
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
@@ -69,19 +70,36 @@ pub struct Progress {
 /// How long a step takes before a log is told of it.
 const SLOW_STEP: Duration = Duration::from_secs(2);
 
-/// Whether stderr is a terminal someone watches: a tty, with a `TERM` that
-/// is not `dumb`, and not under CI (`CI` set, as every CI service does). A
-/// serial console, a CI runner's pty or a log file gets no spinner frames.
-fn draws_spinners(stderr_is_tty: bool, term: Option<&str>, ci: Option<&str>) -> bool {
+/// Whether stderr is a terminal someone watches: a pseudo-terminal or a
+/// virtual console (not a serial line or `/dev/console`, which a VM's or a
+/// CI machine's log records), with a `TERM` that is not `dumb`, and not
+/// under CI (`CI` set, as every CI service does). A log gets no spinner
+/// frames.
+fn draws_spinners(stderr_tty: Option<&Path>, term: Option<&str>, ci: Option<&str>) -> bool {
     let ci = ci.is_some_and(|v| !v.is_empty() && v != "0" && v != "false");
-    stderr_is_tty && !ci && term.is_some_and(|t| !t.is_empty() && t != "dumb")
+    let watched = stderr_tty.is_some_and(|tty| {
+        let name = tty.to_string_lossy();
+        name.starts_with("/dev/pts/")
+            || name
+                .strip_prefix("/dev/tty")
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    });
+    watched && !ci && term.is_some_and(|t| !t.is_empty() && t != "dumb")
+}
+
+/// The terminal stderr is, if it is one.
+fn stderr_tty() -> Option<std::path::PathBuf> {
+    io::stderr()
+        .is_terminal()
+        .then(|| std::fs::read_link("/proc/self/fd/2").ok())
+        .flatten()
 }
 
 impl Progress {
     pub fn start(message: &str) -> Self {
         let var = |name| std::env::var(name).ok();
         if !draws_spinners(
-            io::stderr().is_terminal(),
+            stderr_tty().as_deref(),
             var("TERM").as_deref(),
             var("CI").as_deref(),
         ) {
@@ -447,17 +465,26 @@ mod tests {
 
     #[test]
     fn spinners_are_drawn_only_for_a_person_at_a_terminal() {
-        // Before, the demo's log (a serial console: a tty without TERM)
-        // held some sixty frames of "booting the micro-VM".
-        assert!(draws_spinners(true, Some("xterm-256color"), None));
-        assert!(
-            !draws_spinners(false, Some("xterm"), None),
-            "a pipe or file"
-        );
-        assert!(!draws_spinners(true, None, None), "a console without TERM");
-        assert!(!draws_spinners(true, Some("dumb"), None));
-        assert!(!draws_spinners(true, Some("xterm"), Some("true")), "CI");
-        assert!(draws_spinners(true, Some("xterm"), Some("false")));
+        let pts = Some(Path::new("/dev/pts/3"));
+        assert!(draws_spinners(pts, Some("xterm-256color"), None));
+        assert!(draws_spinners(
+            Some(Path::new("/dev/tty2")),
+            Some("linux"),
+            None
+        ));
+        assert!(!draws_spinners(None, Some("xterm"), None), "a pipe or file");
+        // The nested test host's console, which the demo's log records: a
+        // tty with TERM=linux. Before, some sixty spinner frames went there.
+        for console in ["/dev/console", "/dev/ttyS0", "/dev/hvc0", "/dev/tty"] {
+            assert!(
+                !draws_spinners(Some(Path::new(console)), Some("linux"), None),
+                "{console}"
+            );
+        }
+        assert!(!draws_spinners(pts, None, None), "no TERM");
+        assert!(!draws_spinners(pts, Some("dumb"), None));
+        assert!(!draws_spinners(pts, Some("xterm"), Some("true")), "CI");
+        assert!(draws_spinners(pts, Some("xterm"), Some("false")));
         assert_eq!(plain_line("booting", Duration::from_millis(300)), None);
         assert_eq!(
             plain_line("booting the micro-VM", Duration::from_millis(3250)).as_deref(),

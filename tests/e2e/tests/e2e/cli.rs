@@ -201,7 +201,10 @@ fn capsid_run_gives_the_commands_output_and_exit_code() {
     ];
     let (printed, code) = on_a_pty(Command::new(artifact("CAPSID_CLI")).args(args), &args);
     assert!(printed.contains("/dev/pts/"), "{printed:?}");
-    assert!(printed.contains("24 80"), "the terminal's size: {printed:?}");
+    assert!(
+        printed.contains("24 80"),
+        "the terminal's size: {printed:?}"
+    );
     assert_eq!(code, Some(5), "{printed:?}");
     // No stray NUL (shown as ^@) at the start of a tty session.
     assert!(
