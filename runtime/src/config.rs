@@ -30,6 +30,9 @@ pub const ANNOTATION_PREFIX: &str = "io.capsid.";
 pub const ANNOTATION_VCPUS: &str = "io.capsid.vcpus";
 /// A container's VM memory in MiB, overriding its memory limit.
 pub const ANNOTATION_MEMORY: &str = "io.capsid.memory";
+/// The container's writable layer on a scratch disk of this size
+/// (`512M`, `10G`) instead of guest memory, as `capsid run --disk`.
+pub const ANNOTATION_DISK: &str = "io.capsid.disk";
 
 /// The most vCPUs one micro-VM may be given.
 pub const MAX_VCPUS: u32 = 32;
@@ -465,14 +468,56 @@ impl Config {
                 ANNOTATION_MEMORY => {
                     size.memory_mib = parse_size_mib(value).map_err(|e| bad(&e))?;
                 }
+                // Read by `disk_for`.
+                ANNOTATION_DISK => {}
                 _ => {
                     return Err(bad(&format!(
-                        "unknown capsid annotation (known: {ANNOTATION_VCPUS}, {ANNOTATION_MEMORY})"
+                        "unknown capsid annotation (known: {ANNOTATION_VCPUS}, {ANNOTATION_MEMORY}, {ANNOTATION_DISK})"
                     )));
                 }
             }
         }
         Ok(size)
+    }
+}
+
+impl Config {
+    /// The size of the scratch disk a container's writable layer goes on
+    /// (the `io.capsid.disk` annotation), if it asks for one.
+    pub fn disk_for(&self, spec: &Spec) -> Result<Option<u64>, ConfigError> {
+        let Some(value) = spec
+            .annotations()
+            .as_ref()
+            .and_then(|a| a.get(ANNOTATION_DISK))
+        else {
+            return Ok(None);
+        };
+        let bad = |reason: &str| ConfigError::Annotation {
+            key: ANNOTATION_DISK.into(),
+            value: value.clone(),
+            reason: reason.into(),
+        };
+        let text = value.trim();
+        let (number, unit) = text
+            .find(|c: char| !c.is_ascii_digit())
+            .map_or((text, ""), |at| text.split_at(at));
+        let shift = match unit
+            .to_ascii_uppercase()
+            .trim_end_matches("IB")
+            .trim_end_matches('B')
+        {
+            "" | "M" => 20,
+            "K" => 10,
+            "G" => 30,
+            _ => return Err(bad("the unit must be K, M or G")),
+        };
+        number
+            .parse::<u64>()
+            .ok()
+            .and_then(|n| n.checked_mul(1 << shift))
+            .filter(|&bytes| (8 << 20..=1 << 40).contains(&bytes))
+            .map(Some)
+            .ok_or_else(|| bad("must be a size from 8M to 1024G, like 10G"))
     }
 }
 
@@ -613,6 +658,18 @@ mod tests {
                 memory_mib: 1024
             }
         );
+        let disk = spec(r#"{"ociVersion":"1.0.2","annotations":{"io.capsid.disk":"10G"}}"#);
+        assert_eq!(config.disk_for(&disk).unwrap(), Some(10 << 30));
+        assert!(config.size_for(&disk).is_ok(), "a known annotation");
+        assert_eq!(
+            config.disk_for(&spec(r#"{"ociVersion":"1.0.2"}"#)).unwrap(),
+            None
+        );
+        for bad in ["lots", "1K", "5T", "0"] {
+            let json =
+                format!(r#"{{"ociVersion":"1.0.2","annotations":{{"io.capsid.disk":"{bad}"}}}}"#);
+            assert!(config.disk_for(&spec(&json)).is_err(), "{bad}");
+        }
         let bad = spec(r#"{"ociVersion":"1.0.2","annotations":{"io.capsid.vcpus":"lots"}}"#);
         let error = config.size_for(&bad).unwrap_err().to_string();
         assert!(

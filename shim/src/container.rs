@@ -46,6 +46,8 @@ pub enum ContainerError {
     Rootfs(#[from] rootfs::SnapshotError),
     #[error("cannot make a scratch directory in {0}")]
     Scratch(PathBuf, #[source] std::io::Error),
+    #[error("cannot make the scratch disk (io.capsid.disk)")]
+    ScratchDisk(#[source] Box<capsid_runtime::images::rootfs::RootfsError>),
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
     #[error(transparent)]
@@ -89,6 +91,9 @@ pub struct VmOptions<'a> {
     pub spare_disks: u8,
     /// The network namespace whose interfaces the VM gets (the spec's).
     pub network: Option<&'a Path>,
+    /// A scratch disk of this many bytes for the container's writes
+    /// (`io.capsid.disk`), made in the VM's directory.
+    pub disk: Option<u64>,
 }
 
 /// Where a task's VM comes from: booted by capsid-runtime, or (in tests)
@@ -144,6 +149,15 @@ impl Vms for MicroVms {
             .tempdir_in(&config.run_dir)
             .map_err(|e| ContainerError::Scratch(config.run_dir.clone(), e))?;
         record(dir.path());
+        let scratch_disk = match options.disk {
+            Some(bytes) => {
+                let path = dir.path().join("scratch.ext4");
+                capsid_runtime::images::rootfs::scratch_disk(&path, bytes)
+                    .map_err(|e| ContainerError::ScratchDisk(Box::new(e)))?;
+                Some(path)
+            }
+            None => None,
+        };
         let (sandbox, rootfs) = Sandbox::boot(
             config,
             BootRequest {
@@ -160,7 +174,7 @@ impl Vms for MicroVms {
                     log::warn!("{id}: {why}");
                 }),
                 network: options.network,
-                scratch_disk: None,
+                scratch_disk: scratch_disk.as_deref(),
                 extra_disks: &[],
             },
         )?;
@@ -209,6 +223,7 @@ impl Task {
         let spec = Spec::load(bundle.join("config.json")).map_err(ContainerError::Bundle)?;
         let role = Role::of(&spec);
         let size = config.size_for(&spec)?;
+        let disk = config.disk_for(&spec)?;
         let root_path = capsid_runtime::spec::root_path(&spec);
         let netns = capsid_runtime::spec::network_namespace(&spec);
         let (mut agent_spec, files) = capsid_runtime::spec::container_spec(spec)?;
@@ -216,6 +231,16 @@ impl Task {
         let image = vms.image(bundle, mounts, &root_path)?;
         let (sandbox, disk, rootfs) = match role {
             Role::PodMember { sandbox_id } => {
+                if disk.is_some() {
+                    return Err(ContainerError::Config(
+                        capsid_runtime::ConfigError::Annotation {
+                            key: capsid_runtime::config::ANNOTATION_DISK.into(),
+                            value: format!("{disk:?}"),
+                            reason: "a pod's containers share its VM: give the pod the annotation"
+                                .into(),
+                        },
+                    ));
+                }
                 let sandbox = pod(&sandbox_id).ok_or(ContainerError::NoPod(sandbox_id.clone()))?;
                 share = capsid_runtime::spec::pod_namespaces(
                     &mut agent_spec,
@@ -233,6 +258,7 @@ impl Task {
                         0
                     },
                     network: netns.as_deref(),
+                    disk,
                 };
                 let record = |scratch: &Path| {
                     Leftovers {

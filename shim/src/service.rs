@@ -659,6 +659,8 @@ mod tests {
         agent: Arc<FakeAgent>,
         vm: Arc<FakeVm>,
         boots: Arc<Mutex<u32>>,
+        /// Each boot's scratch disk size.
+        disks: Arc<Mutex<Vec<Option<u64>>>>,
     }
 
     impl Vms for FakeVms {
@@ -672,10 +674,11 @@ mod tests {
             id: &str,
             _size: VmSize,
             _image: &RootfsImage,
-            _options: crate::container::VmOptions<'_>,
+            options: crate::container::VmOptions<'_>,
             record: &dyn Fn(&Path),
         ) -> Result<(Sandbox, Rootfs), ContainerError> {
             record(Path::new("/run/capsid/vm-fake"));
+            self.disks.lock().unwrap().push(options.disk);
             *self.boots.lock().unwrap() += 1;
             let sandbox = Sandbox::new(
                 id,
@@ -692,6 +695,7 @@ mod tests {
         agent: Arc<FakeAgent>,
         vm: Arc<FakeVm>,
         boots: Arc<Mutex<u32>>,
+        disks: Arc<Mutex<Vec<Option<u64>>>>,
         events: Receiver<BoxedEvent>,
         bundle: tempfile::TempDir,
     }
@@ -700,10 +704,12 @@ mod tests {
         let agent = Arc::new(FakeAgent::default());
         let vm = Arc::new(FakeVm::default());
         let boots = Arc::new(Mutex::new(0));
+        let disks = Arc::new(Mutex::new(Vec::new()));
         let vms = FakeVms {
             agent: Arc::clone(&agent),
             vm: Arc::clone(&vm),
             boots: Arc::clone(&boots),
+            disks: Arc::clone(&disks),
         };
         let (tx, events) = channel();
         let service = Service::with(Config::default(), Box::new(vms), tx);
@@ -714,6 +720,7 @@ mod tests {
             agent,
             vm,
             boots,
+            disks,
             events,
             bundle,
         }
@@ -787,6 +794,19 @@ mod tests {
             Err(ttrpc::Error::RpcStatus(status)) => status.code(),
             other => panic!("expected an error status, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn the_disk_annotation_gives_the_vm_a_scratch_disk_and_a_bad_one_is_refused() {
+        let h = harness();
+        let bundle = tempfile::tempdir().unwrap();
+        write_spec(bundle.path(), r#""io.capsid.disk":"1G""#);
+        h.create("c1", bundle.path()).unwrap();
+        assert_eq!(*h.disks.lock().unwrap(), [Some(1 << 30)]);
+        let bad = tempfile::tempdir().unwrap();
+        write_spec(bad.path(), r#""io.capsid.disk":"lots""#);
+        assert_eq!(code(h.create("c2", bad.path())), Code::INVALID_ARGUMENT);
+        assert_eq!(h.disks.lock().unwrap().len(), 1, "nothing booted");
     }
 
     #[test]

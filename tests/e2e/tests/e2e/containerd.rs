@@ -217,6 +217,44 @@ fn ctr_run_gives_output_exit_code_stdin_and_a_tty() {
 }
 
 #[test]
+fn the_disk_annotation_puts_a_containers_writes_on_a_scratch_disk() {
+    if !require_kvm("the_disk_annotation_puts_a_containers_writes_on_a_scratch_disk") {
+        return;
+    }
+    let containerd = Containerd::start();
+    // As `capsid run --disk`: a disk filler meets ENOSPC at 64 MiB.
+    let args = Containerd::run_args(
+        &["--rm", "--annotation", "io.capsid.disk=64M"],
+        BUSYBOX,
+        "disk1",
+        &[
+            "sh",
+            "-c",
+            "dd if=/dev/zero of=/fill bs=1M count=200 2>&1 | grep -m1 'No space'; echo alive",
+        ],
+    );
+    let output = wait_bounded(
+        containerd
+            .ctr_command(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+        &args,
+    );
+    let stdout = text(&output.stdout);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{stdout}{}\n{}",
+        text(&output.stderr),
+        containerd.log()
+    );
+    assert!(stdout.contains("No space left on device"), "{stdout}");
+    assert!(stdout.ends_with("alive\n"), "{stdout}");
+}
+
+#[test]
 fn ctr_task_exec_ps_metrics_kill_delete_and_deaths_leave_nothing() {
     if !require_kvm("ctr_task_exec_ps_metrics_kill_delete_and_deaths_leave_nothing") {
         return;
