@@ -154,6 +154,10 @@ pub struct Config {
     /// Where each VM's cgroup v2 goes (memory and process limits of its
     /// VMM); empty for none.
     pub cgroup_parent: PathBuf,
+    /// The largest scratch disk (GiB) an `io.capsid.disk` annotation may
+    /// ask for: a pod author's sparse disk fills the host's run_dir as the
+    /// guest writes.
+    pub max_disk_gib: u64,
 }
 
 impl Default for Config {
@@ -176,6 +180,7 @@ impl Default for Config {
             vmm_gid: None,
             vmm_seccomp: "kill".into(),
             cgroup_parent: crate::confine::DEFAULT_CGROUP_PARENT.into(),
+            max_disk_gib: 16,
         }
     }
 }
@@ -515,9 +520,14 @@ impl Config {
             .parse::<u64>()
             .ok()
             .and_then(|n| n.checked_mul(1 << shift))
-            .filter(|&bytes| (8 << 20..=1 << 40).contains(&bytes))
+            .filter(|&bytes| (8 << 20..=self.max_disk_gib.saturating_mul(1 << 30)).contains(&bytes))
             .map(Some)
-            .ok_or_else(|| bad("must be a size from 8M to 1024G, like 10G"))
+            .ok_or_else(|| {
+                bad(&format!(
+                    "must be a size from 8M to {}G (the configuration's max_disk_gib), like 10G",
+                    self.max_disk_gib
+                ))
+            })
     }
 }
 
@@ -665,7 +675,7 @@ mod tests {
             config.disk_for(&spec(r#"{"ociVersion":"1.0.2"}"#)).unwrap(),
             None
         );
-        for bad in ["lots", "1K", "5T", "0"] {
+        for bad in ["lots", "1K", "5T", "0", "17G"] {
             let json =
                 format!(r#"{{"ociVersion":"1.0.2","annotations":{{"io.capsid.disk":"{bad}"}}}}"#);
             assert!(config.disk_for(&spec(&json)).is_err(), "{bad}");
