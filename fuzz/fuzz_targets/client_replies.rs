@@ -26,6 +26,7 @@ fuzz_target!(|data: &[u8]| {
             disk_id: "rootfs".into(),
             filesystem: Filesystem::Erofs,
             overlay: true,
+            upper_disk: None,
         },
         spec: Default::default(),
         stdio: StdioRequest::default(),

@@ -155,6 +155,11 @@ fn ctr_run_gives_output_exit_code_stdin_and_a_tty() {
     let (printed, code) = on_a_pty(&mut containerd.ctr_command(&args), &args);
     assert!(printed.contains("/dev/pts/"), "{printed:?}");
     assert_eq!(code, Some(5), "{printed:?}");
+    // No stray NUL (shown as ^@) at the start of a tty session.
+    assert!(
+        !printed.contains('\0') && !printed.contains("^@"),
+        "{printed:?}"
+    );
 
     // Two at once.
     let spawn = |id: &'static str| {
