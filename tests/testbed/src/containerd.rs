@@ -240,6 +240,17 @@ impl Containerd {
         command
     }
 
+    /// `ctr ARGS...`, its output once it ended, at most [`CTR_BOUND`] on.
+    pub fn ctr_bounded(&self, args: &[&str]) -> Output {
+        let child = self
+            .ctr_command(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("ctr {args:?}: {e}"));
+        wait_bounded(child, args)
+    }
+
     /// `ctr run` with our runtime and the native snapshotter: `ctr run
     /// [options] IMAGE ID CMD...`.
     pub fn run_args<'a>(

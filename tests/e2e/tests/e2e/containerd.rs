@@ -238,15 +238,7 @@ fn the_disk_annotation_puts_a_containers_writes_on_a_scratch_disk() {
             "dd if=/dev/zero of=/fill bs=1M count=200 2>&1 | grep -m1 'No space'; echo alive",
         ],
     );
-    let output = wait_bounded(
-        containerd
-            .ctr_command(&args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-        &args,
-    );
+    let output = containerd.ctr_bounded(&args);
     let stdout = text(&output.stdout);
     assert_eq!(
         output.status.code(),

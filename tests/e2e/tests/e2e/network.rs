@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use capsid_e2e::require_kvm;
 use capsid_netlink::{IpNet, Netlink};
-use capsid_testbed::containerd::{BUSYBOX, Containerd, wait_bounded};
+use capsid_testbed::containerd::{BUSYBOX, Containerd};
 use capsid_testbed::netns::{Netns, PodNet, link_names};
 use std::process::Stdio;
 
@@ -181,15 +181,7 @@ fn a_container_started_by_containerd_in_a_network_namespace_gets_its_network() {
         "net1",
         &["sh", "-c", &script],
     );
-    let output = wait_bounded(
-        containerd
-            .ctr_command(&args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-        &args,
-    );
+    let output = containerd.ctr_bounded(&args);
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     println!("{stdout}");
