@@ -1060,7 +1060,8 @@ fn explain(e: anyhow::Error, sandbox: &Sandbox) -> anyhow::Error {
         e.chain()
             .any(|cause| cause.downcast_ref::<ClientError>().is_some_and(test))
     };
-    let booting = sandbox_error(|e| matches!(e, SandboxError::Vm(_)))
+    // A lost agent connection carries its post-mortem already.
+    let booting = sandbox_error(|e| matches!(e, SandboxError::Vm(_) | SandboxError::Lost { .. }))
         || e.chain()
             .any(|cause| cause.downcast_ref::<MicroVmError>().is_some());
     let refused = sandbox_error(|e| e.agent_code().is_some())

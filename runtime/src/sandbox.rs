@@ -62,6 +62,16 @@ pub enum SandboxError {
     /// The VM has died.
     #[error("the micro-VM is gone")]
     Gone,
+    /// The agent connection broke (neither a refusal nor a missed
+    /// deadline): what the VMM's exit and the guest console say, taken
+    /// before the sandbox went down and removed them.
+    #[error("{}; {post_mortem}", capsid_base::error_chain(cause))]
+    Lost {
+        /// How the call failed.
+        cause: ClientError,
+        /// The VMM's exit (or that it runs on), its log, the console.
+        post_mortem: String,
+    },
     /// The sandbox's network could not be wired.
     #[error("cannot give the micro-VM its network")]
     Network(#[from] crate::network::NetworkError),
@@ -508,8 +518,9 @@ impl Sandbox {
         let pid = match created {
             Ok(pid) => pid,
             Err(e) => {
+                let e = self.explain(e);
                 self.leave(&id, disk.as_deref());
-                return Err(SandboxError::from(e).into());
+                return Err(e.into());
             }
         };
         let init = ProcessRef::init(&id);
@@ -551,13 +562,27 @@ impl Sandbox {
         }
     }
 
+    /// An agent call's failure, as the caller should see it: a broken
+    /// connection carries the post-mortem, which is gone once the sandbox
+    /// went down; a refusal or a missed deadline is what it is.
+    fn explain(&self, e: ClientError) -> SandboxError {
+        if matches!(e, ClientError::Agent { .. }) || e.is_timeout() {
+            return e.into();
+        }
+        let post_mortem = self.post_mortem();
+        SandboxError::Lost {
+            cause: e,
+            post_mortem,
+        }
+    }
+
     /// Why the VM is gone, with the VMM's log and the end of the guest
     /// console (for a log line when the agent connection broke); or that
     /// it still runs.
     pub fn post_mortem(&self) -> String {
         match self.vm.exit_report(Duration::from_millis(500)) {
             Some(report) => report + &self.vm.diagnostics(),
-            None => "the micro-VM still runs".into(),
+            None => "the micro-VM still runs".to_owned() + &self.vm.diagnostics(),
         }
     }
 
@@ -715,6 +740,30 @@ mod tests {
             Role::of(&spec(r#""io.kubernetes.cri.container-type":"container""#)),
             Role::Alone
         );
+    }
+
+    #[test]
+    fn a_create_that_loses_the_agent_says_how_the_vm_ended() {
+        let (lost, agent, vm) = sandbox(None);
+        agent.vm_died();
+        vm.crash();
+        let e = lost
+            .create(FakeAgent::request("c1"), |_, _| Ok::<_, SandboxError>(()))
+            .unwrap_err();
+        assert!(matches!(e, SandboxError::Lost { .. }), "{e:?}");
+        let text = capsid_base::error_chain(&e);
+        assert!(
+            text.contains("connection reset") && text.ends_with("the fake VM stopped"),
+            "{text}"
+        );
+
+        // A refusal stays the agent's, with its code.
+        let (refusing, agent, _vm) = sandbox(None);
+        agent.refuse("CreateContainer", ErrorCode::InvalidArgument);
+        let e = refusing
+            .create(FakeAgent::request("c1"), |_, _| Ok::<_, SandboxError>(()))
+            .unwrap_err();
+        assert_eq!(e.agent_code(), Some(ErrorCode::InvalidArgument), "{e:?}");
     }
 
     #[test]

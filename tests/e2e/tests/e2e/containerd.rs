@@ -130,8 +130,9 @@ fn ctr_run_gives_output_exit_code_stdin_and_a_tty() {
     assert_eq!(
         text(&output.stdout),
         "overlay\n",
-        "{}",
-        text(&output.stderr)
+        "{}\n{}",
+        text(&output.stderr),
+        containerd.log()
     );
     assert_eq!(output.status.code(), Some(4));
 
