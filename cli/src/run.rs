@@ -290,7 +290,7 @@ fn disk_mount(
 
 /// Images the volumes (read-only ones cached by content, writable ones
 /// copied into `scratch`) and takes the caches.
-fn extra_disks(args: &RunArgs, scratch: &Path) -> anyhow::Result<ExtraDisks> {
+fn extra_disks(args: &RunArgs, disk_dir: &Path) -> anyhow::Result<ExtraDisks> {
     use capsid_runtime::images::{caches, rootfs};
     if args.volumes.len() + args.caches.len() > MAX_EXTRA_DISKS {
         bail!("at most {MAX_EXTRA_DISKS} --volume and --cache in all");
@@ -311,17 +311,17 @@ fn extra_disks(args: &RunArgs, scratch: &Path) -> anyhow::Result<ExtraDisks> {
         let image = rootfs::image(&volume.host, Some(format), &cache_dir).with_context(what)?;
         drop(progress);
         let id = format!("vol{n}");
-        let path = if volume.writable {
-            // The cached image stays as it was made: the guest writes a copy.
-            let copy = scratch.join(format!("{id}.ext4"));
-            std::fs::copy(&image.path, &copy)
+        // The cached image stays as it was made: the guest writes a copy.
+        let file = if volume.writable {
+            let copy = rootfs::anonymous_copy(disk_dir, &image.path)
                 .with_context(|| format!("{}: copy its image", what()))?;
-            copy
+            Some(capsid_runtime::DiskFile(std::sync::Arc::new(copy)))
         } else {
-            image.path.clone()
+            None
         };
         extra.disks.push(capsid_runtime::Disk {
-            path,
+            file,
+            path: image.path.clone(),
             read_only: !volume.writable,
             id: id.clone(),
         });
@@ -337,6 +337,7 @@ fn extra_disks(args: &RunArgs, scratch: &Path) -> anyhow::Result<ExtraDisks> {
             .with_context(|| format!("--cache {}", cache.name))?;
         let id = format!("cache{n}");
         extra.disks.push(capsid_runtime::Disk {
+            file: None,
             path: held.path.clone(),
             read_only: false,
             id: id.clone(),
@@ -986,17 +987,17 @@ fn run_with(args: &RunArgs, report: &mut Report) -> anyhow::Result<ExitCode> {
         (Network::Nat, Some(nat)) => Some(nat.netns()),
         _ => None,
     };
-    let extra = extra_disks(args, scratch.path())?;
+    let extra = extra_disks(args, &config.disk_dir)?;
     let scratch_disk = match args.disk {
         Some(bytes) => {
             let made = Instant::now();
-            let path = scratch.path().join("scratch.ext4");
             let progress = attach::Progress::start("making the scratch disk");
-            capsid_runtime::images::rootfs::scratch_disk(&path, bytes)
-                .context("cannot make the scratch disk (--disk)")?;
+            let file =
+                capsid_runtime::images::rootfs::anonymous_scratch_disk(&config.disk_dir, bytes)
+                    .context("cannot make the scratch disk (--disk)")?;
             drop(progress);
             report.durations_ms.disk = Some(millis(made.elapsed()));
-            Some(path)
+            Some(capsid_runtime::DiskFile(std::sync::Arc::new(file)))
         }
         None => None,
     };
@@ -1021,7 +1022,7 @@ fn run_with(args: &RunArgs, report: &mut Report) -> anyhow::Result<ExitCode> {
             // even of a SIGKILL.
             die_with_owner: true,
             network: netns.as_deref(),
-            scratch_disk: scratch_disk.as_deref(),
+            scratch_disk: scratch_disk.as_ref(),
             extra_disks: &extra.disks,
             policy: config.boot_policy(wait, &|| signals.any(), &|why| {
                 progress.say(&format!("capsid: {why}"));

@@ -135,6 +135,12 @@ pub struct Config {
     pub kernel_params: String,
     /// Where each VM's scratch directory (vsock socket, VMM log) goes.
     pub run_dir: PathBuf,
+    /// Where writable disks made for one VM go (`--disk`, the
+    /// `io.capsid.disk` annotation, `--volume …:rw` copies): a directory
+    /// on a disk-backed file system, never /run's tmpfs (that is host
+    /// memory). Each disk is unlinked as soon as it is made: it lives as
+    /// long as its VMM, and its blocks are taken when it is made.
+    pub disk_dir: PathBuf,
     /// How many containers a pod's VM holds at once besides the sandbox
     /// (pause) container: the VM's spare disk slots for their rootfs images.
     pub pod_containers: u8,
@@ -155,8 +161,8 @@ pub struct Config {
     /// VMM); empty for none.
     pub cgroup_parent: PathBuf,
     /// The largest scratch disk (GiB) an `io.capsid.disk` annotation may
-    /// ask for: a pod author's sparse disk fills the host's run_dir as the
-    /// guest writes.
+    /// ask for: its blocks are taken from `disk_dir`'s file system when
+    /// the pod starts.
     pub max_disk_gib: u64,
 }
 
@@ -174,6 +180,7 @@ impl Default for Config {
             boot_retries: 2,
             kernel_params: String::new(),
             run_dir: "/run/capsid".into(),
+            disk_dir: "/var/lib/capsid/disks".into(),
             pod_containers: 8,
             vmm_jail: true,
             vmm_uid: None,
@@ -224,6 +231,7 @@ impl Config {
             ("CAPSID_AGENT_INITRAMFS", &mut config.initramfs),
             ("CAPSID_VMM", &mut config.vmm),
             ("CAPSID_RUN_DIR", &mut config.run_dir),
+            ("CAPSID_DISK_DIR", &mut config.disk_dir),
         ] {
             if let Some(value) = std::env::var_os(variable).filter(|v| !v.is_empty()) {
                 *field = value.into();

@@ -33,4 +33,6 @@ pub use agent::Agent;
 pub use config::{BootFiles, Config, ConfigError, VmSize};
 pub use container::{Container, Exit, ProcState, Process, ProcessIo};
 pub use sandbox::{BootRequest, ContainerRequest, Role, Sandbox, SandboxError, Teardown};
-pub use vm::{BootPolicy, Disk, MicroVm, MicroVmError, VmSpec, boot_retries, rootfs_disk};
+pub use vm::{
+    BootPolicy, Disk, DiskFile, MicroVm, MicroVmError, VmSpec, boot_retries, rootfs_disk,
+};

@@ -42,8 +42,8 @@ use crate::confine::Confinement;
 use crate::container::{Container, Process, ProcessIo};
 use crate::network::{self, Wiring};
 use crate::vm::{
-    BootPolicy, Disk, MicroVm, MicroVmError, VmApi, VmNet, VmSpec, alive_with, diagnostics_in,
-    kill_orphans, rootfs_disk, vsock_path,
+    BootPolicy, Disk, DiskFile, MicroVm, MicroVmError, VmApi, VmNet, VmSpec, alive_with,
+    diagnostics_in, kill_orphans, rootfs_disk, vsock_path,
 };
 use capsid_base::lock;
 
@@ -263,10 +263,11 @@ pub struct BootRequest<'a> {
     /// The network namespace whose interfaces the VM gets
     /// ([`crate::network`]); `None`: no network device at all.
     pub network: Option<&'a Path>,
-    /// An ext4 image (`capsid_images::rootfs::scratch_disk`) for the first
+    /// An ext4 image with no name on the host
+    /// (`capsid_images::rootfs::anonymous_scratch_disk`) for the first
     /// container's writes, the VM's writable disk "scratch"; `None`: they
     /// go to the guest's memory.
-    pub scratch_disk: Option<&'a Path>,
+    pub scratch_disk: Option<&'a DiskFile>,
     /// Further disks from boot on, which the container's mounts name by
     /// id (`disk:ID`): `capsid run --volume` and `--cache`.
     pub extra_disks: &'a [Disk],
@@ -318,9 +319,10 @@ impl Sandbox {
     pub fn boot(config: &Config, request: BootRequest<'_>) -> Result<(Self, Rootfs), SandboxError> {
         let (disk, mut rootfs) = rootfs_disk(request.image);
         let mut disks = vec![disk];
-        if let Some(path) = request.scratch_disk {
+        if let Some(file) = request.scratch_disk {
             disks.push(Disk {
-                path: path.to_owned(),
+                file: Some(file.clone()),
+                path: "(the scratch disk)".into(),
                 read_only: false,
                 id: SCRATCH_DISK.into(),
             });

@@ -23,6 +23,7 @@ use std::os::fd::RawFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -98,13 +99,29 @@ pub enum MicroVmError {
 /// A disk for the VM; the agent finds it by `id` (its virtio-blk serial).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Disk {
-    /// The image.
+    /// The image; with `file`, only what messages call it.
     pub path: PathBuf,
     /// The guest may not write it.
     pub read_only: bool,
     /// Its serial.
     pub id: String,
+    /// A file with no name (`capsid_images::rootfs::anonymous_disk`): the
+    /// VMM gets a copy of the descriptor, so the disk lives exactly as
+    /// long as the VMM (or this).
+    pub file: Option<DiskFile>,
 }
+
+/// An open disk image shared with the VMM at launch (see [`Disk::file`]).
+#[derive(Debug, Clone)]
+pub struct DiskFile(pub Arc<File>);
+
+impl PartialEq for DiskFile {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for DiskFile {}
 
 /// How long the VMM's API may take to answer.
 const API_TIMEOUT: Duration = Duration::from_secs(10);
@@ -116,6 +133,7 @@ pub const ROOTFS_DISK: &str = "rootfs";
 /// is told to mount it (with a writable overlay on tmpfs in the guest).
 pub fn rootfs_disk(image: &RootfsImage) -> (Disk, Rootfs) {
     let disk = Disk {
+        file: None,
         path: image.path.clone(),
         read_only: true,
         id: ROOTFS_DISK.into(),
@@ -177,24 +195,27 @@ pub struct VmNet {
     pub mtu: u16,
 }
 
-/// The descriptor number the VMM gets the first tap as; the others follow.
+/// The descriptor number the VMM gets the first tap as; the others
+/// follow, then the disks' files ([`Disk::file`]).
 const FIRST_TAP_FD: RawFd = 3;
 /// The most taps one VM takes.
 const MAX_TAPS: usize = capsid_protocol::MAX_INTERFACES;
+/// The most descriptors passed to one VMM: its taps and disk files.
+const MAX_PASSED: usize = MAX_TAPS + 16;
 
-/// In the child between fork and exec: puts each tap of `taps` (the
-/// first `count`) at descriptor [`FIRST_TAP_FD`] + its index, without the
+/// In the child between fork and exec: puts each descriptor of `fds`
+/// (the first `count`) at [`FIRST_TAP_FD`] + its index, without the
 /// close-on-exec flag. Each is first copied above every target, so a
 /// source that sits on a target is not overwritten before it is copied.
 /// Only async-signal-safe calls, and no allocation.
-fn place_taps(taps: &[RawFd; MAX_TAPS], count: usize) -> std::io::Result<()> {
-    let count = count.min(MAX_TAPS);
-    let above = FIRST_TAP_FD + RawFd::try_from(MAX_TAPS).unwrap_or(16);
-    let mut moved = [-1; MAX_TAPS];
+fn place_fds(fds: &[RawFd; MAX_PASSED], count: usize) -> std::io::Result<()> {
+    let count = count.min(MAX_PASSED);
+    let above = FIRST_TAP_FD + RawFd::try_from(MAX_PASSED).unwrap_or(64);
+    let mut moved = [-1; MAX_PASSED];
     for i in 0..count {
         // SAFETY: fcntl on a descriptor the parent keeps open; the copy
         // is close-on-exec, and replaced below.
-        moved[i] = unsafe { libc::fcntl(taps[i], libc::F_DUPFD_CLOEXEC, above) };
+        moved[i] = unsafe { libc::fcntl(fds[i], libc::F_DUPFD_CLOEXEC, above) };
         if moved[i] < 0 {
             return Err(std::io::Error::last_os_error());
         }
@@ -228,15 +249,25 @@ impl VmSpec {
             // Out of range: the VMM refuses it with the range allowed.
             vcpus: u8::try_from(self.vcpus).unwrap_or(u8::MAX),
             mem_mib: self.memory_mib,
-            disks: self
-                .disks
-                .iter()
-                .map(|disk| DiskConfig {
-                    path: disk.path.clone(),
-                    read_only: disk.read_only,
-                    id: Some(disk.id.clone()),
-                })
-                .collect(),
+            disks: {
+                let mut passed = FIRST_TAP_FD + RawFd::try_from(self.nets.len()).unwrap_or(0);
+                self.disks
+                    .iter()
+                    .map(|disk| DiskConfig {
+                        path: match &disk.file {
+                            // Opened again by the VMM, before it is confined.
+                            Some(_) => {
+                                passed += 1;
+                                format!("{}{}", capsid_vmm_api::config::INHERITED_FD, passed - 1)
+                                    .into()
+                            }
+                            None => disk.path.clone(),
+                        },
+                        read_only: disk.read_only,
+                        id: Some(disk.id.clone()),
+                    })
+                    .collect()
+            },
             vsock: Some(VsockConfig {
                 uds: vsock_path(&self.dir),
                 cid: capsid_vmm_api::config::DEFAULT_CID,
@@ -453,23 +484,36 @@ impl MicroVm {
             // Our pid, not the VMM's getppid(): we may die before it asks.
             command.args(["--die-with-parent", &std::process::id().to_string()]);
         }
-        if !spec.nets.is_empty() {
-            if spec.nets.len() > MAX_TAPS {
+        // The taps, then the disks' files, in the order `vm_config` numbers
+        // them.
+        let passed: Vec<RawFd> = spec
+            .nets
+            .iter()
+            .map(|net| net.tap)
+            .chain(spec.disks.iter().filter_map(|disk| {
+                use std::os::fd::AsRawFd;
+                disk.file.as_ref().map(|file| file.0.as_raw_fd())
+            }))
+            .collect();
+        if !passed.is_empty() {
+            if spec.nets.len() > MAX_TAPS || passed.len() > MAX_PASSED {
                 return Err(MicroVmError::Scratch(
                     spec.dir.clone(),
-                    std::io::Error::other(format!("more than {MAX_TAPS} network devices")),
+                    std::io::Error::other(format!(
+                        "more than {MAX_TAPS} network devices or {MAX_PASSED} devices in all"
+                    )),
                 ));
             }
-            let mut taps = [-1; MAX_TAPS];
-            for (slot, net) in taps.iter_mut().zip(&spec.nets) {
-                *slot = net.tap;
+            let mut fds = [-1; MAX_PASSED];
+            for (slot, fd) in fds.iter_mut().zip(&passed) {
+                *slot = *fd;
             }
-            let count = spec.nets.len();
+            let count = passed.len();
             // SAFETY: the closure runs between fork and exec and makes only
             // async-signal-safe calls (fcntl, dup2) on descriptors the
             // caller keeps open; it allocates nothing.
             unsafe {
-                command.pre_exec(move || place_taps(&taps, count));
+                command.pre_exec(move || place_fds(&fds, count));
             }
         }
         let child = command
@@ -906,6 +950,50 @@ mod tests {
     }
 
     #[test]
+    fn a_disk_with_no_name_reaches_the_vmm_as_a_descriptor_after_the_taps() {
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let seen = dir.path().join("seen");
+        let script = fake_vmm(
+            dir.path(),
+            &format!(
+                "cat /proc/self/fd/3 /proc/self/fd/4 > {0}.part; mv {0}.part {0}; exec sleep 600",
+                seen.display()
+            ),
+        );
+        let mut spec = spec(dir.path(), &script);
+        let mut tap = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut tap, b"tap;").unwrap();
+        let tap = File::open(format!("/proc/self/fd/{}", tap.as_raw_fd())).unwrap();
+        let mut disk = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut disk, b"disk").unwrap();
+        let disk = File::open(format!("/proc/self/fd/{}", disk.as_raw_fd())).unwrap();
+        spec.nets = vec![VmNet {
+            tap: tap.as_raw_fd(),
+            mac: MacAddr([2, 0, 0, 0, 0, 1]),
+            mtu: 1500,
+        }];
+        spec.disks = vec![Disk {
+            file: Some(DiskFile(Arc::new(disk))),
+            path: "(the scratch disk)".into(),
+            read_only: false,
+            id: "scratch".into(),
+        }];
+        let config = spec.vm_config();
+        assert_eq!(config.nets[0].tap_fd, 3);
+        assert_eq!(config.disks[0].path, Path::new("/proc/self/fd/4"));
+        assert_eq!(config.disks[0].inherited_fd(), Some(4));
+        let mut vm = launch_fake(&spec);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !seen.exists() {
+            assert!(Instant::now() < deadline, "the fake VMM never ran");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(std::fs::read_to_string(&seen).unwrap(), "tap;disk");
+        vm.kill();
+    }
+
+    #[test]
     fn the_vmm_gets_the_vm_in_its_own_configuration_type() {
         let dir = tempfile::tempdir().unwrap();
         let args = dir.path().join("args");
@@ -916,6 +1004,7 @@ mod tests {
         let mut spec = spec(dir.path(), &script);
         spec.boot.kernel_params = "sysctl.vm.panic_on_oom=2".into();
         spec.disks = vec![Disk {
+            file: None,
             path: "/images/r.erofs".into(),
             read_only: true,
             id: ROOTFS_DISK.into(),

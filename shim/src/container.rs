@@ -150,12 +150,10 @@ impl Vms for MicroVms {
             .map_err(|e| ContainerError::Scratch(config.run_dir.clone(), e))?;
         record(dir.path());
         let scratch_disk = match options.disk {
-            Some(bytes) => {
-                let path = dir.path().join("scratch.ext4");
-                capsid_runtime::images::rootfs::scratch_disk(&path, bytes)
-                    .map_err(|e| ContainerError::ScratchDisk(Box::new(e)))?;
-                Some(path)
-            }
+            Some(bytes) => Some(capsid_runtime::DiskFile(Arc::new(
+                capsid_runtime::images::rootfs::anonymous_scratch_disk(&config.disk_dir, bytes)
+                    .map_err(|e| ContainerError::ScratchDisk(Box::new(e)))?,
+            ))),
             None => None,
         };
         let (sandbox, rootfs) = Sandbox::boot(
@@ -174,7 +172,7 @@ impl Vms for MicroVms {
                     log::warn!("{id}: {why}");
                 }),
                 network: options.network,
-                scratch_disk: scratch_disk.as_deref(),
+                scratch_disk: scratch_disk.as_ref(),
                 extra_disks: &[],
             },
         )?;

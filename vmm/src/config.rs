@@ -183,6 +183,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn only_a_descriptor_above_stdio_is_an_inherited_disk() {
+        let fd = |path: &str| path.parse::<DiskConfig>().unwrap().inherited_fd();
+        assert_eq!(fd("/proc/self/fd/4"), Some(4));
+        assert_eq!(fd("/proc/self/fd/4,ro,id=scratch"), Some(4));
+        for path in [
+            "/proc/self/fd/2",
+            "/proc/self/fd/x",
+            "/proc/self/fd/",
+            "/proc/self/fd/-3",
+            "/img/root.erofs",
+            "/proc/1/fd/4",
+        ] {
+            assert_eq!(fd(path), None, "{path}");
+        }
+    }
+
+    #[test]
     fn disks_parse_with_their_flags() {
         let disk: DiskConfig = "/img/root.erofs,ro,id=root".parse().unwrap();
         assert_eq!(disk.path, PathBuf::from("/img/root.erofs"));

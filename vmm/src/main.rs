@@ -182,12 +182,17 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let config = args.to_config();
     // Nothing the launcher left open reaches the VMM (or the guest) but
-    // the taps it passed.
-    let taps: Vec<i32> = match &config {
-        Ok(config) => config.nets.iter().map(|net| net.tap_fd).collect(),
+    // the taps and disk files it passed.
+    let passed: Vec<i32> = match &config {
+        Ok(config) => config
+            .nets
+            .iter()
+            .map(|net| net.tap_fd)
+            .chain(config.disks.iter().filter_map(|d| d.inherited_fd()))
+            .collect(),
         Err(_) => Vec::new(),
     };
-    if let Err(e) = jail::close_inherited_fds(&taps) {
+    if let Err(e) = jail::close_inherited_fds(&passed) {
         eprintln!("capsid-vmm: error: cannot close inherited descriptors: {e}");
         return exit_code(EXIT_VMM_ERROR);
     }

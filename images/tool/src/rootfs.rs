@@ -41,6 +41,22 @@ pub enum RootfsError {
         /// Its deadline.
         after: std::time::Duration,
     },
+    /// The host's file system has no room for a disk.
+    #[error(
+        "no room for a {} MiB disk in {} ({} MiB free there): free space, \
+         ask for a smaller disk, or set disk_dir to a larger file system",
+        .bytes >> 20,
+        .dir.display(),
+        .free >> 20
+    )]
+    NoRoom {
+        /// Where the disk was to be.
+        dir: PathBuf,
+        /// Its size.
+        bytes: u64,
+        /// What is free there.
+        free: u64,
+    },
     /// The image tool is not installed.
     #[error("{tool} not found: install Debian's {package}")]
     Missing {
@@ -336,6 +352,11 @@ pub fn scratch_disk(out: &Path, bytes: u64) -> Result<(), RootfsError> {
     file.set_len(mib << 20)
         .map_err(|e| RootfsError::Write(out.to_owned(), e))?;
     drop(file);
+    make_scratch_fs(out)
+}
+
+/// An empty ext4 without a journal on the file or device at `path`.
+fn make_scratch_fs(path: &Path) -> Result<(), RootfsError> {
     run(
         "mkfs.ext4",
         "e2fsprogs",
@@ -350,8 +371,86 @@ pub fn scratch_disk(out: &Path, bytes: u64) -> Result<(), RootfsError> {
                 "-m",
                 "0",
             ])
-            .arg(out),
+            .arg(path),
     )
+}
+
+/// A writable disk of `bytes` with no name on the host: a file made in
+/// `dir` (a directory on a disk-backed file system, made 0700 if need
+/// be) and unlinked at once, so it lives exactly as long as a descriptor
+/// of it — the VMM's — also after a `kill -9` of everyone. Its blocks are
+/// allocated up front where the file system can (fallocate), so the guest
+/// filling it meets ENOSPC in its own file system and never fills the
+/// host's; a disk the host has no room for is refused, naming what is
+/// free. `bytes` is rounded up to whole 512-byte sectors.
+pub fn anonymous_disk(dir: &Path, bytes: u64) -> Result<File, RootfsError> {
+    let bytes = bytes.div_ceil(512).max(1) * 512;
+    crate::private_dir(dir).map_err(|e| RootfsError::Write(dir.to_owned(), e))?;
+    let mut random = [0u8; 8];
+    File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut random))
+        .map_err(|e| RootfsError::Read("/dev/urandom".into(), e))?;
+    let name = dir.join(format!(".disk-{}", hex(&random)));
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&name)
+        .map_err(|e| RootfsError::Write(name.clone(), e))?;
+    fs::remove_file(&name).map_err(|e| RootfsError::Write(name.clone(), e))?;
+    match rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, bytes) {
+        Ok(()) => Ok(file),
+        Err(rustix::io::Errno::NOSPC | rustix::io::Errno::FBIG) => Err(RootfsError::NoRoom {
+            dir: dir.to_owned(),
+            bytes,
+            free: rustix::fs::fstatvfs(&file)
+                .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
+                .unwrap_or(0),
+        }),
+        // A file system that cannot allocate ahead (ramfs): sparse.
+        Err(rustix::io::Errno::OPNOTSUPP) => {
+            file.set_len(bytes)
+                .map_err(|e| RootfsError::Write(dir.to_owned(), e))?;
+            Ok(file)
+        }
+        Err(e) => Err(RootfsError::Write(dir.to_owned(), e.into())),
+    }
+}
+
+/// [`scratch_disk`] as an [`anonymous_disk`] in `dir`: a container's
+/// writable layer for one run.
+pub fn anonymous_scratch_disk(dir: &Path, bytes: u64) -> Result<File, RootfsError> {
+    let mib = bytes.div_ceil(1 << 20).max(8);
+    let file = anonymous_disk(dir, mib << 20)?;
+    make_scratch_fs(&fd_path(&file))?;
+    Ok(file)
+}
+
+/// An [`anonymous_disk`] in `dir` holding a copy of the image at `image`
+/// (a writable copy the guest may change; the image stays as it was).
+pub fn anonymous_copy(dir: &Path, image: &Path) -> Result<File, RootfsError> {
+    let mut source = File::open(image).map_err(|e| RootfsError::Read(image.to_owned(), e))?;
+    let len = source
+        .metadata()
+        .map_err(|e| RootfsError::Read(image.to_owned(), e))?
+        .len();
+    let mut file = anonymous_disk(dir, len)?;
+    io::copy(&mut source, &mut file).map_err(|e| RootfsError::Write(dir.to_owned(), e))?;
+    Ok(file)
+}
+
+/// A path that opens `file` again, for a child process (a tool) of ours.
+fn fd_path(file: &File) -> PathBuf {
+    use std::os::fd::AsRawFd;
+    PathBuf::from(format!(
+        "/proc/{}/fd/{}",
+        std::process::id(),
+        file.as_raw_fd()
+    ))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// virtio-blk disks are whole 512-byte sectors.
@@ -371,6 +470,55 @@ fn pad_to_sectors(path: &Path) -> Result<(), RootfsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_anonymous_disk_leaves_no_name_holds_its_blocks_and_is_refused_without_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let disks = dir.path().join("disks");
+        let disk = anonymous_disk(&disks, 1000).unwrap();
+        let meta = disk.metadata().unwrap();
+        assert_eq!(meta.len(), 1024, "whole sectors");
+        assert_eq!(meta.nlink(), 0, "unlinked");
+        assert_eq!(fs::read_dir(&disks).unwrap().count(), 0);
+        assert_eq!(
+            fs::metadata(&disks).unwrap().mode() & 0o777,
+            0o700,
+            "private"
+        );
+        // More than any disk has: refused, naming the directory.
+        let e = anonymous_disk(&disks, 1 << 60).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            matches!(e, RootfsError::NoRoom { .. })
+                && text.contains("disks")
+                && text.contains("free"),
+            "{text}"
+        );
+        assert_eq!(fs::read_dir(&disks).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn an_anonymous_scratch_disk_is_ext4_and_a_copy_is_byte_for_byte() {
+        if !tool_available("mkfs.ext4") {
+            eprintln!("skipped: no mkfs.ext4");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mut disk = anonymous_scratch_disk(dir.path(), 10 << 20).unwrap();
+        assert_eq!(disk.metadata().unwrap().len(), 10 << 20);
+        let mut superblock = [0u8; 2048];
+        io::Read::read_exact(&mut disk, &mut superblock).unwrap();
+        assert_eq!(&superblock[1024 + 0x38..1024 + 0x3a], &[0x53, 0xef]);
+        let image = dir.path().join("image");
+        let bytes: Vec<u8> = (0..=255u8).cycle().take(4096).collect();
+        fs::write(&image, &bytes).unwrap();
+        let copy = anonymous_copy(&dir.path().join("d"), &image).unwrap();
+        use std::os::unix::fs::FileExt;
+        let mut back = vec![0u8; 4096];
+        copy.read_exact_at(&mut back, 0).unwrap();
+        assert_eq!(back, bytes);
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2, "image and d");
+    }
 
     #[test]
     fn a_scratch_disk_is_sparse_ext4_of_whole_mib() {

@@ -88,6 +88,7 @@ impl AgentVm {
             vcpus,
             memory_mib: mem_mib,
             disks: vec![Disk {
+                file: None,
                 path: artifact("CAPSID_TEST_ROOTFS_IMAGE"),
                 read_only: true,
                 id: ROOTFS_DISK.into(),
@@ -103,6 +104,7 @@ impl AgentVm {
             let copy = scratch.join(&format!("{id}.img"));
             std::fs::copy(image, &copy).expect("copy a disk image");
             spec.disks.push(Disk {
+                file: None,
                 path: copy,
                 read_only: false,
                 id: (*id).to_owned(),

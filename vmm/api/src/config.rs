@@ -175,6 +175,20 @@ pub struct DiskConfig {
     pub id: Option<String>,
 }
 
+/// What a disk's path starts with when the image is a descriptor the
+/// launcher passed (a file with no name): the number follows.
+pub const INHERITED_FD: &str = "/proc/self/fd/";
+
+impl DiskConfig {
+    /// The descriptor the launcher passed for this disk, if its path names
+    /// one ([`INHERITED_FD`]); kept open when the VMM closes what it
+    /// inherited.
+    pub fn inherited_fd(&self) -> Option<i32> {
+        let fd = self.path.to_str()?.strip_prefix(INHERITED_FD)?;
+        fd.parse().ok().filter(|fd| *fd > 2)
+    }
+}
+
 impl FromStr for DiskConfig {
     type Err = SyntaxError;
 

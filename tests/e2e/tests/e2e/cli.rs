@@ -133,6 +133,14 @@ pub(crate) fn leftovers() -> Vec<String> {
             }
         }
     }
+    // Writable disks have no name from the start (the default disk_dir's).
+    for entry in std::fs::read_dir("/var/lib/capsid/disks")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        found.push(format!("disk {}", entry.path().display()));
+    }
     // Each VM's cgroup goes with it.
     for entry in std::fs::read_dir("/sys/fs/cgroup/capsid")
         .into_iter()
@@ -591,8 +599,48 @@ fn a_disk_filler_stops_at_the_scratch_disk_and_the_next_job_runs() {
         .unwrap_or_else(|| panic!("no overlay in df: {stdout}"));
     assert!((48_000..=66_000).contains(&size_kib), "{size_kib} KiB");
     assert!(report["durations_ms"]["disk"].is_u64(), "{report}");
-    let (output, _) = capsid_run(&["--", "echo", "next"], b"");
-    assert_eq!(String::from_utf8_lossy(&output.stdout), "next\n");
+    // Without --disk the writes stay in guest memory, bounded all the
+    // same: the guest's tmpfs stops them at half the VM's memory.
+    let script = "dd if=/dev/zero of=/fill bs=1M count=200 2>&1 | grep -m1 'No space'; echo next";
+    let (output, _) = capsid_run(&["--memory", "128M", "--", "sh", "-c", script], b"");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("No space left on device") && stdout.ends_with("\nnext\n"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(leftovers(), Vec::<String>::new());
+
+    // The disk's blocks come from disk_dir's file system (not /run's
+    // tmpfs, host memory), taken up front: a disk it has no room for is
+    // refused before anything boots.
+    let scratch = capsid_testbed::ScratchDir::new("capsid-e2e-disk-dir").unwrap();
+    let small = scratch.join("small");
+    std::fs::create_dir(&small).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=32m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .unwrap();
+    assert!(mounted.success());
+    let rootfs = std::env::var_os("CAPSID_TEST_ROOTFS_DIR").unwrap();
+    let output = Command::new(artifact("CAPSID_CLI"))
+        .args(["run", "--disk", "64M", "--rootfs"])
+        .arg(rootfs)
+        .args(["--", "true"])
+        .env("CAPSID_DISK_DIR", &small)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let listed = names_in(&small);
+    let _ = Command::new("umount").arg(&small).status();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(125), "{stderr}");
+    assert!(
+        stderr.contains("no room for a 64 MiB disk in") && stderr.contains("MiB free there"),
+        "{stderr}"
+    );
+    assert!(listed.is_empty(), "{listed:?}");
     assert_eq!(leftovers(), Vec::<String>::new());
 }
 
