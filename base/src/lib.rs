@@ -1,6 +1,6 @@
-//! The two things every capsid process needs and used to define for itself:
-//! a lock that survives a panicked holder, and an error printed with its
-//! sources on one line. No dependencies, so the static guest agent and the
+//! What every capsid process needs and used to define for itself: a lock
+//! that survives a panicked holder, an error printed with its sources on
+//! one line, and a size read as people write it. No dependencies, so the static guest agent and the
 //! confined VMM can link it at no cost.
 
 #![warn(missing_docs)]
@@ -52,9 +52,68 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
+/// The unit of a size written without one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BareUnit {
+    /// Bytes (`--disk 1048576`, as Docker reads a bare number).
+    Bytes,
+    /// MiB (`--memory 256`, a VM's size).
+    Mib,
+}
+
+/// Reads a size as people write it — `512K`, `100M`, `2G`, `2GiB`, `1gb`,
+/// `100b`; K, M and G are powers of 1024, and a number alone is in `bare`
+/// units — into bytes. `None` for anything else, an overflow included; the caller
+/// says what it wanted and checks the range.
+pub fn parse_size(text: &str, bare: BareUnit) -> Option<u64> {
+    let text = text.trim();
+    let at = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(at);
+    let shift = match unit.to_ascii_uppercase().as_str() {
+        "" => match bare {
+            BareUnit::Bytes => 0,
+            BareUnit::Mib => 20,
+        },
+        "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        _ => return None,
+    };
+    number.parse::<u64>().ok()?.checked_mul(1 << shift)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_read_as_people_write_them() {
+        use BareUnit::{Bytes, Mib};
+        assert_eq!(parse_size("512K", Bytes), Some(512 << 10));
+        assert_eq!(parse_size("100m", Bytes), Some(100 << 20));
+        assert_eq!(parse_size(" 2GiB ", Bytes), Some(2 << 30));
+        assert_eq!(parse_size("1gb", Bytes), Some(1 << 30));
+        assert_eq!(parse_size("100", Bytes), Some(100));
+        assert_eq!(parse_size("256", Mib), Some(256 << 20));
+        assert_eq!(parse_size("256b", Mib), Some(256));
+        for bad in [
+            "",
+            "x",
+            "1T",
+            "-1M",
+            "1.5G",
+            "M",
+            "1BB",
+            "1iB",
+            "1 G",
+            "99999999999999999G",
+        ] {
+            assert_eq!(parse_size(bad, Bytes), None, "{bad:?}");
+        }
+    }
     use std::sync::Arc;
 
     #[derive(Debug)]

@@ -358,16 +358,7 @@ pub struct Output {
 }
 
 fn parse_bytes(text: &str) -> Result<u64, String> {
-    let (number, shift) = match text.as_bytes().last() {
-        Some(b'K' | b'k') => (&text[..text.len() - 1], 10),
-        Some(b'M' | b'm') => (&text[..text.len() - 1], 20),
-        Some(b'G' | b'g') => (&text[..text.len() - 1], 30),
-        _ => (text, 0),
-    };
-    number
-        .parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(1 << shift))
+    capsid_base::parse_size(text, capsid_base::BareUnit::Bytes)
         .filter(|&n| n > 0)
         .ok_or_else(|| format!("{text:?} is not a size like 512K, 100M or 2G"))
 }

@@ -510,24 +510,7 @@ impl Config {
             value: value.clone(),
             reason: reason.into(),
         };
-        let text = value.trim();
-        let (number, unit) = text
-            .find(|c: char| !c.is_ascii_digit())
-            .map_or((text, ""), |at| text.split_at(at));
-        let shift = match unit
-            .to_ascii_uppercase()
-            .trim_end_matches("IB")
-            .trim_end_matches('B')
-        {
-            "" | "M" => 20,
-            "K" => 10,
-            "G" => 30,
-            _ => return Err(bad("the unit must be K, M or G")),
-        };
-        number
-            .parse::<u64>()
-            .ok()
-            .and_then(|n| n.checked_mul(1 << shift))
+        capsid_base::parse_size(value, capsid_base::BareUnit::Mib)
             .filter(|&bytes| (8 << 20..=self.max_disk_gib.saturating_mul(1 << 30)).contains(&bytes))
             .map(Some)
             .ok_or_else(|| {
@@ -543,23 +526,10 @@ impl Config {
 /// within [`MIN_MEMORY_MIB`]..=[`MAX_MEMORY_MIB`].
 pub fn parse_size_mib(text: &str) -> Result<u32, String> {
     let text = text.trim();
-    let (number, unit) = text
-        .find(|c: char| !c.is_ascii_digit())
-        .map_or((text, ""), |at| text.split_at(at));
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size like 512M or 1G"))?;
-    let mib = match unit
-        .to_ascii_uppercase()
-        .trim_end_matches("IB")
-        .trim_end_matches('B')
-    {
-        "" | "M" => Some(number),
-        "K" => Some(number / 1024),
-        "G" => number.checked_mul(1024),
-        _ => return Err(format!("{text:?}: the unit must be K, M or G")),
-    };
-    mib.and_then(|m| u32::try_from(m).ok())
+    let bytes = capsid_base::parse_size(text, capsid_base::BareUnit::Mib)
+        .ok_or_else(|| format!("{text:?} is not a size like 512M or 1G (K, M or G)"))?;
+    u32::try_from(bytes >> 20)
+        .ok()
         .filter(|m| (MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(m))
         .ok_or_else(|| format!("{text:?}: memory must be between 32M and 64G"))
 }
@@ -579,7 +549,7 @@ mod tests {
         assert_eq!(parse_size_mib("256"), Ok(256));
         assert_eq!(parse_size_mib("2GiB"), Ok(2048));
         assert!(parse_size_mib("8M").unwrap_err().contains("between"));
-        assert!(parse_size_mib("1T").unwrap_err().contains("unit"));
+        assert!(parse_size_mib("1T").unwrap_err().contains("K, M or G"));
         assert!(parse_size_mib("99999999999999999G").is_err());
     }
 
