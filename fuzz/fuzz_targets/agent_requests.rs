@@ -29,7 +29,7 @@ fuzz_target!(|data: &[u8]| {
                 }
                 let mounts = spec.mounts().clone().unwrap_or_default();
                 let dir = std::path::Path::new("/run/capsid/c");
-                if let Ok(mounts) =
+                if let Ok((mounts, _trees)) =
                     with_disks(&mounts).and_then(|m| with_files(&m, &create.files, dir))
                 {
                     let _ = RootfsPlan::new(dir.join("rootfs"), &mounts, linux, None, false);

@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 
 use capsid_protocol::{
     ContainerStats, CreateContainer, ExecProcess, ExitStatus, FILE_SOURCE, MAX_COPIED_BYTES,
-    MAX_COPIED_FILES, ProcessRef, SharedNamespace, SharedNamespaces, Stream, validate_id,
+    MAX_COPIED_FILES, MAX_TREE_ENTRIES, ProcessRef, SharedNamespace, SharedNamespaces, Stream,
+    TREE_SOURCE, validate_id,
 };
 use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, LinuxSeccomp, Mount};
 
@@ -201,13 +202,14 @@ pub fn with_disks(mounts: &[Mount]) -> Result<Vec<Mount>, ContainerError> {
 }
 
 /// Bind sources `file:N` name the N-th file the host copied in
-/// (`CreateContainer::files`); they become its path under the container's
-/// directory, where `write_files` puts it.
+/// (`CreateContainer::files`), and `tree:N` the N-th as a tar of a
+/// directory; they become its path under the container's directory, where
+/// [`write_files`] puts it. Returns the mounts and which files are trees.
 pub fn with_files(
     mounts: &[Mount],
     files: &[Vec<u8>],
     dir: &Path,
-) -> Result<Vec<Mount>, ContainerError> {
+) -> Result<(Vec<Mount>, Vec<usize>), ContainerError> {
     let total: usize = files.iter().map(Vec::len).sum();
     if files.len() > MAX_COPIED_FILES || total > MAX_COPIED_BYTES {
         return Err(ContainerError::InvalidArgument(format!(
@@ -216,14 +218,16 @@ pub fn with_files(
         )));
     }
     let mut out = mounts.to_vec();
+    let mut trees = Vec::new();
     for mount in &mut out {
-        let Some(index) = mount
-            .source()
-            .as_ref()
-            .and_then(|s| s.to_str())
-            .and_then(|s| s.strip_prefix(FILE_SOURCE))
-            .map(str::to_owned)
-        else {
+        let Some(source) = mount.source().as_ref().and_then(|s| s.to_str()) else {
+            continue;
+        };
+        let (prefix, index, under) = if let Some(index) = source.strip_prefix(FILE_SOURCE) {
+            (FILE_SOURCE, index.to_owned(), "files")
+        } else if let Some(index) = source.strip_prefix(TREE_SOURCE) {
+            (TREE_SOURCE, index.to_owned(), "trees")
+        } else {
             continue;
         };
         let n = index
@@ -232,25 +236,80 @@ pub fn with_files(
             .filter(|&n| n < files.len())
             .ok_or_else(|| {
                 ContainerError::InvalidArgument(format!(
-                    "mount at {}: source {FILE_SOURCE}{index} names no copied file ({} given)",
+                    "mount at {}: source {prefix}{index} names no copied file ({} given)",
                     mount.destination().display(),
                     files.len()
                 ))
             })?;
-        mount.set_source(Some(dir.join("files").join(n.to_string())));
+        if prefix == TREE_SOURCE && !trees.contains(&n) {
+            trees.push(n);
+        }
+        mount.set_source(Some(dir.join(under).join(n.to_string())));
     }
-    Ok(out)
+    Ok((out, trees))
 }
 
-fn write_files(files: &[Vec<u8>], dir: &Path) -> Result<(), ContainerError> {
-    if files.is_empty() {
-        return Ok(());
-    }
-    let at = dir.join("files");
-    fs::create_dir_all(&at).map_err(io_error(format!("mkdir {}", at.display())))?;
+/// Writes the copied files under `dir`: each at `files/N`, and each of
+/// `trees` unpacked at `trees/N` (owners and modes kept; no entry outside
+/// it, none written through a link, at most [`MAX_TREE_ENTRIES`]).
+fn write_files(files: &[Vec<u8>], trees: &[usize], dir: &Path) -> Result<(), ContainerError> {
     for (n, contents) in files.iter().enumerate() {
+        if trees.contains(&n) {
+            let at = dir.join("trees").join(n.to_string());
+            fs::create_dir_all(&at).map_err(io_error(format!("mkdir {}", at.display())))?;
+            unpack_tree(contents, &at).map_err(io_error(format!("unpack {}", at.display())))?;
+            continue;
+        }
+        let at = dir.join("files");
+        fs::create_dir_all(&at).map_err(io_error(format!("mkdir {}", at.display())))?;
         let path = at.join(n.to_string());
         fs::write(&path, contents).map_err(io_error(format!("write {}", path.display())))?;
+    }
+    Ok(())
+}
+
+/// Unpacks the tar `contents` into the directory `at`.
+fn unpack_tree(contents: &[u8], at: &Path) -> io::Result<()> {
+    let mut archive = tar::Archive::new(contents);
+    archive.set_preserve_permissions(true);
+    archive.set_preserve_ownerships(true);
+    archive.set_preserve_mtime(false);
+    archive.set_unpack_xattrs(false);
+    archive.set_overwrite(false);
+    for (n, entry) in archive.entries()?.enumerate() {
+        if n >= MAX_TREE_ENTRIES {
+            return Err(io::Error::other(format!(
+                "more than {MAX_TREE_ENTRIES} entries"
+            )));
+        }
+        let mut entry = entry?;
+        use tar::EntryType;
+        if !matches!(
+            entry.header().entry_type(),
+            EntryType::Regular | EntryType::Directory | EntryType::Symlink
+        ) {
+            return Err(io::Error::other(
+                "an entry that is not a file, a directory or a link",
+            ));
+        }
+        // What the host packed: relative plain names only.
+        let path = entry.path()?.into_owned();
+        if !path
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)))
+        {
+            return Err(io::Error::other(format!(
+                "{} is not a relative plain path",
+                path.display()
+            )));
+        }
+        // Refuses a write through a link too.
+        if !entry.unpack_in(at)? {
+            return Err(io::Error::other(format!(
+                "{} would land outside",
+                entry.path()?.display()
+            )));
+        }
     }
     Ok(())
 }
@@ -557,7 +616,7 @@ impl Containers {
             .as_ref()
             .and_then(|r| r.readonly())
             .unwrap_or(false);
-        let mounts = with_files(
+        let (mounts, trees) = with_files(
             &with_disks(spec.mounts().as_deref().unwrap_or_default())?,
             &request.files,
             &dir,
@@ -576,7 +635,7 @@ impl Containers {
         // order, if a later step fails.
         let mut mounts = Mounts::new(&LinuxSyscall, dir.clone());
         mount_rootfs(&mut mounts, &disk, &request.rootfs)?;
-        write_files(&request.files, &dir)?;
+        write_files(&request.files, &trees, &dir)?;
         let cgroup = Cgroup::create(&id, linux.and_then(|l| l.resources().as_ref()))?;
         let cgroup_made = OnFailure::new(|| cgroup.remove());
         // Dropped (killed) before the cgroup and the mounts go.
@@ -937,6 +996,70 @@ mod tests {
         );
     }
 
+    /// A tar entry whose name is written raw (a builder refuses `..`).
+    fn raw_entry(
+        tar: &mut tar::Builder<Vec<u8>>,
+        name: &str,
+        kind: tar::EntryType,
+        link: &str,
+        data: &[u8],
+    ) {
+        let mut header = tar::Header::new_gnu();
+        header.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+        header.as_old_mut().linkname[..link.len()].copy_from_slice(link.as_bytes());
+        header.set_entry_type(kind);
+        header.set_mode(0o644);
+        // SAFETY: geteuid and getegid cannot fail.
+        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        header.set_uid(u64::from(uid));
+        header.set_gid(u64::from(gid));
+        header.set_mtime(0);
+        header.set_size(data.len() as u64);
+        header.set_cksum();
+        tar.append(&header, data).unwrap();
+    }
+
+    #[test]
+    fn a_copied_tree_unpacks_inside_its_directory_only() {
+        use tar::EntryType::{Directory, Regular, Symlink};
+        let unpack = |entries: &[(&str, tar::EntryType, &str, &[u8])]| {
+            let dir = tempfile::tempdir().unwrap();
+            let at = dir.path().join("trees/0");
+            fs::create_dir_all(&at).unwrap();
+            let mut tar = tar::Builder::new(Vec::new());
+            for (name, kind, link, data) in entries {
+                raw_entry(&mut tar, name, *kind, link, data);
+            }
+            let outcome = unpack_tree(&tar.into_inner().unwrap(), &at);
+            (dir, outcome)
+        };
+        let (dir, outcome) = unpack(&[
+            ("..2026", Directory, "", b""),
+            ("..2026/token", Regular, "", b"secret"),
+            ("..data", Symlink, "..2026", b""),
+            ("token", Symlink, "..data/token", b""),
+        ]);
+        outcome.unwrap();
+        let at = dir.path().join("trees/0");
+        assert_eq!(fs::read_to_string(at.join("token")).unwrap(), "secret");
+        // Out by `..`, by an absolute path, or through a link: refused, and
+        // nothing written outside.
+        for hostile in [
+            vec![("../escaped", Regular, "", b"x".as_slice())],
+            vec![("/escaped", Regular, "", b"x".as_slice())],
+            vec![
+                ("out", Symlink, "..", b"".as_slice()),
+                ("out/escaped", Regular, "", b"x".as_slice()),
+            ],
+            vec![("dev", tar::EntryType::Char, "", b"".as_slice())],
+        ] {
+            let (dir, outcome) = unpack(&hostile);
+            assert!(outcome.is_err(), "{hostile:?}");
+            assert!(!dir.path().join("trees/escaped").exists(), "{hostile:?}");
+            assert!(!dir.path().join("escaped").exists(), "{hostile:?}");
+        }
+    }
+
     #[test]
     fn copied_files_map_to_the_containers_directory_and_bad_indexes_are_refused() {
         let mount = |source: &str| {
@@ -950,11 +1073,19 @@ mod tests {
         };
         let dir = Path::new("/run/capsid/containers/c1");
         let files = vec![b"127.0.0.1 localhost\n".to_vec()];
-        let mapped = with_files(&[mount("file:0")], &files, dir).unwrap();
+        let (mapped, trees) = with_files(&[mount("file:0")], &files, dir).unwrap();
         assert_eq!(
             mapped[0].source().as_deref(),
             Some(Path::new("/run/capsid/containers/c1/files/0"))
         );
+        assert!(trees.is_empty());
+        let (mapped, trees) = with_files(&[mount("tree:0")], &files, dir).unwrap();
+        assert_eq!(
+            mapped[0].source().as_deref(),
+            Some(Path::new("/run/capsid/containers/c1/trees/0"))
+        );
+        assert_eq!(trees, [0]);
+        assert!(with_files(&[mount("tree:1")], &files, dir).is_err());
         assert!(with_files(&[mount("file:1")], &files, dir).is_err());
         assert!(with_files(&[mount("file:-1")], &files, dir).is_err());
         let too_many = vec![Vec::new(); MAX_COPIED_FILES + 1];

@@ -189,8 +189,9 @@ pub struct CreateContainer {
     /// Small host files the container sees at bind mounts whose source is
     /// `file:N` (N indexes this list): what CRI binds (`/etc/hosts`,
     /// `/etc/resolv.conf`, …), copied in because the VM shares no file
-    /// system with the host. At most [`MAX_COPIED_FILES`] files and
-    /// [`MAX_COPIED_BYTES`] bytes in all.
+    /// system with the host; or, for a source `tree:N`, a small host
+    /// directory as a tar ([`TREE_SOURCE`]). At most [`MAX_COPIED_FILES`]
+    /// of them and [`MAX_COPIED_BYTES`] bytes in all.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub files: Vec<Vec<u8>>,
     /// Namespaces it shares with another container of the VM instead of
@@ -241,6 +242,12 @@ pub enum SharedNamespace {
 
 /// A bind mount source naming the N-th of [`CreateContainer::files`].
 pub const FILE_SOURCE: &str = "file:";
+/// A bind mount source naming the N-th of [`CreateContainer::files`] as a
+/// tar of a small host directory (a Kubernetes volume: a secret, a config
+/// map, the service account's token, an emptyDir), unpacked in the guest.
+pub const TREE_SOURCE: &str = "tree:";
+/// The most entries of one copied directory.
+pub const MAX_TREE_ENTRIES: usize = 256;
 /// The most files a [`CreateContainer`] copies in.
 pub const MAX_COPIED_FILES: usize = 16;
 /// The most bytes of them, in all.

@@ -10,21 +10,36 @@
 //!      ─▶ its contents go along (CreateContainer.files), source `file:N`
 //!  bind of an empty host tmpfs at /dev/shm (CRI's pod shm, docker's)
 //!      ─▶ a tmpfs of the same size in the guest
+//!  bind of a small host directory (a Kubernetes volume: a secret, a
+//!  config map, the service account token, an emptyDir)
+//!      ─▶ a tar of it goes along, source `tree:N`; the agent unpacks it
 //!  bind of `disk:ID` (a disk of the VM)              ─▶ as it is
-//!  bind of a host directory, or too much to copy      ─▶ refused, with why
+//!  bind of anything else, or too much to copy         ─▶ refused, with why
 //! ```
+//!
+//! A directory is walked by descriptor, each name opened relative to its
+//! parent without following a link, so a directory someone else can write
+//! (a hostPath volume) cannot swap in a link to a host file between the
+//! look and the read; links are copied as links, sockets, FIFOs and
+//! devices refused, set-id bits dropped.
 //!
 //! Each container of a pod gets a /dev/shm of its own that way: POSIX
 //! shared memory is not shared between the containers of a pod, as it is
 //! under runc.
 //!
 //! The copy is one-way, taken at create: the host does not see what the
-//! container writes there. Hooks name host programs and are dropped.
+//! container writes there, the container does not see what changes on the
+//! host later (a config map's update, a rotated token), and each container
+//! has a copy of its own (an emptyDir is not shared between a pod's
+//! containers). Hooks name host programs and are dropped.
 
 use capsid_protocol::{
-    FILE_SOURCE, MAX_COPIED_BYTES, MAX_COPIED_FILES, SharedNamespace, SharedNamespaces,
+    FILE_SOURCE, MAX_COPIED_BYTES, MAX_COPIED_FILES, MAX_TREE_ENTRIES, SharedNamespace,
+    SharedNamespaces, TREE_SOURCE,
 };
 use oci_spec::runtime::Spec;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
 
 /// A part of the bundle's spec the guest cannot be given.
 #[derive(Debug, thiserror::Error)]
@@ -129,8 +144,13 @@ pub fn container_spec(mut spec: Spec) -> Result<(Spec, Vec<Vec<u8>>), SpecError>
                     MAX_COPIED_BYTES / 1024
                 )));
             }
+            let mut prefix = FILE_SOURCE;
             let contents = match read_small_file(&source, MAX_COPIED_BYTES - used) {
                 Ok(SmallFile::Contents(contents)) => contents,
+                Ok(SmallFile::Directory) => {
+                    prefix = TREE_SOURCE;
+                    small_tree(Path::new(&source), MAX_COPIED_BYTES - used).map_err(copy_error)?
+                }
                 Ok(SmallFile::NotAFile) => {
                     return Err(SpecError::HostBind {
                         destination,
@@ -145,7 +165,7 @@ pub fn container_spec(mut spec: Spec) -> Result<(Spec, Vec<Vec<u8>>), SpecError>
                 }
                 Err(e) => return Err(copy_error(e.to_string())),
             };
-            mount.set_source(Some(format!("{FILE_SOURCE}{}", files.len()).into()));
+            mount.set_source(Some(format!("{prefix}{}", files.len()).into()));
             files.push(contents);
         }
         spec.set_mounts(Some(mounts));
@@ -274,9 +294,185 @@ fn guest_shm(bind: &oci_spec::runtime::Mount, bytes: u64) -> oci_spec::runtime::
 /// What [`read_small_file`] found.
 enum SmallFile {
     Contents(Vec<u8>),
-    /// A directory, a FIFO, a device, a socket: not copied.
+    /// A directory: see [`small_tree`].
+    Directory,
+    /// A FIFO, a device, a socket: not copied.
     NotAFile,
     TooLarge,
+}
+
+/// How deep a copied directory may go.
+const MAX_TREE_DEPTH: usize = 8;
+
+/// The host directory at `path` as a tar of at most `max` bytes and
+/// [`MAX_TREE_ENTRIES`] entries, or why it cannot be copied. See the
+/// module's documentation for how it is walked.
+fn small_tree(path: &Path, max: usize) -> Result<Vec<u8>, String> {
+    use rustix::fs::{Mode, OFlags};
+    let root = rustix::fs::open(
+        path,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| std::io::Error::from(e).to_string())?;
+    let mut walk = TreeWalk {
+        tar: tar::Builder::new(Vec::new()),
+        entries: 0,
+        max,
+    };
+    walk.directory(&root, Path::new(""), 0)?;
+    let tar = walk
+        .tar
+        .into_inner()
+        .map_err(|e| format!("cannot pack it: {e}"))?;
+    if tar.len() > max {
+        return Err(walk_too_large(max));
+    }
+    Ok(tar)
+}
+
+fn walk_too_large(max: usize) -> String {
+    format!(
+        "more than {MAX_TREE_ENTRIES} entries or {} KiB left of the {} KiB copied in all",
+        max / 1024,
+        MAX_COPIED_BYTES / 1024
+    )
+}
+
+/// One directory copy in progress.
+struct TreeWalk {
+    tar: tar::Builder<Vec<u8>>,
+    entries: usize,
+    max: usize,
+}
+
+impl TreeWalk {
+    /// Adds what is in the directory open as `dir` (at `at` in the copy).
+    fn directory(
+        &mut self,
+        dir: &rustix::fd::OwnedFd,
+        at: &Path,
+        depth: usize,
+    ) -> Result<(), String> {
+        use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+        let io = |what: &Path, e: rustix::io::Errno| {
+            format!("{}: {}", what.display(), std::io::Error::from(e))
+        };
+        let mut names = Vec::new();
+        let listing = rustix::fs::Dir::read_from(dir).map_err(|e| io(at, e))?;
+        for entry in listing {
+            let entry = entry.map_err(|e| io(at, e))?;
+            let name = entry.file_name().to_bytes();
+            if name != b"." && name != b".." {
+                names.push(entry.file_name().to_owned());
+            }
+            if names.len() > MAX_TREE_ENTRIES {
+                return Err(walk_too_large(self.max));
+            }
+        }
+        names.sort();
+        for name in names {
+            self.entries += 1;
+            if self.entries > MAX_TREE_ENTRIES || self.tar.get_ref().len() > self.max {
+                return Err(walk_too_large(self.max));
+            }
+            let path = at.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
+            let stat = rustix::fs::statat(dir, &name, AtFlags::SYMLINK_NOFOLLOW)
+                .map_err(|e| io(&path, e))?;
+            let mut header = tar::Header::new_gnu();
+            // The mode without set-id bits; the owner as on the host (a
+            // pod's fsGroup); no time.
+            header.set_mode(stat.st_mode & 0o1777);
+            header.set_uid(u64::from(stat.st_uid));
+            header.set_gid(u64::from(stat.st_gid));
+            header.set_mtime(0);
+            match FileType::from_raw_mode(stat.st_mode) {
+                FileType::Directory => {
+                    if depth >= MAX_TREE_DEPTH {
+                        return Err(format!(
+                            "{}: more than {MAX_TREE_DEPTH} directories deep",
+                            path.display()
+                        ));
+                    }
+                    let sub = rustix::fs::openat(
+                        dir,
+                        &name,
+                        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                        Mode::empty(),
+                    )
+                    .map_err(|e| io(&path, e))?;
+                    header.set_entry_type(tar::EntryType::Directory);
+                    header.set_size(0);
+                    self.tar
+                        .append_data(&mut header, &path, std::io::empty())
+                        .map_err(|e| format!("{}: {e}", path.display()))?;
+                    self.directory(&sub, &path, depth + 1)?;
+                }
+                FileType::RegularFile => {
+                    let file = rustix::fs::openat(
+                        dir,
+                        &name,
+                        OFlags::RDONLY
+                            | OFlags::NOFOLLOW
+                            | OFlags::NONBLOCK
+                            | OFlags::NOCTTY
+                            | OFlags::CLOEXEC,
+                        Mode::empty(),
+                    )
+                    .map_err(|e| io(&path, e))?;
+                    // What is read is what was opened: still a file, and
+                    // no more than the room left.
+                    let file = std::fs::File::from(file);
+                    let room = self.max.saturating_sub(self.tar.get_ref().len());
+                    let mut contents = Vec::new();
+                    let read = file
+                        .metadata()
+                        .and_then(|meta| {
+                            if meta.is_file() {
+                                Ok(())
+                            } else {
+                                Err(std::io::Error::other("it changed while it was copied"))
+                            }
+                        })
+                        .and_then(|()| {
+                            std::io::Read::read_to_end(
+                                &mut std::io::Read::take(&file, room as u64 + 1),
+                                &mut contents,
+                            )
+                        });
+                    read.map_err(|e| format!("{}: {e}", path.display()))?;
+                    if contents.len() > room {
+                        return Err(walk_too_large(self.max));
+                    }
+                    header.set_entry_type(tar::EntryType::Regular);
+                    header.set_size(contents.len() as u64);
+                    self.tar
+                        .append_data(&mut header, &path, contents.as_slice())
+                        .map_err(|e| format!("{}: {e}", path.display()))?;
+                }
+                FileType::Symlink => {
+                    let target =
+                        rustix::fs::readlinkat(dir, &name, Vec::new()).map_err(|e| io(&path, e))?;
+                    header.set_entry_type(tar::EntryType::Symlink);
+                    header.set_size(0);
+                    self.tar
+                        .append_link(
+                            &mut header,
+                            &path,
+                            std::ffi::OsStr::from_bytes(target.as_bytes()),
+                        )
+                        .map_err(|e| format!("{}: {e}", path.display()))?;
+                }
+                _ => {
+                    return Err(format!(
+                        "{}: a socket, FIFO or device is not copied",
+                        path.display()
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Reads the host file at `path` if it is a regular file of at most `max`
@@ -291,6 +487,9 @@ fn read_small_file(path: &str, max: usize) -> std::io::Result<SmallFile> {
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(path)?;
     let meta = file.metadata()?;
+    if meta.is_dir() {
+        return Ok(SmallFile::Directory);
+    }
     if !meta.is_file() {
         return Ok(SmallFile::NotAFile);
     }
@@ -352,7 +551,7 @@ mod tests {
     }
 
     #[test]
-    fn small_host_files_are_copied_and_directories_refused() {
+    fn small_host_files_are_copied_and_fifos_refused() {
         let host = tempfile::tempdir().unwrap();
         let hosts = host.path().join("hosts");
         std::fs::write(&hosts, "127.0.0.1 localhost\n").unwrap();
@@ -376,9 +575,16 @@ mod tests {
         );
         assert_eq!(files, vec![b"127.0.0.1 localhost\n".to_vec()]);
 
+        // A FIFO (or a socket, a device) is neither a file nor a directory.
+        let fifo = host.path().join("fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
         let error = container_spec(spec(&format!(
             r#"[{{"destination":"/srv","type":"none","source":"{}","options":["rbind"]}}]"#,
-            host.path().display()
+            fifo.display()
         )))
         .unwrap_err()
         .to_string();
@@ -396,6 +602,101 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(error.contains("KiB in all"), "{error}");
+    }
+
+    /// The entries of a tar: (path, kind, mode, contents or link target).
+    fn entries(tar: &[u8]) -> Vec<(String, char, u32, String)> {
+        let mut archive = tar::Archive::new(tar);
+        archive
+            .entries()
+            .unwrap()
+            .map(|entry| {
+                let mut entry = entry.unwrap();
+                let path = entry.path().unwrap().display().to_string();
+                let kind = match entry.header().entry_type() {
+                    tar::EntryType::Directory => 'd',
+                    tar::EntryType::Symlink => 'l',
+                    tar::EntryType::Regular => 'f',
+                    _ => '?',
+                };
+                let mode = entry.header().mode().unwrap();
+                let mut text = String::new();
+                if kind == 'l' {
+                    text = entry.link_name().unwrap().unwrap().display().to_string();
+                } else {
+                    std::io::Read::read_to_string(&mut entry, &mut text).unwrap();
+                }
+                (path, kind, mode, text)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_small_host_directory_goes_along_as_a_tar_with_its_links_and_no_set_id_bit() {
+        use std::os::unix::fs::PermissionsExt;
+        // A Kubernetes secret volume, as the kubelet writes one.
+        let host = tempfile::tempdir().unwrap();
+        let data = host.path().join("..2026_12_02_04_00_00.1");
+        std::fs::create_dir(&data).unwrap();
+        std::fs::write(data.join("token"), "secret-token").unwrap();
+        std::fs::write(data.join("tool"), "#!/bin/sh").unwrap();
+        std::fs::set_permissions(data.join("tool"), std::fs::Permissions::from_mode(0o4755))
+            .unwrap();
+        std::os::unix::fs::symlink("..2026_12_02_04_00_00.1", host.path().join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/token", host.path().join("token")).unwrap();
+        // A link out is copied as a link: the host file is not read.
+        std::os::unix::fs::symlink("/etc/passwd", host.path().join("passwd")).unwrap();
+        let (ok, files) = container_spec(spec(&format!(
+            r#"[{{"destination":"/var/run/secrets/x","type":"bind","source":"{}","options":["rbind","ro"]}}]"#,
+            host.path().display()
+        )))
+        .unwrap();
+        let mount = &ok.mounts().as_ref().unwrap()[0];
+        assert_eq!(mount.source().as_ref().unwrap().to_str(), Some("tree:0"));
+        assert_eq!(files.len(), 1);
+        let found = entries(&files[0]);
+        let names: Vec<(&str, char)> = found.iter().map(|(p, k, _, _)| (p.as_str(), *k)).collect();
+        assert_eq!(
+            names,
+            [
+                ("..2026_12_02_04_00_00.1", 'd'),
+                ("..2026_12_02_04_00_00.1/token", 'f'),
+                ("..2026_12_02_04_00_00.1/tool", 'f'),
+                ("..data", 'l'),
+                ("passwd", 'l'),
+                ("token", 'l'),
+            ]
+        );
+        assert_eq!(found[1].3, "secret-token");
+        assert_eq!(found[2].2, 0o755, "the setuid bit is dropped");
+        assert_eq!(found[4].3, "/etc/passwd");
+        assert_eq!(found[5].3, "..data/token");
+
+        // Too much, or something that is not a file, a directory or a link:
+        // refused, naming it.
+        std::fs::write(data.join("big"), vec![0u8; MAX_COPIED_BYTES]).unwrap();
+        let bind = format!(
+            r#"[{{"destination":"/v","type":"bind","source":"{}"}}]"#,
+            host.path().display()
+        );
+        let error = container_spec(spec(&bind)).unwrap_err().to_string();
+        assert!(error.contains("/v") && error.contains("KiB"), "{error}");
+        std::fs::remove_file(data.join("big")).unwrap();
+        for n in 0..=MAX_TREE_ENTRIES {
+            std::fs::write(data.join(format!("f{n}")), "").unwrap();
+        }
+        let error = container_spec(spec(&bind)).unwrap_err().to_string();
+        assert!(error.contains("entries"), "{error}");
+        for n in 0..=MAX_TREE_ENTRIES {
+            std::fs::remove_file(data.join(format!("f{n}"))).unwrap();
+        }
+        let made = std::process::Command::new("mkfifo")
+            .arg(data.join("fifo"))
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let error = container_spec(spec(&bind)).unwrap_err().to_string();
+        assert!(error.contains("fifo") && error.contains("FIFO"), "{error}");
     }
 
     #[test]
@@ -424,15 +725,18 @@ mod tests {
         assert!(options.contains(&format!("size={size}")), "{options:?}");
         assert!(!options.iter().any(|o| o.contains("bind")), "{options:?}");
 
-        // Something in it would be lost: refused, as a directory on disk is.
+        // Something in it, or a directory on disk: copied, as any small
+        // directory is.
         std::fs::write(shm.path().join("segment"), b"x").unwrap();
-        let error = container_spec(bind(shm.path())).unwrap_err().to_string();
-        assert!(error.contains("host bind mounts"), "{error}");
+        let (copied, files) = container_spec(bind(shm.path())).unwrap();
+        let mount = &copied.mounts().as_ref().unwrap()[0];
+        assert_eq!(mount.source().as_ref().unwrap().to_str(), Some("tree:0"));
+        assert_eq!(entries(&files[0])[0].0, "segment");
         let on_disk = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
-        let error = container_spec(bind(on_disk.path()))
-            .unwrap_err()
-            .to_string();
-        assert!(error.contains("host bind mounts"), "{error}");
+        let (copied, files) = container_spec(bind(on_disk.path())).unwrap();
+        let mount = &copied.mounts().as_ref().unwrap()[0];
+        assert_eq!(mount.source().as_ref().unwrap().to_str(), Some("tree:0"));
+        assert!(entries(&files[0]).is_empty());
     }
 
     #[test]

@@ -13,7 +13,7 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, ContainerState, ContainerStatsRequest, ContainerStatus,
     ContainerStatusRequest, CreateContainerRequest, DnsConfig, ExecSyncRequest, ImageSpec,
-    ImageStatusRequest, KeyValue, PodSandboxConfig, PodSandboxMetadata, PodSandboxState,
+    ImageStatusRequest, KeyValue, Mount, PodSandboxConfig, PodSandboxMetadata, PodSandboxState,
     PodSandboxStatusRequest, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
     StopPodSandboxRequest,
 };
@@ -153,6 +153,20 @@ impl Cri {
         image_name: &str,
         command: &[&str],
     ) -> String {
+        self.start_container_with(pod, pod_name, name, image_name, command, &[])
+    }
+
+    /// [`Cri::start_container`] with the volumes the kubelet would give
+    /// it: (host directory or file, path in the container, read-only).
+    pub fn start_container_with(
+        &self,
+        pod: &str,
+        pod_name: &str,
+        name: &str,
+        image_name: &str,
+        command: &[&str],
+        volumes: &[(&Path, &str, bool)],
+    ) -> String {
         let mut service = self.service.clone();
         let id = self
             .call(
@@ -170,6 +184,15 @@ impl Cri {
                             key: "CAPSID_TEST".into(),
                             value: name.to_owned(),
                         }],
+                        mounts: volumes
+                            .iter()
+                            .map(|(host, container, readonly)| Mount {
+                                container_path: (*container).to_owned(),
+                                host_path: host.display().to_string(),
+                                readonly: *readonly,
+                                ..Mount::default()
+                            })
+                            .collect(),
                         ..ContainerConfig::default()
                     }),
                     sandbox_config: Some(pod_config(pod_name, None)),

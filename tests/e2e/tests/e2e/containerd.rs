@@ -253,6 +253,52 @@ fn the_disk_annotation_puts_a_containers_writes_on_a_scratch_disk() {
 }
 
 #[test]
+fn a_small_host_directory_bound_in_is_copied_as_kubernetes_volumes_need() {
+    if !require_kvm("a_small_host_directory_bound_in_is_copied_as_kubernetes_volumes_need") {
+        return;
+    }
+    let containerd = Containerd::start();
+    // A secret volume as the kubelet writes one: the data in a dated
+    // directory, `..data` pointing at it, each key a link through it.
+    let scratch = capsid_testbed::ScratchDir::new("capsid-e2e-tree").unwrap();
+    let volume = scratch.join("secret");
+    let data = volume.join("..2026_12_02_04_00_00.1");
+    std::fs::create_dir_all(data.join("sub")).unwrap();
+    std::fs::write(data.join("token"), "a-token\n").unwrap();
+    std::fs::write(data.join("sub/ca.crt"), "a-ca\n").unwrap();
+    std::os::unix::fs::symlink("..2026_12_02_04_00_00.1", volume.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/token", volume.join("token")).unwrap();
+    let mount = format!(
+        "type=bind,src={},dst=/var/run/secrets/x,options=rbind:ro",
+        volume.display()
+    );
+    let args = Containerd::run_args(
+        &["--rm", "--mount", &mount],
+        BUSYBOX,
+        "tree1",
+        &[
+            "sh",
+            "-c",
+            "cat /var/run/secrets/x/token /var/run/secrets/x/..data/sub/ca.crt; \
+             readlink /var/run/secrets/x/token; \
+             touch /var/run/secrets/x/new 2>/dev/null || echo read-only",
+        ],
+    );
+    let output = containerd.ctr_bounded(&args);
+    let stdout = text(&output.stdout);
+    assert_eq!(
+        stdout,
+        "a-token\na-ca\n..data/token\nread-only\n",
+        "{}\n{}",
+        text(&output.stderr),
+        containerd.log()
+    );
+    assert_eq!(output.status.code(), Some(0));
+    // The host's directory is as it was.
+    assert!(!volume.join("new").exists());
+}
+
+#[test]
 fn ctr_task_exec_ps_metrics_kill_delete_and_deaths_leave_nothing() {
     if !require_kvm("ctr_task_exec_ps_metrics_kill_delete_and_deaths_leave_nothing") {
         return;

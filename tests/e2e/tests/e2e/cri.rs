@@ -155,11 +155,33 @@ fn a_capsid_pod_through_cri_serves_talks_to_a_runc_pod_and_leaves_nothing() {
         "working set of a running httpd: {working_set}"
     );
 
-    // A second container joins the pod and shares its network.
-    let client = cri.start_container(&pod, "web", "client", BUSYBOX, &["sleep", "3600"]);
+    // A second container joins the pod and shares its network; it has a
+    // volume as the kubelet gives a service account's token (a directory
+    // of links into a dated directory), copied in.
+    let volume = capsid_testbed::ScratchDir::new("capsid-e2e-cri-volume").unwrap();
+    let dated = volume.join("..2026_12_02_04_00_00.1");
+    std::fs::create_dir(&dated).unwrap();
+    std::fs::write(dated.join("token"), "a-token").unwrap();
+    std::os::unix::fs::symlink("..2026_12_02_04_00_00.1", volume.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/token", volume.join("token")).unwrap();
+    let token_dir = "/var/run/secrets/kubernetes.io/serviceaccount";
+    let client = cri.start_container_with(
+        &pod,
+        "web",
+        "client",
+        BUSYBOX,
+        &["sleep", "3600"],
+        &[(volume.path(), token_dir, true)],
+    );
     let local = fetch_in(&cri, &client, "127.0.0.1");
     assert_eq!(local.exit_code, 0, "{local:?}");
     assert!(local.stdout.contains("capsid-pod"), "{local:?}");
+    let token = cri.exec(&client, &["cat", &format!("{token_dir}/token")], 30);
+    assert_eq!(
+        (token.exit_code, token.stdout.as_str()),
+        (0, "a-token"),
+        "{token:?}"
+    );
 
     // A runc pod on the same bridge; each pod reaches the other over TCP.
     let started = Instant::now();
