@@ -422,28 +422,18 @@ impl TreeWalk {
                     .map_err(|e| io(&path, e))?;
                     // What is read is what was opened: still a file, and
                     // no more than the room left.
-                    let file = std::fs::File::from(file);
                     let room = self.max.saturating_sub(self.tar.get_ref().len());
-                    let mut contents = Vec::new();
-                    let read = file
-                        .metadata()
-                        .and_then(|meta| {
-                            if meta.is_file() {
-                                Ok(())
-                            } else {
-                                Err(std::io::Error::other("it changed while it was copied"))
-                            }
-                        })
-                        .and_then(|()| {
-                            std::io::Read::read_to_end(
-                                &mut std::io::Read::take(&file, room as u64 + 1),
-                                &mut contents,
-                            )
-                        });
-                    read.map_err(|e| format!("{}: {e}", path.display()))?;
-                    if contents.len() > room {
-                        return Err(walk_too_large(self.max));
-                    }
+                    let contents = match read_bounded(std::fs::File::from(file), room) {
+                        Ok(SmallFile::Contents(contents)) => contents,
+                        Ok(SmallFile::TooLarge) => return Err(walk_too_large(self.max)),
+                        Ok(SmallFile::Directory | SmallFile::NotAFile) => {
+                            return Err(format!(
+                                "{}: it changed while it was copied",
+                                path.display()
+                            ));
+                        }
+                        Err(e) => return Err(format!("{}: {e}", path.display())),
+                    };
                     header.set_entry_type(tar::EntryType::Regular);
                     header.set_size(contents.len() as u64);
                     self.tar
@@ -480,12 +470,19 @@ impl TreeWalk {
 /// FIFO without blocking), its kind and size taken from the descriptor,
 /// and the read stops after `max + 1` bytes whatever the file became.
 fn read_small_file(path: &str, max: usize) -> std::io::Result<SmallFile> {
-    use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(path)?;
+    read_bounded(file, max)
+}
+
+/// What the open `file` holds, read if it is a regular file of at most
+/// `max` bytes: its kind and size from the descriptor, and the read
+/// stopped after `max + 1` bytes whatever the file became.
+fn read_bounded(file: std::fs::File, max: usize) -> std::io::Result<SmallFile> {
+    use std::io::Read;
     let meta = file.metadata()?;
     if meta.is_dir() {
         return Ok(SmallFile::Directory);
