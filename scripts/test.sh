@@ -46,9 +46,9 @@ retries=$(grep -c '^E2E-BOOT-RETRY ' target/e2e/e2e.log || true)
 log "    guests booted again after crashing at boot: $retries (each is in target/e2e/e2e.log)"
 
 # Each in a fresh test host: its own kernel has crashed in runs over ~20 minutes.
-log "==> a short soak: 20 capsid run and 6 ctr run --rm cycles, a leak check every 5 (make soak runs 1,200)"
+log "==> a short soak: 40 capsid run and 10 ctr run --rm cycles, a leak check every 10 (make soak runs 1,200)"
 soak=$(soak_binary)
-run_with_kvm --with "$soak" -- "$soak" --runs 20 --ctr-runs 6 --check-every 5
+run_with_kvm --with "$soak" -- "$soak" --runs 40 --ctr-runs 10 --check-every 10
 
 log "==> a benchmark smoke run (every scenario, 2 runs) so it cannot rot"
 bench=$(bench_binary)
