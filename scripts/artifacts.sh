@@ -2,7 +2,7 @@
 # location in CAPSID_* variables. Sourced by test.sh and demo.sh.
 
 ensure_packages build-essential qemu-system-x86 busybox-static jq erofs-utils e2fsprogs libseccomp-dev containerd runc nftables \
-    containernetworking-plugins protobuf-compiler
+    containernetworking-plugins protobuf-compiler runsc
 
 log "==> guest kernel"
 CAPSID_KERNEL=$(kernel-config/build.sh)
@@ -71,7 +71,7 @@ run_with_kvm() {
         --with "$CAPSID_SHIM" --with "$CAPSID_TEST_IMAGES_DIR/busybox.oci.tar" --with "$CAPSID_TEST_IMAGES_DIR/busybox-user.oci.tar" --with "$CAPSID_TEST_IMAGES_DIR/busybox-user.oci" --with /usr/bin/containerd --with /usr/bin/ctr --with /usr/sbin/nft \
         --with "$CAPSID_TEST_IMAGES_DIR/pause.oci.tar" \
         --with /usr/lib/cni/bridge --with /usr/lib/cni/host-local --with /usr/lib/cni/loopback \
-        --with /usr/sbin/runc --with /usr/bin/containerd-shim-runc-v2 \
+        --with /usr/sbin/runc --with /usr/bin/containerd-shim-runc-v2 --with /usr/bin/runsc \
         "$@"
 }
 

@@ -5,16 +5,17 @@
 //! | scenario     | ours                                         | peer                              |
 //! |--------------|----------------------------------------------|-----------------------------------|
 //! | `boot`       | capsid-vmm spawn → test init ready; → agent  | QEMU `microvm`, same kernel+initrd |
-//! | `run`        | `capsid run -- true`, `-- echo hi`           | runc, same rootfs                 |
-//! | `ctr`        | `ctr run --rm` with our shim                 | the same with `io.containerd.runc.v2` |
+//! | `run`        | `capsid run -- true`, `-- echo hi`           | runc and gVisor, same rootfs      |
+//! | `ctr`        | `ctr run --rm` with our shim                 | `io.containerd.runc.v2` with runc, and with gVisor's `runsc` |
 //! | `concurrent` | K `capsid run` at once                       | K `runc run` at once              |
-//! | `footprint`  | shim + VMM PSS per sandbox; how many fit     | runc's shim + container           |
+//! | `footprint`  | shim + VMM PSS per sandbox; how many fit     | runc's and gVisor's shim + sandbox |
 //! | `throughput` | guest stdout → host, virtio-blk cold read    | runc stdout; QEMU virtio-blk      |
 //! | `net`        | TCP host ↔ sandbox over a pod's namespace    | runc in the same namespace        |
 //!
 //! Method: every time is taken here, outside the measured processes
 //! (spawn → first byte on the pipe → exit), except the VMM's own boot
-//! marker. Ours and the peer alternate (A B B A …) so drift hits both, each
+//! marker. Ours and the peer alternate (A B B A …; with gVisor as a
+//! second peer, the order rotates A B C, B C A, …) so drift hits all, each
 //! after one warm-up that is not counted. Every sample is kept and printed
 //! in the JSON; nothing passes or fails on a time.
 //!
@@ -53,11 +54,13 @@ mod concurrent;
 mod ctr;
 mod footprint;
 mod guests;
+mod gvisor;
 mod net;
 mod run;
 mod throughput;
 
 use guests::TestInitGuest;
+use gvisor::Runtime;
 
 const READY: &str = "CAPSID-TEST-INIT: ready";
 const IDLE: &str = "CAPSID-TEST-INIT: step hang waiting";
@@ -105,6 +108,19 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Render {
+    /// Runs PROGRAM with a root that is a mount of its own, in a mount
+    /// namespace of its own: what gVisor's `runsc` needs where `/` is an
+    /// initramfs (the nested test host), which it cannot `pivot_root` out
+    /// of. The `ctr` scenario's `--runc-binary` wrapper calls it.
+    #[command(hide = true)]
+    InMovedRoot {
+        /// An empty directory to bind `/` at.
+        #[arg(long)]
+        at: PathBuf,
+        program: PathBuf,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
     /// Renders a report (JSON) into the table, bench.json and bench.svg,
     /// without measuring. A file of several reports, one per line (runs of
     /// some scenarios each), becomes one report.
@@ -281,6 +297,10 @@ struct Bench {
     boot_retries: std::cell::Cell<usize>,
     /// `runc spec`'s default config, made once.
     runc_spec: std::cell::OnceCell<serde_json::Value>,
+    /// gVisor's runsc, the second peer, when it is installed.
+    runsc: Option<PathBuf>,
+    /// The `--runc-binary` script that starts runsc in a moved root.
+    runsc_wrapper: std::cell::OnceCell<PathBuf>,
 }
 
 impl Bench {
@@ -364,7 +384,21 @@ impl Bench {
 
     /// [`Self::runc_run`], in the network namespace at `netns` if given.
     fn runc_run_in(&self, command: &[&str], netns: Option<&Path>) -> Command {
-        let id = self.unique("runc");
+        let (bundle, id) = self.bundle("runc", command, netns);
+        let mut cmd = Command::new("runc");
+        cmd.args(["run", "--bundle"]).arg(&bundle);
+        if self.no_pivot {
+            cmd.arg("--no-pivot");
+        }
+        cmd.arg(id);
+        cmd
+    }
+
+    /// A bundle (and a container id) from `runc spec`'s default, over the
+    /// same rootfs (read-only), running `command`, in the network
+    /// namespace at `netns` if given.
+    fn bundle(&self, prefix: &str, command: &[&str], netns: Option<&Path>) -> (PathBuf, String) {
+        let id = self.unique(prefix);
         let bundle = self.scratch.join(&id);
         std::fs::create_dir_all(&bundle).expect("bundle dir");
         let path = bundle.join("config.json");
@@ -400,13 +434,7 @@ impl Bench {
             }
         }
         std::fs::write(&path, config.to_string()).expect("write config.json");
-        let mut cmd = Command::new("runc");
-        cmd.args(["run", "--bundle"]).arg(&bundle);
-        if self.no_pivot {
-            cmd.arg("--no-pivot");
-        }
-        cmd.arg(id);
-        cmd
+        (bundle, id)
     }
 
     fn scenarios(&self) -> Vec<Scenario> {
@@ -455,6 +483,29 @@ impl Bench {
         }
     }
 
+    /// `ctr run` options for `runtime`: our shim, or containerd's runc
+    /// shim running runc or runsc.
+    fn ctr_runtime_of(&self, runtime: Runtime) -> Vec<String> {
+        match runtime {
+            Runtime::Capsid => self
+                .ctr_runtime(true)
+                .into_iter()
+                .map(String::from)
+                .collect(),
+            Runtime::Runc => self
+                .ctr_runtime(false)
+                .into_iter()
+                .map(String::from)
+                .collect(),
+            Runtime::Gvisor => vec![
+                "--runtime".into(),
+                "io.containerd.runc.v2".into(),
+                "--runc-binary".into(),
+                self.runsc_for_shim().to_string_lossy().into_owned(),
+            ],
+        }
+    }
+
     /// `ctr run` options for ours or runc's runtime.
     fn ctr_runtime(&self, ours: bool) -> Vec<&'static str> {
         match ours {
@@ -486,6 +537,43 @@ impl Pair {
     /// Adds both series and their ratio to `scenario`.
     fn into(self, scenario: &mut Scenario, what: &str) {
         scenario.compare(what, self.ours, self.peer);
+    }
+}
+
+/// One quantity, measured for ours and for each peer of a scenario.
+struct Among {
+    ours: Series,
+    peers: Vec<(Runtime, Series)>,
+}
+
+impl Among {
+    /// `name(runtime)` names each series; the first of `runtimes` is ours.
+    fn new(runtimes: &[Runtime], name: impl Fn(Runtime) -> String, unit: &str) -> Self {
+        Self {
+            ours: Series::new(name(Runtime::Capsid), unit, Who::Ours),
+            peers: runtimes
+                .iter()
+                .filter(|&&r| r != Runtime::Capsid)
+                .map(|&r| (r, Series::new(name(r), unit, Who::Peer)))
+                .collect(),
+        }
+    }
+
+    fn of(&mut self, runtime: Runtime) -> &mut Series {
+        match self.peers.iter_mut().find(|(r, _)| *r == runtime) {
+            Some((_, series)) => series,
+            None => &mut self.ours,
+        }
+    }
+
+    /// Adds every series, and ours against each peer, to `scenario`.
+    fn into(self, scenario: &mut Scenario, what: &str) {
+        let peers = self
+            .peers
+            .into_iter()
+            .map(|(r, series)| (r.name(), series))
+            .collect();
+        scenario.compare_each(what, self.ours, peers);
     }
 }
 
@@ -538,6 +626,9 @@ fn write_outputs(report: &Report, out: &Path) {
 
 fn main() {
     let args = Args::parse();
+    if let Some(Render::InMovedRoot { at, program, args }) = &args.render {
+        gvisor::in_moved_root(at, program, args);
+    }
     if let Some(Render::Render { json, out }) = &args.render {
         let text = std::fs::read_to_string(json)
             .unwrap_or_else(|e| panic!("cannot read {}: {e}", json.display()));
@@ -599,6 +690,8 @@ fn main() {
         failures: std::cell::RefCell::default(),
         boot_retries: std::cell::Cell::default(),
         runc_spec: std::cell::OnceCell::new(),
+        runsc: gvisor::find_runsc(),
+        runsc_wrapper: std::cell::OnceCell::new(),
         no_pivot: nested,
         args: Args { runs, ..args },
     };
@@ -613,6 +706,7 @@ fn main() {
             version("qemu-system-x86_64", "--version"),
         ),
         ("runc".to_owned(), version("runc", "--version")),
+        ("gvisor".to_owned(), version("runsc", "--version")),
         ("containerd".to_owned(), version("containerd", "--version")),
     ]);
     let scenarios = bench.scenarios();

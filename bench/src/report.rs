@@ -107,6 +107,28 @@ impl Scenario {
     }
 }
 
+impl Scenario {
+    /// Adds our series and each peer's, with our series compared against
+    /// each: the first comparison is named `what`, the others `what,
+    /// against NAME`.
+    pub fn compare_each(&mut self, what: &str, ours: Series, peers: Vec<(&str, Series)>) {
+        for (i, (name, peer)) in peers.iter().enumerate() {
+            self.comparisons.push(Comparison {
+                what: match i {
+                    0 => what.to_owned(),
+                    _ => format!("{what}, against {name}"),
+                },
+                ours: ours.name.clone(),
+                peer: peer.name.clone(),
+                ratio: ours.p(50) / peer.p(50),
+            });
+        }
+        self.series.push(ours);
+        self.series
+            .extend(peers.into_iter().map(|(_, series)| series));
+    }
+}
+
 /// The machine the report was measured on.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Host {

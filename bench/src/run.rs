@@ -1,37 +1,43 @@
-//! `run`: `capsid run -- true` and `-- echo hi`, against `runc run` on the
-//! same rootfs.
+//! `run`: `capsid run -- true` and `-- echo hi`, against `runc run` and
+//! gVisor's `runsc run` on the same rootfs.
 use super::*;
 
 impl Bench {
     pub(crate) fn run(&self) -> Scenario {
         let mut scenario = Scenario::new(
             "run",
-            "`capsid run --rootfs DIR -- CMD` (a fresh micro-VM each time) against `runc run` of a bundle over the same rootfs",
+            "`capsid run --rootfs DIR -- CMD` (a fresh micro-VM each time) against `runc run` and gVisor's `runsc --network=none run` of a bundle over the same rootfs",
         );
-        let mut exit_true = Pair::new(
-            "capsid run -- true: → exit",
-            "runc run -- true: → exit",
+        let runtimes = self.runtimes();
+        let program = |r: Runtime| match r {
+            Runtime::Capsid => "capsid",
+            Runtime::Runc => "runc",
+            Runtime::Gvisor => "runsc",
+        };
+        let mut exit_true = Among::new(
+            &runtimes,
+            |r| format!("{} run -- true: → exit", program(r)),
             "ms",
         );
-        let mut first_hi = Pair::new(
-            "capsid run -- echo hi: → first byte",
-            "runc run -- echo hi: → first byte",
+        let mut first_hi = Among::new(
+            &runtimes,
+            |r| format!("{} run -- echo hi: → first byte", program(r)),
             "ms",
         );
-        let mut exit_hi = Pair::new(
-            "capsid run -- echo hi: → exit",
-            "runc run -- echo hi: → exit",
+        let mut exit_hi = Among::new(
+            &runtimes,
+            |r| format!("{} run -- echo hi: → exit", program(r)),
             "ms",
         );
-        self.rounds(self.args.runs, "run", |ours, counted| {
-            let t = timed(&mut self.sandbox(ours, &["true"]));
-            let h = timed(&mut self.sandbox(ours, &["echo", "hi"]));
-            let ok = self.ok(&format!("{} true", who(ours)), &t, None)
-                & self.ok(&format!("{} echo hi", who(ours)), &h, Some(3));
+        self.rounds_among(&runtimes, self.args.runs, "run", |runtime, counted| {
+            let t = timed(&mut self.sandbox_of(runtime, &["true"]));
+            let h = timed(&mut self.sandbox_of(runtime, &["echo", "hi"]));
+            let ok = self.ok(&format!("{} true", runtime.name()), &t, None)
+                & self.ok(&format!("{} echo hi", runtime.name()), &h, Some(3));
             if ok && counted {
-                exit_true.of(ours).samples.push(ms(t.exit));
-                first_hi.of(ours).samples.push(ms(h.to_output()));
-                exit_hi.of(ours).samples.push(ms(h.exit));
+                exit_true.of(runtime).samples.push(ms(t.exit));
+                first_hi.of(runtime).samples.push(ms(h.to_output()));
+                exit_hi.of(runtime).samples.push(ms(h.exit));
             }
         });
         exit_true.into(&mut scenario, "true → exit");
