@@ -1,4 +1,5 @@
-//! Guest RAM: anonymous private mappings, one per RAM range of the layout,
+//! Guest RAM: private mappings, anonymous or of a snapshot's memory file
+//! (copy-on-write), one per RAM range of the layout,
 //! each between two inaccessible guard pages so that a bug that runs off the
 //! end of a range faults instead of touching a neighbouring host mapping.
 //!
@@ -13,6 +14,7 @@
 //! guest page is mapped on its own, and each first touch is a nested page
 //! fault (QEMU aligns its RAM the same way).
 
+use std::fs::File;
 use std::io;
 use std::sync::Arc;
 
@@ -36,6 +38,17 @@ pub enum MemoryError {
     /// The size does not fit in the address space.
     #[error("guest memory size {0} MiB does not fit in this host's address space")]
     Size(u64),
+    /// A snapshot's memory file cannot be read.
+    #[error("cannot read the snapshot's memory file")]
+    Snapshot(#[source] io::Error),
+    /// A snapshot's memory file is not the size of the guest's RAM.
+    #[error("the snapshot's memory file has {actual} bytes, not the {expected} of the guest's RAM")]
+    SnapshotSize {
+        /// The guest RAM's size.
+        expected: u64,
+        /// The file's.
+        actual: u64,
+    },
 }
 
 /// One reservation: `len` bytes at `base`, guard pages included.
@@ -79,9 +92,56 @@ fn page_size() -> usize {
 impl GuestRam {
     /// Maps `mem_bytes` of RAM at the guest addresses of the layout.
     pub fn new(mem_bytes: u64) -> Result<Self, MemoryError> {
+        Self::map(mem_bytes, None)
+    }
+
+    /// Maps `mem_bytes` of RAM from a snapshot's memory file (what
+    /// [`Self::save_to`] wrote), privately: the guest's writes stay in this
+    /// process (copy-on-write), and the file's pages that no clone wrote are
+    /// shared by every VM restored from it through the page cache.
+    pub fn from_snapshot(mem_bytes: u64, file: &File) -> Result<Self, MemoryError> {
+        let expected: u64 = ram_ranges(mem_bytes).iter().map(|r| r.len).sum();
+        let actual = file.metadata().map_err(MemoryError::Snapshot)?.len();
+        if actual != expected {
+            return Err(MemoryError::SnapshotSize { expected, actual });
+        }
+        Self::map(mem_bytes, Some(file))
+    }
+
+    /// Writes guest RAM to `file`, its ranges one after another from offset
+    /// 0; pages of zeros are left as holes. The vCPUs must be paused.
+    pub fn save_to(&self, file: &File) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        let page = page_size();
+        let mut offset = 0u64;
+        let mut buf = vec![0u8; page];
+        for region in self.memory.iter() {
+            let len = usize::try_from(region.len()).map_err(io::Error::other)?;
+            let mut at = 0usize;
+            while at < len {
+                let n = page.min(len - at);
+                let addr = vm_memory::MemoryRegionAddress(at as u64);
+                vm_memory::Bytes::read_slice(region, &mut buf[..n], addr)
+                    .map_err(io::Error::other)?;
+                if buf[..n].iter().any(|&b| b != 0) {
+                    file.write_all_at(&buf[..n], offset + at as u64)?;
+                }
+                at += n;
+            }
+            offset += len as u64;
+        }
+        file.set_len(offset)?;
+        file.sync_all()
+    }
+
+    /// Maps RAM anonymous, or privately from `backing`'s pages in order.
+    fn map(mem_bytes: u64, backing: Option<&File>) -> Result<Self, MemoryError> {
+        use std::os::fd::AsRawFd;
         let page = page_size();
         let mut regions = Vec::new();
         let mut reservations = Vec::new();
+        let mut file_offset = 0u64;
         for range in ram_ranges(mem_bytes) {
             let len = usize::try_from(range.len).map_err(|_| MemoryError::Size(mem_bytes >> 20))?;
             // Room for a guard page on each side and for the alignment.
@@ -104,7 +164,16 @@ impl GuestRam {
                 return Err(MemoryError::Reserve(total, io::Error::last_os_error()));
             }
             let reservation = Arc::new(Reservation { base, len: total });
-            let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+            let (flags, fd) = match backing {
+                None => (
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                    -1,
+                ),
+                Some(file) => (libc::MAP_PRIVATE | libc::MAP_NORESERVE, file.as_raw_fd()),
+            };
+            let offset_in_file = libc::off_t::try_from(file_offset)
+                .map_err(|_| MemoryError::Size(mem_bytes >> 20))?;
+            file_offset += range.len;
             // The first address after a guard page that is aligned like the
             // range's guest address (ranges start at multiples of 2 MiB or
             // at 0): at most `page + HUGE_PAGE` into the reservation.
@@ -113,15 +182,16 @@ impl GuestRam {
             let offset = page + (skew + HUGE_PAGE - first % HUGE_PAGE) % HUGE_PAGE;
             // SAFETY: `base + offset` lies inside the reservation just made,
             // with `offset >= page` and `offset + len + page <= total`;
-            // MAP_FIXED replaces only our own pages.
+            // MAP_FIXED replaces only our own pages. `fd` is -1 (anonymous)
+            // or an open file checked to hold every range.
             let ram = unsafe {
                 libc::mmap(
                     base.cast::<u8>().add(offset).cast(),
                     len,
                     libc::PROT_READ | libc::PROT_WRITE,
                     flags | libc::MAP_FIXED,
-                    -1,
-                    0,
+                    fd,
+                    offset_in_file,
                 )
             };
             if ram == libc::MAP_FAILED {

@@ -94,6 +94,20 @@ impl Vcpu {
         self.index
     }
 
+    pub(super) fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    #[cfg(test)]
+    pub(super) fn fd_mut(&mut self) -> &mut VcpuFd {
+        &mut self.fd
+    }
+
+    /// A vCPU whose state was put in by its restorer (`snapshot.rs`).
+    pub(super) fn from_fd(index: u8, fd: VcpuFd) -> Self {
+        Self { index, fd }
+    }
+
     /// Runs the guest until it ends the VM or `stop` is set. The reason the
     /// VM ended, if this vCPU saw it, goes to `exit`.
     pub fn run(mut self, pio: &Bus, mmio: &Bus, stop: &AtomicBool, exit: &ExitNotifier) {
