@@ -23,6 +23,7 @@ pub mod logging;
 pub mod memory;
 pub mod probe;
 pub mod seccomp;
+pub mod snapshot;
 pub mod vmm;
 pub mod vstate;
 

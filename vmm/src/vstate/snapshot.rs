@@ -357,8 +357,8 @@ mod tests {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
-        let memory_file = dir.path().join("memory");
-        let (vm_json, vcpu_json) = {
+        let memory_file = dir.path().join(crate::snapshot::MEMORY_FILE);
+        {
             let ram = GuestRam::new(MEM).unwrap();
             ram.memory()
                 .write_slice(&regs::gdt_bytes(), GuestAddress(GDT_ADDR))
@@ -392,14 +392,13 @@ mod tests {
             );
             let file = std::fs::File::create(&memory_file).unwrap();
             ram.save_to(&file).unwrap();
-            (
-                serde_json::to_vec(&vm_state).unwrap(),
-                serde_json::to_vec(&vcpu_state).unwrap(),
-            )
+            crate::snapshot::SnapshotState::new(MEM, vm_state, vec![vcpu_state])
+                .write(dir.path())
+                .unwrap();
             // The first VM and its RAM are gone before the restore.
-        };
-        let vm_state: VmState = serde_json::from_slice(&vm_json).unwrap();
-        let vcpu_state: VcpuState = serde_json::from_slice(&vcpu_json).unwrap();
+        }
+        let state = crate::snapshot::SnapshotState::read(dir.path()).unwrap();
+        let (vm_state, vcpu_state) = (state.vm, &state.vcpus[0]);
         let file = std::fs::File::open(&memory_file).unwrap();
         // Sparse: 16 MiB of RAM, of which the guest used a few pages.
         let used = std::os::unix::fs::MetadataExt::blocks(&file.metadata().unwrap()) * 512;
@@ -407,7 +406,7 @@ mod tests {
         let ram = GuestRam::from_snapshot(MEM, &file).unwrap();
         let vm = vm_with(&ram);
         vm.restore_state(&vm_state).unwrap();
-        let vcpu = Vcpu::restore(&vm, 0, &vcpu_state).unwrap();
+        let vcpu = Vcpu::restore(&vm, 0, vcpu_state).unwrap();
         let (vcpu, exit) = next_out(vcpu);
         assert_eq!(exit, Ok((PORT, 0x55)), "a byte of guest RAM");
         let (_vcpu, exit) = next_out(vcpu);
