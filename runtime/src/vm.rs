@@ -286,6 +286,7 @@ impl VmSpec {
                     mtu: Some(net.mtu),
                 })
                 .collect(),
+            restore: None,
         }
     }
 }
@@ -820,6 +821,7 @@ impl VmApi {
         let reason = match serde_json::from_str::<ApiResponse>(&reply) {
             Ok(ApiResponse::Slot { .. }) => return Ok(()),
             Ok(ApiResponse::Error { error }) => clean(&error),
+            Ok(ApiResponse::Saved { .. }) => "an answer to another request".to_owned(),
             Err(_) => "no answer".to_owned(),
         };
         Err(MicroVmError::Refused {

@@ -20,17 +20,36 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use capsid_vmm_api::{ApiRequest, ApiResponse, MAX_REQUEST};
+use capsid_vmm_api::{ApiRequest, ApiResponse, MAX_DESCRIPTORS, MAX_REQUEST};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::devices::virtio::ThreadInit;
 use crate::devices::virtio::block::DiskSlots;
+use crate::snapshot::SnapshotDesk;
 
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a snapshot request waits for the VM to be saved: writing a
+/// 1 GiB guest's memory to a slow disk takes this long at worst.
+const SNAPSHOT_WAIT: Duration = Duration::from_secs(120);
 
-/// Answers one request; `fd` is the descriptor that came with it.
-pub fn answer(slots: &DiskSlots, line: &str, fd: Option<File>) -> ApiResponse {
+/// What the API serves: the spare disk slots, and the desk where a
+/// snapshot request waits for the main thread.
+#[derive(Debug)]
+pub struct ApiContext {
+    pub(crate) slots: Arc<DiskSlots>,
+    pub(crate) snapshots: Arc<SnapshotDesk>,
+}
+
+impl ApiContext {
+    /// Serves `slots` and takes snapshot requests to `snapshots`.
+    pub fn new(slots: Arc<DiskSlots>, snapshots: Arc<SnapshotDesk>) -> Self {
+        Self { slots, snapshots }
+    }
+}
+
+/// Answers one request; `files` are the descriptors that came with it.
+pub fn answer(api: &ApiContext, line: &str, files: Vec<File>) -> ApiResponse {
     let request = match serde_json::from_str::<ApiRequest>(line) {
         Ok(request) => request,
         Err(e) => {
@@ -39,19 +58,33 @@ pub fn answer(slots: &DiskSlots, line: &str, fd: Option<File>) -> ApiResponse {
             };
         }
     };
-    let done = match (&request, fd) {
-        (ApiRequest::Attach { id }, Some(file)) => slots.attach(file, id, id),
-        (ApiRequest::Attach { .. }, None) => {
-            return ApiResponse::Error {
-                error: "attach needs the image's descriptor with the request".into(),
+    if files.len() != request.descriptors() {
+        let error = match &request {
+            ApiRequest::Attach { .. } => "attach needs the image's descriptor with the request",
+            ApiRequest::Detach { .. } => "detach takes no descriptor",
+            ApiRequest::Snapshot => {
+                "snapshot needs two descriptors with the request: the state file, then the memory file"
+            }
+        };
+        return ApiResponse::Error {
+            error: error.into(),
+        };
+    }
+    let mut files = files.into_iter();
+    let done = match (&request, files.next(), files.next()) {
+        (ApiRequest::Attach { id }, Some(file), _) => api.slots.attach(file, id, id),
+        (ApiRequest::Detach { id }, _, _) => api.slots.detach(id),
+        (ApiRequest::Snapshot, Some(state), Some(memory)) => {
+            return match api.snapshots.request(state, memory, SNAPSHOT_WAIT) {
+                Ok(saved_ms) => ApiResponse::Saved { saved_ms },
+                Err(error) => ApiResponse::Error { error },
             };
         }
-        (ApiRequest::Detach { .. }, Some(_)) => {
+        _ => {
             return ApiResponse::Error {
-                error: "detach takes no descriptor".into(),
+                error: "the request's descriptors are missing".into(),
             };
         }
-        (ApiRequest::Detach { id }, None) => slots.detach(id),
     };
     match done {
         Ok(slot) => {
@@ -74,9 +107,9 @@ pub struct ApiServer {
 }
 
 impl ApiServer {
-    /// Listens on `path` (which must not exist) and serves `slots` on a
+    /// Listens on `path` (which must not exist) and serves `api` on a
     /// thread that runs `init` first.
-    pub fn start(path: &Path, slots: Arc<DiskSlots>, init: ThreadInit) -> std::io::Result<Self> {
+    pub fn start(path: &Path, api: ApiContext, init: ThreadInit) -> std::io::Result<Self> {
         let listener = UnixListener::bind(path)?;
         // Made before anything else can fail, so its drop removes the socket.
         let mut server = Self {
@@ -89,7 +122,7 @@ impl ApiServer {
         let thread = std::thread::Builder::new()
             .name("api".into())
             .spawn(move || match init() {
-                Ok(()) => serve(&listener, &slots, &stop),
+                Ok(()) => serve(&listener, &api, &stop),
                 Err(e) => tracing::error!("api: cannot confine the thread: {e}"),
             })?;
         server.thread = Some(thread);
@@ -124,11 +157,11 @@ fn readable(fd: RawFd, stop: &EventFd, timeout: Option<Duration>) -> bool {
     }
 }
 
-fn serve(listener: &UnixListener, slots: &DiskSlots, stop: &EventFd) {
+fn serve(listener: &UnixListener, api: &ApiContext, stop: &EventFd) {
     while readable(listener.as_raw_fd(), stop, None) {
         match listener.accept() {
             Ok((stream, _)) => {
-                if let Err(e) = serve_one(&stream, slots, stop) {
+                if let Err(e) = serve_one(&stream, api, stop) {
                     tracing::warn!("API connection: {e}");
                 }
             }
@@ -138,16 +171,15 @@ fn serve(listener: &UnixListener, slots: &DiskSlots, stop: &EventFd) {
     }
 }
 
-/// Reads one request line and the descriptor that came with it, within
-/// [`READ_TIMEOUT`] and [`MAX_REQUEST`] bytes.
+/// Reads one request line and the descriptors that came with it (at most
+/// [`MAX_DESCRIPTORS`]), within [`READ_TIMEOUT`] and [`MAX_REQUEST`] bytes.
 fn read_request(
     stream: &UnixStream,
     stop: &EventFd,
-) -> std::io::Result<Result<(String, Option<File>), String>> {
+) -> std::io::Result<Result<(String, Vec<File>), String>> {
     let deadline = Instant::now() + READ_TIMEOUT;
     let mut line = Vec::new();
-    let mut file = None;
-    let mut extra_fds = false;
+    let mut files = Vec::new();
     let mut buf = [0u8; 512];
     while !line.contains(&b'\n') {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -160,37 +192,58 @@ fn read_request(
             )));
         }
         let room = (MAX_REQUEST - line.len()).min(buf.len());
-        // Room for one descriptor: the kernel closes any more sent along.
-        let (n, received) = match stream.recv_with_fd(&mut buf[..room]) {
-            Ok(got) => got,
-            Err(e) if e.errno() == libc::EAGAIN || e.errno() == libc::EINTR => continue,
-            Err(e) => return Err(std::io::Error::from_raw_os_error(e.errno())),
+        let n = match recv_with_files(stream, &mut buf[..room], &mut files) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
         };
-        if let Some(received) = received {
-            if file.is_some() {
-                extra_fds = true;
-            }
-            file = Some(received);
-        }
         if n == 0 {
             return Ok(Err("the request ended without a newline".into()));
         }
         line.extend_from_slice(&buf[..n]);
     }
-    if extra_fds {
-        return Ok(Err("a request carries at most one descriptor".into()));
+    if files.len() > MAX_DESCRIPTORS {
+        return Ok(Err(format!(
+            "a request carries at most {MAX_DESCRIPTORS} descriptors"
+        )));
     }
     let end = line.iter().position(|&b| b == b'\n').unwrap_or(line.len());
     line.truncate(end);
     Ok(String::from_utf8(line)
-        .map(|line| (line, file))
+        .map(|line| (line, files))
         .map_err(|_| "the request is not UTF-8".into()))
 }
 
-fn serve_one(stream: &UnixStream, slots: &DiskSlots, stop: &EventFd) -> std::io::Result<()> {
+/// Receives bytes into `buf` and the descriptors sent with them into
+/// `files`: room for one more than a request may carry, so that too many
+/// are seen (the kernel closes any beyond the room).
+fn recv_with_files(
+    stream: &UnixStream,
+    buf: &mut [u8],
+    files: &mut Vec<File>,
+) -> std::io::Result<usize> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [-1; MAX_DESCRIPTORS + 1];
+    let mut iov = [libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    }];
+    // SAFETY: the iovec points at `buf`, which is writable for its whole
+    // length and outlives the call.
+    let (n, received) = unsafe { stream.recv_with_fds(&mut iov, &mut fds) }
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+    for &fd in fds.iter().take(received) {
+        // SAFETY: the kernel just gave us `fd`; nothing else owns it.
+        files.push(unsafe { File::from_raw_fd(fd) });
+    }
+    Ok(n)
+}
+
+fn serve_one(stream: &UnixStream, api: &ApiContext, stop: &EventFd) -> std::io::Result<()> {
     stream.set_nonblocking(true)?;
     let response = match read_request(stream, stop)? {
-        Ok((line, file)) => answer(slots, line.trim_end(), file),
+        Ok((line, files)) => answer(api, line.trim_end(), files),
         Err(error) => ApiResponse::Error { error },
     };
     let mut reply = serde_json::to_vec(&response).map_err(std::io::Error::other)?;
@@ -215,22 +268,41 @@ mod tests {
     use super::*;
     use crate::devices::virtio::block::{Block, DiskSlot};
     use crate::devices::virtio::{Interrupt, no_init};
+    use crate::exit::ExitNotifier;
     use std::io::Read;
     use std::os::unix::fs::PermissionsExt;
 
-    fn one_slot() -> Arc<DiskSlots> {
+    /// An API with one spare slot, and the exit notifier its snapshot
+    /// desk reports to.
+    fn api_with(refusal: Option<&str>) -> (ApiContext, Arc<ExitNotifier>) {
         let block = Block::spare();
         let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
-        Arc::new(DiskSlots::new(vec![DiskSlot::new(block.backing(), irq)]))
+        let exit = Arc::new(ExitNotifier::new().unwrap());
+        let api = ApiContext {
+            slots: Arc::new(DiskSlots::new(vec![DiskSlot::new(block.backing(), irq)])),
+            snapshots: Arc::new(SnapshotDesk::new(
+                Arc::clone(&exit),
+                refusal.map(str::to_owned),
+            )),
+        };
+        (api, exit)
+    }
+
+    fn one_slot() -> ApiContext {
+        api_with(None).0
     }
 
     fn call(path: &Path, request: &[u8], fd: Option<&File>) -> String {
+        call_with(path, request, fd.into_iter().collect())
+    }
+
+    fn call_with(path: &Path, request: &[u8], files: Vec<&File>) -> String {
         let mut stream = UnixStream::connect(path).unwrap();
-        match fd {
-            Some(file) => {
-                stream.send_with_fd(request, file.as_raw_fd()).unwrap();
-            }
-            None => stream.write_all(request).unwrap(),
+        if files.is_empty() {
+            stream.write_all(request).unwrap();
+        } else {
+            let fds: Vec<_> = files.iter().map(|f| f.as_raw_fd()).collect();
+            stream.send_with_fds(&[request], &fds).unwrap();
         }
         let _ = stream.shutdown(std::net::Shutdown::Write);
         let mut reply = Vec::new();
@@ -283,6 +355,75 @@ mod tests {
     }
 
     #[test]
+    fn a_snapshot_request_brings_two_files_and_waits_for_the_main_thread() {
+        use crate::exit::ExitReason;
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("api.sock");
+        let (api, exit) = api_with(None);
+        let desk = Arc::clone(&api.snapshots);
+        let _server = ApiServer::start(&sock, api, no_init()).unwrap();
+        let state = tempfile::tempfile().unwrap();
+        let memory = tempfile::tempfile().unwrap();
+        let request = b"{\"op\":\"snapshot\"}\n";
+        assert!(call(&sock, request, Some(&state)).contains("needs two descriptors"));
+        let three = call_with(&sock, request, vec![&state, &memory, &state]);
+        assert!(three.contains("at most 2 descriptors"), "{three}");
+
+        // The main thread: waits for the reason, takes the job, writes into
+        // the files the request brought, answers.
+        let main = std::thread::spawn(move || {
+            assert_eq!(exit.wait(), ExitReason::Snapshot);
+            let job = desk.close().expect("a job");
+            (&job.state).write_all(b"state").unwrap();
+            (&job.memory).write_all(b"memory").unwrap();
+            job.answer(Ok(7));
+        });
+        let reply = call_with(&sock, request, vec![&state, &memory]);
+        assert_eq!(reply, "{\"saved_ms\":7}\n");
+        main.join().unwrap();
+        let read = |mut f: &File| {
+            let mut text = String::new();
+            std::io::Seek::rewind(&mut f).unwrap();
+            f.read_to_string(&mut text).unwrap();
+            text
+        };
+        assert_eq!(
+            (read(&state), read(&memory)),
+            ("state".into(), "memory".into())
+        );
+        // The desk is closed: the VM is ending.
+        assert!(call_with(&sock, request, vec![&state, &memory]).contains("the VM has ended"));
+    }
+
+    #[test]
+    fn a_vm_that_cannot_be_snapshotted_or_ends_first_says_so_at_once() {
+        let files = || vec![tempfile::tempfile().unwrap(), tempfile::tempfile().unwrap()];
+        let (api, _) = api_with(Some(
+            "this VM cannot be snapshotted: it has network devices",
+        ));
+        let ApiResponse::Error { error } = answer(&api, r#"{"op":"snapshot"}"#, files()) else {
+            panic!("a refused VM was snapshotted");
+        };
+        assert!(error.contains("network devices"), "{error}");
+
+        // Another reason ended the VM: the main thread closes the desk and
+        // drops the job unanswered.
+        let (api, exit) = api_with(None);
+        let desk = Arc::clone(&api.snapshots);
+        let main = std::thread::spawn(move || {
+            exit.wait();
+            drop(desk.close());
+        });
+        let started = Instant::now();
+        let ApiResponse::Error { error } = answer(&api, r#"{"op":"snapshot"}"#, files()) else {
+            panic!("snapshotted after the end");
+        };
+        assert!(error.contains("ended for another reason"), "{error}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        main.join().unwrap();
+    }
+
+    #[test]
     fn bad_requests_get_the_reason() {
         let slots = one_slot();
         for (line, want) in [
@@ -298,7 +439,7 @@ mod tests {
             ),
             ("{\"op\":\"detach\",\"id\":\"x\"}", "no image with id"),
         ] {
-            let ApiResponse::Error { error } = answer(&slots, line, None) else {
+            let ApiResponse::Error { error } = answer(&slots, line, Vec::new()) else {
                 panic!("{line} was accepted");
             };
             assert!(error.contains(want), "{line}: {error}");

@@ -19,7 +19,7 @@ use std::time::Instant;
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::api::ApiServer;
+use crate::api::{ApiContext, ApiServer};
 use crate::arch::boot::{self, BootError, NamedFile};
 use crate::arch::layout::{
     BOOT_MARKER_PORT, I8042_PORT, I8042_PORT_LEN, IOAPIC_ADDR, SERIAL_IRQ, SERIAL_PORT,
@@ -37,6 +37,7 @@ use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, ThreadInit, VirtioDevice, WorkerHandle};
 use crate::logging::BoundedFile;
 use crate::memory::{GuestRam, MemoryError};
+use crate::snapshot::{MEMORY_FILE, SnapshotDesk, SnapshotError, SnapshotState};
 use crate::vmm::{ExitNotifier, Vmm};
 use crate::vstate::vcpu::{Vcpu, VcpuThreads};
 use crate::vstate::vm::{Vm, VmError};
@@ -83,6 +84,12 @@ pub enum BuildError {
     /// The kernel, initrd or boot parameters cannot be loaded.
     #[error("cannot load the guest")]
     Boot(#[from] BootError),
+    /// The snapshot cannot be read.
+    #[error("cannot read the snapshot")]
+    Snapshot(#[from] SnapshotError),
+    /// The snapshot does not fit this VM's devices.
+    #[error("cannot restore the snapshot: {0}")]
+    Restore(String),
 }
 
 /// What each kind of thread the VMM starts runs first: its seccomp filter
@@ -112,13 +119,25 @@ impl ThreadInits {
     }
 }
 
+/// What the VM starts from: a kernel to boot, or a snapshot to carry on.
+#[derive(Debug)]
+pub(crate) enum Guest {
+    Boot {
+        kernel: NamedFile,
+        initrd: Option<NamedFile>,
+    },
+    Restore {
+        state: Box<SnapshotState>,
+        memory: std::fs::File,
+    },
+}
+
 /// Everything the VMM opens by path, opened before it confines itself
 /// (`crate::jail`): after that it has no host path to open.
 #[derive(Debug)]
 pub struct HostFiles {
     pub(crate) kvm: kvm_ioctls::Kvm,
-    pub(crate) kernel: NamedFile,
-    pub(crate) initrd: Option<NamedFile>,
+    pub(crate) guest: Guest,
     /// One per `config.disks`, in order.
     pub disks: Vec<Block>,
     pub(crate) serial: Option<BoundedFile>,
@@ -147,12 +166,26 @@ impl HostFiles {
                 source,
             })
         };
-        let kernel = open("kernel", &config.kernel)?;
-        let initrd = config
-            .initrd
-            .as_deref()
-            .map(|path| open("initrd", path))
-            .transpose()?;
+        let guest = match &config.restore {
+            None => Guest::Boot {
+                kernel: open("kernel", &config.kernel)?,
+                initrd: config
+                    .initrd
+                    .as_deref()
+                    .map(|path| open("initrd", path))
+                    .transpose()?,
+            },
+            Some(dir) => {
+                let state = SnapshotState::read(dir)?;
+                let path = dir.join(MEMORY_FILE);
+                let memory =
+                    std::fs::File::open(&path).map_err(|e| SnapshotError::Io("open", path, e))?;
+                Guest::Restore {
+                    state: Box::new(state),
+                    memory,
+                }
+            }
+        };
         let disks = config
             .disks
             .iter()
@@ -170,19 +203,34 @@ impl HostFiles {
         };
         Ok(Self {
             kvm,
-            kernel,
-            initrd,
+            guest,
             disks,
             serial,
             nets,
         })
     }
+
+    /// The vCPU count and RAM in MiB of the snapshot to restore, if the VM
+    /// is restored: they are the snapshot's, whatever the configuration
+    /// said.
+    pub fn snapshot_shape(&self) -> Option<(u8, u32)> {
+        match &self.guest {
+            Guest::Boot { .. } => None,
+            Guest::Restore { state, .. } => Some((
+                u8::try_from(state.vcpus.len()).unwrap_or(u8::MAX),
+                u32::try_from(state.mem_bytes >> 20).unwrap_or(u32::MAX),
+            )),
+        }
+    }
 }
 
-/// Builds a VM from `config` and the `files` it names. `started` is when
-/// the VMM process started; the boot marker is timed from it. Every thread
-/// the VM needs but its vCPUs' is started here, each running its `threads`
-/// init first. Sockets are made here, at the paths in `config`.
+/// Builds a VM from `config` and the `files` it names, booting its kernel
+/// or carrying on from its snapshot (`config.restore`): one sequence, the
+/// snapshot's state put in at each step where a boot would set things up.
+/// `started` is when the VMM process started; the boot marker is timed
+/// from it. Every thread the VM needs but its vCPUs' is started here, each
+/// running its `threads` init first. Sockets are made here, at the paths in
+/// `config`.
 pub fn build(
     config: &VmConfig,
     files: HostFiles,
@@ -191,19 +239,33 @@ pub fn build(
 ) -> Result<Vmm, BuildError> {
     let HostFiles {
         kvm,
-        mut kernel,
-        mut initrd,
+        guest,
         disks,
         serial,
         nets,
     } = files;
-    let mem_bytes = u64::from(config.mem_mib) << 20;
-
     let phase = |name: &str| {
         tracing::debug!(us = started.elapsed().as_micros(), "build: {name}");
     };
     phase("configuration checked");
-    let ram = Arc::new(GuestRam::new(mem_bytes)?);
+    let (ram, vcpu_count, boot, snapshot) = match guest {
+        Guest::Boot { kernel, initrd } => (
+            GuestRam::new(u64::from(config.mem_mib) << 20)?,
+            config.vcpus,
+            Some((kernel, initrd)),
+            None,
+        ),
+        Guest::Restore { state, memory } => (
+            GuestRam::from_snapshot(state.mem_bytes, &memory)?,
+            u8::try_from(state.vcpus.len())
+                .map_err(|_| BuildError::Restore("too many vCPUs".into()))?,
+            None,
+            Some(state),
+        ),
+    };
+    let saved = snapshot.as_deref();
+    let mem_bytes = ram.size();
+    let ram = Arc::new(ram);
     let vm = Arc::new(Vm::with(kvm)?);
     vm.register_memory(&ram)?;
     let irqchip = usable_irqchip(
@@ -211,6 +273,9 @@ pub fn build(
         vm.kvm().check_extension(kvm_ioctls::Cap::TscDeadlineTimer),
     );
     vm.create_irqchip(irqchip)?;
+    if let Some(saved) = saved {
+        vm.restore_state(&saved.vm)?;
+    }
     phase("VM, memory and irqchip created");
     let exit = Arc::new(ExitNotifier::new().map_err(BuildError::EventFd)?);
 
@@ -218,9 +283,14 @@ pub fn build(
     let mut pio = Bus::new();
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
     vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
-    let serial = SerialConsole::new(serial_irq, serial_output(&config.serial, serial));
+    let serial_out = serial_output(&config.serial, serial);
+    let serial = Arc::new(Mutex::new(match saved {
+        None => SerialConsole::new(serial_irq, serial_out),
+        Some(saved) => SerialConsole::restore(serial_irq, serial_out, &saved.devices.serial)
+            .map_err(BuildError::Restore)?,
+    }));
     pio.insert(
-        Arc::new(Mutex::new(serial)),
+        Arc::clone(&serial) as Arc<Mutex<dyn crate::devices::bus::BusDevice>>,
         u64::from(SERIAL_PORT),
         u64::from(SERIAL_PORT_LEN),
     )?;
@@ -238,6 +308,7 @@ pub fn build(
     // virtio devices on MMIO, each announced on the command line.
     // Disks first (the first is /dev/vda), then the spare slots, vsock, and
     // the network devices (the first is eth0).
+    let snapshot_refusal = snapshot_refusal(config, irqchip);
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     for block in disks {
         devices.push(Box::new(block));
@@ -255,6 +326,15 @@ pub fn build(
     for net in nets {
         devices.push(Box::new(net));
     }
+    if let Some(saved) = saved
+        && saved.devices.virtio.len() != devices.len()
+    {
+        return Err(BuildError::Restore(format!(
+            "the snapshot has {} virtio devices, this VM {}: give the spare slots and vsock it was taken with",
+            saved.devices.virtio.len(),
+            devices.len()
+        )));
+    }
     let mut mmio = Bus::new();
     if irqchip == Irqchip::Split {
         let ioapic = Ioapic::new(mptable::ioapic_id(config.vcpus), Box::new(Arc::clone(&vm)));
@@ -267,6 +347,7 @@ pub fn build(
     let mut cmdline_devices = Vec::new();
     let mut spare_backings = spare_backings.into_iter();
     let mut slots = Vec::new();
+    let mut transports = Vec::new();
     for (position, mut device) in devices.into_iter().enumerate() {
         let index = u32::try_from(position).unwrap_or(u32::MAX);
         let base = VIRTIO_MMIO_BASE + u64::from(index) * VIRTIO_MMIO_SIZE;
@@ -292,41 +373,77 @@ pub fn build(
         let name = format!("virtio{index}");
         let worker = WorkerHandle::spawn(&name, worker, threads.worker.clone())
             .map_err(BuildError::Worker)?;
-        let transport = MmioTransport::new(device, Arc::clone(&ram), interrupt, queue_evts, worker)
-            .map_err(|e| BuildError::Queue(format!("{e:?}")))?;
-        mmio.insert(Arc::new(Mutex::new(transport)), base, VIRTIO_MMIO_SIZE)?;
+        let memory = Arc::clone(&ram);
+        let transport = match saved.and_then(|s| s.devices.virtio.get(position)) {
+            None => MmioTransport::new(device, memory, interrupt, queue_evts, worker)
+                .map_err(|e| BuildError::Queue(format!("{e:?}")))?,
+            Some(state) => {
+                MmioTransport::restore(device, memory, interrupt, queue_evts, worker, state)
+                    .map_err(|e| BuildError::Restore(e.to_string()))?
+            }
+        };
+        let transport = Arc::new(Mutex::new(transport));
+        mmio.insert(
+            Arc::clone(&transport) as Arc<Mutex<dyn crate::devices::bus::BusDevice>>,
+            base,
+            VIRTIO_MMIO_SIZE,
+        )?;
+        transports.push(transport);
         cmdline_devices.push((base, irq));
     }
 
+    let slots = Arc::new(DiskSlots::new(slots));
+    let snapshots = Arc::new(SnapshotDesk::new(Arc::clone(&exit), snapshot_refusal));
     let api = match &config.api_uds {
         Some(path) => Some(
-            ApiServer::start(path, Arc::new(DiskSlots::new(slots)), threads.api.clone())
-                .map_err(|e| BuildError::Api(path.display().to_string(), e))?,
+            ApiServer::start(
+                path,
+                ApiContext {
+                    slots: Arc::clone(&slots),
+                    snapshots: Arc::clone(&snapshots),
+                },
+                threads.api.clone(),
+            )
+            .map_err(|e| BuildError::Api(path.display().to_string(), e))?,
         ),
         None => None,
     };
     phase("devices created");
-    // The guest itself.
-    let cmdline = boot::cmdline(&config.cmdline, &cmdline_devices)?;
-    let entry = boot::load_guest(
-        ram.memory(),
-        mem_bytes,
-        &mut kernel,
-        initrd.as_mut(),
-        &cmdline,
-    )?;
-    boot::write_arch_tables(ram.memory(), config.vcpus, entry.protocol)?;
-    phase("guest loaded");
-    tracing::info!(protocol = ?entry.protocol, entry = entry.entry, "kernel loaded");
-    tracing::debug!(cmdline = ?cmdline.as_cstring().ok(), "command line");
 
-    let cpuid = vm
-        .kvm()
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(|e| VmError("KVM_GET_SUPPORTED_CPUID", e))?;
-    let vcpus = (0..config.vcpus)
-        .map(|index| Vcpu::new(&vm, &cpuid, index, config.vcpus, entry))
-        .collect::<Result<Vec<_>, _>>()?;
+    let vcpus = match (boot, saved) {
+        (Some((mut kernel, mut initrd)), _) => {
+            let cmdline = boot::cmdline(&config.cmdline, &cmdline_devices)?;
+            let entry = boot::load_guest(
+                ram.memory(),
+                mem_bytes,
+                &mut kernel,
+                initrd.as_mut(),
+                &cmdline,
+            )?;
+            boot::write_arch_tables(ram.memory(), vcpu_count, entry.protocol)?;
+            phase("guest loaded");
+            tracing::info!(protocol = ?entry.protocol, entry = entry.entry, "kernel loaded");
+            tracing::debug!(cmdline = ?cmdline.as_cstring().ok(), "command line");
+            let cpuid = vm
+                .kvm()
+                .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+                .map_err(|e| VmError("KVM_GET_SUPPORTED_CPUID", e))?;
+            (0..vcpu_count)
+                .map(|index| Vcpu::new(&vm, &cpuid, index, vcpu_count, entry))
+                .collect::<Result<Vec<_>, _>>()?
+        }
+        (None, Some(saved)) => saved
+            .vcpus
+            .iter()
+            .zip(0..vcpu_count)
+            .map(|(state, index)| Vcpu::restore(&vm, index, state))
+            .collect::<Result<Vec<_>, _>>()?,
+        (None, None) => {
+            return Err(BuildError::Restore(
+                "the snapshot's state is missing".into(),
+            ));
+        }
+    };
     phase("vCPUs configured");
 
     Ok(Vmm {
@@ -336,11 +453,33 @@ pub fn build(
         pio: Arc::new(pio),
         mmio: Arc::new(mmio),
         exit,
-        _vm: vm,
-        _ram: ram,
+        serial,
+        transports,
+        slots,
+        snapshots,
+        vm,
+        ram,
         started,
         vcpu_init: threads.vcpu.clone(),
+        vcpu_count,
     })
+}
+
+/// Why a VM built from `config` cannot be snapshotted, if it cannot: its
+/// state would not be whole (the split irqchip's IOAPIC lives in the VMM),
+/// or would hold what a restore cannot bring back (disk images given at
+/// boot, taps).
+fn snapshot_refusal(config: &VmConfig, irqchip: Irqchip) -> Option<String> {
+    let why = if irqchip != Irqchip::Kernel {
+        "it has the split irqchip; snapshots need the kernel irqchip"
+    } else if !config.disks.is_empty() {
+        "it has disks given at boot; a VM to snapshot takes its images through spare slots"
+    } else if !config.nets.is_empty() {
+        "it has network devices"
+    } else {
+        return None;
+    };
+    Some(format!("this VM cannot be snapshotted: {why}"))
 }
 
 fn serial_output(serial: &SerialConfig, file: Option<BoundedFile>) -> Box<dyn Write + Send> {

@@ -16,6 +16,8 @@ use crate::arch::layout::{IOAPIC_PINS, MAX_VCPUS, VIRTIO_IRQ_BASE};
 /// Smallest and largest guest RAM accepted.
 pub const MIN_MEM_MIB: u32 = 16;
 pub(crate) const MAX_MEM_MIB: u32 = 1 << 20;
+/// One interrupt pin each, above the legacy devices'.
+pub(crate) const MAX_VIRTIO_DEVICES: usize = (IOAPIC_PINS - VIRTIO_IRQ_BASE) as usize;
 
 /// A configuration the VMM cannot run, and what to change.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +31,9 @@ pub enum ConfigError {
     /// No kernel was given.
     #[error("no kernel given: pass --kernel PATH (a vmlinux or bzImage)")]
     NoKernel,
+    /// A restore asks for something a restored VM cannot have.
+    #[error("{0}")]
+    Restore(&'static str),
     /// A file the VM needs is missing or unreadable.
     #[error("{what} {path} does not exist or cannot be read: {source}")]
     Missing {
@@ -125,12 +130,32 @@ pub trait Validate {
 
 impl Validate for VmConfig {
     fn validate(&self) -> Result<(), ConfigError> {
-        if self.kernel.as_os_str().is_empty() {
-            return Err(ConfigError::NoKernel);
-        }
-        readable("kernel", &self.kernel)?;
-        if let Some(initrd) = &self.initrd {
-            readable("initrd", initrd)?;
+        match &self.restore {
+            None => {
+                if self.kernel.as_os_str().is_empty() {
+                    return Err(ConfigError::NoKernel);
+                }
+                readable("kernel", &self.kernel)?;
+                if let Some(initrd) = &self.initrd {
+                    readable("initrd", initrd)?;
+                }
+            }
+            Some(_) if !self.disks.is_empty() => {
+                return Err(ConfigError::Restore(
+                    "a restored VM takes its images through spare slots (--spare-disks), not --disk",
+                ));
+            }
+            Some(_) if !self.nets.is_empty() => {
+                return Err(ConfigError::Restore(
+                    "a restored VM cannot have network devices yet: boot it instead",
+                ));
+            }
+            Some(_) if self.irqchip != Irqchip::Kernel => {
+                return Err(ConfigError::Restore(
+                    "snapshots are of VMs with the kernel irqchip: leave out --irqchip split",
+                ));
+            }
+            Some(_) => {}
         }
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
             return Err(ConfigError::Vcpus(self.vcpus));
@@ -170,7 +195,7 @@ impl Validate for VmConfig {
                 return Err(ConfigError::Mtu(mtu));
             }
         }
-        let max = usize::try_from(IOAPIC_PINS - VIRTIO_IRQ_BASE).unwrap_or(0);
+        let max = MAX_VIRTIO_DEVICES;
         if self.virtio_devices() > max {
             return Err(ConfigError::TooManyDevices(self.virtio_devices()));
         }

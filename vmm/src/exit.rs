@@ -22,6 +22,9 @@ pub enum ExitReason {
     Signal(i32),
     /// The VMM failed while running the guest. Exit 1.
     Error(String),
+    /// A snapshot was asked for through the API: the VM is paused, saved,
+    /// and ends. Exit 0 once saved (the API reply says whether it was).
+    Snapshot,
 }
 
 pub use capsid_vmm_api::{EXIT_GUEST_CRASH, EXIT_GUEST_SHUTDOWN, EXIT_SIGNAL_BASE, EXIT_VMM_ERROR};
@@ -30,7 +33,7 @@ impl ExitReason {
     /// The VMM's exit status for this reason (`capsid_vmm_api::exit`).
     pub fn exit_code(&self) -> i32 {
         match self {
-            ExitReason::GuestShutdown => EXIT_GUEST_SHUTDOWN,
+            ExitReason::GuestShutdown | ExitReason::Snapshot => EXIT_GUEST_SHUTDOWN,
             ExitReason::GuestCrash(_) => EXIT_GUEST_CRASH,
             ExitReason::Signal(signal) => EXIT_SIGNAL_BASE + signal,
             ExitReason::Error(_) => EXIT_VMM_ERROR,
@@ -45,6 +48,7 @@ impl std::fmt::Display for ExitReason {
             ExitReason::GuestCrash(why) => write!(f, "the guest crashed: {why}"),
             ExitReason::Signal(signal) => write!(f, "stopped by signal {signal}"),
             ExitReason::Error(why) => write!(f, "VMM error: {why}"),
+            ExitReason::Snapshot => f.write_str("the VM was snapshotted"),
         }
     }
 }
@@ -57,7 +61,8 @@ pub struct ExitNotifier {
 }
 
 impl ExitNotifier {
-    pub(crate) fn new() -> std::io::Result<Self> {
+    /// A notifier no reason has been reported to yet.
+    pub fn new() -> std::io::Result<Self> {
         Ok(Self {
             evt: EventFd::new(0)?,
             reason: Mutex::new(None),

@@ -14,7 +14,7 @@ use clap::Parser;
 
 const EXIT_CODES: &str = "\
 Exit status:
-  0        the guest shut down or rebooted
+  0        the guest shut down or rebooted, or the VM was snapshotted
   1        VMM error (bad configuration, KVM unavailable, runtime failure)
   2        bad command-line arguments
   3        the guest crashed (triple fault, KVM internal or entry error)
@@ -24,6 +24,8 @@ Exit status:
 /// Runs one KVM micro-VM: a Linux kernel with a serial console, an i8042
 /// reset line, a boot-time marker, virtio-blk disks (images can be attached
 /// to spare slots while it runs), virtio-vsock and virtio-net over taps.
+/// A VM can be snapshotted through its API socket and restored with
+/// --restore.
 #[derive(Debug, Parser)]
 #[command(name = "capsid-vmm", version, after_help = EXIT_CODES)]
 struct Args {
@@ -106,6 +108,11 @@ struct Args {
     /// a `capsid run` that was killed goes with it).
     #[arg(long, value_name = "PID")]
     die_with_parent: Option<libc::pid_t>,
+    /// Carry on from the snapshot in DIR (its state.json and memory)
+    /// instead of booting a kernel: the snapshot's vCPUs and memory, and
+    /// the spare slots and vsock it was taken with.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "mem_mib", "disks", "nets"])]
+    restore: Option<PathBuf>,
     /// Print what this host gives a VMM (can its KVM boot Linux, Landlock,
     /// the seccomp allowlists) as JSON, and exit; no VM runs.
     #[arg(long, conflicts_with_all = ["config", "kernel", "jail"])]
@@ -159,6 +166,9 @@ impl Args {
         }
         if self.api_uds.is_some() {
             config.api_uds = self.api_uds.clone();
+        }
+        if self.restore.is_some() {
+            config.restore = self.restore.clone();
         }
         Ok(config)
     }
@@ -257,6 +267,10 @@ fn run(
         jail::die_with(launcher)?;
     }
     let files = HostFiles::open(&config)?;
+    if let Some((vcpus, mem_mib)) = files.snapshot_shape() {
+        config.vcpus = vcpus;
+        config.mem_mib = mem_mib;
+    }
     // SIGTERM, SIGINT and SIGHUP reach the main thread through a signalfd;
     // blocked before any thread exists, so every thread inherits the mask.
     let signals = capsid_vmm::vmm::block_stop_signals()?;
@@ -295,14 +309,19 @@ fn run(
 }
 
 /// The jail for `--jail DIR`: the largest file the VMM writes is its
-/// largest writable disk (the logs stay within 1 MiB); its threads are
-/// its vCPUs, one per device, the API's and a margin.
+/// largest writable disk, or with an API socket a snapshot's memory file
+/// (the logs stay within 1 MiB); its threads are its vCPUs, one per
+/// device, the API's and a margin.
 fn jail_config(
     args: &Args,
     dir: &std::path::Path,
     config: &VmConfig,
 ) -> Result<JailConfig, Box<dyn std::error::Error>> {
-    let mut max_file_bytes = 2 << 20;
+    let mut max_file_bytes: u64 = 2 << 20;
+    if config.api_uds.is_some() {
+        // The memory file: guest RAM and no more (the state is far smaller).
+        max_file_bytes = max_file_bytes.max(u64::from(config.mem_mib) << 20);
+    }
     for disk in config.disks.iter().filter(|d| !d.read_only) {
         max_file_bytes = max_file_bytes.max(std::fs::metadata(&disk.path)?.len());
     }

@@ -79,6 +79,8 @@ pub struct GuestRam {
     /// Dropped first: the views into the reservations.
     memory: GuestMemoryMmap,
     _reservations: Vec<Arc<Reservation>>,
+    /// The size it was made with.
+    mem_bytes: u64,
 }
 
 /// The alignment of each RAM range's host address: an x86 large page.
@@ -116,6 +118,8 @@ impl GuestRam {
         let page = page_size();
         let mut offset = 0u64;
         let mut buf = vec![0u8; page];
+        // Whatever the file held would show through the holes.
+        file.set_len(0)?;
         for region in self.memory.iter() {
             let len = usize::try_from(region.len()).map_err(io::Error::other)?;
             let mut at = 0usize;
@@ -214,7 +218,13 @@ impl GuestRam {
         Ok(Self {
             memory,
             _reservations: reservations,
+            mem_bytes,
         })
+    }
+
+    /// The guest's RAM in bytes, as it was asked for.
+    pub fn size(&self) -> u64 {
+        self.mem_bytes
     }
 
     /// The guest memory, to read and write guest physical addresses.
@@ -241,6 +251,25 @@ mod tests {
         );
         assert!(memory.write_obj(0u8, GuestAddress(8 << 20)).is_err());
         assert_eq!(memory.num_regions(), 1);
+    }
+
+    #[test]
+    fn a_memory_file_written_over_an_old_one_keeps_none_of_it() {
+        // Zero pages are holes; before the fix a file that held something
+        // showed it through them.
+        let file = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut &file, &vec![0xffu8; 8 << 20]).unwrap();
+        let ram = GuestRam::new(8 << 20).unwrap();
+        ram.memory()
+            .write_obj(0x5au8, GuestAddress(0x1000))
+            .unwrap();
+        ram.save_to(&file).unwrap();
+        let restored = GuestRam::from_snapshot(8 << 20, &file).unwrap();
+        let memory = restored.memory();
+        assert_eq!(memory.read_obj::<u8>(GuestAddress(0x1000)).unwrap(), 0x5a);
+        assert_eq!(memory.read_obj::<u8>(GuestAddress(0x2000)).unwrap(), 0);
+        assert_eq!(memory.read_obj::<u8>(GuestAddress(0)).unwrap(), 0);
+        assert_eq!(restored.size(), 8 << 20);
     }
 
     #[test]

@@ -134,6 +134,41 @@ mod nr {
         0x6a,
         kvm_bindings::kvm_irq_routing
     );
+    // What a snapshot reads (the main thread, the vCPUs stopped).
+    use kvm_bindings::*;
+    vmm_sys_util::ioctl_iowr_nr!(KVM_GET_MSR_INDEX_LIST, KVMIO, 0x02, kvm_msr_list);
+    vmm_sys_util::ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_irqchip);
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_CLOCK, KVMIO, 0x7c, kvm_clock_data);
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_PIT2, KVMIO, 0x9f, kvm_pit_state2);
+    vmm_sys_util::ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_msrs);
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_lapic_state);
+    vmm_sys_util::ioctl_iowr_nr!(KVM_GET_CPUID2, KVMIO, 0x91, kvm_cpuid2);
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_mp_state);
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_DEBUGREGS, KVMIO, 0xa1, kvm_debugregs);
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_xsave);
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_xcrs);
+
+    /// Every ioctl a snapshot makes.
+    pub fn snapshot() -> [u64; 15] {
+        [
+            KVM_RUN(),
+            KVM_GET_REGS(),
+            KVM_GET_SREGS(),
+            KVM_GET_MSR_INDEX_LIST(),
+            KVM_GET_IRQCHIP(),
+            KVM_GET_CLOCK(),
+            KVM_GET_PIT2(),
+            KVM_GET_MSRS(),
+            KVM_GET_LAPIC(),
+            KVM_GET_CPUID2(),
+            KVM_GET_MP_STATE(),
+            KVM_GET_VCPU_EVENTS(),
+            KVM_GET_DEBUGREGS(),
+            KVM_GET_XSAVE(),
+            KVM_GET_XCRS(),
+        ]
+    }
 }
 use nr::{KVM_GET_REGS, KVM_GET_SREGS, KVM_RUN, KVM_SET_GSI_ROUTING};
 
@@ -202,6 +237,11 @@ fn rules(kind: ThreadKind, pid: u32) -> Rules {
                 ],
             );
             allow_arg(&mut rules, libc::SYS_tgkill, 0, &[u64::from(pid)]);
+            // A snapshot, asked for through the API: KVM's state of the
+            // stopped vCPUs and of the VM, written to the files the request
+            // brought.
+            allow_arg(&mut rules, libc::SYS_ioctl, 1, &nr::snapshot());
+            allow(&mut rules, &[libc::SYS_fsync]);
         }
         ThreadKind::Vcpu => {
             allow_arg(
@@ -569,7 +609,12 @@ mod tests {
             vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap(),
         ));
         let slots = Arc::new(DiskSlots::new(vec![DiskSlot::new(block.backing(), irq)]));
-        let server = ApiServer::start(&sock, slots, filters.thread_inits().api).unwrap();
+        let exit = Arc::new(crate::exit::ExitNotifier::new().unwrap());
+        let api = crate::api::ApiContext {
+            slots,
+            snapshots: Arc::new(crate::snapshot::SnapshotDesk::new(exit, None)),
+        };
+        let server = ApiServer::start(&sock, api, filters.thread_inits().api).unwrap();
         let image = tempfile::NamedTempFile::new().unwrap();
         image.as_file().set_len(4096).unwrap();
         for (line, fd) in [

@@ -24,10 +24,13 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::devices::legacy::SerialSnapshot;
+use crate::devices::virtio::mmio::TransportState;
+use crate::exit::{ExitNotifier, ExitReason};
 use crate::vstate::snapshot::{VcpuState, VmState};
 
 /// Bumped whenever a field of the state changes meaning.
-pub const FORMAT: u32 = 1;
+pub const FORMAT: u32 = 2;
 /// The build that writes and reads snapshots.
 pub const BUILD: &str = concat!("capsid-vmm ", env!("CARGO_PKG_VERSION"));
 /// The most `state.json` may hold: 255 vCPUs' state is about 3 MiB.
@@ -95,6 +98,20 @@ pub struct SnapshotState {
     pub vm: VmState,
     /// Each vCPU's state, vCPU 0 first.
     pub vcpus: Vec<VcpuState>,
+    /// The devices' state.
+    pub devices: DeviceStates,
+}
+
+/// The state of the devices that have any: the serial console's UART and
+/// each virtio-mmio transport, in the order of their MMIO slots. The i8042
+/// and the boot marker have none the guest relies on after boot.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceStates {
+    /// The serial console.
+    pub serial: SerialSnapshot,
+    /// Each virtio device's transport and queues.
+    pub virtio: Vec<TransportState>,
 }
 
 /// This host's CPU as CPUID names it: vendor, then family, model and
@@ -115,7 +132,7 @@ pub fn host_cpu() -> String {
 impl SnapshotState {
     /// The state of a VM with `mem_bytes` of RAM, stamped with this build
     /// and this host's CPU.
-    pub fn new(mem_bytes: u64, vm: VmState, vcpus: Vec<VcpuState>) -> Self {
+    pub fn new(mem_bytes: u64, vm: VmState, vcpus: Vec<VcpuState>, devices: DeviceStates) -> Self {
         Self {
             format: FORMAT,
             build: BUILD.to_owned(),
@@ -123,17 +140,27 @@ impl SnapshotState {
             mem_bytes,
             vm,
             vcpus,
+            devices,
         }
+    }
+
+    /// Writes the state into `file` (from its start, whatever it held) and
+    /// syncs it: what the VMM does with the state file a snapshot request
+    /// brings.
+    pub fn write_to(&self, mut file: &File) -> std::io::Result<()> {
+        let json = serde_json::to_vec(self).map_err(std::io::Error::other)?;
+        file.set_len(0)?;
+        std::io::Seek::rewind(&mut file)?;
+        file.write_all(&json)?;
+        file.sync_all()
     }
 
     /// Writes `dir/state.json`, whole or not at all.
     pub fn write(&self, dir: &Path) -> Result<(), SnapshotError> {
         let path = dir.join(STATE_FILE);
         let partial = dir.join(format!("{STATE_FILE}.partial"));
-        let json = serde_json::to_vec(self)
-            .map_err(|e| SnapshotError::Io("encode", path.clone(), std::io::Error::other(e)))?;
         File::create(&partial)
-            .and_then(|mut f| f.write_all(&json).and_then(|()| f.sync_all()))
+            .and_then(|f| self.write_to(&f))
             .and_then(|()| std::fs::rename(&partial, &path))
             .map_err(|e| {
                 let _ = std::fs::remove_file(&partial);
@@ -199,7 +226,109 @@ impl SnapshotState {
         {
             return invalid(format!("{} bytes of guest RAM", self.mem_bytes));
         }
+        if self.devices.virtio.len() > crate::config::MAX_VIRTIO_DEVICES {
+            return invalid(format!("{} virtio devices", self.devices.virtio.len()));
+        }
         Ok(())
+    }
+}
+
+/// A snapshot asked for through the API, waiting for the main thread:
+/// the files to write, and where to say how it went.
+#[derive(Debug)]
+pub struct SnapshotJob {
+    /// The state file (`state.json`), opened for writing.
+    pub state: File,
+    /// The memory file, opened for writing.
+    pub memory: File,
+    reply: std::sync::mpsc::Sender<Result<u64, String>>,
+}
+
+impl SnapshotJob {
+    /// Tells the requester how it went: the pause in milliseconds, or why
+    /// there is no snapshot.
+    pub fn answer(self, outcome: Result<u64, String>) {
+        let _ = self.reply.send(outcome);
+    }
+}
+
+/// Where the API thread leaves a snapshot request for the main thread,
+/// which alone can stop the vCPUs. The request is also the VM's exit
+/// reason ([`ExitReason::Snapshot`]): a VM that ended for another reason
+/// first never takes the job, and the requester hears so at once.
+#[derive(Debug)]
+pub struct SnapshotDesk {
+    job: std::sync::Mutex<DeskState>,
+    exit: std::sync::Arc<ExitNotifier>,
+    /// Why this VM cannot be snapshotted at all, if it cannot.
+    refusal: Option<String>,
+}
+
+#[derive(Debug)]
+enum DeskState {
+    Open,
+    Waiting(SnapshotJob),
+    Closed,
+}
+
+impl SnapshotDesk {
+    /// A desk that reports to `exit`; `refusal` says why this VM cannot be
+    /// snapshotted, if it cannot (every request gets that answer).
+    pub fn new(exit: std::sync::Arc<ExitNotifier>, refusal: Option<String>) -> Self {
+        Self {
+            job: std::sync::Mutex::new(DeskState::Open),
+            exit,
+            refusal,
+        }
+    }
+
+    /// Asks for a snapshot into `state` and `memory` and waits at most
+    /// `wait` for it: the pause in milliseconds, or why there is none.
+    pub fn request(
+        &self,
+        state: File,
+        memory: File,
+        wait: std::time::Duration,
+    ) -> Result<u64, String> {
+        use std::sync::mpsc::RecvTimeoutError;
+        if let Some(why) = &self.refusal {
+            return Err(why.clone());
+        }
+        let (reply, answer) = std::sync::mpsc::channel();
+        {
+            let mut desk = capsid_base::lock(&self.job);
+            match *desk {
+                DeskState::Open => {
+                    *desk = DeskState::Waiting(SnapshotJob {
+                        state,
+                        memory,
+                        reply,
+                    })
+                }
+                DeskState::Waiting(_) => return Err("a snapshot is being taken already".into()),
+                DeskState::Closed => return Err("the VM has ended".into()),
+            }
+        }
+        self.exit.report(ExitReason::Snapshot);
+        match answer.recv_timeout(wait) {
+            Ok(outcome) => outcome,
+            Err(RecvTimeoutError::Timeout) => Err(format!(
+                "the VM was not saved within {wait:?}; it is ending without a snapshot"
+            )),
+            Err(RecvTimeoutError::Disconnected) => {
+                Err("the VM ended for another reason before it could be saved".into())
+            }
+        }
+    }
+
+    /// Closes the desk (later requests are refused) and takes the job
+    /// waiting on it, if any. A job taken and dropped unanswered tells its
+    /// requester the VM ended first.
+    pub fn close(&self) -> Option<SnapshotJob> {
+        match std::mem::replace(&mut *capsid_base::lock(&self.job), DeskState::Closed) {
+            DeskState::Waiting(job) => Some(job),
+            DeskState::Open | DeskState::Closed => None,
+        }
     }
 }
 
@@ -208,7 +337,12 @@ mod tests {
     use super::*;
 
     fn state() -> SnapshotState {
-        SnapshotState::new(64 << 20, blank_vm(), vec![blank_vcpu()])
+        SnapshotState::new(
+            64 << 20,
+            blank_vm(),
+            vec![blank_vcpu()],
+            DeviceStates::default(),
+        )
     }
 
     fn blank_vm() -> VmState {

@@ -7,12 +7,19 @@
 //! the vCPUs are stopped and joined, the device workers stopped, and the VM,
 //! its memory and its sockets are released, in that order.
 
+use std::fs::File;
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use capsid_base::lock;
+
 use crate::devices::bus::Bus;
+use crate::devices::legacy::SerialConsole;
+use crate::devices::virtio::block::DiskSlots;
+use crate::devices::virtio::mmio::MmioTransport;
 use crate::memory::GuestRam;
+use crate::snapshot::{DeviceStates, SnapshotDesk, SnapshotState};
 use crate::vstate::vcpu::{Vcpu, VcpuThreads};
 use crate::vstate::vm::Vm;
 
@@ -33,12 +40,27 @@ pub struct Vmm {
     pub(crate) pio: Arc<Bus>,
     pub(crate) mmio: Arc<Bus>,
     pub(crate) exit: Arc<ExitNotifier>,
-    /// Held, not used: the VM and its RAM must outlive the vCPUs and devices.
-    pub(crate) _vm: Arc<Vm>,
-    pub(crate) _ram: Arc<GuestRam>,
+    /// The devices with state, for a snapshot (also on the buses).
+    pub(crate) serial: Arc<Mutex<SerialConsole>>,
+    pub(crate) transports: Vec<Arc<Mutex<MmioTransport>>>,
+    pub(crate) slots: Arc<DiskSlots>,
+    pub(crate) snapshots: Arc<SnapshotDesk>,
+    /// The VM and its RAM outlive the vCPUs and devices.
+    pub(crate) vm: Arc<Vm>,
+    pub(crate) ram: Arc<GuestRam>,
     pub(crate) started: Instant,
     /// What each vCPU thread runs first (its seccomp filter).
     pub(crate) vcpu_init: crate::devices::virtio::ThreadInit,
+    /// How many vCPUs the VM has (they leave `vcpus` when they start).
+    pub(crate) vcpu_count: u8,
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        // Before the API thread is stopped and joined: a snapshot request
+        // waiting there hears that there will be none.
+        drop(self.snapshots.close());
+    }
 }
 
 impl std::fmt::Debug for Vmm {
@@ -66,6 +88,7 @@ impl Vmm {
         main_init: impl FnOnce() -> Result<(), E>,
     ) -> ExitReason {
         let vcpus = std::mem::take(&mut self.vcpus);
+        self.vcpu_count = u8::try_from(vcpus.len()).unwrap_or(u8::MAX);
         match VcpuThreads::start(
             vcpus,
             Arc::clone(&self.pio),
@@ -88,8 +111,63 @@ impl Vmm {
             )));
         }
         let reason = self.exit.wait_or_signal(&signals);
-        self.vcpu_threads.stop();
-        reason
+        let mut vcpus = self.vcpu_threads.stop();
+        // A snapshot job is taken even when another reason won, so that
+        // its requester hears at once that there will be none.
+        match (self.snapshots.close(), &reason) {
+            (Some(job), ExitReason::Snapshot) => {
+                let paused = Instant::now();
+                let outcome = self.save(&mut vcpus, &job.state, &job.memory);
+                let saved_ms = u64::try_from(paused.elapsed().as_millis()).unwrap_or(u64::MAX);
+                let failed = outcome.as_ref().err().cloned();
+                job.answer(outcome.map(|()| saved_ms));
+                match failed {
+                    None => {
+                        tracing::info!(saved_ms, "snapshot taken");
+                        reason
+                    }
+                    Some(why) => ExitReason::Error(format!("the snapshot failed: {why}")),
+                }
+            }
+            _ => reason,
+        }
+    }
+
+    /// Saves the paused VM (`vcpus` are all of its vCPUs, stopped) into
+    /// the state and memory files of a snapshot request. The devices stop
+    /// serving their queues; the VM does not run again.
+    fn save(&self, vcpus: &mut [Vcpu], state: &File, memory: &File) -> Result<(), String> {
+        if vcpus.len() != usize::from(self.vcpu_count) {
+            return Err(format!(
+                "only {} of {} vCPUs stopped",
+                vcpus.len(),
+                self.vcpu_count
+            ));
+        }
+        if self.slots.attached() > 0 {
+            return Err("images are attached to spare slots; detach them before a snapshot".into());
+        }
+        let kvm = |e: crate::vstate::vm::VmError| capsid_base::error_chain(&e);
+        let mut vcpu_states = Vec::with_capacity(vcpus.len());
+        for vcpu in vcpus {
+            vcpu.finish_pending_io().map_err(kvm)?;
+            vcpu_states.push(vcpu.save_state(&self.vm).map_err(kvm)?);
+        }
+        let vm_state = self.vm.save_state().map_err(kvm)?;
+        let mut virtio = Vec::with_capacity(self.transports.len());
+        for transport in &self.transports {
+            virtio.push(lock(transport).save().map_err(|e| e.to_string())?);
+        }
+        let devices = DeviceStates {
+            serial: lock(&self.serial).save(),
+            virtio,
+        };
+        self.ram
+            .save_to(memory)
+            .map_err(|e| format!("cannot write the memory file: {e}"))?;
+        SnapshotState::new(self.ram.size(), vm_state, vcpu_states, devices)
+            .write_to(state)
+            .map_err(|e| format!("cannot write the state file: {e}"))
     }
 }
 

@@ -383,6 +383,11 @@ pub struct VmConfig {
     /// virtio-net devices, `eth0` first.
     #[serde(default)]
     pub nets: Vec<NetConfig>,
+    /// A snapshot directory to restore instead of booting `kernel`: the VM
+    /// carries on where the snapshot left it, with the snapshot's vCPUs and
+    /// memory; its images come through spare slots.
+    #[serde(default)]
+    pub restore: Option<PathBuf>,
 }
 
 impl VmConfig {
@@ -410,6 +415,7 @@ impl Default for VmConfig {
             api_uds: None,
             irqchip: Irqchip::Kernel,
             nets: Vec::new(),
+            restore: None,
         }
     }
 }

@@ -12,8 +12,15 @@
 //! ```text
 //! → {"op":"attach","id":"c1"} + fd   ← {"slot":0}
 //! → {"op":"detach","id":"c1"}        ← {"slot":0}
+//! → {"op":"snapshot"} + 2 fds        ← {"saved_ms":41}
 //!                         a failure  ← {"error":"…"}
 //! ```
+//!
+//! A snapshot request carries two files opened for writing, the state file
+//! and the memory file, in that order (`capsid_vmm::snapshot`'s
+//! `state.json` and `memory`). The VM is paused, saved into them, and ends:
+//! the VMM exits with status 0 once the reply is sent. Templates are made
+//! this way; a VM is never resumed after its snapshot.
 
 #![warn(missing_docs)]
 
@@ -47,7 +54,24 @@ pub enum ApiRequest {
         /// The serial it was attached with.
         id: String,
     },
+    /// Pause the VM, save it into the state and memory files that come
+    /// with the request, and end it.
+    Snapshot,
 }
+
+impl ApiRequest {
+    /// How many descriptors the request carries.
+    pub fn descriptors(&self) -> usize {
+        match self {
+            ApiRequest::Attach { .. } => 1,
+            ApiRequest::Detach { .. } => 0,
+            ApiRequest::Snapshot => 2,
+        }
+    }
+}
+
+/// The most descriptors a request carries (a snapshot's two files).
+pub const MAX_DESCRIPTORS: usize = 2;
 
 /// The answer to an [`ApiRequest`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,6 +81,11 @@ pub enum ApiResponse {
     Slot {
         /// Index among the spare slots.
         slot: usize,
+    },
+    /// The snapshot is written; the VM ends.
+    Saved {
+        /// How long the VM was paused for it, in milliseconds.
+        saved_ms: u64,
     },
     /// Refused, and why.
     Error {
@@ -79,7 +108,9 @@ pub const EXIT_SIGNAL_BASE: i32 = 128;
 /// What an exit status of `capsid-vmm` means, for a message.
 pub fn exit_meaning(code: i32) -> Option<&'static str> {
     Some(match code {
-        EXIT_GUEST_SHUTDOWN => "the guest shut down or rebooted by itself, as a kernel panic does",
+        EXIT_GUEST_SHUTDOWN => {
+            "the guest shut down or rebooted by itself, as a kernel panic does, or the VM was snapshotted"
+        }
         EXIT_VMM_ERROR => "a VMM error",
         EXIT_USAGE => "bad command-line arguments",
         EXIT_GUEST_CRASH => "the guest crashed, a triple fault or a KVM error",
@@ -103,6 +134,11 @@ mod tests {
         );
         let reply: ApiResponse = serde_json::from_str(r#"{"slot":2}"#).unwrap();
         assert_eq!(reply, ApiResponse::Slot { slot: 2 });
+        let snapshot = serde_json::to_string(&ApiRequest::Snapshot).unwrap();
+        assert_eq!(snapshot, r#"{"op":"snapshot"}"#);
+        let reply: ApiResponse = serde_json::from_str(r#"{"saved_ms":41}"#).unwrap();
+        assert_eq!(reply, ApiResponse::Saved { saved_ms: 41 });
+        assert!(serde_json::from_str::<ApiResponse>(r#"{"error":"no"}"#).is_ok());
     }
 
     #[test]

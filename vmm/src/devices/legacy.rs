@@ -41,10 +41,66 @@ impl std::fmt::Debug for SerialConsole {
     }
 }
 
+/// The UART's registers and unread input, as a snapshot keeps them
+/// (`vm_superio::SerialState`, which has no serde).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialSnapshot {
+    /// Divisor latch, low and high byte.
+    pub baud_divisor: [u8; 2],
+    /// IER, IIR, LCR, LSR, MCR, MSR and the scratch register.
+    pub registers: [u8; 7],
+    /// Bytes received and not yet read (at most the 64-byte FIFO).
+    pub in_buffer: Vec<u8>,
+}
+
 impl SerialConsole {
     pub(crate) fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
         Self {
             uart: Serial::new(IrqLine(irq), out),
+        }
+    }
+
+    /// A console in the state `snapshot` kept; an interrupt the UART had
+    /// pending is raised again. More input than the FIFO holds is refused.
+    pub(crate) fn restore(
+        irq: EventFd,
+        out: Box<dyn Write + Send>,
+        snapshot: &SerialSnapshot,
+    ) -> Result<Self, String> {
+        let [ier, iir, lcr, lsr, mcr, msr, scratch] = snapshot.registers;
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: snapshot.baud_divisor[0],
+            baud_divisor_high: snapshot.baud_divisor[1],
+            interrupt_enable: ier,
+            interrupt_identification: iir,
+            line_control: lcr,
+            line_status: lsr,
+            modem_control: mcr,
+            modem_status: msr,
+            scratch,
+            in_buffer: snapshot.in_buffer.clone(),
+        };
+        Serial::from_state(&state, IrqLine(irq), NoEvents, out)
+            .map(|uart| Self { uart })
+            .map_err(|e| format!("the serial console's state cannot be restored: {e}"))
+    }
+
+    /// The UART's state, for a snapshot.
+    pub(crate) fn save(&self) -> SerialSnapshot {
+        let state = self.uart.state();
+        SerialSnapshot {
+            baud_divisor: [state.baud_divisor_low, state.baud_divisor_high],
+            registers: [
+                state.interrupt_enable,
+                state.interrupt_identification,
+                state.line_control,
+                state.line_status,
+                state.modem_control,
+                state.modem_status,
+                state.scratch,
+            ],
+            in_buffer: state.in_buffer,
         }
     }
 }
@@ -203,6 +259,39 @@ mod tests {
         // Port 0x64 is offset 4; 0xfe pulses the reset line.
         i8042.write(4, &[0xfe]);
         assert_eq!(exit.reason(), Some(ExitReason::GuestShutdown));
+    }
+
+    #[test]
+    fn a_serial_console_restored_from_its_state_has_the_guests_settings() {
+        let irq = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut uart = SerialConsole::new(irq(), Box::new(std::io::sink()));
+        uart.write(3, &[0x83]); // LCR: 8 bits, divisor latch open
+        uart.write(0, &[0x01]); // divisor 1: 115200 baud
+        uart.write(3, &[0x03]);
+        uart.write(1, &[0x02]); // IER: THR empty interrupt
+        uart.write(7, &[0x5a]);
+        let saved = uart.save();
+        assert_eq!(saved.baud_divisor, [1, 0]);
+
+        let line = irq();
+        let mut restored =
+            SerialConsole::restore(line.try_clone().unwrap(), Box::new(std::io::sink()), &saved)
+                .unwrap();
+        assert_eq!(restored.save(), saved);
+        let mut scratch = [0];
+        restored.read(7, &mut scratch);
+        assert_eq!(scratch, [0x5a]);
+        assert_eq!(
+            line.read().unwrap(),
+            1,
+            "the pending THR interrupt is raised again"
+        );
+
+        let flooded = SerialSnapshot {
+            in_buffer: vec![0; 65],
+            ..saved
+        };
+        assert!(SerialConsole::restore(irq(), Box::new(std::io::sink()), &flooded).is_err());
     }
 
     #[test]

@@ -392,9 +392,14 @@ mod tests {
             );
             let file = std::fs::File::create(&memory_file).unwrap();
             ram.save_to(&file).unwrap();
-            crate::snapshot::SnapshotState::new(MEM, vm_state, vec![vcpu_state])
-                .write(dir.path())
-                .unwrap();
+            crate::snapshot::SnapshotState::new(
+                MEM,
+                vm_state,
+                vec![vcpu_state],
+                crate::snapshot::DeviceStates::default(),
+            )
+            .write(dir.path())
+            .unwrap();
             // The first VM and its RAM are gone before the restore.
         }
         let state = crate::snapshot::SnapshotState::read(dir.path()).unwrap();

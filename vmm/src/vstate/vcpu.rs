@@ -110,7 +110,7 @@ impl Vcpu {
 
     /// Runs the guest until it ends the VM or `stop` is set. The reason the
     /// VM ended, if this vCPU saw it, goes to `exit`.
-    pub fn run(mut self, pio: &Bus, mmio: &Bus, stop: &AtomicBool, exit: &ExitNotifier) {
+    pub fn run(&mut self, pio: &Bus, mmio: &Bus, stop: &AtomicBool, exit: &ExitNotifier) {
         while !stop.load(Ordering::Acquire) {
             let reason = match self.fd.run() {
                 Ok(VcpuExit::IoOut(port, data)) => {
@@ -167,6 +167,21 @@ impl Vcpu {
 }
 
 impl Vcpu {
+    /// Completes the exit the vCPU last left `KVM_RUN` for (the data of a
+    /// port or MMIO read goes into the guest's register on the next entry)
+    /// without running the guest: `KVM_RUN` with `immediate_exit` set
+    /// returns at once. Its state is then complete, for a snapshot.
+    pub fn finish_pending_io(&mut self) -> Result<(), VmError> {
+        self.fd.set_kvm_immediate_exit(1);
+        let done = match self.fd.run() {
+            Err(e) if e.errno() == libc::EINTR => Ok(()),
+            Err(e) => Err(VmError("KVM_RUN (immediate exit)", e)),
+            Ok(_) => Ok(()),
+        };
+        self.fd.set_kvm_immediate_exit(0);
+        done
+    }
+
     /// The registers that tell where a crashed vCPU was, for the crash report.
     fn describe_state(&self) -> String {
         match (self.fd.get_regs(), self.fd.get_sregs()) {
@@ -193,10 +208,10 @@ fn write_lapic(lapic: &mut kvm_lapic_state, offset: usize, value: u32) {
 /// How long stopping the vCPUs may take in all.
 const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// The vCPU threads of a running VM.
+/// The vCPU threads of a running VM; each gives its vCPU back when it ends.
 #[derive(Debug, Default)]
 pub struct VcpuThreads {
-    handles: Vec<std::thread::JoinHandle<()>>,
+    handles: Vec<std::thread::JoinHandle<Option<Vcpu>>>,
     stop: Arc<AtomicBool>,
 }
 
@@ -221,7 +236,7 @@ impl VcpuThreads {
             handles: Vec::new(),
             stop: Arc::clone(&stop),
         };
-        for vcpu in vcpus {
+        for mut vcpu in vcpus {
             let (pio, mmio, exit, stop, init) = (
                 Arc::clone(&pio),
                 Arc::clone(&mmio),
@@ -237,9 +252,10 @@ impl VcpuThreads {
                             "cannot confine vCPU {}: {e}",
                             vcpu.index()
                         )));
-                        return;
+                        return None;
                     }
-                    vcpu.run(&pio, &mmio, &stop, &exit)
+                    vcpu.run(&pio, &mmio, &stop, &exit);
+                    Some(vcpu)
                 })?;
             threads.handles.push(handle);
         }
@@ -249,7 +265,9 @@ impl VcpuThreads {
     /// Stops every vCPU and waits for its thread, for at most
     /// [`STOP_WAIT`] in all: a vCPU that does not leave (stuck outside
     /// `KVM_RUN`) is left to the process's exit rather than holding it up.
-    pub fn stop(&mut self) {
+    /// Returns the vCPUs whose threads ended, in order.
+    pub fn stop(&mut self) -> Vec<Vcpu> {
+        let mut stopped = Vec::new();
         use std::time::{Duration, Instant};
         use vmm_sys_util::signal::Killable;
         self.stop.store(true, Ordering::Release);
@@ -268,16 +286,19 @@ impl VcpuThreads {
                 wait = (wait * 2).min(Duration::from_millis(50));
             }
             if handle.is_finished() {
-                let _ = handle.join();
+                if let Ok(Some(vcpu)) = handle.join() {
+                    stopped.push(vcpu);
+                }
             } else {
                 tracing::warn!("a vCPU did not stop within {STOP_WAIT:?}; leaving it to the exit");
             }
         }
+        stopped
     }
 }
 
 impl Drop for VcpuThreads {
     fn drop(&mut self) {
-        self.stop();
+        drop(self.stop());
     }
 }

@@ -426,3 +426,149 @@ fn vmm_guest_talks_tcp_to_the_host_over_virtio_net() {
         "the tap goes with its last descriptor"
     );
 }
+
+/// Asks the VMM behind `api` for a snapshot into `dir` (state.json and
+/// memory, made here and passed as descriptors); its reply line.
+fn snapshot_through_api(api: &Path, dir: &Path) -> String {
+    use std::os::fd::AsRawFd;
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    let create = |name: &str| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(dir.join(name))
+            .unwrap()
+    };
+    let (state, memory) = (create("state.json"), create("memory"));
+    let stream = UnixStream::connect(api).unwrap();
+    stream.set_read_timeout(Some(BOOT_TIMEOUT)).unwrap();
+    stream
+        .send_with_fds(
+            &[&b"{\"op\":\"snapshot\"}\n"[..]],
+            &[state.as_raw_fd(), memory.as_raw_fd()],
+        )
+        .unwrap();
+    let mut reply = String::new();
+    BufReader::new(&stream).read_line(&mut reply).unwrap();
+    reply
+}
+
+#[test]
+fn vmm_snapshot_restores_a_guest_that_carries_on_where_it_was() {
+    if !require_kvm("vmm_snapshot_restores_a_guest_that_carries_on_where_it_was") {
+        return;
+    }
+    let scratch = ScratchDir::new("capsid-e2e").unwrap();
+    let snapshot = scratch.join("snapshot");
+    std::fs::create_dir(&snapshot).unwrap();
+    let (uds, api) = (scratch.join("vsock.sock"), scratch.join("api.sock"));
+    // The guest answers on port 5000, then listens on 5001: the snapshot
+    // is taken while it waits there, and the restored guest answers.
+    let mut args = base_args(&scratch, "vsock-listen:5000,vsock-listen:5001");
+    args.extend([
+        os("--vsock-uds"),
+        uds.clone().into(),
+        os("--api-uds"),
+        api.clone().into(),
+        os("--spare-disks"),
+        os("1"),
+        os("--vcpus"),
+        os("2"),
+        os("--mem-mib"),
+        os("128"),
+    ]);
+    let vmm = artifact("CAPSID_VMM");
+    let (mut run, _, booted) = VmmRun::start_booted(
+        &vmm,
+        &args,
+        scratch.path(),
+        "template",
+        MARKER,
+        BOOT_TIMEOUT,
+    );
+    assert_eq!(talk_to_guest(&uds, 5000, "before\n"), "guest got: before\n");
+    run.wait_for_line(&format!("{STEP} vsock-listen:5001 listening"), BOOT_TIMEOUT);
+    let reply = snapshot_through_api(&api, &snapshot);
+    assert!(
+        reply.starts_with("{\"saved_ms\":"),
+        "{reply}\n{}",
+        run.describe()
+    );
+    let status = run.wait_exit(BOOT_TIMEOUT);
+    assert_eq!(status.code(), Some(0), "{}", run.describe());
+    assert!(!uds.exists() && !api.exists(), "the sockets are removed");
+    let memory = std::fs::metadata(snapshot.join("memory")).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    println!(
+        "snapshot: {}; memory file {} MiB, {} MiB on disk",
+        reply.trim_end(),
+        memory.len() >> 20,
+        (memory.blocks() * 512) >> 20
+    );
+    assert_eq!(memory.len(), 128 << 20);
+
+    // A fresh VMM carries on from the files: no boot, the guest's port
+    // 5001 answers, and the test init goes on to its last step.
+    let restored_at = Instant::now();
+    let mut restore = VmmRun::start(
+        &vmm,
+        &[
+            os("--restore"),
+            snapshot.clone().into(),
+            os("--vsock-uds"),
+            uds.clone().into(),
+            os("--api-uds"),
+            api.clone().into(),
+            os("--spare-disks"),
+            os("1"),
+        ],
+        scratch.path(),
+        "restored",
+    );
+    assert_eq!(talk_to_guest(&uds, 5001, "after\n"), "guest got: after\n");
+    let answered = restored_at.elapsed();
+    let status = restore.wait_exit(BOOT_TIMEOUT);
+    let console = restore.console();
+    assert_eq!(status.code(), Some(0), "{}", restore.describe());
+    assert!(
+        step_line(&console, "vsock-listen:5001").contains(" ok answered \"after\""),
+        "{console}"
+    );
+    assert!(console.contains("CAPSID-TEST-INIT: done"), "{console}");
+    assert!(
+        !console.contains(MARKER),
+        "the restored guest did not boot again:\n{console}"
+    );
+    println!(
+        "restore: the guest answered {answered:?} after the VMM started; a boot took {booted:?} to the test init alone"
+    );
+
+    // A snapshot of another VM shape, or a damaged one, is refused and
+    // leaves nothing behind.
+    let mut state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(snapshot.join("state.json")).unwrap()).unwrap();
+    state["build"] = "capsid-vmm 0.0.1".into();
+    std::fs::write(snapshot.join("state.json"), state.to_string()).unwrap();
+    let mut refused = VmmRun::start(
+        &vmm,
+        &[
+            os("--restore"),
+            snapshot.clone().into(),
+            os("--vsock-uds"),
+            uds.clone().into(),
+        ],
+        scratch.path(),
+        "refused",
+    );
+    let status = refused.wait_exit(BOOT_TIMEOUT);
+    assert_eq!(status.code(), Some(1), "{}", refused.describe());
+    assert!(
+        refused
+            .log()
+            .contains("take the snapshot again with this build"),
+        "{}",
+        refused.describe()
+    );
+    assert!(!uds.exists());
+}

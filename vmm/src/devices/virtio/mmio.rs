@@ -21,9 +21,9 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    ActivateContext, Interrupt, Memory, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK,
-    STATUS_FAILED, STATUS_FEATURES_OK, STATUS_NEEDS_RESET, VIRTIO_F_VERSION_1, VirtioDevice,
-    WorkerHandle,
+    ActivateContext, INT_CONFIG, INT_USED_RING, Interrupt, Memory, QueueSnapshot,
+    STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK,
+    STATUS_NEEDS_RESET, VIRTIO_F_VERSION_1, VirtioDevice, WorkerHandle,
 };
 use crate::devices::bus::BusDevice;
 
@@ -83,6 +83,73 @@ pub struct MmioTransport {
 /// How long a reset waits for the worker to give the queues back.
 const RESET_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// A transport's registers and queues, as a snapshot keeps them. The
+/// device behind it keeps nothing else the guest relies on: a disk's
+/// contents are on the host, a vsock's connections are reset on restore.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransportState {
+    /// The virtio device ID, checked against the restoring VM's device.
+    pub device_type: u32,
+    /// The status register as the driver wrote it.
+    pub status: u32,
+    /// The features the driver acknowledged.
+    pub acked_features: u64,
+    /// The selector registers.
+    pub queue_select: u32,
+    /// `DeviceFeaturesSel`.
+    pub device_features_select: u32,
+    /// `DriverFeaturesSel`.
+    pub driver_features_select: u32,
+    /// Interrupts raised and not yet acknowledged.
+    pub interrupt_status: u32,
+    /// One per queue of the device.
+    pub queues: Vec<QueueSnapshot>,
+}
+
+/// Why a transport's state cannot be taken or put back.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TransportStateError {
+    /// The device failed; its state means nothing.
+    #[error("virtio device {0} has failed")]
+    Failed(u32),
+    /// The worker did not give the queues back in time.
+    #[error("virtio device {0} did not stop serving its queues within {RESET_WAIT:?}")]
+    Busy(u32),
+    /// Another device is in this place.
+    #[error("the snapshot has virtio device {found} here, the VM has device {want}")]
+    DeviceType {
+        /// The snapshot's device.
+        found: u32,
+        /// The restoring VM's.
+        want: u32,
+    },
+    /// A queue of the state does not fit the device.
+    #[error("virtio device {device}: queue {queue} of the snapshot does not fit the device")]
+    Queue {
+        /// The device ID.
+        device: u32,
+        /// The queue's index.
+        queue: usize,
+    },
+    /// A status or feature set the driver cannot have reached.
+    #[error("virtio device {0}: the snapshot's status or features are not a driver's")]
+    Registers(u32),
+}
+
+/// Whether `status` is one a driver reaches by the rules `write_status`
+/// enforces: the set-up bits in order, FAILED and NEEDS_RESET at any point.
+fn reachable(status: u32) -> bool {
+    let steps = [
+        0,
+        STATUS_ACKNOWLEDGE,
+        STATUS_ACKNOWLEDGE | STATUS_DRIVER,
+        STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+    ];
+    steps.contains(&(status & !(STATUS_FAILED | STATUS_NEEDS_RESET)))
+}
+
 impl MmioTransport {
     /// Wraps `device`; `queue_evts` (one per queue) are the eventfds KVM
     /// signals on `QueueNotify` writes, `interrupt` the device's interrupt
@@ -110,6 +177,101 @@ impl MmioTransport {
             activated: false,
             broken: false,
         })
+    }
+
+    /// Takes the transport's state for a snapshot; an active device stops
+    /// serving its queues and hands them over (the VM does not run again
+    /// after a snapshot).
+    pub fn save(&mut self) -> Result<TransportState, TransportStateError> {
+        let device = self.device.device_type();
+        if self.broken || self.worker.failed() {
+            return Err(TransportStateError::Failed(device));
+        }
+        let queues = if std::mem::take(&mut self.activated) {
+            let queues = self
+                .worker
+                .deactivate(RESET_WAIT)
+                .ok_or(TransportStateError::Busy(device))?;
+            if queues.len() != self.queues.len() {
+                return Err(TransportStateError::Failed(device));
+            }
+            queues.iter().map(QueueSnapshot::of).collect()
+        } else {
+            self.queues.iter().map(QueueSnapshot::of).collect()
+        };
+        Ok(TransportState {
+            device_type: device,
+            status: self.status,
+            acked_features: self.acked_features,
+            queue_select: self.queue_select,
+            device_features_select: self.device_features_select,
+            driver_features_select: self.driver_features_select,
+            interrupt_status: self.interrupt.status(),
+            queues,
+        })
+    }
+
+    /// A transport for `device` as `state` left it, checked against the
+    /// device first. A device the driver had activated is activated again
+    /// with the saved queues, marked as restored.
+    pub fn restore(
+        device: Box<dyn VirtioDevice>,
+        memory: Memory,
+        interrupt: Arc<Interrupt>,
+        queue_evts: Vec<EventFd>,
+        worker: WorkerHandle,
+        state: &TransportState,
+    ) -> Result<Self, TransportStateError> {
+        let want = device.device_type();
+        if state.device_type != want {
+            return Err(TransportStateError::DeviceType {
+                found: state.device_type,
+                want,
+            });
+        }
+        let offered = device.features() | VIRTIO_F_VERSION_1;
+        if !reachable(state.status) || state.acked_features & !offered != 0 {
+            return Err(TransportStateError::Registers(want));
+        }
+        let max_sizes = device.queue_max_sizes();
+        if state.queues.len() != max_sizes.len() {
+            return Err(TransportStateError::Queue {
+                device: want,
+                queue: state.queues.len().min(max_sizes.len()),
+            });
+        }
+        let mut queues = Vec::with_capacity(max_sizes.len());
+        for (queue, (saved, max)) in state.queues.iter().zip(max_sizes).enumerate() {
+            let restored = saved
+                .to_queue()
+                .ok()
+                .filter(|_| saved.max_size == *max)
+                .ok_or(TransportStateError::Queue {
+                    device: want,
+                    queue,
+                })?;
+            queues.push(restored);
+        }
+        interrupt.raise_status(state.interrupt_status & (INT_USED_RING | INT_CONFIG));
+        let mut transport = Self {
+            device,
+            memory,
+            interrupt,
+            queues,
+            queue_evts: Arc::new(queue_evts),
+            queue_select: state.queue_select,
+            device_features_select: state.device_features_select,
+            driver_features_select: state.driver_features_select,
+            acked_features: state.acked_features,
+            status: state.status,
+            worker,
+            activated: false,
+            broken: false,
+        };
+        if state.status & STATUS_DRIVER_OK != 0 && state.status & STATUS_FAILED == 0 {
+            transport.start_worker(true);
+        }
+        Ok(transport)
     }
 
     #[cfg(test)]
@@ -291,6 +453,12 @@ impl MmioTransport {
     }
 
     fn activate(&mut self) {
+        self.start_worker(false);
+    }
+
+    /// Hands the queues to the worker, if they are valid; `restored` when
+    /// they come from a snapshot.
+    fn start_worker(&mut self, restored: bool) {
         if self.broken || self.worker.failed() {
             crate::guest_warn!("guest activated a virtio device that has failed");
             return;
@@ -304,21 +472,29 @@ impl MmioTransport {
             self.status |= STATUS_NEEDS_RESET;
             return;
         }
-        // The device takes the queues; the transport keeps fresh ones for a reset.
-        let fresh = match new_queues(self.device.as_ref()) {
+        // The device serves a copy; the transport's own copy answers the
+        // driver's register reads (QueueReady, virtio 1.2, 4.2.2.2) until a
+        // reset clears it.
+        let queues = match self
+            .queues
+            .iter()
+            .map(|q| Queue::try_from(q.state()))
+            .collect::<Result<Vec<_>, _>>()
+        {
             Ok(queues) => queues,
             Err(e) => {
-                tracing::error!("cannot make virtio queues: {e:?}");
+                tracing::error!("cannot copy virtio queues: {e:?}");
                 self.status |= STATUS_NEEDS_RESET;
                 return;
             }
         };
         let ctx = ActivateContext {
             memory: Arc::clone(&self.memory),
-            queues: std::mem::replace(&mut self.queues, fresh),
+            queues,
             queue_evts: Arc::clone(&self.queue_evts),
             interrupt: Arc::clone(&self.interrupt),
             acked_features: self.acked_features,
+            restored,
         };
         self.worker.activate(ctx);
         self.activated = true;
@@ -328,7 +504,7 @@ impl MmioTransport {
     /// (within [`RESET_WAIT`]; one that does not leaves the device failed
     /// rather than a vCPU waiting) and waits idle for the next activation.
     fn reset(&mut self) {
-        if std::mem::take(&mut self.activated) && !self.worker.deactivate(RESET_WAIT) {
+        if std::mem::take(&mut self.activated) && self.worker.deactivate(RESET_WAIT).is_none() {
             tracing::error!(
                 device = self.device.device_type(),
                 "a virtio device's worker did not stop within {RESET_WAIT:?}; the device stays failed"
@@ -414,22 +590,29 @@ mod tests {
     /// reset waits.
     struct Counting {
         activations: Arc<AtomicUsize>,
+        restored: Arc<AtomicUsize>,
         stuck: bool,
+        queues: Vec<Queue>,
     }
 
     impl Worker for Counting {
         fn activate(
             &mut self,
-            _: ActivateContext,
+            ctx: ActivateContext,
             _: &EventSetup<'_>,
         ) -> Result<(), ActivateError> {
             self.activations.fetch_add(1, Ordering::SeqCst);
+            if ctx.restored {
+                self.restored.fetch_add(1, Ordering::SeqCst);
+            }
+            self.queues = ctx.queues;
             Ok(())
         }
-        fn deactivate(&mut self, _: &EventSetup<'_>) {
+        fn deactivate(&mut self, _: &EventSetup<'_>) -> Vec<Queue> {
             if self.stuck {
                 std::thread::sleep(RESET_WAIT * 2);
             }
+            std::mem::take(&mut self.queues)
         }
         fn handle(&mut self, _: u64, _: vmm_sys_util::epoll::EventSet, _: &EventSetup<'_>) {}
     }
@@ -452,20 +635,142 @@ mod tests {
         }
     }
 
-    fn transport_with(stuck: bool) -> (MmioTransport, Arc<AtomicUsize>) {
+    /// A counting worker's thread, and its counts of activations and of
+    /// restored ones.
+    fn counting(stuck: bool) -> (WorkerHandle, Arc<AtomicUsize>, Arc<AtomicUsize>) {
         let activations = Arc::new(AtomicUsize::new(0));
-        let ram = Arc::new(crate::memory::GuestRam::new(1 << 20).unwrap());
-        let interrupt = Arc::new(Interrupt::new(EventFd::new(0).unwrap()));
+        let restored = Arc::new(AtomicUsize::new(0));
         let worker = Box::new(Counting {
             activations: Arc::clone(&activations),
+            restored: Arc::clone(&restored),
             stuck,
+            queues: Vec::new(),
         });
         let worker = WorkerHandle::spawn("dummy", worker, no_init()).unwrap();
+        (worker, activations, restored)
+    }
+
+    fn ram() -> Memory {
+        Arc::new(crate::memory::GuestRam::new(1 << 20).unwrap())
+    }
+
+    fn interrupt() -> Arc<Interrupt> {
+        Arc::new(Interrupt::new(EventFd::new(0).unwrap()))
+    }
+
+    fn transport_with(stuck: bool) -> (MmioTransport, Arc<AtomicUsize>) {
+        let (worker, activations, _) = counting(stuck);
         let evts = vec![EventFd::new(0).unwrap()];
         (
-            MmioTransport::new(Box::new(Dummy), ram, interrupt, evts, worker).unwrap(),
+            MmioTransport::new(Box::new(Dummy), ram(), interrupt(), evts, worker).unwrap(),
             activations,
         )
+    }
+
+    /// A transport restored from `state`, and its worker's counts.
+    fn restored(
+        state: &TransportState,
+    ) -> (
+        Result<MmioTransport, TransportStateError>,
+        Arc<AtomicUsize>,
+        Arc<AtomicUsize>,
+    ) {
+        let (worker, activations, restored) = counting(false);
+        let evts = vec![EventFd::new(0).unwrap()];
+        let t = MmioTransport::restore(Box::new(Dummy), ram(), interrupt(), evts, worker, state);
+        (t, activations, restored)
+    }
+
+    #[test]
+    fn an_active_device_saved_and_restored_serves_the_same_queue_again() {
+        let (mut t, activations) = transport();
+        negotiate(&mut t);
+        setup_queue(&mut t, 8);
+        write(&mut t, REG_STATUS, ALL_OK);
+        assert_eq!(seen(&t, &activations), 1);
+        let state = t.save().unwrap();
+        assert!(!t.is_activated(), "the worker gave the queue back");
+        assert_eq!(state.device_type, 42);
+        assert_eq!(state.status, ALL_OK);
+        assert_eq!(state.acked_features, VIRTIO_F_VERSION_1);
+        let queue = state.queues[0];
+        assert_eq!(
+            (
+                queue.size,
+                queue.ready,
+                queue.desc_table,
+                queue.avail_ring,
+                queue.used_ring
+            ),
+            (8, true, 0x1000, 0x2000, 0x3000)
+        );
+
+        let (t, activations, restored_count) = restored(&state);
+        let mut t = t.unwrap();
+        assert_eq!(seen(&t, &activations), 1, "activated again");
+        assert_eq!(restored_count.load(Ordering::SeqCst), 1, "as restored");
+        assert_eq!(read(&mut t, REG_STATUS), ALL_OK);
+        assert_eq!(read(&mut t, REG_QUEUE_READY), 1);
+        assert_eq!(t.save().unwrap(), state, "nothing changed on the way");
+    }
+
+    #[test]
+    fn a_device_the_driver_had_not_activated_is_restored_inactive() {
+        let (mut t, _) = transport();
+        negotiate(&mut t);
+        let state = t.save().unwrap();
+        let (t, activations, _) = restored(&state);
+        let mut t = t.unwrap();
+        assert_eq!(seen(&t, &activations), 0);
+        assert_eq!(
+            read(&mut t, REG_STATUS),
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK
+        );
+        // The driver carries on setting it up.
+        setup_queue(&mut t, 16);
+        write(&mut t, REG_STATUS, ALL_OK);
+        assert_eq!(seen(&t, &activations), 1);
+    }
+
+    #[test]
+    fn a_state_that_does_not_fit_the_device_is_refused() {
+        let (mut t, activations) = transport();
+        negotiate(&mut t);
+        setup_queue(&mut t, 16);
+        write(&mut t, REG_STATUS, ALL_OK);
+        assert_eq!(seen(&t, &activations), 1);
+        let good = t.save().unwrap();
+        let refused = |edit: &dyn Fn(&mut TransportState)| {
+            let mut state = good.clone();
+            edit(&mut state);
+            let (t, activations, _) = restored(&state);
+            assert_eq!(activations.load(Ordering::SeqCst), 0);
+            t.expect_err("refused")
+        };
+        assert_eq!(
+            refused(&|s| s.device_type = 2),
+            TransportStateError::DeviceType { found: 2, want: 42 }
+        );
+        let queue = TransportStateError::Queue {
+            device: 42,
+            queue: 0,
+        };
+        assert_eq!(refused(&|s| s.queues[0].size = 12), queue);
+        assert_eq!(refused(&|s| s.queues[0].max_size = 256), queue);
+        assert_eq!(refused(&|s| s.queues[0].desc_table = 0x1001), queue);
+        assert_eq!(
+            refused(&|s| s.queues.push(s.queues[0])),
+            TransportStateError::Queue {
+                device: 42,
+                queue: 1
+            }
+        );
+        let registers = TransportStateError::Registers(42);
+        assert_eq!(
+            refused(&|s| s.status = STATUS_ACKNOWLEDGE | STATUS_DRIVER_OK),
+            registers
+        );
+        assert_eq!(refused(&|s| s.acked_features |= 1 << 40), registers);
     }
 
     fn transport() -> (MmioTransport, Arc<AtomicUsize>) {
@@ -525,6 +830,7 @@ mod tests {
         write(&mut t, REG_STATUS, ALL_OK);
         assert_eq!(seen(&t, &activations), 1);
         assert!(t.is_activated());
+        assert_eq!(read(&mut t, REG_QUEUE_READY), 1, "reads back while active");
         let mut config = [0u8; 2];
         t.read(REG_CONFIG + 2, &mut config);
         assert_eq!(config, [3, 4]);

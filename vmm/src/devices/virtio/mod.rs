@@ -76,6 +76,12 @@ impl Interrupt {
         self.status.load(Ordering::Acquire)
     }
 
+    /// Sets `bits` without raising the line: a restored device's pending
+    /// interrupts, whose line state KVM's irqchip restored already.
+    pub(crate) fn raise_status(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::AcqRel);
+    }
+
     pub(crate) fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::AcqRel);
     }
@@ -92,6 +98,69 @@ pub struct ActivateContext {
     pub(crate) interrupt: Arc<Interrupt>,
     /// The features the driver acknowledged (the device's own offer, masked).
     pub acked_features: u64,
+    /// The queues come from a snapshot: the device was serving them in
+    /// another VMM process, and whatever it held outside guest memory
+    /// (vsock connections) is gone.
+    pub restored: bool,
+}
+
+/// One queue as a snapshot keeps it: `virtio_queue::QueueState`, which
+/// has no serde, field for field.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueSnapshot {
+    /// The largest size the device offers.
+    pub max_size: u16,
+    /// Where the device takes the next available entry.
+    pub next_avail: u16,
+    /// Where the device puts the next used entry.
+    pub next_used: u16,
+    /// `VIRTIO_F_RING_EVENT_IDX` was negotiated.
+    pub event_idx_enabled: bool,
+    /// The size the driver chose.
+    pub size: u16,
+    /// The driver set the queue up.
+    pub ready: bool,
+    /// Guest addresses of the descriptor table and the two rings.
+    pub desc_table: u64,
+    /// The available (driver) ring.
+    pub avail_ring: u64,
+    /// The used (device) ring.
+    pub used_ring: u64,
+}
+
+impl QueueSnapshot {
+    /// `queue`'s state.
+    pub fn of(queue: &Queue) -> Self {
+        let state = queue.state();
+        Self {
+            max_size: state.max_size,
+            next_avail: state.next_avail,
+            next_used: state.next_used,
+            event_idx_enabled: state.event_idx_enabled,
+            size: state.size,
+            ready: state.ready,
+            desc_table: state.desc_table,
+            avail_ring: state.avail_ring,
+            used_ring: state.used_ring,
+        }
+    }
+
+    /// The queue again; virtio-queue refuses a size above the maximum or
+    /// not a power of two, and misaligned rings.
+    pub fn to_queue(&self) -> Result<Queue, virtio_queue::Error> {
+        Queue::try_from(virtio_queue::QueueState {
+            max_size: self.max_size,
+            next_avail: self.next_avail,
+            next_used: self.next_used,
+            event_idx_enabled: self.event_idx_enabled,
+            size: self.size,
+            ready: self.ready,
+            desc_table: self.desc_table,
+            avail_ring: self.avail_ring,
+            used_ring: self.used_ring,
+        })
+    }
 }
 
 /// Why a device could not start.

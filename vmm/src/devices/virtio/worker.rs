@@ -24,6 +24,8 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use virtio_queue::Queue;
+
 use super::{ActivateContext, ActivateError};
 
 /// The token reserved for the control eventfd.
@@ -87,9 +89,10 @@ pub trait Worker: Send {
         ctx: ActivateContext,
         setup: &EventSetup<'_>,
     ) -> Result<(), ActivateError>;
-    /// Stops serving them (a device reset): unregisters what `activate`
-    /// registered and drops the queues.
-    fn deactivate(&mut self, setup: &EventSetup<'_>);
+    /// Stops serving them (a device reset, or a snapshot): unregisters what
+    /// `activate` registered and gives the queues back, in the order
+    /// `activate` took them (none if the device was not active).
+    fn deactivate(&mut self, setup: &EventSetup<'_>) -> Vec<Queue>;
     /// Handles readiness `events` on the fd registered with `token`. Events
     /// of an fd just unregistered may still arrive once.
     fn handle(&mut self, token: u64, events: EventSet, setup: &EventSetup<'_>);
@@ -109,7 +112,8 @@ enum Command {
 pub struct WorkerHandle {
     control: EventFd,
     commands: Sender<Command>,
-    acks: Receiver<()>,
+    /// Answers to Deactivate (the queues) and Sync (none).
+    acks: Receiver<Vec<Queue>>,
     /// The worker could not start, install its filter, or activate.
     failed: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -190,10 +194,14 @@ impl WorkerHandle {
         }
     }
 
-    /// Takes the queues back (a device reset), waiting at most `timeout`
-    /// for the worker to let go of them. Whether it did.
-    pub fn deactivate(&self, timeout: Duration) -> bool {
-        self.send(Command::Deactivate) && self.acks.recv_timeout(timeout).is_ok()
+    /// Takes the queues back (a device reset, a snapshot), waiting at most
+    /// `timeout` for the worker to let go of them: the queues as the
+    /// worker left them, or `None` if it did not answer in time.
+    pub fn deactivate(&self, timeout: Duration) -> Option<Vec<Queue>> {
+        if !self.send(Command::Deactivate) {
+            return None;
+        }
+        self.acks.recv_timeout(timeout).ok()
     }
 
     /// Waits until the worker has handled every command sent so far.
@@ -207,12 +215,12 @@ impl WorkerHandle {
     }
 }
 
-fn wait_for_stop(inbox: &Receiver<Command>, ack: &Sender<()>) {
+fn wait_for_stop(inbox: &Receiver<Command>, ack: &Sender<Vec<Queue>>) {
     while let Ok(command) = inbox.recv() {
         match command {
             Command::Stop => return,
             Command::Deactivate | Command::Sync => {
-                let _ = ack.send(());
+                let _ = ack.send(Vec::new());
             }
             Command::Activate(_) => {}
         }
@@ -224,7 +232,7 @@ struct Thread<'a> {
     epoll: &'a Epoll,
     control: &'a EventFd,
     inbox: &'a Receiver<Command>,
-    ack: &'a Sender<()>,
+    ack: &'a Sender<Vec<Queue>>,
     failed: &'a AtomicBool,
 }
 
@@ -267,11 +275,11 @@ impl Thread<'_> {
                     }
                 }
                 Command::Deactivate => {
-                    worker.deactivate(setup);
-                    let _ = self.ack.send(());
+                    let queues = worker.deactivate(setup);
+                    let _ = self.ack.send(queues);
                 }
                 Command::Sync => {
-                    let _ = self.ack.send(());
+                    let _ = self.ack.send(Vec::new());
                 }
                 Command::Stop => {
                     worker.deactivate(setup);

@@ -233,10 +233,14 @@ impl Worker for BlockWorker {
         Ok(())
     }
 
-    fn deactivate(&mut self, setup: &EventSetup<'_>) {
-        if let Some(evt) = self.active.take().as_ref().and_then(Active::queue_evt) {
+    fn deactivate(&mut self, setup: &EventSetup<'_>) -> Vec<Queue> {
+        let Some(active) = self.active.take() else {
+            return Vec::new();
+        };
+        if let Some(evt) = active.queue_evt() {
             setup.remove(evt.as_raw_fd());
         }
+        vec![active.queue]
     }
 
     fn handle(&mut self, _token: u64, _events: EventSet, _setup: &EventSetup<'_>) {

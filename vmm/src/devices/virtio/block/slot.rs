@@ -112,6 +112,11 @@ impl DiskSlots {
         Ok(index)
     }
 
+    /// How many slots hold an image.
+    pub fn attached(&self) -> usize {
+        self.slots.iter().filter(|slot| !slot.is_empty()).count()
+    }
+
     /// Empties the slot holding `id`; returns its index. The guest must have
     /// stopped using the disk: its further requests fail with IOERR.
     pub fn detach(&self, id: &str) -> Result<usize, SlotError> {
@@ -179,7 +184,9 @@ mod tests {
 
         // The next image goes to the next free slot; a detached slot is reused.
         assert_eq!(slots.attach(open(img.path()), "img", "c2").unwrap(), 1);
+        assert_eq!(slots.attached(), 2);
         assert_eq!(slots.detach("c1").unwrap(), 0);
+        assert_eq!(slots.attached(), 1);
         assert_eq!(capacity(&blocks[0]), 0);
         assert_eq!(slots.attach(open(img.path()), "img", "c3").unwrap(), 0);
         assert_eq!(capacity(&blocks[0]), 8);

@@ -238,14 +238,16 @@ impl Worker for NetWorker {
         Ok(())
     }
 
-    fn deactivate(&mut self, setup: &EventSetup<'_>) {
-        if let Some(active) = self.active.take() {
-            for evt in active.queue_evts.iter() {
-                setup.remove(evt.as_raw_fd());
-            }
-            setup.remove(self.tap.as_raw_fd());
-        }
+    fn deactivate(&mut self, setup: &EventSetup<'_>) -> Vec<Queue> {
         self.rx.reset();
+        let Some(active) = self.active.take() else {
+            return Vec::new();
+        };
+        for evt in active.queue_evts.iter() {
+            setup.remove(evt.as_raw_fd());
+        }
+        setup.remove(self.tap.as_raw_fd());
+        vec![active.rx, active.tx]
     }
 
     fn handle(&mut self, token: u64, _events: EventSet, _setup: &EventSetup<'_>) {

@@ -11,7 +11,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::muxer::{Muxer, token_fd};
 use super::packet::{read_tx, rx_capacity, write_rx};
-use super::{DEVICE_TYPE, QUEUE_SIZE};
+use super::{DEVICE_TYPE, EVENT_TRANSPORT_RESET, QUEUE_SIZE};
 use crate::devices::virtio::{
     ActivateContext, ActivateError, EventSetup, Interrupt, Memory, VirtioDevice, Worker, add_used,
     read_chain, read_config_bytes,
@@ -98,6 +98,8 @@ struct Active {
     memory: Memory,
     rx: Queue,
     tx: Queue,
+    /// Kept only to be handed back and for the reset event of a restore.
+    event: Queue,
     evts: std::sync::Arc<Vec<EventFd>>,
     interrupt: std::sync::Arc<Interrupt>,
 }
@@ -203,7 +205,7 @@ impl Worker for VsockWorker {
     ) -> Result<(), ActivateError> {
         let got = ctx.queues.len();
         let mut queues = ctx.queues.into_iter();
-        let (Some(rx), Some(tx), Some(_event)) = (queues.next(), queues.next(), queues.next())
+        let (Some(rx), Some(tx), Some(event)) = (queues.next(), queues.next(), queues.next())
         else {
             return Err(ActivateError::QueueCount { got, want: 3 });
         };
@@ -222,24 +224,31 @@ impl Worker for VsockWorker {
         setup
             .add(self.muxer.listener_fd(), TOKEN_LISTENER, EventSet::IN)
             .map_err(ActivateError::Watch)?;
-        self.active = Some(Active {
+        let mut active = Active {
             memory: ctx.memory,
             rx,
             tx,
+            event,
             evts: ctx.queue_evts,
             interrupt: ctx.interrupt,
-        });
+        };
+        if ctx.restored && send_transport_reset(&mut active) {
+            active.interrupt.signal_used_queue();
+        }
+        self.active = Some(active);
         Ok(())
     }
 
-    fn deactivate(&mut self, setup: &EventSetup<'_>) {
-        if let Some(active) = self.active.take() {
-            for evt in active.evts.iter() {
-                setup.remove(evt.as_raw_fd());
-            }
-            setup.remove(self.muxer.listener_fd());
-        }
+    fn deactivate(&mut self, setup: &EventSetup<'_>) -> Vec<Queue> {
         self.muxer.reset_all(setup);
+        let Some(active) = self.active.take() else {
+            return Vec::new();
+        };
+        for evt in active.evts.iter() {
+            setup.remove(evt.as_raw_fd());
+        }
+        setup.remove(self.muxer.listener_fd());
+        vec![active.rx, active.tx, active.event]
     }
 
     fn handle(&mut self, token: u64, events: EventSet, setup: &EventSetup<'_>) {
@@ -272,6 +281,41 @@ impl Worker for VsockWorker {
             active.interrupt.signal_used_queue();
         }
     }
+}
+
+/// Puts a transport-reset event in the guest's first event buffer: the
+/// guest forgets the connections it had when the snapshot was taken (their
+/// host ends are gone). Whether an event was put; a guest that posted no
+/// usable event buffer gets none, and its stale connections are reset
+/// one by one as they are used (the muxer answers them with RST).
+fn send_transport_reset(active: &mut Active) -> bool {
+    use vm_memory::Bytes;
+    let memory = active.memory.memory();
+    let queue = &mut active.event;
+    let Some(chain) = queue.pop_descriptor_chain(memory) else {
+        crate::guest_warn!("virtio-vsock: no event buffer for the transport reset");
+        return false;
+    };
+    let head = chain.head_index();
+    let event = EVENT_TRANSPORT_RESET.to_le_bytes();
+    let written = match read_chain(queue, &chain) {
+        Ok(buffers) => match buffers.first() {
+            Some(buffer)
+                if buffer.writable
+                    && usize::try_from(buffer.len).is_ok_and(|len| len >= event.len()) =>
+            {
+                memory.write_slice(&event, buffer.addr).is_ok()
+            }
+            _ => false,
+        },
+        Err(_) => false,
+    };
+    if !written {
+        crate::guest_warn!("virtio-vsock: unusable event buffer for the transport reset");
+    }
+    let len = if written { 4 } else { 0 };
+    add_used(queue, memory, head, len);
+    true
 }
 
 impl Drop for VsockWorker {
@@ -309,6 +353,62 @@ mod tests {
         }
     }
 
+    /// An `Active` over mock queues whose event queue holds `events`.
+    fn active_with_events(ram: &Arc<crate::memory::GuestRam>, events: &[RawDescriptor]) -> Active {
+        let mem = ram.memory();
+        let queue = |addr| MockSplitQueue::create(mem, GuestAddress(addr), 16);
+        let event = queue(0x3_0000);
+        if !events.is_empty() {
+            event.add_desc_chains(events, 0).unwrap();
+        }
+        Active {
+            memory: Arc::clone(ram),
+            rx: queue(0x1_0000).create_queue().unwrap(),
+            tx: queue(0x2_0000).create_queue().unwrap(),
+            event: event.create_queue().unwrap(),
+            evts: Arc::new((0..3).map(|_| EventFd::new(0).unwrap()).collect()),
+            interrupt: Arc::new(Interrupt::new(EventFd::new(0).unwrap())),
+        }
+    }
+
+    #[test]
+    fn a_restored_device_tells_the_guest_its_connections_are_gone() {
+        let ram = Arc::new(crate::memory::GuestRam::new(4 << 20).unwrap());
+        let mem = ram.memory();
+        mem.write_obj(0xffff_ffffu32, GuestAddress(0x10_0000))
+            .unwrap();
+        let mut active = active_with_events(
+            &ram,
+            &[RawDescriptor::from(Descriptor::new(0x10_0000, 4, W, 0))],
+        );
+        assert!(send_transport_reset(&mut active));
+        assert_eq!(
+            mem.read_obj::<u32>(GuestAddress(0x10_0000)).unwrap(),
+            EVENT_TRANSPORT_RESET
+        );
+        assert_eq!(active.event.next_used(), 1);
+        // No buffer: no event, and nothing written anywhere.
+        assert!(!send_transport_reset(&mut active));
+
+        // A buffer the device may not write, or too small: returned unwritten.
+        for (flags, len) in [(0, 4), (W, 2)] {
+            mem.write_obj(0xffff_ffffu32, GuestAddress(0x10_0000))
+                .unwrap();
+            let mut active = active_with_events(
+                &ram,
+                &[RawDescriptor::from(Descriptor::new(
+                    0x10_0000, len, flags, 0,
+                ))],
+            );
+            assert!(send_transport_reset(&mut active));
+            assert_eq!(
+                mem.read_obj::<u32>(GuestAddress(0x10_0000)).unwrap(),
+                0xffff_ffff
+            );
+            assert_eq!(active.event.next_used(), 1, "the buffer goes back");
+        }
+    }
+
     #[test]
     fn bad_tx_chains_are_dropped_and_good_ones_answered_on_rx() {
         let ram = Arc::new(crate::memory::GuestRam::new(4 << 20).unwrap());
@@ -324,6 +424,9 @@ mod tests {
                 memory: Arc::clone(&ram),
                 rx: rx_mock.create_queue().unwrap(),
                 tx: tx_mock.create_queue().unwrap(),
+                event: MockSplitQueue::create(mem, GuestAddress(0x3_0000), 16)
+                    .create_queue()
+                    .unwrap(),
                 evts: Arc::new((0..3).map(|_| EventFd::new(0).unwrap()).collect()),
                 interrupt: Arc::new(Interrupt::new(EventFd::new(0).unwrap())),
             }),

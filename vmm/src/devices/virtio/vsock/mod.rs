@@ -50,6 +50,11 @@ pub(crate) const OP_RW: u16 = 5;
 pub(crate) const OP_CREDIT_UPDATE: u16 = 6;
 pub(crate) const OP_CREDIT_REQUEST: u16 = 7;
 
+/// The event-queue event that tells the driver its connections are gone
+/// (`VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`), sent after a restore: the guest
+/// resets every connected socket and keeps its listeners.
+pub const EVENT_TRANSPORT_RESET: u32 = 0;
+
 /// `flags` of OP_SHUTDOWN.
 pub const SHUTDOWN_RCV: u32 = 1;
 pub(crate) const SHUTDOWN_SEND: u32 = 2;
