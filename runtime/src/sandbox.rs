@@ -376,6 +376,7 @@ impl Sandbox {
                 confinement: config.confinement(),
                 die_with_owner: request.die_with_owner,
                 nets,
+                restore: None,
             },
             &request.policy,
         );

@@ -85,12 +85,12 @@ pub enum MicroVmError {
     #[error(transparent)]
     Confine(#[from] ConfineError),
     /// The VMM answered an API request with an error.
-    #[error("capsid-vmm refused to {op} disk {id:?}: {reason}")]
+    #[error("capsid-vmm refused to {op} {what}: {reason}")]
     Refused {
-        /// "attach" or "detach".
+        /// "attach", "detach" or "snapshot".
         op: &'static str,
-        /// The disk.
-        id: String,
+        /// What it was asked to do it to: a disk, the VM.
+        what: String,
         /// The VMM's words.
         reason: String,
     },
@@ -125,6 +125,12 @@ impl Eq for DiskFile {}
 
 /// How long the VMM's API may take to answer.
 const API_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a snapshot may take: a little more than the VMM waits for it.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(130);
+/// The files of a snapshot directory (`capsid_vmm::snapshot`'s).
+pub const SNAPSHOT_STATE: &str = "state.json";
+/// The memory file of a snapshot directory.
+pub const SNAPSHOT_MEMORY: &str = "memory";
 
 /// The disk id a container's rootfs image has in its VM.
 pub const ROOTFS_DISK: &str = "rootfs";
@@ -182,6 +188,10 @@ pub struct VmSpec {
     /// virtio-net devices, over taps the caller keeps open while the VM is
     /// launched ([`crate::network`]); the first is the guest's `eth0`.
     pub nets: Vec<VmNet>,
+    /// A snapshot directory ([`MicroVm::snapshot`]) to carry on from
+    /// instead of booting: `vcpus`, `memory_mib`, `spare_disks` must be
+    /// those it was taken with, and `disks` and `nets` empty.
+    pub restore: Option<PathBuf>,
 }
 
 /// A virtio-net device of a VM to launch.
@@ -286,7 +296,7 @@ impl VmSpec {
                     mtu: Some(net.mtu),
                 })
                 .collect(),
-            restore: None,
+            restore: self.restore.clone(),
         }
     }
 }
@@ -661,6 +671,11 @@ impl MicroVm {
         self.api().attach(image, id)
     }
 
+    /// Snapshots the VM into `dir` and ends it (see [`VmApi::snapshot`]).
+    pub fn snapshot(&self, dir: &Path) -> Result<u64, MicroVmError> {
+        self.api().snapshot(dir)
+    }
+
     /// Detaches disk `id` (see [`VmApi::detach`]).
     pub fn detach(&self, id: &str) -> Result<(), MicroVmError> {
         self.api().detach(id)
@@ -767,69 +782,97 @@ impl VmApi {
     pub fn attach(&self, image: &RootfsImage, id: &str) -> Result<Rootfs, MicroVmError> {
         let file =
             File::open(&image.path).map_err(|e| MicroVmError::Image(image.path.clone(), e))?;
-        self.api_call(
-            "attach",
-            id,
-            &ApiRequest::Attach { id: id.to_owned() },
-            Some(&file),
-        )?;
-        Ok(rootfs_on(image, id))
+        let request = ApiRequest::Attach { id: id.to_owned() };
+        match self.api_call(&request, &[&file], API_TIMEOUT) {
+            Ok(ApiResponse::Slot { .. }) => Ok(rootfs_on(image, id)),
+            other => Err(refused("attach", format!("disk {id:?}"), other)),
+        }
     }
 
     /// Detaches disk `id`; the agent must have unmounted it.
     pub fn detach(&self, id: &str) -> Result<(), MicroVmError> {
-        self.api_call(
-            "detach",
-            id,
-            &ApiRequest::Detach { id: id.to_owned() },
-            None,
-        )
+        let request = ApiRequest::Detach { id: id.to_owned() };
+        match self.api_call(&request, &[], API_TIMEOUT) {
+            Ok(ApiResponse::Slot { .. }) => Ok(()),
+            other => Err(refused("detach", format!("disk {id:?}"), other)),
+        }
     }
 
-    /// One request on the VMM's API socket: a JSON line out (with `fd`),
-    /// a JSON line back.
+    /// Snapshots the VM into `dir` (which must exist and hold no snapshot):
+    /// the VMM writes `state.json` and `memory` through descriptors made
+    /// here, and ends the VM. How long the VM was paused, in milliseconds.
+    pub fn snapshot(&self, dir: &Path) -> Result<u64, MicroVmError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let create = |name: &str| {
+            let path = dir.join(name);
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(|e| MicroVmError::Scratch(path, e))
+        };
+        let state = create(SNAPSHOT_STATE)?;
+        let memory = create(SNAPSHOT_MEMORY)?;
+        match self.api_call(&ApiRequest::Snapshot, &[&state, &memory], SNAPSHOT_TIMEOUT) {
+            Ok(ApiResponse::Saved { saved_ms }) => Ok(saved_ms),
+            other => Err(refused("snapshot", "the VM".into(), other)),
+        }
+    }
+
+    /// One request on the VMM's API socket: a JSON line out (with
+    /// `files`), a JSON line back, each way within `timeout`. The reply,
+    /// `Err` holding the VMM's error if it refused.
     fn api_call(
         &self,
-        op: &'static str,
-        id: &str,
         request: &ApiRequest,
-        fd: Option<&File>,
-    ) -> Result<(), MicroVmError> {
+        files: &[&File],
+        timeout: Duration,
+    ) -> Result<ApiResponse, Result<String, MicroVmError>> {
         use std::io::{BufRead, Read, Write};
         use std::os::fd::AsRawFd;
         use vmm_sys_util::sock_ctrl_msg::ScmSocket;
-        let api = self.path.as_ref().ok_or(MicroVmError::NoSpareSlots)?;
-        let io = |e| MicroVmError::Api(api.clone(), e);
+        let api = self.path.as_ref().ok_or(Err(MicroVmError::NoSpareSlots))?;
+        let io = |e| Err(MicroVmError::Api(api.clone(), e));
         let stream = std::os::unix::net::UnixStream::connect(api).map_err(io)?;
-        stream.set_read_timeout(Some(API_TIMEOUT)).map_err(io)?;
-        stream.set_write_timeout(Some(API_TIMEOUT)).map_err(io)?;
+        stream.set_read_timeout(Some(timeout)).map_err(io)?;
+        stream.set_write_timeout(Some(timeout)).map_err(io)?;
         let mut line = serde_json::to_vec(request).map_err(|e| io(std::io::Error::other(e)))?;
         line.push(b'\n');
-        match fd {
-            Some(file) => {
-                let sent = stream
-                    .send_with_fd(&line[..], file.as_raw_fd())
-                    .map_err(|e| io(std::io::Error::from_raw_os_error(e.errno())))?;
-                (&stream).write_all(&line[sent..]).map_err(io)?;
-            }
-            None => (&stream).write_all(&line).map_err(io)?,
+        if files.is_empty() {
+            (&stream).write_all(&line).map_err(io)?;
+        } else {
+            let fds: Vec<_> = files.iter().map(|f| f.as_raw_fd()).collect();
+            let sent = stream
+                .send_with_fds(&[&line[..]], &fds)
+                .map_err(|e| io(std::io::Error::from_raw_os_error(e.errno())))?;
+            (&stream).write_all(&line[sent..]).map_err(io)?;
         }
         let mut reply = String::new();
         std::io::BufReader::new((&stream).take(4096))
             .read_line(&mut reply)
             .map_err(io)?;
-        let reason = match serde_json::from_str::<ApiResponse>(&reply) {
-            Ok(ApiResponse::Slot { .. }) => return Ok(()),
-            Ok(ApiResponse::Error { error }) => clean(&error),
-            Ok(ApiResponse::Saved { .. }) => "an answer to another request".to_owned(),
-            Err(_) => "no answer".to_owned(),
-        };
-        Err(MicroVmError::Refused {
-            op,
-            id: id.to_owned(),
-            reason,
-        })
+        match serde_json::from_str::<ApiResponse>(&reply) {
+            Ok(ApiResponse::Error { error }) => Err(Ok(clean(&error))),
+            Ok(answer) => Ok(answer),
+            Err(_) => Err(Ok("no answer".to_owned())),
+        }
     }
+}
+
+/// The error for an API call that did not do `op` on `what`.
+fn refused(
+    op: &'static str,
+    what: String,
+    outcome: Result<ApiResponse, Result<String, MicroVmError>>,
+) -> MicroVmError {
+    let reason = match outcome {
+        Err(Err(e)) => return e,
+        Err(Ok(reason)) => reason,
+        Ok(_) => "an answer to another request".to_owned(),
+    };
+    MicroVmError::Refused { op, what, reason }
 }
 
 impl Drop for MicroVm {
@@ -921,6 +964,7 @@ mod tests {
                 ..Confinement::default()
             },
             die_with_owner: false,
+            restore: None,
         }
     }
 

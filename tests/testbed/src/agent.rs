@@ -77,7 +77,24 @@ impl AgentVm {
         disks: &[(PathBuf, &str)],
     ) -> Self {
         let scratch = ScratchDir::new("capsid-e2e").expect("scratch dir");
-        let mut spec = VmSpec {
+        let mut spec = Self::vm_spec(&scratch, vcpus, mem_mib);
+        for (image, id) in disks {
+            let copy = scratch.join(&format!("{id}.img"));
+            std::fs::copy(image, &copy).expect("copy a disk image");
+            spec.disks.push(Disk {
+                file: None,
+                path: copy,
+                read_only: false,
+                id: (*id).to_owned(),
+            });
+        }
+        Self::launch(name, &spec, scratch)
+    }
+
+    /// The agent initramfs with the test image as a read-only disk, in
+    /// `scratch`, confined as the runtime runs it for the shim and the CLI.
+    pub fn vm_spec(scratch: &ScratchDir, vcpus: u32, mem_mib: u32) -> VmSpec {
+        VmSpec {
             nets: Vec::new(),
             boot: BootFiles {
                 vmm: artifact("CAPSID_VMM"),
@@ -96,20 +113,15 @@ impl AgentVm {
             spare_disks: 0,
             dir: scratch.path().to_owned(),
             log_level: "info".into(),
-            // Confined as the runtime runs it for the shim and the CLI.
             confinement: Confinement::default(),
             die_with_owner: false,
-        };
-        for (image, id) in disks {
-            let copy = scratch.join(&format!("{id}.img"));
-            std::fs::copy(image, &copy).expect("copy a disk image");
-            spec.disks.push(Disk {
-                file: None,
-                path: copy,
-                read_only: false,
-                id: (*id).to_owned(),
-            });
+            restore: None,
         }
+    }
+
+    /// Boots (or restores) `spec`, whose directory is `scratch`'s, until
+    /// its agent answers.
+    pub fn launch(name: &str, spec: &VmSpec, scratch: ScratchDir) -> Self {
         let started = Instant::now();
         // The runtime's boot: a guest that crashed before its agent
         // answered is booted once more, loudly (BOOTS_PER_GUEST).
@@ -121,7 +133,7 @@ impl AgentVm {
             interrupted: &|| false,
             on_retry: &on_retry,
         };
-        let (vm, client) = MicroVm::boot(&spec, &policy)
+        let (vm, client) = MicroVm::boot(spec, &policy)
             .unwrap_or_else(|e| panic!("agent never answered: {}", error_chain(&e)));
         Self {
             uds: vm.uds().to_owned(),

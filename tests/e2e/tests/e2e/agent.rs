@@ -523,3 +523,67 @@ fn the_oom_killer_acts_inside_the_guest_and_the_vm_survives() {
     assert_eq!(outcome.stdout_text(), "alive\n");
     vm.shutdown();
 }
+
+/// A template, as the runtime will make one: an agent VM with a spare slot
+/// and no disk, snapshotted once its agent answered (its host connection
+/// still open: the restore resets it). Each clone restored from it answers
+/// without a boot, takes the test image through its spare slot, and runs
+/// a container from it.
+#[test]
+fn an_agent_restored_from_a_snapshot_runs_a_container_from_an_attached_image() {
+    use capsid_runtime::images::rootfs::{Format, RootfsImage};
+    if !require_kvm("an_agent_restored_from_a_snapshot_runs_a_container_from_an_attached_image") {
+        return;
+    }
+    let template_dir = capsid_testbed::ScratchDir::new("capsid-e2e").unwrap();
+    let mut spec = AgentVm::vm_spec(&template_dir, 1, 128);
+    spec.disks.clear();
+    spec.spare_disks = 1;
+    let mut template = AgentVm::launch("template", &spec, template_dir);
+    let cold = template.ready_after;
+    let snapshot = capsid_testbed::ScratchDir::new("capsid-e2e").unwrap();
+    let saved_ms = template.vm.snapshot(snapshot.path()).unwrap_or_else(|e| {
+        panic!(
+            "snapshot: {}{}",
+            capsid_base::error_chain(&e),
+            template.vm.diagnostics()
+        )
+    });
+    let status = template
+        .vm
+        .wait_timeout(Duration::from_secs(60))
+        .unwrap()
+        .expect("the template's VMM ends after its snapshot");
+    assert!(status.success(), "{status}{}", template.vm.diagnostics());
+    drop(template);
+
+    let image = RootfsImage {
+        path: capsid_testbed::artifact("CAPSID_TEST_ROOTFS_IMAGE"),
+        format: Format::Erofs,
+        key: "test".into(),
+        built: false,
+    };
+    for clone in 0..2 {
+        let dir = capsid_testbed::ScratchDir::new("capsid-e2e").unwrap();
+        let mut spec = AgentVm::vm_spec(&dir, 1, 128);
+        spec.disks.clear();
+        spec.spare_disks = 1;
+        spec.restore = Some(snapshot.path().to_owned());
+        let vm = AgentVm::launch("clone", &spec, dir);
+        println!(
+            "clone {clone}: agent answered {:?} after the VMM started (cold boot: {cold:?}; snapshot paused the template {saved_ms} ms)",
+            vm.ready_after
+        );
+        vm.vm
+            .attach(&image, capsid_testbed::agent::ROOTFS_DISK)
+            .unwrap_or_else(|e| panic!("attach: {}", capsid_base::error_chain(&e)));
+        let outcome = vm.run("c1", AgentVm::spec(&["echo", "hi from a clone"]), None);
+        assert_eq!(
+            (outcome.stdout_text().as_str(), outcome.status),
+            ("hi from a clone\n", ExitStatus::Code(0)),
+            "{}",
+            outcome.stderr_text()
+        );
+        vm.shutdown();
+    }
+}
