@@ -52,8 +52,26 @@ const MAX_CONNECT_LINE: usize = 32;
 /// Guest-bound control packets waiting for RX buffers; past this, new ones
 /// are dropped (the guest starves only itself by not reading).
 const MAX_CONTROL_BACKLOG: usize = 4 * MAX_CONNECTIONS;
-/// First host port handed out to host-initiated connections.
+/// Host ports of host-initiated connections start at a random place in
+/// `[FIRST_LOCAL_PORT, FIRST_LOCAL_PORT + LOCAL_PORT_SPREAD)`, and wrap to
+/// `FIRST_LOCAL_PORT`.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
+const LOCAL_PORT_SPREAD: u32 = 1 << 29;
+
+/// Where this muxer's host ports start: at random, so that a VMM restored
+/// from a snapshot does not hand its first connection the port of one the
+/// guest still holds from the snapshot (until it has handled the
+/// transport reset, a REQUEST on that port would land on the stale socket).
+fn first_local_port() -> u32 {
+    let mut bytes = [0u8; 4];
+    // SAFETY: `bytes` is writable for its 4 bytes; GRND_NONBLOCK cannot
+    // block (the host's pool is long initialised by now).
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), 4, libc::GRND_NONBLOCK) };
+    if n != 4 {
+        return FIRST_LOCAL_PORT;
+    }
+    FIRST_LOCAL_PORT + u32::from_ne_bytes(bytes) % LOCAL_PORT_SPREAD
+}
 
 /// A connection: our (host) port and the guest's port.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -173,7 +191,7 @@ impl Muxer {
             by_fd: HashMap::new(),
             control: VecDeque::new(),
             rx_ready: VecDeque::new(),
-            next_local_port: FIRST_LOCAL_PORT,
+            next_local_port: first_local_port(),
             metrics: VsockMetrics::default(),
         }
     }
@@ -679,6 +697,26 @@ mod tests {
 
     const GUEST_CID: u64 = 3;
     const LISTENER: u64 = 3;
+
+    #[test]
+    fn each_muxer_starts_its_host_ports_somewhere_else() {
+        // Two VMMs restored from one snapshot, or one and the VMM that took
+        // it: their first connections get different host ports (equal by
+        // chance once in 2^29).
+        let firsts: Vec<u32> = (0..3)
+            .map(|_| Harness::new().muxer.next_local_port)
+            .collect();
+        assert!(
+            firsts
+                .iter()
+                .all(|p| (FIRST_LOCAL_PORT..FIRST_LOCAL_PORT + LOCAL_PORT_SPREAD).contains(p)),
+            "{firsts:?}"
+        );
+        assert!(
+            firsts[0] != firsts[1] || firsts[1] != firsts[2],
+            "{firsts:?}"
+        );
+    }
 
     struct Harness {
         _dir: tempfile::TempDir,
