@@ -82,6 +82,9 @@ pub enum ContainerError {
     /// The guest's network could not be configured.
     #[error(transparent)]
     Network(#[from] crate::network::NetworkError),
+    /// A restored guest could not take its own identity.
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
     /// A file operation failed.
     #[error("{what}")]
     Io {

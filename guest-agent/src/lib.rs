@@ -13,6 +13,7 @@ mod cgroup;
 pub mod config;
 pub mod container;
 pub mod devices;
+pub mod identity;
 pub mod init;
 pub mod network;
 pub mod process;

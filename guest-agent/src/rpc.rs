@@ -55,6 +55,9 @@ fn code(error: &ContainerError) -> ErrorCode {
         ContainerError::Network(NetworkError::Invalid(_)) => ErrorCode::InvalidArgument,
         ContainerError::Network(NetworkError::NoInterface(_)) => ErrorCode::NotFound,
         ContainerError::Network(NetworkError::Again) => ErrorCode::FailedPrecondition,
+        ContainerError::Identity(
+            crate::identity::IdentityError::Entropy(_) | crate::identity::IdentityError::Time(_),
+        ) => ErrorCode::InvalidArgument,
         _ => ErrorCode::Internal,
     }
 }
@@ -124,6 +127,11 @@ fn dispatch(sandbox: &Containers, request: Request) -> Result<Response, Containe
         }
         Request::Shutdown => {
             sandbox.remove_all();
+            Response::Ok
+        }
+        Request::Refresh(refresh) => {
+            crate::identity::refresh(&refresh)?;
+            tracing::info!("restored: the RNG is reseeded and the clock set");
             Response::Ok
         }
     })

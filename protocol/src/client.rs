@@ -416,6 +416,13 @@ impl AgentClient {
         self.call_ok("ConfigureNetwork", &request)
     }
 
+    /// Gives a guest restored from a snapshot its own entropy and the
+    /// time (see [`crate::Request::Refresh`]).
+    pub fn refresh(&self, refresh: &crate::Refresh) -> Result<(), ClientError> {
+        let request = Request::Refresh(Box::new(refresh.clone()));
+        self.call_ok("Refresh", &request)
+    }
+
     /// Asks the agent to stop everything and reboot the VM (the VMM then
     /// exits 0).
     pub fn shutdown(&self) -> Result<(), ClientError> {

@@ -327,7 +327,27 @@ pub enum Request {
     ConfigureNetwork(Box<NetworkConfig>),
     /// Answers `Ok`, then stops every process, syncs and reboots the VM.
     Shutdown,
+    /// The guest was restored from a snapshot that other guests were
+    /// restored from too: mix fresh host entropy into its random number
+    /// generator and reseed it, and set its clock (stale since the
+    /// snapshot). Before the first container. Answer: `Ok`.
+    Refresh(Box<Refresh>),
 }
+
+/// What a restored guest takes to be its own: see [`Request::Refresh`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Refresh {
+    /// Random bytes from the host's `getrandom`, [`REFRESH_ENTROPY_BYTES`]
+    /// of them.
+    pub entropy: Vec<u8>,
+    /// The host's wall clock, nanoseconds since the Unix epoch.
+    pub unix_time_ns: u64,
+}
+
+/// How many bytes of entropy a [`Refresh`] carries: 256 bits, what the
+/// kernel's RNG needs to be fully seeded, twice over.
+pub const REFRESH_ENTROPY_BYTES: usize = 64;
 
 /// An address and its prefix length, `10.88.0.5/16` on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -55,6 +55,8 @@ pub trait Agent: Send + Sync + std::fmt::Debug {
     fn remove_container(&self, container_id: &str) -> Result<(), ClientError>;
     /// Gives the guest's interfaces their addresses, MTUs and routes.
     fn configure_network(&self, config: &NetworkConfig) -> Result<(), ClientError>;
+    /// Gives a guest restored from a template its own entropy and the time.
+    fn refresh(&self, refresh: &capsid_protocol::Refresh) -> Result<(), ClientError>;
     /// Stops everything and reboots the guest (the VMM then exits).
     fn shutdown(&self) -> Result<(), ClientError>;
     /// One standard stream of a created process, as plain bytes; for
@@ -131,6 +133,10 @@ impl Agent for AgentClient {
 
     fn configure_network(&self, config: &NetworkConfig) -> Result<(), ClientError> {
         AgentClient::configure_network(self, config)
+    }
+
+    fn refresh(&self, refresh: &capsid_protocol::Refresh) -> Result<(), ClientError> {
+        AgentClient::refresh(self, refresh)
     }
 
     fn shutdown(&self) -> Result<(), ClientError> {

@@ -332,6 +332,11 @@ impl Agent for FakeAgent {
         self.enter("ConfigureNetwork", names.join(",")).map(drop)
     }
 
+    fn refresh(&self, refresh: &capsid_protocol::Refresh) -> Result<(), ClientError> {
+        self.enter("Refresh", refresh.entropy.len().to_string())
+            .map(drop)
+    }
+
     fn shutdown(&self) -> Result<(), ClientError> {
         let mut state = self.enter("Shutdown", String::new())?;
         state.0.vm_died = true;
