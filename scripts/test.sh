@@ -55,6 +55,6 @@ bench=$(bench_binary)
 CAPSID_COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 export CAPSID_COMMIT
 run_with_kvm --with "$bench" -- \
-    "$bench" --runs 2 --concurrency 1,2 --density-cap 2 --stdout-bytes 4194304 --out /tmp/capsid-bench-smoke
+    "$bench" --runs 2 --concurrency 1,2 --density-cap 2 --clones 2 --stdout-bytes 4194304 --out /tmp/capsid-bench-smoke
 
 log "==> all tests passed in $(( $(date +%s) - started )) s"

@@ -141,7 +141,7 @@ pub(crate) fn pids_with(name: &str, with: &str) -> Vec<u32> {
 }
 
 /// Every process's parent: (pid, parent pid).
-fn parents() -> Vec<(u32, u32)> {
+pub(crate) fn parents() -> Vec<(u32, u32)> {
     std::fs::read_dir("/proc")
         .into_iter()
         .flatten()
@@ -163,7 +163,7 @@ fn parents() -> Vec<(u32, u32)> {
 }
 
 /// Every process below `root` in `table` (its children, theirs, …).
-fn below(table: &[(u32, u32)], root: u32) -> Vec<u32> {
+pub(crate) fn below(table: &[(u32, u32)], root: u32) -> Vec<u32> {
     let mut found = vec![root];
     let mut i = 0;
     while i < found.len() {

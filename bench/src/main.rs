@@ -35,7 +35,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use capsid_bench::report::{Host, Report, Scenario, Series, Who};
+use capsid_bench::report::{Comparison, Host, Report, Scenario, Series, Who};
 use capsid_runtime::vmm_api::{DEFAULT_CMDLINE, DiskConfig, VmConfig};
 use capsid_testbed::agent::AgentVm;
 use capsid_testbed::child::ChildGuard;
@@ -58,6 +58,7 @@ mod gvisor;
 mod net;
 mod run;
 mod throughput;
+mod warm;
 
 use guests::TestInitGuest;
 use gvisor::Runtime;
@@ -86,9 +87,13 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "boot,run,ctr,concurrent,footprint,throughput,net"
+        default_value = "boot,run,ctr,concurrent,footprint,throughput,net,warm"
     )]
     scenarios: Vec<Which>,
+    /// Micro-VMs of each kind running at once when `warm` measures their
+    /// memory.
+    #[arg(long, default_value_t = 10)]
+    clones: usize,
     /// Sandbox counts for `concurrent`, comma-separated [default: 1,5,10;
     /// nested: 1,5, as 10 at once has crashed the nested test host's kernel].
     #[arg(long, value_delimiter = ',')]
@@ -140,6 +145,7 @@ enum Which {
     Footprint,
     Throughput,
     Net,
+    Warm,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -448,6 +454,7 @@ impl Bench {
                 Which::Footprint => self.footprint(),
                 Which::Throughput => self.throughput(),
                 Which::Net => self.net(),
+                Which::Warm => self.warm(),
             };
             let mut scenario = scenario;
             let retries = self.boot_retries.replace(0);
@@ -680,6 +687,7 @@ fn main() {
             Which::Footprint => runs.clamp(1, 5) + density_cap,
             Which::Throughput => 2 * (runs.clamp(1, 5) + 1),
             Which::Net => runs.clamp(1, 5) + 1,
+            Which::Warm => runs + 1,
         })
         .sum();
     let bench = Bench {

@@ -363,6 +363,7 @@ pub fn monitor(args: &MonitorArgs) -> anyhow::Result<ExitCode> {
                 network: netns.as_deref(),
                 scratch_disk: None,
                 extra_disks: &[],
+                cold: false,
             },
         )?;
         let sandbox = Arc::new(sandbox);

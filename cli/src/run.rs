@@ -120,6 +120,12 @@ pub struct RunArgs {
     /// Kill the command after this long (e.g. 30s, 5m); exit status 124.
     #[arg(long, value_parser = parse_duration)]
     timeout: Option<Duration>,
+    /// Boot the guest kernel instead of restoring the micro-VM from its
+    /// template (a snapshot of a booted guest, made by the first run of
+    /// each size); the configuration's `warm_start = false` does this for
+    /// every run. A run with a network, --disk or volumes always boots.
+    #[arg(long)]
+    cold: bool,
     /// seccomp=unconfined runs the command without the default seccomp
     /// profile (Docker's, which among others refuses vsock sockets);
     /// seccomp=PATH uses the OCI profile in that JSON file instead.
@@ -779,6 +785,9 @@ struct Report {
     timed_out: bool,
     /// Why capsid failed, if it did.
     error: Option<String>,
+    /// How the micro-VM started: "restored" from its template, or
+    /// "booted" (`--cold`, a network, a disk, or no template).
+    start: Option<&'static str>,
     /// Milliseconds of each step that ran.
     durations_ms: Durations,
     /// The container's peak memory (its cgroup's memory.peak).
@@ -1015,6 +1024,7 @@ fn run_with(args: &RunArgs, report: &mut Report) -> anyhow::Result<ExitCode> {
             network: netns.as_deref(),
             scratch_disk: scratch_disk.as_ref(),
             extra_disks: &extra.disks,
+            cold: args.cold,
             policy: config.boot_policy(wait, &|| signals.any(), &|why| {
                 progress.say(&format!("capsid: {why}"));
             }),
@@ -1023,6 +1033,11 @@ fn run_with(args: &RunArgs, report: &mut Report) -> anyhow::Result<ExitCode> {
     let sandbox = Arc::new(sandbox);
     drop(progress);
     report.durations_ms.boot = Some(millis(booting.elapsed()));
+    report.start = Some(if sandbox.restored() {
+        "restored"
+    } else {
+        "booted"
+    });
     debug!("agent answered: {}", sandbox.agent().describe());
     let mut mounts = secret_mounts;
     mounts.extend(extra.mounts.iter().cloned());
@@ -1186,6 +1201,7 @@ fn drive(
         oom_killed: oom.is_some(),
         timed_out: matches!(ended, attach::Ended::TimedOut(_)),
         error: None,
+        start: report.start,
         durations_ms: Durations {
             run: Some(millis(attached.ran)),
             output: Some(millis(attached.drained)),

@@ -164,6 +164,11 @@ pub struct Config {
     /// ask for: its blocks are taken from `disk_dir`'s file system when
     /// the pod starts.
     pub max_disk_gib: u64,
+    /// Start VMs from a template of their shape (a snapshot of a booted
+    /// guest in `$CAPSID_CACHE/templates`, made the first time) instead
+    /// of booting each; `false` boots every VM (`capsid run --cold` does
+    /// for one).
+    pub warm_start: bool,
 }
 
 impl Default for Config {
@@ -188,6 +193,7 @@ impl Default for Config {
             vmm_seccomp: "kill".into(),
             cgroup_parent: crate::confine::DEFAULT_CGROUP_PARENT.into(),
             max_disk_gib: 16,
+            warm_start: true,
         }
     }
 }

@@ -19,6 +19,7 @@ pub mod scratch;
 pub mod seccomp_profile;
 pub mod spec;
 pub mod tap;
+pub mod template;
 pub mod vm;
 
 /// Rootfs and OCI images, for the runtime's callers.

@@ -41,9 +41,10 @@ use crate::config::{Config, ConfigError, VmSize};
 use crate::confine::Confinement;
 use crate::container::{Container, Process, ProcessIo};
 use crate::network::{self, Wiring};
+use crate::template::{self, TemplateSpec};
 use crate::vm::{
-    BootPolicy, Disk, DiskFile, MicroVm, MicroVmError, VmApi, VmNet, VmSpec, alive_with,
-    diagnostics_in, kill_orphans, rootfs_disk, vsock_path,
+    BootPolicy, Disk, DiskFile, MicroVm, MicroVmError, ROOTFS_DISK, VmApi, VmNet, VmSpec,
+    alive_with, diagnostics_in, kill_orphans, rootfs_disk, vsock_path,
 };
 use capsid_base::lock;
 
@@ -81,6 +82,9 @@ pub enum SandboxError {
     /// The process was started before.
     #[error("process {0} was already started")]
     AlreadyStarted(ProcessRef),
+    /// No entropy for a restored guest.
+    #[error("cannot read entropy for a restored guest from /dev/urandom")]
+    Entropy(#[source] std::io::Error),
 }
 
 impl SandboxError {
@@ -271,6 +275,29 @@ pub struct BootRequest<'a> {
     /// Further disks from boot on, which the container's mounts name by
     /// id (`disk:ID`): `capsid run --volume` and `--cache`.
     pub extra_disks: &'a [Disk],
+    /// Boot the kernel even where a template could be restored
+    /// (`capsid run --cold`); the configuration's `warm_start = false`
+    /// does this for every sandbox.
+    pub cold: bool,
+}
+
+/// Gives a guest restored from a template its own entropy (the host's
+/// `/dev/urandom`) and the host's time, before anything runs in it.
+fn take_identity(agent: &AgentClient) -> Result<(), SandboxError> {
+    use std::io::Read;
+    let mut entropy = vec![0u8; capsid_protocol::REFRESH_ENTROPY_BYTES];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut random| random.read_exact(&mut entropy))
+        .map_err(SandboxError::Entropy)?;
+    let unix_time_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0);
+    agent.refresh(&capsid_protocol::Refresh {
+        entropy,
+        unix_time_ns,
+    })?;
+    Ok(())
 }
 
 /// The disk id of [`BootRequest::scratch_disk`] in the VM.
@@ -305,6 +332,8 @@ pub struct Sandbox {
     owner: bool,
     /// What [`crate::network::unwire`] takes down when the sandbox goes.
     network: Option<Wiring>,
+    /// The VM was restored from its template rather than booted.
+    restored: bool,
 }
 
 /// How long a guest has to shut down by itself before its VMM is killed.
@@ -364,22 +393,97 @@ impl Sandbox {
                 mtu: device.mtu,
             })
             .collect();
-        let booted = MicroVm::boot(
-            &VmSpec {
-                boot: config.boot_files()?,
-                vcpus: request.size.vcpus,
-                memory_mib: request.size.memory_mib,
-                disks,
-                spare_disks: request.spare_disks,
-                dir: request.dir.to_owned(),
-                log_level: "warn".into(),
-                confinement: config.confinement(),
-                die_with_owner: request.die_with_owner,
-                nets,
-                restore: None,
-            },
-            &request.policy,
-        );
+        let boot = config.boot_files()?;
+        let cold_spec = VmSpec {
+            boot: boot.clone(),
+            vcpus: request.size.vcpus,
+            memory_mib: request.size.memory_mib,
+            disks,
+            spare_disks: request.spare_disks,
+            dir: request.dir.to_owned(),
+            log_level: "warn".into(),
+            confinement: config.confinement(),
+            die_with_owner: request.die_with_owner,
+            nets,
+            restore: None,
+        };
+        // Warm start: a VM with nothing but its rootfs image is restored
+        // from its shape's template and takes the image through a spare
+        // slot; anything a restore cannot bring back (taps, writable disks
+        // given at boot) boots cold.
+        let warm = config.warm_start
+            && !request.cold
+            && cold_spec.nets.is_empty()
+            && request.scratch_disk.is_none()
+            && request.extra_disks.is_empty();
+        let template = warm
+            .then(|| {
+                let spec = TemplateSpec {
+                    boot: &boot,
+                    size: request.size,
+                    slots: request.spare_disks.saturating_add(1),
+                    confinement: config.confinement(),
+                };
+                template::ensure(
+                    &template::templates_dir(),
+                    &config.run_dir,
+                    &spec,
+                    &request.policy,
+                )
+                .map_err(|e| {
+                    log::warn!(
+                        "{name}: no template, booting cold: {}",
+                        capsid_base::error_chain(&e)
+                    );
+                })
+                .ok()
+            })
+            .flatten();
+        let restored = template.and_then(|dir| {
+            let spec = VmSpec {
+                disks: Vec::new(),
+                spare_disks: request.spare_disks.saturating_add(1),
+                restore: Some(dir.clone()),
+                ..cold_spec.clone()
+            };
+            match MicroVm::boot(&spec, &request.policy)
+                .map_err(SandboxError::from)
+                .and_then(|(vm, client)| {
+                    take_identity(&client)?;
+                    let rootfs = vm.attach(request.image, ROOTFS_DISK)?;
+                    Ok((vm, client, rootfs))
+                }) {
+                Ok(restored) => Some(restored),
+                Err(e) => {
+                    log::warn!(
+                        "{name}: cannot restore the template {} ({}); booting cold and removing it",
+                        dir.display(),
+                        capsid_base::error_chain(&e)
+                    );
+                    template::discard(&dir);
+                    let vm_dir = crate::vm::vm_dir(request.dir);
+                    if let Err(e) = std::fs::remove_dir_all(&vm_dir)
+                        && e.kind() != std::io::ErrorKind::NotFound
+                    {
+                        log::warn!("{name}: cannot remove {}: {e}", vm_dir.display());
+                    }
+                    None
+                }
+            }
+        });
+        let warm_started = restored.is_some();
+        let start = if warm_started {
+            "restored from its template"
+        } else {
+            "booted"
+        };
+        let booted = match restored {
+            Some((vm, client, attached)) => {
+                rootfs = attached;
+                Ok((vm, client))
+            }
+            None => MicroVm::boot(&cold_spec, &request.policy),
+        };
         let (vm, client) = match booted {
             Ok(booted) => booted,
             Err(e) => {
@@ -388,7 +492,7 @@ impl Sandbox {
             }
         };
         log::info!(
-            "{name}: micro-VM {} ({} vCPUs, {} MiB, {} spare disk slots) booted with {}",
+            "{name}: micro-VM {} ({} vCPUs, {} MiB, {} spare disk slots) {start} with {}",
             vm.pid(),
             request.size.vcpus,
             request.size.memory_mib,
@@ -423,6 +527,7 @@ impl Sandbox {
         let dir = (request.teardown == Teardown::RemoveDir).then(|| request.dir.to_owned());
         let mut sandbox = Self::new(name, Arc::new(client), vm, dir);
         sandbox.network = wired.map(|w| w.wiring);
+        sandbox.restored = warm_started;
         Ok((sandbox, rootfs))
     }
 
@@ -439,7 +544,14 @@ impl Sandbox {
             down: AtomicBool::new(false),
             owner: true,
             network: None,
+            restored: false,
         }
+    }
+
+    /// Whether the VM was restored from its template (warm start) rather
+    /// than booted.
+    pub fn restored(&self) -> bool {
+        self.restored
     }
 
     /// The sandbox another process booted in `dir` (its VMM is `vmm_pid`),

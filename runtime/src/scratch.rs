@@ -67,7 +67,7 @@ impl Scratch {
     }
 }
 
-fn flock(file: &File, operation: libc::c_int) -> io::Result<()> {
+pub(crate) fn flock(file: &File, operation: libc::c_int) -> io::Result<()> {
     loop {
         // SAFETY: flock takes an open descriptor and an operation.
         if unsafe { libc::flock(file.as_raw_fd(), operation) } == 0 {

@@ -174,6 +174,8 @@ impl Vms for MicroVms {
                 network: options.network,
                 scratch_disk: scratch_disk.as_ref(),
                 extra_disks: &[],
+                // The configuration's `warm_start` decides.
+                cold: false,
             },
         )?;
         // The sandbox owns the directory from here.

@@ -584,6 +584,20 @@ fn an_agent_restored_from_a_snapshot_runs_a_container_from_an_attached_image() {
             "{}",
             outcome.stderr_text()
         );
+        // The host's bytes reach the restored guest too (vsock's RX queue).
+        let input = binary_data(300_000);
+        let outcome = vm.run("c2", AgentVm::spec(&["cat"]), Some(&input));
+        assert_eq!(
+            outcome.status,
+            ExitStatus::Code(0),
+            "{}",
+            outcome.stderr_text()
+        );
+        assert!(
+            outcome.stdout == input,
+            "cat gave back {} bytes",
+            outcome.stdout.len()
+        );
         vm.shutdown();
     }
 }

@@ -407,6 +407,64 @@ fn reported(args: &[&str], stdin: &[u8]) -> (Output, serde_json::Value) {
 }
 
 #[test]
+fn runs_are_restored_from_a_template_each_with_its_own_randomness_and_time() {
+    if !require_kvm("runs_are_restored_from_a_template_each_with_its_own_randomness_and_time") {
+        return;
+    }
+    // A size of its own: the first run makes this test's template, which
+    // is then left to age, so that a clone whose clock were not set would
+    // be that far behind.
+    const AGE: Duration = Duration::from_secs(40);
+    let (output, report) = reported(&["--memory", "208M", "--", "true"], b"");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(report["start"], "restored", "{report}");
+    std::thread::sleep(AGE);
+    let probe = [
+        "--memory",
+        "208M",
+        "--",
+        "sh",
+        "-c",
+        "head -c 16 /dev/urandom | od -An -tx1; date +%s",
+    ];
+    let mut randoms = Vec::new();
+    for _ in 0..2 {
+        let (output, report) = reported(&probe, b"");
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert_eq!(report["start"], "restored", "{report}");
+        let mut lines = stdout.lines();
+        randoms.push(lines.next().unwrap_or_default().to_owned());
+        let guest_time: u64 = lines.next().unwrap_or_default().trim().parse().unwrap();
+        let host_time = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert!(
+            guest_time.abs_diff(host_time) < AGE.as_secs() / 4,
+            "the guest's clock says {guest_time}, the host's {host_time}: the template's time"
+        );
+    }
+    // Clones of one template share its RNG state until the agent reseeds it.
+    assert_ne!(
+        randoms[0], randoms[1],
+        "two clones read the same random bytes"
+    );
+    let (output, report) = reported(&["--memory", "208M", "--cold", "--", "true"], b"");
+    assert!(output.status.success());
+    assert_eq!(report["start"], "booted", "{report}");
+    assert_eq!(leftovers(), Vec::<String>::new());
+}
+
+#[test]
 fn a_report_says_how_the_run_went() {
     if !require_kvm("a_report_says_how_the_run_went") {
         return;
@@ -1026,12 +1084,14 @@ fn a_micro_vm_that_dies_under_a_command_is_named_with_its_console() {
         err.contains("the micro-VM is gone: capsid-vmm killed by signal 9"),
         "{err}"
     );
-    // The console's end is quoted: the agent logs there that it was ready.
+    // The console's end is quoted: the agent logs there that it created
+    // the container (after "capsid-agent ready" in a guest that booted,
+    // after its refresh in one restored from its template).
     let console = err
         .split("the guest console ended with:")
         .nth(1)
         .unwrap_or_else(|| panic!("no console quoted: {err}"));
-    assert!(console.contains("capsid-agent ready"), "{err}");
+    assert!(console.contains("container created container=run"), "{err}");
     assert_eq!(leftovers(), Vec::<String>::new());
 }
 
