@@ -445,6 +445,13 @@ pub fn build(
         }
     };
     phase("vCPUs configured");
+    if saved.is_some() {
+        // Interrupts a restored device had pending (and vsock's reset
+        // event), now that the interrupt controllers they go to are back.
+        for transport in &transports {
+            capsid_base::lock(transport).raise_pending();
+        }
+    }
 
     Ok(Vmm {
         _api: api,

@@ -270,8 +270,20 @@ impl MmioTransport {
         };
         if state.status & STATUS_DRIVER_OK != 0 && state.status & STATUS_FAILED == 0 {
             transport.start_worker(true);
+            // Activated before the VM runs: what the worker does on
+            // activation (vsock's reset event) is done before the
+            // interrupts are raised.
+            if !transport.worker.sync(RESET_WAIT) {
+                return Err(TransportStateError::Busy(want));
+            }
         }
         Ok(transport)
+    }
+
+    /// Raises the device's interrupt if one is pending: for a restored VM,
+    /// once its vCPUs (and their LAPICs) are restored.
+    pub fn raise_pending(&self) {
+        self.interrupt.raise_if_pending();
     }
 
     #[cfg(test)]

@@ -76,10 +76,21 @@ impl Interrupt {
         self.status.load(Ordering::Acquire)
     }
 
-    /// Sets `bits` without raising the line: a restored device's pending
-    /// interrupts, whose line state KVM's irqchip restored already.
+    /// Sets `bits` without raising the line: for a restored device, whose
+    /// line is raised once the vCPUs' interrupt controllers are back
+    /// ([`Self::raise_if_pending`]); raised before, it would be lost.
     pub(crate) fn raise_status(&self, bits: u32) {
         self.status.fetch_or(bits, Ordering::AcqRel);
+    }
+
+    /// Raises the line if an interrupt is pending (a restored VM, before
+    /// its vCPUs run).
+    pub(crate) fn raise_if_pending(&self) {
+        if self.status() != 0
+            && let Err(e) = self.irqfd.write(1)
+        {
+            tracing::warn!("cannot raise a restored virtio interrupt: {e}");
+        }
     }
 
     pub(crate) fn ack(&self, bits: u32) {

@@ -100,6 +100,8 @@ struct Active {
     tx: Queue,
     /// Kept only to be handed back and for the reset event of a restore.
     event: Queue,
+    /// The muxer's listener is watched: host connections are taken.
+    listening: bool,
     evts: std::sync::Arc<Vec<EventFd>>,
     interrupt: std::sync::Arc<Interrupt>,
 }
@@ -221,9 +223,6 @@ impl Worker for VsockWorker {
                 .add(evt.as_raw_fd(), token, EventSet::IN)
                 .map_err(ActivateError::Watch)?;
         }
-        setup
-            .add(self.muxer.listener_fd(), TOKEN_LISTENER, EventSet::IN)
-            .map_err(ActivateError::Watch)?;
         let mut active = Active {
             memory: ctx.memory,
             rx,
@@ -231,9 +230,21 @@ impl Worker for VsockWorker {
             event,
             evts: ctx.queue_evts,
             interrupt: ctx.interrupt,
+            listening: false,
         };
+        // After a restore, host connections wait until the guest has
+        // handled the transport reset: Linux resets every connected socket
+        // when it does, so a connection made before would be dropped on the
+        // guest's side without a word to the host. The guest gives the
+        // event buffer back when it is done (see `handle`).
         if ctx.restored && send_transport_reset(&mut active) {
-            active.interrupt.signal_used_queue();
+            // Raised with the restored VM's other pending interrupts, once
+            // its vCPUs are back (`MmioTransport::raise_pending`).
+            active
+                .interrupt
+                .raise_status(crate::devices::virtio::INT_USED_RING);
+        } else {
+            listen(&self.muxer, &mut active, setup).map_err(ActivateError::Watch)?;
         }
         self.active = Some(active);
         Ok(())
@@ -247,21 +258,37 @@ impl Worker for VsockWorker {
         for evt in active.evts.iter() {
             setup.remove(evt.as_raw_fd());
         }
-        setup.remove(self.muxer.listener_fd());
+        if active.listening {
+            setup.remove(self.muxer.listener_fd());
+        }
         vec![active.rx, active.tx, active.event]
     }
 
     fn handle(&mut self, token: u64, events: EventSet, setup: &EventSetup<'_>) {
-        let Some(active) = &self.active else {
+        let Some(active) = self.active.as_mut() else {
             return;
         };
         let mut used = false;
         match token {
-            TOKEN_RX | TOKEN_EVENT => {
-                // RX: buffers were added (used below). Event: we never send
-                // transport events; nothing to do.
-                if let Some(evt) = active.evt(usize::try_from(token).unwrap_or(0)) {
+            TOKEN_RX => {
+                // Buffers were added (used below).
+                if let Some(evt) = active.evt(0) {
                     let _ = evt.read();
+                }
+            }
+            TOKEN_EVENT => {
+                // The guest gave an event buffer back: after a restore, it
+                // has handled the transport reset, and host connections
+                // may come in.
+                if let Some(evt) = active.evt(2) {
+                    let _ = evt.read();
+                }
+                if !active.listening {
+                    if let Err(e) = listen(&self.muxer, active, setup) {
+                        tracing::error!("virtio-vsock: cannot take host connections: {e}");
+                    } else {
+                        tracing::info!("virtio-vsock: the guest handled the transport reset");
+                    }
                 }
             }
             TOKEN_TX => {
@@ -281,6 +308,13 @@ impl Worker for VsockWorker {
             active.interrupt.signal_used_queue();
         }
     }
+}
+
+/// Starts taking host connections (the muxer's listener, watched).
+fn listen(muxer: &Muxer, active: &mut Active, setup: &EventSetup<'_>) -> std::io::Result<()> {
+    setup.add(muxer.listener_fd(), TOKEN_LISTENER, EventSet::IN)?;
+    active.listening = true;
+    Ok(())
 }
 
 /// Puts a transport-reset event in the guest's first event buffer: the
@@ -368,6 +402,63 @@ mod tests {
             event: event.create_queue().unwrap(),
             evts: Arc::new((0..3).map(|_| EventFd::new(0).unwrap()).collect()),
             interrupt: Arc::new(Interrupt::new(EventFd::new(0).unwrap())),
+            listening: false,
+        }
+    }
+
+    #[test]
+    fn a_restored_device_takes_host_connections_once_the_guest_handled_the_reset() {
+        let ram = Arc::new(crate::memory::GuestRam::new(4 << 20).unwrap());
+        let mem = ram.memory();
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("v.sock");
+        let epoll = Epoll::new().unwrap();
+        let setup = EventSetup::new(&epoll);
+        for restored in [false, true] {
+            let _ = std::fs::remove_file(&uds);
+            let listener = UnixListener::bind(&uds).unwrap();
+            listener.set_nonblocking(true).unwrap();
+            let mut worker = VsockWorker {
+                active: None,
+                muxer: Muxer::new(CID, &uds, listener),
+            };
+            let queue = |addr| MockSplitQueue::create(mem, GuestAddress(addr), 16);
+            let event = queue(0x3_0000);
+            event
+                .add_desc_chains(
+                    &[RawDescriptor::from(Descriptor::new(0x10_0000, 4, W, 0))],
+                    0,
+                )
+                .unwrap();
+            let ctx = ActivateContext {
+                memory: Arc::clone(&ram),
+                queues: vec![
+                    queue(0x1_0000).create_queue().unwrap(),
+                    queue(0x2_0000).create_queue().unwrap(),
+                    event.create_queue().unwrap(),
+                ],
+                queue_evts: Arc::new((0..3).map(|_| EventFd::new(0).unwrap()).collect()),
+                interrupt: Arc::new(Interrupt::new(EventFd::new(0).unwrap())),
+                acked_features: 0,
+                restored,
+            };
+            worker.activate(ctx, &setup).unwrap();
+            let listening = |w: &VsockWorker| w.active.as_ref().unwrap().listening;
+            // A fresh device takes them at once; a restored one after the
+            // guest gave the reset event's buffer back.
+            assert_eq!(listening(&worker), !restored);
+            // The guest kicks the event queue (its eventfd, as KVM would).
+            let kick = |w: &mut VsockWorker| {
+                w.active.as_ref().unwrap().evts[2].write(1).unwrap();
+                w.handle(TOKEN_EVENT, EventSet::IN, &setup);
+            };
+            kick(&mut worker);
+            assert!(listening(&worker));
+            // Watched once only: a second event changes nothing.
+            kick(&mut worker);
+            let queues = worker.deactivate(&setup);
+            assert_eq!(queues.len(), 3);
+            assert_eq!(queues[2].next_used(), u16::from(restored));
         }
     }
 
@@ -429,6 +520,7 @@ mod tests {
                     .unwrap(),
                 evts: Arc::new((0..3).map(|_| EventFd::new(0).unwrap()).collect()),
                 interrupt: Arc::new(Interrupt::new(EventFd::new(0).unwrap())),
+                listening: true,
             }),
             muxer: Muxer::new(CID, &uds, listener),
         };
