@@ -439,38 +439,52 @@ impl Sandbox {
                 .ok()
             })
             .flatten();
-        let restored = template.and_then(|dir| {
-            let spec = VmSpec {
-                disks: Vec::new(),
-                spare_disks: request.spare_disks.saturating_add(1),
-                restore: Some(dir.clone()),
-                ..cold_spec.clone()
-            };
-            match MicroVm::boot(&spec, &request.policy)
-                .map_err(SandboxError::from)
-                .and_then(|(vm, client)| {
-                    take_identity(&client)?;
-                    let rootfs = vm.attach(request.image, ROOTFS_DISK)?;
-                    Ok((vm, client, rootfs))
-                }) {
-                Ok(restored) => Some(restored),
-                Err(e) => {
-                    log::warn!(
-                        "{name}: cannot restore the template {} ({}); booting cold and removing it",
-                        dir.display(),
-                        capsid_base::error_chain(&e)
-                    );
-                    template::discard(&dir);
-                    let vm_dir = crate::vm::vm_dir(request.dir);
-                    if let Err(e) = std::fs::remove_dir_all(&vm_dir)
-                        && e.kind() != std::io::ErrorKind::NotFound
-                    {
-                        log::warn!("{name}: cannot remove {}: {e}", vm_dir.display());
+        let restored = match template {
+            None => None,
+            Some(dir) => {
+                let spec = VmSpec {
+                    disks: Vec::new(),
+                    spare_disks: request.spare_disks.saturating_add(1),
+                    restore: Some(dir.clone()),
+                    ..cold_spec.clone()
+                };
+                let attempt = MicroVm::boot(&spec, &request.policy)
+                    .map_err(SandboxError::from)
+                    .and_then(|(vm, client)| {
+                        take_identity(&client)?;
+                        let rootfs = vm.attach(request.image, ROOTFS_DISK)?;
+                        Ok((vm, client, rootfs))
+                    });
+                match attempt {
+                    Ok(restored) => Some(restored),
+                    // The VMM refused the template (another build's, another
+                    // CPU's, damaged): it goes, and this VM boots.
+                    Err(SandboxError::Vm(MicroVmError::DiedBooting {
+                        vmm_error: true,
+                        status,
+                        log,
+                        ..
+                    })) => {
+                        log::warn!(
+                            "{name}: capsid-vmm refused the template {} ({status}{log}); removing it and booting",
+                            dir.display(),
+                        );
+                        template::discard(&dir);
+                        let vm_dir = crate::vm::vm_dir(request.dir);
+                        if let Err(e) = std::fs::remove_dir_all(&vm_dir)
+                            && e.kind() != std::io::ErrorKind::NotFound
+                        {
+                            log::warn!("{name}: cannot remove {}: {e}", vm_dir.display());
+                        }
+                        None
                     }
-                    None
+                    Err(e) => {
+                        unwire(&wired);
+                        return Err(e);
+                    }
                 }
             }
-        });
+        };
         let warm_started = restored.is_some();
         let start = if warm_started {
             "restored from its template"

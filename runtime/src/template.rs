@@ -104,8 +104,9 @@ fn complete(dir: &Path) -> bool {
 }
 
 /// The template for `spec` in `cache`, made first if there is none. A
-/// made template's VM runs in a directory of its own under `run_dir`,
-/// and is gone when this returns, whatever happened.
+/// made template's VM runs in a scratch directory of its own under
+/// `run_dir` (`crate::scratch`), and is gone when this returns, whatever
+/// happened.
 pub fn ensure(
     cache: &Path,
     run_dir: &Path,
@@ -151,10 +152,11 @@ pub fn ensure(
         .prefix(&partial)
         .tempdir_in(cache)
         .map_err(|e| TemplateError::Io(cache.to_owned(), e))?;
-    let vm_dir = tempfile::Builder::new()
-        .prefix("template-")
-        .tempdir_in(run_dir)
-        .map_err(|e| TemplateError::Io(run_dir.to_owned(), e))?;
+    // A scratch directory like `capsid run`'s: if this process is killed
+    // while the template VM runs, the VM dies with it, and the next
+    // `capsid run` or `capsid doctor` sweeps the directory and its cgroup.
+    let vm_dir = crate::scratch::Scratch::create(run_dir)
+        .map_err(|e| TemplateError::Io(crate::scratch::runs_dir(run_dir), e))?;
     let (mut vm, client) = MicroVm::boot(
         &VmSpec {
             boot: spec.boot.clone(),

@@ -56,6 +56,9 @@ pub enum MicroVmError {
         /// The guest crashed (a triple fault, a KVM error): what
         /// [`MicroVm::boot`] boots again.
         crashed: bool,
+        /// The VMM failed on its own (exit 1): it refused its
+        /// configuration, or a snapshot to restore.
+        vmm_error: bool,
     },
     /// A signal asked the boot to stop.
     #[error("interrupted while the micro-VM booted")]
@@ -602,6 +605,7 @@ impl MicroVm {
                             status: explain_exit(status),
                             log: self.diagnostics(),
                             crashed: status.code() == Some(capsid_vmm_api::EXIT_GUEST_CRASH),
+                            vmm_error: status.code() == Some(capsid_vmm_api::EXIT_VMM_ERROR),
                         });
                     }
                     if interrupted() {

@@ -283,6 +283,32 @@ impl Containerd {
         }
     }
 
+    /// What the shims left in their run directory: each VM's directory,
+    /// and each scratch directory of a template VM in `run/run`
+    /// (`capsid_runtime::scratch`; the directory itself stands, like
+    /// /run/capsid/run).
+    pub fn run_dir_leftovers(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(self.dir.join("run"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if entry.file_name() == "run" {
+                found.extend(
+                    std::fs::read_dir(entry.path())
+                        .into_iter()
+                        .flatten()
+                        .flatten()
+                        .map(|e| e.path().display().to_string()),
+                );
+            } else {
+                found.push(entry.path().display().to_string());
+            }
+        }
+        found
+    }
+
     /// What our runtime left on the host: processes, VM scratch
     /// directories, shim sockets, mounts under our directory.
     pub fn leftovers(&self) -> Vec<String> {
@@ -298,11 +324,7 @@ impl Containerd {
                 ));
             }
         }
-        if let Ok(entries) = std::fs::read_dir(self.dir.join("run")) {
-            for entry in entries.flatten() {
-                found.push(entry.path().display().to_string());
-            }
-        }
+        found.extend(self.run_dir_leftovers());
         for socket in shim_sockets() {
             if !self.sockets_before.contains(&socket) {
                 found.push(format!("shim socket {}", socket.display()));

@@ -132,9 +132,7 @@ fn snapshot(containerd: Option<&Containerd>) -> Snapshot {
     );
     counts.insert("fds of leftover processes", shim_fds);
     if let Some(containerd) = containerd {
-        if let Ok(entries) = std::fs::read_dir(containerd.dir().join("run")) {
-            left.extend(entries.flatten().map(|e| e.path().display().to_string()));
-        }
+        left.extend(containerd.run_dir_leftovers());
         counts.insert(
             "containerd's fds",
             count_entries(Path::new(&format!("/proc/{}/fd", containerd.pid()))),

@@ -610,39 +610,57 @@ fn the_vmm_killed_while_booting_or_in_an_exec_ends_the_call_with_its_cause() {
     if !require_kvm("the_vmm_killed_while_booting_or_in_an_exec_ends_the_call_with_its_cause") {
         return;
     }
-    // capsid run, its guest booting: the run fails, naming the VMM's end.
-    let mut run = Command::new(artifact("CAPSID_CLI"))
+    // The template of this size exists (a VMM killed while it is made
+    // only costs the run its warm start: it boots).
+    let made = Command::new(artifact("CAPSID_CLI"))
         .args(["run", "--rootfs", &rootfs(), "--", "true"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn capsid");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let keeper = loop {
-        if let Some(keeper) = child_named(run.id(), "capsid-vmm") {
-            break keeper;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "capsid run started no VMM within 60 s"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    unsafe_free_kill(keeper, libc::SIGKILL);
-    let status = ended_within_a_minute_of_the_fault(&mut run, "capsid run");
-    let mut err = String::new();
-    std::io::Read::read_to_string(run.stderr.as_mut().unwrap(), &mut err).unwrap();
-    assert_eq!(status.code(), Some(125), "{err}");
-    assert!(err.contains("killed by signal 9"), "{err}");
-    assert_eq!(
-        processes_left_after(Duration::from_secs(10)),
-        Vec::<String>::new()
+        .output()
+        .expect("capsid run");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
     );
-    assert_eq!(leftovers(), Vec::<String>::new());
+    // capsid run, its guest booting (--cold) or being restored: the run
+    // fails, naming the VMM's end.
+    for start in [&["--cold"][..], &[]] {
+        let mut run = Command::new(artifact("CAPSID_CLI"))
+            .args(["run", "--rootfs", &rootfs()])
+            .args(start)
+            .args(["--", "true"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn capsid");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let keeper = loop {
+            if let Some(keeper) = child_named(run.id(), "capsid-vmm") {
+                break keeper;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "capsid run started no VMM within 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        unsafe_free_kill(keeper, libc::SIGKILL);
+        let status = ended_within_a_minute_of_the_fault(&mut run, "capsid run");
+        let mut err = String::new();
+        std::io::Read::read_to_string(run.stderr.as_mut().unwrap(), &mut err).unwrap();
+        assert_eq!(status.code(), Some(125), "{start:?}: {err}");
+        assert!(err.contains("killed by signal 9"), "{start:?}: {err}");
+        assert_eq!(
+            processes_left_after(Duration::from_secs(10)),
+            Vec::<String>::new()
+        );
+        assert_eq!(leftovers(), Vec::<String>::new());
+    }
 
     let containerd = Containerd::start();
-    // ctr run, its guest booting: the create fails.
+    // The shim's template exists, so the VM below is being restored.
+    containerd.ctr_ok(&Containerd::run_args(&["--rm"], BUSYBOX, "v0", &["true"]));
+    // ctr run, its guest being restored: the create fails.
     let mut create = containerd
         .ctr_command(&Containerd::run_args(
             &["-d"],
