@@ -328,7 +328,7 @@ mod tests {
         assert!(matches!(failed, Err(TemplateError::Vm(_))), "{failed:?}");
         let left: Vec<_> = std::fs::read_dir(&cache)
             .unwrap()
-            .chain(std::fs::read_dir(&run).unwrap())
+            .chain(std::fs::read_dir(crate::scratch::runs_dir(&run)).unwrap())
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .filter(|name| !name.ends_with(".lock"))
             .collect();
