@@ -393,9 +393,8 @@ impl Sandbox {
                 mtu: device.mtu,
             })
             .collect();
-        let boot = config.boot_files()?;
         let cold_spec = VmSpec {
-            boot: boot.clone(),
+            boot: config.boot_files()?,
             vcpus: request.size.vcpus,
             memory_mib: request.size.memory_mib,
             disks,
@@ -416,12 +415,15 @@ impl Sandbox {
             && cold_spec.nets.is_empty()
             && request.scratch_disk.is_none()
             && request.extra_disks.is_empty();
+        // The template's spare slots: the first container's image, then
+        // the pod's.
+        let slots = request.spare_disks.saturating_add(1);
         let template = warm
             .then(|| {
                 let spec = TemplateSpec {
-                    boot: &boot,
+                    boot: &cold_spec.boot,
                     size: request.size,
-                    slots: request.spare_disks.saturating_add(1),
+                    slots,
                     confinement: config.confinement(),
                 };
                 template::ensure(
@@ -444,7 +446,7 @@ impl Sandbox {
             Some(dir) => {
                 let spec = VmSpec {
                     disks: Vec::new(),
-                    spare_disks: request.spare_disks.saturating_add(1),
+                    spare_disks: slots,
                     restore: Some(dir.clone()),
                     ..cold_spec.clone()
                 };
