@@ -14,8 +14,9 @@
 //!      └─▶ Container::start ─▶ StartProcess; a thread waits for the exit
 //!                             (Container: container.rs)
 //!  Container::destroy ─▶ RemoveContainer, its disk detached ─▶ the last
-//!                        container gone: Shutdown, the VMM killed if it
-//!                        lingers, the VM's directory removed
+//!                        container gone: Shutdown if the guest writes a
+//!                        disk, the VMM killed (at once without one, else
+//!                        if it lingers), the VM's directory removed
 //! ```
 //!
 //! The sandbox talks to the guest through the [`Agent`] trait and to its
@@ -334,6 +335,10 @@ pub struct Sandbox {
     network: Option<Wiring>,
     /// The VM was restored from its template rather than booted.
     restored: bool,
+    /// The guest can write to a disk, so it must sync and power off before
+    /// its VMM goes; a VM whose disks are all read-only is killed at once
+    /// (what it held in memory dies with it either way).
+    writes_disks: bool,
 }
 
 /// How long a guest has to shut down by itself before its VMM is killed.
@@ -544,6 +549,7 @@ impl Sandbox {
         let mut sandbox = Self::new(name, Arc::new(client), vm, dir);
         sandbox.network = wired.map(|w| w.wiring);
         sandbox.restored = warm_started;
+        sandbox.writes_disks = cold_spec.disks.iter().any(|disk| !disk.read_only);
         Ok((sandbox, rootfs))
     }
 
@@ -561,6 +567,7 @@ impl Sandbox {
             owner: true,
             network: None,
             restored: false,
+            writes_disks: true,
         }
     }
 
@@ -735,16 +742,20 @@ impl Sandbox {
         self.vm.kill();
     }
 
-    /// Asks the agent to shut the guest down, waits up to 5 s for the VMM
-    /// to exit, kills it if it has not, and removes the VM's directory if
-    /// the sandbox owns it. Once only; the agent's refusal is returned
-    /// (the VM is gone all the same).
+    /// Takes the VM down: a guest that writes a disk is asked to shut down
+    /// (it syncs) and has 5 s before its VMM is killed; one whose disks are
+    /// all read-only is killed at once. Removes the VM's directory if the
+    /// sandbox owns it. Once only; the agent's refusal is returned (the VM
+    /// is gone all the same).
     pub fn shut_down(&self) -> Result<(), SandboxError> {
         if self.down.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
         let mut outcome = Ok(());
-        if self.vm.running() {
+        // Nothing of a guest with read-only disks outlives it, so there is
+        // nothing to wait for: its VMM is killed, as Cloud Hypervisor's and
+        // QEMU's quit do. A guest that writes a disk syncs it first.
+        if self.writes_disks && self.vm.running() {
             match self.agent.shutdown() {
                 Ok(()) => {
                     self.vm.wait_exit(SHUTDOWN_GRACE);
@@ -981,6 +992,16 @@ mod tests {
             Duration::from_secs(1),
         );
         assert!(matches!(gone, Err(SandboxError::Gone)));
+    }
+
+    #[test]
+    fn a_guest_with_read_only_disks_is_killed_without_a_shutdown() {
+        let (sandbox, agent, vm) = sandbox(None);
+        let mut sandbox = Arc::try_unwrap(sandbox).unwrap();
+        sandbox.writes_disks = false;
+        sandbox.shut_down().unwrap();
+        assert!(!vm.running());
+        assert!(agent.calls().is_empty(), "{:?}", agent.calls());
     }
 
     #[test]
