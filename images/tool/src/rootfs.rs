@@ -171,27 +171,33 @@ fn tool_available(tool: &str) -> bool {
 }
 
 /// The image of `dir` in `format` (None: erofs if mkfs.erofs is there, else
-/// ext4), built once per content.
+/// ext4), built once per content. A cached image is found without running
+/// any tool (None: an erofs one first).
 pub fn image(dir: &Path, format: Option<Format>, cache: &Path) -> Result<RootfsImage, RootfsError> {
     if !dir.is_dir() {
         return Err(RootfsError::NotADirectory(dir.to_owned()));
     }
-    let format = format.unwrap_or(if tool_available("mkfs.erofs") {
-        Format::Erofs
-    } else {
-        Format::Ext4
-    });
     let key = content_key(dir)?;
     let cache = cache.join("rootfs");
-    let path = cache.join(format!("{key}.{}", format.name()));
-    if path.is_file() {
-        return Ok(RootfsImage {
+    let cached = |format: Format| {
+        let path = cache.join(format!("{key}.{}", format.name()));
+        path.is_file().then(|| RootfsImage {
             path,
             format,
-            key,
+            key: key.clone(),
             built: false,
-        });
+        })
+    };
+    let format = match format {
+        Some(format) => format,
+        None if cached(Format::Erofs).is_some() => Format::Erofs,
+        None if tool_available("mkfs.erofs") => Format::Erofs,
+        None => Format::Ext4,
+    };
+    if let Some(image) = cached(format) {
+        return Ok(image);
     }
+    let path = cache.join(format!("{key}.{}", format.name()));
     crate::private_dir(&cache).map_err(|e| RootfsError::Write(cache.clone(), e))?;
     let partial = cache.join(format!(".{key}.{}.{}", format.name(), std::process::id()));
     let _ = fs::remove_file(&partial);
