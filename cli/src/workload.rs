@@ -8,6 +8,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use capsid_runtime::seccomp_profile::DEFAULT_CAPABILITIES;
 use oci_spec::runtime::{Capability, LinuxCapabilitiesBuilder, Spec};
 
 #[derive(Debug, PartialEq, Eq)]
@@ -126,24 +127,6 @@ pub fn apply(
         process.set_user(spec_user);
     }
 }
-
-/// Docker's default capabilities (moby's `oci/caps/defaults.go`).
-const DEFAULT_CAPABILITIES: [Capability; 14] = [
-    Capability::Chown,
-    Capability::DacOverride,
-    Capability::Fsetid,
-    Capability::Fowner,
-    Capability::Mknod,
-    Capability::NetRaw,
-    Capability::Setgid,
-    Capability::Setuid,
-    Capability::Setfcap,
-    Capability::Setpcap,
-    Capability::NetBindService,
-    Capability::SysChroot,
-    Capability::Kill,
-    Capability::AuditWrite,
-];
 
 /// The default search path, as docker's when the image sets none.
 const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";

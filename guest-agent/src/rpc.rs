@@ -129,6 +129,21 @@ fn dispatch(sandbox: &Containers, request: Request) -> Result<Response, Containe
             sandbox.remove_all();
             Response::Ok
         }
+        Request::Prepare(prepare) => {
+            if prepare.seccomp.len() > capsid_protocol::MAX_PREPARED_PROFILES {
+                return Err(ContainerError::InvalidArgument(format!(
+                    "{} seccomp profiles to prepare; at most {}",
+                    prepare.seccomp.len(),
+                    capsid_protocol::MAX_PREPARED_PROFILES
+                )));
+            }
+            for profile in &prepare.seccomp {
+                crate::seccomp::COMPILED
+                    .program(profile)
+                    .map_err(crate::process::ProcessError::from)?;
+            }
+            Response::Ok
+        }
         Request::Refresh(refresh) => {
             crate::identity::refresh(&refresh)?;
             tracing::info!("restored: the RNG is reseeded and the clock set");

@@ -114,6 +114,40 @@ pub fn compile(profile: &LinuxSeccomp) -> Result<SeccompProgram, SeccompError> {
     Ok(SeccompProgram(bytes))
 }
 
+/// Programs compiled before, newest last, at most
+/// [`capsid_protocol::MAX_PREPARED_PROFILES`]: what a template VM's agent
+/// compiled (`Request::Prepare`) is there for every guest restored from it.
+/// The profiles come from the host, never from a container.
+#[derive(Debug, Default)]
+pub struct Compiled(std::sync::Mutex<Vec<(LinuxSeccomp, SeccompProgram)>>);
+
+impl Compiled {
+    /// The program for `profile`: kept, or compiled and kept.
+    pub fn program(&self, profile: &LinuxSeccomp) -> Result<SeccompProgram, SeccompError> {
+        if let Some((_, program)) = capsid_base::lock(&self.0)
+            .iter()
+            .find(|(kept, _)| kept == profile)
+        {
+            return Ok(program.clone());
+        }
+        let program = compile(profile)?;
+        let mut kept = capsid_base::lock(&self.0);
+        if kept.len() >= capsid_protocol::MAX_PREPARED_PROFILES {
+            kept.remove(0);
+        }
+        kept.push((profile.clone(), program.clone()));
+        Ok(program)
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        capsid_base::lock(&self.0).len()
+    }
+}
+
+/// The agent's compiled programs.
+pub static COMPILED: std::sync::LazyLock<Compiled> = std::sync::LazyLock::new(Compiled::default);
+
 fn memfd() -> std::io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd;
     // SAFETY: a NUL-terminated name and flags.
@@ -197,6 +231,32 @@ mod tests {
         )
         .unwrap();
         compile(&profile).unwrap();
+    }
+
+    #[test]
+    fn a_profile_is_compiled_once_and_few_are_kept() {
+        let compiled = Compiled::default();
+        let profile = |errno: u32| -> LinuxSeccomp {
+            serde_json::from_value(serde_json::json!({
+                "defaultAction": "SCMP_ACT_ALLOW",
+                "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno}]
+            }))
+            .unwrap()
+        };
+        let first = compiled.program(&profile(1)).unwrap();
+        assert_eq!(compiled.program(&profile(1)).unwrap(), first);
+        assert_eq!(compiled.len(), 1);
+        assert_ne!(compiled.program(&profile(2)).unwrap(), first);
+        for errno in 3..10 {
+            compiled.program(&profile(errno)).unwrap();
+        }
+        assert_eq!(compiled.len(), capsid_protocol::MAX_PREPARED_PROFILES);
+        // A bad profile is an error, and nothing is kept of it.
+        let bad: LinuxSeccomp = serde_json::from_value(serde_json::json!({
+            "defaultAction": "SCMP_ACT_NOTIFY"
+        }))
+        .unwrap();
+        assert!(compiled.program(&bad).is_err());
     }
 
     /// Runs `checks` in a forked child under `program` and returns its

@@ -100,6 +100,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_ERROR_TEXT: usize = 1024;
 /// Idle control connections kept for the next calls.
 const POOL: usize = 4;
+/// The longest pause between attempts to reach an agent that is not
+/// answering yet.
+const CONNECT_PAUSE: Duration = Duration::from_millis(20);
 
 /// A socket whose every read and write is bounded by one instant: each
 /// syscall gets the time left as its timeout, and none starts after it.
@@ -235,8 +238,10 @@ impl AgentClient {
                     });
                 }
                 Err(_) => {
+                    // Short: a restored guest answers some 100 ms after its
+                    // VMM starts, and each attempt costs little.
                     thread::sleep(pause);
-                    pause = (pause * 2).min(Duration::from_millis(100));
+                    pause = (pause * 2).min(CONNECT_PAUSE);
                 }
             }
         }
@@ -421,6 +426,13 @@ impl AgentClient {
     pub fn refresh(&self, refresh: &crate::Refresh) -> Result<(), ClientError> {
         let request = Request::Refresh(Box::new(refresh.clone()));
         self.call_ok("Refresh", &request)
+    }
+
+    /// Has a template's agent do now what its restored guests would each
+    /// do for their first container (see [`crate::Request::Prepare`]).
+    pub fn prepare(&self, prepare: &crate::Prepare) -> Result<(), ClientError> {
+        let request = Request::Prepare(Box::new(prepare.clone()));
+        self.call_ok("Prepare", &request)
     }
 
     /// Asks the agent to stop everything and reboot the VM (the VMM then

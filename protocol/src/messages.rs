@@ -1,7 +1,7 @@
 //! The messages. Field names are the wire names; every enum is tagged by
 //! `"type"` so a dump reads on its own.
 
-use oci_spec::runtime::{LinuxResources, Process, Spec};
+use oci_spec::runtime::{LinuxResources, LinuxSeccomp, Process, Spec};
 use serde::{Deserialize, Serialize};
 
 /// The first frame on every connection.
@@ -332,7 +332,25 @@ pub enum Request {
     /// generator and reseed it, and set its clock (stale since the
     /// snapshot). Before the first container. Answer: `Ok`.
     Refresh(Box<Refresh>),
+    /// Does now, in a template VM before its snapshot, work that every
+    /// guest restored from it would otherwise repeat for its first
+    /// container. Answer: `Ok`.
+    Prepare(Box<Prepare>),
 }
+
+/// What a template's agent prepares: see [`Request::Prepare`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Prepare {
+    /// Seccomp profiles to compile and keep, at most
+    /// [`MAX_PREPARED_PROFILES`]: a container whose spec has one of them
+    /// gets its program without compiling it again.
+    pub seccomp: Vec<LinuxSeccomp>,
+}
+
+/// The most profiles one [`Prepare`] carries, and the most compiled
+/// programs an agent keeps.
+pub const MAX_PREPARED_PROFILES: usize = 4;
 
 /// What a restored guest takes to be its own: see [`Request::Refresh`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -158,6 +158,24 @@ fn unreachable_rule() -> LinuxSyscall {
     LinuxSyscall::default()
 }
 
+/// Docker's default capabilities (moby's `oci/caps/defaults.go`).
+pub const DEFAULT_CAPABILITIES: [Capability; 14] = [
+    Capability::Chown,
+    Capability::DacOverride,
+    Capability::Fsetid,
+    Capability::Fowner,
+    Capability::Mknod,
+    Capability::NetRaw,
+    Capability::Setgid,
+    Capability::Setuid,
+    Capability::Setfcap,
+    Capability::Setpcap,
+    Capability::NetBindService,
+    Capability::SysChroot,
+    Capability::Kill,
+    Capability::AuditWrite,
+];
+
 /// The default profile for a container whose bounding set is `bounding`.
 pub fn default_profile(bounding: &[Capability]) -> LinuxSeccomp {
     let allowed: Vec<&str> = ALLOWED.split_whitespace().collect();

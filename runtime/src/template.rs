@@ -173,6 +173,19 @@ pub fn ensure(
         },
         policy,
     )?;
+    // Every restored guest's first container would compile the default
+    // seccomp profile; its template's agent does it once, for all of them.
+    let prepare = capsid_protocol::Prepare {
+        seccomp: vec![crate::seccomp_profile::default_profile(
+            &crate::seccomp_profile::DEFAULT_CAPABILITIES,
+        )],
+    };
+    if let Err(e) = client.prepare(&prepare) {
+        log::warn!(
+            "the template's agent could not prepare the default seccomp profile (each container compiles it): {}",
+            capsid_base::error_chain(&e)
+        );
+    }
     // The agent's connection is reset by the restore; nothing is sent on
     // it any more.
     drop(client);

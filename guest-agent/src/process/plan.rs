@@ -188,7 +188,9 @@ impl ProcessPlan {
             rlimits,
             caps,
             no_new_privs: process.no_new_privileges().unwrap_or(false),
-            seccomp: seccomp.map(crate::seccomp::compile).transpose()?,
+            seccomp: seccomp
+                .map(|profile| crate::seccomp::COMPILED.program(profile))
+                .transpose()?,
             terminal: process.terminal().unwrap_or(false),
         })
     }
