@@ -6,6 +6,7 @@
 
 use std::io::{self, IsTerminal, Read, Write};
 use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -319,9 +320,31 @@ pub fn run_attached(
     {
         client.resize_tty(process, rows, cols)?;
     }
+    // The wait blocks on a connection of its own, made while the streams
+    // are attached; calls go on meanwhile.
+    let (status_tx, status_rx) = std::sync::mpsc::channel();
+    {
+        let waiter = Arc::clone(agent);
+        let process = process.clone();
+        thread::spawn(move || {
+            let _ = status_tx.send(waiter.wait_process(&process));
+        });
+    }
+    // Each stream has a connection of its own, all made at once: every one
+    // is a round trip to the guest.
+    let (stdout, stderr, stdin) = thread::scope(|scope| {
+        let joined = |handle: thread::ScopedJoinHandle<'_, _>| {
+            handle
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        };
+        let stdout = scope.spawn(|| client.attach(process, Stream::Stdout));
+        let stderr = (!session.tty).then(|| scope.spawn(|| client.attach(process, Stream::Stderr)));
+        let stdin = client.attach(process, Stream::Stdin);
+        (joined(stdout), stderr.map(joined), stdin)
+    });
     let (done, drained) = std::sync::mpsc::channel();
-    let copy_out = |stream: Stream, mut to: Box<dyn Write + Send>| -> anyhow::Result<_> {
-        let mut from = client.attach(process, stream)?;
+    let copy_out = |stream: Stream, mut from: UnixStream, mut to: Box<dyn Write + Send>| {
         let done = done.clone();
         let traffic = Arc::clone(session.traffic);
         thread::spawn(move || {
@@ -343,14 +366,13 @@ pub fn run_attached(
             }
             let _ = done.send(());
         });
-        Ok(())
     };
     // Detached: a stream held open in the guest must not hold us (`drain`).
-    copy_out(Stream::Stdout, Box::new(io::stdout()))?;
-    if !session.tty {
-        copy_out(Stream::Stderr, Box::new(io::stderr()))?;
+    copy_out(Stream::Stdout, stdout?, Box::new(io::stdout()));
+    if let Some(stderr) = stderr {
+        copy_out(Stream::Stderr, stderr?, Box::new(io::stderr()));
     }
-    let mut stdin_stream = client.attach(process, Stream::Stdin)?;
+    let mut stdin_stream = stdin?;
     let raw = RawTerminal::enter(session.tty);
     client.start_process(process)?;
     // Stdin is copied by a thread that may block in read forever; it is not
@@ -368,15 +390,6 @@ pub fn run_attached(
         let _ = stdin_stream.shutdown(Shutdown::Write);
     });
 
-    let (status_tx, status_rx) = std::sync::mpsc::channel();
-    {
-        // The wait blocks on a connection of its own; calls go on meanwhile.
-        let waiter = Arc::clone(agent);
-        let process = process.clone();
-        thread::spawn(move || {
-            let _ = status_tx.send(waiter.wait_process(&process));
-        });
-    }
     let started = Instant::now();
     let mut timed_out = None;
     let mut proxy = SigProxy::default();

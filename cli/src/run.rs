@@ -812,16 +812,23 @@ struct OutputReport {
 
 #[derive(Debug, Default, serde::Serialize)]
 struct Durations {
+    /// Checking the arguments, the host and the boot files.
+    prepare: Option<u64>,
     /// The rootfs image (or the image unpacked and converted).
     image: Option<u64>,
     /// Making the `--disk` scratch disk.
     disk: Option<u64>,
-    /// Spawning the VMM until its agent answered.
+    /// Spawning the VMM until its agent answered (restored: and the
+    /// rootfs image attached).
     boot: Option<u64>,
+    /// Creating the container in the guest.
+    create: Option<u64>,
     /// The command's start to its exit.
     run: Option<u64>,
     /// Its exit to the end of its output.
     output: Option<u64>,
+    /// Taking the micro-VM down.
+    shutdown: Option<u64>,
     /// All of `capsid run`.
     total: u64,
 }
@@ -891,6 +898,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn run_with(args: &RunArgs, report: &mut Report) -> anyhow::Result<ExitCode> {
+    let preparing = Instant::now();
     if !args.publish.is_empty() && args.network != Network::Nat {
         bail!("--publish needs --network nat: a published port leads into the run's own network");
     }
@@ -944,6 +952,7 @@ fn run_with(args: &RunArgs, report: &mut Report) -> anyhow::Result<ExitCode> {
     )?;
     let (secret_files, secret_mounts) = read_secrets(&args.secrets)?;
     let signals = attach::Signals::install()?;
+    report.durations_ms.prepare = Some(millis(preparing.elapsed()));
 
     let started = Instant::now();
     debug!("rootfs image for {}", workload.rootfs.display());
@@ -1140,6 +1149,7 @@ fn drive(
         root.set_readonly(Some(false));
         spec.set_root(Some(root));
     }
+    let creating = Instant::now();
     let container = sandbox.create(
         ContainerRequest {
             id: CONTAINER_ID.into(),
@@ -1153,6 +1163,7 @@ fn drive(
         |_, _| Ok::<(), SandboxError>(()),
     )?;
     debug!("container created");
+    report.durations_ms.create = Some(millis(creating.elapsed()));
     let traffic = Arc::new(attach::Traffic::default());
     let attached = attach::run_attached(
         &attach::Session {
@@ -1216,7 +1227,9 @@ fn drive(
         outputs,
     };
     debug!("output streams ended; shutting down");
+    let stopping = Instant::now();
     sandbox.shut_down()?;
+    report.durations_ms.shutdown = Some(millis(stopping.elapsed()));
     // A job that succeeded but whose output did not arrive has not.
     if !all_out && ended.status() == 0 {
         report.exit_status = 125;

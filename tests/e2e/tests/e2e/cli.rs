@@ -483,7 +483,9 @@ fn a_report_says_how_the_run_went() {
     assert_eq!(report["bytes"]["stdin"], 3);
     assert_eq!(report["bytes"]["stdout"], 7);
     assert_eq!(report["bytes"]["stderr"], 4);
-    for step in ["image", "boot", "run", "output", "total"] {
+    for step in [
+        "prepare", "image", "boot", "create", "run", "output", "shutdown", "total",
+    ] {
         assert!(report["durations_ms"][step].is_u64(), "{step}: {report}");
     }
     assert!(report["durations_ms"]["boot"].as_u64() > Some(0));
