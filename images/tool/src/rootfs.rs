@@ -4,7 +4,10 @@
 //!
 //! Images are cached under `<cache>/rootfs/<key>.<fs>`, where the key hashes
 //! every entry's path, type, mode, owner, symlink target and contents (not
-//! times, so a copy of the same tree hits the cache). The image is written
+//! times, so a copy of the same tree hits the cache). Reading every file on
+//! every run is what made a cached image slow to find, so
+//! `<cache>/rootfs/index/` maps a tree's metadata (inodes, sizes, times) to
+//! its key, and the contents are read only when that changed. The image is written
 //! beside its final name and renamed into place, so a failed or interrupted
 //! build leaves nothing that looks finished.
 
@@ -13,6 +16,7 @@ use std::io::{self, Read};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
 
@@ -119,6 +123,130 @@ pub fn content_key(dir: &Path) -> Result<String, RootfsError> {
     Ok(digest.iter().take(12).map(|b| format!("{b:02x}")).collect())
 }
 
+/// How long ago every entry of a tree must have changed for its metadata
+/// to be trusted to name its content: a write within the file system's
+/// timestamp granularity of the index being made could go unseen (git's
+/// "racy" entries).
+const SETTLED: Duration = Duration::from_secs(2);
+
+/// A tree's content key, and what to record in the index once an image of
+/// it is in the cache.
+struct IndexedKey {
+    key: String,
+    /// The tree's metadata hash, when it was not indexed and is settled.
+    unrecorded: Option<String>,
+}
+
+/// [`content_key`], taken from the index in `index` when every entry's
+/// metadata (inode, type, mode, owner, size, times) is what it was when the
+/// key was last computed: a change to a file moves its ctime, which nobody
+/// can set back. The contents are read otherwise.
+fn indexed_key(dir: &Path, index: &Path, settled: SystemTime) -> Result<IndexedKey, RootfsError> {
+    let mut hasher = Sha256::new();
+    let meta = fs::symlink_metadata(dir).map_err(|e| RootfsError::Read(dir.to_owned(), e))?;
+    hash_stat(&meta, &mut hasher);
+    let mut newest = ctime(&meta);
+    stat_tree(dir, Path::new(""), &mut hasher, &mut newest)?;
+    let state: String = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let mut key = String::new();
+    if File::open(index.join(&state))
+        .and_then(|file| file.take(64).read_to_string(&mut key))
+        .is_ok()
+        && key.len() == 24
+        && key.bytes().all(|b| b.is_ascii_hexdigit())
+    {
+        return Ok(IndexedKey {
+            key,
+            unrecorded: None,
+        });
+    }
+    Ok(IndexedKey {
+        key: content_key(dir)?,
+        unrecorded: (newest < settled).then_some(state),
+    })
+}
+
+impl IndexedKey {
+    /// Records the key in `index`, if it should be. Best effort: a failure
+    /// costs the next run a read of the tree.
+    fn record(&self, index: &Path) {
+        let Some(state) = &self.unrecorded else {
+            return;
+        };
+        let partial = index.join(format!(".{state}.{}", std::process::id()));
+        let written = crate::private_dir(index)
+            .and_then(|()| fs::write(&partial, &self.key))
+            .and_then(|()| fs::rename(&partial, index.join(state)));
+        if written.is_err() {
+            let _ = fs::remove_file(&partial);
+        }
+    }
+}
+
+fn ctime(meta: &fs::Metadata) -> SystemTime {
+    let since_epoch = Duration::new(
+        u64::try_from(meta.ctime()).unwrap_or(0),
+        u32::try_from(meta.ctime_nsec()).unwrap_or(0),
+    );
+    // A time past what SystemTime holds is as recent as can be: never settled.
+    SystemTime::UNIX_EPOCH
+        .checked_add(since_epoch)
+        .unwrap_or_else(SystemTime::now)
+}
+
+fn hash_stat(meta: &fs::Metadata, hasher: &mut Sha256) {
+    for field in [
+        meta.dev(),
+        meta.ino(),
+        u64::from(meta.mode()),
+        u64::from(meta.uid()),
+        u64::from(meta.gid()),
+        meta.size(),
+        meta.rdev(),
+        meta.mtime().cast_unsigned(),
+        meta.mtime_nsec().cast_unsigned(),
+        meta.ctime().cast_unsigned(),
+        meta.ctime_nsec().cast_unsigned(),
+    ] {
+        hasher.update(field.to_le_bytes());
+    }
+}
+
+/// Hashes the metadata of every entry under `root/rel`; `newest` becomes
+/// the latest ctime seen.
+fn stat_tree(
+    root: &Path,
+    rel: &Path,
+    hasher: &mut Sha256,
+    newest: &mut SystemTime,
+) -> Result<(), RootfsError> {
+    let dir = root.join(rel);
+    let read = |e| RootfsError::Read(dir.clone(), e);
+    let mut entries: Vec<_> = fs::read_dir(&dir)
+        .map_err(read)?
+        .collect::<Result<_, _>>()
+        .map_err(read)?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let path = entry.path();
+        let rel = rel.join(entry.file_name());
+        let meta = fs::symlink_metadata(&path).map_err(|e| RootfsError::Read(path.clone(), e))?;
+        hasher.update(rel.as_os_str().as_encoded_bytes());
+        hasher.update([0]);
+        hash_stat(&meta, hasher);
+        *newest = (*newest).max(ctime(&meta));
+        if meta.is_dir() {
+            stat_tree(root, &rel, hasher, newest)?;
+        }
+        hasher.update([0xff]);
+    }
+    Ok(())
+}
+
 fn hash_tree(root: &Path, rel: &Path, hasher: &mut Sha256) -> Result<(), RootfsError> {
     let dir = root.join(rel);
     let read = |e| RootfsError::Read(dir.clone(), e);
@@ -177,8 +305,10 @@ pub fn image(dir: &Path, format: Option<Format>, cache: &Path) -> Result<RootfsI
     if !dir.is_dir() {
         return Err(RootfsError::NotADirectory(dir.to_owned()));
     }
-    let key = content_key(dir)?;
     let cache = cache.join("rootfs");
+    let index = cache.join("index");
+    let indexed = indexed_key(dir, &index, SystemTime::now() - SETTLED)?;
+    let key = indexed.key.clone();
     let cached = |format: Format| {
         let path = cache.join(format!("{key}.{}", format.name()));
         path.is_file().then(|| RootfsImage {
@@ -195,6 +325,7 @@ pub fn image(dir: &Path, format: Option<Format>, cache: &Path) -> Result<RootfsI
         None => Format::Ext4,
     };
     if let Some(image) = cached(format) {
+        indexed.record(&index);
         return Ok(image);
     }
     let path = cache.join(format!("{key}.{}", format.name()));
@@ -211,6 +342,7 @@ pub fn image(dir: &Path, format: Option<Format>, cache: &Path) -> Result<RootfsI
         return Err(e);
     }
     fs::rename(&partial, &path).map_err(|e| RootfsError::Write(path.clone(), e))?;
+    indexed.record(&index);
     Ok(RootfsImage {
         path,
         format,
@@ -616,6 +748,44 @@ mod tests {
             content_key(a.path()).unwrap(),
             content_key(b.path()).unwrap()
         );
+    }
+
+    #[test]
+    fn the_index_gives_the_key_until_anything_in_the_tree_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = tempfile::tempdir().unwrap();
+        let index = index.path().join("index");
+        tree(dir.path());
+        let later = SystemTime::now() + Duration::from_secs(3600);
+        let key = content_key(dir.path()).unwrap();
+        let indexed = |settled| {
+            let indexed = indexed_key(dir.path(), &index, settled).unwrap();
+            indexed.record(&index);
+            indexed.key
+        };
+        // A tree changed just now is not indexed: a write could go unseen.
+        assert_eq!(indexed(SystemTime::now() - SETTLED), key);
+        assert!(!index.exists());
+        // Settled: indexed, and the index is what answers.
+        assert_eq!(indexed(later), key);
+        let entries: Vec<_> = fs::read_dir(&index).unwrap().flatten().collect();
+        assert_eq!(entries.len(), 1);
+        fs::write(entries[0].path(), "0123456789abcdef01234567").unwrap();
+        assert_eq!(indexed(later), "0123456789abcdef01234567");
+        // A change of content moves the metadata (its ctime, past the
+        // coarse clock's tick): the contents are read.
+        std::thread::sleep(Duration::from_millis(50));
+        fs::write(dir.path().join("bin/tool"), b"#!/bin/sh\necho ho\n").unwrap();
+        let changed = content_key(dir.path()).unwrap();
+        assert_ne!(changed, key);
+        assert_eq!(indexed(later), changed);
+        // So does a new entry, and a damaged index entry is not believed.
+        fs::write(dir.path().join("bin/new"), b"x").unwrap();
+        assert_eq!(indexed(later), content_key(dir.path()).unwrap());
+        for entry in fs::read_dir(&index).unwrap().flatten() {
+            fs::write(entry.path(), "not a key").unwrap();
+        }
+        assert_eq!(indexed(later), content_key(dir.path()).unwrap());
     }
 
     #[test]
