@@ -112,6 +112,13 @@ impl Vmm {
         }
         let reason = self.exit.wait_or_signal(&signals);
         let mut vcpus = self.vcpu_threads.stop();
+        if matches!(reason, ExitReason::Signal(_)) {
+            // Stopped from outside, maybe because the guest hung: say where
+            // it was (an address of the guest kernel's System.map).
+            for vcpu in &vcpus {
+                tracing::info!("stopped from outside: {}", vcpu.describe_stopped());
+            }
+        }
         // A snapshot job is taken even when another reason won, so that
         // its requester hears at once that there will be none.
         match (self.snapshots.close(), &reason) {

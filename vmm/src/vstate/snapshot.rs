@@ -427,6 +427,38 @@ mod tests {
     }
 
     #[test]
+    fn a_stopped_vcpu_says_where_it_was() {
+        if !crate::probe::kvm_for_test("a_stopped_vcpu_says_where_it_was") {
+            return;
+        }
+        let ram = GuestRam::new(MEM).unwrap();
+        ram.memory()
+            .write_slice(&regs::gdt_bytes(), GuestAddress(GDT_ADDR))
+            .unwrap();
+        for (addr, table) in regs::page_tables() {
+            ram.memory()
+                .write_slice(&table, GuestAddress(addr))
+                .unwrap();
+        }
+        ram.memory()
+            .write_slice(&code(), GuestAddress(CODE))
+            .unwrap();
+        let vm = vm_with(&ram);
+        let (vcpu, exit) = next_out(booted_vcpu(&vm));
+        assert_eq!(exit, Ok((PORT, 1)));
+        let said = vcpu.describe_stopped();
+        let rip = said
+            .split_whitespace()
+            .find_map(|w| u64::from_str_radix(w.strip_prefix("rip=0x")?, 16).ok())
+            .unwrap_or_else(|| panic!("no rip in {said:?}"));
+        let code_len = u64::try_from(code().len()).unwrap();
+        assert!((CODE..=CODE + code_len).contains(&rip), "{said}");
+        assert!(said.starts_with("vCPU 0: "), "{said}");
+        assert!(said.contains(" runnable; "), "{said}");
+        assert!(said.contains("rflags=0x"), "{said}");
+    }
+
+    #[test]
     fn a_memory_file_of_the_wrong_size_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let file = std::fs::File::create(dir.path().join("memory")).unwrap();

@@ -192,6 +192,42 @@ impl Vcpu {
             _ => "registers unavailable".into(),
         }
     }
+
+    /// Where a stopped vCPU was: its instruction and stack pointers, its
+    /// flags (IF says whether it took interrupts), its run state (halted,
+    /// waiting for a startup IPI) and what KVM had pending for it. Logged
+    /// when a VM is stopped from outside, so a guest that hung says where.
+    pub fn describe_stopped(&self) -> String {
+        let mp_state = match self.fd.get_mp_state().map(|s| s.mp_state) {
+            Ok(kvm_bindings::KVM_MP_STATE_RUNNABLE) => "runnable".to_owned(),
+            Ok(kvm_bindings::KVM_MP_STATE_UNINITIALIZED) => "uninitialized".to_owned(),
+            Ok(kvm_bindings::KVM_MP_STATE_INIT_RECEIVED) => "init-received".to_owned(),
+            Ok(kvm_bindings::KVM_MP_STATE_HALTED) => "halted".to_owned(),
+            Ok(kvm_bindings::KVM_MP_STATE_SIPI_RECEIVED) => "sipi-received".to_owned(),
+            Ok(other) => format!("state {other}"),
+            Err(e) => format!("state unavailable ({e})"),
+        };
+        let pending = match self.fd.get_vcpu_events() {
+            Ok(ev) => format!(
+                "interrupt pending={} nr={} nmi pending={} exception pending={} nr={}",
+                ev.interrupt.injected,
+                ev.interrupt.nr,
+                ev.nmi.pending,
+                ev.exception.injected,
+                ev.exception.nr
+            ),
+            Err(e) => format!("events unavailable ({e})"),
+        };
+        let rflags = match self.fd.get_regs() {
+            Ok(regs) => format!("rflags={:#x}", regs.rflags),
+            Err(e) => format!("rflags unavailable ({e})"),
+        };
+        format!(
+            "vCPU {}: {} {rflags} {mp_state}; {pending}",
+            self.index,
+            self.describe_state()
+        )
+    }
 }
 
 fn read_lapic(lapic: &kvm_lapic_state, offset: usize) -> u32 {

@@ -265,6 +265,16 @@ fn vmm_stops_on_sigterm_and_removes_what_it_made() {
     );
     let log = run.log();
     assert!(log.contains("stopped by signal 15"), "{log}");
+    // Where the guest was, as for one that hung: a kernel address (the
+    // test init waits in a syscall, or the vCPU idles in the kernel).
+    let said = log
+        .lines()
+        .find_map(|l| l.split("stopped from outside: ").nth(1))
+        .unwrap_or_else(|| panic!("no vCPU state in the log:\n{log}"));
+    assert!(
+        said.starts_with("vCPU 0: rip=0xffffffff") && said.contains("rflags="),
+        "{said}"
+    );
 }
 
 #[test]
