@@ -212,7 +212,7 @@ impl<Io: ProcessIo> Container<Io> {
                 spec,
                 stdio,
             })
-            .map_err(SandboxError::from)?;
+            .map_err(|e| self.sandbox.explain(e))?;
         let io = attach(self.agent(), &process)?;
         log::info!("{}: exec {exec_id} is pid {pid} in the guest", self.id);
         let proc = Arc::new(Process::new(process, self.sandbox.vmm_pid(), io));
@@ -256,7 +256,7 @@ impl<Io: ProcessIo> Container<Io> {
                 _ => 126,
             };
             proc.stop(u32::from(code), false, on_exit);
-            return Err(e.into());
+            return Err(self.sandbox.explain(e));
         }
         proc.set_running();
         let proc = Arc::clone(proc);
@@ -316,27 +316,33 @@ impl<Io: ProcessIo> Container<Io> {
                 proc.stop(128 + signal, false, on_exit);
                 Ok(())
             }
-            ProcState::Running => {
-                self.agent().signal_process(&proc.process, number, all)?;
-                Ok(())
-            }
+            ProcState::Running => self
+                .agent()
+                .signal_process(&proc.process, number, all)
+                .map_err(|e| self.sandbox.explain(e)),
         }
     }
 
     /// Its cgroup counters, as the guest measured them.
     pub fn stats(&self) -> Result<ContainerStats, SandboxError> {
-        Ok(self.agent().stats(&self.id)?)
+        self.agent()
+            .stats(&self.id)
+            .map_err(|e| self.sandbox.explain(e))
     }
 
     /// New cgroup limits in the guest. The VM's own size is fixed at boot:
     /// memory beyond the VM's is no limit at all.
     pub fn update(&self, resources: LinuxResources) -> Result<(), SandboxError> {
-        Ok(self.agent().update_resources(&self.id, resources)?)
+        self.agent()
+            .update_resources(&self.id, resources)
+            .map_err(|e| self.sandbox.explain(e))
     }
 
     /// The guest pids of its processes.
     pub fn guest_pids(&self) -> Result<Vec<u32>, SandboxError> {
-        Ok(self.agent().list_processes(&self.id)?)
+        self.agent()
+            .list_processes(&self.id)
+            .map_err(|e| self.sandbox.explain(e))
     }
 
     /// Marks every process stopped (the VM is gone or going).
@@ -381,6 +387,29 @@ mod tests {
             .start(proc, move |exit| tx.send(exit.status).unwrap())
             .unwrap();
         rx
+    }
+
+    #[test]
+    fn a_start_or_a_query_that_loses_the_agent_says_how_the_vm_ended() {
+        let (container, agent, vm) = container();
+        let init = Arc::clone(&container.init);
+        agent.vm_died();
+        vm.crash();
+        let lost = |e: SandboxError| {
+            assert!(matches!(e, SandboxError::Lost { .. }), "{e:?}");
+            let text = capsid_base::error_chain(&e);
+            assert!(text.ends_with("the fake VM stopped"), "{text}");
+        };
+        lost(container.start(&init, |_| {}).unwrap_err());
+        // A process the agent could not start has ended (runc's 126).
+        assert_eq!(init.wait().0, 126);
+        lost(container.stats().unwrap_err());
+        lost(container.guest_pids().unwrap_err());
+        lost(
+            container
+                .update(oci_spec::runtime::LinuxResources::default())
+                .unwrap_err(),
+        );
     }
 
     #[test]

@@ -703,7 +703,7 @@ impl Sandbox {
     /// An agent call's failure, as the caller should see it: a broken
     /// connection carries the post-mortem, which is gone once the sandbox
     /// went down; a refusal or a missed deadline is what it is.
-    fn explain(&self, e: ClientError) -> SandboxError {
+    pub(crate) fn explain(&self, e: ClientError) -> SandboxError {
         if matches!(e, ClientError::Agent { .. }) || e.is_timeout() {
             return e.into();
         }

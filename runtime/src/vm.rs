@@ -612,6 +612,7 @@ impl MicroVm {
                         return Err(MicroVmError::Interrupted);
                     }
                     if Instant::now() >= deadline {
+                        self.stop_for_post_mortem(POST_MORTEM_WAIT);
                         return Err(MicroVmError::Unreachable {
                             source: e,
                             log: self.diagnostics(),
@@ -619,6 +620,19 @@ impl MicroVm {
                     }
                 }
             }
+        }
+    }
+
+    /// Asks the VMM of a guest that never answered to stop (SIGTERM,
+    /// which its keeper passes on), so that its log says where each vCPU
+    /// was, and waits up to `grace` for it; the caller kills it after.
+    fn stop_for_post_mortem(&mut self, grace: Duration) {
+        if let Ok(pid) = libc::pid_t::try_from(self.child.id())
+            && let Ok(None) = self.try_wait()
+        {
+            // SAFETY: kill(2) on our own child, not reaped yet (try_wait).
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let _ = self.wait_timeout(grace);
         }
     }
 
@@ -726,6 +740,10 @@ impl MicroVm {
         }
     }
 }
+
+/// How long a VMM whose guest never answered has to say where its vCPUs
+/// were before it is killed.
+const POST_MORTEM_WAIT: Duration = Duration::from_secs(2);
 
 /// Guests booted again by [`MicroVm::boot`] in this process.
 static BOOT_RETRIES: AtomicU64 = AtomicU64::new(0);
@@ -1112,6 +1130,32 @@ mod tests {
             Some("Out of memory: compulsory panic_on_oom is enabled [2J")
         );
         assert_eq!(panic_reason("[ 0.1] Run /init as init process\n"), None);
+    }
+
+    #[test]
+    fn a_guest_that_never_answers_is_stopped_so_that_its_vmm_says_where_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        // A stand-in "VMM" whose guest hangs: on SIGTERM it logs where its
+        // vCPU was, as capsid-vmm does, and exits.
+        let body = "trap 'echo \"stopped from outside: vCPU 0: rip=0xffffffff81000000\" >&2; exit 143' TERM\n\
+                    while :; do sleep 0.05; done";
+        let script = fake_vmm(dir.path(), body);
+        let mut vm = launch_fake(&spec(dir.path(), &script));
+        let error = vm
+            .connect(Duration::from_millis(500), Duration::from_secs(1), &|| {
+                false
+            })
+            .unwrap_err();
+        assert!(
+            matches!(error, MicroVmError::Unreachable { .. }),
+            "{error:?}"
+        );
+        let error = capsid_base::error_chain(&error);
+        assert!(
+            error.contains("stopped from outside: vCPU 0: rip=0xffffffff81000000"),
+            "{error}"
+        );
+        assert!(vm.try_wait().unwrap().is_some(), "the VMM has exited");
     }
 
     #[test]
