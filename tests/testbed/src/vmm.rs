@@ -22,7 +22,13 @@ pub struct VmmRun {
     console_path: PathBuf,
     log_path: PathBuf,
     started: Instant,
+    /// Whether it was stopped because its guest never printed what a test
+    /// waited for.
+    stopped_hung: bool,
 }
+
+/// What every console line of the test init begins with.
+const TEST_INIT_PREFIX: &str = "CAPSID-TEST-INIT";
 
 impl VmmRun {
     /// Starts `vmm` with `args`; the serial console goes to
@@ -84,12 +90,14 @@ impl VmmRun {
             console_path,
             log_path,
             started,
+            stopped_hung: false,
         }
     }
 
     /// Starts `vmm` as [`Self::start`] and waits for the console line with
     /// `marker`, booting once more a guest that crashed before it
-    /// (capsid-vmm's exit status 3; see [`crate::retry::BOOTS_PER_GUEST`]).
+    /// (capsid-vmm's exit status 3) or hung in its kernel (see
+    /// [`Self::hung_in_its_kernel`] and [`crate::retry::BOOTS_PER_GUEST`]).
     /// Panics with the console and log when it never comes.
     pub fn start_booted(
         vmm: &Path,
@@ -118,7 +126,10 @@ impl VmmRun {
             let mut run = Self::start_passing(vmm, args, scratch, name, pass);
             match run.try_wait_for_line(marker, timeout) {
                 Ok((line, after)) => return (run, line, after),
-                Err(why) if run.crashed() && boots < crate::retry::BOOTS_PER_GUEST => {
+                Err(why)
+                    if (run.crashed() || run.hung_in_its_kernel())
+                        && boots < crate::retry::BOOTS_PER_GUEST =>
+                {
                     crate::retry::announce_boot_retry(name, &why);
                     // The next VMM listens where this one did.
                     if let Some(at) = args.iter().position(|a| a == "--vsock-uds")
@@ -129,6 +140,27 @@ impl VmmRun {
                 }
                 Err(why) => panic!("{why}"),
             }
+        }
+    }
+
+    /// Whether the guest hung in its kernel: [`Self::try_wait_for_line`]
+    /// stopped it after its timeout, and its console has no line of the
+    /// test init, so only the guest's kernel had run.
+    pub fn hung_in_its_kernel(&mut self) -> bool {
+        self.stopped_hung && !self.console().contains(TEST_INIT_PREFIX)
+    }
+
+    /// Stops a VMM whose guest did not get where a test waited for: with
+    /// SIGTERM, which makes it log where each vCPU was (a hung guest says
+    /// where it hung), then with SIGKILL if it has not exited in 5 s.
+    fn stop_hung(&mut self) {
+        self.stopped_hung = true;
+        if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
+            // SAFETY: kill(2) on our own child, which is not reaped yet.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        if !matches!(self.child.wait_timeout(Duration::from_secs(5)), Ok(Some(_))) {
+            let _ = self.child.kill();
         }
     }
 
@@ -184,8 +216,9 @@ impl VmmRun {
                 ));
             }
             if Instant::now() >= deadline {
+                self.stop_hung();
                 return Err(format!(
-                    "no {marker:?} within {timeout:?}\n{}",
+                    "no {marker:?} within {timeout:?}; stopped it\n{}",
                     self.describe()
                 ));
             }
