@@ -224,58 +224,32 @@ fn stat_tree(
     hasher: &mut Sha256,
     newest: &mut SystemTime,
 ) -> Result<(), RootfsError> {
-    let dir = root.join(rel);
-    let read = |e| RootfsError::Read(dir.clone(), e);
-    let mut entries: Vec<_> = fs::read_dir(&dir)
-        .map_err(read)?
-        .collect::<Result<_, _>>()
-        .map_err(read)?;
-    entries.sort_by_key(|e| e.file_name());
-    for entry in entries {
-        let path = entry.path();
-        let rel = rel.join(entry.file_name());
-        let meta = fs::symlink_metadata(&path).map_err(|e| RootfsError::Read(path.clone(), e))?;
-        hasher.update(rel.as_os_str().as_encoded_bytes());
-        hasher.update([0]);
-        hash_stat(&meta, hasher);
-        *newest = (*newest).max(ctime(&meta));
-        if meta.is_dir() {
-            stat_tree(root, &rel, hasher, newest)?;
-        }
-        hasher.update([0xff]);
-    }
-    Ok(())
+    walk_hashing(root, rel, hasher, &mut |hasher, _, meta| {
+        hash_stat(meta, hasher);
+        *newest = (*newest).max(ctime(meta));
+        Ok(())
+    })
 }
 
+/// Hashes every entry under `root/rel`: its mode and owner, and a file's
+/// bytes, a link's target, a device's number.
 fn hash_tree(root: &Path, rel: &Path, hasher: &mut Sha256) -> Result<(), RootfsError> {
-    let dir = root.join(rel);
-    let read = |e| RootfsError::Read(dir.clone(), e);
-    let mut entries: Vec<_> = fs::read_dir(&dir)
-        .map_err(read)?
-        .collect::<Result<_, _>>()
-        .map_err(read)?;
-    entries.sort_by_key(|e| e.file_name());
-    for entry in entries {
-        let path = entry.path();
-        let rel = rel.join(entry.file_name());
-        let meta = fs::symlink_metadata(&path).map_err(|e| RootfsError::Read(path.clone(), e))?;
+    walk_hashing(root, rel, hasher, &mut |hasher, path, meta| {
         let kind = meta.file_type();
-        hasher.update(rel.as_os_str().as_encoded_bytes());
-        hasher.update([0]);
         hasher.update(meta.mode().to_le_bytes());
         hasher.update(meta.uid().to_le_bytes());
         hasher.update(meta.gid().to_le_bytes());
         if kind.is_symlink() {
-            let target = fs::read_link(&path).map_err(|e| RootfsError::Read(path.clone(), e))?;
+            let target = fs::read_link(path).map_err(|e| RootfsError::Read(path.to_owned(), e))?;
             hasher.update(target.as_os_str().as_encoded_bytes());
         } else if kind.is_file() {
             hasher.update(meta.len().to_le_bytes());
-            let mut file = File::open(&path).map_err(|e| RootfsError::Read(path.clone(), e))?;
+            let mut file = File::open(path).map_err(|e| RootfsError::Read(path.to_owned(), e))?;
             let mut buffer = vec![0; 256 * 1024];
             loop {
                 let n = file
                     .read(&mut buffer)
-                    .map_err(|e| RootfsError::Read(path.clone(), e))?;
+                    .map_err(|e| RootfsError::Read(path.to_owned(), e))?;
                 if n == 0 {
                     break;
                 }
@@ -283,8 +257,40 @@ fn hash_tree(root: &Path, rel: &Path, hasher: &mut Sha256) -> Result<(), RootfsE
             }
         } else if kind.is_block_device() || kind.is_char_device() {
             hasher.update(meta.rdev().to_le_bytes());
-        } else if kind.is_dir() {
-            hash_tree(root, &rel, hasher)?;
+        }
+        Ok(())
+    })
+}
+
+/// What [`walk_hashing`] adds to the hash for one entry (its path on the
+/// host and its metadata, not followed through a link).
+type EntryHash<'a> = dyn FnMut(&mut Sha256, &Path, &fs::Metadata) -> Result<(), RootfsError> + 'a;
+
+/// Walks the tree under `root/rel` in name order, feeding `hasher` each
+/// entry's path relative to `root` and a NUL, what `entry` adds for it, a
+/// directory's own entries, and a 0xff.
+fn walk_hashing(
+    root: &Path,
+    rel: &Path,
+    hasher: &mut Sha256,
+    entry: &mut EntryHash<'_>,
+) -> Result<(), RootfsError> {
+    let dir = root.join(rel);
+    let read = |e| RootfsError::Read(dir.clone(), e);
+    let mut entries: Vec<_> = fs::read_dir(&dir)
+        .map_err(read)?
+        .collect::<Result<_, _>>()
+        .map_err(read)?;
+    entries.sort_by_key(|e| e.file_name());
+    for found in entries {
+        let path = found.path();
+        let rel = rel.join(found.file_name());
+        let meta = fs::symlink_metadata(&path).map_err(|e| RootfsError::Read(path.clone(), e))?;
+        hasher.update(rel.as_os_str().as_encoded_bytes());
+        hasher.update([0]);
+        entry(hasher, &path, &meta)?;
+        if meta.is_dir() {
+            walk_hashing(root, &rel, hasher, entry)?;
         }
         hasher.update([0xff]);
     }
