@@ -47,7 +47,7 @@ start() {
         [ "$VMM" = capsid-kirq ] && irqchip="--irqchip kernel"
         "$CAPSID_VMM" --kernel "$CAPSID_KERNEL" --initrd "$CAPSID_AGENT_INITRAMFS" \
             --vcpus 1 --mem-mib 256 --vsock-uds "$dir/vsock.sock" \
-            --serial "file:$dir/console" --log-level warn --cmdline "$cmdline" $irqchip $VMM_FLAGS \
+            --serial "file:$dir/console" --log-level info --cmdline "$cmdline" $irqchip $VMM_FLAGS \
             > "$dir/log" 2>&1 < /dev/null &
     fi
     echo $! > "$dir/pid"
@@ -82,7 +82,20 @@ while [ $i -lt "$N" ]; do
                 died=$((died + 1))
                 where=$(tr -d '\r' < "$dir/console" | grep -v '^[[:space:]]*$' | tail -n 1 | cut -c1-150)
                 why=$(grep -o 'triple-faulted\|KVM_EXIT_[A-Z_]*\|exit status [0-9]*' "$dir/log" | head -n 1)
-                if kill -0 "$(cat "$dir/pid")" 2>/dev/null; then why="hung for 90 s"; fi
+                if kill -0 "$(cat "$dir/pid")" 2>/dev/null; then
+                    why="hung for 90 s"
+                    # Stopped so (SIGTERM), capsid-vmm logs where each vCPU
+                    # was: "vCPU N at <address>" (deaths.sh names the
+                    # function).
+                    kill "$(cat "$dir/pid")" 2>/dev/null
+                    t=0
+                    while ! grep -q 'stopped from outside' "$dir/log" && [ $t -lt 50 ]; do
+                        sleep 0.1
+                        t=$((t + 1))
+                    done
+                    at=$(grep -o 'vCPU [0-9]*: rip=0x[0-9a-f]*' "$dir/log" | sed 's/: rip=/ at /' | tr '\n' ' ')
+                    [ -n "$at" ] && why="$why; $at"
+                fi
                 echo "DEATH $VMM $i-$k: ${why:-exited} after: ${where:-no console output}"
                 # The console's end, for target/deaths/consoles.txt.
                 tr -d '\r' < "$dir/console" | grep -v '^[[:space:]]*$' | tail -n 40 \

@@ -27,6 +27,33 @@ at_once=${2:-1 2 4}
 mkdir -p target/deaths
 rm -f target/deaths/batch-*.log
 batch_no=0
+# Adds the guest kernel's function to each "at 0x<address>" of stdin
+# ("at 0xffffffff81a2b3c4 (default_idle)"), from the kernel's symbols.
+name_addresses() {
+    awk -v kernel="$CAPSID_KERNEL" '
+        BEGIN {
+            n = 0
+            # Sorted by address; fixed-width hex compares as strings.
+            nm = "nm -n " kernel " 2>/dev/null"
+            while ((nm | getline line) > 0) {
+                split(line, f, " ")
+                if (f[2] ~ /^[tTwW]$/) { addr[n] = f[1]; name[n] = f[3]; n++ }
+            }
+        }
+        {
+            out = ""
+            rest = $0
+            while (match(rest, /at 0x[0-9a-f]+/)) {
+                a = substr(rest, RSTART + 5, RLENGTH - 5)
+                while (length(a) < 16) a = "0" a
+                found = ""
+                for (i = 0; i < n && addr[i] <= a; i++) found = name[i]
+                out = out substr(rest, 1, RSTART + RLENGTH - 1) (found == "" ? "" : " (" found ")")
+                rest = substr(rest, RSTART + RLENGTH)
+            }
+            print out rest
+        }'
+}
 for k in $at_once; do
     left=$boots
     while [ "$left" -gt 0 ]; do
@@ -67,7 +94,9 @@ done)
         | sort -k2n -k1
     printf '%s\n' "$summary" | awk '$1 == "CUT" { print "the test host died during the " $2 " series of " $3 " (see its .stderr)" }'
     echo
-    echo "where each died (the console's last line; target/deaths/consoles.txt has the last 40):"
-    cat target/deaths/batch-*.log | grep '^DEATH ' | sed 's/^DEATH /  /' || echo "  (none)"
+    echo "where each died (the console's last line, and where a hung guest's vCPUs were;"
+    echo "target/deaths/consoles.txt has the last 40 console lines):"
+    cat target/deaths/batch-*.log | grep '^DEATH ' | sed 's/^DEATH /  /' | name_addresses \
+        || echo "  (none)"
 } | tee target/deaths/deaths.txt
 grep -h '^CONSOLE ' target/deaths/batch-*.log | sed 's/^CONSOLE //' > target/deaths/consoles.txt || true
