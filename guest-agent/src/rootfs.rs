@@ -369,10 +369,14 @@ impl RootfsPlan {
                 let kind = match device.typ() {
                     LinuxDeviceType::C | LinuxDeviceType::U => libc::S_IFCHR,
                     LinuxDeviceType::B => libc::S_IFBLK,
+                    // A FIFO: mknod ignores its numbers.
+                    LinuxDeviceType::P => libc::S_IFIFO,
                     other => {
                         return Err(RootfsError::Invalid(format!(
-                            "device {}: type {other:?} is not supported",
-                            device.path().display()
+                            "linux.devices: {}: type {:?} is not a device node's \
+                             (c, u, b or p)",
+                            device.path().display(),
+                            other.as_str()
                         )));
                     }
                 };
@@ -694,6 +698,33 @@ mod tests {
             "mount - / - {:#x} -",
             libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY
         )));
+    }
+
+    #[test]
+    fn fifo_devices_are_made_and_a_bad_type_is_named_as_the_spec_spells_it() {
+        use oci_spec::runtime::LinuxDeviceBuilder;
+        let device = |typ| {
+            LinuxDeviceBuilder::default()
+                .path("/dev/f")
+                .typ(typ)
+                .build()
+                .unwrap()
+        };
+        // Before the fix a FIFO was refused as "type P is not supported".
+        let linux = LinuxBuilder::default()
+            .devices(vec![device(LinuxDeviceType::P)])
+            .build()
+            .unwrap();
+        let plan = RootfsPlan::new("/r".into(), &[], Some(&linux), None, false).unwrap();
+        assert_eq!(plan.devices[0].kind, libc::S_IFIFO);
+        let linux = LinuxBuilder::default()
+            .devices(vec![device(LinuxDeviceType::A)])
+            .build()
+            .unwrap();
+        let e = RootfsPlan::new("/r".into(), &[], Some(&linux), None, false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(r#"type "a" is not"#), "{e}");
     }
 
     #[test]
