@@ -53,6 +53,9 @@ pub struct ProcessPlan {
     pub(crate) no_new_privs: bool,
     pub(crate) seccomp: Option<crate::seccomp::SeccompProgram>,
     pub(crate) terminal: bool,
+    /// `process.oomScoreAdj`, which the agent writes for the process
+    /// before it execs (it inherits to the workload's children).
+    pub(crate) oom_score_adj: Option<i32>,
 }
 
 fn cstrings(what: &str, items: &[String]) -> Result<Vec<CString>, ProcessError> {
@@ -176,6 +179,14 @@ impl ProcessPlan {
         {
             tracing::warn!("AppArmor and SELinux labels are ignored (the guest has neither)");
         }
+        let oom_score_adj = process.oom_score_adj();
+        if let Some(adj) = oom_score_adj
+            && !(-1000..=1000).contains(&adj)
+        {
+            return Err(ProcessError::Invalid(format!(
+                "process.oomScoreAdj {adj} is not within -1000 to 1000"
+            )));
+        }
         Ok(Self {
             args: cstrings("argument", &args)?,
             env: cstrings("environment entry", &env)?,
@@ -192,6 +203,7 @@ impl ProcessPlan {
                 .map(|profile| crate::seccomp::COMPILED.program(profile))
                 .transpose()?,
             terminal: process.terminal().unwrap_or(false),
+            oom_score_adj,
         })
     }
 }
@@ -214,11 +226,12 @@ mod tests {
                     "rlimits": [{"type": "RLIMIT_NOFILE", "soft": 100, "hard": 200}],
                     "capabilities": {"bounding": ["CAP_CHOWN", "CAP_KILL"], "effective": ["CAP_KILL"],
                                      "permitted": ["CAP_KILL"], "ambient": ["CAP_KILL"]},
-                    "noNewPrivileges": true}"#,
+                    "noNewPrivileges": true, "oomScoreAdj": -500}"#,
             ),
             None,
         )
         .unwrap();
+        assert_eq!(plan.oom_score_adj, Some(-500));
         assert_eq!(plan.path, "/bin:/usr/bin");
         assert_eq!(
             (plan.uid, plan.gid, plan.additional_gids.clone()),
@@ -276,6 +289,10 @@ mod tests {
             (
                 r#"{"args": ["x"], "cwd": "/", "user": {"uid": 0, "gid": 0}, "rlimits": [{"type": "RLIMIT_NOFILE", "soft": 2, "hard": 1}]}"#,
                 "above hard",
+            ),
+            (
+                r#"{"args": ["x"], "cwd": "/", "user": {"uid": 0, "gid": 0}, "oomScoreAdj": 1001}"#,
+                "oomScoreAdj 1001 is not within -1000 to 1000",
             ),
         ] {
             let err = ProcessPlan::from_oci(&process(json), None).unwrap_err();

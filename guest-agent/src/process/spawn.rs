@@ -314,15 +314,23 @@ pub fn spawn(
     drop(start_read);
     let mut status = status_read;
     match read_status(&mut status)? {
-        (Status::Ready, terminal) => Ok(Spawned {
-            pid,
-            terminal,
-            pidfd,
-            gate: StartGate {
-                start: start_write,
-                status,
-            },
-        }),
+        (Status::Ready, terminal) => {
+            // As runc's parent does: from here, in the guest's /proc, so a
+            // container without /proc gets it too; inherited across exec.
+            if let Some(adj) = request.plan.oom_score_adj {
+                std::fs::write(format!("/proc/{pid}/oom_score_adj"), adj.to_string())
+                    .map_err(io_error("set process.oomScoreAdj"))?;
+            }
+            Ok(Spawned {
+                pid,
+                terminal,
+                pidfd,
+                gate: StartGate {
+                    start: start_write,
+                    status,
+                },
+            })
+        }
         (Status::Error(error), _) => Err(error),
         (Status::Eof, _) => Err(ProcessError::Child(
             "the process ended during setup without saying why".into(),
