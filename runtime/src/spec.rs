@@ -41,6 +41,67 @@ use oci_spec::runtime::Spec;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
+/// The largest `config.json` read (runc's example is 6 KiB; Kubernetes'
+/// are tens of KiB).
+pub const MAX_CONFIG_BYTES: u64 = 4 << 20;
+
+/// A bundle's `config.json` that cannot be read as an OCI runtime spec.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The file could not be read.
+    #[error("cannot read {0}")]
+    Read(std::path::PathBuf, #[source] std::io::Error),
+    /// It is larger than [`MAX_CONFIG_BYTES`].
+    #[error("{0} is larger than {MAX_CONFIG_BYTES} bytes")]
+    TooLarge(std::path::PathBuf),
+    /// A value the spec does not allow, named by where it is.
+    #[error("{file}: {field}: {problem}")]
+    Invalid {
+        /// The file.
+        file: std::path::PathBuf,
+        /// Where in it (`process.capabilities.bounding[2]`), or `.` for the
+        /// document itself.
+        field: String,
+        /// What is wrong there.
+        problem: String,
+    },
+}
+
+/// Reads a bundle's `config.json` (`path`): a value the spec does not
+/// allow is named by the field it is in (`process.capabilities.bounding[2]:
+/// unknown variant CAP_TEST`), not only by a line and column.
+pub fn load(path: &Path) -> Result<Spec, LoadError> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let read = |e| LoadError::Read(path.to_owned(), e);
+    // Not blocking on a FIFO put there; then only a regular file is read.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(read)?;
+    if !file.metadata().map_err(read)?.is_file() {
+        return Err(read(std::io::Error::other("not a regular file")));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read)?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(LoadError::TooLarge(path.to_owned()));
+    }
+    let mut document = serde_json::Deserializer::from_slice(&bytes);
+    serde_path_to_error::deserialize(&mut document).map_err(|e| {
+        let field = e.path().to_string();
+        let problem = e.inner().to_string();
+        LoadError::Invalid {
+            file: path.to_owned(),
+            field,
+            problem,
+        }
+    })
+}
+
 /// A part of the bundle's spec the guest cannot be given.
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
@@ -775,6 +836,30 @@ mod tests {
         );
         let mut alone = spec.clone();
         assert!(pod_namespaces(&mut alone, "pod", 42).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_bad_config_is_named_by_its_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        let mut spec = serde_json::to_value(Spec::default()).unwrap();
+        spec["process"]["capabilities"]["bounding"][1] = "CAP_TEST".into();
+        std::fs::write(&path, serde_json::to_vec(&spec).unwrap()).unwrap();
+        // Before: "serde failed: no variant for CAP_TEST (converted to
+        // TEST) at line 1 column …", which named no field.
+        let e = load(&path).unwrap_err().to_string();
+        assert!(
+            e.contains(": process.capabilities.bounding[1]: ") && e.contains("CAP_TEST"),
+            "{e}"
+        );
+        std::fs::write(&path, serde_json::to_vec(&Spec::default()).unwrap()).unwrap();
+        assert_eq!(load(&path).unwrap(), Spec::default());
+        // A FIFO is refused, not waited on.
+        let fifo = dir.path().join("fifo.json");
+        let name = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a NUL-terminated path and a mode.
+        assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0);
+        assert!(load(&fifo).unwrap_err().to_string().contains("cannot read"));
     }
 
     #[test]

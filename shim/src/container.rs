@@ -24,7 +24,6 @@ use capsid_runtime::{
     VmSize,
 };
 use containerd_shim::protos::types::mount::Mount;
-use oci_spec::runtime::Spec;
 use serde::{Deserialize, Serialize};
 
 use crate::rootfs;
@@ -36,8 +35,8 @@ const STATE_FILE: &str = "capsid.json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ContainerError {
-    #[error("cannot read the bundle's config.json")]
-    Bundle(#[source] oci_spec::OciSpecError),
+    #[error("the bundle's config.json")]
+    Bundle(#[source] capsid_runtime::spec::LoadError),
     #[error(transparent)]
     Config(#[from] capsid_runtime::ConfigError),
     #[error(transparent)]
@@ -220,7 +219,8 @@ impl Task {
         stdio: StdioPaths,
         pod: &dyn Fn(&str) -> Option<Arc<Sandbox>>,
     ) -> Result<Self, ContainerError> {
-        let spec = Spec::load(bundle.join("config.json")).map_err(ContainerError::Bundle)?;
+        let spec = capsid_runtime::spec::load(&bundle.join("config.json"))
+            .map_err(ContainerError::Bundle)?;
         let role = Role::of(&spec);
         let size = config.size_for(&spec)?;
         let disk = config.disk_for(&spec)?;
