@@ -20,10 +20,21 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(version, about = "Run containers in KVM micro-VMs")]
+#[command(
+    about = "Run containers in KVM micro-VMs",
+    disable_version_flag = true,
+    arg_required_else_help = true
+)]
 struct Cli {
+    #[command(flatten)]
+    root: oci::Root,
+    #[command(flatten)]
+    runc: oci::RuncOptions,
+    /// Print the version, in runc's format.
+    #[arg(long, short = 'v')]
+    version: bool,
     #[command(subcommand)]
-    command: Verb,
+    command: Option<Verb>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -44,6 +55,8 @@ enum Verb {
     Delete(oci::DeleteArgs),
     /// OCI: run a process in a running container, attached.
     Exec(oci::ExecArgs),
+    /// OCI: print what this runtime supports, as JSON (runc's `features`).
+    Features,
     /// Measure start-up, footprint and throughput against peers (runs
     /// capsid-bench; `make bench` builds it and runs it where guests boot).
     #[command(disable_help_flag = true)]
@@ -95,22 +108,33 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(code) => return code,
     };
+    let root = &cli.root;
     let result = match cli.command {
-        Verb::Run(args) => run::run(*args),
-        Verb::Doctor(args) => doctor::doctor(&args),
-        Verb::Create(args) => oci::create(&args),
-        Verb::Start(args) => oci::start(&args),
-        Verb::State(args) => oci::state(&args),
-        Verb::Kill(args) => oci::kill(&args),
-        Verb::Delete(args) => oci::delete(&args),
-        Verb::Exec(args) => oci::exec(&args),
-        Verb::Monitor(args) => oci::monitor(&args),
-        Verb::Bench { args } => bench(&args),
+        _ if cli.version => {
+            print!("{}", oci::version());
+            Ok(ExitCode::SUCCESS)
+        }
+        None => Err(anyhow::anyhow!(
+            "no command given; `capsid --help` lists them"
+        )),
+        Some(Verb::Run(args)) => run::run(*args),
+        Some(Verb::Doctor(args)) => doctor::doctor(&args),
+        Some(Verb::Create(args)) => oci::create(root, &args),
+        Some(Verb::Start(args)) => oci::start(root, &args),
+        Some(Verb::State(args)) => oci::state(root, &args),
+        Some(Verb::Kill(args)) => oci::kill(root, &args),
+        Some(Verb::Delete(args)) => oci::delete(root, &args),
+        Some(Verb::Exec(args)) => oci::exec(root, &args),
+        Some(Verb::Features) => oci::features(),
+        Some(Verb::Monitor(args)) => oci::monitor(root, &args),
+        Some(Verb::Bench { args }) => bench(&args),
     };
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("capsid: error: {e:#}");
+            let message = format!("{e:#}");
+            eprintln!("capsid: error: {message}");
+            cli.runc.log_error(&message);
             ExitCode::from(failure_status(&e))
         }
     }
@@ -137,7 +161,8 @@ mod tests {
         let args = ["capsid", "run", "--rootfs", "/r"].iter().chain(args);
         match Cli::try_parse_from(args) {
             Ok(Cli {
-                command: Verb::Run(run),
+                command: Some(Verb::Run(run)),
+                ..
             }) => Ok(run.command()),
             Ok(other) => panic!("{other:?}"),
             Err(e) => Err(e.kind()),
@@ -198,9 +223,46 @@ mod tests {
             code(&["capsid", "run", "--rootfs", "/r", "--memroy", "1M", "true"]),
             format!("{:?}", Some(ExitCode::from(125)))
         );
-        assert_eq!(
-            code(&["capsid", "--version"]),
-            format!("{:?}", Some(ExitCode::SUCCESS))
-        );
+        assert!(parse(args(&["capsid", "--version"])).is_ok_and(|cli| cli.version));
+    }
+
+    #[test]
+    fn runcs_global_options_go_before_or_after_the_verb() {
+        let parse = |a: &[&str]| Cli::try_parse_from(a).unwrap();
+        for line in [
+            &[
+                "capsid",
+                "--root",
+                "/r",
+                "--log",
+                "/l.json",
+                "--log-format",
+                "json",
+                "--systemd-cgroup",
+                "state",
+                "c1",
+            ][..],
+            &[
+                "capsid",
+                "state",
+                "--root",
+                "/r",
+                "--log",
+                "/l.json",
+                "--log-format=json",
+                "c1",
+            ],
+        ] {
+            let cli = parse(line);
+            assert_eq!(
+                format!("{:?}", cli.root),
+                r#"Root { root: "/r" }"#,
+                "{line:?}"
+            );
+            assert!(
+                format!("{:?}", cli.runc).contains(r#"log: Some("/l.json"), log_format: Json"#)
+            );
+            assert!(matches!(cli.command, Some(Verb::State(_))), "{line:?}");
+        }
     }
 }

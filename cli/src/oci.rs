@@ -46,10 +46,171 @@ const DEFAULT_ROOT: &str = "/run/capsid/oci";
 const READY_FD: i32 = 3;
 const AGENT_IO_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The OCI runtime spec versions capsid takes (`state`, `features`).
+const OCI_VERSION_MIN: &str = "1.0.0";
+const OCI_VERSION: &str = "1.0.2";
+
+/// runc's other global options: what containerd's runc shim, Docker and
+/// conmon pass before the verb.
+#[derive(Args, Debug)]
+pub struct RuncOptions {
+    /// Also write errors to FILE (runc's `--log`: containerd's runc shim
+    /// and conmon read the last error from it).
+    #[arg(long, global = true, value_name = "FILE")]
+    log: Option<PathBuf>,
+    /// The format of `--log`.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Accepted, as runc's: a container's cgroups are its guest's, which
+    /// capsid makes itself; the VM's own cgroup is capsid's configuration.
+    #[arg(long = "systemd-cgroup", global = true)]
+    _systemd_cgroup: bool,
+    /// Accepted, as runc's (capsid's own log level is `RUST_LOG`'s).
+    #[arg(long = "debug", global = true)]
+    _debug: bool,
+}
+
+/// runc's `--log-format`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// logrus's text lines: `time="…" level=error msg="…"`.
+    Text,
+    /// One JSON object a line: `{"level":"error","msg":"…","time":"…"}`.
+    Json,
+}
+
+impl RuncOptions {
+    /// Appends `message` to the `--log` file, if one was given, as an
+    /// error line in its format. Best effort: the message went to stderr.
+    pub fn log_error(&self, message: &str) {
+        let Some(path) = &self.log else { return };
+        let line = log_line(self.log_format, &now_rfc3339(), message);
+        let _ = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .and_then(|mut file| file.write_all(line.as_bytes()));
+    }
+}
+
+/// One error line of runc's log in `format`, newline-terminated.
+fn log_line(format: LogFormat, time: &str, message: &str) -> String {
+    match format {
+        LogFormat::Json => {
+            let object = serde_json::json!({"level": "error", "msg": message, "time": time});
+            format!("{object}\n")
+        }
+        // JSON's string quoting is logrus's (Go's %q) for what errors hold.
+        LogFormat::Text => format!(
+            "time={} level=error msg={}\n",
+            serde_json::Value::from(time),
+            serde_json::Value::from(message)
+        ),
+    }
+}
+
+/// Now, in RFC 3339 with nanoseconds, UTC (runc's `created` and log times).
+fn now_rfc3339() -> String {
+    rfc3339(SystemTime::now())
+}
+
+fn rfc3339(at: SystemTime) -> String {
+    time::OffsetDateTime::from(at)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// `capsid --version`, in runc's format (Docker reads the first line's
+/// version and the `commit:` line; `spec:` is the OCI version).
+pub fn version() -> String {
+    format!(
+        "capsid version {}\ncommit: {}\nspec: {OCI_VERSION}\n",
+        env!("CARGO_PKG_VERSION"),
+        option_env!("CAPSID_COMMIT").unwrap_or("unknown"),
+    )
+}
+
+/// `capsid features`: what the runtime takes, as runc prints it (the OCI
+/// runtime spec's features document). Only what the guest applies is
+/// listed: no hooks yet, no user namespace, cgroup v2 only.
+pub fn features() -> anyhow::Result<ExitCode> {
+    println!("{}", serde_json::to_string_pretty(&features_document())?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn features_document() -> serde_json::Value {
+    let mut capabilities: Vec<String> = caps::all().iter().map(ToString::to_string).collect();
+    capabilities.sort();
+    serde_json::json!({
+        "ociVersionMin": OCI_VERSION_MIN,
+        "ociVersionMax": OCI_VERSION,
+        "hooks": [],
+        "mountOptions": MOUNT_OPTIONS,
+        "linux": {
+            "namespaces": ["cgroup", "ipc", "mount", "network", "pid", "uts"],
+            "capabilities": capabilities,
+            "cgroup": {"v1": false, "v2": true, "systemd": false, "systemdUser": false},
+            "seccomp": {
+                "enabled": true,
+                "actions": [
+                    "SCMP_ACT_ALLOW", "SCMP_ACT_ERRNO", "SCMP_ACT_KILL",
+                    "SCMP_ACT_KILL_PROCESS", "SCMP_ACT_KILL_THREAD", "SCMP_ACT_LOG",
+                    "SCMP_ACT_TRACE", "SCMP_ACT_TRAP"
+                ],
+                "operators": [
+                    "SCMP_CMP_EQ", "SCMP_CMP_GE", "SCMP_CMP_GT", "SCMP_CMP_LE",
+                    "SCMP_CMP_LT", "SCMP_CMP_MASKED_EQ", "SCMP_CMP_NE"
+                ],
+                "archs": ["SCMP_ARCH_X32", "SCMP_ARCH_X86", "SCMP_ARCH_X86_64"]
+            },
+            "apparmor": {"enabled": false},
+            "selinux": {"enabled": false}
+        },
+        "annotations": {
+            "org.capsid.version": env!("CARGO_PKG_VERSION"),
+            "org.capsid.isolation": "a KVM micro-VM per container"
+        }
+    })
+}
+
+/// The mount options the guest agent applies (guest-agent/src/rootfs.rs).
+const MOUNT_OPTIONS: [&str; 29] = [
+    "async",
+    "atime",
+    "bind",
+    "dev",
+    "diratime",
+    "dirsync",
+    "exec",
+    "noatime",
+    "nodev",
+    "nodiratime",
+    "noexec",
+    "norelatime",
+    "nostrictatime",
+    "nosuid",
+    "private",
+    "rbind",
+    "relatime",
+    "ro",
+    "rprivate",
+    "rshared",
+    "rslave",
+    "runbindable",
+    "rw",
+    "shared",
+    "slave",
+    "strictatime",
+    "suid",
+    "sync",
+    "unbindable",
+];
+
+/// runc's global options, given before or after the verb.
 #[derive(Args, Debug)]
 pub struct Root {
     /// Where container state lives (like runc's --root).
-    #[arg(long, default_value = DEFAULT_ROOT)]
+    #[arg(long, global = true, default_value = DEFAULT_ROOT)]
     root: PathBuf,
 }
 
@@ -70,12 +231,12 @@ impl Root {
 
 #[derive(Args, Debug)]
 pub struct CreateArgs {
-    #[command(flatten)]
-    root: Root,
     /// The bundle directory (config.json and the root file system).
     #[arg(long, short = 'b', default_value = ".")]
     bundle: PathBuf,
-    /// Write the VMM's pid here.
+    /// Write the pid that stands for the container's init here: its
+    /// monitor, which lives as long as the workload and exits with its
+    /// status.
     #[arg(long)]
     pid_file: Option<PathBuf>,
     #[command(flatten)]
@@ -85,15 +246,11 @@ pub struct CreateArgs {
 
 #[derive(Args, Debug)]
 pub struct IdArgs {
-    #[command(flatten)]
-    root: Root,
     id: String,
 }
 
 #[derive(Args, Debug)]
 pub struct KillArgs {
-    #[command(flatten)]
-    root: Root,
     /// Signal every process of the container.
     #[arg(long, short = 'a')]
     all: bool,
@@ -105,8 +262,6 @@ pub struct KillArgs {
 
 #[derive(Args, Debug)]
 pub struct DeleteArgs {
-    #[command(flatten)]
-    root: Root,
     /// Kill a running container first.
     #[arg(long, short = 'f')]
     force: bool,
@@ -115,8 +270,6 @@ pub struct DeleteArgs {
 
 #[derive(Args, Debug)]
 pub struct ExecArgs {
-    #[command(flatten)]
-    root: Root,
     /// Give the process a terminal.
     #[arg(long, short = 't')]
     tty: bool,
@@ -140,8 +293,6 @@ pub struct ExecArgs {
 
 #[derive(Args, Debug)]
 pub struct MonitorArgs {
-    #[command(flatten)]
-    root: Root,
     #[arg(long)]
     bundle: PathBuf,
     #[command(flatten)]
@@ -162,12 +313,14 @@ struct State {
 
 fn read_state(dir: &Path) -> anyhow::Result<State> {
     let path = dir.join("state.json");
-    let bytes = std::fs::read(&path).with_context(|| {
-        format!(
-            "container {} does not exist",
-            dir.file_name().unwrap_or_default().to_string_lossy()
-        )
-    })?;
+    let id = dir.file_name().unwrap_or_default().to_string_lossy();
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("container {id} does not exist")
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot read the state of {id}")),
+    };
     serde_json::from_slice(&bytes).with_context(|| format!("{} is damaged", path.display()))
 }
 
@@ -228,15 +381,15 @@ fn sandbox(dir: &Path, state: &State) -> anyhow::Result<Sandbox> {
     .context("cannot reach the container's micro-VM")
 }
 
-pub fn create(args: &CreateArgs) -> anyhow::Result<ExitCode> {
-    let dir = args.root.dir(&args.id)?;
+pub fn create(root: &Root, args: &CreateArgs) -> anyhow::Result<ExitCode> {
+    let dir = root.dir(&args.id)?;
     let bundle = std::fs::canonicalize(&args.bundle)
         .with_context(|| format!("bundle {}", args.bundle.display()))?;
     if !bundle.join("config.json").is_file() {
         bail!("bundle {}: no config.json", bundle.display());
     }
-    std::fs::create_dir_all(&args.root.root)
-        .with_context(|| format!("cannot create {}", args.root.root.display()))?;
+    std::fs::create_dir_all(&root.root)
+        .with_context(|| format!("cannot create {}", root.root.display()))?;
     match std::fs::create_dir(&dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -258,7 +411,7 @@ pub fn create(args: &CreateArgs) -> anyhow::Result<ExitCode> {
     command
         .arg("monitor")
         .arg("--root")
-        .arg(&args.root.root)
+        .arg(&root.root)
         .arg("--bundle")
         .arg(&bundle);
     for (flag, value) in [
@@ -298,7 +451,7 @@ pub fn create(args: &CreateArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(pid_file) = &args.pid_file {
         let state = read_state(&dir)?;
-        std::fs::write(pid_file, state.vmm_pid.to_string())
+        std::fs::write(pid_file, state.monitor_pid.to_string())
             .with_context(|| format!("cannot write {}", pid_file.display()))?;
     }
     Ok(ExitCode::SUCCESS)
@@ -306,7 +459,7 @@ pub fn create(args: &CreateArgs) -> anyhow::Result<ExitCode> {
 
 /// The monitor: owns the VM from create to exit. Errors before "ok" go to
 /// the ready pipe, and nothing it made is left.
-pub fn monitor(args: &MonitorArgs) -> anyhow::Result<ExitCode> {
+pub fn monitor(root: &Root, args: &MonitorArgs) -> anyhow::Result<ExitCode> {
     // SAFETY: fcntl on a plain fd number; create's pre_exec put the ready
     // pipe there. Close-on-exec, so the VMM does not inherit it.
     if unsafe { libc::fcntl(READY_FD, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
@@ -314,15 +467,14 @@ pub fn monitor(args: &MonitorArgs) -> anyhow::Result<ExitCode> {
     }
     // SAFETY: the fd is open (checked above) and owned here alone.
     let mut ready = unsafe { File::from_raw_fd(READY_FD) };
-    let dir = args.root.dir(&args.id)?;
+    let dir = root.dir(&args.id)?;
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
         signal_hook::flag::register(signal, Arc::clone(&stop))?;
     }
     let set_up = || -> anyhow::Result<(Arc<Sandbox>, Container<Copies>)> {
         let config = args.artifacts.config()?;
-        let spec =
-            Spec::load(args.bundle.join("config.json")).context("cannot read config.json")?;
+        let spec = capsid_runtime::spec::load(&args.bundle.join("config.json"))?;
         if spec
             .process()
             .as_ref()
@@ -434,7 +586,8 @@ pub fn monitor(args: &MonitorArgs) -> anyhow::Result<ExitCode> {
     let _ = sandbox.shut_down();
     // The VM's socket and log go with it; the state stays until delete.
     let _ = std::fs::remove_file(capsid_runtime::vm::vsock_path(&dir));
-    Ok(ExitCode::SUCCESS)
+    // The workload's status, as runc's init would give it to its waiter.
+    Ok(ExitCode::from(u8::try_from(code).unwrap_or(255)))
 }
 
 /// runc's detached create: the container's stdio is the monitor's (and
@@ -476,8 +629,8 @@ impl ProcessIo for Copies {
     }
 }
 
-pub fn start(args: &IdArgs) -> anyhow::Result<ExitCode> {
-    let dir = args.root.dir(&args.id)?;
+pub fn start(root: &Root, args: &IdArgs) -> anyhow::Result<ExitCode> {
+    let dir = root.dir(&args.id)?;
     let state = read_state(&dir)?;
     if status(&dir, &state) != Status::Created {
         bail!(
@@ -493,20 +646,30 @@ pub fn start(args: &IdArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn state(args: &IdArgs) -> anyhow::Result<ExitCode> {
-    let dir = args.root.dir(&args.id)?;
+pub fn state(root: &Root, args: &IdArgs) -> anyhow::Result<ExitCode> {
+    let dir = root.dir(&args.id)?;
     let state = read_state(&dir)?;
     let status = status(&dir, &state);
     let annotations = Spec::load(state.bundle.join("config.json"))
         .ok()
         .and_then(|s| s.annotations().clone())
         .unwrap_or_default();
+    let rootfs = Spec::load(state.bundle.join("config.json"))
+        .ok()
+        .map(|s| state.bundle.join(capsid_runtime::spec::root_path(&s)))
+        .unwrap_or_default();
+    let created = rfc3339(UNIX_EPOCH + Duration::from_secs(state.created));
     let json = serde_json::json!({
-        "ociVersion": "1.0.2",
+        "ociVersion": OCI_VERSION,
         "id": state.id,
+        // The monitor stands for the container's init on the host: it
+        // lives as long as the workload and exits with its status.
+        "pid": if status == Status::Stopped { 0 } else { state.monitor_pid },
         "status": status.name(),
-        "pid": if status == Status::Stopped { 0 } else { state.vmm_pid },
         "bundle": state.bundle,
+        "rootfs": rootfs,
+        "created": created,
+        "owner": "",
         "annotations": annotations,
     });
     println!("{}", serde_json::to_string_pretty(&json)?);
@@ -538,9 +701,9 @@ fn parse_signal(text: &str) -> anyhow::Result<i32> {
     Ok(number)
 }
 
-pub fn kill(args: &KillArgs) -> anyhow::Result<ExitCode> {
+pub fn kill(root: &Root, args: &KillArgs) -> anyhow::Result<ExitCode> {
     let signal = parse_signal(&args.signal)?;
-    let dir = args.root.dir(&args.id)?;
+    let dir = root.dir(&args.id)?;
     let state = read_state(&dir)?;
     if status(&dir, &state) == Status::Stopped {
         bail!("container {} is not running", args.id);
@@ -551,8 +714,8 @@ pub fn kill(args: &KillArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn delete(args: &DeleteArgs) -> anyhow::Result<ExitCode> {
-    let dir = args.root.dir(&args.id)?;
+pub fn delete(root: &Root, args: &DeleteArgs) -> anyhow::Result<ExitCode> {
+    let dir = root.dir(&args.id)?;
     let state = match read_state(&dir) {
         Ok(state) => state,
         // A create that died half-way: remove what there is.
@@ -586,8 +749,8 @@ pub fn delete(args: &DeleteArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn exec(args: &ExecArgs) -> anyhow::Result<ExitCode> {
-    let dir = args.root.dir(&args.id)?;
+pub fn exec(root: &Root, args: &ExecArgs) -> anyhow::Result<ExitCode> {
+    let dir = root.dir(&args.id)?;
     let state = read_state(&dir)?;
     if status(&dir, &state) != Status::Running {
         bail!("container {} is not running", args.id);
@@ -645,6 +808,56 @@ pub fn exec(args: &ExecArgs) -> anyhow::Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_version_and_features_read_as_runcs() {
+        let version = version();
+        let lines: Vec<&str> = version.lines().collect();
+        assert!(lines[0].starts_with("capsid version "), "{version}");
+        assert!(lines[1].starts_with("commit: "), "{version}");
+        assert_eq!(lines[2], format!("spec: {OCI_VERSION}"));
+        // The OCI features document, as the spec's types read it.
+        let features: oci_spec::runtime::Features =
+            serde_json::from_value(features_document()).unwrap();
+        assert_eq!(features.oci_version_max(), OCI_VERSION);
+        let linux = features.linux().as_ref().unwrap();
+        assert!(
+            linux
+                .capabilities()
+                .as_ref()
+                .unwrap()
+                .contains(&"CAP_SYS_ADMIN".to_owned())
+        );
+        let seccomp = linux.seccomp().as_ref().unwrap();
+        assert_eq!(seccomp.enabled(), &Some(true));
+        assert!(features.mount_options().as_ref().unwrap().len() > 20);
+    }
+
+    #[test]
+    fn log_lines_are_runcs_text_or_json() {
+        let time = "2026-12-02T16:00:00.5Z";
+        let json = log_line(LogFormat::Json, time, "bad \"bundle\"");
+        let parsed: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(parsed["level"], "error");
+        assert_eq!(parsed["msg"], "bad \"bundle\"");
+        assert_eq!(parsed["time"], time);
+        assert!(json.ends_with('\n'));
+        assert_eq!(
+            log_line(LogFormat::Text, time, "bad \"bundle\""),
+            "time=\"2026-12-02T16:00:00.5Z\" level=error msg=\"bad \\\"bundle\\\"\"\n"
+        );
+        assert_eq!(
+            rfc3339(UNIX_EPOCH + Duration::from_secs(86_400)),
+            "1970-01-02T00:00:00Z"
+        );
+    }
+
+    #[test]
+    fn a_missing_container_is_named_without_an_os_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = read_state(&dir.path().join("c9")).unwrap_err().to_string();
+        assert_eq!(e, "container c9 does not exist");
+    }
 
     #[test]
     fn signals_parse_by_name_or_number() {

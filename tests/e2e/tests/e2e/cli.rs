@@ -1133,25 +1133,185 @@ fn a_killed_capsid_run_takes_its_micro_vm_with_it_and_the_next_run_clears_the_re
 /// `capsid ARGS`, bounded; stdout, stderr, exit code. The output goes to
 /// files: `create` leaves a monitor holding them, as runc's container does.
 pub(crate) fn capsid(args: &[&str], scratch: &std::path::Path) -> (String, String, Option<i32>) {
-    let out = scratch.join(format!("out-{}", args[0]));
-    let err = scratch.join(format!("err-{}", args[0]));
-    let mut child = Command::new(artifact("CAPSID_CLI"))
+    program(&artifact("CAPSID_CLI"), args, scratch)
+}
+
+/// `PROGRAM ARGS` as [`capsid`] runs capsid (runc, to compare with).
+fn program(
+    program: &std::path::Path,
+    args: &[&str],
+    scratch: &std::path::Path,
+) -> (String, String, Option<i32>) {
+    let name = program.file_name().unwrap_or_default().to_string_lossy();
+    let prefix = if name == "capsid" {
+        String::new()
+    } else {
+        format!("{name}-")
+    };
+    // Named after the verb (not an option or its path value).
+    let verb = args
+        .iter()
+        .find(|a| !a.starts_with('-') && !a.contains('/'))
+        .unwrap_or(&"none");
+    let out = scratch.join(format!("{prefix}out-{verb}"));
+    let err = scratch.join(format!("{prefix}err-{verb}"));
+    let mut child = Command::new(program)
         .args(args)
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&out).unwrap())
         .stderr(std::fs::File::create(&err).unwrap())
         .spawn()
-        .expect("spawn capsid");
+        .expect("spawn the program");
     let start = Instant::now();
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
-        assert!(start.elapsed() < RUN_BOUND, "capsid {args:?} hung");
+        assert!(start.elapsed() < RUN_BOUND, "{args:?} hung");
         std::thread::sleep(Duration::from_millis(20));
     };
     let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
     (read(&out), read(&err), status.code())
+}
+
+/// The keys of a JSON object.
+fn keys(value: &serde_json::Value) -> Vec<String> {
+    let mut keys: Vec<String> = value
+        .as_object()
+        .map(|o| o.keys().cloned().collect())
+        .unwrap_or_default();
+    keys.sort();
+    keys
+}
+
+#[test]
+fn capsid_version_features_and_state_read_as_runcs() {
+    if !require_kvm("capsid_version_features_and_state_read_as_runcs") {
+        return;
+    }
+    let runc = std::path::Path::new("/usr/sbin/runc");
+    let scratch = tempfile_dir("capsid-runc-format");
+    // --version: "NAME version V", "commit: C", "spec: S", as Docker reads them.
+    let (ours, _, code) = capsid(&["--version"], &scratch);
+    assert_eq!(code, Some(0));
+    let (theirs, _, _) = program(runc, &["--version"], &scratch);
+    let shape = |text: &str| -> Vec<String> {
+        text.lines()
+            .take(3)
+            .map(|l| l.split_whitespace().skip(1).take(1).collect::<String>())
+            .collect()
+    };
+    assert_eq!(shape(&theirs)[0], "version", "{theirs}");
+    assert_eq!(shape(&ours)[0], "version", "{ours}");
+    let prefixes = |text: &str| -> Vec<String> {
+        text.lines()
+            .skip(1)
+            .take(2)
+            .map(|l| l.split(':').next().unwrap_or_default().to_owned())
+            .collect()
+    };
+    assert_eq!(prefixes(&ours), prefixes(&theirs), "{ours}\n{theirs}");
+
+    // features: runc's document, with the same sections.
+    let (ours, err, code) = capsid(&["features"], &scratch);
+    assert_eq!(code, Some(0), "{err}");
+    let (theirs, _, _) = program(runc, &["features"], &scratch);
+    let (ours, theirs): (serde_json::Value, serde_json::Value) = (
+        serde_json::from_str(&ours).unwrap(),
+        serde_json::from_str(&theirs).unwrap(),
+    );
+    assert_eq!(keys(&ours), keys(&theirs));
+    for key in keys(&ours["linux"]) {
+        assert!(
+            theirs["linux"].get(&key).is_some(),
+            "linux.{key} is not runc's"
+        );
+    }
+
+    // state of a created container: runc's fields; the pid is the one in
+    // --pid-file, a live host process that stands for the init.
+    let bundle = oci_bundle(&scratch, "cat /proc/self/oom_score_adj; exec sleep 1000");
+    // runc applies process.oomScoreAdj; so must we.
+    let mut spec = oci_spec::runtime::Spec::load(bundle.join("config.json")).unwrap();
+    let mut process = spec.process().clone().unwrap();
+    process.set_oom_score_adj(Some(123));
+    spec.set_process(Some(process));
+    spec.save(bundle.join("config.json")).unwrap();
+    let bundle = bundle.to_str().unwrap();
+    let root = scratch.join("state");
+    let root = root.to_str().unwrap();
+    let pid_file = scratch.join("pid");
+    let (_, err, code) = capsid(
+        &[
+            "--root",
+            root,
+            "create",
+            "--bundle",
+            bundle,
+            "--pid-file",
+            pid_file.to_str().unwrap(),
+            "c1",
+        ],
+        &scratch,
+    );
+    assert_eq!(code, Some(0), "create: {err}");
+    let runc_root = scratch.join("runc-state");
+    let runc_root = runc_root.to_str().unwrap();
+    let (_, err, code) = program(
+        runc,
+        &["--root", runc_root, "create", "--bundle", bundle, "r1"],
+        &scratch,
+    );
+    assert_eq!(code, Some(0), "runc create: {err}");
+    let (ours, err, code) = capsid(&["state", "--root", root, "c1"], &scratch);
+    assert_eq!(code, Some(0), "{err}");
+    let (theirs, err, code) = program(runc, &["--root", runc_root, "state", "r1"], &scratch);
+    assert_eq!(code, Some(0), "runc state: {err}");
+    let _ = program(
+        runc,
+        &["--root", runc_root, "delete", "--force", "r1"],
+        &scratch,
+    );
+    let (ours, theirs): (serde_json::Value, serde_json::Value) = (
+        serde_json::from_str(&ours).unwrap(),
+        serde_json::from_str(&theirs).unwrap(),
+    );
+    for key in keys(&theirs) {
+        assert!(ours.get(&key).is_some(), "state lacks runc's {key}: {ours}");
+    }
+    assert_eq!(ours["status"], theirs["status"]);
+    let pid = std::fs::read_to_string(&pid_file).unwrap();
+    assert_eq!(
+        ours["pid"].as_u64().map(|p| p.to_string()),
+        Some(pid.clone())
+    );
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    assert_eq!(comm.trim(), "capsid", "the pid stands for the init");
+    let created = ours["created"].as_str().unwrap_or_default();
+    assert!(
+        created.len() > 19 && created.as_bytes()[10] == b'T',
+        "{created}"
+    );
+    // The pid lives as long as the workload.
+    let (_, err, code) = capsid(&["start", "--root", root, "c1"], &scratch);
+    assert_eq!(code, Some(0), "start: {err}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let printed = || std::fs::read_to_string(scratch.join("out-create")).unwrap_or_default();
+    while !printed().contains('\n') {
+        assert!(Instant::now() < deadline, "the workload printed nothing");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(printed().trim(), "123", "process.oomScoreAdj applies");
+    let (_, err, code) = capsid(&["kill", "--root", root, "c1", "KILL"], &scratch);
+    assert_eq!(code, Some(0), "kill: {err}");
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(Instant::now() < deadline, "the pid outlived its workload");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, err, code) = capsid(&["delete", "--root", root, "c1"], &scratch);
+    assert_eq!(code, Some(0), "delete: {err}");
+    assert_eq!(leftovers(), Vec::<String>::new());
+    let _ = std::fs::remove_dir_all(&scratch);
 }
 
 pub(crate) fn oci_status(root: &str, id: &str, scratch: &std::path::Path) -> String {
