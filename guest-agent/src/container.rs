@@ -575,10 +575,12 @@ impl Containers {
             .into_iter()
             .flatten()
         {
-            if ns.path().is_some() {
+            if let Some(path) = ns.path() {
                 return Err(ContainerError::Unsupported(format!(
-                    "joining an existing {:?} namespace by path",
-                    ns.typ()
+                    "linux.namespaces: joining the {} namespace at {} is not supported: \
+                     the container runs in its own micro-VM, whose kernel has no such path",
+                    namespace_name(ns.typ()),
+                    path.display()
                 )));
             }
             match ns.typ() {
@@ -596,7 +598,10 @@ impl Containers {
                 LinuxNamespaceType::Network => {}
                 other => {
                     return Err(ContainerError::Unsupported(format!(
-                        "{other:?} namespaces (the VM is the isolation boundary)"
+                        "linux.namespaces: a {} namespace is not supported yet (the micro-VM is \
+                         the container's isolation boundary); remove it from the spec \
+                         (docker: --userns=host)",
+                        namespace_name(other)
                     )));
                 }
             }
@@ -874,9 +879,25 @@ impl Containers {
     }
 }
 
+/// A namespace's name as the spec spells it (`user`, `network`).
+fn namespace_name(kind: LinuxNamespaceType) -> String {
+    serde_json::to_value(kind)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_else(|| format!("{kind:?}").to_lowercase())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn namespaces_are_named_as_the_spec_spells_them() {
+        // Before: "User namespaces (the VM is the isolation boundary)".
+        assert_eq!(namespace_name(LinuxNamespaceType::User), "user");
+        assert_eq!(namespace_name(LinuxNamespaceType::Network), "network");
+        assert_eq!(namespace_name(LinuxNamespaceType::Mount), "mount");
+    }
 
     #[test]
     fn sharing_namespaces_needs_another_running_container_and_no_own_of_that_kind() {

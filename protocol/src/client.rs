@@ -59,7 +59,9 @@ pub enum ClientError {
     #[error("agent connection")]
     Codec(#[source] CodecError),
     /// The agent answered with an error.
-    #[error("agent refused {call}: {message} ({code:?})")]
+    // The code is for programs (containerd's errdefs); people read the
+    // agent's words.
+    #[error("the guest agent refused {call}: {message}")]
     Agent {
         /// The request.
         call: &'static str,
