@@ -494,6 +494,9 @@ pub fn monitor(root: &Root, args: &MonitorArgs) -> anyhow::Result<ExitCode> {
         )
         .context("cannot make the rootfs image")?;
         let netns = capsid_runtime::spec::network_namespace(&spec);
+        for ignored in capsid_runtime::spec::ignored_settings(&spec) {
+            eprintln!("capsid: warning: {ignored}");
+        }
         let (agent_spec, files) = capsid_runtime::spec::container_spec(spec)?;
         let (sandbox, rootfs) = Sandbox::boot(
             &config,

@@ -172,6 +172,29 @@ pub fn network_namespace(spec: &Spec) -> Option<std::path::PathBuf> {
         .clone()
 }
 
+/// The settings of `spec` that capsid accepts and does not apply, each
+/// with why, for a warning: the guest kernel has no AppArmor or SELinux,
+/// and hooks (host programs) are not run yet.
+pub fn ignored_settings(spec: &Spec) -> Vec<String> {
+    let mut ignored = Vec::new();
+    let set = |value: Option<&String>| value.is_some_and(|v| !v.is_empty());
+    if let Some(process) = spec.process() {
+        if set(process.apparmor_profile().as_ref()) {
+            ignored.push("process.apparmorProfile is ignored: the guest has no AppArmor".into());
+        }
+        if set(process.selinux_label().as_ref()) {
+            ignored.push("process.selinuxLabel is ignored: the guest has no SELinux".into());
+        }
+    }
+    if set(spec.linux().as_ref().and_then(|l| l.mount_label().as_ref())) {
+        ignored.push("linux.mountLabel is ignored: the guest has no SELinux".into());
+    }
+    if spec.hooks().is_some() {
+        ignored.push("hooks are not run: capsid does not run OCI hooks yet".into());
+    }
+    ignored
+}
+
 /// The bundle's spec as the agent should apply it in the guest, and the
 /// host files copied in for its `file:N` mounts.
 pub fn container_spec(mut spec: Spec) -> Result<(Spec, Vec<Vec<u8>>), SpecError> {
@@ -836,6 +859,21 @@ mod tests {
         );
         let mut alone = spec.clone();
         assert!(pod_namespaces(&mut alone, "pod", 42).unwrap().is_none());
+    }
+
+    #[test]
+    fn settings_capsid_does_not_apply_are_named() {
+        let mut spec: serde_json::Value = serde_json::to_value(Spec::default()).unwrap();
+        assert!(ignored_settings(&Spec::default()).is_empty());
+        spec["process"]["apparmorProfile"] = "docker-default".into();
+        spec["linux"]["mountLabel"] = "system_u:object_r:container_file_t:s0".into();
+        spec["hooks"] = serde_json::json!({"prestart": [{"path": "/bin/true"}]});
+        let spec: Spec = serde_json::from_value(spec).unwrap();
+        let ignored = ignored_settings(&spec).join("; ");
+        for field in ["process.apparmorProfile", "linux.mountLabel", "hooks"] {
+            assert!(ignored.contains(field), "{ignored}");
+        }
+        assert!(!ignored.contains("selinuxLabel"), "{ignored}");
     }
 
     #[test]

@@ -226,6 +226,9 @@ impl Task {
         let disk = config.disk_for(&spec)?;
         let root_path = capsid_runtime::spec::root_path(&spec);
         let netns = capsid_runtime::spec::network_namespace(&spec);
+        for ignored in capsid_runtime::spec::ignored_settings(&spec) {
+            log::warn!("{id}: {ignored}");
+        }
         let (mut agent_spec, files) = capsid_runtime::spec::container_spec(spec)?;
         let mut share = None;
         let image = vms.image(bundle, mounts, &root_path)?;
