@@ -55,6 +55,10 @@ enum Verb {
     Delete(oci::DeleteArgs),
     /// OCI: run a process in a running container, attached.
     Exec(oci::ExecArgs),
+    /// OCI: freeze every process of a running container.
+    Pause(oci::IdArgs),
+    /// OCI: thaw a paused container.
+    Resume(oci::IdArgs),
     /// OCI: print what this runtime supports, as JSON (runc's `features`).
     Features,
     /// Measure start-up, footprint and throughput against peers (runs
@@ -125,6 +129,8 @@ fn main() -> ExitCode {
         Some(Verb::Kill(args)) => oci::kill(root, &args),
         Some(Verb::Delete(args)) => oci::delete(root, &args),
         Some(Verb::Exec(args)) => oci::exec(root, &args),
+        Some(Verb::Pause(args)) => oci::pause(root, &args),
+        Some(Verb::Resume(args)) => oci::resume(root, &args),
         Some(Verb::Features) => oci::features(),
         Some(Verb::Monitor(args)) => oci::monitor(root, &args),
         Some(Verb::Bench { args }) => bench(&args),

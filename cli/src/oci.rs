@@ -342,6 +342,7 @@ fn monitor_alive(pid: u32, dir: &Path) -> bool {
 enum Status {
     Created,
     Running,
+    Paused,
     Stopped,
 }
 
@@ -350,14 +351,47 @@ impl Status {
         match self {
             Self::Created => "created",
             Self::Running => "running",
+            Self::Paused => "paused",
             Self::Stopped => "stopped",
         }
     }
 }
 
+/// Present in a container's directory while `pause` has frozen it.
+const PAUSED: &str = "paused";
+
+/// `pause ID`: freezes every process of a running container (its cgroup
+/// in the guest), as runc's.
+pub fn pause(root: &Root, args: &IdArgs) -> anyhow::Result<ExitCode> {
+    let dir = root.dir(&args.id)?;
+    let state = read_state(&dir)?;
+    match status(&dir, &state) {
+        Status::Running => {}
+        other => bail!("container {} is {}, not running", args.id, other.name()),
+    }
+    sandbox(&dir, &state)?.agent().freeze(&args.id, true)?;
+    std::fs::write(dir.join(PAUSED), b"")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `resume ID`: thaws a paused container.
+pub fn resume(root: &Root, args: &IdArgs) -> anyhow::Result<ExitCode> {
+    let dir = root.dir(&args.id)?;
+    let state = read_state(&dir)?;
+    match status(&dir, &state) {
+        Status::Paused => {}
+        other => bail!("container {} is {}, not paused", args.id, other.name()),
+    }
+    sandbox(&dir, &state)?.agent().freeze(&args.id, false)?;
+    std::fs::remove_file(dir.join(PAUSED))?;
+    Ok(ExitCode::SUCCESS)
+}
+
 fn status(dir: &Path, state: &State) -> Status {
     if state.exit_status.is_some() || !monitor_alive(state.monitor_pid, dir) {
         Status::Stopped
+    } else if dir.join(PAUSED).exists() {
+        Status::Paused
     } else if dir.join("started").exists() {
         Status::Running
     } else {
@@ -725,10 +759,12 @@ pub fn delete(root: &Root, args: &DeleteArgs) -> anyhow::Result<ExitCode> {
         Err(_) if dir.is_dir() => State::default(),
         Err(e) => return Err(e),
     };
-    if status(&dir, &state) == Status::Running && !args.force {
+    let now = status(&dir, &state);
+    if matches!(now, Status::Running | Status::Paused) && !args.force {
         bail!(
-            "container {} is running: kill it first or use --force",
-            args.id
+            "container {} is {}: kill it first or use --force",
+            args.id,
+            now.name()
         );
     }
     if monitor_alive(state.monitor_pid, &dir) {
@@ -755,8 +791,11 @@ pub fn delete(root: &Root, args: &DeleteArgs) -> anyhow::Result<ExitCode> {
 pub fn exec(root: &Root, args: &ExecArgs) -> anyhow::Result<ExitCode> {
     let dir = root.dir(&args.id)?;
     let state = read_state(&dir)?;
-    if status(&dir, &state) != Status::Running {
-        bail!("container {} is not running", args.id);
+    match status(&dir, &state) {
+        Status::Running => {}
+        // Its process would join the frozen cgroup and hang.
+        Status::Paused => bail!("container {} is paused; resume it first", args.id),
+        _ => bail!("container {} is not running", args.id),
     }
     let mut process = match &args.process {
         Some(path) => {

@@ -89,6 +89,18 @@ pub fn settings(resources: &LinuxResources) -> Vec<(&'static str, String)> {
     out
 }
 
+/// How long a freeze or a thaw may take to complete.
+pub const FREEZE_WAIT: Duration = Duration::from_secs(10);
+
+/// `frozen` of a `cgroup.events` file, if it has one.
+fn is_frozen(events: &str) -> Option<bool> {
+    events.lines().find_map(|line| match line.split_once(' ') {
+        Some(("frozen", "1")) => Some(true),
+        Some(("frozen", "0")) => Some(false),
+        _ => None,
+    })
+}
+
 impl Cgroup {
     /// Makes the cgroup and applies the limits.
     pub fn create(id: &str, resources: Option<&LinuxResources>) -> Result<Self, CgroupError> {
@@ -161,6 +173,33 @@ impl Cgroup {
         Ok(())
     }
 
+    /// Freezes or thaws every process in it (`cgroup.freeze`) and waits,
+    /// up to [`FREEZE_WAIT`], until `cgroup.events` says it is done: a
+    /// process in an uninterruptible sleep freezes only when it wakes.
+    pub fn freeze(&self, frozen: bool) -> Result<(), CgroupError> {
+        let value = if frozen { "1" } else { "0" };
+        let error = |what: &str| {
+            let (path, what) = (self.path.display().to_string(), what.to_owned());
+            move |source| CgroupError { path, what, source }
+        };
+        fs::write(self.path.join("cgroup.freeze"), value)
+            .map_err(error(&format!("write {value} to cgroup.freeze")))?;
+        let deadline = std::time::Instant::now() + FREEZE_WAIT;
+        loop {
+            let events = fs::read_to_string(self.path.join("cgroup.events"))
+                .map_err(error("read cgroup.events"))?;
+            if is_frozen(&events) == Some(frozen) {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(error(&format!(
+                    "wait for cgroup.events to say frozen {value}"
+                ))(io::Error::from(io::ErrorKind::TimedOut)));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     pub fn stats(&self) -> ContainerStats {
         let read = |file: &str| fs::read_to_string(self.path.join(file)).unwrap_or_default();
         let number = |file: &str| read(file).trim().parse().unwrap_or(0);
@@ -197,6 +236,14 @@ impl Cgroup {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_frozen_state_is_read_from_cgroup_events() {
+        assert_eq!(is_frozen("populated 1\nfrozen 1\n"), Some(true));
+        assert_eq!(is_frozen("populated 1\nfrozen 0\n"), Some(false));
+        assert_eq!(is_frozen("populated 0\n"), None);
+        assert_eq!(is_frozen("frozen 2\n"), None);
+    }
 
     #[test]
     fn a_container_without_a_memory_limit_is_bounded_by_the_guest() {

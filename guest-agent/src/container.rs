@@ -841,6 +841,13 @@ impl Containers {
         Ok(())
     }
 
+    /// Freezes or thaws every process of container `id`.
+    pub fn freeze(&self, id: &str, frozen: bool) -> Result<(), ContainerError> {
+        self.container(id)?.cgroup.freeze(frozen)?;
+        tracing::info!(container = %id, frozen, "container frozen or thawed");
+        Ok(())
+    }
+
     pub(crate) fn pids(&self, id: &str) -> Result<Vec<u32>, ContainerError> {
         Ok(self.container(id)?.cgroup.pids())
     }

@@ -114,6 +114,13 @@ fn dispatch(sandbox: &Containers, request: Request) -> Result<Response, Containe
             sandbox.update(&container_id, &resources)?;
             Response::Ok
         }
+        Request::Freeze {
+            container_id,
+            frozen,
+        } => {
+            sandbox.freeze(&container_id, frozen)?;
+            Response::Ok
+        }
         Request::ListProcesses { container_id } => Response::Processes {
             pids: sandbox.pids(&container_id)?,
         },

@@ -397,6 +397,19 @@ impl AgentClient {
         }
     }
 
+    /// Freezes or thaws every process of the container.
+    pub fn freeze(&self, container_id: &str, frozen: bool) -> Result<(), ClientError> {
+        let call = "Freeze";
+        let request = Request::Freeze {
+            container_id: container_id.into(),
+            frozen,
+        };
+        match self.call(call, &request)? {
+            Response::Ok => Ok(()),
+            other => Err(bad_reply(call, &other)),
+        }
+    }
+
     /// The guest pids of the container's processes.
     pub fn list_processes(&self, container_id: &str) -> Result<Vec<u32>, ClientError> {
         let call = "ListProcesses";

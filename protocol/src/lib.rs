@@ -39,7 +39,7 @@ pub use codec::{CodecError, read_frame, write_frame};
 pub use messages::*;
 
 /// Bumped on any change a peer of the other version would misread.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 /// The agent's vsock port unless `capsid.port=` says otherwise.
 pub const DEFAULT_AGENT_PORT: u32 = 1024;
 /// The largest frame either side sends or accepts: an OCI spec with a large

@@ -312,6 +312,15 @@ pub enum Request {
         /// The limits, as OCI's `linux.resources`.
         resources: Box<LinuxResources>,
     },
+    /// Freezes (`frozen`) or thaws every process of the container (its
+    /// cgroup's `cgroup.freeze`); answers once the cgroup says it is.
+    /// Answer: `Ok`.
+    Freeze {
+        /// The container.
+        container_id: String,
+        /// Frozen, or thawed.
+        frozen: bool,
+    },
     /// The guest pids of the container's processes. Answer: `Processes`.
     ListProcesses {
         /// The container.
@@ -703,6 +712,10 @@ pub(crate) mod tests {
             },
             Request::ListProcesses {
                 container_id: "c1".into(),
+            },
+            Request::Freeze {
+                container_id: "c1".into(),
+                frozen: true,
             },
             Request::RemoveContainer {
                 container_id: "c1".into(),

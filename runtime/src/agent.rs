@@ -49,6 +49,8 @@ pub trait Agent: Send + Sync + std::fmt::Debug {
         container_id: &str,
         resources: LinuxResources,
     ) -> Result<(), ClientError>;
+    /// Freezes or thaws every process of the container.
+    fn freeze(&self, container_id: &str, frozen: bool) -> Result<(), ClientError>;
     /// The guest pids of the container's processes.
     fn list_processes(&self, container_id: &str) -> Result<Vec<u32>, ClientError>;
     /// Kills what is left of the container and removes it.
@@ -121,6 +123,10 @@ impl Agent for AgentClient {
         resources: LinuxResources,
     ) -> Result<(), ClientError> {
         AgentClient::update_resources(self, container_id, resources)
+    }
+
+    fn freeze(&self, container_id: &str, frozen: bool) -> Result<(), ClientError> {
+        AgentClient::freeze(self, container_id, frozen)
     }
 
     fn list_processes(&self, container_id: &str) -> Result<Vec<u32>, ClientError> {

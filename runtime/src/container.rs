@@ -168,6 +168,8 @@ pub struct Container<Io = ()> {
     /// Its init process.
     pub init: Arc<Process<Io>>,
     execs: Mutex<HashMap<String, Arc<Process<Io>>>>,
+    /// Whether its processes are frozen ([`Container::pause`]).
+    paused: std::sync::atomic::AtomicBool,
 }
 
 impl<Io: ProcessIo> Container<Io> {
@@ -183,7 +185,42 @@ impl<Io: ProcessIo> Container<Io> {
             disk,
             init: Arc::new(init),
             execs: Mutex::new(HashMap::new()),
+            paused: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Freezes every process of the container in the guest (its cgroup),
+    /// as runc's `pause`; only a running container can be paused.
+    pub fn pause(&self) -> Result<(), SandboxError> {
+        if self.init.state() != ProcState::Running {
+            return Err(SandboxError::NotRunning(self.id.clone()));
+        }
+        self.agent()
+            .freeze(&self.id, true)
+            .map_err(|e| self.sandbox.explain(e))?;
+        self.paused
+            .store(true, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
+    /// Thaws what [`Container::pause`] froze.
+    pub fn resume(&self) -> Result<(), SandboxError> {
+        if !self.paused() {
+            return Err(SandboxError::NotPaused(self.id.clone()));
+        }
+        self.agent()
+            .freeze(&self.id, false)
+            .map_err(|e| self.sandbox.explain(e))?;
+        self.paused
+            .store(false, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
+    /// Whether its processes are frozen; a container whose init has ended
+    /// is not.
+    pub fn paused(&self) -> bool {
+        self.paused.load(std::sync::atomic::Ordering::Acquire)
+            && self.init.state() == ProcState::Running
     }
 
     /// The sandbox (VM) it runs in.
@@ -204,6 +241,9 @@ impl<Io: ProcessIo> Container<Io> {
         stdio: StdioRequest,
         attach: impl FnOnce(&dyn Agent, &ProcessRef) -> Result<Io, E>,
     ) -> Result<Arc<Process<Io>>, E> {
+        if self.paused() {
+            return Err(SandboxError::Paused(self.id.clone()).into());
+        }
         let process = ProcessRef::exec(&self.id, exec_id);
         let pid = self
             .agent()
@@ -387,6 +427,45 @@ mod tests {
             .start(proc, move |exit| tx.send(exit.status).unwrap())
             .unwrap();
         rx
+    }
+
+    #[test]
+    fn only_a_running_container_pauses_and_only_a_paused_one_resumes() {
+        let (container, agent, _) = container();
+        let init = Arc::clone(&container.init);
+        assert!(matches!(
+            container.pause(),
+            Err(SandboxError::NotRunning(_))
+        ));
+        let exited = exits(&container, &init);
+        assert!(matches!(
+            container.resume(),
+            Err(SandboxError::NotPaused(_))
+        ));
+        container.pause().unwrap();
+        assert!(container.paused());
+        container.resume().unwrap();
+        assert!(!container.paused());
+        container.pause().unwrap();
+        // An exec would join the frozen cgroup and hang: refused.
+        let exec = container.exec(
+            "e1",
+            oci_spec::runtime::Process::default(),
+            StdioRequest::default(),
+            |_, _| Ok::<_, SandboxError>(()),
+        );
+        assert!(matches!(exec, Err(SandboxError::Paused(_))), "{exec:?}");
+        let calls = agent.calls();
+        assert_eq!(
+            calls.iter().filter(|c| c.starts_with("Freeze")).count(),
+            3,
+            "{calls:?}"
+        );
+        assert!(calls.contains(&"Freeze c1 false".to_owned()), "{calls:?}");
+        // A container whose init ended is no longer paused.
+        agent.exit(&init.process, ExitStatus::Code(0));
+        assert_eq!(exited.recv_timeout(Duration::from_secs(5)), Ok(0));
+        assert!(!container.paused());
     }
 
     #[test]

@@ -309,6 +309,11 @@ impl Agent for FakeAgent {
             .map(drop)
     }
 
+    fn freeze(&self, container_id: &str, frozen: bool) -> Result<(), ClientError> {
+        self.enter("Freeze", format!("{container_id} {frozen}"))
+            .map(drop)
+    }
+
     fn list_processes(&self, container_id: &str) -> Result<Vec<u32>, ClientError> {
         self.enter("ListProcesses", container_id.to_owned())
             .map(|_| vec![1])

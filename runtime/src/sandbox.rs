@@ -83,6 +83,15 @@ pub enum SandboxError {
     /// The process was started before.
     #[error("process {0} was already started")]
     AlreadyStarted(ProcessRef),
+    /// Only a running container can be paused.
+    #[error("container {0} is not running")]
+    NotRunning(String),
+    /// A paused container takes no new process.
+    #[error("container {0} is paused; resume it first")]
+    Paused(String),
+    /// Only a paused container can be resumed.
+    #[error("container {0} is not paused")]
+    NotPaused(String),
     /// No entropy for a restored guest.
     #[error("cannot read entropy for a restored guest from /dev/urandom")]
     Entropy(#[source] std::io::Error),

@@ -19,7 +19,8 @@ use capsid_runtime::protocol::ErrorCode;
 use capsid_runtime::{Config, Exit, ProcState, SandboxError};
 use containerd_shim::event::Event;
 use containerd_shim::protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskStart,
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
+    TaskResumed, TaskStart,
 };
 use containerd_shim::protos::protobuf::MessageDyn;
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
@@ -53,7 +54,12 @@ fn internal(e: &dyn std::error::Error) -> ttrpc::Error {
 /// The agent's refusal keeps its meaning for containerd.
 fn from_container(e: ContainerError) -> ttrpc::Error {
     let code = match &e {
-        ContainerError::Sandbox(SandboxError::AlreadyStarted(_)) => Code::FAILED_PRECONDITION,
+        ContainerError::Sandbox(
+            SandboxError::AlreadyStarted(_)
+            | SandboxError::NotRunning(_)
+            | SandboxError::NotPaused(_)
+            | SandboxError::Paused(_),
+        ) => Code::FAILED_PRECONDITION,
         ContainerError::Sandbox(SandboxError::Finished(_)) => Code::NOT_FOUND,
         ContainerError::Sandbox(e) => match e.agent_code() {
             Some(ErrorCode::InvalidArgument) => Code::INVALID_ARGUMENT,
@@ -376,6 +382,8 @@ impl Service {
         };
         response.status = match proc.state() {
             ProcState::Created => Status::CREATED,
+            // Every process of a paused container is frozen.
+            ProcState::Running if container.container.paused() => Status::PAUSED,
             ProcState::Running => Status::RUNNING,
             ProcState::Stopped { status, at } => {
                 response.exit_status = status;
@@ -461,6 +469,28 @@ impl Service {
         if req.stdin {
             proc.io.copiers.close_stdin();
         }
+        Ok(api::Empty::new())
+    }
+
+    /// Freezes every process of the container (runc's pause).
+    pub fn pause(&self, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
+        let container = self.container(&req.id)?;
+        container.container.pause().map_err(from_sandbox)?;
+        self.publish(TaskPaused {
+            container_id: req.id.clone(),
+            ..Default::default()
+        });
+        Ok(api::Empty::new())
+    }
+
+    /// Thaws a paused container.
+    pub fn resume(&self, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
+        let container = self.container(&req.id)?;
+        container.container.resume().map_err(from_sandbox)?;
+        self.publish(TaskResumed {
+            container_id: req.id.clone(),
+            ..Default::default()
+        });
         Ok(api::Empty::new())
     }
 
@@ -605,6 +635,14 @@ impl containerd_shim::Task for Service {
 
     fn update(&self, _ctx: &TtrpcContext, req: api::UpdateTaskRequest) -> TtrpcResult<api::Empty> {
         Service::update(self, req)
+    }
+
+    fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
+        Service::pause(self, req)
+    }
+
+    fn resume(&self, _ctx: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
+        Service::resume(self, req)
     }
 
     fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
@@ -850,6 +888,56 @@ mod tests {
             ["RemoveContainer c1".to_owned(), "Shutdown".to_owned()]
         );
         assert_eq!(code(h.delete("c1", "")), Code::NOT_FOUND);
+    }
+
+    #[test]
+    fn a_running_task_pauses_and_resumes_with_its_events() {
+        // Before, containerd answered "Pause is not supported" for us.
+        let h = harness();
+        h.create("c1", h.bundle.path()).unwrap();
+        let pause = || {
+            h.service.pause(api::PauseRequest {
+                id: "c1".into(),
+                ..Default::default()
+            })
+        };
+        let resume = || {
+            h.service.resume(api::ResumeRequest {
+                id: "c1".into(),
+                ..Default::default()
+            })
+        };
+        let status = || {
+            h.service
+                .state(api::StateRequest {
+                    id: "c1".into(),
+                    ..Default::default()
+                })
+                .unwrap()
+                .status
+                .enum_value()
+        };
+        assert_eq!(
+            code(pause()),
+            Code::FAILED_PRECONDITION,
+            "created, not running"
+        );
+        h.start("c1", "").unwrap();
+        assert_eq!(code(resume()), Code::FAILED_PRECONDITION, "not paused");
+        pause().unwrap();
+        assert_eq!(status(), Ok(Status::PAUSED));
+        resume().unwrap();
+        assert_eq!(status(), Ok(Status::RUNNING));
+        assert_eq!(
+            h.topics(),
+            [
+                "/tasks/create",
+                "/tasks/start",
+                "/tasks/paused",
+                "/tasks/resumed"
+            ]
+        );
+        assert!(h.agent.calls().contains(&"Freeze c1 true".to_owned()));
     }
 
     #[test]

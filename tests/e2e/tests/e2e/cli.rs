@@ -1302,6 +1302,22 @@ fn capsid_version_features_and_state_read_as_runcs() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(printed().trim(), "123", "process.oomScoreAdj applies");
+    // pause freezes the container (an exec is refused meanwhile), resume
+    // thaws it; state says so, as runc's.
+    let (_, err, code) = capsid(&["pause", "--root", root, "c1"], &scratch);
+    assert_eq!(code, Some(0), "pause: {err}");
+    assert_eq!(oci_status(root, "c1", &scratch), "paused");
+    let (_, err, code) = capsid(&["exec", "--root", root, "c1", "--", "true"], &scratch);
+    assert_eq!(code, Some(125));
+    assert!(err.contains("paused"), "{err}");
+    let (_, err, code) = capsid(&["resume", "--root", root, "c1"], &scratch);
+    assert_eq!(code, Some(0), "resume: {err}");
+    assert_eq!(oci_status(root, "c1", &scratch), "running");
+    let (out, err, code) = capsid(
+        &["exec", "--root", root, "c1", "--", "echo", "thawed"],
+        &scratch,
+    );
+    assert_eq!((out.as_str(), code), ("thawed\n", Some(0)), "exec: {err}");
     let (_, err, code) = capsid(&["kill", "--root", root, "c1", "KILL"], &scratch);
     assert_eq!(code, Some(0), "kill: {err}");
     while std::path::Path::new(&format!("/proc/{pid}")).exists() {

@@ -325,6 +325,27 @@ fn ctr_task_exec_ps_metrics_kill_delete_and_deaths_leave_nothing() {
     let exec = containerd.ctr_with_input(&["task", "exec", "--exec-id", "e2", "d1", "cat"], input);
     assert_eq!(exec.stdout, input, "{}", text(&exec.stderr));
 
+    // pause freezes the task's processes in the guest, resume thaws them
+    // (containerd answered "Pause is not supported" before).
+    containerd.ctr_ok(&["task", "pause", "d1"]);
+    let tasks = containerd.ctr_ok(&["task", "ls"]);
+    assert!(
+        tasks
+            .lines()
+            .any(|l| l.starts_with("d1 ") && l.contains("PAUSED")),
+        "{tasks}"
+    );
+    containerd.ctr_ok(&["task", "resume", "d1"]);
+    let tasks = containerd.ctr_ok(&["task", "ls"]);
+    assert!(
+        tasks
+            .lines()
+            .any(|l| l.starts_with("d1 ") && l.contains("RUNNING")),
+        "{tasks}"
+    );
+    let exec = containerd.ctr(&["task", "exec", "--exec-id", "e3", "d1", "true"]);
+    assert!(exec.status.success(), "{}", text(&exec.stderr));
+
     // containerd sees host pids only: the VM's (its VMM's), never the
     // guest's own, which name other processes on the host.
     let ps = containerd.ctr_ok(&["task", "ps", "d1"]);
