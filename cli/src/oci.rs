@@ -40,6 +40,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::run::{Artifacts, parse_env, parse_user};
 use crate::{attach, workload};
+use capsid_runtime::hooks;
 
 const DEFAULT_ROOT: &str = "/run/capsid/oci";
 /// The fd the monitor's ready pipe arrives on.
@@ -509,6 +510,9 @@ pub fn monitor(root: &Root, args: &MonitorArgs) -> anyhow::Result<ExitCode> {
     let set_up = || -> anyhow::Result<(Arc<Sandbox>, Container<Copies>)> {
         let config = args.artifacts.config()?;
         let spec = capsid_runtime::spec::load(&args.bundle.join("config.json"))?;
+        // Before anything is made: hooks capsid cannot run are refused.
+        hooks::check(&spec)?;
+        let hook_spec = spec.clone();
         if spec
             .process()
             .as_ref()
@@ -582,6 +586,12 @@ pub fn monitor(root: &Root, args: &MonitorArgs) -> anyhow::Result<ExitCode> {
             exit_status: None,
         };
         write_state(&dir, &state)?;
+        // runc's order: prestart, then createRuntime, once the container
+        // exists; a failure fails create, which then leaves nothing.
+        let json = oci_state(&state, Status::Created, Some(&hook_spec));
+        for phase in [hooks::Phase::Prestart, hooks::Phase::CreateRuntime] {
+            hooks::run(&hook_spec, phase, &json)?;
+        }
         Ok((sandbox, container))
     };
     let (sandbox, container) = match set_up() {
@@ -680,6 +690,13 @@ pub fn start(root: &Root, args: &IdArgs) -> anyhow::Result<ExitCode> {
         .agent()
         .start_process(&ProcessRef::init(&args.id))?;
     std::fs::write(dir.join("started"), b"")?;
+    // A poststart hook's failure is a warning (the spec's rule).
+    if let Ok(spec) = Spec::load(state.bundle.join("config.json")) {
+        let json = oci_state(&state, Status::Running, Some(&spec));
+        if let Err(e) = hooks::run(&spec, hooks::Phase::Poststart, &json) {
+            eprintln!("capsid: warning: {}", capsid_base::error_chain(&e));
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -687,16 +704,22 @@ pub fn state(root: &Root, args: &IdArgs) -> anyhow::Result<ExitCode> {
     let dir = root.dir(&args.id)?;
     let state = read_state(&dir)?;
     let status = status(&dir, &state);
-    let annotations = Spec::load(state.bundle.join("config.json"))
-        .ok()
+    let spec = Spec::load(state.bundle.join("config.json")).ok();
+    let json = oci_state(&state, status, spec.as_ref());
+    println!("{}", serde_json::to_string_pretty(&json)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The container's state as runc prints it and as hooks get it on stdin.
+fn oci_state(state: &State, status: Status, spec: Option<&Spec>) -> serde_json::Value {
+    let annotations = spec
         .and_then(|s| s.annotations().clone())
         .unwrap_or_default();
-    let rootfs = Spec::load(state.bundle.join("config.json"))
-        .ok()
-        .map(|s| state.bundle.join(capsid_runtime::spec::root_path(&s)))
+    let rootfs = spec
+        .map(|s| state.bundle.join(capsid_runtime::spec::root_path(s)))
         .unwrap_or_default();
     let created = rfc3339(UNIX_EPOCH + Duration::from_secs(state.created));
-    let json = serde_json::json!({
+    serde_json::json!({
         "ociVersion": OCI_VERSION,
         "id": state.id,
         // The monitor stands for the container's init on the host: it
@@ -708,9 +731,7 @@ pub fn state(root: &Root, args: &IdArgs) -> anyhow::Result<ExitCode> {
         "created": created,
         "owner": "",
         "annotations": annotations,
-    });
-    println!("{}", serde_json::to_string_pretty(&json)?);
-    Ok(ExitCode::SUCCESS)
+    })
 }
 
 fn parse_signal(text: &str) -> anyhow::Result<i32> {
@@ -785,6 +806,15 @@ pub fn delete(root: &Root, args: &DeleteArgs) -> anyhow::Result<ExitCode> {
         .confinement();
     capsid_runtime::vm::kill_orphans(&dir, &confinement);
     std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+    // poststop, once the container is gone; a failure is a warning.
+    if !state.id.is_empty()
+        && let Ok(spec) = Spec::load(state.bundle.join("config.json"))
+    {
+        let json = oci_state(&state, Status::Stopped, Some(&spec));
+        if let Err(e) = hooks::run(&spec, hooks::Phase::Poststop, &json) {
+            eprintln!("capsid: warning: {}", capsid_base::error_chain(&e));
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 

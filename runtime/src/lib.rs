@@ -12,6 +12,7 @@ pub mod confine;
 pub mod container;
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;
+pub mod hooks;
 pub mod nat;
 pub mod network;
 pub mod sandbox;

@@ -31,7 +31,8 @@
 //! container writes there, the container does not see what changes on the
 //! host later (a config map's update, a rotated token), and each container
 //! has a copy of its own (an emptyDir is not shared between a pod's
-//! containers). Hooks name host programs and are dropped.
+//! containers). Hooks name host programs and never reach the guest
+//! (capsid's OCI verbs run the host's, `hooks.rs`).
 
 use capsid_protocol::{
     FILE_SOURCE, MAX_COPIED_BYTES, MAX_COPIED_FILES, MAX_TREE_ENTRIES, SharedNamespace,
@@ -173,8 +174,7 @@ pub fn network_namespace(spec: &Spec) -> Option<std::path::PathBuf> {
 }
 
 /// The settings of `spec` that capsid accepts and does not apply, each
-/// with why, for a warning: the guest kernel has no AppArmor or SELinux,
-/// and hooks (host programs) are not run yet.
+/// with why, for a warning: the guest kernel has no AppArmor or SELinux.
 pub fn ignored_settings(spec: &Spec) -> Vec<String> {
     let mut ignored = Vec::new();
     let set = |value: Option<&String>| value.is_some_and(|v| !v.is_empty());
@@ -188,9 +188,6 @@ pub fn ignored_settings(spec: &Spec) -> Vec<String> {
     }
     if set(spec.linux().as_ref().and_then(|l| l.mount_label().as_ref())) {
         ignored.push("linux.mountLabel is ignored: the guest has no SELinux".into());
-    }
-    if spec.hooks().is_some() {
-        ignored.push("hooks are not run: capsid does not run OCI hooks yet".into());
     }
     ignored
 }
@@ -867,10 +864,9 @@ mod tests {
         assert!(ignored_settings(&Spec::default()).is_empty());
         spec["process"]["apparmorProfile"] = "docker-default".into();
         spec["linux"]["mountLabel"] = "system_u:object_r:container_file_t:s0".into();
-        spec["hooks"] = serde_json::json!({"prestart": [{"path": "/bin/true"}]});
         let spec: Spec = serde_json::from_value(spec).unwrap();
         let ignored = ignored_settings(&spec).join("; ");
-        for field in ["process.apparmorProfile", "linux.mountLabel", "hooks"] {
+        for field in ["process.apparmorProfile", "linux.mountLabel"] {
             assert!(ignored.contains(field), "{ignored}");
         }
         assert!(!ignored.contains("selinuxLabel"), "{ignored}");

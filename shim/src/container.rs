@@ -229,6 +229,11 @@ impl Task {
         for ignored in capsid_runtime::spec::ignored_settings(&spec) {
             log::warn!("{id}: {ignored}");
         }
+        if spec.hooks().is_some() {
+            // containerd runs no hooks through a v2 shim's spec; capsid's
+            // OCI verbs run them (capsid_runtime::hooks).
+            log::warn!("{id}: the spec's hooks are not run by the shim");
+        }
         let (mut agent_spec, files) = capsid_runtime::spec::container_spec(spec)?;
         let mut share = None;
         let image = vms.image(bundle, mounts, &root_path)?;

@@ -1360,6 +1360,22 @@ fn capsid_oci_verbs_follow_runcs_conventions() {
     }
     let scratch = tempfile_dir("capsid-oci-test");
     let bundle = oci_bundle(&scratch, "echo started; exec sleep 1000");
+    // Host hooks, as runc runs them: each writes its name, its argument and
+    // the id and status of the state on its stdin.
+    let hooked = scratch.join("hooks.log");
+    let hook = |name: &str| {
+        serde_json::json!({"path": "/bin/sh", "args": ["sh", "-c",
+            format!(r#"read -r s; echo "$0 $(echo "$s" | tr -d '{{}}' | tr ',' '\n' | grep -E '"(id|status)"' | tr '\n' ' ')" >> {}"#,
+                hooked.display()), name]})
+    };
+    let mut spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(bundle.join("config.json")).unwrap()).unwrap();
+    spec["hooks"] = serde_json::json!({
+        "createRuntime": [hook("createRuntime")],
+        "poststart": [hook("poststart")],
+        "poststop": [hook("poststop")],
+    });
+    std::fs::write(bundle.join("config.json"), spec.to_string()).unwrap();
     let root = scratch.join("state");
     let root = root.to_str().unwrap();
     let bundle = bundle.to_str().unwrap();
@@ -1413,6 +1429,44 @@ fn capsid_oci_verbs_follow_runcs_conventions() {
     let (_, err, code) = capsid(&["state", "--root", root, "c1"], &scratch);
     assert_eq!(code, Some(125));
     assert!(err.contains("does not exist"), "{err}");
+    let ran = std::fs::read_to_string(&hooked).unwrap_or_default();
+    let ran: Vec<&str> = ran.lines().map(str::trim).collect();
+    assert_eq!(
+        ran,
+        [
+            r#"createRuntime "id":"c1" "status":"created""#,
+            r#"poststart "id":"c1" "status":"running""#,
+            r#"poststop "id":"c1" "status":"stopped""#,
+        ],
+        "hooks ran in order with the state"
+    );
+    // A failing createRuntime hook fails create, which leaves nothing.
+    spec["hooks"] = serde_json::json!({"createRuntime": [
+        {"path": "/bin/sh", "args": ["sh", "-c", "echo no network for you >&2; exit 7"]}
+    ]});
+    std::fs::write(
+        std::path::Path::new(bundle).join("config.json"),
+        spec.to_string(),
+    )
+    .unwrap();
+    let (_, err, code) = capsid(
+        &["create", "--root", root, "--bundle", bundle, "c3"],
+        &scratch,
+    );
+    assert_eq!(code, Some(125), "{err}");
+    assert!(
+        err.contains("hooks.createRuntime[0] (/bin/sh) failed: exit status: 7")
+            && err.contains("no network for you"),
+        "{err}"
+    );
+    assert!(!std::path::Path::new(root).join("c3").exists());
+    assert_eq!(leftovers(), Vec::<String>::new());
+    spec["hooks"] = serde_json::Value::Null;
+    std::fs::write(
+        std::path::Path::new(bundle).join("config.json"),
+        spec.to_string(),
+    )
+    .unwrap();
 
     // delete --force takes a running container's VM down.
     let (_, err, code) = capsid(
