@@ -55,6 +55,8 @@ enum Verb {
     Delete(oci::DeleteArgs),
     /// OCI: run a process in a running container, attached.
     Exec(oci::ExecArgs),
+    /// OCI: new cgroup limits for a container (memory, CPU, pids).
+    Update(oci::UpdateArgs),
     /// OCI: freeze every process of a running container.
     Pause(oci::IdArgs),
     /// OCI: thaw a paused container.
@@ -129,6 +131,7 @@ fn main() -> ExitCode {
         Some(Verb::Kill(args)) => oci::kill(root, &args),
         Some(Verb::Delete(args)) => oci::delete(root, &args),
         Some(Verb::Exec(args)) => oci::exec(root, &args),
+        Some(Verb::Update(args)) => oci::update(root, &args),
         Some(Verb::Pause(args)) => oci::pause(root, &args),
         Some(Verb::Resume(args)) => oci::resume(root, &args),
         Some(Verb::Features) => oci::features(),

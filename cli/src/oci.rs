@@ -262,6 +262,33 @@ pub struct KillArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct UpdateArgs {
+    /// The new limits as OCI `linux.resources` JSON, from FILE or `-`
+    /// (stdin), as Docker's `docker update` passes them.
+    #[arg(long, short = 'r', value_name = "FILE")]
+    resources: Option<PathBuf>,
+    /// Memory limit in bytes.
+    #[arg(long, short = 'm')]
+    memory: Option<i64>,
+    /// Memory plus swap limit in bytes.
+    #[arg(long)]
+    memory_swap: Option<i64>,
+    /// CPU weight in cgroup v1 shares.
+    #[arg(long)]
+    cpu_shares: Option<u64>,
+    /// CPU CFS period in microseconds.
+    #[arg(long)]
+    cpu_period: Option<u64>,
+    /// CPU CFS quota in microseconds.
+    #[arg(long)]
+    cpu_quota: Option<i64>,
+    /// Most processes the container may have.
+    #[arg(long)]
+    pids_limit: Option<i64>,
+    id: String,
+}
+
+#[derive(Args, Debug)]
 pub struct DeleteArgs {
     /// Kill a running container first.
     #[arg(long, short = 'f')]
@@ -372,6 +399,64 @@ pub fn pause(root: &Root, args: &IdArgs) -> anyhow::Result<ExitCode> {
     }
     sandbox(&dir, &state)?.agent().freeze(&args.id, true)?;
     std::fs::write(dir.join(PAUSED), b"")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `update ID`: new cgroup limits for a running container, in the guest,
+/// from `--resources` (OCI JSON) with the flags over it, as runc's.
+pub fn update(root: &Root, args: &UpdateArgs) -> anyhow::Result<ExitCode> {
+    use oci_spec::runtime::{LinuxPids, LinuxResources};
+    let dir = root.dir(&args.id)?;
+    let state = read_state(&dir)?;
+    match status(&dir, &state) {
+        Status::Running | Status::Paused | Status::Created => {}
+        other => bail!("container {} is {}", args.id, other.name()),
+    }
+    let mut resources: LinuxResources = match &args.resources {
+        Some(path) => {
+            let bytes = if path.as_os_str() == "-" {
+                use std::io::Read;
+                let mut bytes = Vec::new();
+                std::io::stdin().take(1 << 20).read_to_end(&mut bytes)?;
+                bytes
+            } else {
+                std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?
+            };
+            serde_json::from_slice(&bytes).context("--resources is not OCI linux.resources JSON")?
+        }
+        None => LinuxResources::default(),
+    };
+    if args.memory.is_some() || args.memory_swap.is_some() {
+        let mut memory = resources.memory().unwrap_or_default();
+        if let Some(limit) = args.memory {
+            memory.set_limit(Some(limit));
+        }
+        if let Some(swap) = args.memory_swap {
+            memory.set_swap(Some(swap));
+        }
+        resources.set_memory(Some(memory));
+    }
+    if args.cpu_shares.is_some() || args.cpu_period.is_some() || args.cpu_quota.is_some() {
+        let mut cpu = resources.cpu().clone().unwrap_or_default();
+        if let Some(shares) = args.cpu_shares {
+            cpu.set_shares(Some(shares));
+        }
+        if let Some(period) = args.cpu_period {
+            cpu.set_period(Some(period));
+        }
+        if let Some(quota) = args.cpu_quota {
+            cpu.set_quota(Some(quota));
+        }
+        resources.set_cpu(Some(cpu));
+    }
+    if let Some(limit) = args.pids_limit {
+        let mut pids = LinuxPids::default();
+        pids.set_limit(limit);
+        resources.set_pids(Some(pids));
+    }
+    sandbox(&dir, &state)?
+        .agent()
+        .update_resources(&args.id, resources)?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -1318,6 +1318,39 @@ fn capsid_version_features_and_state_read_as_runcs() {
         &scratch,
     );
     assert_eq!((out.as_str(), code), ("thawed\n", Some(0)), "exec: {err}");
+    // update gives the container new limits in the guest, as runc's.
+    let (_, err, code) = capsid(
+        &[
+            "update",
+            "--root",
+            root,
+            "--memory",
+            "67108864",
+            "--pids-limit",
+            "50",
+            "c1",
+        ],
+        &scratch,
+    );
+    assert_eq!(code, Some(0), "update: {err}");
+    let (out, err, code) = capsid(
+        &[
+            "exec",
+            "--root",
+            root,
+            "c1",
+            "--",
+            "cat",
+            "/sys/fs/cgroup/memory.max",
+            "/sys/fs/cgroup/pids.max",
+        ],
+        &scratch,
+    );
+    assert_eq!(
+        (out.as_str(), code),
+        ("67108864\n50\n", Some(0)),
+        "exec: {err}"
+    );
     let (_, err, code) = capsid(&["kill", "--root", root, "c1", "KILL"], &scratch);
     assert_eq!(code, Some(0), "kill: {err}");
     while std::path::Path::new(&format!("/proc/{pid}")).exists() {
