@@ -313,10 +313,52 @@ pub struct ExecArgs {
     /// An OCI process.json instead of the command line.
     #[arg(long, short = 'p')]
     process: Option<PathBuf>,
+    /// Return once the process has started; a detached `capsid exec`
+    /// stands for it (it lives as long as the process, carries its stdio,
+    /// passes signals on and exits with its status).
+    #[arg(long, short = 'd')]
+    detach: bool,
+    /// Write the pid that stands for the process here.
+    #[arg(long)]
+    pid_file: Option<PathBuf>,
+    /// Where a detached exec says it started (set by `--detach`).
+    #[arg(long, hide = true)]
+    ready_fd: Option<i32>,
     id: String,
     /// The command and its arguments (options before it are capsid's).
     #[arg(trailing_var_arg = true)]
     command: Vec<String>,
+}
+
+impl ExecArgs {
+    /// The arguments of the same exec, attached, for its detached stand-in.
+    fn attached_args(&self, root: &Root) -> Vec<std::ffi::OsString> {
+        let mut args: Vec<std::ffi::OsString> = vec!["--root".into(), root.root.clone().into()];
+        args.push("exec".into());
+        if self.tty {
+            args.push("--tty".into());
+        }
+        for env in &self.env {
+            args.push(format!("--env={env}").into());
+        }
+        if let Some((uid, gid)) = self.user {
+            args.push(format!("--user={uid}:{gid}").into());
+        }
+        if let Some(cwd) = &self.cwd {
+            args.push(format!("--cwd={cwd}").into());
+        }
+        if let Some(process) = &self.process {
+            args.push("--process".into());
+            args.push(process.clone().into());
+        }
+        args.push(format!("--ready-fd={READY_FD}").into());
+        args.push(self.id.clone().into());
+        if !self.command.is_empty() {
+            args.push("--".into());
+            args.extend(self.command.iter().map(Into::into));
+        }
+        args
+    }
 }
 
 #[derive(Args, Debug)]
@@ -903,7 +945,60 @@ pub fn delete(root: &Root, args: &DeleteArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `exec --detach`: starts the same exec, attached, in a session of its
+/// own and returns once it says the process started, its pid written to
+/// `--pid-file`.
+fn exec_detached(root: &Root, args: &ExecArgs) -> anyhow::Result<ExitCode> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two fds.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        bail!("pipe: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: both were just opened and are owned here alone.
+    let (read_end, write_end) =
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let mut command = Command::new(std::env::current_exe()?);
+    command.args(args.attached_args(root));
+    let write_fd = write_end.as_raw_fd();
+    // SAFETY: dup2 and setsid are async-signal-safe; the fd is open.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
+            if libc::dup2(write_fd, READY_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let child = command.spawn().context("cannot start the detached exec")?;
+    drop(write_end);
+    // "ok" once the process started; else it said why on stderr and ended.
+    let mut answer = String::new();
+    let _ = std::io::BufReader::new(File::from(read_end)).read_line(&mut answer);
+    if answer.trim() != "ok" {
+        bail!("the process did not start");
+    }
+    if let Some(pid_file) = &args.pid_file {
+        std::fs::write(pid_file, child.id().to_string())
+            .with_context(|| format!("cannot write {}", pid_file.display()))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn exec(root: &Root, args: &ExecArgs) -> anyhow::Result<ExitCode> {
+    if args.detach {
+        return exec_detached(root, args);
+    }
+    // The ready pipe of a detached exec, close-on-exec from here.
+    let ready = match args.ready_fd {
+        // SAFETY: fcntl on a plain fd number.
+        Some(fd) if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } == 0 => {
+            // SAFETY: the fd is open (checked above), ours alone.
+            Some(unsafe { File::from_raw_fd(fd) })
+        }
+        Some(fd) => bail!("--ready-fd {fd} is not open"),
+        None => None,
+    };
     let dir = root.dir(&args.id)?;
     let state = read_state(&dir)?;
     match status(&dir, &state) {
@@ -947,7 +1042,24 @@ pub fn exec(root: &Root, args: &ExecArgs) -> anyhow::Result<ExitCode> {
         spec: process,
         stdio: attach::stdio_request(tty),
     })?;
+    // This process stands for the exec'd one (as a detached one's does).
+    if let Some(pid_file) = &args.pid_file {
+        std::fs::write(pid_file, std::process::id().to_string())
+            .with_context(|| format!("cannot write {}", pid_file.display()))?;
+    }
     let signals = attach::Signals::install()?;
+    // Told once the process runs: at the first look while it runs, or
+    // when it ended before that.
+    let ready = std::cell::RefCell::new(ready);
+    let say_started = || {
+        if let Some(mut ready) = ready.borrow_mut().take() {
+            let _ = writeln!(ready, "ok");
+        }
+    };
+    let mut started = || {
+        say_started();
+        Ok(())
+    };
     let ended = attach::run_attached(
         &attach::Session {
             agent: client,
@@ -957,8 +1069,9 @@ pub fn exec(root: &Root, args: &ExecArgs) -> anyhow::Result<ExitCode> {
             signals: &signals,
             traffic: &Arc::default(),
         },
-        &mut || Ok(()),
+        &mut started,
     )?;
+    say_started();
     Ok(ended.ended.exit_code())
 }
 

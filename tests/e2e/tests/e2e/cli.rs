@@ -1174,6 +1174,23 @@ fn program(
     (read(&out), read(&err), status.code())
 }
 
+/// Whether process `pid` runs (a zombie that its new parent has not
+/// reaped yet has ended).
+fn running(pid: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{}/stat", pid.trim()))
+        .ok()
+        .and_then(|stat| {
+            let state = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .next()?
+                .to_owned();
+            Some(state != "Z" && state != "X")
+        })
+        .unwrap_or(false)
+}
+
 /// The keys of a JSON object.
 fn keys(value: &serde_json::Value) -> Vec<String> {
     let mut keys: Vec<String> = value
@@ -1351,9 +1368,46 @@ fn capsid_version_features_and_state_read_as_runcs() {
         ("67108864\n50\n", Some(0)),
         "exec: {err}"
     );
+    // exec --detach returns once the process runs; the pid in --pid-file
+    // stands for it and lives as long as it.
+    let exec_pid = scratch.join("exec.pid");
+    let started = Instant::now();
+    let (_, err, code) = capsid(
+        &[
+            "exec",
+            "--root",
+            root,
+            "--detach",
+            "--pid-file",
+            exec_pid.to_str().unwrap(),
+            "c1",
+            "--",
+            "sleep",
+            "3",
+        ],
+        &scratch,
+    );
+    assert_eq!(code, Some(0), "exec --detach: {err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "it did not wait"
+    );
+    let stand_in = std::fs::read_to_string(&exec_pid).unwrap();
+    assert!(running(&stand_in), "the exec's stand-in runs");
+    while running(&stand_in) {
+        assert!(
+            Instant::now() < deadline,
+            "the stand-in outlived its process"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "it lived as long as its process"
+    );
     let (_, err, code) = capsid(&["kill", "--root", root, "c1", "KILL"], &scratch);
     assert_eq!(code, Some(0), "kill: {err}");
-    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+    while running(&pid) {
         assert!(Instant::now() < deadline, "the pid outlived its workload");
         std::thread::sleep(Duration::from_millis(100));
     }
