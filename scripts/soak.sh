@@ -44,12 +44,12 @@ done
 {
     echo "soak ($(git rev-parse --short HEAD 2>/dev/null || echo unknown), $(date -u +%F)): $n batches of at most $batch cycles, each in a fresh test host"
     cat target/soak/batch-*.log | awk -F'\t' '$1 == "SOAK-PHASE" {
-            cycles[$2] += $3; fails[$2] += $4; retries[$2] += $5; leaks[$2] += $6
+            cycles[$2] += $3; fails[$2] += $4; retries[$2] += $5; leaks[$2] += $6; host[$2] += $9
             if (!($2 in first)) first[$2] = $7 " / " $8
             last[$2] = $7 " / " $8
         }
-        END { for (p in cycles) printf "%-22s cycles %5d  failed %3d  booted again %3d  leak checks failed %2d  p50/p99 ms: first batch %s, last batch %s\n",
-            p, cycles[p], fails[p], retries[p], leaks[p], first[p], last[p] }' | sort
+        END { for (p in cycles) printf "%-22s cycles %5d  failed %3d  lost to the test host'"'"'s guest deaths %2d  booted again %3d  leak checks failed %2d  p50/p99 ms: first batch %s, last batch %s\n",
+            p, cycles[p], fails[p], host[p], retries[p], leaks[p], first[p], last[p] }' | sort
     echo
     echo "each batch:"
     grep -hv '^SOAK-PHASE' target/soak/batch-*.log | sed 's/^/  /'
