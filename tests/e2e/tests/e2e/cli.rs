@@ -1274,9 +1274,30 @@ fn capsid_version_features_and_state_read_as_runcs() {
     assert_eq!(code, Some(0), "create: {err}");
     let runc_root = scratch.join("runc-state");
     let runc_root = runc_root.to_str().unwrap();
+    // runc takes no symbolic link as the rootfs: its bundle names the
+    // test rootfs itself (read-only, as Spec::default has it).
+    let runc_bundle = scratch.join("runc-bundle");
+    std::fs::create_dir_all(&runc_bundle).unwrap();
+    let mut runc_spec =
+        oci_spec::runtime::Spec::load(std::path::Path::new(bundle).join("config.json")).unwrap();
+    let rootfs =
+        std::fs::canonicalize(std::env::var_os("CAPSID_TEST_ROOTFS_DIR").unwrap()).unwrap();
+    let mut runc_root_fs = runc_spec.root().clone().unwrap();
+    runc_root_fs.set_path(rootfs);
+    runc_spec.set_root(Some(runc_root_fs));
+    runc_spec.save(runc_bundle.join("config.json")).unwrap();
     let (_, err, code) = program(
         runc,
-        &["--root", runc_root, "create", "--bundle", bundle, "r1"],
+        &[
+            "--root",
+            runc_root,
+            "create",
+            // The test host's root is an initramfs, where pivot_root fails.
+            "--no-pivot",
+            "--bundle",
+            runc_bundle.to_str().unwrap(),
+            "r1",
+        ],
         &scratch,
     );
     assert_eq!(code, Some(0), "runc create: {err}");
