@@ -236,6 +236,35 @@ mod tests {
     }
 
     #[test]
+    fn runcs_create_options_are_taken() {
+        let cli = Cli::try_parse_from([
+            "capsid",
+            "create",
+            "--bundle",
+            "/b",
+            "--pid-file",
+            "/p",
+            "--no-pivot",
+            "--no-new-keyring",
+            "c1",
+        ])
+        .unwrap();
+        assert!(matches!(cli.command, Some(Verb::Create(_))));
+        let Some(Verb::Create(args)) =
+            Cli::try_parse_from(["capsid", "create", "--console-socket", "/s", "c1"])
+                .unwrap()
+                .command
+        else {
+            panic!("create")
+        };
+        let e = oci::create(&cli.root, &args).unwrap_err().to_string();
+        assert!(
+            e.starts_with("--console-socket /s: ") && e.contains("without -t"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn runcs_global_options_go_before_or_after_the_verb() {
         let parse = |a: &[&str]| Cli::try_parse_from(a).unwrap();
         for line in [

@@ -240,6 +240,18 @@ pub struct CreateArgs {
     /// status.
     #[arg(long)]
     pid_file: Option<PathBuf>,
+    /// runc's terminal for the container: not supported yet (refused with
+    /// what to do).
+    #[arg(long, value_name = "SOCKET")]
+    console_socket: Option<PathBuf>,
+    /// Accepted, as runc's: the guest's agent sets up the container's root
+    /// itself.
+    #[arg(long = "no-pivot")]
+    _no_pivot: bool,
+    /// Accepted, as runc's: the container's session keyring is the guest
+    /// kernel's, which no host process shares.
+    #[arg(long = "no-new-keyring")]
+    _no_new_keyring: bool,
     #[command(flatten)]
     artifacts: Artifacts,
     id: String,
@@ -544,6 +556,13 @@ fn sandbox(dir: &Path, state: &State) -> anyhow::Result<Sandbox> {
 }
 
 pub fn create(root: &Root, args: &CreateArgs) -> anyhow::Result<ExitCode> {
+    if let Some(socket) = &args.console_socket {
+        bail!(
+            "--console-socket {}: a terminal for a created container is not supported yet; \
+             create it without one (docker and podman: without -t), or use `capsid run -t`",
+            socket.display()
+        );
+    }
     let dir = root.dir(&args.id)?;
     let bundle = std::fs::canonicalize(&args.bundle)
         .with_context(|| format!("bundle {}", args.bundle.display()))?;
