@@ -734,7 +734,9 @@ pub fn monitor(root: &Root, args: &MonitorArgs) -> anyhow::Result<ExitCode> {
         write_state(&dir, &state)?;
         // runc's order: prestart, then createRuntime, once the container
         // exists; a failure fails create, which then leaves nothing.
-        let json = oci_state(&state, Status::Created, Some(&hook_spec));
+        let mut json = oci_state(&state, Status::Created, Some(&hook_spec));
+        // The spec's status while these run (runc's too).
+        json["status"] = "creating".into();
         for phase in [hooks::Phase::Prestart, hooks::Phase::CreateRuntime] {
             hooks::run(&hook_spec, phase, &json)?;
         }

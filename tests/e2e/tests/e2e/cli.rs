@@ -1542,7 +1542,7 @@ fn capsid_oci_verbs_follow_runcs_conventions() {
     assert_eq!(
         ran,
         [
-            r#"createRuntime "id":"c1" "status":"created""#,
+            r#"createRuntime "id":"c1" "status":"creating""#,
             r#"poststart "id":"c1" "status":"running""#,
             r#"poststop "id":"c1" "status":"stopped""#,
         ],
