@@ -55,6 +55,8 @@ enum Verb {
     Delete(oci::DeleteArgs),
     /// OCI: run a process in a running container, attached.
     Exec(oci::ExecArgs),
+    /// OCI: the host pids standing for a container's processes.
+    Ps(oci::PsArgs),
     /// OCI: new cgroup limits for a container (memory, CPU, pids).
     Update(oci::UpdateArgs),
     /// OCI: freeze every process of a running container.
@@ -131,6 +133,7 @@ fn main() -> ExitCode {
         Some(Verb::Kill(args)) => oci::kill(root, &args),
         Some(Verb::Delete(args)) => oci::delete(root, &args),
         Some(Verb::Exec(args)) => oci::exec(root, &args),
+        Some(Verb::Ps(args)) => oci::ps(root, &args),
         Some(Verb::Update(args)) => oci::update(root, &args),
         Some(Verb::Pause(args)) => oci::pause(root, &args),
         Some(Verb::Resume(args)) => oci::resume(root, &args),

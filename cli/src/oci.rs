@@ -274,6 +274,14 @@ pub struct KillArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct PsArgs {
+    /// `table` or `json` (runc's: the host pids, which `docker top` reads).
+    #[arg(long, short = 'f', default_value = "table")]
+    format: String,
+    id: String,
+}
+
+#[derive(Args, Debug)]
 pub struct UpdateArgs {
     /// The new limits as OCI `linux.resources` JSON, from FILE or `-`
     /// (stdin), as Docker's `docker update` passes them.
@@ -511,6 +519,37 @@ pub fn update(root: &Root, args: &UpdateArgs) -> anyhow::Result<ExitCode> {
     sandbox(&dir, &state)?
         .agent()
         .update_resources(&args.id, resources)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `ps ID`: the host pids that stand for the container's processes (its
+/// monitor: the processes themselves have guest pids), as runc's JSON
+/// array; the table adds the guest's pids.
+pub fn ps(root: &Root, args: &PsArgs) -> anyhow::Result<ExitCode> {
+    let dir = root.dir(&args.id)?;
+    let state = read_state(&dir)?;
+    let running = !matches!(status(&dir, &state), Status::Stopped | Status::Created);
+    let host: Vec<u32> = if running {
+        vec![state.monitor_pid]
+    } else {
+        Vec::new()
+    };
+    match args.format.as_str() {
+        "json" => println!("{}", serde_json::to_string(&host)?),
+        "table" => {
+            let guest = if running {
+                sandbox(&dir, &state)?.agent().list_processes(&args.id)?
+            } else {
+                Vec::new()
+            };
+            println!("PID\tGUEST PIDS");
+            for pid in host {
+                let guest: Vec<String> = guest.iter().map(ToString::to_string).collect();
+                println!("{pid}\t{}", guest.join(" "));
+            }
+        }
+        other => bail!("--format {other}: table or json"),
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -1389,6 +1389,10 @@ fn capsid_version_features_and_state_read_as_runcs() {
         ("67108864\n50\n", Some(0)),
         "exec: {err}"
     );
+    // ps --format json: the host pids, as docker top reads runc's.
+    let (out, err, code) = capsid(&["ps", "--root", root, "--format", "json", "c1"], &scratch);
+    assert_eq!(code, Some(0), "ps: {err}");
+    assert_eq!(out.trim(), format!("[{}]", pid.trim()));
     // exec --detach returns once the process runs; the pid in --pid-file
     // stands for it and lives as long as it.
     let exec_pid = scratch.join("exec.pid");
