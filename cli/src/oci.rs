@@ -617,16 +617,13 @@ pub fn create(root: &Root, args: &CreateArgs) -> anyhow::Result<ExitCode> {
         }
         Err(e) => return Err(e).with_context(|| format!("cannot create {}", dir.display())),
     }
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 fills two fds.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        let _ = std::fs::remove_dir_all(&dir);
-        bail!("pipe: {}", std::io::Error::last_os_error());
-    }
-    // SAFETY: both were just opened and are owned here alone.
-    let (read_end, write_end) =
-        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    let me = std::env::current_exe()?;
+    let me = match std::env::current_exe() {
+        Ok(me) => me,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e.into());
+        }
+    };
     let mut command = Command::new(me);
     command
         .arg("monitor")
@@ -644,26 +641,14 @@ pub fn create(root: &Root, args: &CreateArgs) -> anyhow::Result<ExitCode> {
         }
     }
     command.arg(&args.id);
-    let write_fd = write_end.as_raw_fd();
-    // SAFETY: dup2 and setsid are async-signal-safe; the fd is open.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
-            if libc::dup2(write_fd, READY_FD) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            libc::setsid();
-            Ok(())
-        });
-    }
-    let spawned = command.spawn();
-    drop(write_end);
-    if let Err(e) = spawned {
-        let _ = std::fs::remove_dir_all(&dir);
-        return Err(e).context("cannot start the monitor");
-    }
+    let answer = match start_in_own_session(command) {
+        Ok((_, answer)) => answer,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e).context("cannot start the monitor");
+        }
+    };
     // One line: "ok", or the error.
-    let mut answer = String::new();
-    let _ = std::io::BufReader::new(File::from(read_end)).read_line(&mut answer);
     if answer.trim() != "ok" {
         // The monitor removed what it made; say what it said.
         let _ = std::fs::remove_dir_all(&dir);
@@ -1005,10 +990,10 @@ pub fn delete(root: &Root, args: &DeleteArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `exec --detach`: starts the same exec, attached, in a session of its
-/// own and returns once it says the process started, its pid written to
-/// `--pid-file`.
-fn exec_detached(root: &Root, args: &ExecArgs) -> anyhow::Result<ExitCode> {
+/// Starts `command` (a `capsid` verb that reports on [`READY_FD`]) in a
+/// session of its own, the write end of a pipe as its `READY_FD`; returns
+/// it and the first line it wrote there (empty if it ended first).
+fn start_in_own_session(mut command: Command) -> anyhow::Result<(std::process::Child, String)> {
     let mut fds = [0; 2];
     // SAFETY: pipe2 fills two fds.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -1017,8 +1002,6 @@ fn exec_detached(root: &Root, args: &ExecArgs) -> anyhow::Result<ExitCode> {
     // SAFETY: both were just opened and are owned here alone.
     let (read_end, write_end) =
         unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    let mut command = Command::new(std::env::current_exe()?);
-    command.args(args.attached_args(root));
     let write_fd = write_end.as_raw_fd();
     // SAFETY: dup2 and setsid are async-signal-safe; the fd is open.
     unsafe {
@@ -1030,11 +1013,24 @@ fn exec_detached(root: &Root, args: &ExecArgs) -> anyhow::Result<ExitCode> {
             Ok(())
         });
     }
-    let child = command.spawn().context("cannot start the detached exec")?;
+    let child = command.spawn();
+    // Only the child holds the write end now: EOF once it ends.
     drop(write_end);
-    // "ok" once the process started; else it said why on stderr and ended.
+    let child = child?;
     let mut answer = String::new();
     let _ = std::io::BufReader::new(File::from(read_end)).read_line(&mut answer);
+    Ok((child, answer))
+}
+
+/// `exec --detach`: starts the same exec, attached, in a session of its
+/// own and returns once it says the process started, its pid written to
+/// `--pid-file`.
+fn exec_detached(root: &Root, args: &ExecArgs) -> anyhow::Result<ExitCode> {
+    let mut command = Command::new(std::env::current_exe()?);
+    command.args(args.attached_args(root));
+    let (child, answer) =
+        start_in_own_session(command).context("cannot start the detached exec")?;
+    // "ok" once the process started; else it said why on stderr and ended.
     if answer.trim() != "ok" {
         bail!("the process did not start");
     }
