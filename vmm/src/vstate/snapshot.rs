@@ -309,6 +309,23 @@ mod tests {
         code
     }
 
+    /// RAM holding the boot GDT, the page tables and [`code`].
+    fn guest_ram() -> GuestRam {
+        let ram = GuestRam::new(MEM).unwrap();
+        ram.memory()
+            .write_slice(&regs::gdt_bytes(), GuestAddress(GDT_ADDR))
+            .unwrap();
+        for (addr, table) in regs::page_tables() {
+            ram.memory()
+                .write_slice(&table, GuestAddress(addr))
+                .unwrap();
+        }
+        ram.memory()
+            .write_slice(&code(), GuestAddress(CODE))
+            .unwrap();
+        ram
+    }
+
     fn vm_with(ram: &GuestRam) -> Vm {
         let vm = Vm::new().unwrap();
         vm.register_memory(ram).unwrap();
@@ -359,18 +376,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let memory_file = dir.path().join(crate::snapshot::MEMORY_FILE);
         {
-            let ram = GuestRam::new(MEM).unwrap();
-            ram.memory()
-                .write_slice(&regs::gdt_bytes(), GuestAddress(GDT_ADDR))
-                .unwrap();
-            for (addr, table) in regs::page_tables() {
-                ram.memory()
-                    .write_slice(&table, GuestAddress(addr))
-                    .unwrap();
-            }
-            ram.memory()
-                .write_slice(&code(), GuestAddress(CODE))
-                .unwrap();
+            let ram = guest_ram();
             let vm = vm_with(&ram);
             let (mut vcpu, exit) = next_out(booted_vcpu(&vm));
             assert_eq!(exit, Ok((PORT, 1)));
@@ -431,18 +437,7 @@ mod tests {
         if !crate::probe::kvm_for_test("a_stopped_vcpu_says_where_it_was") {
             return;
         }
-        let ram = GuestRam::new(MEM).unwrap();
-        ram.memory()
-            .write_slice(&regs::gdt_bytes(), GuestAddress(GDT_ADDR))
-            .unwrap();
-        for (addr, table) in regs::page_tables() {
-            ram.memory()
-                .write_slice(&table, GuestAddress(addr))
-                .unwrap();
-        }
-        ram.memory()
-            .write_slice(&code(), GuestAddress(CODE))
-            .unwrap();
+        let ram = guest_ram();
         let vm = vm_with(&ram);
         let (vcpu, exit) = next_out(booted_vcpu(&vm));
         assert_eq!(exit, Ok((PORT, 1)));
