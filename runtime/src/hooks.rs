@@ -180,30 +180,21 @@ fn run_one(hook: &Hook, phase: &'static str, index: usize, state: &[u8]) -> Resu
             command.env(key, value);
         }
     }
-    let stderr = tempfile::tempfile().map_err(|source| HookError::Spawn {
+    let cannot_run = |source| HookError::Spawn {
         phase,
         index,
         path: path.clone(),
         source,
-    })?;
+    };
+    let stderr = tempfile::tempfile().map_err(cannot_run)?;
     let mut child = command
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
-        .stderr(stderr.try_clone().map_err(|source| HookError::Spawn {
-            phase,
-            index,
-            path: path.clone(),
-            source,
-        })?)
+        .stderr(stderr.try_clone().map_err(cannot_run)?)
         // Its own process group: a timeout kills what it started too.
         .process_group(0)
         .spawn()
-        .map_err(|source| HookError::Spawn {
-            phase,
-            index,
-            path: path.clone(),
-            source,
-        })?;
+        .map_err(cannot_run)?;
     // From a thread of its own: a hook that does not read its stdin must
     // not block us past its timeout (a state with large annotations fills
     // the pipe). The thread ends with the hook (a broken pipe).
@@ -231,14 +222,7 @@ fn run_one(hook: &Hook, phase: &'static str, index: usize, state: &[u8]) -> Resu
                 break format!("ran past its timeout of {timeout:?} and was killed");
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(10)),
-            Err(source) => {
-                return Err(HookError::Spawn {
-                    phase,
-                    index,
-                    path,
-                    source,
-                });
-            }
+            Err(source) => return Err(cannot_run(source)),
         }
     };
     Err(HookError::Failed {
